@@ -1,0 +1,65 @@
+"""Import Hugging Face and GGUF checkpoints into zipjax checkpoints (`zipjax convert SRC DST`).
+
+SRC is a Hugging Face model folder (config.json + safetensors or pytorch_model*.bin weights) or a GGUF file (or a
+folder holding exactly one). DST becomes an orbax checkpoint plus our config and the tokenizer files, written
+atomically (see zipjax.checkpoint).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from convert.hf_config import config_from_hf
+from convert.hf_weights import source_tensors
+from convert.mapping import tensors_to_params
+from zipjax import checkpoint
+from zipjax.config import DTYPES
+from zipjax.errors import ZipjaxError
+from zipjax.tokenizer import TOKENIZER_FILES
+
+__all__ = ["convert"]
+
+
+def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, overwrite: bool = False,
+            progress: bool = True) -> Path:
+    """Convert SRC into a zipjax checkpoint at DST; returns DST. `dtype` casts (default: keep the source dtype)."""
+    src, dst = Path(src).absolute(), Path(dst).absolute()
+    if dtype is not None and dtype not in DTYPES:
+        raise ZipjaxError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    if not src.exists():
+        raise ZipjaxError(f"source not found: {src}")
+    if dst == src or dst in src.parents:
+        raise ZipjaxError(f"the destination {dst} must not be the source {src} or a folder that contains it")
+    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
+        raise ZipjaxError(f"destination {dst} already exists; pass --overwrite to replace it")
+
+    gguf_file = _gguf_file(src)
+    if gguf_file is not None:
+        from convert.gguf import convert_gguf
+
+        return convert_gguf(gguf_file, dst, dtype=dtype, overwrite=overwrite, progress=progress)
+    if not src.is_dir():
+        raise ZipjaxError(f"{src} is neither a Hugging Face model folder nor a .gguf file")
+    if not (src / "config.json").is_file():
+        raise ZipjaxError(f"{src} has no config.json: it is not a Hugging Face model folder")
+
+    config = config_from_hf(src, dtype=dtype)
+    tensors = source_tensors(src)
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[config.architecture]
+    params = tensors_to_params(config, tensors, architecture_name=arch, progress=progress)
+    files = [src / name for name in (*TOKENIZER_FILES, "generation_config.json") if (src / name).is_file()]
+    if progress:
+        print(f"writing {dst}", flush=True)
+    return checkpoint.save(dst, config, params, files=files, overwrite=overwrite,
+                           metadata={"source": {"kind": "huggingface", "path": str(src)}})
+
+
+def _gguf_file(src: Path) -> Path | None:
+    if src.is_file():
+        return src if src.suffix == ".gguf" else None
+    if src.is_dir() and not (src / "config.json").exists():
+        found = sorted(src.glob("*.gguf"))
+        if len(found) > 1:
+            raise ZipjaxError(f"{src} holds several .gguf files; name the one to convert")
+        return found[0] if found else None
+    return None

@@ -1,0 +1,133 @@
+"""Hugging Face LLaMA/Mistral tensor names and layouts -> the zipjax parameter tree.
+
+Linear weights are stored by torch as [out, in]; zipjax keeps [in, out] with heads split out, so a linear is
+transposed and reshaped: q_proj [heads*head_dim, embed] -> q [embed, heads, head_dim], o_proj [embed,
+heads*head_dim] -> o [heads, head_dim, embed]. No RoPE permutation is needed: both sides use rotate-half pairing.
+Every tensor's shape is checked against the shape the config implies before any data is read, and the error names
+the tensor. Values are never cast when the source dtype equals the target dtype, so bfloat16 stays bit-exact.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from convert.hf_weights import SourceTensor
+from zipjax.config import ModelConfig
+from zipjax.errors import ZipjaxError
+from zipjax.transformer import Params, abstract_params
+
+# (pattern, param path template, number of leading target axes that form the torch "in" side; None = no transpose)
+_RULES: tuple[tuple[re.Pattern, tuple[str, ...], int | None], ...] = tuple(
+    (re.compile(pattern), path, in_axes)
+    for pattern, path, in_axes in (
+        (r"model\.embed_tokens\.weight", ("embed",), None),
+        (r"model\.norm\.weight", ("final_norm", "scale"), None),
+        (r"lm_head\.weight", ("lm_head",), 1),
+        (r"model\.layers\.(\d+)\.input_layernorm\.weight", ("layer_{}", "attn_norm", "scale"), None),
+        (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", ("layer_{}", "mlp_norm", "scale"), None),
+        (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", ("layer_{}", "attn", "q"), 1),
+        (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", ("layer_{}", "attn", "k"), 1),
+        (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", ("layer_{}", "attn", "v"), 1),
+        (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", ("layer_{}", "attn", "o"), 2),
+        (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", ("layer_{}", "mlp", "gate"), 1),
+        (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", ("layer_{}", "mlp", "up"), 1),
+        (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", ("layer_{}", "mlp", "down"), 1),
+    )
+)
+# Buffers some older checkpoints carry; they hold nothing the model needs.
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def _match(name: str) -> tuple[tuple[str, ...], int | None] | None:
+    for pattern, path, in_axes in _RULES:
+        m = pattern.fullmatch(name)
+        if m:
+            return tuple(p.format(*m.groups()) for p in path), in_axes
+    return None
+
+
+def source_shape(target_shape: tuple[int, ...], in_axes: int | None) -> tuple[int, ...]:
+    """The torch-layout shape that maps onto `target_shape`."""
+    if in_axes is None:
+        return tuple(target_shape)
+    return (math.prod(target_shape[in_axes:]), math.prod(target_shape[:in_axes]))
+
+
+def _to_target(array: np.ndarray, target: jax.ShapeDtypeStruct, in_axes: int | None) -> np.ndarray:
+    if in_axes is not None:
+        array = array.T.reshape(target.shape)
+    if array.dtype != target.dtype:
+        array = array.astype(target.dtype)
+    return np.ascontiguousarray(array)
+
+
+def _flatten(tree: Params, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, (*prefix, key)))
+        else:
+            flat[(*prefix, key)] = value
+    return flat
+
+
+def _unflatten(flat: dict[tuple[str, ...], np.ndarray]) -> Params:
+    tree: Params = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def tensors_to_params(config: ModelConfig, tensors: Iterable[SourceTensor], *, architecture_name: str,
+                      progress: bool = True) -> Params:
+    """Check every source tensor against the config, then load and convert them into a numpy parameter tree."""
+    targets = _flatten(abstract_params(config))
+    plan: list[tuple[SourceTensor, tuple[str, ...], int | None]] = []
+    unexpected: list[str] = []
+    for tensor in tensors:
+        matched = _match(tensor.name)
+        if matched is None:
+            if not _IGNORED.fullmatch(tensor.name):
+                unexpected.append(tensor.name)
+            continue
+        path, in_axes = matched
+        if path == ("lm_head",) and config.tie_word_embeddings:
+            continue  # some tied checkpoints store a copy of the embedding as lm_head
+        if path not in targets:
+            unexpected.append(tensor.name)
+            continue
+        expected = source_shape(targets[path].shape, in_axes)
+        if tuple(tensor.shape) != expected:
+            raise ZipjaxError(
+                f"tensor {tensor.name} has shape {tuple(tensor.shape)} but the config implies {expected} "
+                f"(hidden_size={config.hidden_size}, heads={config.num_heads}, kv_heads={config.num_kv_heads}, "
+                f"head_dim={config.head_dim}, intermediate_size={config.intermediate_size}, "
+                f"vocab_size={config.vocab_size})"
+            )
+        plan.append((tensor, path, in_axes))
+    if unexpected:
+        shown = ", ".join(sorted(unexpected)[:5]) + (" ..." if len(unexpected) > 5 else "")
+        raise ZipjaxError(
+            f"{len(unexpected)} tensors do not belong to a {architecture_name} model: {shown}"
+        )
+    missing = sorted(".".join(p) for p in set(targets) - {path for _, path, _ in plan})
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ZipjaxError(f"{len(missing)} parameters have no tensor in the checkpoint: {shown}")
+
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    for tensor, path, in_axes in tqdm(plan, desc="converting tensors", unit="tensor", disable=not progress):
+        array = tensor.load()
+        if tuple(array.shape) != tuple(tensor.shape):
+            raise ZipjaxError(f"tensor {tensor.name} read with shape {array.shape}, header says {tensor.shape}")
+        flat[path] = _to_target(array, targets[path], in_axes)
+    return _unflatten(flat)

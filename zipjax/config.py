@@ -1,0 +1,151 @@
+"""Model configuration: one frozen, hashable dataclass shared by LLaMA (2, 3, 3.1) and Mistral.
+
+It is hashable so that it can be a static argument of `jax.jit`. What the architectures differ in is expressed as
+fields (RoPE scaling, sliding window, tied embeddings), not as separate model classes. The JSON form written into
+zipjax checkpoints is `ModelConfig.to_dict()`; converters build a `ModelConfig` from Hugging Face or GGUF metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from zipjax.errors import ZipjaxError
+
+ARCHITECTURES = ("llama", "mistral")
+ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters; `type` is one of `ROPE_TYPES` (the scaling fields are unused by "default")."""
+
+    theta: float = 10000.0
+    type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.type not in ROPE_TYPES:
+            raise ZipjaxError(f"RoPE type {self.type!r} is not supported; zipjax supports {', '.join(ROPE_TYPES)}")
+        if self.theta <= 0 or self.factor <= 0:
+            raise ZipjaxError(f"RoPE theta and factor must be positive, got theta={self.theta}, factor={self.factor}")
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ZipjaxError(
+                f"llama3 RoPE needs high_freq_factor > low_freq_factor, got {self.high_freq_factor} <= "
+                f"{self.low_freq_factor}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only LLaMA-family transformer. `dtype` is the dtype the parameters are stored and computed in."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope: RopeConfig = RopeConfig()
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ZipjaxError(
+                f"architecture {self.architecture!r} is not supported; zipjax supports {', '.join(ARCHITECTURES)}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ZipjaxError(f"config field {name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ZipjaxError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ZipjaxError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ZipjaxError(f"sliding_window must be positive or None, got {self.sliding_window}")
+        if self.dtype not in DTYPES:
+            raise ZipjaxError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ZipjaxError(f"{name}={value} is outside the vocabulary (size {self.vocab_size})")
+        for token in self.eos_token_ids:
+            if not 0 <= token < self.vocab_size:
+                raise ZipjaxError(f"eos token id {token} is outside the vocabulary (size {self.vocab_size})")
+
+    @property
+    def jnp_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA group)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def pad_id(self) -> int:
+        """The id written after a sequence stopped: pad, else the first EOS, else 0 (as transformers does)."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_token_ids[0] if self.eos_token_ids else 0
+
+    def num_params(self) -> int:
+        attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        layer = attn + mlp + 2 * self.hidden_size
+        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        return self.vocab_size * self.hidden_size + self.num_layers * layer + self.hidden_size + head
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of `to_dict`; unknown or missing keys are errors (they mean a file of another format)."""
+        if not isinstance(d, dict):
+            raise ZipjaxError(f"a model config must be a JSON object, got {type(d).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ZipjaxError(f"unknown model config keys: {', '.join(unknown)}")
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(d))
+        if missing:
+            raise ZipjaxError(f"model config is missing keys: {', '.join(missing)}")
+        d = dict(d)
+        rope = d.get("rope", {})
+        if not isinstance(rope, dict):
+            raise ZipjaxError("model config key 'rope' must be an object")
+        rope_fields = {f.name for f in dataclasses.fields(RopeConfig)}
+        if set(rope) - rope_fields:
+            raise ZipjaxError(f"unknown rope config keys: {', '.join(sorted(set(rope) - rope_fields))}")
+        d["rope"] = RopeConfig(**rope)
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
+        try:
+            return cls(**d)
+        except TypeError as e:  # a field of the wrong JSON type that __post_init__ could not compare
+            raise ZipjaxError(f"malformed model config: {e}") from e

@@ -1,0 +1,276 @@
+"""Text generation: one jitted `lax.while_loop` over a sampling state (Gemma's sampler shape), plus a streaming twin.
+
+    tokens = zipjax.generate(model, prompt_ids, max_new_tokens=32, temperature=0.0)
+
+Prompts of different lengths are left-padded so that they all end at the same cache slot; the padded length is
+bucketed to a power of two (at least 16) and the cache length rounded up to a multiple of 128, so new prompt lengths
+and new `max_new_tokens` mostly reuse a compiled program. `max_new_tokens`, temperature, top-k, top-p and the stop
+tokens are traced values; only the batch size, the buckets and which filters are on select a compilation.
+Every size is checked before any compute: a prompt plus `max_new_tokens` that does not fit the cache or the model's
+positions is an error, never a silent truncation.
+
+`generate_stream` runs the same prefill and the same decode step (each jitted, the state donated) from Python and
+yields each new token as it is chosen; with the same seed it produces exactly the tokens `generate` returns.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+from zipjax.cache import KVCache
+from zipjax.config import ModelConfig
+from zipjax.errors import ZipjaxError
+from zipjax.model import Model, check_token_ids
+from zipjax.sampling import SamplingMode, sample
+from zipjax.sharding import tree_shardings
+from zipjax.transformer import Params, Transformer
+
+MIN_PREFILL_BUCKET = 16
+CACHE_ROUNDING = 128
+
+
+@struct.dataclass
+class SamplingState:
+    step: jax.Array  # int32 []: tokens generated so far
+    tokens: jax.Array  # int32 [batch, cache_len]: token of each cache slot (prompt, then generated); pad elsewhere
+    last_token: jax.Array  # int32 [batch]: the newest token, fed at the next step
+    positions: jax.Array  # int32 [batch]: RoPE position of last_token
+    done: jax.Array  # bool [batch]: sequence has produced a stop token
+    cache: KVCache
+    key: jax.Array  # PRNG key for the next draw
+
+
+@struct.dataclass
+class Knobs:
+    """Traced sampling settings: changing them does not recompile."""
+
+    temperature: jax.Array  # float32 []
+    top_k: jax.Array  # int32 []
+    top_p: jax.Array  # float32 []
+    stop_tokens: jax.Array  # int32 [n_stop]; -1 entries never match
+
+
+def _choose(logits: jax.Array, state_key: jax.Array, knobs: Knobs, mode: SamplingMode):
+    key, draw = jax.random.split(state_key)
+    return sample(logits, draw, knobs.temperature, knobs.top_k, knobs.top_p, mode), key
+
+
+def _prefill(params: Params, prompt: jax.Array, starts: jax.Array, cache: KVCache, key: jax.Array, knobs: Knobs, *,
+             config: ModelConfig, mode: SamplingMode) -> SamplingState:
+    """Run the left-padded prompt [batch, bucket] through the model and choose the first new token."""
+    batch, bucket = prompt.shape
+    positions = jnp.maximum(jnp.arange(bucket, dtype=jnp.int32)[None, :] - starts[:, None], 0)
+    logits, cache = Transformer(config).apply({"params": params}, prompt, positions, cache, last_only=True)
+    token, key = _choose(logits[:, 0], key, knobs, mode)
+    tokens = jnp.full((batch, cache.max_len), config.pad_id, jnp.int32)
+    tokens = jax.lax.dynamic_update_slice(tokens, prompt, (0, 0))
+    tokens = tokens.at[:, bucket].set(token)
+    return SamplingState(
+        step=jnp.ones((), jnp.int32), tokens=tokens, last_token=token, positions=bucket - starts,
+        done=jnp.isin(token, knobs.stop_tokens), cache=cache, key=key,
+    )
+
+
+def _decode_step(params: Params, state: SamplingState, knobs: Knobs, *, config: ModelConfig,
+                 mode: SamplingMode) -> SamplingState:
+    """Feed the newest token of every sequence, choose the next one. Finished sequences receive pad tokens."""
+    logits, cache = Transformer(config).apply(
+        {"params": params}, state.last_token[:, None], state.positions[:, None], state.cache, last_only=True
+    )
+    token, key = _choose(logits[:, 0], state.key, knobs, mode)
+    token = jnp.where(state.done, config.pad_id, token)
+    slot = cache.cursor  # the slot this token will occupy once it is fed
+    tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, slot))
+    return SamplingState(
+        step=state.step + 1, tokens=tokens, last_token=token, positions=state.positions + 1,
+        done=state.done | jnp.isin(token, knobs.stop_tokens), cache=cache, key=key,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mode"), donate_argnames=("cache",))
+def _generate_loop(params: Params, prompt: jax.Array, starts: jax.Array, cache: KVCache, key: jax.Array,
+                   knobs: Knobs, max_new_tokens: jax.Array, *, config: ModelConfig,
+                   mode: SamplingMode) -> tuple[jax.Array, KVCache]:
+    """Prefill, then decode until `max_new_tokens` or every sequence stopped. Returns the token buffer and the final
+    cache (returned so that the donated input cache is updated in place rather than copied)."""
+    state = _prefill(params, prompt, starts, cache, key, knobs, config=config, mode=mode)
+
+    def keep_going(s: SamplingState) -> jax.Array:
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+    state = jax.lax.while_loop(
+        keep_going, lambda s: _decode_step(params, s, knobs, config=config, mode=mode), state
+    )
+    return state.tokens, state.cache
+
+
+_prefill_jit = jax.jit(_prefill, static_argnames=("config", "mode"), donate_argnames=("cache",))
+_decode_step_jit = jax.jit(_decode_step, static_argnames=("config", "mode"), donate_argnames=("state",))
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_initializer(config: ModelConfig, batch: int, max_len: int, mesh):
+    def init(starts: jax.Array) -> KVCache:
+        return KVCache.init(config, batch, max_len, starts)
+
+    if mesh is None:
+        return jax.jit(init)
+    abstract = jax.eval_shape(init, jax.ShapeDtypeStruct((batch,), jnp.int32))
+    return jax.jit(init, out_shardings=tree_shardings(abstract, abstract.logical_axes(), mesh))
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class _Plan:
+    """Validated, padded inputs of one generate call (host-side; nothing here runs on the device)."""
+
+    def __init__(self, model: Model, prompt_ids, max_new_tokens: int, temperature: float, top_k: int | None,
+                 top_p: float | None, stop_tokens, cache_length: int | None):
+        cfg = model.config
+        prompts = _as_prompt_list(prompt_ids)
+        for i, p in enumerate(prompts):
+            check_token_ids(p, cfg.vocab_size, f"token ids of prompt {i}")
+        lengths = np.array([len(p) for p in prompts])
+        if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+            raise ZipjaxError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        self.prompt_len = int(lengths.max())
+        if self.prompt_len > cfg.max_position_embeddings:
+            raise ZipjaxError(
+                f"the prompt has {self.prompt_len} tokens, longer than the model's maximum of "
+                f"{cfg.max_position_embeddings} positions"
+            )
+        if self.prompt_len + max_new_tokens > cfg.max_position_embeddings:
+            raise ZipjaxError(
+                f"prompt ({self.prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's maximum "
+                f"of {cfg.max_position_embeddings} positions"
+            )
+        self.bucket = max(MIN_PREFILL_BUCKET, _next_pow2(self.prompt_len))
+        if cache_length is None:
+            cache_length = _round_up(self.bucket + max_new_tokens, CACHE_ROUNDING)
+        elif self.prompt_len + max_new_tokens > cache_length:
+            raise ZipjaxError(
+                f"prompt ({self.prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
+                f"{self.prompt_len + max_new_tokens} does not fit a cache of {cache_length} slots"
+            )
+        self.bucket = min(self.bucket, cache_length - max_new_tokens)
+        self.cache_length = cache_length
+        self.max_new_tokens = int(max_new_tokens)
+
+        self.batch = len(prompts)
+        self.prompt = np.full((self.batch, self.bucket), cfg.pad_id, np.int32)
+        for i, p in enumerate(prompts):
+            self.prompt[i, self.bucket - len(p):] = p
+        self.starts = (self.bucket - lengths).astype(np.int32)
+        self.mode = SamplingMode(greedy=temperature == 0, top_k=top_k is not None,
+                                 top_p=top_p is not None and top_p < 1.0)
+        self.knobs = _knobs(cfg, temperature, top_k, top_p, stop_tokens)
+
+    def device_inputs(self, model: Model) -> tuple[jax.Array, jax.Array, KVCache]:
+        prompt, starts = jnp.asarray(self.prompt), jnp.asarray(self.starts)
+        if model.mesh is not None and self.batch % model.mesh.shape.get("data", 1) == 0:
+            prompt = jax.device_put(prompt, NamedSharding(model.mesh, PartitionSpec("data", None)))
+            starts = jax.device_put(starts, NamedSharding(model.mesh, PartitionSpec("data")))
+        cache = _cache_initializer(model.config, self.batch, self.cache_length, model.mesh)(starts)
+        return prompt, starts, cache
+
+    def output(self, tokens: np.ndarray) -> np.ndarray:
+        """[batch, prompt_len + max_new_tokens]: the left-padded prompts followed by the new tokens."""
+        return tokens[:, self.bucket - self.prompt_len: self.bucket + self.max_new_tokens]
+
+
+def _as_prompt_list(prompt_ids) -> list[np.ndarray]:
+    if isinstance(prompt_ids, np.ndarray | jax.Array):
+        array = np.asarray(prompt_ids)
+        if array.ndim == 1:
+            array = array[None]
+        if array.ndim != 2:
+            raise ZipjaxError(f"prompt_ids must be [batch, seq] or a list of token lists, got shape {array.shape}")
+        prompts = list(array)
+    elif isinstance(prompt_ids, Sequence) and not isinstance(prompt_ids, str):
+        if len(prompt_ids) and all(isinstance(t, int | np.integer) for t in prompt_ids):
+            prompt_ids = [prompt_ids]
+        prompts = [np.asarray(p) for p in prompt_ids]
+    else:
+        raise ZipjaxError(f"prompt_ids must be token ids (a list of lists or an array), got {type(prompt_ids).__name__}")
+    if not prompts:
+        raise ZipjaxError("prompt_ids holds no prompts")
+    for i, p in enumerate(prompts):
+        if p.ndim != 1 or p.size == 0:
+            raise ZipjaxError(f"prompt {i} is empty" if p.size == 0 else f"prompt {i} is not a flat list of token ids")
+        if not np.issubdtype(p.dtype, np.integer):
+            raise ZipjaxError(f"prompt {i} holds non-integer values ({p.dtype})")
+    return [p.astype(np.int32) for p in prompts]
+
+
+def _knobs(cfg: ModelConfig, temperature: float, top_k: int | None, top_p: float | None, stop_tokens) -> Knobs:
+    if temperature < 0:
+        raise ZipjaxError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int | np.integer) or top_k < 1):
+        raise ZipjaxError(f"top_k must be a positive integer, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ZipjaxError(f"top_p must lie in (0, 1], got {top_p}")
+    if stop_tokens is None:
+        stop_tokens = cfg.eos_token_ids
+    elif isinstance(stop_tokens, int | np.integer):
+        stop_tokens = (stop_tokens,)
+    stop = np.asarray(list(stop_tokens) or [-1], np.int32)
+    check_token_ids(stop[stop >= 0], cfg.vocab_size, "stop tokens")
+    return Knobs(
+        temperature=jnp.float32(temperature if temperature > 0 else 1.0),
+        top_k=jnp.int32(top_k or 0), top_p=jnp.float32(top_p if top_p is not None else 1.0),
+        stop_tokens=jnp.asarray(stop),
+    )
+
+
+def generate(model: Model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int = 0, stop_tokens: int | Sequence[int] | None = None,
+             cache_length: int | None = None) -> np.ndarray:
+    """Generate `max_new_tokens` tokens after each prompt.
+
+    Args:
+      prompt_ids: a list of token lists (lengths may differ), one token list, or an int array [batch, seq].
+      temperature: 0 picks the most likely token (greedy); > 0 samples.
+      top_k, top_p: optional filters applied before sampling (ignored when greedy).
+      stop_tokens: ids that end a sequence; default the model's EOS ids; `()` for none.
+      cache_length: KV cache slots; default the padded prompt length + max_new_tokens rounded up to 128.
+    Returns:
+      int32 [batch, prompt_len + max_new_tokens] like transformers: prompts left-padded to the longest, then the
+      generated tokens; after a stop token every position holds the pad id.
+    """
+    plan = _Plan(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, cache_length)
+    prompt, starts, cache = plan.device_inputs(model)
+    tokens, _ = _generate_loop(model.params, prompt, starts, cache, jax.random.key(seed), plan.knobs,
+                            jnp.int32(plan.max_new_tokens), config=model.config, mode=plan.mode)
+    return plan.output(np.asarray(tokens))
+
+
+def generate_stream(model: Model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                    stop_tokens: int | Sequence[int] | None = None,
+                    cache_length: int | None = None) -> Iterator[np.ndarray]:
+    """Like `generate`, but yields int32 [batch] new tokens one step at a time (pad for finished sequences).
+
+    Stops after `max_new_tokens` steps or once every sequence has produced a stop token (that token included).
+    """
+    plan = _Plan(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, cache_length)
+    prompt, starts, cache = plan.device_inputs(model)
+    static = dict(config=model.config, mode=plan.mode)
+    state = _prefill_jit(model.params, prompt, starts, cache, jax.random.key(seed), plan.knobs, **static)
+    while True:
+        yield np.asarray(state.last_token)
+        if int(state.step) >= plan.max_new_tokens or bool(np.all(np.asarray(state.done))):
+            return
+        state = _decode_step_jit(model.params, state, plan.knobs, **static)

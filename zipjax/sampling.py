@@ -1,0 +1,53 @@
+"""Next-token selection: greedy, or temperature sampling with optional top-k and top-p (nucleus) filtering.
+
+Which filters run is static (`SamplingMode`); their values (temperature, k, p) are traced arrays, so changing them
+does not recompile. Filtering follows transformers' order and tie rules: temperature, then top-k (keep every logit
+>= the k-th largest), then top-p (keep the smallest prefix of the sorted distribution whose mass reaches p, and
+always the most likely token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingMode:
+    greedy: bool = True
+    top_k: bool = False
+    top_p: bool = False
+
+
+def filter_logits(logits: jax.Array, top_k: jax.Array | None, top_p: jax.Array | None) -> jax.Array:
+    """logits float32 [batch, vocab] with filtered-out entries set to -inf. top_k: int32 [], top_p: float32 []."""
+    if top_k is None and top_p is None:
+        return logits
+    sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]  # [batch, vocab]
+    if top_k is not None:
+        k = jnp.clip(top_k, 1, logits.shape[-1])
+        kth = jax.lax.dynamic_index_in_dim(sorted_desc, k - 1, axis=1, keepdims=True)  # [batch, 1]
+        logits = jnp.where(logits < kth, NEG_INF, logits)
+        sorted_desc = jnp.where(sorted_desc < kth, NEG_INF, sorted_desc)
+    if top_p is not None:
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # [batch, vocab]: mass of strictly more likely tokens
+        keep = mass_before < top_p
+        keep = keep.at[:, 0].set(True)
+        threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)  # [batch, 1]
+        logits = jnp.where(logits < threshold, NEG_INF, logits)
+    return logits
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+           mode: SamplingMode) -> jax.Array:
+    """int32 [batch] next tokens from float32 logits [batch, vocab]."""
+    if mode.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    logits = filter_logits(logits, top_k if mode.top_k else None, top_p if mode.top_p else None)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

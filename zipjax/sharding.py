@@ -1,0 +1,76 @@
+"""Placing parameters and caches on a device mesh with a small table of logical-axis rules.
+
+Every parameter and cache array carries logical axis names ("heads", "mlp", "batch", ...). `RULES` maps them onto
+the mesh axes "data" and "model": attention heads, MLP hidden units and the vocabulary are split over "model"
+(tensor parallelism), the batch over "data". XLA's SPMD partitioner does the rest: `generate` is the same code on
+one CPU and on a pod. A dimension that the mesh axis does not divide is replicated rather than refused (for example
+SmolLM2's 3 KV heads on a 4-way "model" axis).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from zipjax.errors import ZipjaxError
+
+MESH_AXES = ("data", "model")
+
+# logical axis -> mesh axis (absent: replicated)
+RULES: tuple[tuple[str, str], ...] = (
+    ("batch", "data"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("mlp", "model"),
+    ("vocab", "model"),
+)
+
+
+def make_mesh(data: int = 1, model: int | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "model") mesh over `devices` (default: all), with `model` defaulting to what is left."""
+    devices = list(devices if devices is not None else jax.devices())
+    model = model if model is not None else len(devices) // data
+    if data * model != len(devices):
+        raise ZipjaxError(f"a {data}x{model} mesh needs {data * model} devices, {len(devices)} given")
+    return as_auto_mesh(Mesh(np.array(devices).reshape(data, model), MESH_AXES))
+
+
+def as_auto_mesh(mesh: Mesh) -> Mesh:
+    """The same devices and axis names with Auto axis types, so XLA's partitioner propagates the shardings.
+
+    (jax >= 0.10 makes Explicit axes by default, which would need sharding-in-types annotations everywhere.)
+    """
+    unknown = [name for name in mesh.axis_names if name not in MESH_AXES]
+    if unknown:
+        raise ZipjaxError(
+            f"mesh axes {unknown} are not known to zipjax; name the axes 'data' (batch) and 'model' (heads, MLP)"
+        )
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def logical_sharding(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    """NamedSharding for an array of `shape` whose axes have the logical names in `logical`."""
+    rules = dict(RULES)
+    spec = []
+    for name, size in zip(tuple(logical) + (None,) * (len(shape) - len(logical)), shape, strict=True):
+        axis = rules.get(name) if name is not None else None
+        if axis is not None and (axis not in mesh.shape or size % mesh.shape[axis]):
+            axis = None
+        spec.append(axis)
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def tree_shardings(abstract_tree, logical_tree, mesh: Mesh):
+    """A tree of NamedShardings: each leaf of `abstract_tree` (anything with .shape) placed by its logical axes."""
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    return jax.tree.map(lambda spec, x: logical_sharding(spec, x.shape, mesh), logical_tree, abstract_tree,
+                        is_leaf=is_spec)
+
+
+def replicated(mesh: Mesh | None) -> jax.sharding.Sharding:
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return NamedSharding(mesh, PartitionSpec())

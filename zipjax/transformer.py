@@ -1,0 +1,160 @@
+"""LLaMA / Mistral decoder in flax.linen, used as a pure function.
+
+    logits, cache = Transformer(config).apply({"params": params}, tokens, positions, cache)
+
+Parameters are a plain nested dict of arrays; the cache is an explicit argument and return value (no mutable Flax
+collections). Every parameter carries logical axis names (`nn.with_logical_partitioning`) that zipjax.sharding maps
+onto a device mesh. Weight layouts keep heads as their own axis so the projections are einsums:
+
+    embed [vocab, embed]      q [embed, heads, head_dim]      k, v [embed, kv_heads, head_dim]
+    o [heads, head_dim, embed]      gate, up [embed, mlp]      down [mlp, embed]      lm_head [embed, vocab]
+
+Letters in einsums: b batch, t query tokens, d embed, h heads, k head_dim, f mlp, v vocab.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zipjax.attention import causal_mask, gqa_attention
+from zipjax.cache import KVCache
+from zipjax.config import ModelConfig
+from zipjax.rope import apply_rope, inverse_frequencies, rope_tables
+
+Params = dict  # nested dict of arrays, as flax.linen produces
+
+_init_weight = nn.initializers.normal(stddev=0.02)
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
+           dtype: jnp.dtype, init=_init_weight) -> jax.Array:
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = _param(self, "scale", (x.shape[-1],), ("embed",), self.dtype, nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale * x32.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                 cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
+        cfg, dtype = self.config, self.config.jnp_dtype
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        wq = _param(self, "q", (d, h, hd), ("embed", "heads", "head_dim"), dtype)
+        wk = _param(self, "k", (d, kv, hd), ("embed", "kv_heads", "head_dim"), dtype)
+        wv = _param(self, "v", (d, kv, hd), ("embed", "kv_heads", "head_dim"), dtype)
+        wo = _param(self, "o", (h, hd, d), ("heads", "head_dim", "embed"), dtype)
+
+        q = apply_rope(jnp.einsum("btd,dhk->bthk", x, wq), cos, sin)  # [batch, seq, heads, head_dim]
+        k = apply_rope(jnp.einsum("btd,dhk->bthk", x, wk), cos, sin)  # [batch, seq, kv_heads, head_dim]
+        v = jnp.einsum("btd,dhk->bthk", x, wv)  # [batch, seq, kv_heads, head_dim]
+
+        if cache is None:
+            idx = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+            mask = causal_mask(idx, idx, cfg.sliding_window)
+            out = gqa_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+        else:
+            out, cache = cache.attend(self.layer, q, k, v, cfg.sliding_window)
+        return jnp.einsum("bthk,hkd->btd", out, wo), cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, dtype = self.config, self.config.jnp_dtype
+        w_gate = _param(self, "gate", (cfg.hidden_size, cfg.intermediate_size), ("embed", "mlp"), dtype)
+        w_up = _param(self, "up", (cfg.hidden_size, cfg.intermediate_size), ("embed", "mlp"), dtype)
+        w_down = _param(self, "down", (cfg.intermediate_size, cfg.hidden_size), ("mlp", "embed"), dtype)
+        hidden = jax.nn.silu(x @ w_gate) * (x @ w_up)  # [batch, seq, mlp]
+        return hidden @ w_down
+
+
+class Block(nn.Module):
+    config: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                 cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
+        cfg = self.config
+        h, cache = Attention(cfg, self.layer, name="attn")(
+            RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, name="attn_norm")(x), cos, sin, cache
+        )
+        x = x + h
+        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, name="mlp_norm")(x))
+        return x, cache
+
+
+class Transformer(nn.Module):
+    """tokens, positions: int32 [batch, seq] -> float32 logits [batch, seq, vocab] (or [batch, 1, vocab])."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None, *,
+                 last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
+        cfg, dtype = self.config, self.config.jnp_dtype
+        if cache is not None:
+            cache.check_fits(tokens.shape[1])
+        embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
+        x = jnp.take(embed, tokens, axis=0)  # [batch, seq, embed]
+        cos, sin = rope_tables(positions, inverse_frequencies(cfg.rope, cfg.head_dim))
+        for i in range(cfg.num_layers):
+            x, cache = Block(cfg, i, name=f"layer_{i}")(x, cos, sin, cache)
+        x = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x)
+        if last_only:
+            x = x[:, -1:]
+        if cfg.tie_word_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, embed)
+        else:
+            lm_head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+            logits = x @ lm_head
+        if cache is not None:
+            cache = cache.advance(tokens.shape[1])
+        return logits.astype(jnp.float32), cache
+
+
+def _dummy_inputs() -> tuple[jax.Array, jax.Array]:
+    return jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32)
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
+    """Randomly initialised parameters (normal(0.02) matrices, unit norms), unboxed."""
+    variables = Transformer(config).init(rng, *_dummy_inputs())
+    return nn.unbox(variables["params"])
+
+
+def abstract_params(config: ModelConfig) -> Params:
+    """ShapeDtypeStructs of every parameter, at zero cost."""
+    return nn.unbox(_boxed_abstract(config))
+
+
+def param_logical_axes(config: ModelConfig) -> Params:
+    """A PartitionSpec of logical axis names per parameter (the same tree as the params)."""
+    return nn.get_partition_spec(_boxed_abstract(config))
+
+
+def _boxed_abstract(config: ModelConfig):
+    variables = jax.eval_shape(lambda: Transformer(config).init(jax.random.key(0), *_dummy_inputs()))
+    return variables["params"]
+
+
+def param_count(params: Params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
