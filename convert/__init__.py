@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from convert.hf_config import config_from_hf
-from convert.hf_weights import source_tensors
+from convert.hf_weights import source_tensors, stored_dtype
 from convert.mapping import tensors_to_params
 from zipjax import checkpoint
 from zipjax.config import DTYPES
@@ -45,6 +45,8 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, overw
 
     config = config_from_hf(src, dtype=dtype)
     tensors = source_tensors(src)
+    if dtype is None:  # keep what the weights are stored in, even where config.json says otherwise
+        config = config.replace(dtype=_supported(stored_dtype(tensors) or config.dtype))
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[config.architecture]
     params = tensors_to_params(config, tensors, architecture_name=arch, progress=progress)
     files = [src / name for name in (*TOKENIZER_FILES, "generation_config.json") if (src / name).is_file()]
@@ -52,6 +54,12 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, overw
         print(f"writing {dst}", flush=True)
     return checkpoint.save(dst, config, params, files=files, overwrite=overwrite,
                            metadata={"source": {"kind": "huggingface", "path": str(src)}})
+
+
+def _supported(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise ZipjaxError(f"the weights are stored as {dtype}; zipjax supports {', '.join(DTYPES)} (pass --dtype)")
+    return dtype
 
 
 def _gguf_file(src: Path) -> Path | None:

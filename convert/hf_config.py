@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from zipjax.config import ROPE_TYPES, ModelConfig, RopeConfig
+from zipjax.config import DTYPES, ROPE_TYPES, ModelConfig, RopeConfig
 from zipjax.errors import ZipjaxError
 
 # Hugging Face architecture class -> zipjax architecture.
@@ -132,7 +132,8 @@ def config_from_hf(src: Path, dtype: str | None = None) -> ModelConfig:
     generation = src / "generation_config.json"
     gen = read_json(generation, "generation config") if generation.exists() else {}
     eos = _token_ids(gen.get("eos_token_id", hf.get("eos_token_id")))
-    stored_dtype = dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    declared = hf.get("dtype") or hf.get("torch_dtype")  # a hint only: convert() keeps what the weights store
+    stored_dtype = dtype or (declared if declared in DTYPES else "float32")
     return ModelConfig(
         **fields,
         rope=rope_from_hf(hf, where),

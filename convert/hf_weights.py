@@ -9,6 +9,7 @@ come back as `ml_dtypes.bfloat16` arrays with their bits unchanged.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +30,19 @@ class SourceTensor:
 
     name: str
     shape: tuple[int, ...]
+    dtype: str  # numpy dtype name as stored ("bfloat16", "float16", "float32", ...)
     load: Callable[[], np.ndarray]
+
+
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def stored_dtype(tensors: list[SourceTensor]) -> str | None:
+    """The dtype holding most of the parameters: what the checkpoint really stores, whatever config.json says."""
+    sizes: dict[str, int] = {}
+    for t in tensors:
+        sizes[t.dtype] = sizes.get(t.dtype, 0) + math.prod(t.shape)
+    return max(sizes, key=sizes.get) if sizes else None
 
 
 def weight_files(src: Path) -> list[Path]:
@@ -67,7 +80,9 @@ def source_tensors(src: Path) -> list[SourceTensor]:
 def _safetensors_tensors(path: Path) -> Iterator[SourceTensor]:
     try:
         with safe_open(str(path), framework="numpy") as f:
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+            headers = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118
+            shapes = {name: (tuple(h.get_shape()), _SAFETENSORS_DTYPES.get(h.get_dtype(), h.get_dtype().lower()))
+                      for name, h in headers.items()}
     except (SafetensorError, OSError) as e:
         raise ZipjaxError(f"weight file {path} is truncated or corrupt: {e}") from None
 
@@ -80,8 +95,8 @@ def _safetensors_tensors(path: Path) -> Iterator[SourceTensor]:
                 raise ZipjaxError(f"could not read tensor {name} from {path}: {e}") from None
         return load
 
-    for name, shape in shapes.items():
-        yield SourceTensor(name, shape, loader(name))
+    for name, (shape, dtype) in shapes.items():
+        yield SourceTensor(name, shape, dtype, loader(name))
 
 
 def _torch_tensors(path: Path) -> Iterator[SourceTensor]:
@@ -99,7 +114,8 @@ def _torch_tensors(path: Path) -> Iterator[SourceTensor]:
         raise ZipjaxError(f"weight file {path} does not hold a state dict")
     for name, tensor in state.items():
         if isinstance(tensor, torch.Tensor):
-            yield SourceTensor(name, tuple(tensor.shape), lambda t=tensor: torch_to_numpy(t))
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            yield SourceTensor(name, tuple(tensor.shape), dtype, lambda t=tensor: torch_to_numpy(t))
 
 
 def torch_to_numpy(tensor) -> np.ndarray:

@@ -11,6 +11,7 @@ so an interrupted write never leaves a folder that `load` accepts.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -44,6 +45,7 @@ def save(path: str | Path, config: ModelConfig, params: Params, *, files: Iterab
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is an ordinary folder
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(staging / PARAMS_DIR, params)
         checkpointer.wait_until_finished()
@@ -62,6 +64,12 @@ def save(path: str | Path, config: ModelConfig, params: Params, *, files: Iterab
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
@@ -83,7 +91,9 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ZipjaxError(f"{manifest_path} is not a zipjax checkpoint manifest")
     if manifest.get("version") != VERSION:
-        raise ZipjaxError(f"{path} has checkpoint format version {manifest.get('version')}; this zipjax reads {VERSION}")
+        raise ZipjaxError(
+            f"{path} has checkpoint format version {manifest.get('version')}; this zipjax reads version {VERSION}"
+        )
     return ModelConfig.from_dict(manifest.get("config")), manifest
 
 

@@ -34,6 +34,7 @@ from zipjax.transformer import Params, Transformer
 
 MIN_PREFILL_BUCKET = 16
 CACHE_ROUNDING = 128
+MIN_STOP_SLOTS = 8
 
 
 @struct.dataclass
@@ -204,7 +205,9 @@ def _as_prompt_list(prompt_ids) -> list[np.ndarray]:
             prompt_ids = [prompt_ids]
         prompts = [np.asarray(p) for p in prompt_ids]
     else:
-        raise ZipjaxError(f"prompt_ids must be token ids (a list of lists or an array), got {type(prompt_ids).__name__}")
+        raise ZipjaxError(
+            f"prompt_ids must be token ids (a list of lists or an array), got {type(prompt_ids).__name__}"
+        )
     if not prompts:
         raise ZipjaxError("prompt_ids holds no prompts")
     for i, p in enumerate(prompts):
@@ -226,8 +229,10 @@ def _knobs(cfg: ModelConfig, temperature: float, top_k: int | None, top_p: float
         stop_tokens = cfg.eos_token_ids
     elif isinstance(stop_tokens, int | np.integer):
         stop_tokens = (stop_tokens,)
-    stop = np.asarray(list(stop_tokens) or [-1], np.int32)
-    check_token_ids(stop[stop >= 0], cfg.vocab_size, "stop tokens")
+    stop_tokens = np.asarray(list(stop_tokens), np.int32)
+    check_token_ids(stop_tokens, cfg.vocab_size, "stop tokens")
+    stop = np.full(max(MIN_STOP_SLOTS, _next_pow2(len(stop_tokens))), -1, np.int32)  # fixed size: no recompiles
+    stop[: len(stop_tokens)] = stop_tokens
     return Knobs(
         temperature=jnp.float32(temperature if temperature > 0 else 1.0),
         top_k=jnp.int32(top_k or 0), top_p=jnp.float32(top_p if top_p is not None else 1.0),

@@ -1,0 +1,84 @@
+"""Sharding on 8 fake CPU devices (see conftest): a 2x4 ("data", "model") mesh gives the same greedy tokens as one
+device, the parameters and cache really are split, and XLA's SPMD partitioner inserts the collectives."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import COMMON, random_ids
+from jax.sharding import Mesh, PartitionSpec
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import zipjax
+from convert import convert
+from zipjax.model import forward
+
+
+@pytest.fixture(scope="module")
+def sharded_pair(tmp_path_factory):
+    """A tiny LLaMA whose heads (8), KV heads (4), MLP (128) and vocab (256) split 4 ways, and one whose 2 KV
+    heads do not (they must then be replicated), each loaded on one device and on a 2x4 mesh."""
+    if len(jax.devices()) < 8:
+        pytest.fail("the sharding tests need 8 CPU devices: XLA_FLAGS is set in conftest.py before jax is imported")
+    root = tmp_path_factory.mktemp("sharded")
+    mesh = zipjax.make_mesh(data=2, model=4)
+    out = {}
+    for name, kv in (("divisible", 4), ("kv_replicated", 2)):
+        torch.manual_seed(0)
+        hf = LlamaForCausalLM(LlamaConfig(**{**COMMON, "num_attention_heads": 8, "num_key_value_heads": kv}))
+        hf.save_pretrained(root / name)
+        dst = convert(root / name, root / f"{name}_zj", progress=False)
+        out[name] = (zipjax.load(dst), zipjax.load(dst, mesh=mesh))
+    return out
+
+
+@pytest.mark.parametrize("name", ["divisible", "kv_replicated"])
+def test_mesh_gives_the_same_greedy_tokens(sharded_pair, name):
+    single, sharded = sharded_pair[name]
+    ids = random_ids(4, 13, seed=7)
+    prompts = [ids[0, :5].tolist(), ids[1].tolist(), ids[2, :9].tolist(), ids[3, :2].tolist()]
+    np.testing.assert_array_equal(zipjax.generate(sharded, prompts, 20, stop_tokens=()),
+                                  zipjax.generate(single, prompts, 20, stop_tokens=()))
+
+
+def test_parameters_are_split_by_the_rules(sharded_pair):
+    _, sharded = sharded_pair["divisible"]
+    layer = sharded.params["layer_0"]
+    assert layer["attn"]["q"].sharding.spec == PartitionSpec(None, "model", None)
+    assert layer["attn"]["k"].sharding.spec == PartitionSpec(None, "model", None)
+    assert layer["attn"]["o"].sharding.spec == PartitionSpec("model", None, None)
+    assert layer["mlp"]["down"].sharding.spec == PartitionSpec("model", None)
+    assert sharded.params["embed"].sharding.spec == PartitionSpec("model", None)
+    assert layer["attn_norm"]["scale"].sharding.spec == PartitionSpec(None)
+    assert len(layer["attn"]["q"].addressable_shards) == 8
+    assert layer["attn"]["q"].addressable_shards[0].data.shape == (64, 2, 16)
+    _, replicated_kv = sharded_pair["kv_replicated"]
+    assert replicated_kv.params["layer_0"]["attn"]["k"].sharding.spec == PartitionSpec(None, None, None)
+
+
+def test_cache_is_split_over_data_and_model(sharded_pair):
+    from zipjax.generate import _cache_initializer
+
+    _, sharded = sharded_pair["divisible"]
+    cache = _cache_initializer(sharded.config, 4, 64, sharded.mesh)(jnp.zeros((4,), jnp.int32))
+    assert cache.k[0].sharding.spec == PartitionSpec("data", "model", None, None)
+    assert cache.k[0].addressable_shards[0].data.shape == (2, 1, 64, 16)
+
+
+def test_spmd_partitioner_inserts_collectives(sharded_pair):
+    single, sharded = sharded_pair["divisible"]
+    tokens = jnp.asarray(random_ids(2, 8), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+    hlo = forward.lower(sharded.params, tokens, positions, None, config=sharded.config).compile().as_text()
+    assert "all-reduce" in hlo or "reduce-scatter" in hlo
+    np.testing.assert_allclose(np.asarray(sharded.logits(tokens)), np.asarray(single.logits(tokens)), atol=1e-5)
+
+
+def test_mesh_axes_must_be_data_and_model(sharded_pair):
+    single, _ = sharded_pair["divisible"]
+    bad = Mesh(np.array(jax.devices()).reshape(2, 4), ("batch", "tensor"))
+    with pytest.raises(zipjax.ZipjaxError, match="name the axes 'data'"):
+        zipjax.load(single.path, mesh=bad)
+    with pytest.raises(zipjax.ZipjaxError, match="needs 6 devices, 8 given"):
+        zipjax.make_mesh(data=2, model=3)
