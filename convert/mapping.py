@@ -22,24 +22,24 @@ from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.transformer import Params, abstract_params
 
-# (pattern, param path template, number of leading target axes that form the torch "in" side; None = no transpose)
-_RULES: tuple[tuple[re.Pattern, tuple[str, ...], int | None], ...] = tuple(
-    (re.compile(pattern), path, in_axes)
-    for pattern, path, in_axes in (
-        (r"model\.embed_tokens\.weight", ("embed",), None),
-        (r"model\.norm\.weight", ("final_norm", "scale"), None),
-        (r"lm_head\.weight", ("lm_head",), 1),
-        (r"model\.layers\.(\d+)\.input_layernorm\.weight", ("layer_{}", "attn_norm", "scale"), None),
-        (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", ("layer_{}", "mlp_norm", "scale"), None),
-        (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", ("layer_{}", "attn", "q"), 1),
-        (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", ("layer_{}", "attn", "k"), 1),
-        (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", ("layer_{}", "attn", "v"), 1),
-        (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", ("layer_{}", "attn", "o"), 2),
-        (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", ("layer_{}", "mlp", "gate"), 1),
-        (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", ("layer_{}", "mlp", "up"), 1),
-        (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", ("layer_{}", "mlp", "down"), 1),
-    )
+# (Hugging Face name template, param path template, number of leading target axes that form the torch "in" side;
+# None = no transpose). "{}" stands for the layer index.
+_TENSORS: tuple[tuple[str, tuple[str, ...], int | None], ...] = (
+    ("model.embed_tokens.weight", ("embed",), None),
+    ("model.layers.{}.input_layernorm.weight", ("layer_{}", "attn_norm", "scale"), None),
+    ("model.layers.{}.self_attn.q_proj.weight", ("layer_{}", "attn", "q"), 1),
+    ("model.layers.{}.self_attn.k_proj.weight", ("layer_{}", "attn", "k"), 1),
+    ("model.layers.{}.self_attn.v_proj.weight", ("layer_{}", "attn", "v"), 1),
+    ("model.layers.{}.self_attn.o_proj.weight", ("layer_{}", "attn", "o"), 2),
+    ("model.layers.{}.post_attention_layernorm.weight", ("layer_{}", "mlp_norm", "scale"), None),
+    ("model.layers.{}.mlp.gate_proj.weight", ("layer_{}", "mlp", "gate"), 1),
+    ("model.layers.{}.mlp.up_proj.weight", ("layer_{}", "mlp", "up"), 1),
+    ("model.layers.{}.mlp.down_proj.weight", ("layer_{}", "mlp", "down"), 1),
+    ("model.norm.weight", ("final_norm", "scale"), None),
+    ("lm_head.weight", ("lm_head",), 1),
 )
+_RULES = tuple((re.compile(re.escape(name).replace(r"\{\}", r"(\d+)")), path, in_axes)
+               for name, path, in_axes in _TENSORS)
 # Buffers some older checkpoints carry; they hold nothing the model needs.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
@@ -50,6 +50,18 @@ def _match(name: str) -> tuple[tuple[str, ...], int | None] | None:
         if m:
             return tuple(p.format(*m.groups()) for p in path), in_axes
     return None
+
+
+def hf_tensor_names(config: ModelConfig) -> list[tuple[str, tuple[str, ...], int | None]]:
+    """Every Hugging Face tensor of a model with this config: (name, param path, in_axes), in checkpoint order."""
+    out = []
+    for name, path, in_axes in _TENSORS:
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        layers = range(config.num_layers) if "{}" in name else [None]
+        for i in layers:
+            out.append((name.format(i), tuple(part.format(i) for part in path), in_axes))
+    return out
 
 
 def source_shape(target_shape: tuple[int, ...], in_axes: int | None) -> tuple[int, ...]:

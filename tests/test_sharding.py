@@ -52,7 +52,7 @@ def test_parameters_are_split_by_the_rules(sharded_pair):
     assert sharded.params["embed"].sharding.spec == PartitionSpec("model", None)
     assert layer["attn_norm"]["scale"].sharding.spec == PartitionSpec(None)
     assert len(layer["attn"]["q"].addressable_shards) == 8
-    assert layer["attn"]["q"].addressable_shards[0].data.shape == (64, 2, 16)
+    assert layer["attn"]["q"].addressable_shards[0].data.shape == (64, 2, 8)  # 8 heads of dim 8, 4-way split
     _, replicated_kv = sharded_pair["kv_replicated"]
     assert replicated_kv.params["layer_0"]["attn"]["k"].sharding.spec == PartitionSpec(None, None, None)
 
@@ -63,7 +63,7 @@ def test_cache_is_split_over_data_and_model(sharded_pair):
     _, sharded = sharded_pair["divisible"]
     cache = _cache_initializer(sharded.config, 4, 64, sharded.mesh)(jnp.zeros((4,), jnp.int32))
     assert cache.k[0].sharding.spec == PartitionSpec("data", "model", None, None)
-    assert cache.k[0].addressable_shards[0].data.shape == (2, 1, 64, 16)
+    assert cache.k[0].addressable_shards[0].data.shape == (2, 1, 64, 8)
 
 
 def test_spmd_partitioner_inserts_collectives(sharded_pair):

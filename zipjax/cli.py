@@ -1,8 +1,10 @@
-"""The `zipjax` command: `zipjax generate` streams text from a checkpoint, `zipjax convert` imports one.
+"""The `zipjax` command: `generate` streams text from a checkpoint, `convert` imports one, `export` writes one back
+out as a Hugging Face folder.
 
     zipjax generate "def fibonacci(n):"                      # the shipped default model
     zipjax generate --checkpoint DIR --chat "What is the capital of France?"
     zipjax convert ~/models/Llama-3.1-8B-Instruct ~/zipjax/llama-3.1-8b
+    zipjax export checkpoints/stdlib-llama /tmp/stdlib-llama-hf
 
 Bad input (paths, checkpoints, sizes) prints `error: ...` and exits with status 2, without a traceback.
 """
@@ -60,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                       help="cast the weights (default: keep the source dtype; float32 for quantized GGUF)")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+
+    export = commands.add_parser("export", help="write a zipjax checkpoint as a Hugging Face model folder")
+    export.add_argument("src", type=Path, help="zipjax checkpoint folder")
+    export.add_argument("dst", type=Path, help="destination Hugging Face folder")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     return parser
 
 
@@ -101,10 +108,17 @@ def run_convert(args: argparse.Namespace) -> None:
     print(f"converted {args.src} -> {dst}")
 
 
+def run_export(args: argparse.Namespace) -> None:
+    from convert.export import export_hf
+
+    dst = export_hf(args.src, args.dst, overwrite=args.overwrite)
+    print(f"exported {args.src} -> {dst}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": run_generate, "convert": run_convert}[args.command](args)
+        {"generate": run_generate, "convert": run_convert, "export": run_export}[args.command](args)
     except ZipjaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Rotary position embeddings (rotate-half layout, as Hugging Face checkpoints expect).
 
-The inverse frequencies are computed on the host in float32 exactly as transformers does, including the Llama-3.1
+The inverse frequencies are computed on the host following transformers' float32 formulas, including the Llama-3.1
 frequency-dependent scaling, so converted models need no weight permutation and match the reference to float32
 rounding. Angles are always formed in float32 (bfloat16 cannot even represent position 257); cos/sin are cast to the
 activation dtype only when applied, as in the reference.
@@ -20,7 +20,10 @@ from zipjax.config import RopeConfig
 def inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
     """Per-pair inverse frequencies, float32 [head_dim // 2]."""
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    inv_freq = (np.float32(1.0) / np.power(np.float32(rope.theta), exponents)).astype(np.float32)
+    # theta ** exponent rounded once to float32 (float32 pow implementations differ by an ulp; an ulp of inv_freq
+    # is a visible angle error at position 100k), then the float32 reciprocal as in the reference.
+    powers = np.power(np.float64(rope.theta), exponents.astype(np.float64)).astype(np.float32)
+    inv_freq = np.float32(1.0) / powers
     if rope.type == "linear":
         inv_freq = inv_freq / np.float32(rope.factor)
     elif rope.type == "llama3":

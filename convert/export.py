@@ -1,0 +1,98 @@
+"""zipjax checkpoint -> Hugging Face model folder (`zipjax export SRC DST`): the inverse of `convert`.
+
+Lets a model trained or transformed in zipjax (the shipped stdlib-llama, say) be loaded by transformers, which is
+how its parity is tested and how the benchmarks give transformers the very same weights. The tensor layout is the
+inverse of convert.mapping; values are written in the checkpoint's dtype without casting (bfloat16 stays bit-exact).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from convert.mapping import hf_tensor_names
+from zipjax.config import ModelConfig
+from zipjax.errors import ZipjaxError
+from zipjax.tokenizer import TOKENIZER_FILES
+from zipjax.transformer import Params
+
+_ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "mistral": ("MistralForCausalLM", "mistral")}
+
+
+def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
+    """config.json contents (transformers-4 layout, which transformers 4 and 5 both read)."""
+    architecture, model_type = _ARCHITECTURES[config.architecture]
+    rope = config.rope
+    scaling: dict[str, Any] | None = None
+    if rope.type == "linear":
+        scaling = {"rope_type": "linear", "factor": rope.factor}
+    elif rope.type == "llama3":
+        scaling = {"rope_type": "llama3", "factor": rope.factor, "low_freq_factor": rope.low_freq_factor,
+                   "high_freq_factor": rope.high_freq_factor,
+                   "original_max_position_embeddings": rope.original_max_position_embeddings}
+    eos = list(config.eos_token_ids)
+    hf = {
+        "architectures": [architecture], "model_type": model_type, "hidden_act": "silu",
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim, "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps, "rope_theta": rope.theta, "rope_scaling": scaling,
+        "tie_word_embeddings": config.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
+        "bos_token_id": config.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": config.pad_token_id, "torch_dtype": config.dtype,
+    }
+    if config.architecture == "mistral":
+        hf["sliding_window"] = config.sliding_window
+    return hf
+
+
+def hf_state_dict(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
+    """Hugging Face tensor name -> numpy array in torch's [out, in] layout."""
+    state = {}
+    for name, path, in_axes in hf_tensor_names(config):
+        value = params
+        for key in path:
+            value = value[key]
+        array = np.asarray(value)
+        if in_axes is not None:
+            array = array.reshape(int(np.prod(array.shape[:in_axes])), -1).T
+        state[name] = np.ascontiguousarray(array)
+    return state
+
+
+def export_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False, progress: bool = True) -> Path:
+    """Write the zipjax checkpoint SRC as a Hugging Face folder DST (config.json, model.safetensors, tokenizer)."""
+    from zipjax.checkpoint import load
+
+    src, dst = Path(src).absolute(), Path(dst).absolute()
+    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
+        raise ZipjaxError(f"destination {dst} already exists; pass --overwrite to replace it")
+    model = load(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        state = {}
+        for name, array in tqdm(hf_state_dict(model.config, model.params).items(), desc="exporting tensors",
+                                unit="tensor", disable=not progress):
+            state[name] = array
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(hf_config_dict(model.config), indent=2) + "\n")
+        for name in (*TOKENIZER_FILES, "generation_config.json"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, staging / name)
+        staging.chmod(0o755)
+        if dst.exists():
+            shutil.rmtree(dst)
+        staging.rename(dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dst
