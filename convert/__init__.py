@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from convert.hf_config import config_from_hf
+from convert.emu3 import convert_emu3, emu3_layout
+from convert.hf_config import config_from_hf, read_json
 from convert.hf_weights import source_tensors, stored_dtype
 from convert.mapping import tensors_to_params
 from zipjax import checkpoint
@@ -21,8 +22,9 @@ __all__ = ["convert"]
 
 
 def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, overwrite: bool = False,
-            progress: bool = True) -> Path:
-    """Convert SRC into a zipjax checkpoint at DST; returns DST. `dtype` casts (default: keep the source dtype)."""
+            progress: bool = True, vision_tokenizer: str | Path | None = None) -> Path:
+    """Convert SRC into a zipjax checkpoint at DST; returns DST. `dtype` casts (default: keep the source dtype).
+    `vision_tokenizer` is the separate VQ-VAE folder that BAAI's original Emu3 language models need."""
     src, dst = Path(src).absolute(), Path(dst).absolute()
     if dtype is not None and dtype not in DTYPES:
         raise ZipjaxError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
@@ -43,6 +45,12 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, overw
     if not (src / "config.json").is_file():
         raise ZipjaxError(f"{src} has no config.json: it is not a Hugging Face model folder")
 
+    hf = read_json(src / "config.json", "config file")
+    if emu3_layout(hf) is not None:
+        return convert_emu3(src, dst, hf, vision_tokenizer=vision_tokenizer, dtype=dtype, overwrite=overwrite,
+                            progress=progress)
+    if vision_tokenizer is not None:
+        raise ZipjaxError(f"--vision-tokenizer applies to Emu3 models only; {src} is not one")
     config = config_from_hf(src, dtype=dtype)
     tensors = source_tensors(src)
     if dtype is None:  # keep what the weights are stored in, even where config.json says otherwise

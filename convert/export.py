@@ -28,6 +28,10 @@ _ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "mistral": ("MistralFo
 
 def hf_config_dict(config: ModelConfig) -> dict[str, Any]:
     """config.json contents (transformers-4 layout, which transformers 4 and 5 both read)."""
+    if config.architecture not in _ARCHITECTURES:
+        raise ZipjaxError(
+            f"exporting {config.architecture} checkpoints is not supported; zipjax exports {', '.join(_ARCHITECTURES)}"
+        )
     architecture, model_type = _ARCHITECTURES[config.architecture]
     rope = config.rope
     scaling: dict[str, Any] | None = None
@@ -76,6 +80,7 @@ def export_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False, prog
     if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
         raise ZipjaxError(f"destination {dst} already exists; pass --overwrite to replace it")
     model = load(src)
+    config_json = hf_config_dict(model.config)
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
@@ -84,7 +89,7 @@ def export_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False, prog
                                 unit="tensor", disable=not progress):
             state[name] = array
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        (staging / "config.json").write_text(json.dumps(hf_config_dict(model.config), indent=2) + "\n")
+        (staging / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         for name in (*TOKENIZER_FILES, "generation_config.json"):
             if (src / name).is_file():
                 shutil.copy2(src / name, staging / name)

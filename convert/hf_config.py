@@ -100,7 +100,18 @@ def config_from_hf(src: Path, dtype: str | None = None) -> ModelConfig:
     """Build the ModelConfig for a Hugging Face model folder (its config.json and generation_config.json)."""
     where = src / "config.json"
     hf = read_json(where, "config file")
-    architecture = architecture_of(hf, where)
+    return text_config_from_dict(hf, where, architecture=architecture_of(hf, where),
+                                 generation=generation_config(src), dtype=dtype)
+
+
+def generation_config(src: Path) -> dict[str, Any]:
+    path = src / "generation_config.json"
+    return read_json(path, "generation config") if path.exists() else {}
+
+
+def text_config_from_dict(hf: dict[str, Any], where: Path, *, architecture: str, generation: dict[str, Any],
+                          dtype: str | None = None) -> ModelConfig:
+    """The ModelConfig of a LLaMA-shaped decoder described by `hf` (a config.json, or the text part of one)."""
     if hf.get("hidden_act", "silu") != "silu":
         raise ZipjaxError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
     for flag in ("attention_bias", "mlp_bias"):
@@ -129,8 +140,7 @@ def config_from_hf(src: Path, dtype: str | None = None) -> ModelConfig:
     except (TypeError, ValueError) as e:
         raise ZipjaxError(f"{where} has a field of the wrong type: {e}") from None
 
-    generation = src / "generation_config.json"
-    gen = read_json(generation, "generation config") if generation.exists() else {}
+    gen = generation
     eos = _token_ids(gen.get("eos_token_id", hf.get("eos_token_id")))
     declared = hf.get("dtype") or hf.get("torch_dtype")  # a hint only: convert() keeps what the weights store
     stored_dtype = dtype or (declared if declared in DTYPES else "float32")

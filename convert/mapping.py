@@ -79,17 +79,17 @@ def _to_target(array: np.ndarray, target: jax.ShapeDtypeStruct, in_axes: int | N
     return np.ascontiguousarray(array)
 
 
-def _flatten(tree: Params, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+def flatten_params(tree: Params, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, (*prefix, key)))
+            flat.update(flatten_params(value, (*prefix, key)))
         else:
             flat[(*prefix, key)] = value
     return flat
 
 
-def _unflatten(flat: dict[tuple[str, ...], np.ndarray]) -> Params:
+def unflatten_params(flat: dict[tuple[str, ...], np.ndarray]) -> Params:
     tree: Params = {}
     for path, value in flat.items():
         node = tree
@@ -102,7 +102,7 @@ def _unflatten(flat: dict[tuple[str, ...], np.ndarray]) -> Params:
 def tensors_to_params(config: ModelConfig, tensors: Iterable[SourceTensor], *, architecture_name: str,
                       progress: bool = True) -> Params:
     """Check every source tensor against the config, then load and convert them into a numpy parameter tree."""
-    targets = _flatten(abstract_params(config))
+    targets = flatten_params(abstract_params(config))
     plan: list[tuple[SourceTensor, tuple[str, ...], int | None]] = []
     unexpected: list[str] = []
     for tensor in tensors:
@@ -142,4 +142,4 @@ def tensors_to_params(config: ModelConfig, tensors: Iterable[SourceTensor], *, a
         if tuple(array.shape) != tuple(tensor.shape):
             raise ZipjaxError(f"tensor {tensor.name} read with shape {array.shape}, header says {tensor.shape}")
         flat[path] = _to_target(array, targets[path], in_axes)
-    return _unflatten(flat)
+    return unflatten_params(flat)

@@ -72,8 +72,12 @@ class KVCache:
         """Bytes held by the cache arrays."""
         return sum(x.nbytes for x in jax.tree.leaves(self))
 
-    def check_fits(self, num_tokens: int) -> None:
-        """Raise before any compute if writing `num_tokens` more would run past the end (when the cursor is known)."""
+    def check_fits(self, tokens_shape: tuple[int, int]) -> None:
+        """Raise before any compute if a [batch, num_tokens] input does not match the cache's batch, or would run
+        past its end (checked when the cursor is a concrete value)."""
+        batch, num_tokens = tokens_shape
+        if batch != self.batch:
+            raise ZipjaxError(f"the input holds {batch} sequences but the KV cache was made for {self.batch}")
         if isinstance(self.cursor, jax.core.Tracer):
             return
         cursor = int(self.cursor)

@@ -2,6 +2,7 @@
 
     DIR/zipjax.json   {"format": "zipjax-checkpoint", "version": 1, "config": {...}, "source": ...}
     DIR/params/       orbax (OCDBT) checkpoint of the parameter tree
+    DIR/vq_params/    Emu3 only: the vision tokenizer's parameters (its config and vocabulary are in zipjax.json)
     DIR/tokenizer.json, tokenizer_config.json, ... (copied from the source when it has them)
 
 Writes are atomic: everything is written into a hidden sibling folder that is renamed onto DIR only when complete,
@@ -10,6 +11,7 @@ so an interrupted write never leaves a folder that `load` accepts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,34 +26,51 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from zipjax.config import ModelConfig
+from zipjax.emu3.model import Emu3Model, Emu3Vision
+from zipjax.emu3.vqvae import abstract_vq_params
 from zipjax.errors import ZipjaxError
 from zipjax.model import Model
-from zipjax.sharding import as_auto_mesh, tree_shardings
+from zipjax.sharding import as_auto_mesh, replicated_shardings, tree_shardings
 from zipjax.transformer import Params, abstract_params, param_logical_axes
 
 FORMAT = "zipjax-checkpoint"
 VERSION = 1
 MANIFEST = "zipjax.json"
 PARAMS_DIR = "params"
+VQ_PARAMS_DIR = "vq_params"
+EMU3_KEY = "emu3"
 
 
 def save(path: str | Path, config: ModelConfig, params: Params, *, files: Iterable[Path] = (),
-         metadata: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Write a checkpoint atomically. `files` (tokenizer files, ...) are copied in next to the parameters."""
+         metadata: dict[str, Any] | None = None, overwrite: bool = False,
+         vision: tuple[Emu3Vision, Params] | None = None) -> Path:
+    """Write a checkpoint atomically. `files` (tokenizer files, ...) are copied in next to the parameters.
+    `vision` (Emu3: the VQ-VAE's config, vocabulary and parameters) goes into `vq_params/` and the manifest."""
     path = Path(path).absolute()
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise ZipjaxError(f"{path} already exists; choose another destination or overwrite it explicitly")
-    _check_tree(config, params, f"parameters for {path}")
+    _check_tree(abstract_params(config), params, f"parameters for {path}")
+    metadata = dict(metadata or {})
+    if vision is not None:
+        if config.architecture != "emu3":
+            raise ZipjaxError(f"a vision tokenizer belongs to an emu3 checkpoint, not {config.architecture}")
+        info, vq_params = vision
+        _check_tree(abstract_vq_params(info.vq_config), vq_params, f"VQ-VAE parameters for {path}")
+        metadata[EMU3_KEY] = info.to_dict()
+    elif config.architecture == "emu3":
+        raise ZipjaxError("an emu3 checkpoint needs its vision tokenizer (VQ-VAE) parameters")
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is an ordinary folder
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(staging / PARAMS_DIR, params)
+        if vision is not None:
+            checkpointer.save(staging / VQ_PARAMS_DIR, vision[1])
         checkpointer.wait_until_finished()
         for file in files:
             shutil.copy2(file, staging / Path(file).name)
-        manifest = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), **(metadata or {})}
+        manifest = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), **metadata}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
@@ -101,7 +120,7 @@ def load(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Mesh | No
     """Load a zipjax checkpoint. `dtype` casts the parameters (default: as stored); with `mesh` (axes "data" and
     "model") every parameter is read straight into its shards."""
     path = Path(path).absolute()
-    config, _ = read_config(path)
+    config, manifest = read_config(path)
     if dtype is not None:
         config = config.replace(dtype=jnp.dtype(dtype).name)
     if mesh is not None:
@@ -111,30 +130,47 @@ def load(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Mesh | No
         raise ZipjaxError(f"{path} has no {PARAMS_DIR}/ folder: the checkpoint is incomplete")
 
     abstract = abstract_params(config)
+    shardings = None if mesh is None else tree_shardings(abstract, param_logical_axes(config), mesh)
+    params = _restore(params_dir, abstract, shardings, f"checkpoint {path}")
+    if config.architecture != "emu3":
+        return Model(config=config, params=params, mesh=mesh, path=path)
+
+    if EMU3_KEY not in manifest:
+        raise ZipjaxError(f"{path} is an emu3 checkpoint without its vision tokenizer record in {MANIFEST}")
+    vision = Emu3Vision.from_dict(manifest[EMU3_KEY])
+    if dtype is not None:
+        vision = dataclasses.replace(vision, vq_config=vision.vq_config.replace(dtype=config.dtype))
+    vq_dir = path / VQ_PARAMS_DIR
+    if not vq_dir.is_dir():
+        raise ZipjaxError(f"{path} has no {VQ_PARAMS_DIR}/ folder: the emu3 checkpoint is incomplete")
+    abstract_vq = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, vision.vq_config.dtype),
+                               abstract_vq_params(vision.vq_config))
+    vq_params = _restore(vq_dir, abstract_vq, None if mesh is None else replicated_shardings(abstract_vq, mesh),
+                         f"VQ-VAE of {path}")
+    return Emu3Model(config=config, params=params, mesh=mesh, path=path, vision=vision, vq_params=vq_params)
+
+
+def _restore(directory: Path, abstract: Params, shardings: Params | None, what: str) -> Params:
+    """Read an orbax parameter tree after checking its names and shapes against `abstract`."""
     checkpointer = ocp.StandardCheckpointer()
     try:
-        stored = checkpointer.metadata(params_dir).item_metadata.tree
+        stored = checkpointer.metadata(directory).item_metadata.tree
     except (OSError, ValueError, FileNotFoundError) as e:
-        raise ZipjaxError(f"cannot read the parameters in {params_dir}: {e}") from None
-    _check_tree(config, stored, f"checkpoint {path}")
-
-    if mesh is None:
+        raise ZipjaxError(f"cannot read the parameters in {directory}: {e}") from None
+    _check_tree(abstract, stored, what)
+    if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)
-    else:
-        shardings = tree_shardings(abstract, param_logical_axes(config), mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     try:
-        params = checkpointer.restore(params_dir, target)
+        return checkpointer.restore(directory, target)
     except (OSError, ValueError) as e:
-        raise ZipjaxError(f"cannot read the parameters in {params_dir}: {e}") from None
-    return Model(config=config, params=params, mesh=mesh, path=path)
+        raise ZipjaxError(f"cannot read the parameters in {directory}: {e}") from None
 
 
-def _check_tree(config: ModelConfig, tree, what: str) -> None:
-    """Parameter names and shapes must be exactly those the config implies."""
-    expected = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(
-        abstract_params(config))}
+def _check_tree(abstract: Params, tree, what: str) -> None:
+    """Parameter names and shapes must be exactly those the config implies (`abstract`)."""
+    expected = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(abstract)}
     actual = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
     missing = sorted(set(expected) - set(actual))
     extra = sorted(set(actual) - set(expected))

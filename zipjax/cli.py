@@ -1,10 +1,11 @@
 """The `zipjax` command: `generate` streams text from a checkpoint, `convert` imports one, `export` writes one back
-out as a Hugging Face folder.
+out as a Hugging Face folder, `image` draws a PNG with an Emu3 checkpoint and `ask` questions one about an image.
 
     zipjax generate "def fibonacci(n):"                      # the shipped default model
     zipjax generate --checkpoint DIR --chat "What is the capital of France?"
     zipjax convert ~/models/Llama-3.1-8B-Instruct ~/zipjax/llama-3.1-8b
     zipjax export checkpoints/stdlib-llama /tmp/stdlib-llama-hf
+    zipjax convert ~/models/Emu3-Gen-hf ~/zipjax/emu3-gen && zipjax image --checkpoint ~/zipjax/emu3-gen "a cat"
 
 Bad input (paths, checkpoints, sizes) prints `error: ...` and exits with status 2, without a traceback.
 """
@@ -39,8 +40,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 720x720, got {text!r}") from None
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return height, width
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zipjax", description="Fast LLaMA/Mistral inference in JAX.")
+    parser = argparse.ArgumentParser(prog="zipjax", description="Fast LLaMA/Mistral/Emu3 inference in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="stream text generated from a prompt")
@@ -62,6 +73,29 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                       help="cast the weights (default: keep the source dtype; float32 for quantized GGUF)")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    conv.add_argument("--vision-tokenizer", type=Path, default=None,
+                      help="Emu3 in BAAI's layout: the separate vision tokenizer (Emu3-VisionTokenizer) folder")
+
+    image = commands.add_parser("image", help="generate an image with an Emu3 checkpoint and write it as PNG")
+    image.add_argument("prompt", help="what the image should show")
+    image.add_argument("--checkpoint", type=Path, required=True, help="a converted Emu3 checkpoint folder")
+    image.add_argument("--out", type=Path, default=Path("image.png"), help="PNG to write (default image.png)")
+    image.add_argument("--size", type=_size, default=None,
+                       help="HEIGHTxWIDTH in pixels, multiples of the VQ factor (default: the model's native size)")
+    image.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance (1 turns it off)")
+    image.add_argument("--negative-prompt", default=None, help="what to steer away from (default: Emu3's)")
+    image.add_argument("--temperature", type=float, default=1.0, help="0 picks the most likely visual token")
+    image.add_argument("--top-k", type=_positive_int, default=2048)
+    image.add_argument("--top-p", type=float, default=None)
+    image.add_argument("--seed", type=int, default=0)
+    image.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+
+    ask = commands.add_parser("ask", help="ask an Emu3 checkpoint a question about a PNG image")
+    ask.add_argument("image", type=Path, help="8-bit RGB(A) PNG file")
+    ask.add_argument("question")
+    ask.add_argument("--checkpoint", type=Path, required=True, help="a converted Emu3 checkpoint folder")
+    ask.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    ask.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
 
     export = commands.add_parser("export", help="write a zipjax checkpoint as a Hugging Face model folder")
     export.add_argument("src", type=Path, help="zipjax checkpoint folder")
@@ -104,8 +138,42 @@ def run_generate(args: argparse.Namespace) -> None:
 def run_convert(args: argparse.Namespace) -> None:
     from convert import convert
 
-    dst = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+    dst = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                  vision_tokenizer=args.vision_tokenizer)
     print(f"converted {args.src} -> {dst}")
+
+
+def run_image(args: argparse.Namespace) -> None:
+    import zipjax
+    from zipjax.emu3.image import DEFAULT_NEGATIVE_PROMPT, generate_image
+    from zipjax.emu3.png import write_png
+
+    if not args.prompt:
+        raise ZipjaxError("the prompt is empty")
+    if args.out.suffix.lower() != ".png":
+        raise ZipjaxError(f"--out must name a .png file, got {args.out}")
+    model = zipjax.load(args.checkpoint, dtype=args.dtype)
+    start = time.perf_counter()
+    result = generate_image(model, args.prompt, size=args.size, cfg_scale=args.cfg_scale,
+                            negative_prompt=args.negative_prompt or DEFAULT_NEGATIVE_PROMPT,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            progress=True)
+    write_png(args.out, result.images[0])
+    seconds = time.perf_counter() - start
+    height, width = result.images.shape[1:3]
+    print(f"wrote {args.out} ({width}x{height}, {result.num_forward_passes} forward passes in {seconds:.1f}s, "
+          "compile included)", file=sys.stderr)
+
+
+def run_ask(args: argparse.Namespace) -> None:
+    import zipjax
+    from zipjax.emu3.png import read_png
+    from zipjax.emu3.understand import ask
+
+    if not args.image.is_file():
+        raise ZipjaxError(f"image not found: {args.image}")
+    model = zipjax.load(args.checkpoint, dtype=args.dtype)
+    print(ask(model, read_png(args.image), args.question, max_new_tokens=args.max_new_tokens))
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -118,7 +186,9 @@ def run_export(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": run_generate, "convert": run_convert, "export": run_export}[args.command](args)
+        commands = {"generate": run_generate, "convert": run_convert, "export": run_export, "image": run_image,
+                    "ask": run_ask}
+        commands[args.command](args)
     except ZipjaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Model configuration: one frozen, hashable dataclass shared by LLaMA (2, 3, 3.1) and Mistral.
+"""Model configuration: one frozen, hashable dataclass shared by LLaMA (2, 3, 3.1), Mistral and Emu3's language model.
 
 It is hashable so that it can be a static argument of `jax.jit`. What the architectures differ in is expressed as
 fields (RoPE scaling, sliding window, tied embeddings), not as separate model classes. The JSON form written into
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from zipjax.errors import ZipjaxError
 
-ARCHITECTURES = ("llama", "mistral")
+ARCHITECTURES = ("llama", "mistral", "emu3")
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -74,3 +74,8 @@ def replicated(mesh: Mesh | None) -> jax.sharding.Sharding:
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return NamedSharding(mesh, PartitionSpec())
+
+
+def replicated_shardings(abstract_tree, mesh: Mesh):
+    """Every leaf whole on every device (small parameter trees such as Emu3's VQ-VAE)."""
+    return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), abstract_tree)

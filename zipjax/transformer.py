@@ -112,7 +112,7 @@ class Transformer(nn.Module):
                  last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
         cfg, dtype = self.config, self.config.jnp_dtype
         if cache is not None:
-            cache.check_fits(tokens.shape[1])
+            cache.check_fits(tokens.shape)
         embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
         x = jnp.take(embed, tokens, axis=0)  # [batch, seq, embed]
         cos, sin = rope_tables(positions, inverse_frequencies(cfg.rope, cfg.head_dim))

@@ -1,0 +1,106 @@
+"""`Emu3Model`: a loaded Emu3 checkpoint, i.e. the LLaMA-shaped language model plus its vision tokenizer.
+
+The language model is the same `Transformer` as LLaMA (Emu3's differences are config: RoPE theta 1e6, a 184,622-
+token vocabulary that includes 32,768 visual tokens), so everything that works on a `Model` works here:
+`model.logits(tokens)`, `zipjax.generate(model, ...)`. On top of that the VQ-VAE maps images to codes and back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zipjax.emu3.vocab import Emu3Vocab
+from zipjax.emu3.vq_config import VQConfig
+from zipjax.emu3.vqvae import decode_codes, encode_pixels
+from zipjax.errors import ZipjaxError
+from zipjax.model import Model
+from zipjax.transformer import Params
+
+DEFAULT_IMAGE_AREA = 720 * 720  # Emu3-Gen's training resolution: 90 x 90 codes
+
+
+@dataclasses.dataclass(frozen=True)
+class Emu3Vision:
+    """What an Emu3 checkpoint holds besides the language model: the VQ-VAE config and the token vocabulary."""
+
+    vq_config: VQConfig
+    vocab: Emu3Vocab
+    image_area: int = DEFAULT_IMAGE_AREA
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"vq_config": self.vq_config.to_dict(), "vocab": self.vocab.to_dict(), "image_area": self.image_area}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Emu3Vision:
+        if not isinstance(d, dict) or not {"vq_config", "vocab"} <= set(d):
+            raise ZipjaxError("the emu3 record of the checkpoint needs 'vq_config' and 'vocab'")
+        return cls(VQConfig.from_dict(d["vq_config"]), Emu3Vocab.from_dict(d["vocab"]),
+                   int(d.get("image_area", DEFAULT_IMAGE_AREA)))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Emu3Model(Model):
+    vision: Emu3Vision | None = None
+    vq_params: Params | None = None
+
+    def __post_init__(self):
+        if self.vision is None or self.vq_params is None:
+            raise ZipjaxError("an Emu3Model needs its vision tokenizer (vision config and VQ-VAE parameters)")
+
+    @property
+    def vocab(self) -> Emu3Vocab:
+        return self.vision.vocab
+
+    @property
+    def vq_config(self) -> VQConfig:
+        return self.vision.vq_config
+
+    def decode_codes(self, codes) -> jax.Array:
+        """int codes [batch, h, w] -> float32 pixels [batch, h*f, w*f, 3] (the VQ-VAE's output range, about
+        [-1, 1] normalised; `to_uint8` turns them into an image)."""
+        codes = np.asarray(codes)
+        if codes.ndim != 3 or 0 in codes.shape or not np.issubdtype(codes.dtype, np.integer):
+            raise ZipjaxError(f"codes must be a non-empty integer array [batch, height, width], got {codes.shape}")
+        size = self.vq_config.codebook_size
+        if codes.min() < 0 or codes.max() >= size:
+            raise ZipjaxError(f"VQ codes must lie in [0, {size}); got values in [{codes.min()}, {codes.max()}]")
+        return decode_codes(self.vq_params, jnp.asarray(codes, jnp.int32), config=self.vq_config)
+
+    def encode_pixels(self, pixels) -> jax.Array:
+        """Normalised float pixels [batch, H, W, 3] (H, W multiples of the VQ factor) -> int32 codes [batch, h, w]."""
+        pixels = np.asarray(pixels)
+        f = self.vq_config.spatial_factor
+        if pixels.ndim != 4 or pixels.shape[-1] != self.vq_config.in_channels:
+            raise ZipjaxError(f"pixels must be [batch, height, width, {self.vq_config.in_channels}], "
+                              f"got {pixels.shape}")
+        if pixels.shape[1] % f or pixels.shape[2] % f or 0 in pixels.shape:
+            raise ZipjaxError(f"image size {pixels.shape[1]}x{pixels.shape[2]} is not a positive multiple of the "
+                              f"VQ-VAE's factor {f}")
+        return encode_pixels(self.vq_params, jnp.asarray(pixels, jnp.float32), config=self.vq_config)
+
+    def encode_image(self, image) -> jax.Array:
+        """uint8 image(s) [(batch,) H, W, 3] -> int32 codes [batch, H/f, W/f]."""
+        return self.encode_pixels(self.normalize(image))
+
+    def normalize(self, image) -> np.ndarray:
+        """uint8 [(batch,) H, W, 3] -> float32 pixels as the VQ-VAE was trained on (rescale, then mean/std)."""
+        image = np.asarray(image)
+        if image.dtype != np.uint8:
+            raise ZipjaxError(f"images must be uint8 arrays [height, width, 3], got {image.dtype}")
+        if image.ndim == 3:
+            image = image[None]
+        cfg = self.vq_config
+        x = image.astype(np.float32) * np.float32(cfg.rescale_factor)
+        return (x - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)
+
+    def to_uint8(self, pixels) -> np.ndarray:
+        """Decoded pixels -> uint8 images: undo mean/std and the rescale, clip, truncate (as transformers does)."""
+        cfg = self.vq_config
+        x = np.asarray(pixels, np.float32) * np.asarray(cfg.image_std, np.float32)
+        x = (x + np.asarray(cfg.image_mean, np.float32)) * np.float32(1.0 / cfg.rescale_factor)
+        return np.clip(x, 0, 255).astype(np.uint8)
