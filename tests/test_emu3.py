@@ -2,8 +2,10 @@
 text-to-image pipeline (greedy with CFG, token for token against `generate` with Emu3's documented prefix
 constraint and transformers' CFG processor), the image-understanding prompt, PNG output and the `zipjax image` CLI."""
 
+import functools
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -196,3 +198,52 @@ def test_image_refuses_a_text_model(tiny_models, tmp_path, capsys):
     path = Path(tiny_models["llama_gqa"].zj_dir)
     assert cli_main(["image", "--checkpoint", str(path), "a cat", "--out", str(tmp_path / "x.png")]) == 2
     assert "needs an Emu3 checkpoint" in capsys.readouterr().err
+
+
+def test_eval_shape_over_the_real_emu3_gen_config():
+    """The published Emu3-Gen sizes (transformers' Emu3Config defaults): parameter counts equal transformers' own
+    model (built on the meta device), and the 720x720 pipeline traces to the right shapes at zero cost."""
+    import jax
+    from transformers import Emu3Config
+
+    from zipjax.config import ModelConfig, RopeConfig
+    from zipjax.emu3 import Emu3Vocab, VQConfig
+    from zipjax.emu3.image import ImageKnobs, Layout, _decode_until, _prefill
+    from zipjax.emu3.vqvae import VQVAE, abstract_vq_params
+    from zipjax.sampling import SamplingMode
+    from zipjax.transformer import abstract_params, param_count
+
+    with torch.device("meta"):
+        hf = Emu3ForConditionalGeneration(Emu3Config(vocabulary_map={}))
+    hf_lm = sum(p.numel() for n, p in hf.named_parameters() if "vqmodel" not in n)
+    hf_vq = sum(p.numel() for n, p in hf.named_parameters() if "vqmodel" in n)
+    hf_vq += sum(b.numel() for n, b in hf.named_buffers() if "running_" in n)  # BatchNorm statistics
+
+    config = ModelConfig(architecture="emu3", vocab_size=184622, hidden_size=4096, intermediate_size=14336,
+                         num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=9216,
+                         rope=RopeConfig(theta=1e6), bos_token_id=151849, eos_token_ids=(151850,),
+                         pad_token_id=151643, dtype="bfloat16")
+    vq = VQConfig()
+    assert param_count(abstract_params(config)) == hf_lm == 8_492_011_520
+    assert param_count(abstract_vq_params(vq)) == hf_vq
+    print(f"Emu3-Gen: language model {hf_lm:,} parameters, VQ-VAE {hf_vq:,}")
+
+    abstract_vq = abstract_vq_params(vq)
+    pixels = jax.eval_shape(lambda p, c: VQVAE(vq).apply({"params": p}, c, method=VQVAE.decode), abstract_vq,
+                            jax.ShapeDtypeStruct((1, 90, 90), jnp.int32))
+    assert pixels.shape == (1, 720, 720, 3)
+
+    vocab = Emu3Vocab(bos=151849, eos=151850, pad=151643, image_wrapper=151851, boi=151852, eoi=151853, eol=151846,
+                      eof=151847, visual_offset=151854, codebook_size=32768)
+    assert vocab.visual_offset + vocab.codebook_size == config.vocab_size
+    layout = Layout(90, 90, vocab.eol, vocab.visual_offset, vocab.codebook_size)
+    static = dict(config=config, layout=layout, batch=1, mode=SamplingMode(greedy=False, top_k=True))
+    knobs = ImageKnobs(cfg_scale=jnp.float32(3), temperature=jnp.float32(1), top_k=jnp.int32(2048),
+                       top_p=jnp.float32(1))
+    cache = jax.eval_shape(lambda: zipjax.KVCache.init(config, 2, 8320, jnp.zeros((2,), jnp.int32)))
+    params = abstract_params(config)
+    state = jax.eval_shape(functools.partial(_prefill, **static), params, jax.ShapeDtypeStruct((2, 64), jnp.int32),
+                           jax.ShapeDtypeStruct((2,), jnp.int32), cache, jax.random.key(0), knobs)
+    state = jax.eval_shape(functools.partial(_decode_until, **static), params, state, jnp.int32(8190), knobs)
+    assert state.tokens.shape == (1, 8190) and state.cache.k[0].shape == (2, 8, 8320, 128)
+    assert layout.num_tokens == 8190
