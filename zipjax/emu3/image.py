@@ -73,7 +73,7 @@ class ImageState:
     last_token: jax.Array  # int32 [batch]
     positions: jax.Array  # int32 [2 * batch or batch]: RoPE position of the token fed next
     cache: KVCache
-    key: jax.Array
+    key: jax.Array  # the base key; image token n is drawn with fold_in(key, n)
 
 
 @struct.dataclass
@@ -116,20 +116,31 @@ def format_prompt(model: Emu3Model, prompt: str | Sequence[int], rows: int, cols
     return ids
 
 
-def _choose(logits: jax.Array, key: jax.Array, step: jax.Array, knobs: ImageKnobs, layout: Layout, batch: int,
-            mode: SamplingMode) -> tuple[jax.Array, jax.Array]:
-    """The next image token of each conditional sequence: EOL at the end of a row, else a sampled visual token.
-
-    logits: float32 [2 * batch or batch, vocab]; step: int32 [] index of the token being chosen."""
+def visual_logprobs(logits: jax.Array, knobs: ImageKnobs, layout: Layout, batch: int) -> jax.Array:
+    """Guided log-probabilities of the visual tokens: float32 [2 * batch or batch, ..., vocab] -> [batch, ...,
+    codebook]. With an unconditional half, cfg * (cond - uncond) + uncond on log-softmaxes."""
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     if logits.shape[0] == 2 * batch:
         cond, uncond = logprobs[:batch], logprobs[batch:]
         logprobs = knobs.cfg_scale * (cond - uncond) + uncond
-    visual = jax.lax.dynamic_slice_in_dim(logprobs, layout.visual_offset, layout.codebook_size, axis=1)
-    key, draw = jax.random.split(key)
-    code = sample(visual, draw, knobs.temperature, knobs.top_k, knobs.top_p, mode)
+    return jax.lax.dynamic_slice_in_dim(logprobs, layout.visual_offset, layout.codebook_size, axis=-1)
+
+
+def sample_codes(visual: jax.Array, key: jax.Array, index: jax.Array, knobs: ImageKnobs,
+                 mode: SamplingMode) -> jax.Array:
+    """int32 [batch] codes from [batch, codebook]. The random draw depends only on the image token's index, so any
+    decoding order (sequential, ZipAR) samples a position with the same randomness."""
+    return sample(visual, jax.random.fold_in(key, index), knobs.temperature, knobs.top_k, knobs.top_p, mode)
+
+
+def _choose(logits: jax.Array, key: jax.Array, step: jax.Array, knobs: ImageKnobs, layout: Layout, batch: int,
+            mode: SamplingMode) -> jax.Array:
+    """The next image token of each conditional sequence: EOL at the end of a row, else a sampled visual token.
+
+    logits: float32 [2 * batch or batch, vocab]; step: int32 [] index of the token being chosen."""
+    code = sample_codes(visual_logprobs(logits, knobs, layout, batch), key, step, knobs, mode)
     row_end = (step + 1) % (layout.width + 1) == 0
-    return jnp.where(row_end, layout.eol, code + layout.visual_offset).astype(jnp.int32), key
+    return jnp.where(row_end, layout.eol, code + layout.visual_offset).astype(jnp.int32)
 
 
 def _feed(tokens: jax.Array, cache_batch: int) -> jax.Array:
@@ -144,7 +155,7 @@ def _prefill(params: Params, prompt: jax.Array, starts: jax.Array, cache: KVCach
     positions = jnp.maximum(jnp.arange(bucket, dtype=jnp.int32)[None, :] - starts[:, None], 0)
     logits, cache = Transformer(config).apply({"params": params}, prompt, positions, cache, last_only=True)
     step = jnp.zeros((), jnp.int32)
-    token, key = _choose(logits[:, 0], key, step, knobs, layout, batch, mode)
+    token = _choose(logits[:, 0], key, step, knobs, layout, batch, mode)
     tokens = jnp.zeros((batch, layout.num_tokens), jnp.int32).at[:, 0].set(token)
     return ImageState(step=step + 1, tokens=tokens, last_token=token, positions=bucket - starts, cache=cache,
                       key=key)
@@ -159,9 +170,9 @@ def _decode_until(params: Params, state: ImageState, stop: jax.Array, knobs: Ima
         fed = _feed(s.last_token, s.cache.batch)
         logits, cache = Transformer(config).apply({"params": params}, fed[:, None], s.positions[:, None], s.cache,
                                                   last_only=True)
-        token, key = _choose(logits[:, 0], s.key, s.step, knobs, layout, batch, mode)
+        token = _choose(logits[:, 0], s.key, s.step, knobs, layout, batch, mode)
         return ImageState(step=s.step + 1, tokens=s.tokens.at[:, s.step].set(token), last_token=token,
-                          positions=s.positions + 1, cache=cache, key=key)
+                          positions=s.positions + 1, cache=cache, key=s.key)
 
     return jax.lax.while_loop(lambda s: s.step < stop, step, state)
 
@@ -170,7 +181,7 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
                    size: tuple[int, int] | None = None, cfg_scale: float = 3.0,
                    negative_prompt: str | Sequence[int] = DEFAULT_NEGATIVE_PROMPT, temperature: float = 1.0,
                    top_k: int | None = 2048, top_p: float | None = None, seed: int = 0,
-                   progress: bool = False) -> ImageResult:
+                   zipar_window: int | None = None, progress: bool = False) -> ImageResult:
     """Generate one image per prompt.
 
     Args:
@@ -179,6 +190,8 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
       cfg_scale: classifier-free guidance weight; 1.0 turns guidance (and the unconditional batch) off.
       negative_prompt: what the unconditional branch is conditioned on (text or formatted token ids).
       temperature: 0 picks the most likely visual token; top_k / top_p filter before sampling.
+      zipar_window: None decodes one token per pass; an integer s decodes with ZipAR: a row starts once the row
+        above is s tokens ahead, so an image of h x w codes takes (h - 1) * s + w passes instead of h * (w + 1).
     """
     if not isinstance(model, Emu3Model):
         raise ZipjaxError(f"generate_image needs an Emu3 checkpoint; this one is {model.config.architecture}")
@@ -188,6 +201,9 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
         raise ZipjaxError(f"top_k must be a positive integer, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ZipjaxError(f"top_p must lie in (0, 1], got {top_p}")
+    if zipar_window is not None and (not isinstance(zipar_window, int | np.integer) or isinstance(zipar_window, bool)
+                                     or zipar_window < 1):
+        raise ZipjaxError(f"zipar_window must be None or a positive integer, got {zipar_window!r}")
     rows, cols = token_grid(model, size)
     vocab = model.vocab
     layout = Layout(rows, cols, vocab.eol, vocab.visual_offset, vocab.codebook_size)
@@ -206,23 +222,31 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
                           f"prompt, more than the model's {cfg.max_position_embeddings} positions")
 
     bucket = max(MIN_PREFILL_BUCKET, _next_pow2(longest))
-    cache_len = _round_up(bucket + layout.num_tokens, CACHE_ROUNDING)
     padded = np.full((len(sequences), bucket), cfg.pad_id, np.int32)
     for i, s in enumerate(sequences):
         padded[i, bucket - len(s):] = s
     starts = jnp.asarray(bucket - np.array([len(s) for s in sequences]), jnp.int32)
-    cache = _cache_initializer(cfg, len(sequences), cache_len, model.mesh)(starts)
     mode = SamplingMode(greedy=temperature == 0, top_k=top_k is not None, top_p=top_p is not None and top_p < 1)
     knobs = ImageKnobs(cfg_scale=jnp.float32(cfg_scale), temperature=jnp.float32(temperature or 1.0),
                        top_k=jnp.int32(top_k or 0), top_p=jnp.float32(top_p or 1.0))
     static = dict(config=cfg, layout=layout, batch=batch, mode=mode)
+    key = jax.random.key(seed)
 
-    state = _prefill(model.params, jnp.asarray(padded), starts, cache, jax.random.key(seed), knobs, **static)
-    for row in tqdm(range(rows), desc="image rows", unit="row", disable=not progress):
-        state = _decode_until(model.params, state, jnp.int32((row + 1) * (cols + 1)), knobs, **static)
+    if zipar_window is None:
+        cache_len = _round_up(bucket + layout.num_tokens, CACHE_ROUNDING)
+        cache = _cache_initializer(cfg, len(sequences), cache_len, model.mesh)(starts)
+        state = _prefill(model.params, jnp.asarray(padded), starts, cache, key, knobs, **static)
+        for row in tqdm(range(rows), desc="image rows", unit="row", disable=not progress):
+            state = _decode_until(model.params, state, jnp.int32((row + 1) * (cols + 1)), knobs, **static)
+        passes = layout.num_tokens
+    else:
+        from zipjax.zipar.decode import run_zipar
+
+        state, passes = run_zipar(model, jnp.asarray(padded), starts, key, knobs, static, bucket, int(zipar_window),
+                                  progress)
     body = np.asarray(state.tokens)
     tail = np.tile(np.array([vocab.eof, vocab.eoi, vocab.eos], np.int32), (batch, 1))
     codes = vocab.tokens_to_codes(body, rows, cols)
     images = model.to_uint8(model.decode_codes(codes))
     return ImageResult(images=images, tokens=np.concatenate([body, tail], axis=1), codes=codes,
-                       num_forward_passes=layout.num_tokens, prompt_ids=cond)
+                       num_forward_passes=passes, prompt_ids=cond)

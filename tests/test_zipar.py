@@ -1,0 +1,136 @@
+"""ZipAR: the fixed-window schedule (pass counts, raster-causal conditioning checked by simulation), the scatter KV
+cache against plain causal attention, and the pipeline on a tiny random Emu3 (identical to sequential decoding when
+the window covers a row, valid layouts and decodable images when it does not)."""
+
+import numpy as np
+import pytest
+import torch  # noqa: F401  (the random Emu3 is built with transformers)
+
+import zipjax
+from convert import convert
+from zipjax.emu3.image import Layout, generate_image
+from zipjax.emu3.random_hf import save_random_emu3
+from zipjax.zipar.cache import ScatterKVCache
+from zipjax.zipar.schedule import fixed_window, max_tokens_per_pass, passes
+
+
+@pytest.mark.parametrize("rows,cols,window,expected", [
+    (90, 90, 7, 713), (90, 90, 90, 8100), (48, 48, 15, 753), (48, 48, 11, 565), (16, 16, 4, 76), (1, 5, 2, 5),
+    (5, 1, 1, 5), (4, 6, 100, 24),
+])
+def test_pass_counts_follow_the_formula(rows, cols, window, expected):
+    assert passes(rows, cols, window) == expected
+    assert fixed_window(rows, cols, window).num_passes == expected
+    assert fixed_window(rows, cols, window, eol=False).num_passes == expected
+
+
+def test_sequential_emu3_image_is_8190_passes():
+    assert Layout(90, 90, 0, 0, 1).num_tokens == 8190
+    assert max_tokens_per_pass(90, 90, 7) == 13
+
+
+def _simulate(schedule) -> None:
+    """Replay a schedule: each image token is sampled once, in pass 1 + i*s + j, from the query at its raster
+    predecessor; nothing is fed before it exists; the query for (i, j) sees exactly the first min((i - r) * s + j, W)
+    tokens of each row r <= i (the row above: j + s, the window) plus the EOLs above it (without EOL: the last slot
+    of each row above, which holds a proxy until the real token is refreshed in)."""
+    rows, cols, s, eol = schedule.rows, schedule.cols, schedule.window, schedule.eol
+    width = cols + eol
+    exists = {0} | ({i * width + cols for i in range(rows)} if eol else set())  # the prefill's token, EOLs
+    holds = {}  # cache slot -> index of the token whose value it holds (a proxy holds another token's value)
+    sampled = {0}
+    for p in range(schedule.source.shape[0]):
+        t, new = p + 2, []
+        for src, slot in zip(schedule.source[p], schedule.slot[p], strict=True):
+            if src >= 0:
+                assert src in exists, f"pass {t} feeds token {src} before it exists"
+                holds[slot] = src
+        for slot, tgt in zip(schedule.slot[p], schedule.target[p], strict=True):
+            if tgt < 0:
+                continue
+            row, col = divmod(int(tgt), width)
+            assert tgt == slot + 1 and col < cols and t == 1 + row * s + col and tgt not in sampled
+            visible = {k for k in holds if k <= slot}
+            # row r (r <= row) has its first (row - r) * s + col tokens in the cache, EOLs of rows above too
+            required = {r * width + c for r in range(row + 1) for c in range(min((row - r) * s + col, cols))}
+            if eol:
+                required |= {r * width + cols for r in range(row)}
+            else:  # the last slot of every row above holds a proxy from that row's successor's start until refreshed
+                required |= {r * width + cols - 1 for r in range(row)}
+            assert required == visible, (t, int(tgt))
+            new.append(int(tgt))
+        sampled |= set(new)
+        exists |= set(new)
+    assert sorted(sampled) == [i * width + j for i in range(rows) for j in range(cols)]
+    assert all(k == v for k, v in holds.items()), "a proxy was never replaced by the real token"
+
+
+@pytest.mark.parametrize("rows,cols,window", [(4, 5, 2), (6, 6, 1), (5, 7, 3), (3, 4, 4), (7, 3, 9)])
+@pytest.mark.parametrize("eol", [True, False])
+def test_schedule_is_raster_causal(rows, cols, window, eol):
+    _simulate(fixed_window(rows, cols, window, eol=eol))
+
+
+def test_scatter_cache_matches_causal_attention(tiny_models):
+    """Several tokens per pass, in any order within the pass, at scattered slots: the logits of one causal pass.
+    And a slot not written yet is invisible: a token fed past a gap sees exactly what precedes it."""
+    import jax.numpy as jnp
+
+    model = tiny_models["llama_gqa"].load()
+    cfg = model.config
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 12)).astype(np.int32)
+    reference = np.asarray(model.logits(ids))
+
+    def run(passes):
+        cache = ScatterKVCache.init(cfg, 2, 17, jnp.zeros((2,), jnp.int32))
+        out = {}
+        for slots in passes:
+            order = np.array(slots)
+            positions = jnp.asarray(np.broadcast_to(order, (2, len(order))))
+            cache = cache.at(jnp.asarray(order), jnp.ones(len(order), bool))
+            logits, cache = model.apply(jnp.asarray(ids[:, order]), positions, cache)
+            out.update({int(k): np.asarray(logits[:, i]) for i, k in enumerate(order)})
+        return out
+
+    out = run([[0, 2, 4, 1, 3], [5, 7, 6], [8], [9, 11, 10]])
+    err = max(np.abs(out[k] - reference[:, k]).max() for k in range(12))
+    assert err <= 1e-5, err
+    gap = run([[0, 1, 2, 3, 4, 5], [8]])[8]
+    keep = [0, 1, 2, 3, 4, 5, 8]
+    expected, _ = model.apply(jnp.asarray(ids[:, keep]), jnp.asarray(np.broadcast_to(keep, (2, 7))))
+    assert np.abs(gap - np.asarray(expected[:, -1])).max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def emu3(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zipar")
+    return zipjax.load(convert(save_random_emu3(root / "hf"), root / "zj", progress=False))
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=8, seed=5)])
+def test_window_of_a_row_reproduces_sequential_decoding(emu3, sampling):
+    prompts = ["a photo of a cat", "a red sofa"]
+    args = dict(size=(8, 12), cfg_scale=3.0, negative_prompt="blurry", **sampling)
+    sequential = generate_image(emu3, prompts, **args)
+    for window in (6, 50):
+        parallel = generate_image(emu3, prompts, zipar_window=window, **args)
+        np.testing.assert_array_equal(parallel.tokens, sequential.tokens)
+        assert parallel.num_forward_passes == 4 * 6 < sequential.num_forward_passes == 4 * 7
+
+
+@pytest.mark.parametrize("window", [1, 2, 4])
+def test_parallel_decoding_layout(emu3, window):
+    result = generate_image(emu3, ["mountains at sunset"] * 3, size=(10, 12), zipar_window=window, top_k=16, seed=1)
+    vocab, rows, cols = emu3.vocab, 5, 6
+    assert result.num_forward_passes == (rows - 1) * window + cols
+    body = result.tokens[:, : rows * (cols + 1)].reshape(3, rows, cols + 1)
+    assert np.all(body[..., -1] == vocab.eol)
+    assert np.all((body[..., :-1] >= vocab.visual_offset) & (body[..., :-1] < vocab.visual_offset + 64))
+    np.testing.assert_array_equal(result.tokens[:, -3:], [[vocab.eof, vocab.eoi, vocab.eos]] * 3)
+    assert result.images.shape == (3, 10, 12, 3) and result.images.dtype == np.uint8
+
+
+def test_zipar_window_must_be_a_positive_integer(emu3):
+    for bad in (0, -3, 2.5, "adaptive-ish"):
+        with pytest.raises(zipjax.ZipjaxError, match="zipar_window"):
+            generate_image(emu3, "a cat", size=(8, 8), zipar_window=bad)

@@ -1,0 +1,97 @@
+"""A KV cache written at arbitrary raster slots: what parallel (out-of-order) image decoding needs.
+
+Sequential decoding appends at one cursor (`zipjax.KVCache`). ZipAR feeds several tokens per pass that sit in
+different rows, so each pass scatters its K/V to the tokens' raster slots, and attention must see exactly the
+tokens already decoded that precede the query in raster order. The cache therefore keeps a `written` bitmap (shared
+by the batch: the fixed-window schedule does not depend on the data) and is told before each pass where the pass's
+tokens go (`at(slots, valid)`). A query at slot q sees key slot k iff written[k], k <= q, and k >= its sequence's
+start (left-padded prompts); padding queries write to the last slot, which is never marked written.
+
+It provides the same `attend` / `advance` / `check_fits` as the dense cache, so the unchanged `Transformer` runs on
+it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from zipjax.attention import gqa_attention
+from zipjax.cache import KV_AXES
+from zipjax.config import ModelConfig
+from zipjax.errors import ZipjaxError
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ScatterKVCache:
+    k: tuple[jax.Array, ...]  # per layer [batch, kv_heads, max_len, head_dim]
+    v: tuple[jax.Array, ...]  # per layer [batch, kv_heads, max_len, head_dim]
+    written: jax.Array  # bool [max_len]
+    starts: jax.Array  # int32 [batch]: first slot of each sequence's prompt
+    slots: jax.Array  # int32 [q]: slots of the tokens of the current pass
+    valid: jax.Array  # bool [q]: False for padding queries
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, max_len: int, starts: jax.Array) -> ScatterKVCache:
+        if batch <= 0 or max_len <= 1:
+            raise ZipjaxError(f"a scatter KV cache needs batch > 0 and max_len > 1, got {batch}, {max_len}")
+        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+        zeros = lambda: tuple(jnp.zeros(shape, config.jnp_dtype) for _ in range(config.num_layers))
+        return cls(k=zeros(), v=zeros(), written=jnp.zeros((max_len,), bool),
+                   starts=jnp.asarray(starts, jnp.int32), slots=jnp.zeros((1,), jnp.int32),
+                   valid=jnp.zeros((1,), bool))
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def at(self, slots: jax.Array, valid: jax.Array) -> ScatterKVCache:
+        """The cache ready for a pass whose tokens go to `slots` [q] (entries with valid False are padding)."""
+        slots = jnp.where(valid, slots, self.max_len - 1).astype(jnp.int32)
+        return dataclasses.replace(self, slots=slots, valid=valid)
+
+    def logical_axes(self) -> ScatterKVCache:
+        spec = PartitionSpec(*KV_AXES)
+        return dataclasses.replace(self, k=(spec,) * len(self.k), v=(spec,) * len(self.v),
+                                   written=PartitionSpec(), starts=PartitionSpec("batch"), slots=PartitionSpec(),
+                                   valid=PartitionSpec())
+
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree.leaves(self))
+
+    def check_fits(self, tokens_shape: tuple[int, int]) -> None:
+        batch, num_tokens = tokens_shape
+        if batch != self.batch:
+            raise ZipjaxError(f"the input holds {batch} sequences but the KV cache was made for {self.batch}")
+        if num_tokens != self.slots.shape[0]:
+            raise ZipjaxError(f"{num_tokens} tokens fed but the cache was told {self.slots.shape[0]} slots")
+
+    def visible(self) -> jax.Array:
+        """bool [batch, q, max_len]: the keys each query of this pass may attend to (after this pass's writes)."""
+        written = self.written.at[self.slots].max(self.valid)
+        k_slots = jnp.arange(self.max_len, dtype=jnp.int32)
+        mask = written[None, :] & (k_slots[None, :] <= self.slots[:, None])  # [q, max_len]
+        return mask[None] & (k_slots[None, None, :] >= self.starts[:, None, None])
+
+    def attend(self, layer: int, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
+               sliding_window: int | None) -> tuple[jax.Array, ScatterKVCache]:
+        """q: [batch, q_len, heads, head_dim]; k_new, v_new: [batch, q_len, kv_heads, head_dim]."""
+        if sliding_window is not None:
+            raise ZipjaxError("parallel image decoding does not support sliding-window attention")
+        k = self.k[layer].at[:, :, self.slots].set(k_new.transpose(0, 2, 1, 3).astype(self.k[layer].dtype))
+        v = self.v[layer].at[:, :, self.slots].set(v_new.transpose(0, 2, 1, 3).astype(self.v[layer].dtype))
+        out = gqa_attention(q, k.astype(q.dtype), v.astype(q.dtype), self.visible())
+        return out, dataclasses.replace(self, k=(*self.k[:layer], k, *self.k[layer + 1:]),
+                                        v=(*self.v[:layer], v, *self.v[layer + 1:]))
+
+    def advance(self, num_tokens: int) -> ScatterKVCache:
+        """Mark this pass's slots written (the cursor of the dense cache has no meaning here)."""
+        return dataclasses.replace(self, written=self.written.at[self.slots].max(self.valid))
