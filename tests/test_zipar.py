@@ -134,3 +134,10 @@ def test_zipar_window_must_be_a_positive_integer(emu3):
     for bad in (0, -3, 2.5, "adaptive-ish"):
         with pytest.raises(zipjax.ZipjaxError, match="zipar_window"):
             generate_image(emu3, "a cat", size=(8, 8), zipar_window=bad)
+
+
+def test_pallas_kernel_path_gives_the_same_image(emu3):
+    args = dict(size=(8, 10), zipar_window=2, negative_prompt="blurry", temperature=0.0)
+    jnp_path = generate_image(emu3, ["a cat", "a red sofa"], **args)
+    kernel = generate_image(emu3, ["a cat", "a red sofa"], zipar_kernel=True, **args)
+    np.testing.assert_array_equal(kernel.tokens, jnp_path.tokens)

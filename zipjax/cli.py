@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--top-k", type=_positive_int, default=2048)
     image.add_argument("--top-p", type=float, default=None)
     image.add_argument("--seed", type=int, default=0)
+    image.add_argument("--zipar-window", type=_positive_int, default=None,
+                       help="ZipAR parallel decoding: start a row once the row above is this many tokens ahead")
     image.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
 
     ask = commands.add_parser("ask", help="ask an Emu3 checkpoint a question about a PNG image")
@@ -157,7 +159,7 @@ def run_image(args: argparse.Namespace) -> None:
     result = generate_image(model, args.prompt, size=args.size, cfg_scale=args.cfg_scale,
                             negative_prompt=args.negative_prompt or DEFAULT_NEGATIVE_PROMPT,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                            progress=True)
+                            zipar_window=args.zipar_window, progress=True)
     write_png(args.out, result.images[0])
     seconds = time.perf_counter() - start
     height, width = result.images.shape[1:3]

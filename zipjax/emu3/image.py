@@ -181,7 +181,8 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
                    size: tuple[int, int] | None = None, cfg_scale: float = 3.0,
                    negative_prompt: str | Sequence[int] = DEFAULT_NEGATIVE_PROMPT, temperature: float = 1.0,
                    top_k: int | None = 2048, top_p: float | None = None, seed: int = 0,
-                   zipar_window: int | None = None, progress: bool = False) -> ImageResult:
+                   zipar_window: int | None = None, zipar_kernel: bool = False,
+                   progress: bool = False) -> ImageResult:
     """Generate one image per prompt.
 
     Args:
@@ -192,6 +193,8 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
       temperature: 0 picks the most likely visual token; top_k / top_p filter before sampling.
       zipar_window: None decodes one token per pass; an integer s decodes with ZipAR: a row starts once the row
         above is s tokens ahead, so an image of h x w codes takes (h - 1) * s + w passes instead of h * (w + 1).
+      zipar_kernel: run ZipAR's attention as the Pallas kernel (compiled on GPU/TPU, interpreted on CPU) instead
+        of jax.numpy.
     """
     if not isinstance(model, Emu3Model):
         raise ZipjaxError(f"generate_image needs an Emu3 checkpoint; this one is {model.config.architecture}")
@@ -243,7 +246,7 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
         from zipjax.zipar.decode import run_zipar
 
         state, passes = run_zipar(model, jnp.asarray(padded), starts, key, knobs, static, bucket, int(zipar_window),
-                                  progress)
+                                  progress, use_kernel=zipar_kernel)
     body = np.asarray(state.tokens)
     tail = np.tile(np.array([vocab.eof, vocab.eoi, vocab.eos], np.int32), (batch, 1))
     codes = vocab.tokens_to_codes(body, rows, cols)

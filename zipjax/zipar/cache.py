@@ -5,7 +5,8 @@ different rows, so each pass scatters its K/V to the tokens' raster slots, and a
 tokens already decoded that precede the query in raster order. The cache therefore keeps a `written` bitmap (shared
 by the batch: the fixed-window schedule does not depend on the data) and is told before each pass where the pass's
 tokens go (`at(slots, valid)`). A query at slot q sees key slot k iff written[k], k <= q, and k >= its sequence's
-start (left-padded prompts); padding queries write to the last slot, which is never marked written.
+start (left-padded prompts); padding queries write to the last slot, which is never marked written. That
+attention is `pallas_kernels.zipar_attention`: its Pallas kernel when `use_kernel`, else its jnp reference.
 
 It provides the same `attend` / `advance` / `check_fits` as the dense cache, so the unchanged `Transformer` runs on
 it.
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from zipjax.attention import gqa_attention
+from pallas_kernels.zipar_attention import zipar_attention
 from zipjax.cache import KV_AXES
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
@@ -34,16 +35,18 @@ class ScatterKVCache:
     starts: jax.Array  # int32 [batch]: first slot of each sequence's prompt
     slots: jax.Array  # int32 [q]: slots of the tokens of the current pass
     valid: jax.Array  # bool [q]: False for padding queries
+    use_kernel: bool = dataclasses.field(default=False, metadata=dict(static=True))  # Pallas kernel or jnp
 
     @classmethod
-    def init(cls, config: ModelConfig, batch: int, max_len: int, starts: jax.Array) -> ScatterKVCache:
+    def init(cls, config: ModelConfig, batch: int, max_len: int, starts: jax.Array,
+             use_kernel: bool = False) -> ScatterKVCache:
         if batch <= 0 or max_len <= 1:
             raise ZipjaxError(f"a scatter KV cache needs batch > 0 and max_len > 1, got {batch}, {max_len}")
         shape = (batch, config.num_kv_heads, max_len, config.head_dim)
         zeros = lambda: tuple(jnp.zeros(shape, config.jnp_dtype) for _ in range(config.num_layers))
         return cls(k=zeros(), v=zeros(), written=jnp.zeros((max_len,), bool),
                    starts=jnp.asarray(starts, jnp.int32), slots=jnp.zeros((1,), jnp.int32),
-                   valid=jnp.zeros((1,), bool))
+                   valid=jnp.zeros((1,), bool), use_kernel=use_kernel)
 
     @property
     def batch(self) -> int:
@@ -74,13 +77,6 @@ class ScatterKVCache:
         if num_tokens != self.slots.shape[0]:
             raise ZipjaxError(f"{num_tokens} tokens fed but the cache was told {self.slots.shape[0]} slots")
 
-    def visible(self) -> jax.Array:
-        """bool [batch, q, max_len]: the keys each query of this pass may attend to (after this pass's writes)."""
-        written = self.written.at[self.slots].max(self.valid)
-        k_slots = jnp.arange(self.max_len, dtype=jnp.int32)
-        mask = written[None, :] & (k_slots[None, :] <= self.slots[:, None])  # [q, max_len]
-        return mask[None] & (k_slots[None, None, :] >= self.starts[:, None, None])
-
     def attend(self, layer: int, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
                sliding_window: int | None) -> tuple[jax.Array, ScatterKVCache]:
         """q: [batch, q_len, heads, head_dim]; k_new, v_new: [batch, q_len, kv_heads, head_dim]."""
@@ -88,7 +84,9 @@ class ScatterKVCache:
             raise ZipjaxError("parallel image decoding does not support sliding-window attention")
         k = self.k[layer].at[:, :, self.slots].set(k_new.transpose(0, 2, 1, 3).astype(self.k[layer].dtype))
         v = self.v[layer].at[:, :, self.slots].set(v_new.transpose(0, 2, 1, 3).astype(self.v[layer].dtype))
-        out = gqa_attention(q, k.astype(q.dtype), v.astype(q.dtype), self.visible())
+        written = self.written.at[self.slots].max(self.valid)
+        out = zipar_attention(q, k.astype(q.dtype), v.astype(q.dtype), self.slots, written, self.starts,
+                              use_kernel=self.use_kernel)
         return out, dataclasses.replace(self, k=(*self.k[:layer], k, *self.k[layer + 1:]),
                                         v=(*self.v[:layer], v, *self.v[layer + 1:]))
 

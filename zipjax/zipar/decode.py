@@ -97,17 +97,17 @@ def zipar_until(params: Params, state: ZipARState, schedule: DeviceSchedule, sto
 
 
 @functools.lru_cache(maxsize=16)
-def _cache_initializer(config: ModelConfig, batch: int, max_len: int):
-    return jax.jit(lambda starts: ScatterKVCache.init(config, batch, max_len, starts))
+def _cache_initializer(config: ModelConfig, batch: int, max_len: int, use_kernel: bool):
+    return jax.jit(lambda starts: ScatterKVCache.init(config, batch, max_len, starts, use_kernel))
 
 
 def run_zipar(model, prompt: jax.Array, starts: jax.Array, key: jax.Array, knobs: ImageKnobs, static: dict,
-              bucket: int, window: int, progress: bool) -> tuple[ZipARState, int]:
+              bucket: int, window: int, progress: bool, use_kernel: bool = False) -> tuple[ZipARState, int]:
     """Prefill, then every decode pass of the fixed-window schedule (in chunks, for the progress bar)."""
     layout: Layout = static["layout"]
     schedule = fixed_window(layout.height, layout.width, window, eol=True)
     cache_len = _round_up(bucket + layout.num_tokens + 1, CACHE_ROUNDING)  # + 1: the padding queries' slot
-    cache = _cache_initializer(static["config"], prompt.shape[0], cache_len)(starts)
+    cache = _cache_initializer(static["config"], prompt.shape[0], cache_len, use_kernel)(starts)
     tokens = jnp.asarray(initial_tokens(static["batch"], layout))
     state = zipar_prefill(model.params, prompt, starts, cache, tokens, key, knobs, **static)
     device_schedule = DeviceSchedule.of(schedule)
