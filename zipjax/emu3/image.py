@@ -229,7 +229,8 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
     for i, s in enumerate(sequences):
         padded[i, bucket - len(s):] = s
     starts = jnp.asarray(bucket - np.array([len(s) for s in sequences]), jnp.int32)
-    mode = SamplingMode(greedy=temperature == 0, top_k=top_k is not None, top_p=top_p is not None and top_p < 1)
+    mode = SamplingMode(greedy=temperature == 0, top_p=top_p is not None and top_p < 1,
+                        static_top_k=None if top_k is None else min(int(top_k), vocab.codebook_size))
     knobs = ImageKnobs(cfg_scale=jnp.float32(cfg_scale), temperature=jnp.float32(temperature or 1.0),
                        top_k=jnp.int32(top_k or 0), top_p=jnp.float32(top_p or 1.0))
     static = dict(config=cfg, layout=layout, batch=batch, mode=mode)

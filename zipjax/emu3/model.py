@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zipjax.emu3.vocab import Emu3Vocab
-from zipjax.emu3.vq_config import VQConfig
+from zipjax.emu3.vq_config import PaletteConfig, VQConfig
 from zipjax.emu3.vqvae import decode_codes, encode_pixels
 from zipjax.errors import ZipjaxError
 from zipjax.model import Model
@@ -28,7 +28,7 @@ DEFAULT_IMAGE_AREA = 720 * 720  # Emu3-Gen's training resolution: 90 x 90 codes
 class Emu3Vision:
     """What an Emu3 checkpoint holds besides the language model: the VQ-VAE config and the token vocabulary."""
 
-    vq_config: VQConfig
+    vq_config: VQConfig | PaletteConfig  # the vision tokenizer: MoVQ VQ-VAE, or a palette
     vocab: Emu3Vocab
     image_area: int = DEFAULT_IMAGE_AREA
 
@@ -57,7 +57,7 @@ class Emu3Model(Model):
         return self.vision.vocab
 
     @property
-    def vq_config(self) -> VQConfig:
+    def vq_config(self) -> VQConfig | PaletteConfig:
         return self.vision.vq_config
 
     def decode_codes(self, codes) -> jax.Array:

@@ -30,8 +30,9 @@ TINY_VQ = dict(codebook_size=64, embed_dim=4, latent_channels=4, base_channels=3
                num_attention_heads=1)
 
 
-def build_tokenizer(codebook_size: int, text_vocab: int = 300):
-    """A PreTrainedTokenizerFast: byte-level BPE on `_CORPUS`, then Emu3's specials, then the visual tokens."""
+def build_tokenizer(codebook_size: int, text_vocab: int = 300, corpus: list[str] | None = None):
+    """A PreTrainedTokenizerFast: byte-level BPE on `corpus` (default: a few sentences), then Emu3's specials, then
+    the visual tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -40,7 +41,7 @@ def build_tokenizer(codebook_size: int, text_vocab: int = 300):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=text_vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator(_CORPUS, trainer)
+    tok.train_from_iterator(corpus or _CORPUS, trainer)
     tok.add_special_tokens([*SPECIALS, *(f"<|visual token {k:06d}|>" for k in range(codebook_size))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|extra_203|>", eos_token="<|extra_204|>",
                                    pad_token="<|endoftext|>")

@@ -99,12 +99,18 @@ class VQConfig:
         d = dataclasses.asdict(self)
         for name in ("channel_multiplier", "attn_resolutions", "image_mean", "image_std"):
             d[name] = list(d[name])
-        return d
+        return {"kind": "movq", **d}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VQConfig:
+    def from_dict(cls, d: dict[str, Any]) -> VQConfig | PaletteConfig:
         if not isinstance(d, dict):
             raise ZipjaxError(f"a VQ-VAE config must be a JSON object, got {type(d).__name__}")
+        d = dict(d)
+        kind = d.pop("kind", "movq")
+        if kind == "palette":
+            return PaletteConfig.from_dict(d)
+        if kind != "movq":
+            raise ZipjaxError(f"unknown vision tokenizer kind {kind!r}; zipjax knows 'movq' and 'palette'")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:
@@ -117,3 +123,47 @@ class VQConfig:
             return cls(**d)
         except TypeError as e:
             raise ZipjaxError(f"malformed VQ-VAE config: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class PaletteConfig:
+    """A one-pixel-per-code vision tokenizer: code k is the colour `codebook[k]` (an RGB palette).
+
+    It plays the VQ-VAE's role for small models trained here (the digits model of the ZipAR quality harness),
+    through the same interface: `spatial_factor` 1, encode = nearest palette colour, decode = palette lookup.
+    """
+
+    codebook_size: int = 16
+    in_channels: int = 3
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    rescale_factor: float = 1 / 255
+    min_pixels: int = 1
+    max_pixels: int = 256 * 256
+    dtype: str = "float32"
+
+    spatial_factor = 1
+
+    def __post_init__(self):
+        if not isinstance(self.codebook_size, int) or self.codebook_size < 2:
+            raise ZipjaxError(f"a palette needs at least 2 colours, got {self.codebook_size!r}")
+
+    def replace(self, **changes: Any) -> PaletteConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["image_mean"], d["image_std"] = list(self.image_mean), list(self.image_std)
+        return {"kind": "palette", **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PaletteConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ZipjaxError(f"unknown palette config keys: {', '.join(unknown)}")
+        d = dict(d)
+        for name in ("image_mean", "image_std"):
+            if name in d:
+                d[name] = tuple(d[name])
+        return cls(**d)

@@ -22,7 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from zipjax.emu3.vq_config import GROUPS, VQConfig
+from zipjax.emu3 import palette
+from zipjax.emu3.vq_config import GROUPS, PaletteConfig, VQConfig
 
 Params = dict
 
@@ -286,16 +287,22 @@ def init_vq_params(config: VQConfig, rng: jax.Array) -> Params:
     return VQVAE(config).init(rng, *_dummy_inputs(config))["params"]
 
 
-def abstract_vq_params(config: VQConfig) -> Params:
-    """ShapeDtypeStructs of every VQ-VAE parameter, at zero cost."""
+def abstract_vq_params(config: VQConfig | PaletteConfig) -> Params:
+    """ShapeDtypeStructs of every parameter of the vision tokenizer, at zero cost."""
+    if isinstance(config, PaletteConfig):
+        return palette.abstract_params(config)
     return jax.eval_shape(lambda: init_vq_params(config, jax.random.key(0)))
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def encode_pixels(params: Params, pixels: jax.Array, *, config: VQConfig) -> jax.Array:
+def encode_pixels(params: Params, pixels: jax.Array, *, config: VQConfig | PaletteConfig) -> jax.Array:
+    if isinstance(config, PaletteConfig):
+        return palette.encode(params, pixels)
     return VQVAE(config).apply({"params": params}, pixels, method=VQVAE.encode)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def decode_codes(params: Params, codes: jax.Array, *, config: VQConfig) -> jax.Array:
+def decode_codes(params: Params, codes: jax.Array, *, config: VQConfig | PaletteConfig) -> jax.Array:
+    if isinstance(config, PaletteConfig):
+        return palette.decode(params, codes).astype(jnp.float32)
     return VQVAE(config).apply({"params": params}, codes, method=VQVAE.decode).astype(jnp.float32)
