@@ -141,3 +141,26 @@ def test_pallas_kernel_path_gives_the_same_image(emu3):
     jnp_path = generate_image(emu3, ["a cat", "a red sofa"], **args)
     kernel = generate_image(emu3, ["a cat", "a red sofa"], zipar_kernel=True, **args)
     np.testing.assert_array_equal(kernel.tokens, jnp_path.tokens)
+
+
+def test_acceptance_rule_gives_the_new_distribution():
+    """Drafts from p_old, verified against p_new: the tokens kept or resampled are distributed as p_new."""
+    import jax
+    import jax.numpy as jnp
+
+    from zipjax.zipar.acceptance import accept_or_resample
+
+    p_old = jnp.asarray([0.5, 0.3, 0.1, 0.1, 0.0])
+    p_new = jnp.asarray([0.1, 0.2, 0.3, 0.25, 0.15])  # mass where p_old has none must be reached by resampling
+    n = 200_000
+    draft_key, verify_key = jax.random.split(jax.random.key(0))
+    drafts = jax.random.categorical(draft_key, jnp.log(jnp.broadcast_to(p_old, (n, 5))), axis=-1).astype(jnp.int32)
+    tokens, accepted = accept_or_resample(verify_key, drafts, jnp.broadcast_to(p_old, (n, 5)),
+                                          jnp.broadcast_to(p_new, (n, 5)))
+    freq = np.bincount(np.asarray(tokens), minlength=5) / n
+    assert np.abs(freq - np.asarray(p_new)).max() < 0.005, freq
+    # acceptance rate is sum_x min(p_old, p_new) = 0.1 + 0.2 + 0.1 + 0.1 + 0 = 0.5
+    assert abs(float(accepted.mean()) - 0.5) < 0.005
+    same, kept = accept_or_resample(verify_key, drafts[:1000], jnp.broadcast_to(p_new, (1000, 5)),
+                                    jnp.broadcast_to(p_new, (1000, 5)))
+    assert bool(kept.all()) and np.array_equal(np.asarray(same), np.asarray(drafts[:1000]))
