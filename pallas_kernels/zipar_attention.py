@@ -1,7 +1,8 @@
 """Parallel-decoding attention for ZipAR: several queries per sequence against a cache written out of order.
 
-ZipAR feeds one query per active image row (plus refreshes), each at its own raster slot. A query may see key slot
-k iff the slot is written, k <= the query's slot, and k >= the sequence's first prompt slot. This is that attention
+ZipAR feeds one query per active image row (plus refreshes), each at its own raster slot (slots and the written
+bitmap are per sequence: adaptive schedules differ between samples). A query may see key slot k iff the slot is
+written, k <= the query's slot, and k >= the sequence's first prompt slot. This is that attention
 as a Pallas kernel, flash-attention style: one program per (sequence, KV head) holds all the queries of the KV
 head's group ([queries * group, head_dim], padded) and walks the cache in blocks of `block_k` slots with an online
 softmax, so the [queries, max_len] score matrix never exists in memory and GQA never repeats K/V.
@@ -24,12 +25,12 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 def reference(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, written: jax.Array,
               starts: jax.Array) -> jax.Array:
-    """q [batch, q_len, heads, head_dim]; k, v [batch, kv_heads, max_len, head_dim]; q_slots int32 [q_len];
-    written bool [max_len]; starts int32 [batch]. Returns [batch, q_len, heads, head_dim] in q's dtype."""
+    """q [batch, q_len, heads, head_dim]; k, v [batch, kv_heads, max_len, head_dim]; q_slots int32 [batch, q_len];
+    written bool [batch, max_len]; starts int32 [batch]. Returns [batch, q_len, heads, head_dim] in q's dtype."""
     batch, q_len, heads, head_dim = q.shape
     kv_heads, max_len = k.shape[1], k.shape[2]
     slots = jnp.arange(max_len, dtype=jnp.int32)
-    mask = written[None, None, :] & (slots[None, None, :] <= q_slots[None, :, None])
+    mask = written[:, None, :] & (slots[None, None, :] <= q_slots[:, :, None])
     mask &= slots[None, None, :] >= starts[:, None, None]  # [batch, q_len, max_len]
     grouped = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
     scores = jnp.einsum("btkgd,bksd->bkgts", grouped, k, preferred_element_type=jnp.float32) * head_dim**-0.5
@@ -89,10 +90,10 @@ def zipar_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: ja
     grouped = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
     grouped = grouped.reshape(batch, kv_heads, q_len * group, head_dim)
     grouped = jnp.pad(grouped, ((0, 0), (0, 0), (0, rows - q_len * group), (0, 0)))
-    row_slots = jnp.pad(jnp.repeat(q_slots.astype(jnp.int32), group), (0, rows - q_len * group))
+    row_slots = jnp.pad(jnp.repeat(q_slots.astype(jnp.int32), group, axis=1), ((0, 0), (0, rows - q_len * group)))
     slots = jnp.arange(length, dtype=jnp.int32)
-    written = jnp.pad(written, (0, length - max_len))
-    k_valid = (written[None, :] & (slots[None, :] >= starts[:, None])).astype(jnp.int32)  # [batch, length]
+    written = jnp.pad(written, ((0, 0), (0, length - max_len)))
+    k_valid = (written & (slots[None, :] >= starts[:, None])).astype(jnp.int32)  # [batch, length]
     pad_kv = ((0, 0), (0, 0), (0, length - max_len), (0, 0))
     k, v = jnp.pad(k, pad_kv), jnp.pad(v, pad_kv)
 
@@ -109,7 +110,7 @@ def zipar_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: ja
         functools.partial(_kernel, block_k=block_k, scale=head_dim**-0.5),
         grid=(batch, kv_heads),
         in_specs=[
-            pl.BlockSpec((rows,), lambda b, h: (0,)),
+            pl.BlockSpec((None, rows), lambda b, h: (b, 0)),
             pl.BlockSpec((None, length), lambda b, h: (b, 0)),
             pl.BlockSpec((None, None, rows, head_dim), lambda b, h: (b, h, 0, 0)),
             pl.BlockSpec((None, None, length, head_dim), lambda b, h: (b, h, 0, 0)),

@@ -13,8 +13,10 @@ def _case(seed, batch, q_len, heads, kv_heads, head_dim, max_len, dtype=jnp.floa
     q = jnp.asarray(rng.normal(size=(batch, q_len, heads, head_dim)), dtype)
     k = jnp.asarray(rng.normal(size=(batch, kv_heads, max_len, head_dim)), dtype)
     v = jnp.asarray(rng.normal(size=(batch, kv_heads, max_len, head_dim)), dtype)
-    slots = jnp.asarray(np.sort(rng.choice(np.arange(max_len // 4, max_len), q_len, replace=False)), jnp.int32)
-    written = jnp.asarray(rng.random(max_len) < written_fraction).at[slots].set(True)
+    slots = jnp.asarray(np.stack([np.sort(rng.choice(np.arange(max_len // 4, max_len), q_len, replace=False))
+                                  for _ in range(batch)]), jnp.int32)  # [batch, q_len]: per-sequence schedules
+    written = jnp.asarray(rng.random((batch, max_len)) < written_fraction)
+    written = jnp.stack([w.at[s].set(True) for w, s in zip(written, slots, strict=True)])
     starts = jnp.asarray(rng.integers(0, max_len // 4, batch), jnp.int32)
     return q, k, v, slots, written, starts
 
@@ -36,13 +38,13 @@ def test_kernel_matches_reference(batch, q_len, heads, kv_heads, head_dim, max_l
 def test_padding_queries_and_unwritten_slots_are_ignored():
     q, k, v, slots, written, starts = _case(1, 2, 4, 4, 2, 16, 80)
     # a padding query (slot at the end, nothing of its own written) and keys behind a sequence's start
-    slots = slots.at[-1].set(79)
-    written = written.at[79].set(False)
+    slots = slots.at[:, -1].set(79)
+    written = written.at[:, 79].set(False)
     ref = reference(q, k, v, slots, written, starts)
     out = zipar_attention_kernel(q, k, v, slots, written, starts, block_k=16, interpret=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6)
     # changing K/V in unwritten or pre-start slots changes nothing
-    hidden = (~written)[None, None, :, None] | (jnp.arange(80)[None, None, :, None] < starts[:, None, None, None])
+    hidden = (~written)[:, None, :, None] | (jnp.arange(80)[None, None, :, None] < starts[:, None, None, None])
     noisy_k = jnp.where(hidden, 100.0, k)
     out2 = zipar_attention_kernel(q, noisy_k, v, slots, written, starts, block_k=16, interpret=True)
     np.testing.assert_allclose(np.asarray(out2), np.asarray(out), atol=2e-6)

@@ -2,10 +2,10 @@
 
 Sequential decoding appends at one cursor (`zipjax.KVCache`). ZipAR feeds several tokens per pass that sit in
 different rows, so each pass scatters its K/V to the tokens' raster slots, and attention must see exactly the
-tokens already decoded that precede the query in raster order. The cache therefore keeps a `written` bitmap (shared
-by the batch: the fixed-window schedule does not depend on the data) and is told before each pass where the pass's
-tokens go (`at(slots, valid)`). A query at slot q sees key slot k iff written[k], k <= q, and k >= its sequence's
-start (left-padded prompts); padding queries write to the last slot, which is never marked written. That
+tokens already decoded that precede the query in raster order. The cache therefore keeps a `written` bitmap per
+sequence (adaptive schedules differ between sequences) and is told before each pass where each sequence's tokens go
+(`at(slots, valid)`). A query at slot q sees key slot k iff written[k], k <= q, and k >= its sequence's start
+(left-padded prompts); padding queries write to the last slot, which is never marked written. That
 attention is `pallas_kernels.zipar_attention`: its Pallas kernel when `use_kernel`, else its jnp reference.
 
 It provides the same `attend` / `advance` / `check_fits` as the dense cache, so the unchanged `Transformer` runs on
@@ -31,10 +31,10 @@ from zipjax.errors import ZipjaxError
 class ScatterKVCache:
     k: tuple[jax.Array, ...]  # per layer [batch, kv_heads, max_len, head_dim]
     v: tuple[jax.Array, ...]  # per layer [batch, kv_heads, max_len, head_dim]
-    written: jax.Array  # bool [max_len]
+    written: jax.Array  # bool [batch, max_len]
     starts: jax.Array  # int32 [batch]: first slot of each sequence's prompt
-    slots: jax.Array  # int32 [q]: slots of the tokens of the current pass
-    valid: jax.Array  # bool [q]: False for padding queries
+    slots: jax.Array  # int32 [batch, q]: slots of the tokens of the current pass
+    valid: jax.Array  # bool [batch, q]: False for padding queries
     use_kernel: bool = dataclasses.field(default=False, metadata=dict(static=True))  # Pallas kernel or jnp
 
     @classmethod
@@ -44,9 +44,9 @@ class ScatterKVCache:
             raise ZipjaxError(f"a scatter KV cache needs batch > 0 and max_len > 1, got {batch}, {max_len}")
         shape = (batch, config.num_kv_heads, max_len, config.head_dim)
         zeros = lambda: tuple(jnp.zeros(shape, config.jnp_dtype) for _ in range(config.num_layers))
-        return cls(k=zeros(), v=zeros(), written=jnp.zeros((max_len,), bool),
-                   starts=jnp.asarray(starts, jnp.int32), slots=jnp.zeros((1,), jnp.int32),
-                   valid=jnp.zeros((1,), bool), use_kernel=use_kernel)
+        return cls(k=zeros(), v=zeros(), written=jnp.zeros((batch, max_len), bool),
+                   starts=jnp.asarray(starts, jnp.int32), slots=jnp.zeros((batch, 1), jnp.int32),
+                   valid=jnp.zeros((batch, 1), bool), use_kernel=use_kernel)
 
     @property
     def batch(self) -> int:
@@ -57,15 +57,18 @@ class ScatterKVCache:
         return self.k[0].shape[2]
 
     def at(self, slots: jax.Array, valid: jax.Array) -> ScatterKVCache:
-        """The cache ready for a pass whose tokens go to `slots` [q] (entries with valid False are padding)."""
+        """The cache ready for a pass whose tokens go to `slots` ([q] shared by the batch, or [batch, q]); entries
+        with valid False are padding."""
+        shape = (self.batch, slots.shape[-1])
+        slots, valid = jnp.broadcast_to(slots, shape), jnp.broadcast_to(valid, shape)
         slots = jnp.where(valid, slots, self.max_len - 1).astype(jnp.int32)
         return dataclasses.replace(self, slots=slots, valid=valid)
 
     def logical_axes(self) -> ScatterKVCache:
         spec = PartitionSpec(*KV_AXES)
         return dataclasses.replace(self, k=(spec,) * len(self.k), v=(spec,) * len(self.v),
-                                   written=PartitionSpec(), starts=PartitionSpec("batch"), slots=PartitionSpec(),
-                                   valid=PartitionSpec())
+                                   written=PartitionSpec("batch"), starts=PartitionSpec("batch"),
+                                   slots=PartitionSpec("batch"), valid=PartitionSpec("batch"))
 
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))
@@ -74,17 +77,17 @@ class ScatterKVCache:
         batch, num_tokens = tokens_shape
         if batch != self.batch:
             raise ZipjaxError(f"the input holds {batch} sequences but the KV cache was made for {self.batch}")
-        if num_tokens != self.slots.shape[0]:
-            raise ZipjaxError(f"{num_tokens} tokens fed but the cache was told {self.slots.shape[0]} slots")
+        if num_tokens != self.slots.shape[1]:
+            raise ZipjaxError(f"{num_tokens} tokens fed but the cache was told {self.slots.shape[1]} slots")
 
     def attend(self, layer: int, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
                sliding_window: int | None) -> tuple[jax.Array, ScatterKVCache]:
         """q: [batch, q_len, heads, head_dim]; k_new, v_new: [batch, q_len, kv_heads, head_dim]."""
         if sliding_window is not None:
             raise ZipjaxError("parallel image decoding does not support sliding-window attention")
-        k = self.k[layer].at[:, :, self.slots].set(k_new.transpose(0, 2, 1, 3).astype(self.k[layer].dtype))
-        v = self.v[layer].at[:, :, self.slots].set(v_new.transpose(0, 2, 1, 3).astype(self.v[layer].dtype))
-        written = self.written.at[self.slots].max(self.valid)
+        k = _scatter(self.k[layer], self.slots, k_new)
+        v = _scatter(self.v[layer], self.slots, v_new)
+        written = self._written_after()
         out = zipar_attention(q, k.astype(q.dtype), v.astype(q.dtype), self.slots, written, self.starts,
                               use_kernel=self.use_kernel)
         return out, dataclasses.replace(self, k=(*self.k[:layer], k, *self.k[layer + 1:]),
@@ -92,4 +95,14 @@ class ScatterKVCache:
 
     def advance(self, num_tokens: int) -> ScatterKVCache:
         """Mark this pass's slots written (the cursor of the dense cache has no meaning here)."""
-        return dataclasses.replace(self, written=self.written.at[self.slots].max(self.valid))
+        return dataclasses.replace(self, written=self._written_after())
+
+    def _written_after(self) -> jax.Array:
+        return jax.vmap(lambda w, s, v: w.at[s].max(v))(self.written, self.slots, self.valid)
+
+
+def _scatter(cache: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
+    """cache [batch, kv_heads, max_len, head_dim] with new [batch, q, kv_heads, head_dim] written at slots
+    [batch, q] (one set of slots per sequence)."""
+    new = new.transpose(0, 2, 1, 3).astype(cache.dtype)  # [batch, kv_heads, q, head_dim]
+    return jax.vmap(lambda c, s, n: c.at[:, s].set(n))(cache, slots, new)
