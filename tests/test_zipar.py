@@ -131,7 +131,7 @@ def test_parallel_decoding_layout(emu3, window):
 
 
 def test_zipar_window_must_be_a_positive_integer(emu3):
-    for bad in (0, -3, 2.5, "adaptive-ish"):
+    for bad in (0, -3, 2.5, "adaptive-ish", True):
         with pytest.raises(zipjax.ZipjaxError, match="zipar_window"):
             generate_image(emu3, "a cat", size=(8, 8), zipar_window=bad)
 
@@ -164,3 +164,32 @@ def test_acceptance_rule_gives_the_new_distribution():
     same, kept = accept_or_resample(verify_key, drafts[:1000], jnp.broadcast_to(p_new, (1000, 5)),
                                     jnp.broadcast_to(p_new, (1000, 5)))
     assert bool(kept.all()) and np.array_equal(np.asarray(same), np.asarray(drafts[:1000]))
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=8, seed=5)])
+def test_adaptive_with_a_row_wide_minimum_is_sequential(emu3, sampling):
+    prompts = ["a photo of a cat", "a red sofa"]
+    args = dict(size=(8, 12), cfg_scale=3.0, negative_prompt="blurry", **sampling)
+    sequential = generate_image(emu3, prompts, **args)
+    adaptive = generate_image(emu3, prompts, zipar_window="adaptive", zipar_min_window=6, **args)
+    np.testing.assert_array_equal(adaptive.tokens, sequential.tokens)
+    assert adaptive.num_forward_passes == 4 * 6
+
+
+@pytest.mark.parametrize("min_window", [1, 2])
+def test_adaptive_layout_and_pass_bounds(emu3, min_window):
+    rows, cols = 5, 6
+    result = generate_image(emu3, ["mountains at sunset", "a cat", "a red sofa"], size=(10, 12), top_k=16, seed=2,
+                            zipar_window="adaptive", zipar_min_window=min_window)
+    vocab = emu3.vocab
+    body = result.tokens[:, : rows * (cols + 1)].reshape(3, rows, cols + 1)
+    assert np.all(body[..., -1] == vocab.eol)
+    assert np.all((body[..., :-1] >= vocab.visual_offset) & (body[..., :-1] < vocab.visual_offset + 64))
+    # every row starts at the earliest one verification after the draft, at the latest when the row above ends
+    assert (rows - 1) * (min_window + 1) + cols <= result.num_forward_passes <= rows * cols
+    greedy = generate_image(emu3, "a cat", size=(10, 12), temperature=0.0, zipar_window="adaptive",
+                            zipar_min_window=min_window)
+    assert greedy.num_forward_passes <= rows * cols
+    kernel = generate_image(emu3, "a cat", size=(10, 12), temperature=0.0, zipar_window="adaptive",
+                            zipar_min_window=min_window, zipar_kernel=True)
+    np.testing.assert_array_equal(kernel.tokens, greedy.tokens)

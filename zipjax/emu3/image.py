@@ -126,11 +126,20 @@ def visual_logprobs(logits: jax.Array, knobs: ImageKnobs, layout: Layout, batch:
     return jax.lax.dynamic_slice_in_dim(logprobs, layout.visual_offset, layout.codebook_size, axis=-1)
 
 
+def sample_code(visual: jax.Array, key: jax.Array, index: jax.Array, row: jax.Array, knobs: ImageKnobs,
+                mode: SamplingMode) -> jax.Array:
+    """One code from visual log-probabilities [codebook] of image token `index` of batch row `row`. The draw
+    depends only on (index, row), so every decoding order (sequential, ZipAR, adaptive) samples a position of an
+    image with the same randomness."""
+    draw = jax.random.fold_in(jax.random.fold_in(key, index), row)
+    return sample(visual[None], draw, knobs.temperature, knobs.top_k, knobs.top_p, mode)[0]
+
+
 def sample_codes(visual: jax.Array, key: jax.Array, index: jax.Array, knobs: ImageKnobs,
                  mode: SamplingMode) -> jax.Array:
-    """int32 [batch] codes from [batch, codebook]. The random draw depends only on the image token's index, so any
-    decoding order (sequential, ZipAR) samples a position with the same randomness."""
-    return sample(visual, jax.random.fold_in(key, index), knobs.temperature, knobs.top_k, knobs.top_p, mode)
+    """int32 [batch] codes from [batch, codebook], all for image token `index` (see `sample_code`)."""
+    rows = jnp.arange(visual.shape[0], dtype=jnp.int32)
+    return jax.vmap(lambda v, r: sample_code(v, key, index, r, knobs, mode))(visual, rows)
 
 
 def _choose(logits: jax.Array, key: jax.Array, step: jax.Array, knobs: ImageKnobs, layout: Layout, batch: int,
@@ -181,7 +190,7 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
                    size: tuple[int, int] | None = None, cfg_scale: float = 3.0,
                    negative_prompt: str | Sequence[int] = DEFAULT_NEGATIVE_PROMPT, temperature: float = 1.0,
                    top_k: int | None = 2048, top_p: float | None = None, seed: int = 0,
-                   zipar_window: int | None = None, zipar_kernel: bool = False,
+                   zipar_window: int | str | None = None, zipar_min_window: int = 4, zipar_kernel: bool = False,
                    progress: bool = False) -> ImageResult:
     """Generate one image per prompt.
 
@@ -193,6 +202,8 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
       temperature: 0 picks the most likely visual token; top_k / top_p filter before sampling.
       zipar_window: None decodes one token per pass; an integer s decodes with ZipAR: a row starts once the row
         above is s tokens ahead, so an image of h x w codes takes (h - 1) * s + w passes instead of h * (w + 1).
+        "adaptive": each row starts on a drafted first token once the row above has `zipar_min_window` tokens, and
+        the draft is verified (kept or resampled) as that row grows; the schedule then differs per image.
       zipar_kernel: run ZipAR's attention as the Pallas kernel (compiled on GPU/TPU, interpreted on CPU) instead
         of jax.numpy.
     """
@@ -204,9 +215,12 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
         raise ZipjaxError(f"top_k must be a positive integer, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ZipjaxError(f"top_p must lie in (0, 1], got {top_p}")
-    if zipar_window is not None and (not isinstance(zipar_window, int | np.integer) or isinstance(zipar_window, bool)
-                                     or zipar_window < 1):
-        raise ZipjaxError(f"zipar_window must be None or a positive integer, got {zipar_window!r}")
+    adaptive = isinstance(zipar_window, str) and zipar_window == "adaptive"
+    if zipar_window is not None and not adaptive and (
+            not isinstance(zipar_window, int | np.integer) or isinstance(zipar_window, bool) or zipar_window < 1):
+        raise ZipjaxError(f"zipar_window must be None, a positive integer or 'adaptive', got {zipar_window!r}")
+    if not isinstance(zipar_min_window, int | np.integer) or zipar_min_window < 1:
+        raise ZipjaxError(f"zipar_min_window must be a positive integer, got {zipar_min_window!r}")
     rows, cols = token_grid(model, size)
     vocab = model.vocab
     layout = Layout(rows, cols, vocab.eol, vocab.visual_offset, vocab.codebook_size)
@@ -243,12 +257,19 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
         for row in tqdm(range(rows), desc="image rows", unit="row", disable=not progress):
             state = _decode_until(model.params, state, jnp.int32((row + 1) * (cols + 1)), knobs, **static)
         passes = layout.num_tokens
+        body = np.asarray(state.tokens)
+    elif adaptive:
+        from zipjax.zipar.adaptive import run_adaptive
+
+        body, per_image = run_adaptive(model, jnp.asarray(padded), starts, key, knobs, static, bucket,
+                                       int(zipar_min_window), progress, use_kernel=zipar_kernel)
+        body, passes = np.asarray(body), int(per_image.max())
     else:
         from zipjax.zipar.decode import run_zipar
 
         state, passes = run_zipar(model, jnp.asarray(padded), starts, key, knobs, static, bucket, int(zipar_window),
                                   progress, use_kernel=zipar_kernel)
-    body = np.asarray(state.tokens)
+        body = np.asarray(state.tokens)
     tail = np.tile(np.array([vocab.eof, vocab.eoi, vocab.eos], np.int32), (batch, 1))
     codes = vocab.tokens_to_codes(body, rows, cols)
     images = model.to_uint8(model.decode_codes(codes))
