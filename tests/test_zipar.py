@@ -193,3 +193,21 @@ def test_adaptive_layout_and_pass_bounds(emu3, min_window):
     kernel = generate_image(emu3, "a cat", size=(10, 12), temperature=0.0, zipar_window="adaptive",
                             zipar_min_window=min_window, zipar_kernel=True)
     np.testing.assert_array_equal(kernel.tokens, greedy.tokens)
+
+
+def test_speculative_jacobi_decoding_peer(emu3):
+    """SJD commits exact draws: greedy it reproduces sequential decoding, in fewer passes; sampled it keeps the
+    layout."""
+    prompts = ["a photo of a cat", "a red sofa"]
+    args = dict(size=(8, 12), cfg_scale=3.0, negative_prompt="blurry")
+    sequential = generate_image(emu3, prompts, temperature=0.0, **args)
+    for window in (2, 8):
+        sjd = generate_image(emu3, prompts, temperature=0.0, sjd_window=window, **args)
+        np.testing.assert_array_equal(sjd.tokens, sequential.tokens)
+        assert sjd.num_forward_passes < sequential.num_forward_passes
+    sampled = generate_image(emu3, prompts, top_k=8, seed=1, sjd_window=4, **args)
+    body = sampled.tokens[:, : 4 * 7].reshape(2, 4, 7)
+    assert np.all(body[..., -1] == emu3.vocab.eol)
+    assert np.all((body[..., :-1] >= emu3.vocab.visual_offset) & (body[..., :-1] < emu3.vocab.visual_offset + 64))
+    with pytest.raises(zipjax.ZipjaxError, match="sjd_window"):
+        generate_image(emu3, prompts, sjd_window=1, **args)

@@ -191,7 +191,7 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
                    negative_prompt: str | Sequence[int] = DEFAULT_NEGATIVE_PROMPT, temperature: float = 1.0,
                    top_k: int | None = 2048, top_p: float | None = None, seed: int = 0,
                    zipar_window: int | str | None = None, zipar_min_window: int = 4, zipar_kernel: bool = False,
-                   progress: bool = False) -> ImageResult:
+                   sjd_window: int | None = None, progress: bool = False) -> ImageResult:
     """Generate one image per prompt.
 
     Args:
@@ -204,6 +204,7 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
         above is s tokens ahead, so an image of h x w codes takes (h - 1) * s + w passes instead of h * (w + 1).
         "adaptive": each row starts on a drafted first token once the row above has `zipar_min_window` tokens, and
         the draft is verified (kept or resampled) as that row grows; the schedule then differs per image.
+      sjd_window: decode with Speculative Jacobi Decoding (ZipAR's peer) over a window of this many tokens.
       zipar_kernel: run ZipAR's attention as the Pallas kernel (compiled on GPU/TPU, interpreted on CPU) instead
         of jax.numpy.
     """
@@ -216,6 +217,9 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
     if top_p is not None and not 0 < top_p <= 1:
         raise ZipjaxError(f"top_p must lie in (0, 1], got {top_p}")
     adaptive = isinstance(zipar_window, str) and zipar_window == "adaptive"
+    if sjd_window is not None and (zipar_window is not None or not isinstance(sjd_window, int | np.integer)
+                                   or sjd_window < 2):
+        raise ZipjaxError("sjd_window (Speculative Jacobi Decoding) must be an integer >= 2, and excludes ZipAR")
     if zipar_window is not None and not adaptive and (
             not isinstance(zipar_window, int | np.integer) or isinstance(zipar_window, bool) or zipar_window < 1):
         raise ZipjaxError(f"zipar_window must be None, a positive integer or 'adaptive', got {zipar_window!r}")
@@ -250,7 +254,13 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
     static = dict(config=cfg, layout=layout, batch=batch, mode=mode)
     key = jax.random.key(seed)
 
-    if zipar_window is None:
+    if sjd_window is not None:
+        from zipjax.zipar.sjd import run_sjd
+
+        body, per_image = run_sjd(model, jnp.asarray(padded), starts, key, knobs, static, bucket, int(sjd_window),
+                                  progress)
+        body, passes = np.asarray(body), int(per_image.max())
+    elif zipar_window is None:
         cache_len = _round_up(bucket + layout.num_tokens, CACHE_ROUNDING)
         cache = _cache_initializer(cfg, len(sequences), cache_len, model.mesh)(starts)
         state = _prefill(model.params, jnp.asarray(padded), starts, cache, key, knobs, **static)

@@ -1,0 +1,53 @@
+"""The shipped ZipAR quality harness (checkpoints/digits-emu3): it loads as an Emu3 model with a palette vision
+tokenizer, its recorded numbers are reproduced, and the digits it draws are recognisable to the shipped classifier,
+sequentially and with ZipAR."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import zipjax
+from zipjax.emu3.vq_config import PaletteConfig
+from zipjax.zipar.quality import DigitClassifier
+
+DIGITS = Path(__file__).resolve().parent.parent / "checkpoints" / "digits-emu3"
+NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+@pytest.fixture(scope="module")
+def harness():
+    return zipjax.load(DIGITS), DigitClassifier.load(DIGITS)
+
+
+def test_checkpoint_is_small_and_records_its_metrics(harness):
+    model, classifier = harness
+    size = sum(p.stat().st_size for p in DIGITS.rglob("*") if p.is_file())
+    assert size < 8 * 2**20
+    assert isinstance(model.vq_config, PaletteConfig) and model.vq_config.codebook_size == 16
+    metrics = json.loads((DIGITS / "zipjax.json").read_text())["source"]["metrics"]
+    assert metrics["classifier_heldout_accuracy"] == round(classifier.heldout_accuracy, 4) >= 0.9
+    assert str(metrics["heldout_image_nll_per_token"]) in (DIGITS / "README.md").read_text()
+
+
+def test_palette_round_trip_and_real_digits(harness):
+    model, classifier = harness
+    heldout = np.load(DIGITS / "heldout.npz")
+    images = model.to_uint8(model.decode_codes(heldout["codes"]))  # [n, 16, 16, 3] grey
+    assert np.array_equal(images[..., 0], images[..., 2])
+    np.testing.assert_array_equal(np.asarray(model.encode_image(images)), heldout["codes"])
+    assert classifier.accuracy(images[..., 0], heldout["labels"]) == pytest.approx(classifier.heldout_accuracy)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_generated_digits_are_recognisable(harness, window):
+    model, classifier = harness
+    labels = np.arange(40) % 10
+    result = zipjax.generate_image(model, [f"a handwritten digit {NAMES[c]}" for c in labels], size=(16, 16),
+                                   cfg_scale=3.0, negative_prompt="a handwritten digit", top_k=None, seed=0,
+                                   zipar_window=window)
+    assert result.num_forward_passes == (16 * 17 if window is None else 15 * window + 16)
+    accuracy = classifier.accuracy(result.images[..., 0], labels)
+    print(f"window {window}: {result.num_forward_passes} passes, accuracy {accuracy:.2f} on 40 digits")
+    assert accuracy >= 0.6  # chance is 0.1
