@@ -3,14 +3,15 @@
     python benchmarks/zipar.py                  # quality on the shipped digits model, then speed at 90x90
     python benchmarks/zipar.py --skip-speed --images 200
 
-1. Quality (checkpoints/digits-emu3, 16x16 digits): for sequential decoding and ZipAR windows 1, 2, 4, 8, 16,
-   N images (an equal number of each digit, prompt "a handwritten digit seven", CFG 3 against "a handwritten
-   digit", temperature 1, no top-k), scored by the shipped digit classifier: accuracy against the prompted digit,
-   and the Fréchet distance of its features to held-out real digits. A second sequential run with another seed
-   shows the metrics' own noise. Writes a quality-vs-passes plot and a grid of samples.
+1. Quality (checkpoints/digits-emu3, 16x16 digits): sequential decoding, ZipAR windows 1, 2, 4, 8, 16, adaptive
+   ZipAR (minimum windows 1, 2, 4) and Speculative Jacobi Decoding (windows 4, 16); for each, N images (an equal
+   number of each digit, prompt "a handwritten digit seven", CFG 3 against "a handwritten digit", temperature 1,
+   no top-k), scored by the shipped digit classifier: accuracy against the prompted digit, and the Fréchet
+   distance of its features to held-out real digits. A second sequential run with another seed shows the
+   metrics' own noise. Writes a quality-vs-passes plot and a grid of samples.
 2. Speed (random weights, Emu3 layout at 90x90 codes: 8190 sequential passes, reduced width and depth so a CPU
-   can run it): wall time of sequential decoding and of ZipAR windows, with CFG, the same prompt; the ratio of
-   wall-time speedup to pass reduction shows what the parallel passes cost.
+   can run it): wall time of sequential decoding, ZipAR windows, adaptive ZipAR and SJD, with CFG, the same
+   prompt; the ratio of wall-time speedup to pass reduction shows what the parallel passes cost.
 
 Results: a table on stdout, benchmarks/results/zipar_<backend>.json, zipar_quality.png and zipar_samples.png.
 Needs matplotlib for the plots (pip install matplotlib).
@@ -42,35 +43,44 @@ RESULTS = ROOT / "benchmarks" / "results"
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-def quality(images_per_method: int, batch: int, windows: list[int | None]) -> tuple[list[dict], dict]:
+def method_name(method: dict) -> str:
+    if method.get("sjd_window"):
+        return f"SJD w={method['sjd_window']}"
+    if method.get("zipar_window") == "adaptive":
+        return f"ZipAR adaptive m={method['zipar_min_window']}"
+    if method.get("zipar_window"):
+        return f"ZipAR s={method['zipar_window']}"
+    return "sequential"
+
+
+def quality(images_per_method: int, batch: int, methods: list[dict]) -> tuple[list[dict], dict]:
     model = zipjax.load(DIGITS)
     classifier = DigitClassifier.load(DIGITS)
     labels = np.arange(images_per_method) % 10
     rows, samples = [], {}
-    runs = [(w, 0) for w in windows] + [(None, 1)]  # the last: sequential again with another seed (noise)
-    for window, seed_offset in runs:
-        images, seconds, passes = [], 0.0, 0
-        zipjax.generate_image(model, ["a handwritten digit one"] * batch, size=(16, 16), zipar_window=window,
-                              negative_prompt="a handwritten digit", top_k=None)  # compile outside the timing
+    runs = [(m, 0) for m in methods] + [({}, 1)]  # the last: sequential again with another seed (noise)
+    for method, seed_offset in runs:
+        images, seconds, passes = [], 0.0, []
+        zipjax.generate_image(model, ["a handwritten digit one"] * batch, size=(16, 16), top_k=None,
+                              negative_prompt="a handwritten digit", **method)  # compile outside the timing
         for start in range(0, images_per_method, batch):
             chunk = labels[start:start + batch]
             t = time.perf_counter()
             result = zipjax.generate_image(model, [f"a handwritten digit {NAMES[c]}" for c in chunk], size=(16, 16),
                                            cfg_scale=3.0, negative_prompt="a handwritten digit", temperature=1.0,
-                                           top_k=None, seed=1000 * seed_offset + start, zipar_window=window)
+                                           top_k=None, seed=1000 * seed_offset + start, **method)
             seconds += time.perf_counter() - t
-            passes = result.num_forward_passes
+            passes.append(result.num_forward_passes)
             images.append(result.images[..., 0])
         images = np.concatenate(images)
-        name = "sequential" if window is None else f"ZipAR s={window}"
-        if seed_offset:
-            name += " (seed 2)"
+        name = method_name(method) + (" (seed 2)" if seed_offset else "")
         samples[name] = images[:20]
-        rows.append({"method": name, "window": window, "passes": passes, "images": len(images),
+        passes = float(np.mean(passes))  # data-dependent for adaptive ZipAR and SJD (the batch's slowest image)
+        rows.append({"method": name, **method, "passes": passes, "images": len(images),
                      "seconds": round(seconds, 2), "ms_per_image": round(1e3 * seconds / len(images), 2),
                      "accuracy": round(classifier.accuracy(images, labels), 4),
                      "frechet_distance": round(classifier.frechet_distance(images), 3)})
-        print(f"[quality] {name}: {passes} passes, accuracy {rows[-1]['accuracy']:.3f}, "
+        print(f"[quality] {name}: {passes:.0f} passes, accuracy {rows[-1]['accuracy']:.3f}, "
               f"FD {rows[-1]['frechet_distance']:.2f}, {seconds:.1f}s", flush=True)
     heldout = np.load(DIGITS / "heldout.npz")
     real = np.round(heldout["codes"] * 255.0 / 15).astype(np.uint8)
@@ -94,21 +104,21 @@ def speed_model(width: int, layers: int) -> Emu3Model:
                      vq_params={"codebook": palette})
 
 
-def speed(windows: list[int], width: int, layers: int) -> list[dict]:
+def speed(methods: list[dict], width: int, layers: int) -> list[dict]:
     model = speed_model(width, layers)
     prompt = [1, *range(10, 40), 4, 8, 9, 3]  # BOS, 30 "text" tokens, image start, "h*w", image token
     negative = [1, 11, 12, 4, 8, 9, 3]
     rows = []
-    for window in [None, *windows]:
-        args = dict(size=(90, 90), cfg_scale=3.0, negative_prompt=negative, top_k=2048, seed=0, zipar_window=window)
+    for method in [{}, *methods]:
+        args = dict(size=(90, 90), cfg_scale=3.0, negative_prompt=negative, top_k=2048, seed=0, **method)
         t = time.perf_counter()
         zipjax.generate_image(model, prompt, **args)
         first = time.perf_counter() - t
         t = time.perf_counter()
         result = zipjax.generate_image(model, prompt, **args)
         seconds = time.perf_counter() - t
-        rows.append({"method": "sequential" if window is None else f"ZipAR s={window}", "window": window,
-                     "passes": result.num_forward_passes, "seconds": round(seconds, 2),
+        rows.append({"method": method_name(method), **method, "passes": result.num_forward_passes,
+                     "seconds": round(seconds, 2),
                      "compile_s": round(max(first - seconds, 0), 2)})
         print(f"[speed] {rows[-1]['method']}: {result.num_forward_passes} passes in {seconds:.1f}s", flush=True)
     base = rows[0]
@@ -129,7 +139,7 @@ def plots(quality_rows: list[dict], samples: dict, out_dir: Path) -> list[str]:
     for ax, key, label in ((axes[0], "accuracy", "class accuracy (higher is better)"),
                            (axes[1], "frechet_distance", "Fréchet distance to real digits (lower is better)")):
         for r in quality_rows:
-            marker = "s" if r["window"] is None else "o"
+            marker = "s" if r["method"].startswith("sequential") else ("^" if "SJD" in r["method"] else "o")
             ax.scatter(r["passes"], r[key], marker=marker)
             ax.annotate(r["method"], (r["passes"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
@@ -159,6 +169,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500, help="images per method for the quality metrics")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--min-windows", type=int, nargs="+", default=[1, 2, 4], help="adaptive ZipAR")
+    parser.add_argument("--sjd-windows", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--speed-windows", type=int, nargs="+", default=[1, 4, 7, 16])
     parser.add_argument("--speed-width", type=int, default=512)
     parser.add_argument("--speed-layers", type=int, default=4)
@@ -173,13 +185,16 @@ def main() -> None:
               "baseline": "sequential decoding (one image token per forward pass) with the same model and settings"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not args.skip_quality:
-        rows, extra = quality(args.images, args.batch, [None, *args.windows])
+        methods = [{}, *({"zipar_window": w} for w in args.windows),
+                   *({"zipar_window": "adaptive", "zipar_min_window": m} for m in args.min_windows),
+                   *({"sjd_window": w} for w in args.sjd_windows)]
+        rows, extra = quality(args.images, args.batch, methods)
         report["quality"] = rows
         report["quality_reference"] = {k: v for k, v in extra.items() if k != "samples"}
         report["plots"] = plots(rows, extra["samples"], RESULTS)
         print("\n| method | passes | accuracy | Fréchet distance | ms/image |\n|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['method']} | {r['passes']} | {r['accuracy']:.3f} | {r['frechet_distance']:.2f} | "
+            print(f"| {r['method']} | {r['passes']:.0f} | {r['accuracy']:.3f} | {r['frechet_distance']:.2f} | "
                   f"{r['ms_per_image']:.1f} |")
         print(f"(real held-out digits: classifier accuracy {extra['real_heldout_accuracy']:.3f})")
     if not args.skip_speed:
@@ -187,7 +202,9 @@ def main() -> None:
         report["speed_model"] = {"hidden": args.speed_width, "layers": args.speed_layers,
                                  "parameters": param_count(model.params), "codes": [90, 90], "cfg_scale": 3.0}
         del model
-        rows = speed(args.speed_windows, args.speed_width, args.speed_layers)
+        methods = [*({"zipar_window": w} for w in args.speed_windows),
+                   {"zipar_window": "adaptive", "zipar_min_window": 4}, {"sjd_window": 16}]
+        rows = speed(methods, args.speed_width, args.speed_layers)
         report["speed"] = rows
         print("\n| method | passes | seconds | pass reduction | wall speedup | speedup / pass reduction |\n"
               "|---|---|---|---|---|---|")

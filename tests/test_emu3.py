@@ -189,6 +189,9 @@ def test_cli_image_and_ask(emu3, tmp_path, capsys):
     assert cli_main(["image", "--checkpoint", str(root / "zj"), "a cat", "--size", "8x12", "--out", str(out),
                      "--zipar-window", "2"]) == 0
     assert "(12x8, 12 forward passes" in capsys.readouterr().err
+    assert cli_main(["image", "--checkpoint", str(root / "zj"), "a cat", "--size", "8x12", "--out", str(out),
+                     "--zipar-window", "adaptive", "--zipar-min-window", "6"]) == 0
+    assert "(12x8, 24 forward passes" in capsys.readouterr().err
     assert cli_main(["ask", str(out), "What is this?", "--checkpoint", str(root / "zj"),
                      "--max-new-tokens", "4"]) == 0
     assert cli_main(["image", "--checkpoint", str(root / "zj"), "a cat", "--size", "9x12",

@@ -40,6 +40,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _window(text: str) -> int | str:
+    if text == "adaptive":
+        return text
+    try:
+        return _positive_int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'adaptive', got {text!r}") from None
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         height, width = (int(v) for v in text.lower().split("x"))
@@ -88,8 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--top-k", type=_positive_int, default=2048)
     image.add_argument("--top-p", type=float, default=None)
     image.add_argument("--seed", type=int, default=0)
-    image.add_argument("--zipar-window", type=_positive_int, default=None,
-                       help="ZipAR parallel decoding: start a row once the row above is this many tokens ahead")
+    image.add_argument("--zipar-window", type=_window, default=None,
+                       help="ZipAR parallel decoding: start a row once the row above is this many tokens ahead, "
+                            "or 'adaptive' (draft a row's first token early, verify it as context grows)")
+    image.add_argument("--zipar-min-window", type=_positive_int, default=4,
+                       help="adaptive ZipAR: tokens the row above needs before a row's first token is drafted")
+    image.add_argument("--sjd-window", type=int, default=None,
+                       help="decode with Speculative Jacobi Decoding over this many tokens instead")
     image.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
 
     ask = commands.add_parser("ask", help="ask an Emu3 checkpoint a question about a PNG image")
@@ -159,7 +173,8 @@ def run_image(args: argparse.Namespace) -> None:
     result = generate_image(model, args.prompt, size=args.size, cfg_scale=args.cfg_scale,
                             negative_prompt=args.negative_prompt or DEFAULT_NEGATIVE_PROMPT,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                            zipar_window=args.zipar_window, progress=True)
+                            zipar_window=args.zipar_window, zipar_min_window=args.zipar_min_window,
+                            sjd_window=args.sjd_window, progress=True)
     write_png(args.out, result.images[0])
     seconds = time.perf_counter() - start
     height, width = result.images.shape[1:3]
