@@ -27,6 +27,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from zipjax.cache import KVCache
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
+from zipjax.kv import Method, QuantizedKVCache, QuantSpec
+from zipjax.kv.cache import make_layout
 from zipjax.model import Model, check_token_ids
 from zipjax.sampling import SamplingMode, sample
 from zipjax.sharding import tree_shardings
@@ -117,9 +119,11 @@ _decode_step_jit = jax.jit(_decode_step, static_argnames=("config", "mode"), don
 
 
 @functools.lru_cache(maxsize=64)
-def _cache_initializer(config: ModelConfig, batch: int, max_len: int, mesh):
-    def init(starts: jax.Array) -> KVCache:
-        return KVCache.init(config, batch, max_len, starts)
+def _cache_initializer(config: ModelConfig, batch: int, max_len: int, mesh, kv: QuantSpec | None, prefill_len: int):
+    def init(starts: jax.Array) -> KVCache | QuantizedKVCache:
+        if kv is None:
+            return KVCache.init(config, batch, max_len, starts)
+        return QuantizedKVCache.init(config, kv, batch, max_len, prefill_len, starts)
 
     if mesh is None:
         return jax.jit(init)
@@ -139,8 +143,11 @@ class _Plan:
     """Validated, padded inputs of one generate call (host-side; nothing here runs on the device)."""
 
     def __init__(self, model: Model, prompt_ids, max_new_tokens: int, temperature: float, top_k: int | None,
-                 top_p: float | None, stop_tokens, cache_length: int | None):
+                 top_p: float | None, stop_tokens, cache_length: int | None, kv: Method | None = None):
         cfg = model.config
+        if kv is not None and not hasattr(kv, "spec"):
+            raise ZipjaxError(f"kv must be None or a zipjax.kv method (ZipCache, KIVI, Uniform), got {kv!r}")
+        self.kv = kv.spec() if kv is not None else None
         prompts = _as_prompt_list(prompt_ids)
         for i, p in enumerate(prompts):
             check_token_ids(p, cfg.vocab_size, f"token ids of prompt {i}")
@@ -160,7 +167,9 @@ class _Plan:
             )
         self.bucket = max(MIN_PREFILL_BUCKET, _next_pow2(self.prompt_len))
         if cache_length is None:
-            cache_length = _round_up(self.bucket + max_new_tokens, CACHE_ROUNDING)
+            # a quantized cache needs room for at least one full-precision window after the prompt
+            decode_part = max(max_new_tokens, self.kv.window if self.kv is not None else 0)
+            cache_length = _round_up(self.bucket + decode_part, CACHE_ROUNDING)
         elif self.prompt_len + max_new_tokens > cache_length:
             raise ZipjaxError(
                 f"prompt ({self.prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
@@ -168,6 +177,8 @@ class _Plan:
             )
         self.bucket = min(self.bucket, cache_length - max_new_tokens)
         self.cache_length = cache_length
+        if self.kv is not None:  # geometry errors (bit packing, window) now, not inside jit
+            make_layout(cfg, self.kv, len(prompts), cache_length, self.bucket)
         self.max_new_tokens = int(max_new_tokens)
 
         self.batch = len(prompts)
@@ -184,7 +195,8 @@ class _Plan:
         if model.mesh is not None and self.batch % model.mesh.shape.get("data", 1) == 0:
             prompt = jax.device_put(prompt, NamedSharding(model.mesh, PartitionSpec("data", None)))
             starts = jax.device_put(starts, NamedSharding(model.mesh, PartitionSpec("data")))
-        cache = _cache_initializer(model.config, self.batch, self.cache_length, model.mesh)(starts)
+        cache = _cache_initializer(model.config, self.batch, self.cache_length, model.mesh, self.kv,
+                                   self.bucket)(starts)
         return prompt, starts, cache
 
     def output(self, tokens: np.ndarray) -> np.ndarray:
@@ -242,7 +254,7 @@ def _knobs(cfg: ModelConfig, temperature: float, top_k: int | None, top_p: float
 
 def generate(model: Model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, stop_tokens: int | Sequence[int] | None = None,
-             cache_length: int | None = None) -> np.ndarray:
+             cache_length: int | None = None, kv: Method | None = None) -> np.ndarray:
     """Generate `max_new_tokens` tokens after each prompt.
 
     Args:
@@ -251,11 +263,12 @@ def generate(model: Model, prompt_ids, max_new_tokens: int, *, temperature: floa
       top_k, top_p: optional filters applied before sampling (ignored when greedy).
       stop_tokens: ids that end a sequence; default the model's EOS ids; `()` for none.
       cache_length: KV cache slots; default the padded prompt length + max_new_tokens rounded up to 128.
+      kv: None for the dense cache, or a compressed cache: `zipjax.kv.ZipCache(...)`, `KIVI(...)`, `Uniform(...)`.
     Returns:
       int32 [batch, prompt_len + max_new_tokens] like transformers: prompts left-padded to the longest, then the
       generated tokens; after a stop token every position holds the pad id.
     """
-    plan = _Plan(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, cache_length)
+    plan = _Plan(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, cache_length, kv)
     prompt, starts, cache = plan.device_inputs(model)
     tokens, _ = _generate_loop(model.params, prompt, starts, cache, jax.random.key(seed), plan.knobs,
                             jnp.int32(plan.max_new_tokens), config=model.config, mode=plan.mode)
@@ -265,12 +278,12 @@ def generate(model: Model, prompt_ids, max_new_tokens: int, *, temperature: floa
 def generate_stream(model: Model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                     stop_tokens: int | Sequence[int] | None = None,
-                    cache_length: int | None = None) -> Iterator[np.ndarray]:
+                    cache_length: int | None = None, kv: Method | None = None) -> Iterator[np.ndarray]:
     """Like `generate`, but yields int32 [batch] new tokens one step at a time (pad for finished sequences).
 
     Stops after `max_new_tokens` steps or once every sequence has produced a stop token (that token included).
     """
-    plan = _Plan(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, cache_length)
+    plan = _Plan(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, cache_length, kv)
     prompt, starts, cache = plan.device_inputs(model)
     static = dict(config=model.config, mode=plan.mode)
     state = _prefill_jit(model.params, prompt, starts, cache, jax.random.key(seed), plan.knobs, **static)

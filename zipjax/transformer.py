@@ -109,7 +109,10 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None, *,
-                 last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
+                 last_only: bool = False, vocab_range: tuple[int, int] | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """vocab_range: (start, size) computes the logits of those token ids only, [batch, seq, size] (Emu3 samples
+        image codes from its 32,768 visual tokens, a sixth of its vocabulary: the rest of the head is skipped)."""
         cfg, dtype = self.config, self.config.jnp_dtype
         if cache is not None:
             cache.check_fits(tokens.shape)
@@ -122,10 +125,13 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         if cfg.tie_word_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, embed)
+            head = embed.T  # [embed, vocab]
         else:
-            lm_head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
-            logits = x @ lm_head
+            head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+        if vocab_range is not None:
+            start, size = vocab_range
+            head = jax.lax.slice_in_dim(head, start, start + size, axis=1)
+        logits = x @ head
         if cache is not None:
             cache = cache.advance(tokens.shape[1])
         return logits.astype(jnp.float32), cache

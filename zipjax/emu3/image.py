@@ -65,6 +65,11 @@ class Layout:
         """Tokens chosen by the decode loop: every row and its EOL (the closing EOF/EOI/EOS are appended after)."""
         return self.height * (self.width + 1)
 
+    @property
+    def vocab_range(self) -> tuple[int, int]:
+        """(first id, count) of the visual tokens: the only logits image decoding computes."""
+        return self.visual_offset, self.codebook_size
+
 
 @struct.dataclass
 class ImageState:
@@ -116,14 +121,16 @@ def format_prompt(model: Emu3Model, prompt: str | Sequence[int], rows: int, cols
     return ids
 
 
-def visual_logprobs(logits: jax.Array, knobs: ImageKnobs, layout: Layout, batch: int) -> jax.Array:
-    """Guided log-probabilities of the visual tokens: float32 [2 * batch or batch, ..., vocab] -> [batch, ...,
-    codebook]. With an unconditional half, cfg * (cond - uncond) + uncond on log-softmaxes."""
+def visual_logprobs(logits: jax.Array, knobs: ImageKnobs, batch: int) -> jax.Array:
+    """Guided log-probabilities of the visual tokens from the logits of the visual tokens only (`Layout.vocab_range`):
+    float32 [2 * batch or batch, ..., codebook] -> [batch, ..., codebook]. With an unconditional half,
+    cfg * (cond - uncond) + uncond on log-softmaxes. Normalising over the visual tokens instead of the whole
+    vocabulary shifts each row by a constant, which every sampler's softmax over the visual tokens cancels."""
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     if logits.shape[0] == 2 * batch:
         cond, uncond = logprobs[:batch], logprobs[batch:]
         logprobs = knobs.cfg_scale * (cond - uncond) + uncond
-    return jax.lax.dynamic_slice_in_dim(logprobs, layout.visual_offset, layout.codebook_size, axis=-1)
+    return logprobs
 
 
 def sample_code(visual: jax.Array, key: jax.Array, index: jax.Array, row: jax.Array, knobs: ImageKnobs,
@@ -147,7 +154,7 @@ def _choose(logits: jax.Array, key: jax.Array, step: jax.Array, knobs: ImageKnob
     """The next image token of each conditional sequence: EOL at the end of a row, else a sampled visual token.
 
     logits: float32 [2 * batch or batch, vocab]; step: int32 [] index of the token being chosen."""
-    code = sample_codes(visual_logprobs(logits, knobs, layout, batch), key, step, knobs, mode)
+    code = sample_codes(visual_logprobs(logits, knobs, batch), key, step, knobs, mode)
     row_end = (step + 1) % (layout.width + 1) == 0
     return jnp.where(row_end, layout.eol, code + layout.visual_offset).astype(jnp.int32)
 
@@ -162,7 +169,8 @@ def _prefill(params: Params, prompt: jax.Array, starts: jax.Array, cache: KVCach
              knobs: ImageKnobs, *, config: ModelConfig, layout: Layout, batch: int, mode: SamplingMode) -> ImageState:
     bucket = prompt.shape[1]
     positions = jnp.maximum(jnp.arange(bucket, dtype=jnp.int32)[None, :] - starts[:, None], 0)
-    logits, cache = Transformer(config).apply({"params": params}, prompt, positions, cache, last_only=True)
+    logits, cache = Transformer(config).apply({"params": params}, prompt, positions, cache, last_only=True,
+                                              vocab_range=layout.vocab_range)
     step = jnp.zeros((), jnp.int32)
     token = _choose(logits[:, 0], key, step, knobs, layout, batch, mode)
     tokens = jnp.zeros((batch, layout.num_tokens), jnp.int32).at[:, 0].set(token)
@@ -178,7 +186,7 @@ def _decode_until(params: Params, state: ImageState, stop: jax.Array, knobs: Ima
     def step(s: ImageState) -> ImageState:
         fed = _feed(s.last_token, s.cache.batch)
         logits, cache = Transformer(config).apply({"params": params}, fed[:, None], s.positions[:, None], s.cache,
-                                                  last_only=True)
+                                                  last_only=True, vocab_range=layout.vocab_range)
         token = _choose(logits[:, 0], s.key, s.step, knobs, layout, batch, mode)
         return ImageState(step=s.step + 1, tokens=s.tokens.at[:, s.step].set(token), last_token=token,
                           positions=s.positions + 1, cache=cache, key=s.key)

@@ -110,8 +110,9 @@ def adaptive_until(params: Params, state: AdaptiveState, stop: jax.Array, knobs:
         slots = jnp.tile(bucket + q_source, (halves, 1))
         positions = jnp.maximum(slots - s.cache.starts[:, None], 0)
         cache = s.cache.at(slots, jnp.tile(q_valid, (halves, 1)))
-        logits, cache = Transformer(config).apply({"params": params}, fed, positions, cache)
-        visual = visual_logprobs(logits, knobs, layout, batch)  # [batch, q, codebook]
+        logits, cache = Transformer(config).apply({"params": params}, fed, positions, cache,
+                                                  vocab_range=layout.vocab_range)
+        visual = visual_logprobs(logits, knobs, batch)  # [batch, q, codebook]
         probs = sampling_probs(visual, knobs, mode)
 
         # the image token each query decides; first draws use the sequential sampler's key for that token,

@@ -60,8 +60,9 @@ def zipar_prefill(params: Params, prompt: jax.Array, starts: jax.Array, cache: S
     slots = jnp.arange(bucket, dtype=jnp.int32)
     positions = jnp.maximum(slots[None, :] - starts[:, None], 0)
     cache = cache.at(slots, jnp.ones((bucket,), bool))
-    logits, cache = Transformer(config).apply({"params": params}, prompt, positions, cache, last_only=True)
-    code = sample_codes(visual_logprobs(logits[:, 0], knobs, layout, batch), key, jnp.int32(0), knobs, mode)
+    logits, cache = Transformer(config).apply({"params": params}, prompt, positions, cache, last_only=True,
+                                              vocab_range=layout.vocab_range)
+    code = sample_codes(visual_logprobs(logits[:, 0], knobs, batch), key, jnp.int32(0), knobs, mode)
     tokens = tokens.at[:, 0].set(code + layout.visual_offset)
     return ZipARState(passes=jnp.zeros((), jnp.int32), tokens=tokens, cache=cache, key=key)
 
@@ -83,8 +84,9 @@ def zipar_until(params: Params, state: ZipARState, schedule: DeviceSchedule, sto
         slots = bucket + jnp.maximum(slot, 0)
         positions = jnp.maximum(slots[None, :] - s.cache.starts[:, None], 0)
         cache = s.cache.at(slots, valid)
-        logits, cache = Transformer(config).apply({"params": params}, fed, positions, cache)
-        visual = visual_logprobs(logits, knobs, layout, batch)  # [batch, q, codebook]
+        logits, cache = Transformer(config).apply({"params": params}, fed, positions, cache,
+                                                  vocab_range=layout.vocab_range)
+        visual = visual_logprobs(logits, knobs, batch)  # [batch, q, codebook]
         codes = jax.vmap(lambda v, n: sample_codes(v, s.key, n, knobs, mode), in_axes=(1, 0), out_axes=1)(
             visual, target)  # [batch, q]
         write = jnp.where(target >= 0, target, layout.num_tokens)  # out of range: dropped

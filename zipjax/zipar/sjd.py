@@ -69,8 +69,9 @@ def sjd_until(params: Params, state: SJDState, stop: jax.Array, knobs: ImageKnob
         slots = jnp.tile(bucket + source, (halves, 1))
         positions = jnp.maximum(slots - s.cache.starts[:, None], 0)
         cache = s.cache.at(slots, jnp.tile(valid, (halves, 1)))
-        logits, cache = Transformer(config).apply({"params": params}, jnp.tile(fed, (halves, 1)), positions, cache)
-        p_new = sampling_probs(visual_logprobs(logits, knobs, layout, batch), knobs, mode)  # [batch, window, K]
+        logits, cache = Transformer(config).apply({"params": params}, jnp.tile(fed, (halves, 1)), positions, cache,
+                                                  vocab_range=layout.vocab_range)
+        p_new = sampling_probs(visual_logprobs(logits, knobs, batch), knobs, mode)  # [batch, window, K]
         target = s.cursor[:, None] + offsets[None, :]  # the image token each output decides
         eol = _is_eol(target, layout)
 

@@ -1,0 +1,377 @@
+"""The quantized KV cache: a pytree with the dense cache's `attend` / `advance` interface, so every model runs on it.
+
+Tokens are compressed a block at a time. Block 0 is the prompt (`prefill_len` slots, left-padded); after it, new
+tokens stay in a full-precision buffer of `window` slots, and when the buffer is full it is ranked and compressed as
+the next block (ZipCache's streaming, KIVI's residual). Within a block, each (sequence, KV head) ranks its tokens by
+saliency; the top `split(n)[0]` go to subset 0 (high bits), the rest to subset 1 (low bits). Every block of a
+subset has a static size, so a subset is one fixed-capacity array whose blocks sit at static offsets:
+
+  per subset (`Store`):  K codes, V codes  uint8 [batch, kv_heads, capacity, head_dim * bits / 8] (packed)
+                         slots             int16 [batch, kv_heads, capacity]  (cache slot of each token, -1: empty;
+                                                                              int32 from 32k slots on)
+                         K (step, min)     float16 [batch, kv_heads, blocks, head_dim]     (channel-wise keys)
+                                           or [batch, kv_heads, capacity, groups]          (token-wise keys)
+                         V (step, min)     float16 [batch, kv_heads, capacity, groups]     (token-wise values)
+  per layer (`LayerKV`): V channel scale   float16 [batch, kv_heads, blocks, head_dim]     (CST values only)
+                         K, V buffer       [batch, kv_heads, window, head_dim] in the model's dtype
+                         attention mass    float32 [batch, kv_heads, window] received by each buffered token
+
+Prefill attention is exact (full precision over the prompt, as in ZipCache where the prompt goes through
+FlashAttention); the prompt's saliency comes from probe queries or the full matrix. A buffered token's saliency is
+exact and free: the buffer is attended at full precision anyway, so each decode step adds the attention every
+buffered token receives, and at compression the mass is divided by the number of queries that saw it (the
+normalized score over the window). ZipCache's code instead ranks a window by the newest query alone, and its paper
+by 5% probe rows of the window; this uses every row.
+
+Decode attention here is the jnp reference: it dequantizes each subset and runs one softmax over subsets and
+buffer. Choices that differ from the official code, on purpose: statistics are per sequence
+(the code shares key statistics across the batch, which makes a sequence's cache depend on its batch mates), value
+rows are true per-(token, head) rows (the code groups different tokens of different heads by rank), and each block
+is quantized once with its own statistics (the code re-quantizes the whole cache from its dequantized values every
+100 tokens, compounding error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import PartitionSpec
+
+from zipjax.attention import MASK_VALUE, causal_mask, gqa_attention
+from zipjax.config import ModelConfig
+from zipjax.errors import ZipjaxError
+from zipjax.kv.methods import QuantSpec
+from zipjax.kv.quantize import channel_scale, dequantize, grouped, pack, quantize, unpack
+from zipjax.kv.saliency import prompt_saliency
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Static block geometry of a quantized cache."""
+
+    max_len: int
+    prefill_len: int
+    window: int
+    head_dim: int
+    bits: tuple[int, int]  # (salient, regular)
+    first: tuple[int, int]  # (salient, regular) tokens of the prompt block
+    rest: tuple[int, int]  # (salient, regular) tokens of each later block
+
+    @property
+    def num_blocks(self) -> int:
+        # a later block is compressed when a token arrives at a full buffer: floor((T - 1) / window) times for T
+        # decode tokens; the last window's tokens never leave the buffer
+        return 1 + max(self.max_len - self.prefill_len - 1, 0) // self.window
+
+    @property
+    def slot_dtype(self):
+        return jnp.int16 if self.max_len < 2**15 else jnp.int32
+
+    def subsets(self) -> tuple[int, ...]:
+        """Indices of the subsets that hold any token."""
+        return tuple(s for s in (0, 1) if self.first[s] or self.rest[s])
+
+    def capacity(self, s: int) -> int:
+        return self.first[s] + (self.num_blocks - 1) * self.rest[s]
+
+    def offset(self, s: int, block: jax.Array) -> jax.Array:
+        """First store index of `block` (>= 1) in subset s."""
+        return self.first[s] + (block - 1) * self.rest[s]
+
+    def block_ids(self, s: int) -> np.ndarray:
+        """int32 [capacity]: the block each store index of subset s belongs to."""
+        ids = [0] * self.first[s] + [b for b in range(1, self.num_blocks) for _ in range(self.rest[s])]
+        return np.asarray(ids, np.int32)
+
+
+@struct.dataclass
+class Store:
+    k_codes: jax.Array
+    v_codes: jax.Array
+    slots: jax.Array
+    k_step: jax.Array
+    k_min: jax.Array
+    v_step: jax.Array
+    v_min: jax.Array
+
+
+@struct.dataclass
+class LayerKV:
+    stores: tuple[Store, ...]  # one per entry of Layout.subsets()
+    v_scale: jax.Array | None
+    k_buf: jax.Array
+    v_buf: jax.Array
+    mass: jax.Array
+
+
+@struct.dataclass
+class QuantizedKVCache:
+    layers: tuple[LayerKV, ...]
+    cursor: jax.Array  # int32 []: next slot to write, shared by the batch
+    starts: jax.Array  # int32 [batch]: first real slot of each sequence
+    buffered: jax.Array  # int32 []: tokens in the full-precision buffer
+    blocks: jax.Array  # int32 []: blocks compressed so far
+    spec: QuantSpec = struct.field(pytree_node=False)
+    layout: Layout = struct.field(pytree_node=False)
+
+    @classmethod
+    def init(cls, config: ModelConfig, spec: QuantSpec, batch: int, max_len: int, prefill_len: int,
+             starts: jax.Array | None = None, dtype=None) -> QuantizedKVCache:
+        """An empty cache that takes a prompt block of `prefill_len` slots, then decode tokens up to `max_len`."""
+        layout = make_layout(config, spec, batch, max_len, prefill_len)
+        dtype = dtype or config.jnp_dtype
+        b, h, d, nb, w = batch, config.num_kv_heads, config.head_dim, layout.num_blocks, spec.window
+        groups = d // (spec.group or d)
+
+        def store(s: int) -> Store:
+            cap, bits = layout.capacity(s), layout.bits[s]
+            k_stats = (b, h, nb, d) if spec.key_mode == "channel" else (b, h, cap, groups)
+            return Store(k_codes=jnp.zeros((b, h, cap, d * bits // 8), jnp.uint8),
+                         v_codes=jnp.zeros((b, h, cap, d * bits // 8), jnp.uint8),
+                         slots=jnp.full((b, h, cap), -1, layout.slot_dtype),
+                         k_step=jnp.ones(k_stats, jnp.float16), k_min=jnp.zeros(k_stats, jnp.float16),
+                         v_step=jnp.ones((b, h, cap, groups), jnp.float16),
+                         v_min=jnp.zeros((b, h, cap, groups), jnp.float16))
+
+        def layer() -> LayerKV:
+            return LayerKV(stores=tuple(store(s) for s in layout.subsets()),
+                           v_scale=jnp.ones((b, h, nb, d), jnp.float16) if spec.value_mode == "cst" else None,
+                           k_buf=jnp.zeros((b, h, w, d), dtype), v_buf=jnp.zeros((b, h, w, d), dtype),
+                           mass=jnp.zeros((b, h, w), jnp.float32))
+
+        starts = jnp.zeros((batch,), jnp.int32) if starts is None else jnp.asarray(starts, jnp.int32)
+        zero = jnp.zeros((), jnp.int32)
+        return cls(layers=tuple(layer() for _ in range(config.num_layers)), cursor=zero, starts=starts,
+                   buffered=zero, blocks=zero, spec=spec, layout=layout)
+
+    @property
+    def batch(self) -> int:
+        return self.starts.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.layout.max_len
+
+    @property
+    def lengths(self) -> jax.Array:
+        return self.cursor - self.starts
+
+    def nbytes(self) -> int:
+        """Bytes held by every array of the cache (codes, scales, slots, buffer, counters)."""
+        return sum(x.nbytes for x in jax.tree.leaves(self))
+
+    def logical_axes(self) -> QuantizedKVCache:
+        """PartitionSpecs of logical axis names: every per-token array is split by batch and KV head."""
+        per_head = PartitionSpec("batch", "kv_heads")
+        specs = jax.tree.map(lambda x: per_head, self)
+        return dataclasses.replace(specs, cursor=PartitionSpec(), starts=PartitionSpec("batch"),
+                                   buffered=PartitionSpec(), blocks=PartitionSpec())
+
+    def check_fits(self, tokens_shape: tuple[int, int]) -> None:
+        batch, num_tokens = tokens_shape
+        if batch != self.batch:
+            raise ZipjaxError(f"the input holds {batch} sequences but the KV cache was made for {self.batch}")
+        if num_tokens not in (1, self.layout.prefill_len):
+            raise ZipjaxError(
+                f"a quantized KV cache takes the prompt as one block of {self.layout.prefill_len} tokens, then one "
+                f"token per step; got {num_tokens} tokens"
+            )
+        if isinstance(self.cursor, jax.core.Tracer):
+            return
+        cursor = int(self.cursor)
+        if num_tokens > 1 and cursor != 0:
+            raise ZipjaxError("the prompt block must be the first input of a quantized KV cache")
+        if num_tokens == 1 and cursor == 0:
+            raise ZipjaxError("a quantized KV cache needs its prompt block before single decode tokens")
+        if cursor + num_tokens > self.max_len:
+            raise ZipjaxError(
+                f"the KV cache holds {self.max_len} slots; {cursor} are used and {num_tokens} more do not fit"
+            )
+
+    def attend(self, layer: int, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
+               sliding_window: int | None) -> tuple[jax.Array, QuantizedKVCache]:
+        """q: [batch, q_len, heads, head_dim]; k_new, v_new: [batch, q_len, kv_heads, head_dim]."""
+        if q.shape[1] > 1:
+            out, state = self._prefill(layer, q, k_new, v_new, sliding_window)
+        else:
+            out, state = self._decode(layer, q, k_new, v_new, sliding_window)
+        return out, dataclasses.replace(self, layers=(*self.layers[:layer], state, *self.layers[layer + 1:]))
+
+    def advance(self, num_tokens: int) -> QuantizedKVCache:
+        if num_tokens > 1:
+            one = jnp.ones((), jnp.int32)
+            return dataclasses.replace(self, cursor=self.cursor + num_tokens, blocks=one,
+                                       buffered=jnp.zeros((), jnp.int32))
+        full = self.buffered == self.spec.window
+        return dataclasses.replace(self, cursor=self.cursor + 1, blocks=self.blocks + full.astype(jnp.int32),
+                                   buffered=jnp.where(full, 1, self.buffered + 1))
+
+    def _prefill(self, layer: int, q, k_new, v_new, sliding_window):
+        length = q.shape[1]
+        slots = jnp.arange(length, dtype=jnp.int32)
+        valid = slots[None, :] >= self.starts[:, None]  # [batch, length]
+        b_slots = jnp.broadcast_to(slots, valid.shape)
+        mask = causal_mask(b_slots, b_slots, sliding_window, k_valid=valid)
+        out = gqa_attention(q, k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3), mask)
+        spec = self.spec
+        if spec.saliency == "none":
+            score = jnp.where(valid[:, None, :], jnp.zeros((q.shape[0], k_new.shape[2], length)), -jnp.inf)
+        else:
+            key = jax.random.fold_in(jax.random.key(spec.seed), layer)
+            score = prompt_saliency(q, k_new, self.starts, method=spec.saliency, probe_ratio=spec.probe_ratio,
+                                    normalize=spec.normalize, key=key)
+        k = k_new.transpose(0, 2, 1, 3)
+        v = v_new.transpose(0, 2, 1, 3)
+        state = compress_block(self.layers[layer], spec, self.layout, k, v, slots, valid, score, block=None)
+        return out, state
+
+    def _decode(self, layer: int, q, k_new, v_new, sliding_window):
+        spec, layout = self.spec, self.layout
+        state = self.layers[layer]
+        window = spec.window
+        full = self.buffered == window
+
+        def flush(st: LayerKV) -> LayerKV:
+            seen = (window - jnp.arange(window)).astype(jnp.float32)  # queries that saw buffered token i
+            score = st.mass / seen if spec.saliency != "none" else jnp.zeros_like(st.mass)
+            slots = self.cursor - window + jnp.arange(window, dtype=jnp.int32)
+            valid = jnp.ones((self.batch, window), bool)
+            st = compress_block(st, spec, layout, st.k_buf, st.v_buf, slots, valid, score, block=self.blocks)
+            return dataclasses.replace(st, mass=jnp.zeros_like(st.mass))
+
+        state = jax.lax.cond(full, flush, lambda st: st, state)
+        count = jnp.where(full, 0, self.buffered)
+        index = (0, 0, count, 0)
+        k_buf = jax.lax.dynamic_update_slice(state.k_buf, k_new.transpose(0, 2, 1, 3).astype(state.k_buf.dtype), index)
+        v_buf = jax.lax.dynamic_update_slice(state.v_buf, v_new.transpose(0, 2, 1, 3).astype(state.v_buf.dtype), index)
+        buf_slots = self.cursor - count + jnp.arange(window, dtype=jnp.int32)
+        buf_slots = jnp.where(jnp.arange(window) <= count, buf_slots, -1)
+        keys, values, slots = dequantize_layer(state, spec, layout)
+        b, h = k_buf.shape[:2]
+        keys = jnp.concatenate([*keys, k_buf.astype(jnp.float32)], axis=2)  # [batch, kv_heads, kv_len, head_dim]
+        values = jnp.concatenate([*values, v_buf.astype(jnp.float32)], axis=2)
+        slots = jnp.concatenate([*slots, jnp.broadcast_to(buf_slots, (b, h, window))], axis=2)
+        q_slot = self.cursor  # the new token's slot
+        visible = (slots >= 0) & (slots >= self.starts[:, None, None]) & (slots <= q_slot)
+        if sliding_window is not None:
+            visible &= q_slot - slots < sliding_window
+        out, probs = masked_attention(q, keys, values, visible[:, :, None, :])
+        mass = state.mass + probs[..., -window:].sum(axis=(2, 3))
+        return out.astype(q.dtype), dataclasses.replace(state, k_buf=k_buf, v_buf=v_buf, mass=mass)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Attention with a mask per KV head. q [batch, q_len, heads, head_dim]; k, v float32 [batch, kv_heads, kv_len,
+    head_dim]; mask bool [batch, kv_heads, q_len, kv_len]. Returns (out [batch, q_len, heads, head_dim] float32,
+    probs [batch, kv_heads, group, q_len, kv_len])."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).astype(jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k) * head_dim**-0.5
+    scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1) * mask[:, :, None]
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    return out.reshape(batch, q_len, heads, head_dim), probs
+
+
+def make_layout(config: ModelConfig, spec: QuantSpec, batch: int, max_len: int, prefill_len: int) -> Layout:
+    """Validate the cache geometry against the model and the method, with errors that name the problem."""
+    d = config.head_dim
+    if batch <= 0:
+        raise ZipjaxError(f"a KV cache needs batch > 0, got {batch}")
+    if not 1 < prefill_len <= max_len:
+        raise ZipjaxError(f"prefill_len must lie in (1, max_len={max_len}], got {prefill_len}")
+    for bits in {spec.high_bits, spec.low_bits}:
+        if d % (8 // bits):
+            raise ZipjaxError(f"{bits}-bit codes pack {8 // bits} channels per byte; head_dim {d} is not a multiple")
+    if spec.group is not None and d % spec.group:
+        raise ZipjaxError(f"quantization group of {spec.group} channels does not divide head_dim {d}")
+    if spec.window > max_len - prefill_len and max_len > prefill_len:
+        raise ZipjaxError(
+            f"the full-precision window ({spec.window} tokens) is longer than the cache's decode part "
+            f"({max_len - prefill_len} slots after a {prefill_len}-token prompt); use a smaller window"
+        )
+    return Layout(max_len=max_len, prefill_len=prefill_len, window=spec.window, head_dim=d,
+                  bits=(spec.high_bits, spec.low_bits), first=spec.split(prefill_len), rest=spec.split(spec.window))
+
+
+def compress_block(state: LayerKV, spec: QuantSpec, layout: Layout, k: jax.Array, v: jax.Array, slots: jax.Array,
+                   valid: jax.Array, score: jax.Array, block: jax.Array | None) -> LayerKV:
+    """Rank a block's tokens per (sequence, KV head), quantize each subset, write it at its static place.
+
+    k, v: [batch, kv_heads, n, head_dim]; slots int32 [n]; valid bool [batch, n]; score float32 [batch, kv_heads, n]
+    (invalid tokens -inf); block: None for the prompt block (0), else the traced index of a later block.
+    """
+    n = k.shape[2]
+    sizes = layout.first if block is None else layout.rest
+    b_index = 0 if block is None else block
+    order = jnp.argsort(-score, axis=-1, stable=True)  # [batch, kv_heads, n], most salient first
+    token_valid = jnp.broadcast_to(valid[:, None, :], score.shape)
+    v = v.astype(jnp.float32)
+    v_scale = state.v_scale
+    if spec.value_mode == "cst":
+        c = channel_scale(v, axis=2, valid=token_valid[..., None])  # [batch, kv_heads, 1, head_dim]
+        v = v / c.astype(jnp.float32)
+        v_scale = jax.lax.dynamic_update_slice_in_dim(v_scale, c, b_index, axis=2)
+    stores = list(state.stores)
+    bounds = (0, sizes[0], n)
+    for i, s in enumerate(layout.subsets()):
+        if sizes[s] == 0:
+            continue
+        idx = jnp.sort(order[..., bounds[s]:bounds[s + 1]], axis=-1)  # [batch, kv_heads, n_s], in slot order
+        ks = jnp.take_along_axis(k.astype(jnp.float32), idx[..., None], axis=2)
+        vs = jnp.take_along_axis(v, idx[..., None], axis=2)
+        ok = jnp.take_along_axis(token_valid, idx, axis=2)
+        piece = quantize_subset(spec, layout.bits[s], ks, vs, ok)
+        piece["slots"] = jnp.where(ok, slots[idx], -1).astype(layout.slot_dtype)
+        offset = 0 if block is None else layout.offset(s, block)
+        st = stores[i]
+        updates = {}
+        for name, value in piece.items():
+            if name in ("k_step", "k_min") and spec.key_mode == "channel":
+                updates[name] = jax.lax.dynamic_update_slice_in_dim(getattr(st, name), value, b_index, axis=2)
+            else:
+                updates[name] = jax.lax.dynamic_update_slice_in_dim(getattr(st, name), value, offset, axis=2)
+        stores[i] = st.replace(**updates)
+    return state.replace(stores=tuple(stores), v_scale=v_scale)
+
+
+def quantize_subset(spec: QuantSpec, bits: int, k: jax.Array, v: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+    """Codes and parameters of one subset of a block: k, v float32 [batch, kv_heads, n, head_dim] (v already divided
+    by the CST channel scale), valid bool [batch, kv_heads, n]."""
+    d = k.shape[-1]
+    g = spec.group or d
+    if spec.key_mode == "channel":
+        k_codes, k_step, k_min = quantize(k, bits, axis=2, valid=valid[..., None])  # stats [b, h, 1, d]
+    else:
+        k_codes, k_step, k_min = quantize(grouped(k, g), bits, axis=-1)
+        k_codes, k_step, k_min = k_codes.reshape(k.shape), k_step[..., 0], k_min[..., 0]
+    v_codes, v_step, v_min = quantize(grouped(v, g), bits, axis=-1)
+    return {"k_codes": pack(k_codes.reshape(k.shape), bits), "v_codes": pack(v_codes.reshape(v.shape), bits),
+            "k_step": k_step, "k_min": k_min, "v_step": v_step[..., 0], "v_min": v_min[..., 0]}
+
+
+def dequantize_layer(state: LayerKV, spec: QuantSpec, layout: Layout
+                     ) -> tuple[list[jax.Array], list[jax.Array], list[jax.Array]]:
+    """Per subset: keys, values float32 [batch, kv_heads, capacity, head_dim] and slots [batch, kv_heads, capacity]."""
+    keys, values, slots = [], [], []
+    for st, s in zip(state.stores, layout.subsets(), strict=True):
+        bits, ids = layout.bits[s], layout.block_ids(s)
+        k_codes, v_codes = unpack(st.k_codes, bits), unpack(st.v_codes, bits)
+        d = k_codes.shape[-1]
+        g = spec.group or d
+        if spec.key_mode == "channel":
+            k = dequantize(k_codes, st.k_step[:, :, ids], st.k_min[:, :, ids])
+        else:
+            k = dequantize(grouped(k_codes, g), st.k_step[..., None], st.k_min[..., None]).reshape(k_codes.shape)
+        v = dequantize(grouped(v_codes, g), st.v_step[..., None], st.v_min[..., None]).reshape(v_codes.shape)
+        if state.v_scale is not None:
+            v = v * state.v_scale[:, :, ids].astype(jnp.float32)
+        keys.append(k)
+        values.append(v)
+        slots.append(st.slots.astype(jnp.int32))
+    return keys, values, slots

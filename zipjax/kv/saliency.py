@@ -1,0 +1,129 @@
+"""Token saliency from attention: ZipCache's normalized score, exact or from probe queries.
+
+The accumulated score of key j (H2O, MiKV) is the attention mass it receives, sum_i A[i, j]. Under a causal mask
+early keys are seen by more queries, so it favours the start of the sequence. ZipCache normalizes by the number of
+queries that see the key: p~_j = sum_i A[i, j] / nnz(A[:, j]) (paper Eq. 8).
+
+Probe approximation (paper §4.3): only a few query rows are computed explicitly (the most recent 5% of the prompt
+and 5% drawn at random before them), so every other query can go through a fused attention kernel. For the
+normalizer there are two readings:
+
+  "probe" (default): nnz over the probe rows, the number of probes at or after j: Eq. 8 applied to A_probe as the
+          paper says; an average of the attention j receives from the probes that can see it.
+  "code": the official code's nnz of the *full* causal matrix (L - j), whatever the probes.
+
+Both are measured against the exact score on a trained model in benchmarks/kvcache.py (probe overlap). Scores of a
+GQA group are summed over its query heads, giving one score per KV head as in the official code.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from zipjax.attention import MASK_VALUE
+
+NORMALIZATIONS = ("probe", "code")
+
+
+def attention_probs(q: jax.Array, k: jax.Array, q_slots: jax.Array, k_slots: jax.Array,
+                    k_valid: jax.Array) -> jax.Array:
+    """Causal softmax attention of queries over keys, float32 [batch, kv_heads, group, q, k].
+
+    q: [batch, q, heads, head_dim]; k: [batch, k, kv_heads, head_dim]; q_slots [batch, q], k_slots [k] positions;
+    k_valid bool [batch, k].
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).astype(jnp.float32)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * head_dim**-0.5
+    mask = (k_slots[None, None, :] <= q_slots[:, :, None]) & k_valid[:, None, :]  # [batch, q, k]
+    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+    return jax.nn.softmax(scores, axis=-1) * mask[:, None, None]
+
+
+def normalized_score(probs: jax.Array, q_slots: jax.Array, k_slots: jax.Array, k_valid: jax.Array,
+                     normalize: str = "probe", total_queries: jax.Array | None = None) -> jax.Array:
+    """float32 [batch, kv_heads, k]: column sums of `probs` [batch, kv_heads, group, q, k] over the group heads and
+    the query rows, divided by the number of rows that see each key ("probe"), or by `total_queries` [batch, k], the
+    number of queries of the full causal matrix that see each key ("code"). Invalid keys score -inf."""
+    mass = probs.sum(axis=(2, 3))  # [batch, kv_heads, k]
+    if normalize == "probe":
+        nnz = (k_slots[None, None, :] <= q_slots[:, :, None]).sum(axis=1).astype(jnp.float32)  # [batch, k]
+    else:
+        nnz = total_queries.astype(jnp.float32)
+    score = mass / jnp.maximum(nnz, 1.0)[:, None, :]
+    return jnp.where(k_valid[:, None, :], score, -jnp.inf)
+
+
+def accumulated_score(probs: jax.Array, k_valid: jax.Array) -> jax.Array:
+    """H2O's accumulated attention, float32 [batch, kv_heads, k] (for comparison)."""
+    return jnp.where(k_valid[:, None, :], probs.sum(axis=(2, 3)), -jnp.inf)
+
+
+def probe_slots(starts: jax.Array, length: int, probe_ratio: float, key: jax.Array) -> jax.Array:
+    """int32 [batch, n_probes]: the last ceil(ratio/2 * length) slots plus as many drawn uniformly (with
+    replacement, as ZipCache's code) among each sequence's earlier real tokens (slots >= its start)."""
+    n_recent = max(1, -(-int(probe_ratio * length) // 2))
+    n_random = max(0, int(probe_ratio * length) - n_recent)
+    recent = jnp.arange(length - n_recent, length, dtype=jnp.int32)
+    recent = jnp.broadcast_to(recent, (starts.shape[0], n_recent))
+    if n_random == 0:
+        return recent
+    u = jax.random.uniform(key, (starts.shape[0], n_random))
+    span = jnp.maximum(length - n_recent - starts, 1).astype(jnp.float32)
+    rand = jnp.minimum(starts[:, None] + jnp.floor(u * span[:, None]).astype(jnp.int32), length - 1)
+    return jnp.concatenate([rand, recent], axis=1)
+
+
+def prompt_saliency(q: jax.Array, k: jax.Array, starts: jax.Array, *, method: str, probe_ratio: float,
+                    normalize: str, key: jax.Array) -> jax.Array:
+    """Normalized saliency [batch, kv_heads, length] of the prompt's keys (slots 0..length-1, real from `starts`).
+
+    method "exact" uses every query (the full attention matrix); "probe" only the probe rows.
+    q: [batch, length, heads, head_dim]; k: [batch, length, kv_heads, head_dim].
+    """
+    batch, length = q.shape[:2]
+    k_slots = jnp.arange(length, dtype=jnp.int32)
+    k_valid = k_slots[None, :] >= starts[:, None]  # [batch, length]
+    total = jnp.maximum(length - k_slots, 0)[None, :]  # queries that see key j in the full causal matrix
+    if method == "exact":
+        q_slots = jnp.broadcast_to(k_slots, (batch, length))
+        probs = attention_probs(q, k, q_slots, k_slots, k_valid)
+        return normalized_score(probs, q_slots, k_slots, k_valid, "code", total)
+    q_slots = probe_slots(starts, length, probe_ratio, key)
+    q_probe = jnp.take_along_axis(q, q_slots[:, :, None, None], axis=1)
+    probs = attention_probs(q_probe, k, q_slots, k_slots, k_valid)
+    return normalized_score(probs, q_slots, k_slots, k_valid, normalize, total)
+
+
+class _Recorder:
+    """A dense cache that also keeps each layer's queries and keys (un-jitted analysis runs only)."""
+
+    def __init__(self, cache):
+        self.cache, self.seen = cache, {}
+
+    def check_fits(self, shape):
+        self.cache.check_fits(shape)
+
+    def attend(self, layer, q, k_new, v_new, sliding_window):
+        self.seen[layer] = (q, k_new)
+        out, self.cache = self.cache.attend(layer, q, k_new, v_new, sliding_window)
+        return out, self
+
+    def advance(self, num_tokens):
+        self.cache = self.cache.advance(num_tokens)
+        return self
+
+
+def prompt_queries_keys(model, ids) -> list[tuple[jax.Array, jax.Array]]:
+    """Per layer, the RoPE'd queries [batch, length, heads, head_dim] and keys [batch, length, kv_heads, head_dim]
+    of int prompts [batch, length] (no padding): what saliency is computed from, for analysis and tests."""
+    from zipjax.cache import KVCache
+    from zipjax.transformer import Transformer
+
+    ids = jnp.asarray(ids, jnp.int32)
+    recorder = _Recorder(KVCache.init(model.config, ids.shape[0], ids.shape[1]))
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+    Transformer(model.config).apply({"params": model.params}, ids, positions, recorder)
+    return [recorder.seen[i] for i in range(model.config.num_layers)]
