@@ -61,14 +61,16 @@ def test_cached_decoding_matches_single_pass(tiny):
     assert err <= 1e-5
 
 
-def test_vocab_range_computes_a_slice_of_the_logits(tiny):
-    """`vocab_range` (what image decoding uses to skip the text part of the head) equals slicing the full logits."""
-    from zipjax.transformer import Transformer
+def test_output_head_of_a_vocabulary_range(tiny):
+    """An `output_head` of a vocabulary range (what image decoding uses to skip the text part of the head) gives
+    exactly those columns of the full logits."""
+    from zipjax.transformer import Transformer, output_head
 
     model = tiny.load()
     ids = jnp.asarray(random_ids(2, 9, seed=3), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(9, dtype=jnp.int32), (2, 9))
     full, _ = Transformer(model.config).apply({"params": model.params}, ids, positions)
-    part, _ = Transformer(model.config).apply({"params": model.params}, ids, positions, vocab_range=(100, 37))
+    part, _ = Transformer(model.config).apply({"params": model.params}, ids, positions,
+                                            head=output_head(model.params, model.config, (100, 37)))
     assert part.shape == (2, 9, 37)
     np.testing.assert_allclose(np.asarray(part), np.asarray(full)[..., 100:137], atol=1e-6)

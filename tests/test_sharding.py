@@ -82,3 +82,22 @@ def test_mesh_axes_must_be_data_and_model(sharded_pair):
         zipjax.load(single.path, mesh=bad)
     with pytest.raises(zipjax.ZipjaxError, match="needs 6 devices, 8 given"):
         zipjax.make_mesh(data=2, model=3)
+
+
+def test_quantized_cache_is_split_and_generates_on_a_mesh(sharded_pair):
+    """The quantized cache's codes, scales and window are split by batch and KV head like the dense cache, and
+    generation on the mesh reproduces one device (same quantization decisions)."""
+    from zipjax.generate import _cache_initializer
+
+    single, sharded = sharded_pair["divisible"]
+    spec = zipjax.kv.ZipCache(window=8).spec()
+    cache = _cache_initializer(sharded.config, 4, 64, sharded.mesh, spec, 16)(jnp.zeros((4,), jnp.int32))
+    store = cache.layers[0].stores[1]
+    assert store.k_codes.sharding.spec == PartitionSpec("data", "model", None, None)
+    assert store.k_codes.addressable_shards[0].data.shape[:2] == (2, 1)
+    assert cache.layers[0].k_buf.sharding.spec == PartitionSpec("data", "model", None, None)
+    ids = random_ids(4, 13, seed=7)
+    prompts = [ids[0, :5].tolist(), ids[1].tolist(), ids[2, :9].tolist(), ids[3, :2].tolist()]
+    method = zipjax.kv.ZipCache(window=8)
+    np.testing.assert_array_equal(zipjax.generate(sharded, prompts, 20, stop_tokens=(), kv=method),
+                                  zipjax.generate(single, prompts, 20, stop_tokens=(), kv=method))

@@ -7,6 +7,7 @@
     image = zipjax.generate_image(emu3, "a cat on a red sofa", size=(720, 720)).images[0]
 """
 
+from zipjax import kv
 from zipjax.cache import KVCache
 from zipjax.checkpoint import load
 from zipjax.config import ModelConfig, RopeConfig
@@ -28,6 +29,7 @@ __all__ = [
     "generate",
     "generate_image",
     "generate_stream",
+    "kv",
     "load",
     "make_mesh",
 ]

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--kv", choices=("dense", "zipcache", "kivi", "uniform"), default="dense",
+                     help="KV cache: dense (default), zipcache (4/2-bit mixed precision, 60%% salient), "
+                          "kivi (2-bit), uniform (4-bit token-wise)")
     gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                      help="compute dtype (default: as stored)")
 
@@ -134,8 +137,10 @@ def run_generate(args: argparse.Namespace) -> None:
     generated: list[int] = []
     printed = ""
     start = time.perf_counter()
+    kv = {"dense": None, "zipcache": zipjax.kv.ZipCache(), "kivi": zipjax.kv.KIVI(),
+          "uniform": zipjax.kv.Uniform()}[args.kv]
     for step in zipjax.generate_stream(model, [ids], args.max_new_tokens, temperature=args.temperature,
-                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, kv=kv):
         token = int(step[0])
         if token in stop:
             break

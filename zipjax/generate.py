@@ -119,7 +119,8 @@ _decode_step_jit = jax.jit(_decode_step, static_argnames=("config", "mode"), don
 
 
 @functools.lru_cache(maxsize=64)
-def _cache_initializer(config: ModelConfig, batch: int, max_len: int, mesh, kv: QuantSpec | None, prefill_len: int):
+def _cache_initializer(config: ModelConfig, batch: int, max_len: int, mesh, kv: QuantSpec | None = None,
+                       prefill_len: int = 0):
     def init(starts: jax.Array) -> KVCache | QuantizedKVCache:
         if kv is None:
             return KVCache.init(config, batch, max_len, starts)

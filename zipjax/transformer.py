@@ -109,10 +109,9 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None, *,
-                 last_only: bool = False, vocab_range: tuple[int, int] | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
-        """vocab_range: (start, size) computes the logits of those token ids only, [batch, seq, size] (Emu3 samples
-        image codes from its 32,768 visual tokens, a sixth of its vocabulary: the rest of the head is skipped)."""
+                 last_only: bool = False, head: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """head: an output projection [embed, n] used instead of the model's, typically `output_head(...)` of a
+        vocabulary range (Emu3 samples image codes from 32,768 visual tokens, a sixth of its vocabulary)."""
         cfg, dtype = self.config, self.config.jnp_dtype
         if cache is not None:
             cache.check_fits(tokens.shape)
@@ -124,17 +123,22 @@ class Transformer(nn.Module):
         x = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x)
         if last_only:
             x = x[:, -1:]
-        if cfg.tie_word_embeddings:
+        if head is None and cfg.tie_word_embeddings:
             head = embed.T  # [embed, vocab]
-        else:
+        elif head is None:
             head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
-        if vocab_range is not None:
-            start, size = vocab_range
-            head = jax.lax.slice_in_dim(head, start, start + size, axis=1)
         logits = x @ head
         if cache is not None:
             cache = cache.advance(tokens.shape[1])
         return logits.astype(jnp.float32), cache
+
+
+def output_head(params: Params, config: ModelConfig, vocab_range: tuple[int, int]) -> jax.Array:
+    """The columns [start, start + size) of the output projection, [embed, size]. Compute it once, outside a decode
+    loop: sliced inside the loop body, XLA:CPU copies the slice on every iteration."""
+    start, size = vocab_range
+    full = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    return jax.lax.slice_in_dim(full, start, start + size, axis=1)
 
 
 def _dummy_inputs() -> tuple[jax.Array, jax.Array]:

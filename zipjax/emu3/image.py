@@ -34,7 +34,7 @@ from zipjax.emu3.model import Emu3Model
 from zipjax.errors import ZipjaxError
 from zipjax.generate import CACHE_ROUNDING, MIN_PREFILL_BUCKET, _cache_initializer, _next_pow2, _round_up
 from zipjax.sampling import SamplingMode, sample
-from zipjax.transformer import Params, Transformer
+from zipjax.transformer import Params, Transformer, output_head
 
 DEFAULT_NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, "
                            "cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, "
@@ -168,9 +168,10 @@ def _feed(tokens: jax.Array, cache_batch: int) -> jax.Array:
 def _prefill(params: Params, prompt: jax.Array, starts: jax.Array, cache: KVCache, key: jax.Array,
              knobs: ImageKnobs, *, config: ModelConfig, layout: Layout, batch: int, mode: SamplingMode) -> ImageState:
     bucket = prompt.shape[1]
+    head = output_head(params, config, layout.vocab_range)
     positions = jnp.maximum(jnp.arange(bucket, dtype=jnp.int32)[None, :] - starts[:, None], 0)
     logits, cache = Transformer(config).apply({"params": params}, prompt, positions, cache, last_only=True,
-                                              vocab_range=layout.vocab_range)
+                                              head=head)
     step = jnp.zeros((), jnp.int32)
     token = _choose(logits[:, 0], key, step, knobs, layout, batch, mode)
     tokens = jnp.zeros((batch, layout.num_tokens), jnp.int32).at[:, 0].set(token)
@@ -182,11 +183,12 @@ def _prefill(params: Params, prompt: jax.Array, starts: jax.Array, cache: KVCach
 def _decode_until(params: Params, state: ImageState, stop: jax.Array, knobs: ImageKnobs, *, config: ModelConfig,
                   layout: Layout, batch: int, mode: SamplingMode) -> ImageState:
     """Feed the newest token and choose the next one until `stop` tokens have been chosen."""
+    head = output_head(params, config, layout.vocab_range)
 
     def step(s: ImageState) -> ImageState:
         fed = _feed(s.last_token, s.cache.batch)
         logits, cache = Transformer(config).apply({"params": params}, fed[:, None], s.positions[:, None], s.cache,
-                                                  last_only=True, vocab_range=layout.vocab_range)
+                                                  last_only=True, head=head)
         token = _choose(logits[:, 0], s.key, s.step, knobs, layout, batch, mode)
         return ImageState(step=s.step + 1, tokens=s.tokens.at[:, s.step].set(token), last_token=token,
                           positions=s.positions + 1, cache=cache, key=s.key)

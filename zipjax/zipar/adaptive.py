@@ -33,7 +33,7 @@ from zipjax.emu3.image import ImageKnobs, Layout, sample_code, visual_logprobs
 from zipjax.errors import ZipjaxError
 from zipjax.generate import CACHE_ROUNDING, _round_up
 from zipjax.sampling import NEG_INF, SamplingMode, filter_logits
-from zipjax.transformer import Params, Transformer
+from zipjax.transformer import Params, Transformer, output_head
 from zipjax.zipar.acceptance import accept_or_resample
 from zipjax.zipar.cache import ScatterKVCache
 from zipjax.zipar.decode import initial_tokens, zipar_prefill
@@ -83,6 +83,7 @@ def adaptive_until(params: Params, state: AdaptiveState, stop: jax.Array, knobs:
     """Run passes until every image is complete or `stop` passes have run in this call."""
     rows, cols, width = layout.height, layout.width, layout.width + 1
     row_ids = jnp.arange(rows, dtype=jnp.int32)
+    head = output_head(params, config, layout.vocab_range)
 
     def one_pass(carry):
         s, done = carry
@@ -111,7 +112,7 @@ def adaptive_until(params: Params, state: AdaptiveState, stop: jax.Array, knobs:
         positions = jnp.maximum(slots - s.cache.starts[:, None], 0)
         cache = s.cache.at(slots, jnp.tile(q_valid, (halves, 1)))
         logits, cache = Transformer(config).apply({"params": params}, fed, positions, cache,
-                                                  vocab_range=layout.vocab_range)
+                                                  head=head)
         visual = visual_logprobs(logits, knobs, batch)  # [batch, q, codebook]
         probs = sampling_probs(visual, knobs, mode)
 

@@ -21,7 +21,7 @@ from zipjax.config import ModelConfig
 from zipjax.emu3.image import ImageKnobs, Layout, sample_codes, visual_logprobs
 from zipjax.generate import CACHE_ROUNDING, _round_up
 from zipjax.sampling import SamplingMode
-from zipjax.transformer import Params, Transformer
+from zipjax.transformer import Params, Transformer, output_head
 from zipjax.zipar.cache import ScatterKVCache
 from zipjax.zipar.schedule import Schedule, fixed_window
 
@@ -57,11 +57,12 @@ def zipar_prefill(params: Params, prompt: jax.Array, starts: jax.Array, cache: S
                   mode: SamplingMode) -> ZipARState:
     """The prompt [2 * batch or batch, bucket] into slots 0..bucket-1; the first image token from its last logits."""
     bucket = prompt.shape[1]
+    head = output_head(params, config, layout.vocab_range)
     slots = jnp.arange(bucket, dtype=jnp.int32)
     positions = jnp.maximum(slots[None, :] - starts[:, None], 0)
     cache = cache.at(slots, jnp.ones((bucket,), bool))
     logits, cache = Transformer(config).apply({"params": params}, prompt, positions, cache, last_only=True,
-                                              vocab_range=layout.vocab_range)
+                                              head=head)
     code = sample_codes(visual_logprobs(logits[:, 0], knobs, batch), key, jnp.int32(0), knobs, mode)
     tokens = tokens.at[:, 0].set(code + layout.visual_offset)
     return ZipARState(passes=jnp.zeros((), jnp.int32), tokens=tokens, cache=cache, key=key)
@@ -73,6 +74,7 @@ def zipar_until(params: Params, state: ZipARState, schedule: DeviceSchedule, sto
                 *, config: ModelConfig, layout: Layout, batch: int, mode: SamplingMode, bucket: int) -> ZipARState:
     """Run decode passes until `stop` of them are done."""
     cache_batch = state.cache.batch
+    head = output_head(params, config, layout.vocab_range)
 
     def one_pass(s: ZipARState) -> ZipARState:
         source = schedule.source[s.passes]  # [q]
@@ -85,7 +87,7 @@ def zipar_until(params: Params, state: ZipARState, schedule: DeviceSchedule, sto
         positions = jnp.maximum(slots[None, :] - s.cache.starts[:, None], 0)
         cache = s.cache.at(slots, valid)
         logits, cache = Transformer(config).apply({"params": params}, fed, positions, cache,
-                                                  vocab_range=layout.vocab_range)
+                                                  head=head)
         visual = visual_logprobs(logits, knobs, batch)  # [batch, q, codebook]
         codes = jax.vmap(lambda v, n: sample_codes(v, s.key, n, knobs, mode), in_axes=(1, 0), out_axes=1)(
             visual, target)  # [batch, q]

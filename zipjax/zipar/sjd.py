@@ -28,7 +28,7 @@ from zipjax.emu3.image import ImageKnobs, Layout, visual_logprobs
 from zipjax.errors import ZipjaxError
 from zipjax.generate import CACHE_ROUNDING, _round_up
 from zipjax.sampling import SamplingMode
-from zipjax.transformer import Params, Transformer
+from zipjax.transformer import Params, Transformer, output_head
 from zipjax.zipar.acceptance import accept_or_resample
 from zipjax.zipar.adaptive import sampling_probs
 from zipjax.zipar.cache import ScatterKVCache
@@ -57,6 +57,7 @@ def sjd_until(params: Params, state: SJDState, stop: jax.Array, knobs: ImageKnob
     total = layout.num_tokens
     codebook = layout.codebook_size
     offsets = jnp.arange(window, dtype=jnp.int32)
+    head = output_head(params, config, layout.vocab_range)
 
     def one_pass(carry):
         s, done = carry
@@ -70,7 +71,7 @@ def sjd_until(params: Params, state: SJDState, stop: jax.Array, knobs: ImageKnob
         positions = jnp.maximum(slots - s.cache.starts[:, None], 0)
         cache = s.cache.at(slots, jnp.tile(valid, (halves, 1)))
         logits, cache = Transformer(config).apply({"params": params}, jnp.tile(fed, (halves, 1)), positions, cache,
-                                                  vocab_range=layout.vocab_range)
+                                                  head=head)
         p_new = sampling_probs(visual_logprobs(logits, knobs, batch), knobs, mode)  # [batch, window, K]
         target = s.cursor[:, None] + offsets[None, :]  # the image token each output decides
         eol = _is_eol(target, layout)

