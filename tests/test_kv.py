@@ -263,3 +263,13 @@ def test_generate_with_a_quantized_cache(trained):
         streamed = np.stack(list(zipjax.generate_stream(trained, prompts, 40, stop_tokens=(), kv=method)), 1)
         np.testing.assert_array_equal(out[:, -40:], streamed)
         assert out.shape == dense.shape
+
+
+def test_cli_generates_with_a_quantized_cache(capsys):
+    from zipjax.cli import main
+
+    assert main(["generate", "--kv", "zipcache", "--max-new-tokens", "12", "def read_config(path):"]) in (0, None)
+    out = capsys.readouterr().out
+    assert out.startswith("def read_config(path):") and len(out.strip()) > len("def read_config(path):")
+    with pytest.raises(SystemExit):
+        main(["generate", "--kv", "zipcash", "x"])
