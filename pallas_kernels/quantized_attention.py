@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from zipjax.kv.quantize import unpack
+
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -143,15 +145,13 @@ def merge(states: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
 
 def dequantize_segment(k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, *, bits: int, block: int,
                        group: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """The segment's keys and values, float32 [batch, kv_heads, blocks * block, d] (reference only)."""
-    def unpack(codes):
-        return jnp.concatenate(_unpacked_parts(codes, bits), axis=-1)
-
-    k = unpack(k_codes)
+    """The segment's keys and values, float32 [batch, kv_heads, blocks * block, d] (reference only; it unpacks with
+    zipjax.kv's own `unpack`, independently of the kernel's in-register unpacking)."""
+    k = unpack(k_codes, bits).astype(jnp.float32)
     d = k.shape[-1]
     per_token = lambda x: jnp.repeat(x.astype(jnp.float32), block, axis=2)  # [.., blocks, d] -> per token
     k = k * per_token(k_step) + per_token(k_min)
-    v = unpack(v_codes)
+    v = unpack(v_codes, bits).astype(jnp.float32)
     channel_group = jnp.arange(d) // (group or d)
     v = v * v_step.astype(jnp.float32)[..., channel_group] + v_min.astype(jnp.float32)[..., channel_group]
     if v_scale is not None:

@@ -35,6 +35,19 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
 
 
+def grouped_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention probabilities, float32 [batch, kv_heads, group, q_len, kv_len], zero where masked.
+
+    q: [batch, q_len, heads, head_dim]; k: [batch, kv_heads, kv_len, head_dim]; mask: bool broadcastable to
+    [batch, kv_heads, 1, q_len, kv_len]. For callers that need the probabilities themselves (saliency scores)."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).astype(jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(jnp.float32)) * head_dim**-0.5
+    scores = jnp.where(mask, scores, MASK_VALUE)
+    return jax.nn.softmax(scores, axis=-1) * mask
+
+
 def causal_mask(
     q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | None, k_valid: jax.Array | None = None
 ) -> jax.Array:

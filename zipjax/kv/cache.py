@@ -41,7 +41,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec
 
-from zipjax.attention import MASK_VALUE, causal_mask, gqa_attention
+from zipjax.attention import causal_mask, gqa_attention, grouped_probs
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.kv.methods import QuantSpec
@@ -268,14 +268,9 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     """Attention with a mask per KV head. q [batch, q_len, heads, head_dim]; k, v float32 [batch, kv_heads, kv_len,
     head_dim]; mask bool [batch, kv_heads, q_len, kv_len]. Returns (out [batch, q_len, heads, head_dim] float32,
     probs [batch, kv_heads, group, q_len, kv_len])."""
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k) * head_dim**-0.5
-    scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1) * mask[:, :, None]
+    probs = grouped_probs(q, k, mask[:, :, None])
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    return out.reshape(batch, q_len, heads, head_dim), probs
+    return out.reshape(q.shape), probs
 
 
 def make_layout(config: ModelConfig, spec: QuantSpec, batch: int, max_len: int, prefill_len: int) -> Layout:
@@ -311,7 +306,7 @@ def compress_block(state: LayerKV, spec: QuantSpec, layout: Layout, k: jax.Array
     b_index = 0 if block is None else block
     order = jnp.argsort(-score, axis=-1, stable=True)  # [batch, kv_heads, n], most salient first
     token_valid = jnp.broadcast_to(valid[:, None, :], score.shape)
-    v = v.astype(jnp.float32)
+    k, v = k.astype(jnp.float32), v.astype(jnp.float32)
     v_scale = state.v_scale
     if spec.value_mode == "cst":
         c = channel_scale(v, axis=2, valid=token_valid[..., None])  # [batch, kv_heads, 1, head_dim]
@@ -323,7 +318,7 @@ def compress_block(state: LayerKV, spec: QuantSpec, layout: Layout, k: jax.Array
         if sizes[s] == 0:
             continue
         idx = jnp.sort(order[..., bounds[s]:bounds[s + 1]], axis=-1)  # [batch, kv_heads, n_s], in slot order
-        ks = jnp.take_along_axis(k.astype(jnp.float32), idx[..., None], axis=2)
+        ks = jnp.take_along_axis(k, idx[..., None], axis=2)
         vs = jnp.take_along_axis(v, idx[..., None], axis=2)
         ok = jnp.take_along_axis(token_valid, idx, axis=2)
         piece = quantize_subset(spec, layout.bits[s], ks, vs, ok)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from zipjax.attention import MASK_VALUE
+from zipjax.attention import grouped_probs
 
 NORMALIZATIONS = ("probe", "code")
 
@@ -33,13 +33,8 @@ def attention_probs(q: jax.Array, k: jax.Array, q_slots: jax.Array, k_slots: jax
     q: [batch, q, heads, head_dim]; k: [batch, k, kv_heads, head_dim]; q_slots [batch, q], k_slots [k] positions;
     k_valid bool [batch, k].
     """
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * head_dim**-0.5
     mask = (k_slots[None, None, :] <= q_slots[:, :, None]) & k_valid[:, None, :]  # [batch, q, k]
-    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
-    return jax.nn.softmax(scores, axis=-1) * mask[:, None, None]
+    return grouped_probs(q, k.transpose(0, 2, 1, 3), mask[:, None, None])
 
 
 def normalized_score(probs: jax.Array, q_slots: jax.Array, k_slots: jax.Array, k_valid: jax.Array,
