@@ -14,8 +14,9 @@ token's step applied to its probability. Codes are unpacked in registers: the sp
 every byte at a contiguous block of channels, one shift and mask each.
 
 `reference` is the same computation in plain jax.numpy (dequantize, then attend) and the kernel is tested against it
-in interpret mode on CPU and with the TPU interpreter. Integration into zipjax.kv's cache (which would store each
-subset as uniform-block segments) and GPU compilation are pending; the cache uses its jnp path meanwhile.
+in interpret mode on CPU and with the TPU interpreter. zipjax.kv's cache stores every subset as uniform-block
+segments (prompt block, later blocks) and calls this per segment when its method says `kernel=True`; it has not
+been compiled on a GPU yet, so the jnp path stays the default.
 """
 
 from __future__ import annotations
@@ -131,16 +132,27 @@ def segment_attention(q: jax.Array, k_codes: jax.Array, k_step: jax.Array, k_min
     return m, total, acc
 
 
-def merge(states: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+def combine(states: list[tuple[jax.Array, jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Exact softmax attention from partial states (m, l [..., blocks, G], acc [..., blocks, G, d]) of any number
-    of segments: [..., G, d]."""
+    of segments. Returns (out [..., G, d], max [..., G], sum [..., G]): the probability of a key with score s is
+    exp(s - max) / sum."""
     m = jnp.concatenate([s[0] for s in states], axis=-2)
     l = jnp.concatenate([s[1] for s in states], axis=-2)  # noqa: E741
     acc = jnp.concatenate([s[2] for s in states], axis=-3)
-    top = m.max(axis=-2, keepdims=True)
-    weight = jnp.exp(m - top)  # [..., blocks, G]
-    total = (l * weight).sum(axis=-2)
-    return (acc * weight[..., None]).sum(axis=-3) / jnp.maximum(total, 1e-30)[..., None]
+    top = m.max(axis=-2)
+    weight = jnp.exp(m - top[..., None, :])  # [..., blocks, G]
+    total = jnp.maximum((l * weight).sum(axis=-2), 1e-30)
+    return (acc * weight[..., None]).sum(axis=-3) / total[..., None], top, total
+
+
+def merge(states: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+    """The attention output [..., G, d] of `combine`."""
+    return combine(states)[0]
+
+
+def segment_attention_on_backend(*args, **kwargs) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`segment_attention` compiled on GPU/TPU and interpreted on CPU, where Pallas only interprets."""
+    return segment_attention(*args, **kwargs, interpret=jax.default_backend() not in ("gpu", "tpu"))
 
 
 def dequantize_segment(k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, *, bits: int, block: int,

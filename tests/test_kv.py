@@ -4,6 +4,7 @@ The model-level checks run on the shipped stdlib-llama checkpoint (trained weigh
 attention of a trained model has real salient tokens, which random weights lack.
 """
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -207,6 +208,24 @@ def test_streaming_8_bit_caches_track_the_dense_cache(trained, forced, method):
     assert int(cache.blocks) == 1 + (39 - 1) // 8 and int(cache.buffered) == 39 - 8 * ((39 - 1) // 8)
 
 
+@pytest.mark.parametrize("method", [kv.ZipCache(window=8), kv.KIVI(bits=2, group=16, residual=8)],
+                         ids=lambda m: type(m).__name__)
+def test_pallas_decode_attention_equals_the_jnp_path(trained, forced, method):
+    """The cache with kernel=True (Pallas over packed codes, interpreted on CPU) gives the jnp path's logits and
+    the same cache, through prefill and several flushes: 2-bit codes, mixed precision, left padding."""
+    ids, starts, _ = forced
+    jnp_cache = QuantizedKVCache.init(trained.config, method.spec(), 2, 104, 64, starts)
+    ours_jnp, jnp_cache = _teacher_forced(trained, jnp_cache, ids[:, :80], 64)
+    method = dataclasses.replace(method, kernel=True)
+    kernel_cache = QuantizedKVCache.init(trained.config, method.spec(), 2, 104, 64, starts)
+    ours_kernel, kernel_cache = _teacher_forced(trained, kernel_cache, ids[:, :80], 64)
+    err = np.abs(ours_kernel - ours_jnp).max()
+    print(f"{method}: kernel vs jnp path, max logit difference {err:.2e}")
+    assert err < 1e-3
+    assert int(kernel_cache.blocks) == 2
+    np.testing.assert_array_equal(kernel_cache.layers[2].stores[0].slots, jnp_cache.layers[2].stores[0].slots)
+
+
 def test_every_compressed_slot_is_stored_exactly_once(trained, forced):
     """After prefill and several flushes each (sequence, KV head) holds each real slot once, across both subsets
     and the buffer, and no padding slot."""
@@ -263,6 +282,9 @@ def test_generate_with_a_quantized_cache(trained):
         streamed = np.stack(list(zipjax.generate_stream(trained, prompts, 40, stop_tokens=(), kv=method)), 1)
         np.testing.assert_array_equal(out[:, -40:], streamed)
         assert out.shape == dense.shape
+    kernel = zipjax.generate(trained, prompts, 40, stop_tokens=(), kv=kv.ZipCache(window=16, kernel=True))
+    np.testing.assert_array_equal(kernel, zipjax.generate(trained, prompts, 40, stop_tokens=(),
+                                                          kv=kv.ZipCache(window=16)))
 
 
 def test_cli_generates_with_a_quantized_cache(capsys):
@@ -271,5 +293,9 @@ def test_cli_generates_with_a_quantized_cache(capsys):
     assert main(["generate", "--kv", "zipcache", "--max-new-tokens", "12", "def read_config(path):"]) in (0, None)
     out = capsys.readouterr().out
     assert out.startswith("def read_config(path):") and len(out.strip()) > len("def read_config(path):")
+    assert main(["generate", "--kv", "kivi", "--kv-kernel", "--max-new-tokens", "4", "import os"]) in (0, None)
+    assert capsys.readouterr().out.startswith("import os")
     with pytest.raises(SystemExit):
         main(["generate", "--kv", "zipcash", "x"])
+    with pytest.raises(SystemExit, match="--kv-kernel needs"):
+        main(["generate", "--kv", "uniform", "--kv-kernel", "x"])

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--kv", choices=("dense", "zipcache", "kivi", "uniform"), default="dense",
                      help="KV cache: dense (default), zipcache (4/2-bit mixed precision, 60%% salient), "
                           "kivi (2-bit), uniform (4-bit token-wise)")
+    gen.add_argument("--kv-kernel", action="store_true",
+                     help="decode attention over the packed codes with the Pallas kernel (zipcache, kivi)")
     gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                      help="compute dtype (default: as stored)")
 
@@ -137,7 +139,10 @@ def run_generate(args: argparse.Namespace) -> None:
     generated: list[int] = []
     printed = ""
     start = time.perf_counter()
-    kv = {"dense": None, "zipcache": zipjax.kv.ZipCache(), "kivi": zipjax.kv.KIVI(),
+    if args.kv_kernel and args.kv not in ("zipcache", "kivi"):
+        raise SystemExit(f"--kv-kernel needs --kv zipcache or --kv kivi (the {args.kv} cache has no kernel)")
+    kernel = {"kernel": True} if args.kv_kernel else {}
+    kv = {"dense": None, "zipcache": zipjax.kv.ZipCache(**kernel), "kivi": zipjax.kv.KIVI(**kernel),
           "uniform": zipjax.kv.Uniform()}[args.kv]
     for step in zipjax.generate_stream(model, [ids], args.max_new_tokens, temperature=args.temperature,
                                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, kv=kv):

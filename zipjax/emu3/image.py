@@ -33,6 +33,8 @@ from zipjax.config import ModelConfig
 from zipjax.emu3.model import Emu3Model
 from zipjax.errors import ZipjaxError
 from zipjax.generate import CACHE_ROUNDING, MIN_PREFILL_BUCKET, _cache_initializer, _next_pow2, _round_up
+from zipjax.kv import Method
+from zipjax.kv.cache import make_layout
 from zipjax.sampling import SamplingMode, sample
 from zipjax.transformer import Params, Transformer, output_head
 
@@ -201,7 +203,7 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
                    negative_prompt: str | Sequence[int] = DEFAULT_NEGATIVE_PROMPT, temperature: float = 1.0,
                    top_k: int | None = 2048, top_p: float | None = None, seed: int = 0,
                    zipar_window: int | str | None = None, zipar_min_window: int = 4, zipar_kernel: bool = False,
-                   sjd_window: int | None = None, progress: bool = False) -> ImageResult:
+                   sjd_window: int | None = None, kv: Method | None = None, progress: bool = False) -> ImageResult:
     """Generate one image per prompt.
 
     Args:
@@ -217,6 +219,8 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
       sjd_window: decode with Speculative Jacobi Decoding (ZipAR's peer) over a window of this many tokens.
       zipar_kernel: run ZipAR's attention as the Pallas kernel (compiled on GPU/TPU, interpreted on CPU) instead
         of jax.numpy.
+      kv: a compressed KV cache (`zipjax.kv.ZipCache(...)`, `KIVI(...)`, `Uniform(...)`) for one-token-per-pass
+        decoding: the prompt block is quantized after prefill and image tokens as each window fills.
     """
     if not isinstance(model, Emu3Model):
         raise ZipjaxError(f"generate_image needs an Emu3 checkpoint; this one is {model.config.architecture}")
@@ -235,6 +239,13 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
         raise ZipjaxError(f"zipar_window must be None, a positive integer or 'adaptive', got {zipar_window!r}")
     if not isinstance(zipar_min_window, int | np.integer) or zipar_min_window < 1:
         raise ZipjaxError(f"zipar_min_window must be a positive integer, got {zipar_min_window!r}")
+    if kv is not None and not hasattr(kv, "spec"):
+        raise ZipjaxError(f"kv must be None or a zipjax.kv method (ZipCache, KIVI, Uniform), got {kv!r}")
+    if kv is not None and (zipar_window is not None or sjd_window is not None):
+        raise ZipjaxError(
+            "a quantized KV cache (kv=...) takes one token per pass; ZipAR and SJD passes write several tokens at "
+            "scattered slots, which it does not support yet: use kv=None with them, or zipar_window=None with kv"
+        )
     rows, cols = token_grid(model, size)
     vocab = model.vocab
     layout = Layout(rows, cols, vocab.eol, vocab.visual_offset, vocab.codebook_size)
@@ -272,7 +283,10 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
         body, passes = np.asarray(body), int(per_image.max())
     elif zipar_window is None:
         cache_len = _round_up(bucket + layout.num_tokens, CACHE_ROUNDING)
-        cache = _cache_initializer(cfg, len(sequences), cache_len, model.mesh)(starts)
+        spec = kv.spec() if kv is not None else None
+        if spec is not None:  # geometry errors (bit packing, window) now, not inside jit
+            make_layout(cfg, spec, len(sequences), cache_len, bucket)
+        cache = _cache_initializer(cfg, len(sequences), cache_len, model.mesh, spec, bucket)(starts)
         state = _prefill(model.params, jnp.asarray(padded), starts, cache, key, knobs, **static)
         for row in tqdm(range(rows), desc="image rows", unit="row", disable=not progress):
             state = _decode_until(model.params, state, jnp.int32((row + 1) * (cols + 1)), knobs, **static)

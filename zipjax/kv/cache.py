@@ -23,8 +23,11 @@ buffered token receives, and at compression the mass is divided by the number of
 normalized score over the window). ZipCache's code instead ranks a window by the newest query alone, and its paper
 by 5% probe rows of the window; this uses every row.
 
-Decode attention here is the jnp reference: it dequantizes each subset and runs one softmax over subsets and
-buffer. Choices that differ from the official code, on purpose: statistics are per sequence
+Decode attention has two explicit paths: the jnp reference dequantizes each segment and runs one softmax over
+segments and buffer; with `kernel=True` the Pallas kernel (pallas_kernels.quantized_attention) reads each
+segment's packed codes and scales directly and the partial states are merged with the buffer's by log-sum-exp.
+Segments have uniform blocks for that kernel: per subset, the prompt block is one segment and the later blocks
+another. Choices that differ from the official code, on purpose: statistics are per sequence
 (the code shares key statistics across the batch, which makes a sequence's cache depend on its batch mates), value
 rows are true per-(token, head) rows (the code groups different tokens of different heads by rank), and each block
 is quantized once with its own statistics (the code re-quantizes the whole cache from its dequantized values every
@@ -41,12 +44,33 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec
 
-from zipjax.attention import causal_mask, gqa_attention, grouped_probs
+from pallas_kernels.quantized_attention import combine, segment_attention_on_backend
+from zipjax.attention import MASK_VALUE, causal_mask, gqa_attention, grouped_probs
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.kv.methods import QuantSpec
 from zipjax.kv.quantize import channel_scale, dequantize, grouped, pack, quantize, unpack
 from zipjax.kv.saliency import prompt_saliency
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One store: `blocks` blocks of `size` tokens of one subset at one bit width (uniform blocks, which is what
+    the decode kernel's grid needs). The prompt block (0) and the later blocks (1 ..) are separate segments."""
+
+    subset: int  # 0: salient (high bits), 1: regular (low bits)
+    first_block: int  # 0 for the prompt segment, 1 for the streaming segment
+    blocks: int
+    size: int
+    bits: int
+
+    @property
+    def capacity(self) -> int:
+        return self.blocks * self.size
+
+    def block_ids(self) -> np.ndarray:
+        """int32 [capacity]: the segment-local block of each store index."""
+        return np.repeat(np.arange(self.blocks, dtype=np.int32), self.size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,21 +95,16 @@ class Layout:
     def slot_dtype(self):
         return jnp.int16 if self.max_len < 2**15 else jnp.int32
 
-    def subsets(self) -> tuple[int, ...]:
-        """Indices of the subsets that hold any token."""
-        return tuple(s for s in (0, 1) if self.first[s] or self.rest[s])
-
-    def capacity(self, s: int) -> int:
-        return self.first[s] + (self.num_blocks - 1) * self.rest[s]
-
-    def offset(self, s: int, block: jax.Array) -> jax.Array:
-        """First store index of `block` (>= 1) in subset s."""
-        return self.first[s] + (block - 1) * self.rest[s]
-
-    def block_ids(self, s: int) -> np.ndarray:
-        """int32 [capacity]: the block each store index of subset s belongs to."""
-        ids = [0] * self.first[s] + [b for b in range(1, self.num_blocks) for _ in range(self.rest[s])]
-        return np.asarray(ids, np.int32)
+    def segments(self) -> tuple[Segment, ...]:
+        """The non-empty stores, in the order of LayerKV.stores: per subset, the prompt segment, then the streaming
+        segment."""
+        out = []
+        for s in (0, 1):
+            if self.first[s]:
+                out.append(Segment(s, 0, 1, self.first[s], self.bits[s]))
+            if self.rest[s] and self.num_blocks > 1:
+                out.append(Segment(s, 1, self.num_blocks - 1, self.rest[s], self.bits[s]))
+        return tuple(out)
 
 
 @struct.dataclass
@@ -101,7 +120,7 @@ class Store:
 
 @struct.dataclass
 class LayerKV:
-    stores: tuple[Store, ...]  # one per entry of Layout.subsets()
+    stores: tuple[Store, ...]  # one per entry of Layout.segments()
     v_scale: jax.Array | None
     k_buf: jax.Array
     v_buf: jax.Array
@@ -127,9 +146,9 @@ class QuantizedKVCache:
         b, h, d, nb, w = batch, config.num_kv_heads, config.head_dim, layout.num_blocks, spec.window
         groups = d // (spec.group or d)
 
-        def store(s: int) -> Store:
-            cap, bits = layout.capacity(s), layout.bits[s]
-            k_stats = (b, h, nb, d) if spec.key_mode == "channel" else (b, h, cap, groups)
+        def store(seg: Segment) -> Store:
+            cap, bits = seg.capacity, seg.bits
+            k_stats = (b, h, seg.blocks, d) if spec.key_mode == "channel" else (b, h, cap, groups)
             return Store(k_codes=jnp.zeros((b, h, cap, d * bits // 8), jnp.uint8),
                          v_codes=jnp.zeros((b, h, cap, d * bits // 8), jnp.uint8),
                          slots=jnp.full((b, h, cap), -1, layout.slot_dtype),
@@ -138,7 +157,7 @@ class QuantizedKVCache:
                          v_min=jnp.zeros((b, h, cap, groups), jnp.float16))
 
         def layer() -> LayerKV:
-            return LayerKV(stores=tuple(store(s) for s in layout.subsets()),
+            return LayerKV(stores=tuple(store(seg) for seg in layout.segments()),
                            v_scale=jnp.ones((b, h, nb, d), jnp.float16) if spec.value_mode == "cst" else None,
                            k_buf=jnp.zeros((b, h, w, d), dtype), v_buf=jnp.zeros((b, h, w, d), dtype),
                            mass=jnp.zeros((b, h, w), jnp.float32))
@@ -250,18 +269,55 @@ class QuantizedKVCache:
         v_buf = jax.lax.dynamic_update_slice(state.v_buf, v_new.transpose(0, 2, 1, 3).astype(state.v_buf.dtype), index)
         buf_slots = self.cursor - count + jnp.arange(window, dtype=jnp.int32)
         buf_slots = jnp.where(jnp.arange(window) <= count, buf_slots, -1)
-        keys, values, slots = dequantize_layer(state, spec, layout)
-        b, h = k_buf.shape[:2]
+        if spec.kernel:
+            out, buf_probs = self._kernel_attention(state, q, k_buf, v_buf, buf_slots, sliding_window)
+        else:
+            out, buf_probs = self._jnp_attention(state, q, k_buf, v_buf, buf_slots, sliding_window)
+        mass = state.mass + buf_probs.sum(axis=(2, 3))
+        return out.astype(q.dtype), dataclasses.replace(state, k_buf=k_buf, v_buf=v_buf, mass=mass)
+
+
+    def _visible(self, slots: jax.Array, sliding_window: int | None) -> jax.Array:
+        """bool, slots' shape [batch, kv_heads, n]: the new token (at slot `cursor`) may see the slot."""
+        visible = (slots >= 0) & (slots >= self.starts[:, None, None]) & (slots <= self.cursor)
+        if sliding_window is not None:
+            visible &= self.cursor - slots < sliding_window
+        return visible
+
+    def _jnp_attention(self, state: LayerKV, q, k_buf, v_buf, buf_slots, sliding_window):
+        """Dequantize every segment, then one softmax over segments and buffer. Returns the output [batch, 1, heads,
+        head_dim] and the buffer's probabilities [batch, kv_heads, group, 1, window]."""
+        keys, values, slots = dequantize_layer(state, self.spec, self.layout)
+        b, h, window = k_buf.shape[:3]
         keys = jnp.concatenate([*keys, k_buf.astype(jnp.float32)], axis=2)  # [batch, kv_heads, kv_len, head_dim]
         values = jnp.concatenate([*values, v_buf.astype(jnp.float32)], axis=2)
         slots = jnp.concatenate([*slots, jnp.broadcast_to(buf_slots, (b, h, window))], axis=2)
-        q_slot = self.cursor  # the new token's slot
-        visible = (slots >= 0) & (slots >= self.starts[:, None, None]) & (slots <= q_slot)
-        if sliding_window is not None:
-            visible &= q_slot - slots < sliding_window
-        out, probs = masked_attention(q, keys, values, visible[:, :, None, :])
-        mass = state.mass + probs[..., -window:].sum(axis=(2, 3))
-        return out.astype(q.dtype), dataclasses.replace(state, k_buf=k_buf, v_buf=v_buf, mass=mass)
+        out, probs = masked_attention(q, keys, values, self._visible(slots, sliding_window)[:, :, None, :])
+        return out, probs[..., -window:]
+
+    def _kernel_attention(self, state: LayerKV, q, k_buf, v_buf, buf_slots, sliding_window):
+        """The Pallas kernel per segment over the packed codes, the buffer in jnp, merged by log-sum-exp. Same
+        results as `_jnp_attention`."""
+        b, h, window, d = k_buf.shape
+        qg = q[:, 0].reshape(b, h, -1, d).astype(jnp.float32)  # [batch, kv_heads, group, head_dim]
+        states = []
+        for st, seg in zip(state.stores, self.layout.segments(), strict=True):
+            v_scale = state.v_scale
+            if v_scale is not None:
+                v_scale = jax.lax.slice_in_dim(v_scale, seg.first_block, seg.first_block + seg.blocks, axis=2)
+            states.append(segment_attention_on_backend(
+                qg, st.k_codes, st.k_step, st.k_min, st.v_codes, st.v_step, st.v_min, v_scale, st.slots, self.cursor,
+                self.starts, bits=seg.bits, block=seg.size, group=self.spec.group, sliding_window=sliding_window))
+        visible = self._visible(jnp.broadcast_to(buf_slots, (b, h, window)), sliding_window)[:, :, None, :]
+        scores = jnp.einsum("bhgd,bhsd->bhgs", qg, k_buf.astype(jnp.float32)) * d**-0.5  # [batch, kv_heads, group, w]
+        scores = jnp.where(visible, scores, MASK_VALUE)
+        m = scores.max(axis=-1)
+        p = jnp.where(visible, jnp.exp(scores - m[..., None]), 0.0)
+        acc = jnp.einsum("bhgs,bhsd->bhgd", p, v_buf.astype(jnp.float32))
+        states.append((m[:, :, None], p.sum(axis=-1)[:, :, None], acc[:, :, None]))
+        out, top, total = combine(states)  # [batch, kv_heads, group, head_dim]
+        buf_probs = jnp.where(visible, jnp.exp(scores - top[..., None]), 0.0) / total[..., None]
+        return out.reshape(q.shape), buf_probs[:, :, :, None, :]
 
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -314,23 +370,24 @@ def compress_block(state: LayerKV, spec: QuantSpec, layout: Layout, k: jax.Array
         v_scale = jax.lax.dynamic_update_slice_in_dim(v_scale, c, b_index, axis=2)
     stores = list(state.stores)
     bounds = (0, sizes[0], n)
-    for i, s in enumerate(layout.subsets()):
-        if sizes[s] == 0:
+    part = 0 if block is None else 1
+    for i, seg in enumerate(layout.segments()):
+        s = seg.subset
+        if seg.first_block != part or sizes[s] == 0:
             continue
         idx = jnp.sort(order[..., bounds[s]:bounds[s + 1]], axis=-1)  # [batch, kv_heads, n_s], in slot order
         ks = jnp.take_along_axis(k, idx[..., None], axis=2)
         vs = jnp.take_along_axis(v, idx[..., None], axis=2)
         ok = jnp.take_along_axis(token_valid, idx, axis=2)
-        piece = quantize_subset(spec, layout.bits[s], ks, vs, ok)
+        piece = quantize_subset(spec, seg.bits, ks, vs, ok)
         piece["slots"] = jnp.where(ok, slots[idx], -1).astype(layout.slot_dtype)
-        offset = 0 if block is None else layout.offset(s, block)
+        local = 0 if block is None else block - 1  # the block's index within the segment
         st = stores[i]
         updates = {}
         for name, value in piece.items():
-            if name in ("k_step", "k_min") and spec.key_mode == "channel":
-                updates[name] = jax.lax.dynamic_update_slice_in_dim(getattr(st, name), value, b_index, axis=2)
-            else:
-                updates[name] = jax.lax.dynamic_update_slice_in_dim(getattr(st, name), value, offset, axis=2)
+            per_block = name in ("k_step", "k_min") and spec.key_mode == "channel"
+            updates[name] = jax.lax.dynamic_update_slice_in_dim(getattr(st, name), value,
+                                                                local if per_block else local * seg.size, axis=2)
         stores[i] = st.replace(**updates)
     return state.replace(stores=tuple(stores), v_scale=v_scale)
 
@@ -352,10 +409,10 @@ def quantize_subset(spec: QuantSpec, bits: int, k: jax.Array, v: jax.Array, vali
 
 def dequantize_layer(state: LayerKV, spec: QuantSpec, layout: Layout
                      ) -> tuple[list[jax.Array], list[jax.Array], list[jax.Array]]:
-    """Per subset: keys, values float32 [batch, kv_heads, capacity, head_dim] and slots [batch, kv_heads, capacity]."""
+    """Per segment: keys, values float32 [batch, kv_heads, capacity, head_dim], slots [batch, kv_heads, capacity]."""
     keys, values, slots = [], [], []
-    for st, s in zip(state.stores, layout.subsets(), strict=True):
-        bits, ids = layout.bits[s], layout.block_ids(s)
+    for st, seg in zip(state.stores, layout.segments(), strict=True):
+        bits, ids = seg.bits, seg.block_ids()
         k_codes, v_codes = unpack(st.k_codes, bits), unpack(st.v_codes, bits)
         d = k_codes.shape[-1]
         g = spec.group or d
@@ -365,7 +422,7 @@ def dequantize_layer(state: LayerKV, spec: QuantSpec, layout: Layout
             k = dequantize(grouped(k_codes, g), st.k_step[..., None], st.k_min[..., None]).reshape(k_codes.shape)
         v = dequantize(grouped(v_codes, g), st.v_step[..., None], st.v_min[..., None]).reshape(v_codes.shape)
         if state.v_scale is not None:
-            v = v * state.v_scale[:, :, ids].astype(jnp.float32)
+            v = v * state.v_scale[:, :, seg.first_block + ids].astype(jnp.float32)
         keys.append(k)
         values.append(v)
         slots.append(st.slots.astype(jnp.int32))

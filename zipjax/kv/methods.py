@@ -10,6 +10,10 @@ quantized cache (zipjax.kv.cache) runs:
   KIVI      keys per-channel, values per-token in groups of `group` channels, a full-precision residual of the
             most recent tokens (up to `residual`), every token at `bits`.
   Uniform   plain token-wise (or group-wise) quantization of keys and values at `bits`, same streaming window.
+
+`kernel=True` (ZipCache, KIVI) runs decode attention as the Pallas kernel over the packed codes
+(pallas_kernels.quantized_attention; compiled on GPU/TPU, interpreted on CPU) instead of dequantizing in jnp.
+Uniform has no kernel: its keys are token-wise, and the kernel folds per-channel key scales into the query.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class QuantSpec:
     probe_ratio: float
     normalize: str
     seed: int
+    kernel: bool = False  # decode attention by the Pallas kernel over packed codes (else dequantize in jnp)
 
     def split(self, n: int) -> tuple[int, int]:
         """(salient, regular) token counts of a block of n tokens: int((1 - r) n) regular, as the official code."""
@@ -54,6 +59,11 @@ def _check_window(name: str, window: int) -> None:
         raise ZipjaxError(f"{name} must be a positive integer, got {window!r}")
 
 
+def _check_kernel(kernel: bool) -> None:
+    if not isinstance(kernel, bool):
+        raise ZipjaxError(f"kernel must be True (Pallas decode attention) or False (jax.numpy), got {kernel!r}")
+
+
 def _check_group(group: int | None) -> None:
     if group is not None and (not isinstance(group, int) or group < 1):
         raise ZipjaxError(f"group must be a positive number of channels or None, got {group!r}")
@@ -69,8 +79,10 @@ class ZipCache:
     normalize: str = "probe"
     window: int = 100
     seed: int = 0
+    kernel: bool = False
 
     def __post_init__(self):
+        _check_kernel(self.kernel)
         _check_bits("high_bits", self.high_bits)
         _check_bits("low_bits", self.low_bits)
         if self.low_bits > self.high_bits:
@@ -87,7 +99,7 @@ class ZipCache:
 
     def spec(self) -> QuantSpec:
         return QuantSpec("zipcache", self.high_bits, self.low_bits, self.saliency_ratio, "channel", "cst", None,
-                         self.window, self.saliency, self.probe_ratio, self.normalize, self.seed)
+                         self.window, self.saliency, self.probe_ratio, self.normalize, self.seed, self.kernel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,15 +107,17 @@ class KIVI:
     bits: int = 2
     group: int | None = 32
     residual: int = 128
+    kernel: bool = False
 
     def __post_init__(self):
+        _check_kernel(self.kernel)
         _check_bits("bits", self.bits)
         _check_group(self.group)
         _check_window("residual", self.residual)
 
     def spec(self) -> QuantSpec:
         return QuantSpec("kivi", self.bits, self.bits, 1.0, "channel", "token", self.group, self.residual, "none",
-                         0.0, "probe", 0)
+                         0.0, "probe", 0, self.kernel)
 
 
 @dataclasses.dataclass(frozen=True)
