@@ -1,10 +1,17 @@
-"""MiniCache's SLERP merge: identities, restoration, retention rule, and the paper's memory arithmetic."""
+"""MiniCache's SLERP merge: identities, restoration, retention rule, the paper's memory arithmetic; the merged KV
+cache (zipjax.kv.MiniCache): restored states, retained tokens, bytes, generation, bad configurations."""
+
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+import zipjax
 from zipjax.kv.minicache import angle, memory_bytes, merge_pair, restore, slerp_direction
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _pair(seed=0, shape=(2, 10, 3, 16)):
@@ -57,3 +64,80 @@ def test_memory_formula_and_the_papers_inconsistency():
     ratio = memory_bytes(b, r, h, n) / total
     print(f"merging from L/2 with 5% retained: {ratio:.3f}x (the paper's headline says 1.53x)")
     assert abs(ratio - 1.29) < 0.01  # the paper's own accounting gives 1.29x, not its reported 1.53x
+
+
+def _cfg():
+    from zipjax.config import ModelConfig
+
+    return ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=4,
+                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128, dtype="float32")
+
+
+def _prefill_pair(spec, k0, v0, k1, v1, starts):
+    """Prefill layers 2 and 3 (a merged pair when start_layer=2) of a merged cache with the given K/V [batch, n,
+    kv_heads, head_dim] (the queries do not matter for what is stored)."""
+    from zipjax.kv.merged import MergedKVCache
+
+    batch, n = k0.shape[:2]
+    cache = MergedKVCache.init(_cfg(), spec, batch, n + 8, n, starts)
+    q = jnp.zeros((batch, n, 4, 16))
+    _, cache = cache.attend(2, q, k0, v0, None)
+    _, cache = cache.attend(3, q, k1, v1, None)
+    return cache
+
+
+def test_merged_cache_restores_identical_layers_and_retained_tokens_exactly():
+    key = jax.random.split(jax.random.key(0), 4)
+    shape = (2, 24, 2, 16)
+    k0, v0, k1, v1 = (jax.random.normal(x, shape) for x in key)
+    starts = jnp.array([0, 3], jnp.int32)
+    spec = zipjax.kv.MiniCache(start_layer=2, t=0.6, gamma=0.25).spec()
+    same = _prefill_pair(spec, k0, v0, k0, v0, starts)
+    for layer in (2, 3):  # identical layers: direction x norm gives the states back (float16 norms)
+        k, v = same.restore(layer)
+        np.testing.assert_allclose(np.asarray(k), np.asarray(k0.transpose(0, 2, 1, 3)), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(np.asarray(v), np.asarray(v0.transpose(0, 2, 1, 3)), rtol=2e-3, atol=2e-3)
+    cache = _prefill_pair(spec, k0, v0, k1, v1, starts)
+    pair = cache.pairs[0]
+    assert pair["k_ids"].shape == (2, 6)  # ceil(0.25 * 24)
+    assert (np.asarray(pair["k_ids"])[1] >= 3).all()  # padding is never retained
+    for layer, original in ((2, k0), (3, k1)):
+        k, _ = cache.restore(layer)
+        for b in range(2):
+            ids = np.asarray(pair["k_ids"][b])
+            np.testing.assert_array_equal(np.asarray(k[b][:, ids]), np.asarray(original[b, ids].transpose(1, 0, 2)))
+        # merged tokens keep their own norms and point between the two layers
+        norms = jnp.linalg.norm(k, axis=-1)
+        np.testing.assert_allclose(np.asarray(norms), np.asarray(jnp.linalg.norm(original, axis=-1).transpose(0, 2, 1)),
+                                   rtol=2e-3)
+
+
+def test_merged_cache_generates_counts_bytes_and_refuses_bad_configurations():
+    model = zipjax.load(ROOT / "checkpoints" / "stdlib-llama")
+    prompts = [model.tokenizer.encode("def fibonacci(n):"), model.tokenizer.encode("import os\n")]
+    dense = zipjax.generate(model, prompts, 24, stop_tokens=())
+    exact = zipjax.generate(model, prompts, 24, stop_tokens=(), kv=zipjax.kv.MiniCache(start_layer=5, gamma=0.0))
+    np.testing.assert_array_equal(exact, dense)  # the last layer has no partner: nothing is merged
+    for method in (zipjax.kv.MiniCache(), zipjax.kv.MiniCache(start_layer=2, inner=zipjax.kv.KIVI(bits=4))):
+        out = zipjax.generate(model, prompts, 24, stop_tokens=(), kv=method)
+        assert out.shape == dense.shape
+    cfg = model.config
+    sizes = {}
+    for name, method in (("full", zipjax.kv.MiniCache(start_layer=5)), ("merged", zipjax.kv.MiniCache(gamma=0.05)),
+                         ("kivi", zipjax.kv.MiniCache(inner=zipjax.kv.KIVI(bits=4, group=32)))):
+        spec = method.spec()
+        cache = jax.jit(lambda s, spec=spec: spec.init_cache(cfg, 2, 512, 512, s, jnp.float16))(
+            jnp.zeros(2, jnp.int32))
+        assert cache.nbytes() == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+        sizes[name] = cache.nbytes()
+    print({k: round(sizes["full"] / v, 2) for k, v in sizes.items()})
+    # layers 3 and 4 share directions (layer 5 has no partner): 5 layers' states instead of 6, plus float16 norms
+    # and 26 retained tokens of 512 for both layers: 768 / 661 bytes per token and KV head
+    assert abs(sizes["full"] / sizes["merged"] - 768 / 661) < 0.01
+    assert sizes["full"] / sizes["kivi"] > 3.5
+    with pytest.raises(zipjax.ZipjaxError, match="inner quantizer"):
+        zipjax.kv.MiniCache(inner=zipjax.kv.ZipCache())
+    with pytest.raises(zipjax.ZipjaxError, match="t must"):
+        zipjax.kv.MiniCache(t=1.5)
+    with pytest.raises(zipjax.ZipjaxError, match="outside the model"):
+        zipjax.generate(model, prompts, 4, kv=zipjax.kv.MiniCache(start_layer=9))

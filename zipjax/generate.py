@@ -27,8 +27,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from zipjax.cache import KVCache
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
-from zipjax.kv import Method, QuantizedKVCache, QuantSpec
-from zipjax.kv.cache import make_layout
+from zipjax.kv import MergedKVCache, Method, QuantizedKVCache, QuantSpec
+from zipjax.kv.merged import MergeSpec
 from zipjax.model import Model, check_token_ids
 from zipjax.sampling import SamplingMode, sample
 from zipjax.sharding import tree_shardings
@@ -119,12 +119,12 @@ _decode_step_jit = jax.jit(_decode_step, static_argnames=("config", "mode"), don
 
 
 @functools.lru_cache(maxsize=64)
-def _cache_initializer(config: ModelConfig, batch: int, max_len: int, mesh, kv: QuantSpec | None = None,
+def _cache_initializer(config: ModelConfig, batch: int, max_len: int, mesh, kv: QuantSpec | MergeSpec | None = None,
                        prefill_len: int = 0):
-    def init(starts: jax.Array) -> KVCache | QuantizedKVCache:
+    def init(starts: jax.Array) -> KVCache | QuantizedKVCache | MergedKVCache:
         if kv is None:
             return KVCache.init(config, batch, max_len, starts)
-        return QuantizedKVCache.init(config, kv, batch, max_len, prefill_len, starts)
+        return kv.init_cache(config, batch, max_len, prefill_len, starts)
 
     if mesh is None:
         return jax.jit(init)
@@ -147,7 +147,8 @@ class _Plan:
                  top_p: float | None, stop_tokens, cache_length: int | None, kv: Method | None = None):
         cfg = model.config
         if kv is not None and not hasattr(kv, "spec"):
-            raise ZipjaxError(f"kv must be None or a zipjax.kv method (ZipCache, KIVI, Uniform), got {kv!r}")
+            raise ZipjaxError(f"kv must be None or a zipjax.kv method (ZipCache, KIVI, Uniform, ZipVL, MiniCache), "
+                              f"got {kv!r}")
         self.kv = kv.spec() if kv is not None else None
         prompts = _as_prompt_list(prompt_ids)
         for i, p in enumerate(prompts):
@@ -179,7 +180,7 @@ class _Plan:
         self.bucket = min(self.bucket, cache_length - max_new_tokens)
         self.cache_length = cache_length
         if self.kv is not None:  # geometry errors (bit packing, window) now, not inside jit
-            make_layout(cfg, self.kv, len(prompts), cache_length, self.bucket)
+            self.kv.check(cfg, len(prompts), cache_length, self.bucket)
         self.max_new_tokens = int(max_new_tokens)
 
         self.batch = len(prompts)
@@ -264,7 +265,8 @@ def generate(model: Model, prompt_ids, max_new_tokens: int, *, temperature: floa
       top_k, top_p: optional filters applied before sampling (ignored when greedy).
       stop_tokens: ids that end a sequence; default the model's EOS ids; `()` for none.
       cache_length: KV cache slots; default the padded prompt length + max_new_tokens rounded up to 128.
-      kv: None for the dense cache, or a compressed cache: `zipjax.kv.ZipCache(...)`, `KIVI(...)`, `Uniform(...)`.
+      kv: None for the dense cache, or a compressed cache: `zipjax.kv.ZipCache(...)`, `KIVI(...)`, `Uniform(...)`,
+        `ZipVL(...)`, `MiniCache(...)`.
     Returns:
       int32 [batch, prompt_len + max_new_tokens] like transformers: prompts left-padded to the longest, then the
       generated tokens; after a stop token every position holds the pad id.

@@ -34,7 +34,6 @@ from zipjax.emu3.model import Emu3Model
 from zipjax.errors import ZipjaxError
 from zipjax.generate import CACHE_ROUNDING, MIN_PREFILL_BUCKET, _cache_initializer, _next_pow2, _round_up
 from zipjax.kv import Method
-from zipjax.kv.cache import make_layout
 from zipjax.sampling import SamplingMode, sample
 from zipjax.transformer import Params, Transformer, output_head
 
@@ -285,7 +284,7 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
         cache_len = _round_up(bucket + layout.num_tokens, CACHE_ROUNDING)
         spec = kv.spec() if kv is not None else None
         if spec is not None:  # geometry errors (bit packing, window) now, not inside jit
-            make_layout(cfg, spec, len(sequences), cache_len, bucket)
+            spec.check(cfg, len(sequences), cache_len, bucket)
         cache = _cache_initializer(cfg, len(sequences), cache_len, model.mesh, spec, bucket)(starts)
         state = _prefill(model.params, jnp.asarray(padded), starts, cache, key, knobs, **static)
         for row in tqdm(range(rows), desc="image rows", unit="row", disable=not progress):

@@ -51,6 +51,7 @@ from zipjax.errors import ZipjaxError
 from zipjax.kv.methods import QuantSpec
 from zipjax.kv.quantize import channel_scale, dequantize, grouped, pack, quantize, unpack
 from zipjax.kv.saliency import prompt_saliency
+from zipjax.kv.zipvl import important_count, important_order, probe_statistics, sparse_prefill_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,17 +235,30 @@ class QuantizedKVCache:
         slots = jnp.arange(length, dtype=jnp.int32)
         valid = slots[None, :] >= self.starts[:, None]  # [batch, length]
         b_slots = jnp.broadcast_to(slots, valid.shape)
-        mask = causal_mask(b_slots, b_slots, sliding_window, k_valid=valid)
-        out = gqa_attention(q, k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3), mask)
         spec = self.spec
+        k = k_new.transpose(0, 2, 1, 3)
+        v = v_new.transpose(0, 2, 1, 3)
+        key = jax.random.fold_in(jax.random.key(spec.seed), layer)
+        if spec.tau is not None:  # ZipVL
+            mass, score = probe_statistics(q, k_new, self.starts, method=spec.saliency, probe_ratio=spec.probe_ratio,
+                                           normalize=spec.normalize, key=key)
+            count = important_count(mass, spec.tau)
+            order = important_order(score)
+            if spec.sparse_prefill:
+                out, _ = sparse_prefill_attention(q, k_new, v_new, order, count, self.starts, buckets=spec.buckets,
+                                                  sliding_window=sliding_window)
+            else:
+                out = gqa_attention(q, k, v, causal_mask(b_slots, b_slots, sliding_window, k_valid=valid))
+            state = compress_block(self.layers[layer], spec, self.layout, k, v, slots, valid, score, block=None,
+                                   order=order, count=count)
+            return out, state
+        mask = causal_mask(b_slots, b_slots, sliding_window, k_valid=valid)
+        out = gqa_attention(q, k, v, mask)
         if spec.saliency == "none":
             score = jnp.where(valid[:, None, :], jnp.zeros((q.shape[0], k_new.shape[2], length)), -jnp.inf)
         else:
-            key = jax.random.fold_in(jax.random.key(spec.seed), layer)
             score = prompt_saliency(q, k_new, self.starts, method=spec.saliency, probe_ratio=spec.probe_ratio,
                                     normalize=spec.normalize, key=key)
-        k = k_new.transpose(0, 2, 1, 3)
-        v = v_new.transpose(0, 2, 1, 3)
         state = compress_block(self.layers[layer], spec, self.layout, k, v, slots, valid, score, block=None)
         return out, state
 
@@ -259,7 +273,9 @@ class QuantizedKVCache:
             score = st.mass / seen if spec.saliency != "none" else jnp.zeros_like(st.mass)
             slots = self.cursor - window + jnp.arange(window, dtype=jnp.int32)
             valid = jnp.ones((self.batch, window), bool)
-            st = compress_block(st, spec, layout, st.k_buf, st.v_buf, slots, valid, score, block=self.blocks)
+            count = None if spec.tau is None else important_count(st.mass, spec.tau)
+            st = compress_block(st, spec, layout, st.k_buf, st.v_buf, slots, valid, score, block=self.blocks,
+                                count=count)
             return dataclasses.replace(st, mass=jnp.zeros_like(st.mass))
 
         state = jax.lax.cond(full, flush, lambda st: st, state)
@@ -351,16 +367,22 @@ def make_layout(config: ModelConfig, spec: QuantSpec, batch: int, max_len: int, 
 
 
 def compress_block(state: LayerKV, spec: QuantSpec, layout: Layout, k: jax.Array, v: jax.Array, slots: jax.Array,
-                   valid: jax.Array, score: jax.Array, block: jax.Array | None) -> LayerKV:
+                   valid: jax.Array, score: jax.Array, block: jax.Array | None,
+                   order: jax.Array | None = None, count: jax.Array | None = None) -> LayerKV:
     """Rank a block's tokens per (sequence, KV head), quantize each subset, write it at its static place.
 
     k, v: [batch, kv_heads, n, head_dim]; slots int32 [n]; valid bool [batch, n]; score float32 [batch, kv_heads, n]
     (invalid tokens -inf); block: None for the prompt block (0), else the traced index of a later block.
+    ZipVL passes its own ranking `order` int32 [batch, kv_heads, n] and salient count `count` int32 [batch] (p,
+    clipped here into the static room).
     """
     n = k.shape[2]
     sizes = layout.first if block is None else layout.rest
     b_index = 0 if block is None else block
-    order = jnp.argsort(-score, axis=-1, stable=True)  # [batch, kv_heads, n], most salient first
+    if order is None:
+        order = jnp.argsort(-score, axis=-1, stable=True)  # [batch, kv_heads, n], most salient first
+    if count is not None:
+        count = jnp.clip(count, *spec.clip_count(n)).astype(jnp.int32)
     token_valid = jnp.broadcast_to(valid[:, None, :], score.shape)
     k, v = k.astype(jnp.float32), v.astype(jnp.float32)
     v_scale = state.v_scale
@@ -375,10 +397,17 @@ def compress_block(state: LayerKV, spec: QuantSpec, layout: Layout, k: jax.Array
         s = seg.subset
         if seg.first_block != part or sizes[s] == 0:
             continue
-        idx = jnp.sort(order[..., bounds[s]:bounds[s + 1]], axis=-1)  # [batch, kv_heads, n_s], in slot order
+        if count is None:
+            idx = jnp.sort(order[..., bounds[s]:bounds[s + 1]], axis=-1)  # [batch, kv_heads, n_s], in slot order
+            ok = jnp.take_along_axis(token_valid, idx, axis=2)
+        else:  # adaptive: subset 0 takes ranks [0, p), subset 1 ranks [p, n); room is static, p is not
+            ranks = jnp.arange(sizes[s], dtype=jnp.int32)[None, None, :]
+            ranks = ranks + (0 if s == 0 else count[:, None, None])
+            idx = jnp.take_along_axis(order, jnp.minimum(ranks, n - 1), axis=-1)
+            inside = ranks < count[:, None, None] if s == 0 else ranks < n
+            ok = jnp.take_along_axis(token_valid, idx, axis=2) & inside
         ks = jnp.take_along_axis(k, idx[..., None], axis=2)
         vs = jnp.take_along_axis(v, idx[..., None], axis=2)
-        ok = jnp.take_along_axis(token_valid, idx, axis=2)
         piece = quantize_subset(spec, seg.bits, ks, vs, ok)
         piece["slots"] = jnp.where(ok, slots[idx], -1).astype(layout.slot_dtype)
         local = 0 if block is None else block - 1  # the block's index within the segment
@@ -412,18 +441,27 @@ def dequantize_layer(state: LayerKV, spec: QuantSpec, layout: Layout
     """Per segment: keys, values float32 [batch, kv_heads, capacity, head_dim], slots [batch, kv_heads, capacity]."""
     keys, values, slots = [], [], []
     for st, seg in zip(state.stores, layout.segments(), strict=True):
-        bits, ids = seg.bits, seg.block_ids()
-        k_codes, v_codes = unpack(st.k_codes, bits), unpack(st.v_codes, bits)
-        d = k_codes.shape[-1]
-        g = spec.group or d
-        if spec.key_mode == "channel":
-            k = dequantize(k_codes, st.k_step[:, :, ids], st.k_min[:, :, ids])
-        else:
-            k = dequantize(grouped(k_codes, g), st.k_step[..., None], st.k_min[..., None]).reshape(k_codes.shape)
-        v = dequantize(grouped(v_codes, g), st.v_step[..., None], st.v_min[..., None]).reshape(v_codes.shape)
-        if state.v_scale is not None:
-            v = v * state.v_scale[:, :, seg.first_block + ids].astype(jnp.float32)
+        ids = seg.block_ids()
+        v_scale = None if state.v_scale is None else state.v_scale[:, :, seg.first_block + ids]
+        k, v = dequantize_store(st, spec, seg.bits, ids, v_scale)
         keys.append(k)
         values.append(v)
         slots.append(st.slots.astype(jnp.int32))
     return keys, values, slots
+
+
+def dequantize_store(st: Store, spec: QuantSpec, bits: int, ids: np.ndarray, v_scale: jax.Array | None
+                     ) -> tuple[jax.Array, jax.Array]:
+    """Keys and values float32 [batch, kv_heads, n, head_dim] of a store; ids [n]: the block of each token (which
+    channel-wise key statistics apply); v_scale [batch, kv_heads, n, head_dim] per token, or None."""
+    k_codes, v_codes = unpack(st.k_codes, bits), unpack(st.v_codes, bits)
+    d = k_codes.shape[-1]
+    g = spec.group or d
+    if spec.key_mode == "channel":
+        k = dequantize(k_codes, st.k_step[:, :, ids], st.k_min[:, :, ids])
+    else:
+        k = dequantize(grouped(k_codes, g), st.k_step[..., None], st.k_min[..., None]).reshape(k_codes.shape)
+    v = dequantize(grouped(v_codes, g), st.v_step[..., None], st.v_min[..., None]).reshape(v_codes.shape)
+    if v_scale is not None:
+        v = v * v_scale.astype(jnp.float32)
+    return k, v

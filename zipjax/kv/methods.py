@@ -19,6 +19,7 @@ Uniform has no kernel: its keys are token-wise, and the kernel folds per-channel
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from zipjax.errors import ZipjaxError
 from zipjax.kv.quantize import SUPPORTED_BITS
@@ -42,11 +43,36 @@ class QuantSpec:
     normalize: str
     seed: int
     kernel: bool = False  # decode attention by the Pallas kernel over packed codes (else dequantize in jnp)
+    tau: float | None = None  # ZipVL: the salient count of each block is p(tau), clipped to [min_ratio, max_ratio]
+    min_ratio: float = 0.0
+    max_ratio: float = 1.0
+    evict: bool = False  # ZipVL v2: the regular subset is dropped, not stored
+    sparse_prefill: bool = False  # ZipVL: prompt attention only among the important tokens
+    buckets: int = 8
 
     def split(self, n: int) -> tuple[int, int]:
-        """(salient, regular) token counts of a block of n tokens: int((1 - r) n) regular, as the official code."""
-        regular = int((1.0 - self.saliency_ratio) * n + 1e-9)
-        return n - regular, regular
+        """(salient, regular) store sizes of a block of n tokens. Fixed ratio: int((1 - r) n) regular, as ZipCache's
+        code. Adaptive (tau): room for up to ceil(max_ratio n) salient tokens and for the rest of the block once at
+        least ceil(min_ratio n) are salient (none when evicting)."""
+        if self.tau is None:
+            regular = int((1.0 - self.saliency_ratio) * n + 1e-9)
+            return n - regular, regular
+        return self.clip_count(n)[1], 0 if self.evict else n - self.clip_count(n)[0]
+
+    def check(self, config, batch: int, max_len: int, prefill_len: int) -> None:
+        """Geometry errors (bit packing, window) at the call site, not inside jit."""
+        from zipjax.kv.cache import make_layout
+
+        make_layout(config, self, batch, max_len, prefill_len)
+
+    def init_cache(self, config, batch: int, max_len: int, prefill_len: int, starts=None, dtype=None):
+        from zipjax.kv.cache import QuantizedKVCache
+
+        return QuantizedKVCache.init(config, self, batch, max_len, prefill_len, starts, dtype)
+
+    def clip_count(self, n: int) -> tuple[int, int]:
+        """The static (lowest, highest) adaptive salient count of a block of n tokens."""
+        return min(n, math.ceil(self.min_ratio * n - 1e-9)), max(1, min(n, math.ceil(self.max_ratio * n - 1e-9)))
 
 
 def _check_bits(name: str, bits: int) -> None:
@@ -136,4 +162,87 @@ class Uniform:
                          0.0, "probe", 0)
 
 
-Method = ZipCache | KIVI | Uniform
+@dataclasses.dataclass(frozen=True)
+class ZipVL:
+    """ZipVL: per layer (and per compressed window) the important tokens are the fewest holding `tau` of the probe
+    attention mass, ranked by normalized score; prompt attention runs only among them (sparse prefill); the cache
+    keeps them at `high_bits` and the rest at `low_bits` (v1), or drops the rest (v2, `evict=True`).
+
+    Static shapes: the cache has room for ceil(max_ratio n) important tokens per block of n and, in v1, for the
+    n - ceil(min_ratio n) others, so p is clipped into `ratio_range` for storage (sparse prefill uses p itself)."""
+
+    tau: float = 0.975
+    high_bits: int = 4
+    low_bits: int = 2
+    evict: bool = False
+    ratio_range: tuple[float, float] = (0.2, 0.6)
+    sparse_prefill: bool = True
+    buckets: int = 8
+    saliency: str = "probe"
+    probe_ratio: float = 0.1
+    window: int = 100
+    seed: int = 0
+    kernel: bool = False
+
+    def __post_init__(self):
+        _check_kernel(self.kernel)
+        _check_bits("high_bits", self.high_bits)
+        _check_bits("low_bits", self.low_bits)
+        if self.low_bits > self.high_bits:
+            raise ZipjaxError(f"low_bits ({self.low_bits}) must not exceed high_bits ({self.high_bits})")
+        if not 0 < self.tau <= 1:
+            raise ZipjaxError(f"tau must lie in (0, 1], got {self.tau}")
+        low, high = self.ratio_range
+        if not 0 <= low <= high <= 1 or high == 0:
+            raise ZipjaxError(f"ratio_range must be (low, high) with 0 <= low <= high <= 1, high > 0; got "
+                              f"{self.ratio_range}")
+        if not isinstance(self.buckets, int) or self.buckets < 1:
+            raise ZipjaxError(f"buckets must be a positive integer, got {self.buckets!r}")
+        if self.saliency not in ("probe", "exact"):
+            raise ZipjaxError(f"saliency must be 'probe' or 'exact', got {self.saliency!r}")
+        if not 0 < self.probe_ratio <= 1:
+            raise ZipjaxError(f"probe_ratio must lie in (0, 1], got {self.probe_ratio}")
+        _check_window("window", self.window)
+
+    def spec(self) -> QuantSpec:
+        low_bits = self.high_bits if self.evict else self.low_bits
+        return QuantSpec("zipvl", self.high_bits, low_bits, self.ratio_range[1], "channel", "cst", None,
+                         self.window, self.saliency, self.probe_ratio, "probe", self.seed, self.kernel,
+                         tau=self.tau, min_ratio=self.ratio_range[0], max_ratio=self.ratio_range[1],
+                         evict=self.evict, sparse_prefill=self.sparse_prefill, buckets=self.buckets)
+
+
+@dataclasses.dataclass(frozen=True)
+class MiniCache:
+    """MiniCache: from `start_layer` (None: half the layers) on, adjacent layers share one SLERP direction per
+    prompt token and head (t weighs the deeper layer), norms kept per layer, and the ceil(gamma n) most distinct
+    tokens kept exactly (`retain="printed"`: the paper's literal, most-similar rule). `inner`: KIVI(...) or
+    Uniform(...) to quantize what is stored, or None."""
+
+    start_layer: int | None = None
+    t: float = 0.6
+    gamma: float = 0.05
+    retain: str = "distinct"
+    inner: KIVI | Uniform | None = None
+
+    def __post_init__(self):
+        if self.start_layer is not None and (not isinstance(self.start_layer, int) or self.start_layer < 0):
+            raise ZipjaxError(f"start_layer must be None or a layer index >= 0, got {self.start_layer!r}")
+        if not 0 <= self.t <= 1:
+            raise ZipjaxError(f"t must lie in [0, 1], got {self.t}")
+        if not 0 <= self.gamma < 1:
+            raise ZipjaxError(f"gamma (the retained fraction) must lie in [0, 1), got {self.gamma}")
+        if self.retain not in ("distinct", "printed"):
+            raise ZipjaxError(f"retain must be 'distinct' or 'printed', got {self.retain!r}")
+        if self.inner is not None and not isinstance(self.inner, KIVI | Uniform):
+            raise ZipjaxError(f"MiniCache's inner quantizer must be KIVI(...), Uniform(...) or None, got "
+                              f"{self.inner!r} (ZipCache's saliency split of merged directions is not implemented)")
+
+    def spec(self):
+        from zipjax.kv.merged import MergeSpec
+
+        return MergeSpec(self.start_layer, self.t, self.gamma, self.retain,
+                         None if self.inner is None else self.inner.spec())
+
+
+Method = ZipCache | KIVI | Uniform | ZipVL | MiniCache

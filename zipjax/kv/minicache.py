@@ -49,12 +49,14 @@ def slerp_direction(x0: jax.Array, x1: jax.Array, t: float) -> jax.Array:
     return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), EPS)
 
 
-def merge_pair(x0: jax.Array, x1: jax.Array, t: float = 0.6, retain: int = 0, rule: str = "distinct"):
+def merge_pair(x0: jax.Array, x1: jax.Array, t: float = 0.6, retain: int = 0, rule: str = "distinct",
+               valid: jax.Array | None = None):
     """Merge two layers' states [batch, tokens, ..., d] (tokens on axis 1).
 
     Returns (direction [batch, tokens, ..., d], norms0, norms1 [batch, tokens, ...], retained ids int32
     [batch, retain], retained x0 and x1 [batch, retain, ..., d]). A token's distance is the mean angle over any
-    middle axes (heads), so a retained token keeps all its heads.
+    middle axes (heads), so a retained token keeps all its heads. valid bool [batch, tokens]: tokens that may be
+    retained (padding is not).
     """
     if rule not in ("distinct", "printed"):
         raise ValueError(f"rule must be 'distinct' or 'printed', got {rule!r}")
@@ -64,6 +66,8 @@ def merge_pair(x0: jax.Array, x1: jax.Array, t: float = 0.6, retain: int = 0, ru
     distance = angle(x0, x1) / jnp.pi  # [batch, tokens, ...]
     distance = distance.reshape(distance.shape[0], distance.shape[1], -1).mean(axis=-1)  # [batch, tokens]
     order = distance if rule == "distinct" else -distance
+    if valid is not None:
+        order = jnp.where(valid, order, -jnp.inf)
     ids = jax.lax.top_k(order, retain)[1].astype(jnp.int32) if retain else jnp.zeros((x0.shape[0], 0), jnp.int32)
     take = lambda x: jnp.take_along_axis(x, ids.reshape(*ids.shape, *([1] * (x.ndim - 2))), axis=1)
     return direction, norms0, norms1, ids, take(x0), take(x1)
