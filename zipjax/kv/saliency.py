@@ -102,7 +102,7 @@ class _Recorder:
         self.cache.check_fits(shape)
 
     def attend(self, layer, q, k_new, v_new, sliding_window):
-        self.seen[layer] = (q, k_new)
+        self.seen[layer] = (q, k_new, v_new)
         out, self.cache = self.cache.attend(layer, q, k_new, v_new, sliding_window)
         return out, self
 
@@ -114,6 +114,11 @@ class _Recorder:
 def prompt_queries_keys(model, ids) -> list[tuple[jax.Array, jax.Array]]:
     """Per layer, the RoPE'd queries [batch, length, heads, head_dim] and keys [batch, length, kv_heads, head_dim]
     of int prompts [batch, length] (no padding): what saliency is computed from, for analysis and tests."""
+    return [(q, k) for q, k, _ in prompt_states(model, ids)]
+
+
+def prompt_states(model, ids) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+    """Per layer, (queries, keys, values) of int prompts [batch, length] as `prompt_queries_keys`."""
     from zipjax.cache import KVCache
     from zipjax.transformer import Transformer
 
