@@ -90,6 +90,20 @@ def _check_kernel(kernel: bool) -> None:
         raise ZipjaxError(f"kernel must be True (Pallas decode attention) or False (jax.numpy), got {kernel!r}")
 
 
+def _check_mixed(method) -> None:
+    """The fields ZipCache and ZipVL share: kernel flag, two bit widths, saliency source, probes, window."""
+    _check_kernel(method.kernel)
+    _check_bits("high_bits", method.high_bits)
+    _check_bits("low_bits", method.low_bits)
+    if method.low_bits > method.high_bits:
+        raise ZipjaxError(f"low_bits ({method.low_bits}) must not exceed high_bits ({method.high_bits})")
+    if method.saliency not in ("probe", "exact"):
+        raise ZipjaxError(f"saliency must be 'probe' or 'exact', got {method.saliency!r}")
+    if not 0 < method.probe_ratio <= 1:
+        raise ZipjaxError(f"probe_ratio must lie in (0, 1], got {method.probe_ratio}")
+    _check_window("window", method.window)
+
+
 def _check_group(group: int | None) -> None:
     if group is not None and (not isinstance(group, int) or group < 1):
         raise ZipjaxError(f"group must be a positive number of channels or None, got {group!r}")
@@ -108,20 +122,11 @@ class ZipCache:
     kernel: bool = False
 
     def __post_init__(self):
-        _check_kernel(self.kernel)
-        _check_bits("high_bits", self.high_bits)
-        _check_bits("low_bits", self.low_bits)
-        if self.low_bits > self.high_bits:
-            raise ZipjaxError(f"low_bits ({self.low_bits}) must not exceed high_bits ({self.high_bits})")
+        _check_mixed(self)
         if not 0 < self.saliency_ratio <= 1:
             raise ZipjaxError(f"saliency_ratio must lie in (0, 1], got {self.saliency_ratio}")
-        if self.saliency not in ("probe", "exact"):
-            raise ZipjaxError(f"saliency must be 'probe' or 'exact', got {self.saliency!r}")
-        if not 0 < self.probe_ratio <= 1:
-            raise ZipjaxError(f"probe_ratio must lie in (0, 1], got {self.probe_ratio}")
         if self.normalize not in NORMALIZATIONS:
             raise ZipjaxError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
-        _check_window("window", self.window)
 
     def spec(self) -> QuantSpec:
         return QuantSpec("zipcache", self.high_bits, self.low_bits, self.saliency_ratio, "channel", "cst", None,
@@ -185,11 +190,7 @@ class ZipVL:
     kernel: bool = False
 
     def __post_init__(self):
-        _check_kernel(self.kernel)
-        _check_bits("high_bits", self.high_bits)
-        _check_bits("low_bits", self.low_bits)
-        if self.low_bits > self.high_bits:
-            raise ZipjaxError(f"low_bits ({self.low_bits}) must not exceed high_bits ({self.high_bits})")
+        _check_mixed(self)
         if not 0 < self.tau <= 1:
             raise ZipjaxError(f"tau must lie in (0, 1], got {self.tau}")
         low, high = self.ratio_range
@@ -198,11 +199,6 @@ class ZipVL:
                               f"{self.ratio_range}")
         if not isinstance(self.buckets, int) or self.buckets < 1:
             raise ZipjaxError(f"buckets must be a positive integer, got {self.buckets!r}")
-        if self.saliency not in ("probe", "exact"):
-            raise ZipjaxError(f"saliency must be 'probe' or 'exact', got {self.saliency!r}")
-        if not 0 < self.probe_ratio <= 1:
-            raise ZipjaxError(f"probe_ratio must lie in (0, 1], got {self.probe_ratio}")
-        _check_window("window", self.window)
 
     def spec(self) -> QuantSpec:
         low_bits = self.high_bits if self.evict else self.low_bits
