@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from zipjax.attention import visible_slots
 from zipjax.kv.quantize import unpack
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -39,13 +40,6 @@ def _unpacked_parts(codes: jax.Array, bits: int) -> list[jax.Array]:
     mask = (1 << bits) - 1
     wide = codes.astype(jnp.int32)
     return [((wide >> (j * bits)) & mask).astype(jnp.float32) for j in range(8 // bits)]
-
-
-def _visible(slots: jax.Array, q_slot: jax.Array, start: jax.Array, sliding_window: int | None) -> jax.Array:
-    ok = (slots >= 0) & (slots >= start) & (slots <= q_slot)
-    if sliding_window is not None:
-        ok &= q_slot - slots < sliding_window
-    return ok
 
 
 def _kernel(q_slot_ref, start_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, sc_ref, slot_ref,
@@ -61,7 +55,7 @@ def _kernel(q_slot_ref, start_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref
     for j, part in enumerate(_unpacked_parts(kc_ref[...], bits)):
         scores = scores + jnp.dot(folded[:, j * width:(j + 1) * width], part.T,
                                   preferred_element_type=jnp.float32)  # [G, n]
-    visible = _visible(slot_ref[...], q_slot_ref[0], start_ref[0], sliding_window)[None, :]
+    visible = visible_slots(slot_ref[...], q_slot_ref[0], start_ref[0], sliding_window)[None, :]
     scores = jnp.where(visible, scores, MASK_VALUE)
     m = scores.max(axis=-1)  # [G]
     p = jnp.where(visible, jnp.exp(scores - m[:, None]), 0.0)  # [G, n]
@@ -177,7 +171,7 @@ def reference(q, k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, slots,
     k, v = dequantize_segment(k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, bits=bits, block=block,
                               group=group)
     scores = jnp.einsum("bhgd,bhsd->bhgs", q.astype(jnp.float32), k) * q.shape[-1] ** -0.5
-    visible = _visible(slots, q_slot, starts[:, None, None], sliding_window)[:, :, None, :]
+    visible = visible_slots(slots, q_slot, starts[:, None, None], sliding_window)[:, :, None, :]
     scores = jnp.where(visible, scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1) * visible
     return jnp.einsum("bhgs,bhsd->bhgd", probs, v)

@@ -63,3 +63,12 @@ def causal_mask(
     if k_valid is not None:
         mask &= k_valid[:, None, :]
     return mask
+
+
+def visible_slots(slots: jax.Array, q_slot: jax.Array, start: jax.Array, sliding_window: int | None) -> jax.Array:
+    """bool, broadcast of the arguments: a decode query at `q_slot` may see a key held at cache slot `slots` (-1: an
+    empty slot) of a sequence whose first real slot is `start`. Shared by the compressed caches and their kernel."""
+    ok = (slots >= 0) & (slots >= start) & (slots <= q_slot)
+    if sliding_window is not None:
+        ok &= q_slot - slots < sliding_window
+    return ok

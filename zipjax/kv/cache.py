@@ -45,7 +45,7 @@ from flax import struct
 from jax.sharding import PartitionSpec
 
 from pallas_kernels.quantized_attention import combine, segment_attention_on_backend
-from zipjax.attention import MASK_VALUE, causal_mask, gqa_attention, grouped_probs
+from zipjax.attention import MASK_VALUE, causal_mask, gqa_attention, grouped_probs, visible_slots
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.kv.methods import QuantSpec
@@ -292,14 +292,6 @@ class QuantizedKVCache:
         mass = state.mass + buf_probs.sum(axis=(2, 3))
         return out.astype(q.dtype), dataclasses.replace(state, k_buf=k_buf, v_buf=v_buf, mass=mass)
 
-
-    def _visible(self, slots: jax.Array, sliding_window: int | None) -> jax.Array:
-        """bool, slots' shape [batch, kv_heads, n]: the new token (at slot `cursor`) may see the slot."""
-        visible = (slots >= 0) & (slots >= self.starts[:, None, None]) & (slots <= self.cursor)
-        if sliding_window is not None:
-            visible &= self.cursor - slots < sliding_window
-        return visible
-
     def _jnp_attention(self, state: LayerKV, q, k_buf, v_buf, buf_slots, sliding_window):
         """Dequantize every segment, then one softmax over segments and buffer. Returns the output [batch, 1, heads,
         head_dim] and the buffer's probabilities [batch, kv_heads, group, 1, window]."""
@@ -308,13 +300,14 @@ class QuantizedKVCache:
         keys = jnp.concatenate([*keys, k_buf.astype(jnp.float32)], axis=2)  # [batch, kv_heads, kv_len, head_dim]
         values = jnp.concatenate([*values, v_buf.astype(jnp.float32)], axis=2)
         slots = jnp.concatenate([*slots, jnp.broadcast_to(buf_slots, (b, h, window))], axis=2)
-        out, probs = masked_attention(q, keys, values, self._visible(slots, sliding_window)[:, :, None, :])
+        visible = visible_slots(slots, self.cursor, self.starts[:, None, None], sliding_window)
+        out, probs = masked_attention(q, keys, values, visible[:, :, None, :])
         return out, probs[..., -window:]
 
     def _kernel_attention(self, state: LayerKV, q, k_buf, v_buf, buf_slots, sliding_window):
         """The Pallas kernel per segment over the packed codes, the buffer in jnp, merged by log-sum-exp. Same
         results as `_jnp_attention`."""
-        b, h, window, d = k_buf.shape
+        b, h, _, d = k_buf.shape
         qg = q[:, 0].reshape(b, h, -1, d).astype(jnp.float32)  # [batch, kv_heads, group, head_dim]
         states = []
         for st, seg in zip(state.stores, self.layout.segments(), strict=True):
@@ -324,7 +317,8 @@ class QuantizedKVCache:
             states.append(segment_attention_on_backend(
                 qg, st.k_codes, st.k_step, st.k_min, st.v_codes, st.v_step, st.v_min, v_scale, st.slots, self.cursor,
                 self.starts, bits=seg.bits, block=seg.size, group=self.spec.group, sliding_window=sliding_window))
-        visible = self._visible(jnp.broadcast_to(buf_slots, (b, h, window)), sliding_window)[:, :, None, :]
+        # [batch, 1, 1, window]
+        visible = visible_slots(buf_slots, self.cursor, self.starts[:, None, None], sliding_window)[:, :, None, :]
         scores = jnp.einsum("bhgd,bhsd->bhgs", qg, k_buf.astype(jnp.float32)) * d**-0.5  # [batch, kv_heads, group, w]
         scores = jnp.where(visible, scores, MASK_VALUE)
         m = scores.max(axis=-1)

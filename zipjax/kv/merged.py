@@ -23,7 +23,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec
 
-from zipjax.attention import causal_mask, gqa_attention
+from zipjax.attention import causal_mask, gqa_attention, visible_slots
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.kv.cache import Store, dequantize_store, masked_attention, quantize_subset
@@ -235,9 +235,7 @@ class MergedKVCache:
         keys = jnp.concatenate([k_prompt, k_buf.astype(jnp.float32)], axis=2)
         values = jnp.concatenate([v_prompt, v_buf.astype(jnp.float32)], axis=2)
         slots = jnp.arange(keys.shape[2], dtype=jnp.int32)
-        visible = (slots[None, :] >= self.starts[:, None]) & (slots[None, :] <= self.cursor)  # [batch, kv_len]
-        if sliding_window is not None:
-            visible &= self.cursor - slots[None, :] < sliding_window
+        visible = visible_slots(slots[None, :], self.cursor, self.starts[:, None], sliding_window)  # [batch, kv_len]
         out, _ = masked_attention(q, keys, values, visible[:, None, None, :])
         replace = lambda bufs, new: (*bufs[:layer], new, *bufs[layer + 1:])
         return out.astype(q.dtype), dataclasses.replace(self, k_buf=replace(self.k_buf, k_buf),
