@@ -226,18 +226,13 @@ def zipvl_prefill(model, lengths: list[int], tau: float, repeats: int = 3) -> li
     layer (p(tau) / length), the attention FLOPs saved (1 - sum bucket^2 / sum length^2 over layers, from the
     bucket the jitted code actually ran), the attention-only time of every layer (jnp path, real q/k/v) and the
     whole prefill (model forward with the dense cache vs with the ZipVL cache, which also quantizes)."""
-    from zipjax.kv.zipvl import (
-        bucket_sizes,
-        important_count,
-        important_order,
-        probe_statistics,
-        sparse_prefill_attention,
-    )
+    from zipjax.kv.saliency import prompt_statistics
+    from zipjax.kv.zipvl import bucket_sizes, important_count, important_order, sparse_prefill_attention
 
     rows = []
     dense_attention = jax.jit(lambda q, k, v, mask: zipjax.attention.gqa_attention(q, k, v, mask))
     sparse_attention = jax.jit(functools.partial(sparse_prefill_attention, buckets=8))
-    stats = jax.jit(functools.partial(probe_statistics, method="probe", probe_ratio=0.1, normalize="probe"))
+    stats = jax.jit(functools.partial(prompt_statistics, method="probe", probe_ratio=0.1, normalize="probe"))
     for length in lengths:
         ids = text_samples(model, 1, length)
         starts = jnp.zeros((1,), jnp.int32)

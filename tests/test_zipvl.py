@@ -12,14 +12,13 @@ import pytest
 import zipjax
 from zipjax import kv
 from zipjax.kv import QuantizedKVCache
-from zipjax.kv.saliency import prompt_queries_keys
+from zipjax.kv.saliency import prompt_queries_keys, prompt_statistics
 from zipjax.kv.zipvl import (
     _compact_attention,
     attention_flops,
     bucket_sizes,
     important_count,
     important_order,
-    probe_statistics,
     restricted_attention,
     sparse_prefill_attention,
 )
@@ -44,7 +43,7 @@ def test_p_is_monotone_in_tau_and_p1_counts_tokens_with_mass(real_qk):
     counts = []
     for layer, (q, k) in enumerate(real_qk):
         starts = jnp.array([10], jnp.int32)  # 10 padding slots: no mass
-        mass, _ = probe_statistics(q, k, starts, method="probe", probe_ratio=0.2, normalize="probe",
+        mass, _ = prompt_statistics(q, k, starts, method="probe", probe_ratio=0.2, normalize="probe",
                                    key=jax.random.key(layer))
         p = [int(important_count(mass, tau)[0]) for tau in taus]
         assert p == sorted(p), p

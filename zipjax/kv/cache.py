@@ -50,8 +50,8 @@ from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.kv.methods import QuantSpec
 from zipjax.kv.quantize import channel_scale, dequantize, grouped, pack, quantize, unpack
-from zipjax.kv.saliency import prompt_saliency
-from zipjax.kv.zipvl import important_count, important_order, probe_statistics, sparse_prefill_attention
+from zipjax.kv.saliency import prompt_saliency, prompt_statistics
+from zipjax.kv.zipvl import important_count, important_order, sparse_prefill_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,27 +239,23 @@ class QuantizedKVCache:
         k = k_new.transpose(0, 2, 1, 3)
         v = v_new.transpose(0, 2, 1, 3)
         key = jax.random.fold_in(jax.random.key(spec.seed), layer)
-        if spec.tau is not None:  # ZipVL
-            mass, score = probe_statistics(q, k_new, self.starts, method=spec.saliency, probe_ratio=spec.probe_ratio,
-                                           normalize=spec.normalize, key=key)
-            count = important_count(mass, spec.tau)
-            order = important_order(score)
-            if spec.sparse_prefill:
-                out, _ = sparse_prefill_attention(q, k_new, v_new, order, count, self.starts, buckets=spec.buckets,
-                                                  sliding_window=sliding_window)
-            else:
-                out = gqa_attention(q, k, v, causal_mask(b_slots, b_slots, sliding_window, k_valid=valid))
-            state = compress_block(self.layers[layer], spec, self.layout, k, v, slots, valid, score, block=None,
-                                   order=order, count=count)
-            return out, state
-        mask = causal_mask(b_slots, b_slots, sliding_window, k_valid=valid)
-        out = gqa_attention(q, k, v, mask)
-        if spec.saliency == "none":
+        order = count = None
+        if spec.tau is not None:  # ZipVL: p(tau) from the probe mass, ranking by the normalized score
+            mass, score = prompt_statistics(q, k_new, self.starts, method=spec.saliency,
+                                            probe_ratio=spec.probe_ratio, normalize=spec.normalize, key=key)
+            count, order = important_count(mass, spec.tau), important_order(score)
+        elif spec.saliency == "none":
             score = jnp.where(valid[:, None, :], jnp.zeros((q.shape[0], k_new.shape[2], length)), -jnp.inf)
         else:
             score = prompt_saliency(q, k_new, self.starts, method=spec.saliency, probe_ratio=spec.probe_ratio,
                                     normalize=spec.normalize, key=key)
-        state = compress_block(self.layers[layer], spec, self.layout, k, v, slots, valid, score, block=None)
+        if spec.tau is not None and spec.sparse_prefill:
+            out, _ = sparse_prefill_attention(q, k_new, v_new, order, count, self.starts, buckets=spec.buckets,
+                                              sliding_window=sliding_window)
+        else:
+            out = gqa_attention(q, k, v, causal_mask(b_slots, b_slots, sliding_window, k_valid=valid))
+        state = compress_block(self.layers[layer], spec, self.layout, k, v, slots, valid, score, block=None,
+                               order=order, count=count)
         return out, state
 
     def _decode(self, layer: int, q, k_new, v_new, sliding_window):

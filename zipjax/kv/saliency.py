@@ -78,6 +78,14 @@ def prompt_saliency(q: jax.Array, k: jax.Array, starts: jax.Array, *, method: st
     method "exact" uses every query (the full attention matrix); "probe" only the probe rows.
     q: [batch, length, heads, head_dim]; k: [batch, length, kv_heads, head_dim].
     """
+    return prompt_statistics(q, k, starts, method=method, probe_ratio=probe_ratio, normalize=normalize, key=key)[1]
+
+
+def prompt_statistics(q: jax.Array, k: jax.Array, starts: jax.Array, *, method: str, probe_ratio: float,
+                      normalize: str, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mass, score) float32 [batch, kv_heads, length]: the attention mass each prompt key receives from the probe
+    rows (every row for "exact"), summed over each KV head's query heads, and the normalized score of
+    `prompt_saliency` (-inf for padding; "exact" normalizes by the full causal count)."""
     batch, length = q.shape[:2]
     k_slots = jnp.arange(length, dtype=jnp.int32)
     k_valid = k_slots[None, :] >= starts[:, None]  # [batch, length]
@@ -85,11 +93,13 @@ def prompt_saliency(q: jax.Array, k: jax.Array, starts: jax.Array, *, method: st
     if method == "exact":
         q_slots = jnp.broadcast_to(k_slots, (batch, length))
         probs = attention_probs(q, k, q_slots, k_slots, k_valid)
-        return normalized_score(probs, q_slots, k_slots, k_valid, "code", total)
-    q_slots = probe_slots(starts, length, probe_ratio, key)
-    q_probe = jnp.take_along_axis(q, q_slots[:, :, None, None], axis=1)
-    probs = attention_probs(q_probe, k, q_slots, k_slots, k_valid)
-    return normalized_score(probs, q_slots, k_slots, k_valid, normalize, total)
+        normalize = "code"
+    else:
+        q_slots = probe_slots(starts, length, probe_ratio, key)
+        q_probe = jnp.take_along_axis(q, q_slots[:, :, None, None], axis=1)
+        probs = attention_probs(q_probe, k, q_slots, k_slots, k_valid)
+    mass = probs.sum(axis=(2, 3))
+    return mass, normalized_score(probs, q_slots, k_slots, k_valid, normalize, total)
 
 
 class _Recorder:

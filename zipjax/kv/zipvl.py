@@ -1,7 +1,7 @@
 """ZipVL's layer-adaptive important tokens and sparse prefill attention (He et al., arXiv 2410.08584).
 
 Per layer, probe queries (ZipCache's: the most recent tokens and as many random earlier ones) give an attention
-matrix A'. Two statistics of its columns are used, as the paper does:
+matrix A' (zipjax.kv.saliency.prompt_statistics). Two statistics of its columns are used, as the paper does:
 
   count    p = the fewest tokens holding a fraction tau of the probe attention mass (Eq. 6): column masses summed
            over every probe row and query head of the layer, sorted, cumulated; p(1) = the tokens with any mass.
@@ -26,28 +26,6 @@ import jax
 import jax.numpy as jnp
 
 from zipjax.attention import MASK_VALUE
-from zipjax.kv.saliency import attention_probs, normalized_score, probe_slots
-
-
-def probe_statistics(q: jax.Array, k: jax.Array, starts: jax.Array, *, method: str, probe_ratio: float,
-                     normalize: str, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(mass, score) float32 [batch, kv_heads, length] of the prompt's keys: the attention mass each receives from
-    the probe rows (all rows for method "exact"), summed over each KV head's query heads, and ZipCache's normalized
-    score (-inf for padding). q: [batch, length, heads, head_dim]; k: [batch, length, kv_heads, head_dim]."""
-    batch, length = q.shape[:2]
-    k_slots = jnp.arange(length, dtype=jnp.int32)
-    k_valid = k_slots[None, :] >= starts[:, None]
-    total = jnp.maximum(length - k_slots, 0)[None, :]
-    if method == "exact":
-        q_slots = jnp.broadcast_to(k_slots, (batch, length))
-        probs = attention_probs(q, k, q_slots, k_slots, k_valid)
-        normalize = "code"
-    else:
-        q_slots = probe_slots(starts, length, probe_ratio, key)
-        probs = attention_probs(jnp.take_along_axis(q, q_slots[:, :, None, None], axis=1), k, q_slots, k_slots,
-                                k_valid)
-    mass = probs.sum(axis=(2, 3))  # [batch, kv_heads, length]
-    return mass, normalized_score(probs, q_slots, k_slots, k_valid, normalize, total)
 
 
 def important_count(mass: jax.Array, tau: float) -> jax.Array:
