@@ -29,6 +29,7 @@ from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.kv import MergedKVCache, Method, QuantizedKVCache, QuantSpec
 from zipjax.kv.merged import MergeSpec
+from zipjax.kv.methods import method_spec
 from zipjax.model import Model, check_token_ids
 from zipjax.sampling import SamplingMode, sample
 from zipjax.sharding import tree_shardings
@@ -146,10 +147,7 @@ class _Plan:
     def __init__(self, model: Model, prompt_ids, max_new_tokens: int, temperature: float, top_k: int | None,
                  top_p: float | None, stop_tokens, cache_length: int | None, kv: Method | None = None):
         cfg = model.config
-        if kv is not None and not hasattr(kv, "spec"):
-            raise ZipjaxError(f"kv must be None or a zipjax.kv method (ZipCache, KIVI, Uniform, ZipVL, MiniCache), "
-                              f"got {kv!r}")
-        self.kv = kv.spec() if kv is not None else None
+        self.kv = method_spec(kv)
         prompts = _as_prompt_list(prompt_ids)
         for i, p in enumerate(prompts):
             check_token_ids(p, cfg.vocab_size, f"token ids of prompt {i}")

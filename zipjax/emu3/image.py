@@ -34,6 +34,7 @@ from zipjax.emu3.model import Emu3Model
 from zipjax.errors import ZipjaxError
 from zipjax.generate import CACHE_ROUNDING, MIN_PREFILL_BUCKET, _cache_initializer, _next_pow2, _round_up
 from zipjax.kv import Method
+from zipjax.kv.methods import method_spec
 from zipjax.sampling import SamplingMode, sample
 from zipjax.transformer import Params, Transformer, output_head
 
@@ -238,8 +239,7 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
         raise ZipjaxError(f"zipar_window must be None, a positive integer or 'adaptive', got {zipar_window!r}")
     if not isinstance(zipar_min_window, int | np.integer) or zipar_min_window < 1:
         raise ZipjaxError(f"zipar_min_window must be a positive integer, got {zipar_min_window!r}")
-    if kv is not None and not hasattr(kv, "spec"):
-        raise ZipjaxError(f"kv must be None or a zipjax.kv method (ZipCache, KIVI, Uniform), got {kv!r}")
+    spec = method_spec(kv)
     if kv is not None and (zipar_window is not None or sjd_window is not None):
         raise ZipjaxError(
             "a quantized KV cache (kv=...) takes one token per pass; ZipAR and SJD passes write several tokens at "
@@ -282,7 +282,6 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
         body, passes = np.asarray(body), int(per_image.max())
     elif zipar_window is None:
         cache_len = _round_up(bucket + layout.num_tokens, CACHE_ROUNDING)
-        spec = kv.spec() if kv is not None else None
         if spec is not None:  # geometry errors (bit packing, window) now, not inside jit
             spec.check(cfg, len(sequences), cache_len, bucket)
         cache = _cache_initializer(cfg, len(sequences), cache_len, model.mesh, spec, bucket)(starts)

@@ -192,25 +192,8 @@ class QuantizedKVCache:
                                    buffered=PartitionSpec(), blocks=PartitionSpec())
 
     def check_fits(self, tokens_shape: tuple[int, int]) -> None:
-        batch, num_tokens = tokens_shape
-        if batch != self.batch:
-            raise ZipjaxError(f"the input holds {batch} sequences but the KV cache was made for {self.batch}")
-        if num_tokens not in (1, self.layout.prefill_len):
-            raise ZipjaxError(
-                f"a quantized KV cache takes the prompt as one block of {self.layout.prefill_len} tokens, then one "
-                f"token per step; got {num_tokens} tokens"
-            )
-        if isinstance(self.cursor, jax.core.Tracer):
-            return
-        cursor = int(self.cursor)
-        if num_tokens > 1 and cursor != 0:
-            raise ZipjaxError("the prompt block must be the first input of a quantized KV cache")
-        if num_tokens == 1 and cursor == 0:
-            raise ZipjaxError("a quantized KV cache needs its prompt block before single decode tokens")
-        if cursor + num_tokens > self.max_len:
-            raise ZipjaxError(
-                f"the KV cache holds {self.max_len} slots; {cursor} are used and {num_tokens} more do not fit"
-            )
+        check_prompt_then_tokens(tokens_shape, "quantized", self.batch, self.layout.prefill_len, self.cursor,
+                                 self.max_len)
 
     def attend(self, layer: int, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
                sliding_window: int | None) -> tuple[jax.Array, QuantizedKVCache]:
@@ -333,6 +316,30 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     probs = grouped_probs(q, k, mask[:, :, None])
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(q.shape), probs
+
+
+def check_prompt_then_tokens(tokens_shape: tuple[int, int], kind: str, batch: int, prefill_len: int,
+                             cursor: jax.Array, max_len: int) -> None:
+    """The input contract of the compressed caches (quantized, merged): the prompt as one block of `prefill_len`
+    tokens first, then one token per step, within `max_len` slots (order and room checked when the cursor is a
+    concrete value)."""
+    got_batch, num_tokens = tokens_shape
+    if got_batch != batch:
+        raise ZipjaxError(f"the input holds {got_batch} sequences but the KV cache was made for {batch}")
+    if num_tokens not in (1, prefill_len):
+        raise ZipjaxError(
+            f"a {kind} KV cache takes the prompt as one block of {prefill_len} tokens, then one token per step; "
+            f"got {num_tokens} tokens"
+        )
+    if isinstance(cursor, jax.core.Tracer):
+        return
+    cursor = int(cursor)
+    if num_tokens > 1 and cursor != 0:
+        raise ZipjaxError(f"the prompt block must be the first input of a {kind} KV cache")
+    if num_tokens == 1 and cursor == 0:
+        raise ZipjaxError(f"a {kind} KV cache needs its prompt block before single decode tokens")
+    if cursor + num_tokens > max_len:
+        raise ZipjaxError(f"the KV cache holds {max_len} slots; {cursor} are used and {num_tokens} more do not fit")
 
 
 def make_layout(config: ModelConfig, spec: QuantSpec, batch: int, max_len: int, prefill_len: int) -> Layout:

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec
 from zipjax.attention import causal_mask, gqa_attention, visible_slots
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
-from zipjax.kv.cache import Store, dequantize_store, masked_attention, quantize_subset
+from zipjax.kv.cache import Store, check_prompt_then_tokens, dequantize_store, masked_attention, quantize_subset
 from zipjax.kv.minicache import merge_pair
 
 
@@ -149,20 +149,7 @@ class MergedKVCache:
         return dataclasses.replace(specs, pairs=pairs, cursor=PartitionSpec(), starts=PartitionSpec("batch"))
 
     def check_fits(self, tokens_shape: tuple[int, int]) -> None:
-        batch, num_tokens = tokens_shape
-        if batch != self.batch:
-            raise ZipjaxError(f"the input holds {batch} sequences but the KV cache was made for {self.batch}")
-        if num_tokens not in (1, self.prefill_len):
-            raise ZipjaxError(f"a MiniCache KV cache takes the prompt as one block of {self.prefill_len} tokens, then "
-                              f"one token per step; got {num_tokens} tokens")
-        if isinstance(self.cursor, jax.core.Tracer):
-            return
-        cursor = int(self.cursor)
-        if (num_tokens > 1) != (cursor == 0):
-            raise ZipjaxError("a MiniCache KV cache takes its prompt block first, then single decode tokens")
-        if cursor + num_tokens > self.max_len:
-            raise ZipjaxError(f"the KV cache holds {self.max_len} slots; {cursor} are used and {num_tokens} more "
-                              "do not fit")
+        check_prompt_then_tokens(tokens_shape, "MiniCache", self.batch, self.prefill_len, self.cursor, self.max_len)
 
     def advance(self, num_tokens: int) -> MergedKVCache:
         return dataclasses.replace(self, cursor=self.cursor + num_tokens)

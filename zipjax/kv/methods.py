@@ -242,3 +242,13 @@ class MiniCache:
 
 
 Method = ZipCache | KIVI | Uniform | ZipVL | MiniCache
+
+
+def method_spec(kv: Method | None):
+    """The compiled spec of a `kv=` argument (None for the dense cache), or a clear error for anything else."""
+    if kv is None:
+        return None
+    if not hasattr(kv, "spec"):
+        raise ZipjaxError(f"kv must be None or a zipjax.kv method (ZipCache, KIVI, Uniform, ZipVL, MiniCache), "
+                          f"got {kv!r}")
+    return kv.spec()
