@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,11 +25,13 @@ from pathlib import Path
 import jax
 import torch
 from transformers import Emu3ForConditionalGeneration
+from zipjax.convert import convert
 
 import zipjax
-from convert import convert
 from zipjax.emu3.image import format_prompt, generate_image
-from zipjax.emu3.random_hf import TINY_TEXT, TINY_VQ, save_random_emu3
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the random-model builders
+from random_hf import TINY_TEXT, TINY_VQ, save_random_emu3
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "a watercolor painting of mountains at sunset with a lake in the foreground."

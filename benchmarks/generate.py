@@ -28,10 +28,10 @@ import jax
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from zipjax.convert import convert
+from zipjax.convert.export import export_hf
 
 import zipjax
-from convert import convert
-from convert.export import export_hf
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "checkpoints" / "stdlib-llama"

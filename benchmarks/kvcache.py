@@ -40,12 +40,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from zipjax.convert.smollm2 import fetch_and_convert
 
 import zipjax
-from convert.smollm2 import fetch_and_convert
 from zipjax import kv
-from zipjax.cache import KVCache
-from zipjax.kv.saliency import prompt_queries_keys, prompt_saliency, prompt_states
+from zipjax.kv.analysis import prompt_queries_keys, prompt_states
+from zipjax.kv.dense import KVCache
+from zipjax.kv.saliency import prompt_saliency
 from zipjax.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,7 +83,7 @@ RETRIEVAL_METHODS = ["dense", "ZipCache 4/2 r=0.6 (probe)", "ZipCache 4/2 r=0.6 
 def make_cache(model, method, batch: int, max_len: int, prefill_len: int, dtype=None):
     if method is None:
         return KVCache.init(model.config, batch, max_len, dtype=dtype)
-    return method.spec().init_cache(model.config, batch, max_len, prefill_len, dtype=dtype)
+    return method.init_cache(model.config, batch, max_len, prefill_len, dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "prompt_len"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,11 +34,13 @@ import optax
 from zipjax import checkpoint
 from zipjax.config import ModelConfig, RopeConfig
 from zipjax.emu3.model import Emu3Vision
-from zipjax.emu3.random_hf import build_tokenizer
 from zipjax.emu3.vocab import Emu3Vocab
 from zipjax.emu3.vq_config import PaletteConfig
 from zipjax.transformer import Transformer, init_params, param_count
 from zipjax.zipar.quality import DigitClassifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the random-model builders
+from random_hf import build_tokenizer
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SIDE, LEVELS = 16, 16

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from convert.emu3 import convert_emu3, emu3_layout
-from convert.hf_config import config_from_hf, read_json
-from convert.hf_weights import source_tensors, stored_dtype
-from convert.mapping import tensors_to_params
+from zipjax.convert.emu3 import convert_emu3, emu3_layout
+from zipjax.convert.gguf import convert_gguf
+from zipjax.convert.hf_config import config_from_hf, read_json
+from zipjax.convert.hf_weights import source_tensors, stored_dtype
+from zipjax.convert.mapping import tensors_to_params
+
 from zipjax import checkpoint
 from zipjax.config import DTYPES
 from zipjax.errors import ZipjaxError
@@ -37,8 +39,6 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, overw
 
     gguf_file = _gguf_file(src)
     if gguf_file is not None:
-        from convert.gguf import convert_gguf
-
         return convert_gguf(gguf_file, dst, dtype=dtype, overwrite=overwrite, progress=progress)
     if not src.is_dir():
         raise ZipjaxError(f"{src} is neither a Hugging Face model folder nor a .gguf file")

@@ -21,11 +21,12 @@ from typing import Any
 
 import jax.numpy as jnp
 from tqdm import tqdm
+from zipjax.convert.emu3_vq import BAAI, HF, IGNORED_SUFFIX, source_shape, to_target, vq_tensor_plan
+from zipjax.convert.hf_config import generation_config, read_json, text_config_from_dict
+from zipjax.convert.hf_weights import SourceTensor, source_tensors, stored_dtype
+from zipjax.convert.mapping import flatten_params, tensors_to_params, unflatten_params
+from zipjax.convert.tiktoken_bpe import write_tokenizer_json
 
-from convert.emu3_vq import BAAI, HF, IGNORED_SUFFIX, source_shape, to_target, vq_tensor_plan
-from convert.hf_config import generation_config, read_json, text_config_from_dict
-from convert.hf_weights import SourceTensor, source_tensors, stored_dtype
-from convert.mapping import flatten_params, tensors_to_params, unflatten_params
 from zipjax import checkpoint
 from zipjax.config import DTYPES, ModelConfig
 from zipjax.emu3.model import DEFAULT_IMAGE_AREA, Emu3Vision
@@ -56,32 +57,7 @@ def convert_emu3(src: Path, dst: Path, hf: dict[str, Any], *, vision_tokenizer: 
                  dtype: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
     layout = emu3_layout(hf)
     where = src / "config.json"
-    if layout == HF:
-        if "text_config" not in hf or "vq_config" not in hf:
-            raise ZipjaxError(
-                f"{where}: a transformers Emu3 text-only model (no vq_config) cannot make images; convert the "
-                "Emu3ForConditionalGeneration folder, or BAAI's language model with --vision-tokenizer"
-            )
-        if vision_tokenizer is not None:
-            raise ZipjaxError(f"{src} already holds the vision tokenizer; --vision-tokenizer is for BAAI's layout")
-        text_hf, vq_hf, vq_where, vq_src = hf["text_config"], hf["vq_config"], where, src
-        vq = _vq_config_hf(vq_hf, vq_where, src / _PREPROCESSOR)
-    else:
-        if vision_tokenizer is None:
-            raise ZipjaxError(
-                f"{src} is BAAI's Emu3 language model; its images need the vision tokenizer folder "
-                "(Emu3-VisionTokenizer): pass --vision-tokenizer DIR"
-            )
-        vq_src = Path(vision_tokenizer).absolute()
-        vq_where = vq_src / "config.json"
-        if not vq_where.is_file():
-            raise ZipjaxError(f"vision tokenizer folder {vq_src} has no config.json")
-        vq_hf = read_json(vq_where, "vision tokenizer config")
-        if "Emu3VisionVQModel" not in (vq_hf.get("architectures") or []) and vq_hf.get("model_type") != "Emu3VisionVQ":
-            raise ZipjaxError(f"{vq_where} does not describe an Emu3 vision tokenizer (Emu3VisionVQModel)")
-        text_hf = hf
-        vq = _vq_config_baai(vq_hf, vq_where, vq_src / _PREPROCESSOR)
-
+    text_hf, vq_src, vq = _sources(src, hf, layout, vision_tokenizer)
     config = text_config_from_dict(text_hf, where, architecture="emu3", generation=generation_config(src),
                                    dtype=dtype)
     vocab = _vocab(src, hf, layout, config, vq.codebook_size)
@@ -105,8 +81,6 @@ def convert_emu3(src: Path, dst: Path, hf: dict[str, Any], *, vision_tokenizer: 
     files += [p / _PREPROCESSOR for p in {src, vq_src} if (p / _PREPROCESSOR).is_file()][:1]
     with tempfile.TemporaryDirectory() as scratch:
         if layout == BAAI and not (src / "tokenizer.json").is_file():
-            from convert.tiktoken_bpe import write_tokenizer_json
-
             if progress:
                 print("rebuilding BAAI's tiktoken tokenizer as tokenizer.json", flush=True)
             made = write_tokenizer_json(src / BAAI_TIKTOKEN, _baai_vocab_map(src), vocab, Path(scratch))
@@ -117,6 +91,34 @@ def convert_emu3(src: Path, dst: Path, hf: dict[str, Any], *, vision_tokenizer: 
         return checkpoint.save(dst, config, params, files=files, overwrite=overwrite, vision=(vision, vq_params),
                                metadata={"source": {"kind": f"emu3-{layout}", "path": str(src),
                                                     **({"vision_tokenizer": str(vq_src)} if layout == BAAI else {})}})
+
+
+def _sources(src: Path, hf: dict[str, Any], layout: str, vision_tokenizer: Path | None
+             ) -> tuple[dict[str, Any], Path, VQConfig]:
+    """(the language model's config dict, the folder holding the VQ-VAE, the VQ-VAE config) of either layout."""
+    where = src / "config.json"
+    if layout == HF:
+        if "text_config" not in hf or "vq_config" not in hf:
+            raise ZipjaxError(
+                f"{where}: a transformers Emu3 text-only model (no vq_config) cannot make images; convert the "
+                "Emu3ForConditionalGeneration folder, or BAAI's language model with --vision-tokenizer"
+            )
+        if vision_tokenizer is not None:
+            raise ZipjaxError(f"{src} already holds the vision tokenizer; --vision-tokenizer is for BAAI's layout")
+        return hf["text_config"], src, _vq_config_hf(hf["vq_config"], where, src / _PREPROCESSOR)
+    if vision_tokenizer is None:
+        raise ZipjaxError(
+            f"{src} is BAAI's Emu3 language model; its images need the vision tokenizer folder "
+            "(Emu3-VisionTokenizer): pass --vision-tokenizer DIR"
+        )
+    vq_src = Path(vision_tokenizer).absolute()
+    vq_where = vq_src / "config.json"
+    if not vq_where.is_file():
+        raise ZipjaxError(f"vision tokenizer folder {vq_src} has no config.json")
+    vq_hf = read_json(vq_where, "vision tokenizer config")
+    if "Emu3VisionVQModel" not in (vq_hf.get("architectures") or []) and vq_hf.get("model_type") != "Emu3VisionVQ":
+        raise ZipjaxError(f"{vq_where} does not describe an Emu3 vision tokenizer (Emu3VisionVQModel)")
+    return hf, vq_src, _vq_config_baai(vq_hf, vq_where, vq_src / _PREPROCESSOR)
 
 
 def _vq_config_hf(d: dict[str, Any], where: Path, preprocessor: Path) -> VQConfig:

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
+from zipjax.convert.mapping import hf_tensor_names
 
-from convert.mapping import hf_tensor_names
+from zipjax.checkpoint import load
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.tokenizer import TOKENIZER_FILES
@@ -74,8 +75,6 @@ def hf_state_dict(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
 
 def export_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False, progress: bool = True) -> Path:
     """Write the zipjax checkpoint SRC as a Hugging Face folder DST (config.json, model.safetensors, tokenizer)."""
-    from zipjax.checkpoint import load
-
     src, dst = Path(src).absolute(), Path(dst).absolute()
     if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
         raise ZipjaxError(f"destination {dst} already exists; pass --overwrite to replace it")

@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from zipjax.convert.hf_weights import SourceTensor
+from zipjax.convert.mapping import tensors_to_params
 
-from convert.hf_weights import SourceTensor
-from convert.mapping import tensors_to_params
 from zipjax import checkpoint
 from zipjax.config import ModelConfig, RopeConfig
 from zipjax.errors import ZipjaxError

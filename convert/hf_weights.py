@@ -17,8 +17,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
+from zipjax.convert.hf_config import read_json
 
-from convert.hf_config import read_json
 from zipjax.errors import ZipjaxError
 
 _LAYOUTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")

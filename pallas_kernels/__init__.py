@@ -1,4 +1,9 @@
-"""Pallas kernels for zipjax, each beside a plain jax.numpy reference it is tested against (interpret mode on CPU).
+"""Pallas kernels, installed as `zipjax.kernels`, each beside a plain jax.numpy reference it is tested against.
 
-zipar_attention: ZipAR's parallel-decoding attention (several queries per sequence, written-slot raster mask, GQA).
+common               the leaf the kernels and the library share: mask value, grouped scores / softmax, slot
+                     visibility, packed-code layout (imports jax only)
+quantized_attention  decode attention over packed 2/4/8-bit KV codes, partial states merged by log-sum-exp
+zipar_attention      ZipAR's parallel-decoding attention (several queries per sequence, written-slot raster mask)
+
+Kernel modules import jax and `zipjax.kernels.common` only, so each imports alone.
 """

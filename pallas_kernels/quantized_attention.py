@@ -13,10 +13,11 @@ block; values are v = (code * step_t + min_t) * c, so the output is c * ((p * st
 token's step applied to its probability. Codes are unpacked in registers: the split-halves packing puts part j of
 every byte at a contiguous block of channels, one shift and mask each.
 
-`reference` is the same computation in plain jax.numpy (dequantize, then attend) and the kernel is tested against it
-in interpret mode on CPU and with the TPU interpreter. zipjax.kv's cache stores every subset as uniform-block
-segments (prompt block, later blocks) and calls this per segment when its method says `kernel=True`; it has not
-been compiled on a GPU yet, so the jnp path stays the default.
+`reference` is the same computation in plain jax.numpy (dequantize, then attend with the shared grouped scores and
+softmax of zipjax.kernels.common) and the kernel is tested against it in interpret mode on CPU and with the TPU
+interpreter. zipjax.kv's quantized cache stores every subset as uniform-block segments (prompt block, later blocks)
+and calls this per segment when its method says `kernel=True`; it has not been compiled on a GPU yet, so the jnp
+path stays the default. Imports: jax and the kernels' leaf only.
 """
 
 from __future__ import annotations
@@ -26,11 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-
-from zipjax.attention import visible_slots
-from zipjax.kv.quantize import unpack
-
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from zipjax.kernels.common import MASK_VALUE, grouped_scores, grouped_values, masked_softmax, unpack, visible_slots
 
 
 def _unpacked_parts(codes: jax.Array, bits: int) -> list[jax.Array]:
@@ -152,7 +149,7 @@ def segment_attention_on_backend(*args, **kwargs) -> tuple[jax.Array, jax.Array,
 def dequantize_segment(k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, *, bits: int, block: int,
                        group: int | None = None) -> tuple[jax.Array, jax.Array]:
     """The segment's keys and values, float32 [batch, kv_heads, blocks * block, d] (reference only; it unpacks with
-    zipjax.kv's own `unpack`, independently of the kernel's in-register unpacking)."""
+    the codec's `unpack`, independently of the kernel's in-register unpacking)."""
     k = unpack(k_codes, bits).astype(jnp.float32)
     d = k.shape[-1]
     per_token = lambda x: jnp.repeat(x.astype(jnp.float32), block, axis=2)  # [.., blocks, d] -> per token
@@ -170,8 +167,6 @@ def reference(q, k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, slots,
     """Dequantize, then softmax attention: [batch, kv_heads, G, d] for a segment alone."""
     k, v = dequantize_segment(k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, bits=bits, block=block,
                               group=group)
-    scores = jnp.einsum("bhgd,bhsd->bhgs", q.astype(jnp.float32), k) * q.shape[-1] ** -0.5
-    visible = visible_slots(slots, q_slot, starts[:, None, None], sliding_window)[:, :, None, :]
-    scores = jnp.where(visible, scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1) * visible
-    return jnp.einsum("bhgs,bhsd->bhgd", probs, v)
+    visible = visible_slots(slots, q_slot, starts[:, None, None], sliding_window)[:, :, None, None, :]
+    probs = masked_softmax(grouped_scores(q[:, :, :, None].astype(jnp.float32), k), visible) * visible
+    return grouped_values(probs, v)[:, :, :, 0]

@@ -7,9 +7,9 @@ as a Pallas kernel, flash-attention style: one program per (sequence, KV head) h
 head's group ([queries * group, head_dim], padded) and walks the cache in blocks of `block_k` slots with an online
 softmax, so the [queries, max_len] score matrix never exists in memory and GQA never repeats K/V.
 
-`reference` below is the same computation in plain jax.numpy; the kernel is tested against it in interpret mode
-(and with the TPU interpreter). `zipar_attention(..., use_kernel=False)` is the explicit jnp path for backends
-where the kernel is not used.
+`reference` below is the same computation in plain jax.numpy (the shared grouped attention of
+zipjax.kernels.common); the kernel is tested against it in interpret mode (and with the TPU interpreter).
+`zipar_attention(..., use_kernel=False)` is the explicit jnp path for backends where the kernel is not used.
 """
 
 from __future__ import annotations
@@ -19,25 +19,19 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
+from zipjax.kernels.common import MASK_VALUE, grouped_attention
 
 
 def reference(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, written: jax.Array,
               starts: jax.Array) -> jax.Array:
     """q [batch, q_len, heads, head_dim]; k, v [batch, kv_heads, max_len, head_dim]; q_slots int32 [batch, q_len];
     written bool [batch, max_len]; starts int32 [batch]. Returns [batch, q_len, heads, head_dim] in q's dtype."""
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads, max_len = k.shape[1], k.shape[2]
-    slots = jnp.arange(max_len, dtype=jnp.int32)
+    slots = jnp.arange(k.shape[2], dtype=jnp.int32)
     mask = written[:, None, :] & (slots[None, None, :] <= q_slots[:, :, None])
     mask &= slots[None, None, :] >= starts[:, None, None]  # [batch, q_len, max_len]
-    grouped = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("btkgd,bksd->bkgts", grouped, k, preferred_element_type=jnp.float32) * head_dim**-0.5
-    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+    return grouped_attention(q, k, v, mask[:, None, None])
 
 
 def _kernel(q_slots_ref, k_valid_ref, q_ref, k_ref, v_ref, o_ref, *, block_k: int, scale: float):
@@ -68,10 +62,6 @@ def _kernel(q_slots_ref, k_valid_ref, q_ref, k_ref, v_ref, o_ref, *, block_k: in
     o_ref[...] = (acc / denom[:, None]).astype(o_ref.dtype)
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 @functools.partial(jax.jit, static_argnames=("block_k", "interpret", "backend"))
 def zipar_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, written: jax.Array,
                            starts: jax.Array, *, block_k: int = 128, interpret=False,
@@ -81,8 +71,8 @@ def zipar_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: ja
     batch, q_len, heads, head_dim = q.shape
     kv_heads, max_len = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    rows = _round_up(q_len * group, 16)  # a whole number of MMA tiles on GPU, of sublanes on TPU
-    length = _round_up(max_len, block_k)
+    rows = pl.cdiv(q_len * group, 16) * 16  # a whole number of MMA tiles on GPU, of sublanes on TPU
+    length = pl.cdiv(max_len, block_k) * block_k
 
     out_dtype = q.dtype
     if interpret is not False and q.dtype != jnp.float32:  # XLA:CPU has no bf16 x bf16 -> f32 dot to interpret
@@ -99,12 +89,8 @@ def zipar_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: ja
 
     compiler_params = None
     if backend == "gpu":
-        from jax.experimental.pallas import triton as plgpu
-
         compiler_params = plgpu.CompilerParams(num_warps=4, num_stages=2)
     elif backend == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
         compiler_params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
     out = pl.pallas_call(
         functools.partial(_kernel, block_k=block_k, scale=head_dim**-0.5),

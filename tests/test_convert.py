@@ -15,11 +15,11 @@ import torch
 from conftest import COMMON, LLAMA3_ROPE, random_ids
 from safetensors.numpy import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
+from zipjax.convert import convert
+from zipjax.convert.hf_config import config_from_hf
+from zipjax.convert.mapping import _match
 
 import zipjax
-from convert import convert
-from convert.hf_config import config_from_hf
-from convert.mapping import _match
 from zipjax.cli import main as cli_main
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from zipjax.convert.export import export_hf
 
 import zipjax
-from convert.export import export_hf
 from zipjax.checkpoint import read_config
 from zipjax.cli import DEFAULT_CHECKPOINT
 

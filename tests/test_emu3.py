@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from random_hf import save_random_emu3
 from transformers import Emu3ForConditionalGeneration
+from zipjax.convert import convert
 
 import zipjax
-from convert import convert
 from zipjax.cli import main as cli_main
 from zipjax.emu3.image import format_prompt, generate_image
 from zipjax.emu3.png import encode_png, read_png, write_png
-from zipjax.emu3.random_hf import save_random_emu3
 from zipjax.emu3.understand import fit_size, image_prompt_ids, question_prompt
 
 
@@ -214,7 +214,8 @@ def test_eval_shape_over_the_real_emu3_gen_config():
 
     from zipjax.config import ModelConfig, RopeConfig
     from zipjax.emu3 import Emu3Vocab, VQConfig
-    from zipjax.emu3.image import ImageKnobs, Layout, _decode_until, _prefill
+    from zipjax.emu3.decoding import ImageDecodeSetup, ImageInputs, ImageKnobs, ImageLayout, prefill
+    from zipjax.emu3.sequential import SequentialState, _decode_until
     from zipjax.emu3.vqvae import VQVAE, abstract_vq_params
     from zipjax.sampling import SamplingMode
     from zipjax.transformer import abstract_params, param_count
@@ -242,14 +243,19 @@ def test_eval_shape_over_the_real_emu3_gen_config():
     vocab = Emu3Vocab(bos=151849, eos=151850, pad=151643, image_wrapper=151851, boi=151852, eoi=151853, eol=151846,
                       eof=151847, visual_offset=151854, codebook_size=32768)
     assert vocab.visual_offset + vocab.codebook_size == config.vocab_size
-    layout = Layout(90, 90, vocab.eol, vocab.visual_offset, vocab.codebook_size)
-    static = dict(config=config, layout=layout, batch=1, mode=SamplingMode(greedy=False, top_k=True))
+    layout = ImageLayout(90, 90, vocab.eol, vocab.visual_offset, vocab.codebook_size)
+    setup = ImageDecodeSetup(config, layout, batch=1, guided=True, mode=SamplingMode(greedy=False, top_k=True),
+                             bucket=64)
     knobs = ImageKnobs(cfg_scale=jnp.float32(3), temperature=jnp.float32(1), top_k=jnp.int32(2048),
                        top_p=jnp.float32(1))
     cache = jax.eval_shape(lambda: zipjax.KVCache.init(config, 2, 8320, jnp.zeros((2,), jnp.int32)))
     params = abstract_params(config)
-    state = jax.eval_shape(functools.partial(_prefill, **static), params, jax.ShapeDtypeStruct((2, 64), jnp.int32),
-                           jax.ShapeDtypeStruct((2,), jnp.int32), cache, jax.random.key(0), knobs)
-    state = jax.eval_shape(functools.partial(_decode_until, **static), params, state, jnp.int32(8190), knobs)
+    inputs = ImageInputs(prompt=jax.ShapeDtypeStruct((2, 64), jnp.int32), starts=jax.ShapeDtypeStruct((2,), jnp.int32),
+                         key=jax.random.key(0), knobs=knobs)
+    code, cache = jax.eval_shape(functools.partial(prefill, setup=setup), params, inputs, cache)
+    state = SequentialState(step=jnp.ones((), jnp.int32), tokens=jax.ShapeDtypeStruct((1, 8190), jnp.int32),
+                            last_token=code, positions=jax.ShapeDtypeStruct((2,), jnp.int32), cache=cache)
+    state = jax.eval_shape(functools.partial(_decode_until, setup=setup), params, state, jnp.int32(8190),
+                           inputs.key, knobs)
     assert state.tokens.shape == (1, 8190) and state.cache.k[0].shape == (2, 8, 8320, 128)
     assert layout.num_tokens == 8190

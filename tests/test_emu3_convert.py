@@ -18,15 +18,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from random_hf import save_random_emu3
 from safetensors.numpy import load_file, save_file
+from zipjax.convert import convert
+from zipjax.convert.emu3_vq import BAAI, HF, vq_tensor_plan
+from zipjax.convert.tiktoken_bpe import _byte_symbols
 
 import zipjax
-from convert import convert
-from convert.emu3_vq import BAAI, HF, vq_tensor_plan
-from convert.tiktoken_bpe import _byte_symbols
 from zipjax.cli import main as cli_main
 from zipjax.emu3.image import generate_image
-from zipjax.emu3.random_hf import save_random_emu3
 from zipjax.emu3.vq_config import VQConfig
 
 TINY_VQ = VQConfig(codebook_size=64, base_channels=32, channel_multiplier=(1, 2), num_res_blocks=1,
@@ -213,7 +213,7 @@ def test_vision_tokenizer_flag_is_refused_for_llama(tiny_models, tmp_path):
 
 
 def test_export_refuses_emu3(native, tmp_path):
-    from convert.export import export_hf
+    from zipjax.convert.export import export_hf
 
     with pytest.raises(zipjax.ZipjaxError, match="exporting emu3 checkpoints is not supported"):
         export_hf(native[1], tmp_path / "x", progress=False)

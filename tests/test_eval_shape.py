@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from zipjax.convert.hf_config import config_from_hf
 
 import zipjax
-from convert.hf_config import config_from_hf
-from zipjax.cache import KVCache
 from zipjax.generate import _generate_loop, _knobs
+from zipjax.kv.dense import KVCache
 from zipjax.model import forward
 from zipjax.sampling import SamplingMode
 from zipjax.sharding import tree_shardings

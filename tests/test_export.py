@@ -9,10 +9,10 @@ import torch
 from conftest import COMMON, LLAMA3_ROPE, random_ids
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from zipjax.convert import convert
+from zipjax.convert.export import export_hf
 
 import zipjax
-from convert import convert
-from convert.export import export_hf
 from zipjax.cli import main as cli_main
 
 MODELS = {

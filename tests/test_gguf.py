@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import COMMON, random_ids
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from zipjax.convert import convert
+from zipjax.convert.gguf import unpermute_rope_rows
 
 import zipjax
-from convert import convert
-from convert.gguf import unpermute_rope_rows
 
 Q = gguf.GGMLQuantizationType
 # tensor suffix -> storage type, so every dequantizer on the path is exercised

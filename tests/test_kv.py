@@ -14,16 +14,16 @@ import pytest
 
 import zipjax
 from zipjax import kv
-from zipjax.cache import KVCache
 from zipjax.errors import ZipjaxError
 from zipjax.kv import QuantizedKVCache
-from zipjax.kv.quantize import dequantize, fake_quantize, pack, quantize, unpack
+from zipjax.kv.analysis import prompt_queries_keys
+from zipjax.kv.codec import dequantize, fake_quantize, pack, quantize, unpack
+from zipjax.kv.dense import KVCache
 from zipjax.kv.ratio import granularity_ratio, paper_ratio
 from zipjax.kv.saliency import (
     accumulated_score,
     attention_probs,
     normalized_score,
-    prompt_queries_keys,
     prompt_saliency,
 )
 
@@ -153,10 +153,10 @@ def test_bad_configurations_are_refused_when_built(trained):
     with pytest.raises(ZipjaxError, match="bit width"):
         kv.KIVI(bits=1)
     with pytest.raises(ZipjaxError, match="group"):
-        QuantizedKVCache.init(trained.config, kv.KIVI(group=12).spec(), 1, 256, 16)
+        QuantizedKVCache.init(trained.config, kv.KIVI(group=12), 1, 256, 16)
     odd = trained.config.__class__(**{**trained.config.__dict__, "head_dim": 6, "num_heads": 4, "num_kv_heads": 2})
     with pytest.raises(ZipjaxError, match="head_dim 6"):
-        QuantizedKVCache.init(odd, kv.ZipCache().spec(), 1, 256, 16)
+        QuantizedKVCache.init(odd, kv.ZipCache(), 1, 256, 16)
     with pytest.raises(ZipjaxError, match="window"):
         zipjax.generate(trained, [[5, 6, 7]], 8, cache_length=64, kv=kv.KIVI(residual=128))
     with pytest.raises(ZipjaxError, match="kv must be"):
@@ -188,7 +188,7 @@ def test_full_precision_window_is_exact(trained, forced):
     """While every decode token is still in the buffer, only the prompt is quantized: at 8 bits the logits stay
     close to the dense cache, and steps are reproducible."""
     ids, starts, dense = forced
-    cache = QuantizedKVCache.init(trained.config, kv.Uniform(bits=8, window=40).spec(), 2, 104, 64, starts)
+    cache = QuantizedKVCache.init(trained.config, kv.Uniform(bits=8, window=40), 2, 104, 64, starts)
     ours, cache = _teacher_forced(trained, cache, ids, 64)
     err = np.abs(ours - dense).max()
     print(f"8-bit prompt, full-precision window: max logit error {err:.2e}")
@@ -196,11 +196,11 @@ def test_full_precision_window_is_exact(trained, forced):
     assert int(cache.blocks) == 1 and int(cache.buffered) == 39
 
 
-@pytest.mark.parametrize("method", [kv.ZipCache(8, 8, window=8), kv.KIVI(bits=8, residual=8),
+@pytest.mark.parametrize("method", [kv.ZipCache(high_bits=8, low_bits=8, window=8), kv.KIVI(bits=8, residual=8),
                                     kv.Uniform(bits=8, group=16, window=8)], ids=lambda m: type(m).__name__)
 def test_streaming_8_bit_caches_track_the_dense_cache(trained, forced, method):
     ids, starts, dense = forced
-    cache = QuantizedKVCache.init(trained.config, method.spec(), 2, 104, 64, starts)
+    cache = QuantizedKVCache.init(trained.config, method, 2, 104, 64, starts)
     ours, cache = _teacher_forced(trained, cache, ids, 64)
     err = np.abs(ours - dense).max()
     print(f"{method}: max logit error {err:.2e} over {ours.shape[1]} steps")
@@ -214,10 +214,10 @@ def test_pallas_decode_attention_equals_the_jnp_path(trained, forced, method):
     """The cache with kernel=True (Pallas over packed codes, interpreted on CPU) gives the jnp path's logits and
     the same cache, through prefill and several flushes: 2-bit codes, mixed precision, left padding."""
     ids, starts, _ = forced
-    jnp_cache = QuantizedKVCache.init(trained.config, method.spec(), 2, 104, 64, starts)
+    jnp_cache = QuantizedKVCache.init(trained.config, method, 2, 104, 64, starts)
     ours_jnp, jnp_cache = _teacher_forced(trained, jnp_cache, ids[:, :80], 64)
     method = dataclasses.replace(method, kernel=True)
-    kernel_cache = QuantizedKVCache.init(trained.config, method.spec(), 2, 104, 64, starts)
+    kernel_cache = QuantizedKVCache.init(trained.config, method, 2, 104, 64, starts)
     ours_kernel, kernel_cache = _teacher_forced(trained, kernel_cache, ids[:, :80], 64)
     err = np.abs(ours_kernel - ours_jnp).max()
     print(f"{method}: kernel vs jnp path, max logit difference {err:.2e}")
@@ -230,7 +230,7 @@ def test_every_compressed_slot_is_stored_exactly_once(trained, forced):
     """After prefill and several flushes each (sequence, KV head) holds each real slot once, across both subsets
     and the buffer, and no padding slot."""
     ids, starts, _ = forced
-    cache = QuantizedKVCache.init(trained.config, kv.ZipCache(window=8).spec(), 2, 104, 64, starts)
+    cache = QuantizedKVCache.init(trained.config, kv.ZipCache(window=8), 2, 104, 64, starts)
     _, cache = _teacher_forced(trained, cache, ids, 64)
     compressed = 64 + 8 * (int(cache.blocks) - 1)
     layer = cache.layers[1]
@@ -245,7 +245,7 @@ def test_salient_tokens_get_the_high_bits(trained):
     """With exact saliency, the salient subset is the top-r of the normalized score of each head."""
     length = 64
     q, k = _prompt_qk(trained, length)
-    spec = kv.ZipCache(saliency="exact", saliency_ratio=0.25).spec()
+    spec = kv.ZipCache(saliency="exact", saliency_ratio=0.25)
     cache = QuantizedKVCache.init(trained.config, spec, 1, 256, length)
     _, cache = cache.attend(1, q, k, k, None)
     score = prompt_saliency(q, k, cache.starts, method="exact", probe_ratio=0.1, normalize="probe",
@@ -261,7 +261,7 @@ def test_nbytes_counts_the_arrays_and_compresses(trained):
     dense = KVCache.init(cfg, 2, 1024, dtype=jnp.float16)
     for method, low, high in [(kv.ZipCache(), 2.5, 8.0), (kv.KIVI(bits=2, residual=32), 3.0, 8.0),
                               (kv.Uniform(bits=4), 2.0, 4.0)]:
-        spec = method.spec()
+        spec = method
         cache = jax.jit(lambda s, spec=spec: QuantizedKVCache.init(cfg, spec, 2, 1024, 512, s, jnp.float16))(
             jnp.zeros(2, jnp.int32))
         assert cache.nbytes() == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
@@ -275,7 +275,7 @@ def test_generate_with_a_quantized_cache(trained):
     reproduces the dense cache's tokens on this prompt."""
     prompts = [trained.tokenizer.encode("def fibonacci(n):"), trained.tokenizer.encode("import os\n")]
     dense = zipjax.generate(trained, prompts, 40, stop_tokens=())
-    eight = zipjax.generate(trained, prompts, 40, stop_tokens=(), kv=kv.ZipCache(8, 8, window=16))
+    eight = zipjax.generate(trained, prompts, 40, stop_tokens=(), kv=kv.ZipCache(high_bits=8, low_bits=8, window=16))
     np.testing.assert_array_equal(eight, dense)
     for method in (kv.ZipCache(window=16), kv.KIVI(residual=16), kv.Uniform(bits=2, window=16)):
         out = zipjax.generate(trained, prompts, 40, stop_tokens=(), kv=method)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import zipjax
+from zipjax.kv.methods import init_cache
 from zipjax.kv.minicache import angle, memory_bytes, merge_pair, restore, slerp_direction
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def test_merged_cache_restores_identical_layers_and_retained_tokens_exactly():
     shape = (2, 24, 2, 16)
     k0, v0, k1, v1 = (jax.random.normal(x, shape) for x in key)
     starts = jnp.array([0, 3], jnp.int32)
-    spec = zipjax.kv.MiniCache(start_layer=2, t=0.6, gamma=0.25).spec()
+    spec = zipjax.kv.MiniCache(start_layer=2, t=0.6, gamma=0.25)
     same = _prefill_pair(spec, k0, v0, k0, v0, starts)
     for layer in (2, 3):  # identical layers: direction x norm gives the states back (float16 norms)
         k, v = same.restore(layer)
@@ -125,8 +126,8 @@ def test_merged_cache_generates_counts_bytes_and_refuses_bad_configurations():
     sizes = {}
     for name, method in (("full", zipjax.kv.MiniCache(start_layer=5)), ("merged", zipjax.kv.MiniCache(gamma=0.05)),
                          ("kivi", zipjax.kv.MiniCache(inner=zipjax.kv.KIVI(bits=4, group=32)))):
-        spec = method.spec()
-        cache = jax.jit(lambda s, spec=spec: spec.init_cache(cfg, 2, 512, 512, s, jnp.float16))(
+        spec = method
+        cache = jax.jit(lambda s, spec=spec: init_cache(spec, cfg, 2, 512, 512, s, jnp.float16))(
             jnp.zeros(2, jnp.int32))
         assert cache.nbytes() == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
         sizes[name] = cache.nbytes()

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from zipjax.kernels.quantized_attention import dequantize_segment, merge, reference, segment_attention
 
-from pallas_kernels.quantized_attention import dequantize_segment, merge, reference, segment_attention
-from zipjax.kv.quantize import channel_scale, grouped, pack, quantize
+from zipjax.kv.codec import channel_scale, grouped, pack, quantize
 
 
 def make_segment(seed: int, bits: int, batch=2, heads=2, blocks=3, block=8, d=16, group=None, cst=True):

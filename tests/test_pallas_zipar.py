@@ -4,8 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
-
-from pallas_kernels.zipar_attention import reference, zipar_attention, zipar_attention_kernel
+from zipjax.kernels.zipar_attention import reference, zipar_attention, zipar_attention_kernel
 
 
 def _case(seed, batch, q_len, heads, kv_heads, head_dim, max_len, dtype=jnp.float32, written_fraction=0.7):

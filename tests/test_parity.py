@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from conftest import random_ids
 
-from zipjax.cache import KVCache
+from zipjax.kv.dense import KVCache
 
 TOL = 1e-4
 

@@ -9,8 +9,8 @@ import torch
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+from zipjax.convert.hf_config import rope_from_hf
 
-from convert.hf_config import rope_from_hf
 from zipjax.config import RopeConfig
 from zipjax.errors import ZipjaxError
 from zipjax.rope import apply_rope, inverse_frequencies, rope_tables

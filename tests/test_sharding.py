@@ -9,9 +9,9 @@ import torch
 from conftest import COMMON, random_ids
 from jax.sharding import Mesh, PartitionSpec
 from transformers import LlamaConfig, LlamaForCausalLM
+from zipjax.convert import convert
 
 import zipjax
-from convert import convert
 from zipjax.model import forward
 
 
@@ -58,10 +58,10 @@ def test_parameters_are_split_by_the_rules(sharded_pair):
 
 
 def test_cache_is_split_over_data_and_model(sharded_pair):
-    from zipjax.generate import _cache_initializer
+    from zipjax.kv.methods import cache_initializer
 
     _, sharded = sharded_pair["divisible"]
-    cache = _cache_initializer(sharded.config, 4, 64, sharded.mesh)(jnp.zeros((4,), jnp.int32))
+    cache = cache_initializer(sharded.config, 4, 64, sharded.mesh)(jnp.zeros((4,), jnp.int32))
     assert cache.k[0].sharding.spec == PartitionSpec("data", "model", None, None)
     assert cache.k[0].addressable_shards[0].data.shape == (2, 1, 64, 8)
 
@@ -87,11 +87,11 @@ def test_mesh_axes_must_be_data_and_model(sharded_pair):
 def test_quantized_cache_is_split_and_generates_on_a_mesh(sharded_pair):
     """The quantized cache's codes, scales and window are split by batch and KV head like the dense cache, and
     generation on the mesh reproduces one device (same quantization decisions)."""
-    from zipjax.generate import _cache_initializer
+    from zipjax.kv.methods import cache_initializer
 
     single, sharded = sharded_pair["divisible"]
-    spec = zipjax.kv.ZipCache(window=8).spec()
-    cache = _cache_initializer(sharded.config, 4, 64, sharded.mesh, spec, 16)(jnp.zeros((4,), jnp.int32))
+    spec = zipjax.kv.ZipCache(window=8)
+    cache = cache_initializer(sharded.config, 4, 64, sharded.mesh, spec, 16)(jnp.zeros((4,), jnp.int32))
     store = cache.layers[0].stores[1]
     assert store.k_codes.sharding.spec == PartitionSpec("data", "model", None, None)
     assert store.k_codes.addressable_shards[0].data.shape[:2] == (2, 1)
@@ -108,10 +108,10 @@ def test_quantized_cache_is_split_and_generates_on_a_mesh(sharded_pair):
 def test_zipvl_and_minicache_caches_are_split_and_generate_on_a_mesh(sharded_pair, method):
     """Every per-token leaf is split by batch and KV head; bytes held equal the arrays; generation on the mesh
     reproduces one device."""
-    from zipjax.generate import _cache_initializer
+    from zipjax.kv.methods import cache_initializer
 
     single, sharded = sharded_pair["divisible"]
-    cache = _cache_initializer(sharded.config, 4, 64, sharded.mesh, method.spec(), 16)(jnp.zeros((4,), jnp.int32))
+    cache = cache_initializer(sharded.config, 4, 64, sharded.mesh, method, 16)(jnp.zeros((4,), jnp.int32))
     assert cache.nbytes() == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
     for leaf in jax.tree.leaves(cache):
         if leaf.ndim >= 3:

@@ -11,9 +11,9 @@ import pydoc_data.topics
 import numpy as np
 import pytest
 import torch
+from zipjax.convert.smollm2 import fetch_and_convert, fetch_gguf
 
 import zipjax
-from convert.smollm2 import fetch_and_convert, fetch_gguf
 
 pytestmark = pytest.mark.slow
 

@@ -5,11 +5,12 @@ the window covers a row, valid layouts and decodable images when it does not).""
 import numpy as np
 import pytest
 import torch  # noqa: F401  (the random Emu3 is built with transformers)
+from random_hf import save_random_emu3
+from zipjax.convert import convert
 
 import zipjax
-from convert import convert
-from zipjax.emu3.image import Layout, generate_image
-from zipjax.emu3.random_hf import save_random_emu3
+from zipjax.emu3.decoding import ImageLayout
+from zipjax.emu3.image import generate_image
 from zipjax.zipar.cache import ScatterKVCache
 from zipjax.zipar.schedule import fixed_window, max_tokens_per_pass, passes
 
@@ -25,7 +26,7 @@ def test_pass_counts_follow_the_formula(rows, cols, window, expected):
 
 
 def test_sequential_emu3_image_is_8190_passes():
-    assert Layout(90, 90, 0, 0, 1).num_tokens == 8190
+    assert ImageLayout(90, 90, 0, 0, 1).num_tokens == 8190
     assert max_tokens_per_pass(90, 90, 7) == 13
 
 

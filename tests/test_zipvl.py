@@ -12,7 +12,8 @@ import pytest
 import zipjax
 from zipjax import kv
 from zipjax.kv import QuantizedKVCache
-from zipjax.kv.saliency import prompt_queries_keys, prompt_statistics
+from zipjax.kv.analysis import prompt_queries_keys
+from zipjax.kv.saliency import prompt_statistics
 from zipjax.kv.zipvl import (
     _compact_attention,
     attention_flops,
@@ -114,7 +115,7 @@ def test_attention_flops_fall_as_one_minus_rho_squared():
 def _prompt_cache(trained, method, length=64):
     ids = jnp.asarray(np.random.default_rng(1).integers(3, trained.config.vocab_size, (2, length)), jnp.int32)
     starts = jnp.array([0, 7], jnp.int32)
-    cache = QuantizedKVCache.init(trained.config, method.spec(), 2, length + 32, length, starts)
+    cache = QuantizedKVCache.init(trained.config, method, 2, length + 32, length, starts)
     positions = jnp.maximum(jnp.arange(length)[None] - starts[:, None], 0)
     _, cache = trained.apply(ids, positions, cache)
     return cache, starts
@@ -123,7 +124,7 @@ def _prompt_cache(trained, method, length=64):
 def test_eviction_keeps_p_tokens_per_head_within_the_static_room(trained):
     method = kv.ZipVL(tau=0.9, evict=True, ratio_range=(0.1, 0.5), window=8)
     cache, _ = _prompt_cache(trained, method)
-    assert {seg.subset for seg in cache.layout.segments()} == {0}  # no low-bit store
+    assert {seg.subset for seg in cache.geometry.segments()} == {0}  # no low-bit store
     kept = [np.asarray((layer.stores[0].slots >= 0).sum(axis=-1)) for layer in cache.layers]  # [batch, kv_heads]
     for per_head in kept:
         assert (per_head == per_head[:, :1]).all()  # one p per sequence and layer
@@ -134,7 +135,7 @@ def test_eviction_keeps_p_tokens_per_head_within_the_static_room(trained):
 def test_mixed_precision_stores_every_token_once(trained):
     cache, starts = _prompt_cache(trained, kv.ZipVL(window=8))
     for layer in cache.layers:
-        prompt = [st for st, seg in zip(layer.stores, cache.layout.segments(), strict=True) if seg.first_block == 0]
+        prompt = [st for st, seg in zip(layer.stores, cache.geometry.segments(), strict=True) if seg.first_block == 0]
         slots = np.concatenate([np.asarray(st.slots) for st in prompt], axis=2)
         for b, start in enumerate(np.asarray(starts)):
             for h in range(slots.shape[1]):

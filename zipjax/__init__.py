@@ -8,13 +8,13 @@
 """
 
 from zipjax import kv
-from zipjax.cache import KVCache
 from zipjax.checkpoint import load
 from zipjax.config import ModelConfig, RopeConfig
 from zipjax.emu3.image import ImageResult, generate_image
 from zipjax.emu3.model import Emu3Model
 from zipjax.errors import ZipjaxError
 from zipjax.generate import generate, generate_stream
+from zipjax.kv.dense import KVCache
 from zipjax.model import Model
 from zipjax.sharding import make_mesh
 

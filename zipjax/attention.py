@@ -1,9 +1,9 @@
 """Grouped-query attention in plain jax.numpy, with the masks every cache representation shares.
 
-Queries are grouped by the KV head they read ([batch, seq, kv_heads, group, head_dim]) and contracted against K/V
-directly, so repeated K/V are never materialised. Scores and softmax run in float32. Masked entries get a large
-finite negative value, not -inf: a query with no visible key (a left-padding slot) then yields a finite, ignored
-row instead of NaNs that would leak into later layers through 0 * NaN.
+The scores / softmax pair itself lives in the kernels' leaf (`zipjax.kernels.common`), because each kernel's
+reference uses it too and kernels import nothing else of zipjax; this module is the library's attention API on top
+of it. Queries are grouped by the KV head they read, so repeated K/V are never materialised; scores and softmax run
+in float32.
 """
 
 from __future__ import annotations
@@ -11,11 +11,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from zipjax.kernels.common import (
+    MASK_VALUE,
+    group_queries,
+    grouped_attention,
+    grouped_scores,
+    grouped_values,
+    masked_softmax,
+    ungroup,
+    visible_slots,
+)
+
+__all__ = ["MASK_VALUE", "causal_mask", "gqa_attention", "group_queries", "grouped_attention", "grouped_probs",
+           "grouped_scores", "grouped_values", "masked_attention", "masked_softmax", "ungroup", "visible_slots"]
 
 
 def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Masked softmax attention.
+    """Masked softmax attention with one mask per sequence.
 
     Args:
       q: [batch, q_len, heads, head_dim] queries (RoPE applied).
@@ -24,15 +36,7 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
     Returns:
       [batch, q_len, heads, head_dim] in q's dtype.
     """
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+    return grouped_attention(q, k, v, mask[:, None, None])
 
 
 def grouped_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
@@ -40,12 +44,16 @@ def grouped_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
 
     q: [batch, q_len, heads, head_dim]; k: [batch, kv_heads, kv_len, head_dim]; mask: bool broadcastable to
     [batch, kv_heads, 1, q_len, kv_len]. For callers that need the probabilities themselves (saliency scores)."""
-    batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(jnp.float32)) * head_dim**-0.5
-    scores = jnp.where(mask, scores, MASK_VALUE)
-    return jax.nn.softmax(scores, axis=-1) * mask
+    qg = group_queries(q.astype(jnp.float32), k.shape[1])
+    return masked_softmax(grouped_scores(qg, k.astype(jnp.float32)), mask) * mask
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Attention with a mask per KV head. q [batch, q_len, heads, head_dim]; k, v float32 [batch, kv_heads, kv_len,
+    head_dim]; mask bool [batch, kv_heads, q_len, kv_len]. Returns (out float32 [batch, q_len, heads, head_dim],
+    probs [batch, kv_heads, group, q_len, kv_len])."""
+    probs = grouped_probs(q, k, mask[:, :, None])
+    return ungroup(grouped_values(probs, v)), probs
 
 
 def causal_mask(
@@ -63,12 +71,3 @@ def causal_mask(
     if k_valid is not None:
         mask &= k_valid[:, None, :]
     return mask
-
-
-def visible_slots(slots: jax.Array, q_slot: jax.Array, start: jax.Array, sliding_window: int | None) -> jax.Array:
-    """bool, broadcast of the arguments: a decode query at `q_slot` may see a key held at cache slot `slots` (-1: an
-    empty slot) of a sequence whose first real slot is `start`. Shared by the compressed caches and their kernel."""
-    ok = (slots >= 0) & (slots >= start) & (slots <= q_slot)
-    if sliding_window is not None:
-        ok &= q_slot - slots < sliding_window
-    return ok

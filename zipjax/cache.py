@@ -1,113 +1,99 @@
-"""The dense KV cache: a registered pytree passed into the model and returned by it.
+"""The cache contract: what the model needs from any KV cache, and the input checks the caches share.
 
-Layout per layer: K and V as [batch, kv_heads, max_len, head_dim]. The whole batch shares one write cursor, so
-writing new tokens is one `dynamic_update_slice` (never a scatter), and each sequence has a start slot: prompts are
-left-padded so that all of them end at the same slot, and slots before `starts[b]` are masked for sequence b.
-A token's RoPE position is its slot minus its sequence's start.
+The model is `apply(params, tokens, positions, cache) -> (logits, cache)`; a cache is a pytree passed in and returned,
+so every compression is a pure transform of it. Each layer calls `attend` (store its new K/V, attend over what the
+cache holds); once all layers have written, the model calls `advance`. Five caches implement `Cache`: the dense one
+(zipjax.kv.dense), the quantized and merged ones (zipjax.kv.quantized, zipjax.kv.merged), and ZipAR's scatter cache
+(zipjax.zipar.cache). `AppendCache` adds the shared write cursor that token-by-token generation reads.
 
-Any cache representation (quantized, merged across layers, sparsified) plugs into the model by providing the same
-two methods, which keeps every later compression a pure transform of a pytree:
-
-  attend(layer, q, k_new, v_new, sliding_window) -> (out, cache)   store the new K/V of one layer, attend over it
-  advance(num_tokens) -> cache                                      move the cursor once all layers have written
+This module is a leaf of the cache subsystem: it imports only jax and zipjax.errors.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Protocol, Self, runtime_checkable
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
-from zipjax.attention import causal_mask, gqa_attention
-from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 
-# Logical axis names of each K/V array, mapped to mesh axes by zipjax.sharding.
+# Logical axis names of a per-layer K/V array [batch, kv_heads, seq, head_dim], mapped to mesh axes by
+# zipjax.sharding.
 KV_AXES = ("batch", "kv_heads", "seq", "head_dim")
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class KVCache:
-    k: tuple[jax.Array, ...]  # per layer [batch, kv_heads, max_len, head_dim]
-    v: tuple[jax.Array, ...]  # per layer [batch, kv_heads, max_len, head_dim]
-    cursor: jax.Array  # int32 []: next slot to write, shared by the batch
-    starts: jax.Array  # int32 [batch]: first slot holding a real token of each sequence
-
-    @classmethod
-    def init(cls, config: ModelConfig, batch: int, max_len: int, starts: jax.Array | None = None,
-             dtype: jnp.dtype | None = None) -> KVCache:
-        """An empty cache. `dtype` defaults to the model's dtype."""
-        if batch <= 0 or max_len <= 0:
-            raise ZipjaxError(f"a KV cache needs batch > 0 and max_len > 0, got batch={batch}, max_len={max_len}")
-        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-        dtype = dtype or config.jnp_dtype
-        layers = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        starts = jnp.zeros((batch,), jnp.int32) if starts is None else jnp.asarray(starts, jnp.int32)
-        return cls(k=layers, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-                   cursor=jnp.zeros((), jnp.int32), starts=starts)
+@runtime_checkable
+class Cache(Protocol):
+    """What `zipjax.transformer.Transformer` calls on a cache."""
 
     @property
-    def batch(self) -> int:
-        return self.k[0].shape[0]
+    def batch(self) -> int: ...
 
     @property
-    def max_len(self) -> int:
-        return self.k[0].shape[2]
-
-    @property
-    def lengths(self) -> jax.Array:
-        """int32 [batch]: real tokens held per sequence."""
-        return self.cursor - self.starts
-
-    def logical_axes(self) -> KVCache:
-        """The same pytree with a PartitionSpec of logical axis names per leaf (for zipjax.sharding)."""
-        spec = PartitionSpec(*KV_AXES)
-        return dataclasses.replace(self, k=(spec,) * len(self.k), v=(spec,) * len(self.v), cursor=PartitionSpec(),
-                                   starts=PartitionSpec("batch"))
-
-    def nbytes(self) -> int:
-        """Bytes held by the cache arrays."""
-        return sum(x.nbytes for x in jax.tree.leaves(self))
+    def max_len(self) -> int: ...
 
     def check_fits(self, tokens_shape: tuple[int, int]) -> None:
-        """Raise before any compute if a [batch, num_tokens] input does not match the cache's batch, or would run
-        past its end (checked when the cursor is a concrete value)."""
-        batch, num_tokens = tokens_shape
-        if batch != self.batch:
-            raise ZipjaxError(f"the input holds {batch} sequences but the KV cache was made for {self.batch}")
-        if isinstance(self.cursor, jax.core.Tracer):
-            return
-        cursor = int(self.cursor)
-        if cursor + num_tokens > self.max_len:
-            raise ZipjaxError(
-                f"the KV cache holds {self.max_len} slots; {cursor} are used and {num_tokens} more do not fit"
-            )
+        """Raise ZipjaxError before any compute if a [batch, num_tokens] input cannot go into this cache."""
 
     def attend(self, layer: int, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
-               sliding_window: int | None) -> tuple[jax.Array, KVCache]:
-        """Write this layer's new K/V at the cursor, then attend over everything visible.
+               sliding_window: int | None) -> tuple[jax.Array, Self]:
+        """Store layer `layer`'s new K/V and attend over everything the query may see.
 
-        q: [batch, q_len, heads, head_dim]; k_new, v_new: [batch, q_len, kv_heads, head_dim].
-        Returns the attention output [batch, q_len, heads, head_dim] and the updated cache.
-        """
-        q_len = q.shape[1]
-        index = (0, 0, self.cursor, 0)
-        k = jax.lax.dynamic_update_slice(self.k[layer], k_new.transpose(0, 2, 1, 3).astype(self.k[layer].dtype), index)
-        v = jax.lax.dynamic_update_slice(self.v[layer], v_new.transpose(0, 2, 1, 3).astype(self.v[layer].dtype), index)
-        q_slots = jnp.broadcast_to(self.cursor + jnp.arange(q_len, dtype=jnp.int32), (self.batch, q_len))
-        k_slots = jnp.broadcast_to(jnp.arange(self.max_len, dtype=jnp.int32), (self.batch, self.max_len))
-        mask = causal_mask(q_slots, k_slots, sliding_window, k_valid=k_slots >= self.starts[:, None])
-        out = gqa_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        return out, dataclasses.replace(
-            self, k=_replace_at(self.k, layer, k), v=_replace_at(self.v, layer, v)
-        )
+        q: [batch, q_len, heads, head_dim]; k_new, v_new: [batch, q_len, kv_heads, head_dim]. Returns the attention
+        output [batch, q_len, heads, head_dim] and the updated cache."""
 
-    def advance(self, num_tokens: int) -> KVCache:
-        return dataclasses.replace(self, cursor=self.cursor + num_tokens)
+    def advance(self, num_tokens: int) -> Self:
+        """The cache after every layer has written `num_tokens` tokens."""
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache's arrays."""
+
+    def logical_axes(self) -> Self:
+        """The same pytree with a PartitionSpec of logical axis names per leaf (for zipjax.sharding)."""
 
 
-def _replace_at(items: tuple, index: int, value) -> tuple:
+@runtime_checkable
+class AppendCache(Cache, Protocol):
+    """A cache written at one cursor shared by the batch (what `zipjax.generate` decodes with)."""
+
+    cursor: jax.Array  # int32 []: the next slot to write
+    starts: jax.Array  # int32 [batch]: the first slot holding a real token of each sequence
+
+
+def replace_at(items: tuple, index: int, value) -> tuple:
+    """`items` with entry `index` replaced (per-layer tuples of a cache)."""
     return (*items[:index], value, *items[index + 1:])
+
+
+def check_batch(got: int, expected: int) -> None:
+    if got != expected:
+        raise ZipjaxError(f"the input holds {got} sequences but the KV cache was made for {expected}")
+
+
+def check_room(cursor: jax.Array, num_tokens: int, max_len: int) -> None:
+    """Raise if `num_tokens` written at `cursor` would run past `max_len` (when the cursor is a concrete value)."""
+    if isinstance(cursor, jax.core.Tracer):
+        return
+    cursor = int(cursor)
+    if cursor + num_tokens > max_len:
+        raise ZipjaxError(f"the KV cache holds {max_len} slots; {cursor} are used and {num_tokens} more do not fit")
+
+
+def check_prompt_then_tokens(tokens_shape: tuple[int, int], kind: str, batch: int, prefill_len: int,
+                             cursor: jax.Array, max_len: int) -> None:
+    """The input contract of the compressed caches (quantized, merged): the prompt as one block of `prefill_len`
+    tokens first, then one token per step, within `max_len` slots (order and room checked when the cursor is a
+    concrete value)."""
+    got_batch, num_tokens = tokens_shape
+    check_batch(got_batch, batch)
+    if num_tokens not in (1, prefill_len):
+        raise ZipjaxError(
+            f"a {kind} KV cache takes the prompt as one block of {prefill_len} tokens, then one token per step; "
+            f"got {num_tokens} tokens"
+        )
+    if not isinstance(cursor, jax.core.Tracer):
+        if num_tokens > 1 and int(cursor) != 0:
+            raise ZipjaxError(f"the prompt block must be the first input of a {kind} KV cache")
+        if num_tokens == 1 and int(cursor) == 0:
+            raise ZipjaxError(f"a {kind} KV cache needs its prompt block before single decode tokens")
+    check_room(cursor, num_tokens, max_len)

@@ -18,7 +18,15 @@ import sys
 import time
 from pathlib import Path
 
+from zipjax import kv
+from zipjax.checkpoint import load
+from zipjax.convert import convert
+from zipjax.convert.export import export_hf
+from zipjax.emu3.image import DEFAULT_NEGATIVE_PROMPT, generate_image
+from zipjax.emu3.png import read_png, write_png
+from zipjax.emu3.understand import ask
 from zipjax.errors import ZipjaxError
+from zipjax.generate import generate_stream
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "stdlib-llama"
 
@@ -59,10 +67,7 @@ def _size(text: str) -> tuple[int, int]:
     return height, width
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zipjax", description="Fast LLaMA/Mistral/Emu3 inference in JAX.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _generate_parser(commands) -> None:
     gen = commands.add_parser("generate", help="stream text generated from a prompt")
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--checkpoint", type=Path, default=None,
@@ -81,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                      help="compute dtype (default: as stored)")
 
+
+def _convert_parsers(commands) -> None:
     conv = commands.add_parser("convert", help="convert a Hugging Face folder or GGUF file into a zipjax checkpoint")
     conv.add_argument("src", type=Path, help="Hugging Face model folder, or a .gguf file")
     conv.add_argument("dst", type=Path, help="destination checkpoint folder")
@@ -89,7 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     conv.add_argument("--vision-tokenizer", type=Path, default=None,
                       help="Emu3 in BAAI's layout: the separate vision tokenizer (Emu3-VisionTokenizer) folder")
+    export = commands.add_parser("export", help="write a zipjax checkpoint as a Hugging Face model folder")
+    export.add_argument("src", type=Path, help="zipjax checkpoint folder")
+    export.add_argument("dst", type=Path, help="destination Hugging Face folder")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing destination")
 
+
+def _image_parsers(commands) -> None:
     image = commands.add_parser("image", help="generate an image with an Emu3 checkpoint and write it as PNG")
     image.add_argument("prompt", help="what the image should show")
     image.add_argument("--checkpoint", type=Path, required=True, help="a converted Emu3 checkpoint folder")
@@ -111,26 +124,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="decode with Speculative Jacobi Decoding over this many tokens instead")
     image.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
 
-    ask = commands.add_parser("ask", help="ask an Emu3 checkpoint a question about a PNG image")
-    ask.add_argument("image", type=Path, help="8-bit RGB(A) PNG file")
-    ask.add_argument("question")
-    ask.add_argument("--checkpoint", type=Path, required=True, help="a converted Emu3 checkpoint folder")
-    ask.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    ask.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    question = commands.add_parser("ask", help="ask an Emu3 checkpoint a question about a PNG image")
+    question.add_argument("image", type=Path, help="8-bit RGB(A) PNG file")
+    question.add_argument("question")
+    question.add_argument("--checkpoint", type=Path, required=True, help="a converted Emu3 checkpoint folder")
+    question.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    question.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
 
-    export = commands.add_parser("export", help="write a zipjax checkpoint as a Hugging Face model folder")
-    export.add_argument("src", type=Path, help="zipjax checkpoint folder")
-    export.add_argument("dst", type=Path, help="destination Hugging Face folder")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zipjax", description="Fast LLaMA/Mistral/Emu3 inference in JAX.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(commands)
+    _convert_parsers(commands)
+    _image_parsers(commands)
     return parser
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    import zipjax
-
     if not args.prompt:
         raise ZipjaxError("the prompt is empty")
-    model = zipjax.load(args.checkpoint or default_checkpoint(), dtype=args.dtype)
+    model = load(args.checkpoint or default_checkpoint(), dtype=args.dtype)
     tokenizer = model.tokenizer
     ids = tokenizer.chat(args.prompt) if args.chat else tokenizer.encode(args.prompt)
     stop = set(model.config.eos_token_ids)
@@ -142,10 +156,10 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.kv_kernel and args.kv not in ("zipcache", "kivi"):
         raise SystemExit(f"--kv-kernel needs --kv zipcache or --kv kivi (the {args.kv} cache has no kernel)")
     kernel = {"kernel": True} if args.kv_kernel else {}
-    kv = {"dense": None, "zipcache": zipjax.kv.ZipCache(**kernel), "kivi": zipjax.kv.KIVI(**kernel),
-          "uniform": zipjax.kv.Uniform()}[args.kv]
-    for step in zipjax.generate_stream(model, [ids], args.max_new_tokens, temperature=args.temperature,
-                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, kv=kv):
+    method = {"dense": None, "zipcache": kv.ZipCache(**kernel), "kivi": kv.KIVI(**kernel),
+              "uniform": kv.Uniform()}[args.kv]
+    for step in generate_stream(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed, kv=method):
         token = int(step[0])
         if token in stop:
             break
@@ -162,23 +176,17 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from convert import convert
-
     dst = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                   vision_tokenizer=args.vision_tokenizer)
     print(f"converted {args.src} -> {dst}")
 
 
 def run_image(args: argparse.Namespace) -> None:
-    import zipjax
-    from zipjax.emu3.image import DEFAULT_NEGATIVE_PROMPT, generate_image
-    from zipjax.emu3.png import write_png
-
     if not args.prompt:
         raise ZipjaxError("the prompt is empty")
     if args.out.suffix.lower() != ".png":
         raise ZipjaxError(f"--out must name a .png file, got {args.out}")
-    model = zipjax.load(args.checkpoint, dtype=args.dtype)
+    model = load(args.checkpoint, dtype=args.dtype)
     start = time.perf_counter()
     result = generate_image(model, args.prompt, size=args.size, cfg_scale=args.cfg_scale,
                             negative_prompt=args.negative_prompt or DEFAULT_NEGATIVE_PROMPT,
@@ -193,19 +201,13 @@ def run_image(args: argparse.Namespace) -> None:
 
 
 def run_ask(args: argparse.Namespace) -> None:
-    import zipjax
-    from zipjax.emu3.png import read_png
-    from zipjax.emu3.understand import ask
-
     if not args.image.is_file():
         raise ZipjaxError(f"image not found: {args.image}")
-    model = zipjax.load(args.checkpoint, dtype=args.dtype)
+    model = load(args.checkpoint, dtype=args.dtype)
     print(ask(model, read_png(args.image), args.question, max_new_tokens=args.max_new_tokens))
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from convert.export import export_hf
-
     dst = export_hf(args.src, args.dst, overwrite=args.overwrite)
     print(f"exported {args.src} -> {dst}")
 

@@ -3,9 +3,11 @@
     tokens = zipjax.generate(model, prompt_ids, max_new_tokens=32, temperature=0.0)
 
 Prompts of different lengths are left-padded so that they all end at the same cache slot; the padded length is
-bucketed to a power of two (at least 16) and the cache length rounded up to a multiple of 128, so new prompt lengths
-and new `max_new_tokens` mostly reuse a compiled program. `max_new_tokens`, temperature, top-k, top-p and the stop
-tokens are traced values; only the batch size, the buckets and which filters are on select a compilation.
+bucketed to a power of two (at least 16) and the cache length rounded up to a multiple of 128 (zipjax.shapes), so
+new prompt lengths and new `max_new_tokens` mostly reuse a compiled program. The cache is whatever the `kv=` method
+makes (zipjax.kv.methods); this module depends on the `AppendCache` protocol only. `max_new_tokens`,
+temperature, top-k, top-p and the stop tokens are traced values; only the batch size, the buckets and which filters
+are on select a compilation.
 Every size is checked before any compute: a prompt plus `max_new_tokens` that does not fit the cache or the model's
 positions is an error, never a silent truncation.
 
@@ -24,19 +26,17 @@ import numpy as np
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zipjax.cache import KVCache
+from zipjax.cache import AppendCache
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
-from zipjax.kv import MergedKVCache, Method, QuantizedKVCache, QuantSpec
-from zipjax.kv.merged import MergeSpec
-from zipjax.kv.methods import method_spec
+from zipjax.kv.methods import as_method, cache_initializer, check_cache, min_decode_slots
+from zipjax.kv.spec import Method
 from zipjax.model import Model, check_token_ids
 from zipjax.sampling import SamplingMode, sample
-from zipjax.sharding import tree_shardings
+from zipjax.shapes import cache_length as round_cache_length
+from zipjax.shapes import left_pad, next_pow2, prompt_bucket
 from zipjax.transformer import Params, Transformer
 
-MIN_PREFILL_BUCKET = 16
-CACHE_ROUNDING = 128
 MIN_STOP_SLOTS = 8
 
 
@@ -47,7 +47,7 @@ class SamplingState:
     last_token: jax.Array  # int32 [batch]: the newest token, fed at the next step
     positions: jax.Array  # int32 [batch]: RoPE position of last_token
     done: jax.Array  # bool [batch]: sequence has produced a stop token
-    cache: KVCache
+    cache: AppendCache
     key: jax.Array  # PRNG key for the next draw
 
 
@@ -66,7 +66,7 @@ def _choose(logits: jax.Array, state_key: jax.Array, knobs: Knobs, mode: Samplin
     return sample(logits, draw, knobs.temperature, knobs.top_k, knobs.top_p, mode), key
 
 
-def _prefill(params: Params, prompt: jax.Array, starts: jax.Array, cache: KVCache, key: jax.Array, knobs: Knobs, *,
+def _prefill(params: Params, prompt: jax.Array, starts: jax.Array, cache: AppendCache, key: jax.Array, knobs: Knobs, *,
              config: ModelConfig, mode: SamplingMode) -> SamplingState:
     """Run the left-padded prompt [batch, bucket] through the model and choose the first new token."""
     batch, bucket = prompt.shape
@@ -99,9 +99,9 @@ def _decode_step(params: Params, state: SamplingState, knobs: Knobs, *, config: 
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mode"), donate_argnames=("cache",))
-def _generate_loop(params: Params, prompt: jax.Array, starts: jax.Array, cache: KVCache, key: jax.Array,
+def _generate_loop(params: Params, prompt: jax.Array, starts: jax.Array, cache: AppendCache, key: jax.Array,
                    knobs: Knobs, max_new_tokens: jax.Array, *, config: ModelConfig,
-                   mode: SamplingMode) -> tuple[jax.Array, KVCache]:
+                   mode: SamplingMode) -> tuple[jax.Array, AppendCache]:
     """Prefill, then decode until `max_new_tokens` or every sequence stopped. Returns the token buffer and the final
     cache (returned so that the donated input cache is updated in place rather than copied)."""
     state = _prefill(params, prompt, starts, cache, key, knobs, config=config, mode=mode)
@@ -119,35 +119,13 @@ _prefill_jit = jax.jit(_prefill, static_argnames=("config", "mode"), donate_argn
 _decode_step_jit = jax.jit(_decode_step, static_argnames=("config", "mode"), donate_argnames=("state",))
 
 
-@functools.lru_cache(maxsize=64)
-def _cache_initializer(config: ModelConfig, batch: int, max_len: int, mesh, kv: QuantSpec | MergeSpec | None = None,
-                       prefill_len: int = 0):
-    def init(starts: jax.Array) -> KVCache | QuantizedKVCache | MergedKVCache:
-        if kv is None:
-            return KVCache.init(config, batch, max_len, starts)
-        return kv.init_cache(config, batch, max_len, prefill_len, starts)
-
-    if mesh is None:
-        return jax.jit(init)
-    abstract = jax.eval_shape(init, jax.ShapeDtypeStruct((batch,), jnp.int32))
-    return jax.jit(init, out_shardings=tree_shardings(abstract, abstract.logical_axes(), mesh))
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << (max(n, 1) - 1).bit_length()
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 class _Plan:
     """Validated, padded inputs of one generate call (host-side; nothing here runs on the device)."""
 
     def __init__(self, model: Model, prompt_ids, max_new_tokens: int, temperature: float, top_k: int | None,
                  top_p: float | None, stop_tokens, cache_length: int | None, kv: Method | None = None):
         cfg = model.config
-        self.kv = method_spec(kv)
+        self.kv = as_method(kv)
         prompts = _as_prompt_list(prompt_ids)
         for i, p in enumerate(prompts):
             check_token_ids(p, cfg.vocab_size, f"token ids of prompt {i}")
@@ -165,11 +143,10 @@ class _Plan:
                 f"prompt ({self.prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's maximum "
                 f"of {cfg.max_position_embeddings} positions"
             )
-        self.bucket = max(MIN_PREFILL_BUCKET, _next_pow2(self.prompt_len))
+        self.bucket = prompt_bucket(self.prompt_len)
         if cache_length is None:
-            # a quantized cache needs room for at least one full-precision window after the prompt
-            decode_part = max(max_new_tokens, self.kv.window if self.kv is not None else 0)
-            cache_length = _round_up(self.bucket + decode_part, CACHE_ROUNDING)
+            # a quantized cache needs room for at least one full-precision buffer after the prompt
+            cache_length = round_cache_length(self.bucket + max(max_new_tokens, min_decode_slots(self.kv)))
         elif self.prompt_len + max_new_tokens > cache_length:
             raise ZipjaxError(
                 f"prompt ({self.prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
@@ -177,26 +154,22 @@ class _Plan:
             )
         self.bucket = min(self.bucket, cache_length - max_new_tokens)
         self.cache_length = cache_length
-        if self.kv is not None:  # geometry errors (bit packing, window) now, not inside jit
-            self.kv.check(cfg, len(prompts), cache_length, self.bucket)
+        check_cache(self.kv, cfg, len(prompts), cache_length, self.bucket)  # geometry errors now, not inside jit
         self.max_new_tokens = int(max_new_tokens)
 
         self.batch = len(prompts)
-        self.prompt = np.full((self.batch, self.bucket), cfg.pad_id, np.int32)
-        for i, p in enumerate(prompts):
-            self.prompt[i, self.bucket - len(p):] = p
-        self.starts = (self.bucket - lengths).astype(np.int32)
+        self.prompt, self.starts = left_pad(prompts, self.bucket, cfg.pad_id)
         self.mode = SamplingMode(greedy=temperature == 0, top_k=top_k is not None,
                                  top_p=top_p is not None and top_p < 1.0)
         self.knobs = _knobs(cfg, temperature, top_k, top_p, stop_tokens)
 
-    def device_inputs(self, model: Model) -> tuple[jax.Array, jax.Array, KVCache]:
+    def device_inputs(self, model: Model) -> tuple[jax.Array, jax.Array, AppendCache]:
         prompt, starts = jnp.asarray(self.prompt), jnp.asarray(self.starts)
         if model.mesh is not None and self.batch % model.mesh.shape.get("data", 1) == 0:
             prompt = jax.device_put(prompt, NamedSharding(model.mesh, PartitionSpec("data", None)))
             starts = jax.device_put(starts, NamedSharding(model.mesh, PartitionSpec("data")))
-        cache = _cache_initializer(model.config, self.batch, self.cache_length, model.mesh, self.kv,
-                                   self.bucket)(starts)
+        cache = cache_initializer(model.config, self.batch, self.cache_length, model.mesh, self.kv,
+                                  self.bucket)(starts)
         return prompt, starts, cache
 
     def output(self, tokens: np.ndarray) -> np.ndarray:
@@ -243,7 +216,7 @@ def _knobs(cfg: ModelConfig, temperature: float, top_k: int | None, top_p: float
         stop_tokens = (stop_tokens,)
     stop_tokens = np.asarray(list(stop_tokens), np.int32)
     check_token_ids(stop_tokens, cfg.vocab_size, "stop tokens")
-    stop = np.full(max(MIN_STOP_SLOTS, _next_pow2(len(stop_tokens))), -1, np.int32)  # fixed size: no recompiles
+    stop = np.full(max(MIN_STOP_SLOTS, next_pow2(len(stop_tokens))), -1, np.int32)  # fixed size: no recompiles
     stop[: len(stop_tokens)] = stop_tokens
     return Knobs(
         temperature=jnp.float32(temperature if temperature > 0 else 1.0),

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from zipjax.cache import KVCache
+from zipjax.cache import Cache
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.tokenizer import Tokenizer
@@ -23,8 +23,8 @@ from zipjax.transformer import Params, Transformer
 
 
 @functools.partial(jax.jit, static_argnames=("config", "last_only"))
-def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache | None, *,
-            config: ModelConfig, last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
+def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cache | None, *,
+            config: ModelConfig, last_only: bool = False) -> tuple[jax.Array, Cache | None]:
     """Jitted `Transformer(config).apply`: logits float32 [batch, seq or 1, vocab] and the updated cache."""
     return Transformer(config).apply({"params": params}, tokens, positions, cache, last_only=last_only)
 
@@ -43,8 +43,8 @@ class Model:
     mesh: Mesh | None = None
     path: Path | None = None
 
-    def apply(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None, *,
-              last_only: bool = False) -> tuple[jax.Array, KVCache | None]:
+    def apply(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None, *,
+              last_only: bool = False) -> tuple[jax.Array, Cache | None]:
         """`apply(params, tokens, positions, cache) -> (logits, cache)` with this model's parameters bound."""
         return forward(self.params, tokens, positions, cache, config=self.config, last_only=last_only)
 

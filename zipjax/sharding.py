@@ -9,9 +9,12 @@ SmolLM2's 3 KV heads on a 4-way "model" axis).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -68,6 +71,17 @@ def tree_shardings(abstract_tree, logical_tree, mesh: Mesh):
     is_spec = lambda x: isinstance(x, PartitionSpec)
     return jax.tree.map(lambda spec, x: logical_sharding(spec, x.shape, mesh), logical_tree, abstract_tree,
                         is_leaf=is_spec)
+
+
+@functools.lru_cache(maxsize=64)
+def jit_initializer(recipe: Callable[[jax.Array], Any], mesh: Mesh | None) -> Callable[[jax.Array], Any]:
+    """`recipe(starts) -> cache` jitted once per (hashable) recipe and mesh; with a mesh, the cache's arrays are
+    placed by its `logical_axes()`. `recipe.batch` is the number of sequences. Caches are built on the devices
+    (zeros), never copied from the host."""
+    if mesh is None:
+        return jax.jit(recipe)
+    abstract = jax.eval_shape(recipe, jax.ShapeDtypeStruct((recipe.batch,), jnp.int32))
+    return jax.jit(recipe, out_shardings=tree_shardings(abstract, abstract.logical_axes(), mesh))
 
 
 def replicated(mesh: Mesh | None) -> jax.sharding.Sharding:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zipjax.attention import causal_mask, gqa_attention
-from zipjax.cache import KVCache
+from zipjax.cache import Cache
 from zipjax.config import ModelConfig
 from zipjax.rope import apply_rope, inverse_frequencies, rope_tables
 
@@ -52,13 +52,13 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                 cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
+                 cache: Cache | None) -> tuple[jax.Array, Cache | None]:
         cfg, dtype = self.config, self.config.jnp_dtype
-        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        wq = _param(self, "q", (d, h, hd), ("embed", "heads", "head_dim"), dtype)
-        wk = _param(self, "k", (d, kv, hd), ("embed", "kv_heads", "head_dim"), dtype)
-        wv = _param(self, "v", (d, kv, hd), ("embed", "kv_heads", "head_dim"), dtype)
-        wo = _param(self, "o", (h, hd, d), ("heads", "head_dim", "embed"), dtype)
+        embed, heads, kv_heads, head_dim = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        wq = _param(self, "q", (embed, heads, head_dim), ("embed", "heads", "head_dim"), dtype)
+        wk = _param(self, "k", (embed, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), dtype)
+        wv = _param(self, "v", (embed, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), dtype)
+        wo = _param(self, "o", (heads, head_dim, embed), ("heads", "head_dim", "embed"), dtype)
 
         q = apply_rope(jnp.einsum("btd,dhk->bthk", x, wq), cos, sin)  # [batch, seq, heads, head_dim]
         k = apply_rope(jnp.einsum("btd,dhk->bthk", x, wk), cos, sin)  # [batch, seq, kv_heads, head_dim]
@@ -92,7 +92,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                 cache: KVCache | None) -> tuple[jax.Array, KVCache | None]:
+                 cache: Cache | None) -> tuple[jax.Array, Cache | None]:
         cfg = self.config
         h, cache = Attention(cfg, self.layer, name="attn")(
             RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, name="attn_norm")(x), cos, sin, cache
@@ -108,8 +108,8 @@ class Transformer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None, *,
-                 last_only: bool = False, head: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None, *,
+                 last_only: bool = False, head: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
         """head: an output projection [embed, n] used instead of the model's, typically `output_head(...)` of a
         vocabulary range (Emu3 samples image codes from 32,768 visual tokens, a sixth of its vocabulary)."""
         cfg, dtype = self.config, self.config.jnp_dtype

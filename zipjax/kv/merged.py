@@ -15,7 +15,6 @@ them pairwise as they arrive; here they stay exact, like KIVI's residual, and th
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -23,76 +22,29 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec
 
-from zipjax.attention import causal_mask, gqa_attention, visible_slots
+from zipjax.attention import causal_mask, gqa_attention, masked_attention, visible_slots
+from zipjax.cache import check_prompt_then_tokens, replace_at
 from zipjax.config import ModelConfig
-from zipjax.errors import ZipjaxError
-from zipjax.kv.cache import Store, check_prompt_then_tokens, dequantize_store, masked_attention, quantize_subset
+from zipjax.kv.codec import Store
 from zipjax.kv.minicache import merge_pair
+from zipjax.kv.spec import KIVI, MiniCache, Uniform
+
+Inner = KIVI | Uniform | None
 
 
-@dataclasses.dataclass(frozen=True)
-class MergeSpec:
-    """What the merged cache does (built by zipjax.kv.MiniCache)."""
-
-    start_layer: int | None  # None: half the layers
-    t: float
-    gamma: float
-    retain: str
-    inner: object | None  # a QuantSpec (KIVI / Uniform) or None
-    window: int = 1  # decode slots generate must leave at least
-
-    def start(self, num_layers: int) -> int:
-        return num_layers // 2 if self.start_layer is None else self.start_layer
-
-    def roles(self, num_layers: int) -> tuple[tuple[str, int], ...]:
-        """Per layer: ("plain", index into plain), ("first", pair) or ("second", pair)."""
-        start, out, plain = self.start(num_layers), [], 0
-        for layer in range(num_layers):
-            offset = layer - start
-            if offset >= 0 and offset % 2 == 0 and layer + 1 < num_layers:
-                out.append(("first", offset // 2))
-            elif offset >= 0 and offset % 2 == 1:
-                out.append(("second", offset // 2))
-            else:
-                out.append(("plain", plain))
-                plain += 1
-        return tuple(out)
-
-    def retained(self, prefill_len: int) -> int:
-        return math.ceil(self.gamma * prefill_len - 1e-9)
-
-    def check(self, config: ModelConfig, batch: int, max_len: int, prefill_len: int) -> None:
-        if batch <= 0:
-            raise ZipjaxError(f"a KV cache needs batch > 0, got {batch}")
-        if not 1 < prefill_len <= max_len:
-            raise ZipjaxError(f"prefill_len must lie in (1, max_len={max_len}], got {prefill_len}")
-        if not 0 <= self.start(config.num_layers) < config.num_layers:
-            raise ZipjaxError(f"start_layer {self.start_layer} is outside the model's {config.num_layers} layers")
-        if self.inner is not None:
-            from zipjax.kv.cache import make_layout
-
-            # bit packing and groups against head_dim; the inner residual window does not apply (decode tokens
-            # stay in this cache's own buffer)
-            make_layout(config, dataclasses.replace(self.inner, window=1), batch, max_len, prefill_len)
-
-    def init_cache(self, config: ModelConfig, batch: int, max_len: int, prefill_len: int,
-                   starts: jax.Array | None = None, dtype=None) -> MergedKVCache:
-        return MergedKVCache.init(config, self, batch, max_len, prefill_len, starts, dtype)
-
-
-def _encode(inner, k: jax.Array, v: jax.Array, valid: jax.Array, dtype) -> Store | dict:
+def encode_states(inner: Inner, k: jax.Array, v: jax.Array, valid: jax.Array, dtype) -> Store | dict:
     """k, v [batch, kv_heads, n, head_dim] -> a packed Store (inner quantizer) or {"k", "v"} in `dtype`."""
     if inner is None:
         return {"k": k.astype(dtype), "v": v.astype(dtype)}
-    piece = quantize_subset(inner, inner.high_bits, k.astype(jnp.float32), v.astype(jnp.float32), valid)
-    return Store(slots=None, **piece)
+    return inner.codec.encode(inner.bits, k.astype(jnp.float32), v.astype(jnp.float32), valid)
 
 
-def _decode(inner, piece: Store | dict) -> tuple[jax.Array, jax.Array]:
+def decode_states(inner: Inner, piece: Store | dict) -> tuple[jax.Array, jax.Array]:
+    """Inverse of `encode_states`: float32 keys and values [batch, kv_heads, n, head_dim]."""
     if inner is None:
         return piece["k"].astype(jnp.float32), piece["v"].astype(jnp.float32)
     n = piece.k_codes.shape[2]
-    return dequantize_store(piece, inner, inner.high_bits, np.zeros(n, np.int32), None)
+    return inner.codec.decode(piece, inner.bits, np.zeros(n, np.int32), None)
 
 
 @struct.dataclass
@@ -105,30 +57,31 @@ class MergedKVCache:
     cursor: jax.Array
     starts: jax.Array
     pending: tuple | None  # during prefill only: the first layer of a pair's raw (k, v)
-    spec: MergeSpec = struct.field(pytree_node=False)
+    method: MiniCache = struct.field(pytree_node=False)
     prefill_len: int = struct.field(pytree_node=False)
     num_layers: int = struct.field(pytree_node=False)
 
     @classmethod
-    def init(cls, config: ModelConfig, spec: MergeSpec, batch: int, max_len: int, prefill_len: int,
+    def init(cls, config: ModelConfig, method: MiniCache, batch: int, max_len: int, prefill_len: int,
              starts: jax.Array | None = None, dtype=None) -> MergedKVCache:
-        spec.check(config, batch, max_len, prefill_len)
+        method.check(config, batch, max_len, prefill_len)
         dtype = dtype or config.jnp_dtype
         b, h, d, n = batch, config.num_kv_heads, config.head_dim, prefill_len
         zeros = jnp.zeros((b, h, n, d), jnp.float32)
         valid = jnp.ones((b, h, n), bool)
-        roles = spec.roles(config.num_layers)
-        r = spec.retained(n)
-        plain = tuple(_encode(spec.inner, zeros, zeros, valid, dtype) for role, _ in roles if role == "plain")
+        roles = method.roles(config.num_layers)
+        r = method.retained(n)
+        plain = tuple(encode_states(method.inner, zeros, zeros, valid, dtype) for role, _ in roles if role == "plain")
         norms = lambda: jnp.zeros((b, h, n, 2), jnp.float16)
-        pair = lambda: {"dir": _encode(spec.inner, zeros, zeros, valid, dtype), "k_norms": norms(), "v_norms": norms(),
+        pair = lambda: {"dir": encode_states(method.inner, zeros, zeros, valid, dtype),
+                        "k_norms": norms(), "v_norms": norms(),
                         "k_ids": jnp.zeros((b, r), jnp.int32), "v_ids": jnp.zeros((b, r), jnp.int32),
                         "k_kept": jnp.zeros((b, h, r, 2, d), dtype), "v_kept": jnp.zeros((b, h, r, 2, d), dtype)}
         pairs = tuple(pair() for role, _ in roles if role == "second")
         buf = lambda: jnp.zeros((b, h, max_len - n, d), dtype)
         starts = jnp.zeros((batch,), jnp.int32) if starts is None else jnp.asarray(starts, jnp.int32)
         return cls(plain=plain, pairs=pairs, k_buf=tuple(buf() for _ in roles), v_buf=tuple(buf() for _ in roles),
-                   cursor=jnp.zeros((), jnp.int32), starts=starts, pending=None, spec=spec, prefill_len=n,
+                   cursor=jnp.zeros((), jnp.int32), starts=starts, pending=None, method=method, prefill_len=n,
                    num_layers=config.num_layers)
 
     @property
@@ -157,50 +110,51 @@ class MergedKVCache:
     def attend(self, layer: int, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
                sliding_window: int | None) -> tuple[jax.Array, MergedKVCache]:
         """q: [batch, q_len, heads, head_dim]; k_new, v_new: [batch, q_len, kv_heads, head_dim]."""
-        if q.shape[1] > 1:
-            return self._prefill(layer, q, k_new, v_new, sliding_window)
-        return self._decode(layer, q, k_new, v_new, sliding_window)
+        attend = self._attend_prompt if q.shape[1] > 1 else self._attend_token
+        return attend(layer, q, k_new, v_new, sliding_window)
 
-    def _prefill(self, layer, q, k_new, v_new, sliding_window):
+    def _attend_prompt(self, layer, q, k_new, v_new, sliding_window):
+        """Exact attention over the prompt; store the layer plain, hold it back (first of a pair), or merge the
+        pair (second)."""
         n = q.shape[1]
         slots = jnp.arange(n, dtype=jnp.int32)
         valid = slots[None, :] >= self.starts[:, None]  # [batch, n]
         b_slots = jnp.broadcast_to(slots, valid.shape)
         k, v = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)  # [batch, kv_heads, n, head_dim]
         out = gqa_attention(q, k, v, causal_mask(b_slots, b_slots, sliding_window, k_valid=valid))
-        role, index = self.spec.roles(self.num_layers)[layer]
+        role, index = self.method.roles(self.num_layers)[layer]
         head_valid = jnp.broadcast_to(valid[:, None, :], k.shape[:3])
         dtype = self.k_buf[0].dtype
         if role == "plain":
             plain = list(self.plain)
-            plain[index] = _encode(self.spec.inner, k, v, head_valid, dtype)
+            plain[index] = encode_states(self.method.inner, k, v, head_valid, dtype)
             return out, dataclasses.replace(self, plain=tuple(plain))
         if role == "first":
             return out, dataclasses.replace(self, pending=(k, v))
         k0, v0 = self.pending
-        r = self.spec.retained(n)
+        r = self.method.retained(n)
         pair, directions = {}, []
         for name, x0, x1 in (("k", k0, k), ("v", v0, v)):
             # merge_pair works on [batch, tokens, heads, head_dim]
             direction, n0, n1, ids, kept0, kept1 = merge_pair(
-                x0.transpose(0, 2, 1, 3), x1.transpose(0, 2, 1, 3), self.spec.t, r, self.spec.retain, valid=valid)
+                x0.transpose(0, 2, 1, 3), x1.transpose(0, 2, 1, 3), self.method.t, r, self.method.retain, valid=valid)
             directions.append(direction.transpose(0, 2, 1, 3))
             pair[f"{name}_norms"] = jnp.stack([n0, n1], axis=-1).transpose(0, 2, 1, 3).astype(jnp.float16)
             pair[f"{name}_ids"] = ids
             pair[f"{name}_kept"] = jnp.stack([kept0, kept1], axis=-2).transpose(0, 2, 1, 3, 4).astype(dtype)
-        pair["dir"] = _encode(self.spec.inner, *directions, head_valid, dtype)
+        pair["dir"] = encode_states(self.method.inner, *directions, head_valid, dtype)
         pairs = list(self.pairs)
         pairs[index] = pair
         return out, dataclasses.replace(self, pairs=tuple(pairs), pending=None)
 
     def restore(self, layer: int) -> tuple[jax.Array, jax.Array]:
         """The layer's prompt keys and values, float32 [batch, kv_heads, n, head_dim]."""
-        role, index = self.spec.roles(self.num_layers)[layer]
+        role, index = self.method.roles(self.num_layers)[layer]
         if role == "plain":
-            return _decode(self.spec.inner, self.plain[index])
+            return decode_states(self.method.inner, self.plain[index])
         pair = self.pairs[index]
         side = 0 if role == "first" else 1
-        k_dir, v_dir = _decode(self.spec.inner, pair["dir"])
+        k_dir, v_dir = decode_states(self.method.inner, pair["dir"])
         out = []
         for name, direction in (("k", k_dir), ("v", v_dir)):
             x = direction * pair[f"{name}_norms"][..., side, None].astype(jnp.float32)
@@ -211,7 +165,8 @@ class MergedKVCache:
             out.append(x.at[b_idx, h_idx, ids[:, None, :]].set(kept))
         return out[0], out[1]
 
-    def _decode(self, layer, q, k_new, v_new, sliding_window):
+    def _attend_token(self, layer, q, k_new, v_new, sliding_window):
+        """Append the token to the layer's buffer; attend over the restored prompt and the buffer."""
         n = self.prefill_len
         index = (0, 0, self.cursor - n, 0)
         k_buf = jax.lax.dynamic_update_slice(self.k_buf[layer], k_new.transpose(0, 2, 1, 3).astype(
@@ -224,6 +179,5 @@ class MergedKVCache:
         slots = jnp.arange(keys.shape[2], dtype=jnp.int32)
         visible = visible_slots(slots[None, :], self.cursor, self.starts[:, None], sliding_window)  # [batch, kv_len]
         out, _ = masked_attention(q, keys, values, visible[:, None, None, :])
-        replace = lambda bufs, new: (*bufs[:layer], new, *bufs[layer + 1:])
-        return out.astype(q.dtype), dataclasses.replace(self, k_buf=replace(self.k_buf, k_buf),
-                                                        v_buf=replace(self.v_buf, v_buf))
+        return out.astype(q.dtype), dataclasses.replace(self, k_buf=replace_at(self.k_buf, layer, k_buf),
+                                                        v_buf=replace_at(self.v_buf, layer, v_buf))

@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from zipjax.attention import MASK_VALUE
+from zipjax.attention import grouped_attention, grouped_scores, grouped_values, masked_softmax
 
 
 def important_count(mass: jax.Array, tau: float) -> jax.Array:
@@ -67,18 +67,16 @@ def _compact_attention(q: jax.Array, k: jax.Array, v: jax.Array, order: jax.Arra
     slots = jnp.sort(jnp.where(chosen, top, length + top), axis=-1)  # chosen first, in slot order
     valid = slots < length
     slots = jnp.where(valid, slots, slots - length)
-    qh = q.reshape(batch, length, kv_heads, group, d).transpose(0, 2, 1, 3, 4)  # [batch, kv_heads, length, G, d]
-    qi = jnp.take_along_axis(qh, slots[..., None, None], axis=2)  # [batch, kv_heads, size, G, d]
+    qh = q.reshape(batch, length, kv_heads, group, d).transpose(0, 2, 3, 1, 4)  # [batch, kv_heads, G, length, d]
+    qi = jnp.take_along_axis(qh, slots[:, :, None, :, None], axis=3)  # [batch, kv_heads, G, size, d]
     ki = jnp.take_along_axis(k.transpose(0, 2, 1, 3), slots[..., None], axis=2)  # [batch, kv_heads, size, d]
     vi = jnp.take_along_axis(v.transpose(0, 2, 1, 3), slots[..., None], axis=2)
     delta = slots[..., :, None] - slots[..., None, :]  # [batch, kv_heads, size(q), size(k)]
     mask = (delta >= 0) & valid[..., None, :]
     if sliding_window is not None:
         mask &= delta < sliding_window
-    scores = jnp.einsum("bhqgd,bhkd->bhgqk", qi, ki, preferred_element_type=jnp.float32) * d**-0.5
-    scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(vi.dtype)
-    out = jnp.einsum("bhgqk,bhkd->bhqgd", probs, vi, preferred_element_type=jnp.float32)  # [b, kv_heads, size, G, d]
+    probs = masked_softmax(grouped_scores(qi, ki), mask[:, :, None])
+    out = grouped_values(probs, vi).transpose(0, 1, 3, 2, 4)  # [batch, kv_heads, size, G, d]
     out = jnp.where(valid[..., None, None], out, 0.0)
     target = jnp.where(valid, slots, length)  # rows past p are dropped by the scatter
     full = jnp.zeros((batch, kv_heads, length, group, d), jnp.float32)
@@ -113,11 +111,9 @@ def restricted_attention(q: jax.Array, k: jax.Array, v: jax.Array, important: ja
     slots = jnp.arange(length)
     causal = (slots[:, None] >= slots[None, :]) & (slots[None, :] >= starts[:, None, None])  # [batch, q, k]
     mask = causal[:, None] & important[:, :, None, :]  # [batch, kv_heads, q, k]
-    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, d).astype(jnp.float32)
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k.transpose(0, 2, 1, 3).astype(jnp.float32)) * d**-0.5
-    scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)
-    out = jnp.einsum("bkgts,bksd->btkgd", jax.nn.softmax(scores, axis=-1),
-                     v.transpose(0, 2, 1, 3).astype(jnp.float32))
+    to_heads = lambda x: x.transpose(0, 2, 1, 3).astype(jnp.float32)  # [batch, kv_heads, length, d]
+    out = grouped_attention(q.astype(jnp.float32), to_heads(k), to_heads(v), mask[:, :, None])
+    out = out.reshape(batch, length, kv_heads, heads // kv_heads, d)
     query_ok = important.transpose(0, 2, 1)[..., None, None]  # [batch, length, kv_heads, 1, 1]
     return jnp.where(query_ok, out, 0.0).reshape(q.shape)
 

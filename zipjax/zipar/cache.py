@@ -6,10 +6,10 @@ tokens already decoded that precede the query in raster order. The cache therefo
 sequence (adaptive schedules differ between sequences) and is told before each pass where each sequence's tokens go
 (`at(slots, valid)`). A query at slot q sees key slot k iff written[k], k <= q, and k >= its sequence's start
 (left-padded prompts); padding queries write to the last slot, which is never marked written. That
-attention is `pallas_kernels.zipar_attention`: its Pallas kernel when `use_kernel`, else its jnp reference.
+attention is `zipjax.kernels.zipar_attention`: its Pallas kernel when `use_kernel`, else its jnp reference.
 
-It provides the same `attend` / `advance` / `check_fits` as the dense cache, so the unchanged `Transformer` runs on
-it.
+It implements the `zipjax.cache.Cache` contract, so the unchanged `Transformer` runs on it. `prefilled` starts every
+parallel decoder the same way: an empty cache, the prompt written at slots 0 .. bucket - 1, the first image token.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from pallas_kernels.zipar_attention import zipar_attention
-from zipjax.cache import KV_AXES
+from zipjax.cache import KV_AXES, check_batch, replace_at
 from zipjax.config import ModelConfig
+from zipjax.emu3.decoding import ImageDecodeSetup, ImageInputs, initial_tokens, prefill
 from zipjax.errors import ZipjaxError
+from zipjax.kernels.zipar_attention import zipar_attention
+from zipjax.sharding import jit_initializer
 
 
 @jax.tree_util.register_dataclass
@@ -75,8 +77,7 @@ class ScatterKVCache:
 
     def check_fits(self, tokens_shape: tuple[int, int]) -> None:
         batch, num_tokens = tokens_shape
-        if batch != self.batch:
-            raise ZipjaxError(f"the input holds {batch} sequences but the KV cache was made for {self.batch}")
+        check_batch(batch, self.batch)
         if num_tokens != self.slots.shape[1]:
             raise ZipjaxError(f"{num_tokens} tokens fed but the cache was told {self.slots.shape[1]} slots")
 
@@ -90,8 +91,7 @@ class ScatterKVCache:
         written = self._written_after()
         out = zipar_attention(q, k.astype(q.dtype), v.astype(q.dtype), self.slots, written, self.starts,
                               use_kernel=self.use_kernel)
-        return out, dataclasses.replace(self, k=(*self.k[:layer], k, *self.k[layer + 1:]),
-                                        v=(*self.v[:layer], v, *self.v[layer + 1:]))
+        return out, dataclasses.replace(self, k=replace_at(self.k, layer, k), v=replace_at(self.v, layer, v))
 
     def advance(self, num_tokens: int) -> ScatterKVCache:
         """Mark this pass's slots written (the cursor of the dense cache has no meaning here)."""
@@ -106,3 +106,28 @@ def _scatter(cache: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
     [batch, q] (one set of slots per sequence)."""
     new = new.transpose(0, 2, 1, 3).astype(cache.dtype)  # [batch, kv_heads, q, head_dim]
     return jax.vmap(lambda c, s, n: c.at[:, s].set(n))(cache, slots, new)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScatterRecipe:
+    """A hashable description of an empty scatter cache (see zipjax.sharding.jit_initializer)."""
+
+    config: ModelConfig
+    batch: int
+    max_len: int
+    use_kernel: bool = False
+
+    def __call__(self, starts: jax.Array) -> ScatterKVCache:
+        return ScatterKVCache.init(self.config, self.batch, self.max_len, starts, self.use_kernel)
+
+
+def prefilled(model, setup: ImageDecodeSetup, inputs: ImageInputs, cache_len: int,
+              use_kernel: bool = False) -> tuple[jax.Array, ScatterKVCache]:
+    """A scatter cache of `cache_len` slots holding the prompt, and the image-token buffer int32 [batch,
+    num_tokens] with the first token (from the prompt's last logits) and every EOL in place."""
+    recipe = ScatterRecipe(setup.config, setup.cache_batch, cache_len, use_kernel)
+    cache = jit_initializer(recipe, None)(inputs.starts)
+    cache = cache.at(jnp.arange(setup.bucket, dtype=jnp.int32), jnp.ones((setup.bucket,), bool))
+    code, cache = prefill(model.params, inputs, cache, setup=setup)
+    tokens = jnp.asarray(initial_tokens(setup.batch, setup.layout)).at[:, 0].set(code + setup.layout.visual_offset)
+    return tokens, cache

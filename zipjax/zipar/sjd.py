@@ -11,28 +11,35 @@ decoding; only the number of passes changes.
 
 Sequences advance at their own pace: each has its own cursor and writes its window into a `ScatterKVCache` at
 cursor-relative slots; stale drafts beyond a cursor are overwritten by the next window before anything attends to
-them.
+them. A pass is three steps: the forward over the window, the verification of its drafts, the commit (accepted
+tokens, re-drafts, random drafts for the positions the next window reaches).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from tqdm import tqdm
 
-from zipjax.config import ModelConfig
-from zipjax.emu3.image import ImageKnobs, Layout, visual_logprobs
+from zipjax.emu3.decoding import (
+    DecodeResult,
+    ImageDecodeSetup,
+    ImageInputs,
+    for_guidance,
+    sampling_probs,
+    visual_logprobs,
+)
 from zipjax.errors import ZipjaxError
-from zipjax.generate import CACHE_ROUNDING, _round_up
-from zipjax.sampling import SamplingMode
+from zipjax.shapes import cache_length
 from zipjax.transformer import Params, Transformer, output_head
 from zipjax.zipar.acceptance import accept_or_resample
-from zipjax.zipar.adaptive import sampling_probs
-from zipjax.zipar.cache import ScatterKVCache
-from zipjax.zipar.decode import initial_tokens, zipar_prefill
+from zipjax.zipar.cache import ScatterKVCache, prefilled
 
 
 @struct.dataclass
@@ -42,119 +49,138 @@ class SJDState:
     tokens: jax.Array  # int32 [batch, num_tokens + window]: committed tokens, then the drafts after the cursor
     p_old: jax.Array  # float32 [batch, num_tokens + window, codebook]: each draft's distribution
     cache: ScatterKVCache
-    key: jax.Array
     step: jax.Array  # int32 []: passes run (keys)
 
 
-def _is_eol(index: jax.Array, layout: Layout) -> jax.Array:
-    return (index % (layout.width + 1)) == layout.width
+class Verdict(NamedTuple):
+    """Per window position [batch, window]: the token if committed, the re-draft otherwise."""
+
+    value: jax.Array  # int32: the decided token (EOL at end-of-line positions)
+    accepted: jax.Array  # int32 [batch]: drafts accepted before the first rejection
+    redraft: jax.Array  # int32: a new draft from this pass's distribution (the Jacobi step)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layout", "batch", "mode", "bucket", "window"),
-                   donate_argnames=("state",))
-def sjd_until(params: Params, state: SJDState, stop: jax.Array, knobs: ImageKnobs, *, config: ModelConfig,
-              layout: Layout, batch: int, mode: SamplingMode, bucket: int, window: int) -> SJDState:
-    total = layout.num_tokens
-    codebook = layout.codebook_size
+def _forward(params: Params, s: SJDState, inputs: ImageInputs, setup: ImageDecodeSetup, window: int,
+             head: jax.Array) -> tuple[jax.Array, ScatterKVCache]:
+    """Feed the newest committed token and the drafts after it; the sampling distribution of every window
+    position, float32 [batch, window, codebook], and the updated cache."""
+    total = setup.layout.num_tokens
+    source = s.cursor[:, None] - 1 + jnp.arange(window, dtype=jnp.int32)[None, :]  # [batch, window]
+    valid = (source < total) & (s.cursor < total)[:, None]
+    fed = jnp.take_along_axis(s.tokens, jnp.clip(source, 0, total - 1), axis=1)
+    slots = for_guidance(setup.bucket + source, setup.cache_batch)
+    positions = jnp.maximum(slots - s.cache.starts[:, None], 0)
+    cache = s.cache.at(slots, for_guidance(valid, setup.cache_batch))
+    logits, cache = Transformer(setup.config).apply({"params": params}, for_guidance(fed, setup.cache_batch),
+                                                    positions, cache, head=head)
+    return sampling_probs(visual_logprobs(logits, inputs.knobs, setup.batch), inputs.knobs, setup.mode), cache
+
+
+def _verify(s: SJDState, p_new: jax.Array, keys: jax.Array, setup: ImageDecodeSetup, window: int) -> Verdict:
+    """Verify the drafts left to right; the last position, which had no draft, is a plain draw."""
+    layout = setup.layout
+    total, codebook = layout.num_tokens, layout.codebook_size
     offsets = jnp.arange(window, dtype=jnp.int32)
-    head = output_head(params, config, layout.vocab_range)
+    target = s.cursor[:, None] + offsets[None, :]  # the image token each output decides
+    eol = layout.is_eol(target)
+    index = jnp.clip(target, 0, total + window - 1)
+    draft = jnp.clip(jnp.take_along_axis(s.tokens, index, axis=1) - layout.visual_offset, 0, codebook - 1)
+    old = jnp.take_along_axis(s.p_old, index[..., None], axis=1)
+    decided, accepted = jax.vmap(jax.vmap(
+        lambda k, d, po, pn: jax.tree.map(lambda x: x[0], accept_or_resample(k, d[None], po[None], pn[None]))
+    ))(keys, draft, old, p_new)
+    last = offsets[None, :] == window - 1
+    fresh = jax.vmap(jax.vmap(lambda k, p: jax.random.categorical(k, jnp.log(p)).astype(jnp.int32)))(keys, p_new)
+    decided = jnp.where(last, fresh, decided)
+    accepted = (accepted | eol) & ~last
+    n_accepted = jnp.cumprod(accepted.astype(jnp.int32), axis=1).sum(axis=1)
+    redraft = jax.vmap(jax.vmap(lambda k, p: jax.random.categorical(jax.random.fold_in(k, 1), jnp.log(p))))(
+        keys, p_new).astype(jnp.int32)
+    return Verdict(value=jnp.where(eol, layout.eol, decided + layout.visual_offset), accepted=n_accepted,
+                   redraft=jnp.where(eol, layout.eol, redraft + layout.visual_offset))
+
+
+def _commit(s: SJDState, p_new: jax.Array, verdict: Verdict, cache: ScatterKVCache, key: jax.Array,
+            setup: ImageDecodeSetup, window: int) -> SJDState:
+    """Commit the accepted prefix and the first decided-but-rejected (or the final fresh) token; re-draft every
+    later position; give positions past this pass's outputs (the next window reaches window - 1 of them) uniformly
+    random drafts."""
+    layout = setup.layout
+    total, codebook = layout.num_tokens, layout.codebook_size
+    batch = setup.batch
+    offsets = jnp.arange(window, dtype=jnp.int32)[None, :]
+    finished = s.cursor >= total
+    target = s.cursor[:, None] + offsets
+    commit = (offsets <= verdict.accepted[:, None]) & (target < total) & ~finished[:, None]
+    b = jnp.arange(batch)[:, None]
+    new_tokens = jnp.where(commit, verdict.value, jnp.where(target < total, verdict.redraft, 0))
+    write = jnp.where(target < total, target, total + window)  # out of range: dropped
+    tokens = s.tokens.at[b, write].set(new_tokens, mode="drop")
+    p_old = s.p_old.at[b, write].set(p_new, mode="drop")
+    fill = s.cursor[:, None] + window + offsets
+    fill_keys = jax.random.split(jax.random.fold_in(key, 2), batch * window).reshape(batch, window)
+    random_codes = jax.vmap(jax.vmap(lambda k: jax.random.randint(k, (), 0, codebook)))(fill_keys)
+    fill_value = jnp.where(layout.is_eol(fill), layout.eol, random_codes + layout.visual_offset)
+    fill_write = jnp.where((fill < total) & ~finished[:, None], fill, total + window)
+    return SJDState(passes=s.passes + (~finished).astype(jnp.int32),
+                    cursor=jnp.minimum(s.cursor + jnp.where(finished, 0, verdict.accepted + 1), total),
+                    tokens=tokens.at[b, fill_write].set(fill_value, mode="drop"),
+                    p_old=p_old.at[b, fill_write].set(jnp.full((codebook,), 1.0 / codebook), mode="drop"),
+                    cache=cache, step=s.step + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("setup", "window"), donate_argnames=("state",))
+def sjd_until(params: Params, state: SJDState, stop: jax.Array, inputs: ImageInputs, *, setup: ImageDecodeSetup,
+              window: int) -> SJDState:
+    """Run passes until every image is complete or `stop` passes have run in this call."""
+    head = output_head(params, setup.config, setup.layout.vocab_range)
 
     def one_pass(carry):
         s, done = carry
-        halves = s.cache.batch // batch
-        finished = s.cursor >= total
-        # inputs: the newest committed token (index cursor - 1), then the drafts for cursor .. cursor + window - 2
-        source = s.cursor[:, None] - 1 + offsets[None, :]  # [batch, window]
-        valid = (source < total) & ~finished[:, None]
-        fed = jnp.take_along_axis(s.tokens, jnp.clip(source, 0, total - 1), axis=1)
-        slots = jnp.tile(bucket + source, (halves, 1))
-        positions = jnp.maximum(slots - s.cache.starts[:, None], 0)
-        cache = s.cache.at(slots, jnp.tile(valid, (halves, 1)))
-        logits, cache = Transformer(config).apply({"params": params}, jnp.tile(fed, (halves, 1)), positions, cache,
-                                                  head=head)
-        p_new = sampling_probs(visual_logprobs(logits, knobs, batch), knobs, mode)  # [batch, window, K]
-        target = s.cursor[:, None] + offsets[None, :]  # the image token each output decides
-        eol = _is_eol(target, layout)
-
-        key = jax.random.fold_in(s.key, s.step)
-        keys = jax.random.split(key, batch * window).reshape(batch, window)
-        draft = jnp.take_along_axis(s.tokens, jnp.clip(target, 0, total + window - 1), axis=1) - layout.visual_offset
-        draft = jnp.clip(draft, 0, codebook - 1)
-        old = jnp.take_along_axis(s.p_old, jnp.clip(target, 0, total + window - 1)[..., None], axis=1)
-        decided, accepted = jax.vmap(jax.vmap(
-            lambda k, d, po, pn: jax.tree.map(lambda x: x[0], accept_or_resample(k, d[None], po[None], pn[None]))
-        ))(keys, draft, old, p_new)
-        last = offsets[None, :] == window - 1  # no draft there: a plain draw
-        fresh = jax.vmap(jax.vmap(lambda k, p: jax.random.categorical(k, jnp.log(p)).astype(jnp.int32)))(keys, p_new)
-        decided = jnp.where(last, fresh, decided)
-        accepted = (accepted | eol) & ~last
-        # commit the accepted prefix and the first decided-but-rejected (or the final fresh) token
-        run = jnp.cumprod(accepted.astype(jnp.int32), axis=1)  # 1 while every earlier draft was accepted
-        n_accepted = run.sum(axis=1)
-        commit = (offsets[None, :] <= n_accepted[:, None]) & (target < total) & ~finished[:, None]
-        value = jnp.where(eol, layout.eol, decided + layout.visual_offset)
-        # re-draft every position after the committed ones from this pass's distributions (Jacobi step)
-        redraft = jax.vmap(jax.vmap(lambda k, p: jax.random.categorical(jax.random.fold_in(k, 1), jnp.log(p))))(
-            keys, p_new).astype(jnp.int32)
-        redraft = jnp.where(eol, layout.eol, redraft + layout.visual_offset)
-        b = jnp.arange(batch)[:, None]
-        new_tokens = jnp.where(commit, value, jnp.where(target < total, redraft, 0))
-        write = jnp.where(target < total, target, total + window)  # out of range: dropped
-        tokens = s.tokens.at[b, write].set(new_tokens, mode="drop")
-        p_old = s.p_old.at[b, write].set(p_new, mode="drop")
-        cursor = jnp.minimum(s.cursor + jnp.where(finished, 0, n_accepted + 1), total)
-        # positions past this pass's outputs (the next window reaches up to window - 1 of them): uniform drafts
-        fill = s.cursor[:, None] + window + offsets[None, :]
-        fill_keys = jax.random.split(jax.random.fold_in(key, 2), batch * window).reshape(batch, window)
-        random_codes = jax.vmap(jax.vmap(lambda k: jax.random.randint(k, (), 0, codebook)))(fill_keys)
-        fill_value = jnp.where(_is_eol(fill, layout), layout.eol, random_codes + layout.visual_offset)
-        fill_write = jnp.where((fill < total) & ~finished[:, None], fill, total + window)
-        tokens = tokens.at[b, fill_write].set(fill_value, mode="drop")
-        p_old = p_old.at[b, fill_write].set(jnp.full((codebook,), 1.0 / codebook), mode="drop")
-        passes = s.passes + (~finished).astype(jnp.int32)
-        new = SJDState(passes=passes, cursor=cursor, tokens=tokens, p_old=p_old, cache=cache, key=s.key,
-                       step=s.step + 1)
-        return new, done + 1
+        p_new, cache = _forward(params, s, inputs, setup, window, head)
+        key = jax.random.fold_in(inputs.key, s.step)
+        keys = jax.random.split(key, setup.batch * window).reshape(setup.batch, window)
+        verdict = _verify(s, p_new, keys, setup, window)
+        return _commit(s, p_new, verdict, cache, key, setup, window), done + 1
 
     def keep_going(carry):
         s, done = carry
-        return (done < stop) & ~jnp.all(s.cursor >= total)
+        return (done < stop) & ~jnp.all(s.cursor >= setup.layout.num_tokens)
 
     state = state.replace(cache=state.cache.at(jnp.zeros((window,), jnp.int32), jnp.zeros((window,), bool)))
     state, _ = jax.lax.while_loop(keep_going, one_pass, (state, jnp.zeros((), jnp.int32)))
     return state
 
 
-@functools.lru_cache(maxsize=16)
-def _cache_initializer(config: ModelConfig, batch: int, max_len: int):
-    return jax.jit(lambda starts: ScatterKVCache.init(config, batch, max_len, starts))
+@dataclasses.dataclass(frozen=True)
+class SJD:
+    """Speculative Jacobi Decoding over a window of `window` drafted tokens."""
 
+    window: int
 
-def run_sjd(model, prompt: jax.Array, starts: jax.Array, key: jax.Array, knobs: ImageKnobs, static: dict,
-            bucket: int, window: int, progress: bool):
-    """Prefill, then SJD passes until every image is complete. Returns (tokens [batch, n], passes [batch])."""
-    if window < 2:
-        raise ZipjaxError(f"Speculative Jacobi Decoding needs a window of at least 2 tokens, got {window}")
-    layout: Layout = static["layout"]
-    batch, total, codebook = static["batch"], layout.num_tokens, layout.codebook_size
-    cache_len = _round_up(bucket + total + window + 1, CACHE_ROUNDING)
-    cache = _cache_initializer(static["config"], prompt.shape[0], cache_len)(starts)
-    tokens = jnp.asarray(initial_tokens(batch, layout))
-    first = zipar_prefill(model.params, prompt, starts, cache, tokens, key, knobs, **static)
-    # drafts for the first window: uniform random visual tokens (EOLs where the layout has them)
-    index = jnp.arange(total + window)
-    random_codes = jax.random.randint(jax.random.fold_in(key, 0x7FFFFFFF), (batch, total + window), 0, codebook)
-    drafts = jnp.where(_is_eol(index, layout), layout.eol, random_codes + layout.visual_offset)
-    buffer = jnp.concatenate([first.tokens, jnp.zeros((batch, window), jnp.int32)], axis=1)
-    buffer = jnp.where(index[None, :] >= 1, drafts, buffer)
-    state = SJDState(passes=jnp.ones((batch,), jnp.int32), cursor=jnp.ones((batch,), jnp.int32), tokens=buffer,
-                     p_old=jnp.full((batch, total + window, codebook), 1.0 / codebook, jnp.float32),
-                     cache=first.cache, key=key, step=jnp.zeros((), jnp.int32))
-    with tqdm(total=total, desc=f"SJD (window {window})", unit="token", disable=not progress) as bar:
-        while True:
-            state = sjd_until(model.params, state, jnp.int32(64), knobs, bucket=bucket, window=window, **static)
-            done = int(jnp.min(state.cursor))
-            bar.update(done - bar.n)
-            if done >= total:
-                break
-    return state.tokens[:, :total], jax.device_get(state.passes)
+    def __post_init__(self):
+        if not isinstance(self.window, int | np.integer) or isinstance(self.window, bool) or self.window < 2:
+            raise ZipjaxError("sjd_window (Speculative Jacobi Decoding) must be an integer >= 2, and excludes ZipAR")
+
+    def run(self, model, setup: ImageDecodeSetup, inputs: ImageInputs, progress: bool) -> DecodeResult:
+        """Prefill, then SJD passes until every image is complete."""
+        layout, batch, window = setup.layout, setup.batch, int(self.window)
+        total, codebook = layout.num_tokens, layout.codebook_size
+        first, cache = prefilled(model, setup, inputs, cache_length(setup.bucket + total + window + 1))
+        # drafts for the first window: uniform random visual tokens (EOLs where the layout has them)
+        index = jnp.arange(total + window)
+        random_codes = jax.random.randint(jax.random.fold_in(inputs.key, 0x7FFFFFFF), (batch, total + window), 0,
+                                          codebook)
+        drafts = jnp.where(layout.is_eol(index), layout.eol, random_codes + layout.visual_offset)
+        buffer = jnp.concatenate([first, jnp.zeros((batch, window), jnp.int32)], axis=1)
+        state = SJDState(passes=jnp.ones((batch,), jnp.int32), cursor=jnp.ones((batch,), jnp.int32),
+                         tokens=jnp.where(index[None, :] >= 1, drafts, buffer),
+                         p_old=jnp.full((batch, total + window, codebook), 1.0 / codebook, jnp.float32),
+                         cache=cache, step=jnp.zeros((), jnp.int32))
+        done = 0
+        with tqdm(total=total, desc=f"SJD (window {window})", unit="token", disable=not progress) as bar:
+            while done < total:
+                state = sjd_until(model.params, state, jnp.int32(64), inputs, setup=setup, window=window)
+                done = int(jnp.min(state.cursor))
+                bar.update(done - bar.n)
+        return DecodeResult(tokens=np.asarray(state.tokens[:, :total]), passes=np.asarray(state.passes))

@@ -1,0 +1,131 @@
+"""The package's shape: every module imports alone, imports only go downward (no cycle), kernels import nothing of
+zipjax but their own leaf, no library function is over 60 lines, and the only top-level import name is `zipjax`.
+
+Imports are read from the source (module level and inside functions alike), so a cycle hidden in a function body
+counts too.
+"""
+
+import ast
+import concurrent.futures
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# source folder -> installed package name (pyproject.toml's package-dir)
+PACKAGES = {"zipjax": "zipjax", "convert": "zipjax.convert", "pallas_kernels": "zipjax.kernels"}
+MAX_FUNCTION_LINES = 60
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for folder, package in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            name = ".".join((package, *parts))
+            out[name.removesuffix(".__init__")] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(path: Path) -> set[str]:
+    """zipjax modules imported anywhere in the file (a `from package import name` counts as the submodule when
+    `name` is one)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                found.add(full if full in MODULES else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name in MODULES}
+
+
+def _graph() -> dict[str, set[str]]:
+    return {name: _imports(path) - {name} for name, path in MODULES.items()}
+
+
+def test_the_source_folders_are_the_installed_packages():
+    assert "zipjax.kernels.common" in MODULES and "zipjax.convert.gguf" in MODULES
+    assert len(MODULES) > 40
+
+
+def test_import_graph_has_no_cycle():
+    graph, state, cycles = _graph(), {}, []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                cycles.append(" -> ".join([*path[path.index(dep):], dep]) if dep in path else f"{node} -> {dep}")
+            elif dep not in state:
+                visit(dep, [*path, dep])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_kernels_import_nothing_of_zipjax_but_their_leaf():
+    for name, deps in _graph().items():
+        if name.startswith("zipjax.kernels."):
+            outside = {d for d in deps if not d.startswith("zipjax.kernels")}
+            assert not outside, f"{name} imports {sorted(outside)}"
+    assert _graph()["zipjax.kernels.common"] == set(), "the kernels' leaf must import no zipjax module"
+
+
+def test_leaves_stay_leaves():
+    """The contract modules at the bottom of each subsystem import only what is below them."""
+    graph = _graph()
+    allowed = {
+        "zipjax.errors": set(),
+        "zipjax.shapes": set(),
+        "zipjax.cache": {"zipjax.errors"},
+        "zipjax.attention": {"zipjax.kernels.common"},
+        "zipjax.kv.codec": {"zipjax.kernels.common"},
+        "zipjax.zipar.schedule": {"zipjax.errors"},
+        "zipjax.zipar.acceptance": set(),
+    }
+    for name, deps in allowed.items():
+        assert graph[name] <= deps, f"{name} imports {sorted(graph[name] - deps)}"
+    decoding = graph["zipjax.emu3.decoding"]
+    assert not any(d.startswith(("zipjax.zipar", "zipjax.emu3.image", "zipjax.emu3.sequential")) for d in decoding)
+
+
+def _import_alone(module: str) -> tuple[str, str]:
+    result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
+                            cwd="/", timeout=300)
+    return module, "" if result.returncode == 0 else result.stderr.strip().splitlines()[-1]
+
+
+def test_every_module_imports_alone_in_a_fresh_interpreter():
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        failures = [f"{m}: {err}" for m, err in pool.map(_import_alone, sorted(MODULES)) if err]
+    assert not failures, "\n".join(failures)
+
+
+def test_only_zipjax_is_a_top_level_import_name():
+    for generic in ("convert", "pallas_kernels"):
+        result = subprocess.run([sys.executable, "-c", f"import {generic}"], capture_output=True, text=True, cwd="/")
+        assert result.returncode != 0 and "ModuleNotFoundError" in result.stderr, generic
+
+
+def _functions(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            yield node.name, node.lineno, node.end_lineno - node.lineno + 1
+
+
+@pytest.mark.parametrize("folder", list(PACKAGES))
+def test_no_library_function_is_over_60_lines(folder):
+    long = [f"{path.relative_to(ROOT)}:{line} {name} ({n} lines)"
+            for path in sorted((ROOT / folder).rglob("*.py")) for name, line, n in _functions(path)
+            if n > MAX_FUNCTION_LINES]
+    assert not long, "\n".join(long)
