@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from zipjax.convert.emu3 import convert_emu3, emu3_layout
+from zipjax.convert.files import TOKENIZER_FILES, existing_files
 from zipjax.convert.gguf import convert_gguf
 from zipjax.convert.hf_config import config_from_hf, read_json
 from zipjax.convert.hf_weights import source_tensors, stored_dtype
@@ -17,8 +18,8 @@ from zipjax.convert.mapping import tensors_to_params
 
 from zipjax import checkpoint
 from zipjax.config import DTYPES
+from zipjax.destination import CHECKPOINT, Destination, resolve
 from zipjax.errors import ZipjaxError
-from zipjax.tokenizer import TOKENIZER_FILES
 
 __all__ = ["convert"]
 
@@ -27,19 +28,18 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, overw
             progress: bool = True, vision_tokenizer: str | Path | None = None) -> Path:
     """Convert SRC into a zipjax checkpoint at DST; returns DST. `dtype` casts (default: keep the source dtype).
     `vision_tokenizer` is the separate VQ-VAE folder that BAAI's original Emu3 language models need."""
-    src, dst = Path(src).absolute(), Path(dst).absolute()
+    src, dst = resolve(src, "source"), resolve(dst, "destination")
     if dtype is not None and dtype not in DTYPES:
         raise ZipjaxError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     if not src.exists():
         raise ZipjaxError(f"source not found: {src}")
-    if dst == src or dst in src.parents:
-        raise ZipjaxError(f"the destination {dst} must not be the source {src} or a folder that contains it")
-    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
-        raise ZipjaxError(f"destination {dst} already exists; pass --overwrite to replace it")
+    sources = [src] if vision_tokenizer is None else [src, resolve(vision_tokenizer, "vision tokenizer")]
+    Destination(dst, overwrite=overwrite, kind=CHECKPOINT, sources=sources).preflight()  # fail before the work
+    out = dict(dst=dst, dtype=dtype, overwrite=overwrite, progress=progress, sources=sources)
 
     gguf_file = _gguf_file(src)
     if gguf_file is not None:
-        return convert_gguf(gguf_file, dst, dtype=dtype, overwrite=overwrite, progress=progress)
+        return convert_gguf(gguf_file, **out)
     if not src.is_dir():
         raise ZipjaxError(f"{src} is neither a Hugging Face model folder nor a .gguf file")
     if not (src / "config.json").is_file():
@@ -47,8 +47,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, overw
 
     hf = read_json(src / "config.json", "config file")
     if emu3_layout(hf) is not None:
-        return convert_emu3(src, dst, hf, vision_tokenizer=vision_tokenizer, dtype=dtype, overwrite=overwrite,
-                            progress=progress)
+        return convert_emu3(src, hf, vision_tokenizer=sources[1] if vision_tokenizer else None, **out)
     if vision_tokenizer is not None:
         raise ZipjaxError(f"--vision-tokenizer applies to Emu3 models only; {src} is not one")
     config = config_from_hf(src, dtype=dtype)
@@ -57,10 +56,10 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, overw
         config = config.replace(dtype=_supported(stored_dtype(tensors) or config.dtype))
     arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[config.architecture]
     params = tensors_to_params(config, tensors, architecture_name=arch, progress=progress)
-    files = [src / name for name in (*TOKENIZER_FILES, "generation_config.json") if (src / name).is_file()]
+    files = existing_files(src, (*TOKENIZER_FILES, "generation_config.json"))
     if progress:
         print(f"writing {dst}", flush=True)
-    return checkpoint.save(dst, config, params, files=files, overwrite=overwrite,
+    return checkpoint.save(dst, config, params, files=files, overwrite=overwrite, sources=sources,
                            metadata={"source": {"kind": "huggingface", "path": str(src)}})
 
 

@@ -22,7 +22,8 @@ from typing import Any
 import jax.numpy as jnp
 from tqdm import tqdm
 from zipjax.convert.emu3_vq import BAAI, HF, IGNORED_SUFFIX, source_shape, to_target, vq_tensor_plan
-from zipjax.convert.hf_config import generation_config, read_json, text_config_from_dict
+from zipjax.convert.files import TOKENIZER_FILES, existing_files
+from zipjax.convert.hf_config import architectures_of, generation_config, read_json, text_config_from_dict
 from zipjax.convert.hf_weights import SourceTensor, source_tensors, stored_dtype
 from zipjax.convert.mapping import flatten_params, tensors_to_params, unflatten_params
 from zipjax.convert.tiktoken_bpe import write_tokenizer_json
@@ -34,7 +35,7 @@ from zipjax.emu3.vocab import Emu3Vocab
 from zipjax.emu3.vq_config import CLIP_MEAN, CLIP_STD, VQConfig
 from zipjax.emu3.vqvae import abstract_vq_params
 from zipjax.errors import ZipjaxError
-from zipjax.tokenizer import TOKENIZER_FILES
+from zipjax.validate import mapping
 
 # BAAI's tokenizer: regular BPE ranks first, then these specials, then the lines of emu3_vision_tokens.txt
 BAAI_TIKTOKEN = "emu3.tiktoken"
@@ -45,7 +46,7 @@ _PREPROCESSOR = "preprocessor_config.json"
 
 def emu3_layout(hf: dict[str, Any]) -> str | None:
     """HF or BAAI when config.json describes an Emu3 model, else None."""
-    architectures = hf.get("architectures") or []
+    architectures = architectures_of(hf, Path("config.json"))
     if hf.get("model_type") == "emu3" or "Emu3ForConditionalGeneration" in architectures:
         return HF
     if str(hf.get("model_type", "")).lower() == "emu3" or "Emu3ForCausalLM" in architectures:
@@ -53,8 +54,9 @@ def emu3_layout(hf: dict[str, Any]) -> str | None:
     return None
 
 
-def convert_emu3(src: Path, dst: Path, hf: dict[str, Any], *, vision_tokenizer: Path | None = None,
-                 dtype: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+def convert_emu3(src: Path, hf: dict[str, Any], *, dst: Path, vision_tokenizer: Path | None = None,
+                 dtype: str | None = None, overwrite: bool = False, progress: bool = True,
+                 sources: list[Path] | None = None) -> Path:
     layout = emu3_layout(hf)
     where = src / "config.json"
     text_hf, vq_src, vq = _sources(src, hf, layout, vision_tokenizer)
@@ -76,9 +78,10 @@ def convert_emu3(src: Path, dst: Path, hf: dict[str, Any], *, vision_tokenizer: 
     params = tensors_to_params(config, lm_tensors, architecture_name=arch, progress=progress)
     vq_params = vq_tensors_to_params(vq, vq_tensors, layout, progress=progress)
     vision = Emu3Vision(vq, vocab, image_area=DEFAULT_IMAGE_AREA)
+    vision.check(config.vocab_size)
 
-    files = [src / name for name in (*TOKENIZER_FILES, "generation_config.json") if (src / name).is_file()]
-    files += [p / _PREPROCESSOR for p in {src, vq_src} if (p / _PREPROCESSOR).is_file()][:1]
+    files = existing_files(src, (*TOKENIZER_FILES, "generation_config.json"))
+    files += [f for p in dict.fromkeys((src, vq_src)) for f in existing_files(p, (_PREPROCESSOR,))][:1]
     with tempfile.TemporaryDirectory() as scratch:
         if layout == BAAI and not (src / "tokenizer.json").is_file():
             if progress:
@@ -89,6 +92,7 @@ def convert_emu3(src: Path, dst: Path, hf: dict[str, Any], *, vision_tokenizer: 
         if progress:
             print(f"writing {dst}", flush=True)
         return checkpoint.save(dst, config, params, files=files, overwrite=overwrite, vision=(vision, vq_params),
+                               sources=sources or [src, vq_src],
                                metadata={"source": {"kind": f"emu3-{layout}", "path": str(src),
                                                     **({"vision_tokenizer": str(vq_src)} if layout == BAAI else {})}})
 
@@ -116,7 +120,7 @@ def _sources(src: Path, hf: dict[str, Any], layout: str, vision_tokenizer: Path 
     if not vq_where.is_file():
         raise ZipjaxError(f"vision tokenizer folder {vq_src} has no config.json")
     vq_hf = read_json(vq_where, "vision tokenizer config")
-    if "Emu3VisionVQModel" not in (vq_hf.get("architectures") or []) and vq_hf.get("model_type") != "Emu3VisionVQ":
+    if "Emu3VisionVQModel" not in architectures_of(vq_hf, vq_where) and vq_hf.get("model_type") != "Emu3VisionVQ":
         raise ZipjaxError(f"{vq_where} does not describe an Emu3 vision tokenizer (Emu3VisionVQModel)")
     return hf, vq_src, _vq_config_baai(vq_hf, vq_where, vq_src / _PREPROCESSOR)
 
@@ -167,6 +171,7 @@ def _three(value) -> list:
 
 def _vocab(src: Path, hf: dict[str, Any], layout: str, config: ModelConfig, codebook_size: int) -> Emu3Vocab:
     vocab_map = hf.get("vocabulary_map") or _tokenizer_json_vocab(src) if layout == HF else _baai_vocab_map(src)
+    vocab_map = mapping(vocab_map, f"{src}: the vocabulary map")
     missing = [name for name, value in (("bos_token_id", config.bos_token_id), ("eos_token_id", config.eos_token_ids),
                                         ("pad_token_id", config.pad_token_id)) if value is None or value == ()]
     if missing:
@@ -180,9 +185,12 @@ def _tokenizer_json_vocab(src: Path) -> dict[str, int]:
     if not path.is_file():
         raise ZipjaxError(f"{src}: config.json has no vocabulary_map and there is no tokenizer.json to read Emu3's "
                           "special tokens from")
-    tok = read_json(path, "tokenizer")
-    vocab = dict(tok.get("model", {}).get("vocab", {}))
-    vocab.update({t["content"]: t["id"] for t in tok.get("added_tokens", [])})
+    tok = read_json(path, "tokenizer", max_bytes=1 << 30)
+    vocab = dict(mapping(mapping(tok.get("model", {}), f"{path}: model").get("vocab", {}), f"{path}: model.vocab"))
+    added = tok.get("added_tokens", [])
+    if not isinstance(added, list) or not all(isinstance(t, dict) and "content" in t and "id" in t for t in added):
+        raise ZipjaxError(f"{path}: 'added_tokens' must be a list of {{content, id}} objects")
+    vocab.update({t["content"]: t["id"] for t in added})
     return vocab
 
 
@@ -192,9 +200,12 @@ def _baai_vocab_map(src: Path) -> dict[str, int]:
     for path in (ranks, vision):
         if not path.is_file():
             raise ZipjaxError(f"{src} lacks {path.name}, part of BAAI's Emu3 tokenizer")
-    with ranks.open("rb") as f:
-        first_special = 1 + max(int(line.split()[1]) for line in f if line.strip())
-    names = [*_BAAI_SPECIALS, *(t.strip() for t in vision.read_text().splitlines() if t.strip())]
+    try:
+        with ranks.open("rb") as f:
+            first_special = 1 + max(int(line.split()[1]) for line in f if line.strip())
+        names = [*_BAAI_SPECIALS, *(t.strip() for t in vision.read_text().splitlines() if t.strip())]
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise ZipjaxError(f"{src}: BAAI's tokenizer files {ranks.name} / {vision.name} are malformed: {e}") from None
     return {name: first_special + i for i, name in enumerate(names)}
 
 

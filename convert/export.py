@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
+from zipjax.convert.files import TOKENIZER_FILES, existing_files
 from zipjax.convert.mapping import hf_tensor_names
 
 from zipjax.checkpoint import load
 from zipjax.config import ModelConfig
+from zipjax.destination import EXPORT, EXPORT_MARKER, Destination, resolve
 from zipjax.errors import ZipjaxError
-from zipjax.tokenizer import TOKENIZER_FILES
 from zipjax.transformer import Params
 
 _ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "mistral": ("MistralForCausalLM", "mistral")}
@@ -74,29 +74,23 @@ def hf_state_dict(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
 
 
 def export_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False, progress: bool = True) -> Path:
-    """Write the zipjax checkpoint SRC as a Hugging Face folder DST (config.json, model.safetensors, tokenizer)."""
-    src, dst = Path(src).absolute(), Path(dst).absolute()
-    if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
-        raise ZipjaxError(f"destination {dst} already exists; pass --overwrite to replace it")
+    """Write the zipjax checkpoint SRC as a Hugging Face folder DST (config.json, model.safetensors, tokenizer, and
+    `zipjax-export.json`, which marks the folder as one zipjax may replace with --overwrite)."""
+    src = resolve(src, "source")
+    destination = Destination(dst, overwrite=overwrite, kind=EXPORT, sources=[src])
+    destination.preflight()
     model = load(src)
     config_json = hf_config_dict(model.config)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    files = existing_files(src, (*TOKENIZER_FILES, "generation_config.json"))
+    with destination as staging:
         state = {}
         for name, array in tqdm(hf_state_dict(model.config, model.params).items(), desc="exporting tensors",
                                 unit="tensor", disable=not progress):
             state[name] = array
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-        for name in (*TOKENIZER_FILES, "generation_config.json"):
-            if (src / name).is_file():
-                shutil.copy2(src / name, staging / name)
-        staging.chmod(0o755)
-        if dst.exists():
-            shutil.rmtree(dst)
-        staging.rename(dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return dst
+        for file in files:
+            shutil.copyfile(file, staging / file.name)
+        marker = {"format": "zipjax-export", "source": str(src)}
+        (staging / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        return destination.commit()

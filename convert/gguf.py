@@ -22,6 +22,8 @@ from zipjax.convert.mapping import tensors_to_params
 from zipjax import checkpoint
 from zipjax.config import ModelConfig, RopeConfig
 from zipjax.errors import ZipjaxError
+from zipjax.tokenizer import load_tokenizer
+from zipjax.validate import integer, number
 
 _NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -48,43 +50,53 @@ def _reader(path: Path):
 
 def _field(reader, key: str, default=None):
     field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    if field is None:
+        return default
+    try:
+        return field.contents()
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise ZipjaxError(f"GGUF metadata {key} is malformed: {e}") from None
 
 
 def config_from_gguf(reader, path: Path, dtype: str | None) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise ZipjaxError(f"{path}: GGUF architecture {arch!r} is not supported; zipjax imports 'llama' GGUF files")
+        raise ZipjaxError(f"{path}: GGUF architecture {arch!r:.60} is not supported; zipjax imports 'llama' GGUF files")
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise ZipjaxError(f"{path}: GGUF files with rope_freqs (Llama 3.1 RoPE scaling) are not supported yet")
-    p = f"{arch}."
     try:
-        hidden = int(_field(reader, p + "embedding_length"))
-        heads = int(_field(reader, p + "attention.head_count"))
-        layers = int(_field(reader, p + "block_count"))
-        intermediate = int(_field(reader, p + "feed_forward_length"))
-    except TypeError:
-        raise ZipjaxError(f"{path}: GGUF metadata lacks the llama dimensions (embedding_length, ...)") from None
+        return _gguf_config(reader, dtype)
+    except ZipjaxError as e:
+        raise ZipjaxError(f"{path}: {e}") from None
+
+
+def _gguf_config(reader, dtype: str | None) -> ModelConfig:
+    p = "llama."
+    read = lambda key, **bounds: integer(_field(reader, p + key), f"GGUF metadata {p}{key}", **bounds)
+    hidden, heads = read("embedding_length", lo=1), read("attention.head_count", lo=1)
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    vocab = _field(reader, p + "vocab_size") or (len(tokens) if tokens else None)
+    vocab = _field(reader, p + "vocab_size")
+    if vocab is None and isinstance(tokens, list):
+        vocab = len(tokens)
     if vocab is None:
-        raise ZipjaxError(f"{path}: GGUF metadata gives no vocabulary size")
+        raise ZipjaxError("GGUF metadata gives no vocabulary size")
     scaling = _field(reader, p + "rope.scaling.type", "none")
     if scaling not in ("none", "linear"):
-        raise ZipjaxError(f"{path}: GGUF RoPE scaling {scaling!r} is not supported")
-    rope = RopeConfig(theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
+        raise ZipjaxError(f"GGUF RoPE scaling {scaling!r:.60} is not supported")
+    rope = RopeConfig(theta=number(_field(reader, p + "rope.freq_base", 10000.0), "GGUF rope.freq_base"),
                       type="linear" if scaling == "linear" else "default",
-                      factor=float(_field(reader, p + "rope.scaling.factor", 1.0)))
+                      factor=number(_field(reader, p + "rope.scaling.factor", 1.0), "GGUF rope.scaling.factor"))
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     return ModelConfig(
-        architecture="llama", vocab_size=int(vocab), hidden_size=hidden, intermediate_size=intermediate,
-        num_layers=layers, num_heads=heads, num_kv_heads=int(_field(reader, p + "attention.head_count_kv", heads)),
-        head_dim=int(_field(reader, p + "attention.key_length", hidden // heads)),
-        max_position_embeddings=int(_field(reader, p + "context_length", 2048)),
-        rms_norm_eps=float(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5)), rope=rope,
-        tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
+        architecture="llama", vocab_size=integer(vocab, "GGUF vocabulary size"), hidden_size=hidden,
+        intermediate_size=read("feed_forward_length"), num_layers=read("block_count"), num_heads=heads,
+        num_kv_heads=_field(reader, p + "attention.head_count_kv", heads),
+        head_dim=_field(reader, p + "attention.key_length", hidden // heads),
+        max_position_embeddings=_field(reader, p + "context_length", 2048),
+        rms_norm_eps=number(_field(reader, p + "attention.layer_norm_rms_epsilon", 1e-5), "GGUF rms epsilon"),
+        rope=rope, tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=() if eos is None else (int(eos),),
+        eos_token_ids=() if eos is None else (integer(eos, "GGUF tokenizer.ggml.eos_token_id"),),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
         dtype=dtype or "float32",
     )
@@ -122,16 +134,12 @@ def gguf_tensors(reader, config: ModelConfig) -> list[SourceTensor]:
 
 
 def _tokenizer_files(path: Path, folder: Path) -> list[Path]:
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ZipjaxError(f"cannot rebuild the tokenizer from {path}: {e}") from None
+    tok = load_tokenizer(path.parent, gguf_file=path.name)
     return [Path(f) for f in tok.save_pretrained(str(folder)) if Path(f).is_file()]
 
 
-def convert_gguf(path: Path, dst: Path, *, dtype: str | None, overwrite: bool, progress: bool) -> Path:
+def convert_gguf(path: Path, dst: Path, *, dtype: str | None, overwrite: bool, progress: bool,
+                 sources: list[Path] | None = None) -> Path:
     reader = _reader(path)
     config = config_from_gguf(reader, path, dtype)
     params = tensors_to_params(config, gguf_tensors(reader, config), architecture_name="llama GGUF",
@@ -141,5 +149,5 @@ def convert_gguf(path: Path, dst: Path, *, dtype: str | None, overwrite: bool, p
         files = _tokenizer_files(path, Path(tmp)) if has_tokenizer else []
         if progress:
             print(f"writing {dst}", flush=True)
-        return checkpoint.save(dst, config, params, files=files, overwrite=overwrite,
+        return checkpoint.save(dst, config, params, files=files, overwrite=overwrite, sources=sources or [path],
                                metadata={"source": {"kind": "gguf", "path": str(path)}})

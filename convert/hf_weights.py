@@ -17,6 +17,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
+from zipjax.convert.files import source_file
 from zipjax.convert.hf_config import read_json
 
 from zipjax.errors import ZipjaxError
@@ -54,13 +55,16 @@ def weight_files(src: Path) -> list[Path]:
             weight_map = read_json(index, "weight index").get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ZipjaxError(f"{index} has no 'weight_map'")
+            if not all(isinstance(f, str) for f in weight_map.values()):
+                raise ZipjaxError(f"{index}: every entry of 'weight_map' must name a file")
             files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not (src / f).is_file()]
+            paths = [source_file(src, f, "weight file") for f in files]
+            missing = [f for f, path in zip(files, paths, strict=True) if not path.is_file()]
             if missing:
                 raise ZipjaxError(f"{index} lists weight files that are missing from {src}: {', '.join(missing)}")
-            return [src / f for f in files]
+            return paths
         if (src / single).is_file():
-            return [src / single]
+            return [source_file(src, single, "weight file")]
     raise ZipjaxError(f"no weights found in {src}: expected one of {', '.join(_LAYOUTS)}")
 
 
@@ -107,15 +111,29 @@ def _torch_tensors(path: Path) -> Iterator[SourceTensor]:
             f"reading {path.name} needs PyTorch; install it with: pip install torch==2.13.0"
         ) from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as e:
-        raise ZipjaxError(f"weight file {path} is truncated or corrupt: {e}") from None
+        state = _torch_load(torch, path)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False, which would run the file's code
+        raise ZipjaxError(f"weight file {path} holds Python objects beyond tensors; zipjax reads .bin files only "
+                          "with torch's safe loader and never runs pickled code (use a safetensors copy)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ZipjaxError(f"weight file {path} is truncated or corrupt: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(state, dict):
         raise ZipjaxError(f"weight file {path} does not hold a state dict")
     for name, tensor in state.items():
         if isinstance(tensor, torch.Tensor):
             dtype = str(tensor.dtype).removeprefix("torch.")
             yield SourceTensor(name, tuple(tensor.shape), dtype, lambda t=tensor: torch_to_numpy(t))
+
+
+def _torch_load(torch, path: Path):
+    """torch's safe loader (tensors and plain containers only, never arbitrary pickled objects); memory-mapped for
+    the zip format of torch >= 1.6, read whole for the legacy format."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap can only be used" not in str(e):
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def torch_to_numpy(tensor) -> np.ndarray:

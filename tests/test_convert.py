@@ -239,8 +239,12 @@ def test_existing_destination_is_refused_unless_overwrite(tmp_path):
     with pytest.raises(zipjax.ZipjaxError, match="already exists"):
         convert(src, dst, progress=False)
     assert (dst / "precious.txt").exists()
-    convert(src, dst, overwrite=True, progress=False)
-    assert not (dst / "precious.txt").exists()
+    with pytest.raises(zipjax.ZipjaxError, match="not a zipjax checkpoint"):  # --overwrite replaces only ours
+        convert(src, dst, overwrite=True, progress=False)
+    assert (dst / "precious.txt").read_text() == "keep me"
+    (dst / "precious.txt").unlink()
+    convert(src, dst, progress=False)  # an empty folder may be filled
+    convert(src, dst, overwrite=True, progress=False)  # a zipjax checkpoint may be replaced
     zipjax.load(dst)
 
 
@@ -254,7 +258,7 @@ def test_interrupted_conversion_leaves_nothing_loadable(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C after the parameters were written, while copying the tokenizer
 
-    monkeypatch.setattr("zipjax.checkpoint.shutil.copy2", interrupted)
+    monkeypatch.setattr("zipjax.checkpoint.shutil.copyfile", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(src, dst, overwrite=True, progress=False)
     with pytest.raises(KeyboardInterrupt):
@@ -275,6 +279,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(zipjax.ZipjaxError, match=r"not a zipjax checkpoint .*convert it first"):
         zipjax.load(src)
     dst = convert(src, tmp_path / "dst", progress=False)
+    (dst / "checksums.json").unlink()  # an edited manifest would fail the integrity check first (tested elsewhere)
     manifest = json.loads((dst / "zipjax.json").read_text())
     manifest["config"]["intermediate_size"] = 96
     (dst / "zipjax.json").write_text(json.dumps(manifest))

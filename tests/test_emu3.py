@@ -16,7 +16,7 @@ from zipjax.convert import convert
 import zipjax
 from zipjax.cli import main as cli_main
 from zipjax.emu3.image import format_prompt, generate_image
-from zipjax.emu3.png import encode_png, read_png, write_png
+from zipjax.emu3.png import encode_png, read_image, write_png
 from zipjax.emu3.understand import fit_size, image_prompt_ids, question_prompt
 
 
@@ -173,7 +173,7 @@ def test_fit_size_rule():
 def test_png_round_trip(tmp_path):
     image = np.random.default_rng(5).integers(0, 256, (7, 9, 3), dtype=np.uint8)
     path = write_png(tmp_path / "x.png", image)
-    np.testing.assert_array_equal(read_png(path), image)
+    np.testing.assert_array_equal(read_image(path), image)
     assert encode_png(image)[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(zipjax.ZipjaxError, match="uint8"):
         encode_png(image.astype(np.float32))
@@ -184,7 +184,7 @@ def test_cli_image_and_ask(emu3, tmp_path, capsys):
     out = tmp_path / "cat.png"
     assert cli_main(["image", "--checkpoint", str(root / "zj"), "a cat", "--size", "8x12", "--out", str(out),
                      "--seed", "1"]) == 0
-    assert read_png(out).shape == (8, 12, 3)
+    assert read_image(out).shape == (8, 12, 3)
     assert "(12x8, 28 forward passes" in capsys.readouterr().err
     assert cli_main(["image", "--checkpoint", str(root / "zj"), "a cat", "--size", "8x12", "--out", str(out),
                      "--zipar-window", "2"]) == 0

@@ -209,7 +209,7 @@ def test_emu3_bad_inputs(native, tmp_path):
 
 def test_vision_tokenizer_flag_is_refused_for_llama(tiny_models, tmp_path):
     with pytest.raises(zipjax.ZipjaxError, match="applies to Emu3 models only"):
-        convert(tiny_models["llama_gqa"].hf_dir, tmp_path / "x", vision_tokenizer=tmp_path, progress=False)
+        convert(tiny_models["llama_gqa"].hf_dir, tmp_path / "x", vision_tokenizer=tmp_path / "vq", progress=False)
 
 
 def test_export_refuses_emu3(native, tmp_path):

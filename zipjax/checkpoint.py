@@ -5,17 +5,21 @@
     DIR/vq_params/    Emu3 only: the vision tokenizer's parameters (its config and vocabulary are in zipjax.json)
     DIR/tokenizer.json, tokenizer_config.json, ... (copied from the source when it has them)
 
-Writes are atomic: everything is written into a hidden sibling folder that is renamed onto DIR only when complete,
-so an interrupted write never leaves a folder that `load` accepts.
+    DIR/checksums.json  size and SHA-256 of every other file, written last
+
+Writes go through zipjax.destination: resolved paths, no destination inside a source, one writer per destination,
+only a zipjax checkpoint (or an empty folder) is ever replaced, and the new folder takes the old one's place in one
+atomic step, so an interrupted or killed write never leaves a folder that `load` accepts and never loses the old
+one. `load` checks every file's size against checksums.json, and the hashes too for checkpoints up to
+`HASH_AT_LOAD_BYTES`; `verify` (`zipjax verify DIR`) checks every hash.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from zipjax.config import ModelConfig
+from zipjax.destination import CHECKPOINT, CHECKPOINT_MANIFEST, Destination, interrupts_deferred
 from zipjax.emu3.model import Emu3Model, Emu3Vision
 from zipjax.emu3.vqvae import abstract_vq_params
 from zipjax.errors import ZipjaxError
@@ -35,7 +40,9 @@ from zipjax.transformer import Params, abstract_params, param_logical_axes
 
 FORMAT = "zipjax-checkpoint"
 VERSION = 1
-MANIFEST = "zipjax.json"
+MANIFEST = CHECKPOINT_MANIFEST
+CHECKSUMS = "checksums.json"
+HASH_AT_LOAD_BYTES = 256 << 20  # checkpoints up to this size are fully hashed at every load
 PARAMS_DIR = "params"
 VQ_PARAMS_DIR = "vq_params"
 EMU3_KEY = "emu3"
@@ -43,12 +50,10 @@ EMU3_KEY = "emu3"
 
 def save(path: str | Path, config: ModelConfig, params: Params, *, files: Iterable[Path] = (),
          metadata: dict[str, Any] | None = None, overwrite: bool = False,
-         vision: tuple[Emu3Vision, Params] | None = None) -> Path:
-    """Write a checkpoint atomically. `files` (tokenizer files, ...) are copied in next to the parameters.
-    `vision` (Emu3: the VQ-VAE's config, vocabulary and parameters) goes into `vq_params/` and the manifest."""
-    path = Path(path).absolute()
-    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
-        raise ZipjaxError(f"{path} already exists; choose another destination or overwrite it explicitly")
+         vision: tuple[Emu3Vision, Params] | None = None, sources: Iterable[Path] = ()) -> Path:
+    """Write a checkpoint. `files` (tokenizer files, ...) are copied in next to the parameters; `vision` (Emu3: the
+    VQ-VAE's config, vocabulary and parameters) goes into `vq_params/` and the manifest; `sources` are the folders
+    or files it was made from, which the destination must stay clear of."""
     _check_tree(abstract_params(config), params, f"parameters for {path}")
     metadata = dict(metadata or {})
     if vision is not None:
@@ -59,36 +64,64 @@ def save(path: str | Path, config: ModelConfig, params: Params, *, files: Iterab
         metadata[EMU3_KEY] = info.to_dict()
     elif config.architecture == "emu3":
         raise ZipjaxError("an emu3 checkpoint needs its vision tokenizer (VQ-VAE) parameters")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    try:
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is an ordinary folder
+    files = [Path(f) for f in files]  # the caller vouches for them (zipjax.convert.files checks a source's links)
+    destination = Destination(path, overwrite=overwrite, kind=CHECKPOINT, sources=sources)
+    with destination as staging:
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(staging / PARAMS_DIR, params)
-        if vision is not None:
-            checkpointer.save(staging / VQ_PARAMS_DIR, vision[1])
-        checkpointer.wait_until_finished()
+        with interrupts_deferred():  # orbax's writer threads cannot be stopped midway
+            checkpointer.save(staging / PARAMS_DIR, params)
+            if vision is not None:
+                checkpointer.save(staging / VQ_PARAMS_DIR, vision[1])
+            checkpointer.wait_until_finished()
         for file in files:
-            shutil.copy2(file, staging / Path(file).name)
+            shutil.copyfile(file, staging / file.name)
         manifest = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), **metadata}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            path.rename(old / path.name)
-            staging.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return path
+        write_checksums(staging)
+        return destination.commit()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def write_checksums(folder: Path, skip: Iterable[str] = ()) -> Path:
+    """Record the size and SHA-256 of every file in `folder` (but the record itself and the names in `skip`) in
+    checksums.json. Files added later (a README, say) are not part of the record and are ignored by `verify`."""
+    skip = {CHECKSUMS, *skip}
+    entries = {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+               for f in sorted(folder.rglob("*")) if f.is_file() and str(f.relative_to(folder)) not in skip}
+    record = folder / CHECKSUMS
+    record.write_text(json.dumps({"algorithm": "sha256", "files": entries}, indent=1) + "\n")
+    return record
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(path: str | Path, *, hashes: bool = True) -> list[str]:
+    """Problems found in a checkpoint folder against its checksums.json (empty: intact): every recorded file must be
+    there with its size and, with `hashes`, its SHA-256. A checkpoint without a record is one problem."""
+    path = Path(path)
+    record = path / CHECKSUMS
+    if not record.is_file():
+        return [f"{path} has no {CHECKSUMS} (written by an older zipjax); nothing to verify against"]
+    try:
+        entries = json.loads(record.read_text())["files"]
+        expected = {name: (int(e["size"]), str(e["sha256"])) for name, e in entries.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [f"{record} is unreadable or malformed"]
+    present = {name for name in expected if (path / name).is_file()}
+    problems = [f"missing file {name}" for name in sorted(set(expected) - present)]
+    for name in sorted(present):
+        size, digest = expected[name]
+        actual = (path / name).stat().st_size
+        if actual != size:
+            problems.append(f"{name} has {actual} bytes, {size} recorded")
+        elif hashes and _sha256(path / name) != digest:
+            problems.append(f"{name} does not match its recorded SHA-256 (corrupted)")
+    return problems
 
 
 def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
@@ -121,6 +154,7 @@ def load(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Mesh | No
     "model") every parameter is read straight into its shards."""
     path = Path(path).absolute()
     config, manifest = read_config(path)
+    _check_integrity(path)
     if dtype is not None:
         config = config.replace(dtype=jnp.dtype(dtype).name)
     if mesh is not None:
@@ -138,6 +172,7 @@ def load(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Mesh | No
     if EMU3_KEY not in manifest:
         raise ZipjaxError(f"{path} is an emu3 checkpoint without its vision tokenizer record in {MANIFEST}")
     vision = Emu3Vision.from_dict(manifest[EMU3_KEY])
+    vision.check(config.vocab_size)
     if dtype is not None:
         vision = dataclasses.replace(vision, vq_config=vision.vq_config.replace(dtype=config.dtype))
     vq_dir = path / VQ_PARAMS_DIR
@@ -150,13 +185,25 @@ def load(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Mesh | No
     return Emu3Model(config=config, params=params, mesh=mesh, path=path, vision=vision, vq_params=vq_params)
 
 
+def _check_integrity(path: Path) -> None:
+    """Sizes against checksums.json, and hashes for small checkpoints; a checkpoint without a record passes."""
+    if not (path / CHECKSUMS).is_file():
+        return
+    total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    problems = verify(path, hashes=total <= HASH_AT_LOAD_BYTES)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ZipjaxError(f"checkpoint {path} is damaged: {problems[0]}{more}; `zipjax verify {path}` lists all")
+
+
 def _restore(directory: Path, abstract: Params, shardings: Params | None, what: str) -> Params:
     """Read an orbax parameter tree after checking its names and shapes against `abstract`."""
     checkpointer = ocp.StandardCheckpointer()
     try:
         stored = checkpointer.metadata(directory).item_metadata.tree
-    except (OSError, ValueError, FileNotFoundError) as e:
-        raise ZipjaxError(f"cannot read the parameters in {directory}: {e}") from None
+    except Exception as e:  # orbax raises many types for damaged folders; every one means unreadable input here
+        raise ZipjaxError(f"cannot read the parameters in {directory} (damaged or truncated?): "
+                          f"{type(e).__name__}: {_first_line(e)}") from None
     _check_tree(abstract, stored, what)
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -164,8 +211,14 @@ def _restore(directory: Path, abstract: Params, shardings: Params | None, what: 
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     try:
         return checkpointer.restore(directory, target)
-    except (OSError, ValueError) as e:
-        raise ZipjaxError(f"cannot read the parameters in {directory}: {e}") from None
+    except Exception as e:  # as above: orbax and tensorstore errors on damaged data
+        raise ZipjaxError(f"cannot read the parameters in {directory} (damaged or truncated?): "
+                          f"{type(e).__name__}: {_first_line(e)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else "no details"
 
 
 def _check_tree(abstract: Params, tree, what: str) -> None:

@@ -1,5 +1,6 @@
 """The `zipjax` command: `generate` streams text from a checkpoint, `convert` imports one, `export` writes one back
-out as a Hugging Face folder, `image` draws a PNG with an Emu3 checkpoint and `ask` questions one about an image.
+out as a Hugging Face folder, `image` draws a PNG with an Emu3 checkpoint, `ask` questions one about an image, and
+`verify` checks a checkpoint's files against their checksums.
 
     zipjax generate "def fibonacci(n):"                      # the shipped default model
     zipjax generate --checkpoint DIR --chat "What is the capital of France?"
@@ -7,28 +8,39 @@ out as a Hugging Face folder, `image` draws a PNG with an Emu3 checkpoint and `a
     zipjax export checkpoints/stdlib-llama /tmp/stdlib-llama-hf
     zipjax convert ~/models/Emu3-Gen-hf ~/zipjax/emu3-gen && zipjax image --checkpoint ~/zipjax/emu3-gen "a cat"
 
-Bad input (paths, checkpoints, sizes) prints `error: ...` and exits with status 2, without a traceback.
+Bad input of any kind (arguments, paths, checkpoints, sizes, and the operating system's errors about the user's
+files: missing, unreadable, read-only, full) prints one `error: ...` line and exits with status 2, without a
+traceback. Ctrl-C exits with 130 after cleaning up; a closed output pipe (`| head`) ends quietly. Any other
+exception is a bug in zipjax and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
 from pathlib import Path
 
 from zipjax import kv
-from zipjax.checkpoint import load
+from zipjax.checkpoint import load, verify
 from zipjax.convert import convert
 from zipjax.convert.export import export_hf
 from zipjax.emu3.image import DEFAULT_NEGATIVE_PROMPT, generate_image
-from zipjax.emu3.png import read_png, write_png
+from zipjax.emu3.png import check_writable, read_image, write_png
 from zipjax.emu3.understand import ask
 from zipjax.errors import ZipjaxError
 from zipjax.generate import generate_stream
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "stdlib-llama"
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (a ZipjaxError), not a usage block."""
+
+    def error(self, message: str):
+        raise ZipjaxError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
 def default_checkpoint() -> Path:
@@ -41,20 +53,36 @@ def default_checkpoint() -> Path:
     return path
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
 
 
-def _window(text: str) -> int | str:
-    if text == "adaptive":
-        return text
+def _number(text: str) -> float:
     try:
-        return _positive_int(text)
+        return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'adaptive', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _path(text: str) -> Path:
+    """A path argument the operating system can take (no NUL byte)."""
+    if "\x00" in text:
+        raise argparse.ArgumentTypeError("a path cannot contain a NUL byte")
+    return Path(text)
+
+
+def _window(text: str) -> int | str:
+    return text if text == "adaptive" else _positive_int(text)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -67,16 +95,28 @@ def _size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def _text(value: str, what: str) -> str:
+    """Command-line text as the tokenizer will see it: non-empty and valid UTF-8 (undecodable bytes arrive as lone
+    surrogates)."""
+    if not value:
+        raise ZipjaxError(f"the {what} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ZipjaxError(f"the {what} is not valid UTF-8 text") from None
+    return value
+
+
 def _generate_parser(commands) -> None:
     gen = commands.add_parser("generate", help="stream text generated from a prompt")
     gen.add_argument("prompt", help="the prompt text")
-    gen.add_argument("--checkpoint", type=Path, default=None,
+    gen.add_argument("--checkpoint", type=_path, default=None,
                      help="zipjax checkpoint folder (default: the shipped checkpoints/stdlib-llama)")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=100)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
+    gen.add_argument("--temperature", type=_number, default=0.0, help="0 (default) is greedy decoding")
     gen.add_argument("--top-k", type=_positive_int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--top-p", type=_number, default=None)
+    gen.add_argument("--seed", type=_integer, default=0)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--kv", choices=("dense", "zipcache", "kivi", "uniform"), default="dense",
                      help="KV cache: dense (default), zipcache (4/2-bit mixed precision, 60%% salient), "
@@ -89,77 +129,80 @@ def _generate_parser(commands) -> None:
 
 def _convert_parsers(commands) -> None:
     conv = commands.add_parser("convert", help="convert a Hugging Face folder or GGUF file into a zipjax checkpoint")
-    conv.add_argument("src", type=Path, help="Hugging Face model folder, or a .gguf file")
-    conv.add_argument("dst", type=Path, help="destination checkpoint folder")
+    conv.add_argument("src", type=_path, help="Hugging Face model folder, or a .gguf file")
+    conv.add_argument("dst", type=_path, help="destination checkpoint folder")
     conv.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                       help="cast the weights (default: keep the source dtype; float32 for quantized GGUF)")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing destination")
-    conv.add_argument("--vision-tokenizer", type=Path, default=None,
+    conv.add_argument("--vision-tokenizer", type=_path, default=None,
                       help="Emu3 in BAAI's layout: the separate vision tokenizer (Emu3-VisionTokenizer) folder")
     export = commands.add_parser("export", help="write a zipjax checkpoint as a Hugging Face model folder")
-    export.add_argument("src", type=Path, help="zipjax checkpoint folder")
-    export.add_argument("dst", type=Path, help="destination Hugging Face folder")
+    export.add_argument("src", type=_path, help="zipjax checkpoint folder")
+    export.add_argument("dst", type=_path, help="destination Hugging Face folder")
     export.add_argument("--overwrite", action="store_true", help="replace an existing destination")
 
 
 def _image_parsers(commands) -> None:
     image = commands.add_parser("image", help="generate an image with an Emu3 checkpoint and write it as PNG")
     image.add_argument("prompt", help="what the image should show")
-    image.add_argument("--checkpoint", type=Path, required=True, help="a converted Emu3 checkpoint folder")
-    image.add_argument("--out", type=Path, default=Path("image.png"), help="PNG to write (default image.png)")
+    image.add_argument("--checkpoint", type=_path, required=True, help="a converted Emu3 checkpoint folder")
+    image.add_argument("--out", type=_path, default=Path("image.png"), help="PNG to write (default image.png)")
     image.add_argument("--size", type=_size, default=None,
                        help="HEIGHTxWIDTH in pixels, multiples of the VQ factor (default: the model's native size)")
-    image.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance (1 turns it off)")
+    image.add_argument("--cfg-scale", type=_number, default=3.0, help="classifier-free guidance (1 turns it off)")
     image.add_argument("--negative-prompt", default=None, help="what to steer away from (default: Emu3's)")
-    image.add_argument("--temperature", type=float, default=1.0, help="0 picks the most likely visual token")
+    image.add_argument("--temperature", type=_number, default=1.0, help="0 picks the most likely visual token")
     image.add_argument("--top-k", type=_positive_int, default=2048)
-    image.add_argument("--top-p", type=float, default=None)
-    image.add_argument("--seed", type=int, default=0)
+    image.add_argument("--top-p", type=_number, default=None)
+    image.add_argument("--seed", type=_integer, default=0)
     image.add_argument("--zipar-window", type=_window, default=None,
                        help="ZipAR parallel decoding: start a row once the row above is this many tokens ahead, "
                             "or 'adaptive' (draft a row's first token early, verify it as context grows)")
     image.add_argument("--zipar-min-window", type=_positive_int, default=4,
                        help="adaptive ZipAR: tokens the row above needs before a row's first token is drafted")
-    image.add_argument("--sjd-window", type=int, default=None,
+    image.add_argument("--sjd-window", type=_positive_int, default=None,
                        help="decode with Speculative Jacobi Decoding over this many tokens instead")
     image.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
 
     question = commands.add_parser("ask", help="ask an Emu3 checkpoint a question about a PNG image")
-    question.add_argument("image", type=Path, help="8-bit RGB(A) PNG file")
+    question.add_argument("image", type=_path, help="8-bit RGB(A) PNG file")
     question.add_argument("question")
-    question.add_argument("--checkpoint", type=Path, required=True, help="a converted Emu3 checkpoint folder")
+    question.add_argument("--checkpoint", type=_path, required=True, help="a converted Emu3 checkpoint folder")
     question.add_argument("--max-new-tokens", type=_positive_int, default=256)
     question.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zipjax", description="Fast LLaMA/Mistral/Emu3 inference in JAX.")
+    parser = Parser(prog="zipjax", description="Fast LLaMA/Mistral/Emu3 inference in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
     _generate_parser(commands)
     _convert_parsers(commands)
     _image_parsers(commands)
+    check = commands.add_parser("verify", help="check a zipjax checkpoint's files against their recorded checksums")
+    check.add_argument("checkpoint", type=_path, help="zipjax checkpoint folder")
     return parser
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    if not args.prompt:
-        raise ZipjaxError("the prompt is empty")
-    model = load(args.checkpoint or default_checkpoint(), dtype=args.dtype)
-    tokenizer = model.tokenizer
-    ids = tokenizer.chat(args.prompt) if args.chat else tokenizer.encode(args.prompt)
-    stop = set(model.config.eos_token_ids)
-    if not args.chat:
-        sys.stdout.write(args.prompt)
-    generated: list[int] = []
-    printed = ""
-    start = time.perf_counter()
+    prompt = _text(args.prompt, "prompt")
     if args.kv_kernel and args.kv not in ("zipcache", "kivi"):
-        raise SystemExit(f"--kv-kernel needs --kv zipcache or --kv kivi (the {args.kv} cache has no kernel)")
+        raise ZipjaxError(f"--kv-kernel needs --kv zipcache or --kv kivi (the {args.kv} cache has no kernel)")
     kernel = {"kernel": True} if args.kv_kernel else {}
     method = {"dense": None, "zipcache": kv.ZipCache(**kernel), "kivi": kv.KIVI(**kernel),
               "uniform": kv.Uniform()}[args.kv]
-    for step in generate_stream(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed, kv=method):
+    model = load(args.checkpoint or default_checkpoint(), dtype=args.dtype)
+    tokenizer = model.tokenizer
+    ids = tokenizer.chat(prompt) if args.chat else tokenizer.encode(prompt)
+    stop = set(model.config.eos_token_ids)
+    start = time.perf_counter()
+    steps = generate_stream(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, kv=method)
+    first = next(steps)  # every setting is checked before anything is printed
+    if not args.chat:
+        sys.stdout.write(prompt)
+    generated: list[int] = []
+    printed = ""
+    for step in itertools.chain([first], steps):
         token = int(step[0])
         if token in stop:
             break
@@ -182,29 +225,27 @@ def run_convert(args: argparse.Namespace) -> None:
 
 
 def run_image(args: argparse.Namespace) -> None:
-    if not args.prompt:
-        raise ZipjaxError("the prompt is empty")
-    if args.out.suffix.lower() != ".png":
-        raise ZipjaxError(f"--out must name a .png file, got {args.out}")
+    prompt = _text(args.prompt, "prompt")
+    negative = _text(args.negative_prompt, "negative prompt") if args.negative_prompt else DEFAULT_NEGATIVE_PROMPT
+    out = check_writable(args.out)  # before minutes of generation, not after
     model = load(args.checkpoint, dtype=args.dtype)
     start = time.perf_counter()
-    result = generate_image(model, args.prompt, size=args.size, cfg_scale=args.cfg_scale,
-                            negative_prompt=args.negative_prompt or DEFAULT_NEGATIVE_PROMPT,
+    result = generate_image(model, prompt, size=args.size, cfg_scale=args.cfg_scale, negative_prompt=negative,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                             zipar_window=args.zipar_window, zipar_min_window=args.zipar_min_window,
                             sjd_window=args.sjd_window, progress=True)
-    write_png(args.out, result.images[0])
+    write_png(out, result.images[0])
     seconds = time.perf_counter() - start
     height, width = result.images.shape[1:3]
-    print(f"wrote {args.out} ({width}x{height}, {result.num_forward_passes} forward passes in {seconds:.1f}s, "
+    print(f"wrote {out} ({width}x{height}, {result.num_forward_passes} forward passes in {seconds:.1f}s, "
           "compile included)", file=sys.stderr)
 
 
 def run_ask(args: argparse.Namespace) -> None:
-    if not args.image.is_file():
-        raise ZipjaxError(f"image not found: {args.image}")
+    question = _text(args.question, "question")
+    image = read_image(args.image)  # a bad image fails before the model loads
     model = load(args.checkpoint, dtype=args.dtype)
-    print(ask(model, read_png(args.image), args.question, max_new_tokens=args.max_new_tokens))
+    print(ask(model, image, question, max_new_tokens=args.max_new_tokens))
 
 
 def run_export(args: argparse.Namespace) -> None:
@@ -212,14 +253,34 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"exported {args.src} -> {dst}")
 
 
+def run_verify(args: argparse.Namespace) -> None:
+    if not (args.checkpoint / "zipjax.json").is_file():
+        raise ZipjaxError(f"{args.checkpoint} is not a zipjax checkpoint (no zipjax.json)")
+    problems = verify(args.checkpoint)
+    for problem in problems:
+        print(problem)
+    if problems:
+        raise ZipjaxError(f"{args.checkpoint} failed verification: {len(problems)} problem(s)")
+    print(f"{args.checkpoint}: every file matches its recorded size and SHA-256")
+
+
+COMMANDS = {"generate": run_generate, "convert": run_convert, "export": run_export, "image": run_image,
+            "ask": run_ask, "verify": run_verify}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        commands = {"generate": run_generate, "convert": run_convert, "export": run_export, "image": run_image,
-                    "ask": run_ask}
-        commands[args.command](args)
+        args = build_parser().parse_args(argv)
+        COMMANDS[args.command](args)
     except ZipjaxError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader went away (`zipjax generate ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as e:  # the system refused one of the user's files: missing, unreadable, read-only, full
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

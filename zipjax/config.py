@@ -13,6 +13,20 @@ from typing import Any
 import jax.numpy as jnp
 
 from zipjax.errors import ZipjaxError
+from zipjax.validate import (
+    MAX_HEAD_DIM,
+    MAX_HEADS,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    boolean,
+    integer,
+    integers,
+    number,
+    optional,
+    string,
+)
 
 ARCHITECTURES = ("llama", "mistral", "emu3")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -31,10 +45,13 @@ class RopeConfig:
     original_max_position_embeddings: int = 8192
 
     def __post_init__(self):
-        if self.type not in ROPE_TYPES:
-            raise ZipjaxError(f"RoPE type {self.type!r} is not supported; zipjax supports {', '.join(ROPE_TYPES)}")
-        if self.theta <= 0 or self.factor <= 0:
-            raise ZipjaxError(f"RoPE theta and factor must be positive, got theta={self.theta}, factor={self.factor}")
+        string(self.type, "RoPE type", ROPE_TYPES)
+        number(self.theta, "RoPE theta", lo=0, hi=1e12, lo_open=True)
+        number(self.factor, "RoPE scaling factor", lo=0, hi=1e6, lo_open=True)
+        number(self.low_freq_factor, "RoPE low_freq_factor", lo=0, hi=1e6, lo_open=True)
+        number(self.high_freq_factor, "RoPE high_freq_factor", lo=0, hi=1e6, lo_open=True)
+        integer(self.original_max_position_embeddings, "RoPE original_max_position_embeddings", lo=1,
+                hi=MAX_POSITIONS)
         if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
             raise ZipjaxError(
                 f"llama3 RoPE needs high_freq_factor > low_freq_factor, got {self.high_freq_factor} <= "
@@ -65,32 +82,29 @@ class ModelConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
-        if self.architecture not in ARCHITECTURES:
-            raise ZipjaxError(
-                f"architecture {self.architecture!r} is not supported; zipjax supports {', '.join(ARCHITECTURES)}"
-            )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ZipjaxError(f"config field {name} must be a positive integer, got {value!r}")
+        string(self.architecture, "architecture", ARCHITECTURES)
+        limits = {"vocab_size": MAX_VOCAB, "hidden_size": MAX_WIDTH, "intermediate_size": MAX_WIDTH,
+                  "num_layers": MAX_LAYERS, "num_heads": MAX_HEADS, "num_kv_heads": MAX_HEADS,
+                  "head_dim": MAX_HEAD_DIM, "max_position_embeddings": MAX_POSITIONS}
+        for name, limit in limits.items():
+            integer(getattr(self, name), f"config field {name}", lo=1, hi=limit)
+        number(self.rms_norm_eps, "config field rms_norm_eps", lo=0, hi=1, lo_open=True)
+        if not isinstance(self.rope, RopeConfig):
+            raise ZipjaxError(f"config field rope must be a RopeConfig, got {type(self.rope).__name__}")
+        optional(integer, self.sliding_window, "config field sliding_window", lo=1, hi=MAX_POSITIONS)
+        boolean(self.tie_word_embeddings, "config field tie_word_embeddings")
+        string(self.dtype, "config field dtype", DTYPES)
         if self.num_heads % self.num_kv_heads:
             raise ZipjaxError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
         if self.head_dim % 2:
             raise ZipjaxError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ZipjaxError(f"sliding_window must be positive or None, got {self.sliding_window}")
-        if self.dtype not in DTYPES:
-            raise ZipjaxError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(DTYPES)}")
         for name in ("bos_token_id", "pad_token_id"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < self.vocab_size:
-                raise ZipjaxError(f"{name}={value} is outside the vocabulary (size {self.vocab_size})")
-        for token in self.eos_token_ids:
-            if not 0 <= token < self.vocab_size:
-                raise ZipjaxError(f"eos token id {token} is outside the vocabulary (size {self.vocab_size})")
+            optional(integer, getattr(self, name), f"config field {name}", lo=0, hi=self.vocab_size - 1)
+        if not isinstance(self.eos_token_ids, tuple):
+            raise ZipjaxError(f"config field eos_token_ids must be a tuple of ids, got {self.eos_token_ids!r}")
+        integers(self.eos_token_ids, "config field eos_token_ids", lo=0, hi=self.vocab_size - 1)
 
     @property
     def jnp_dtype(self) -> jnp.dtype:
@@ -144,8 +158,5 @@ class ModelConfig:
         if set(rope) - rope_fields:
             raise ZipjaxError(f"unknown rope config keys: {', '.join(sorted(set(rope) - rope_fields))}")
         d["rope"] = RopeConfig(**rope)
-        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
-        try:
-            return cls(**d)
-        except TypeError as e:  # a field of the wrong JSON type that __post_init__ could not compare
-            raise ZipjaxError(f"malformed model config: {e}") from e
+        d["eos_token_ids"] = integers(d.get("eos_token_ids", ()), "config field eos_token_ids")
+        return cls(**d)

@@ -32,10 +32,11 @@ from zipjax.errors import ZipjaxError
 from zipjax.kv.methods import as_method, cache_initializer, check_cache, min_decode_slots
 from zipjax.kv.spec import Method
 from zipjax.model import Model, check_token_ids
-from zipjax.sampling import SamplingMode, sample
+from zipjax.sampling import SamplingMode, check_settings, sample
+from zipjax.shapes import CACHE_ROUNDING, left_pad, next_pow2, prompt_bucket
 from zipjax.shapes import cache_length as round_cache_length
-from zipjax.shapes import left_pad, next_pow2, prompt_bucket
 from zipjax.transformer import Params, Transformer
+from zipjax.validate import integer
 
 MIN_STOP_SLOTS = 8
 
@@ -123,45 +124,44 @@ class _Plan:
     """Validated, padded inputs of one generate call (host-side; nothing here runs on the device)."""
 
     def __init__(self, model: Model, prompt_ids, max_new_tokens: int, temperature: float, top_k: int | None,
-                 top_p: float | None, stop_tokens, cache_length: int | None, kv: Method | None = None):
+                 top_p: float | None, seed: int, stop_tokens, cache_length: int | None, kv: Method | None = None):
         cfg = model.config
         self.kv = as_method(kv)
+        temperature, top_k, top_p, self.seed = check_settings(temperature, top_k, top_p, seed)
         prompts = _as_prompt_list(prompt_ids)
         for i, p in enumerate(prompts):
             check_token_ids(p, cfg.vocab_size, f"token ids of prompt {i}")
-        lengths = np.array([len(p) for p in prompts])
-        if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
-            raise ZipjaxError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        self.prompt_len = int(lengths.max())
-        if self.prompt_len > cfg.max_position_embeddings:
-            raise ZipjaxError(
-                f"the prompt has {self.prompt_len} tokens, longer than the model's maximum of "
-                f"{cfg.max_position_embeddings} positions"
-            )
-        if self.prompt_len + max_new_tokens > cfg.max_position_embeddings:
-            raise ZipjaxError(
-                f"prompt ({self.prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's maximum "
-                f"of {cfg.max_position_embeddings} positions"
-            )
+        self.max_new_tokens = integer(max_new_tokens, "max_new_tokens", lo=1)
+        self.prompt_len = max(len(p) for p in prompts)
+        self._check_positions(cfg.max_position_embeddings)
         self.bucket = prompt_bucket(self.prompt_len)
         if cache_length is None:
             # a quantized cache needs room for at least one full-precision buffer after the prompt
-            cache_length = round_cache_length(self.bucket + max(max_new_tokens, min_decode_slots(self.kv)))
-        elif self.prompt_len + max_new_tokens > cache_length:
+            cache_length = round_cache_length(self.bucket + max(self.max_new_tokens, min_decode_slots(self.kv)))
+        elif self.prompt_len + self.max_new_tokens > integer(cache_length, "cache_length", lo=1):
             raise ZipjaxError(
-                f"prompt ({self.prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
-                f"{self.prompt_len + max_new_tokens} does not fit a cache of {cache_length} slots"
+                f"prompt ({self.prompt_len} tokens) + max_new_tokens ({self.max_new_tokens}) = "
+                f"{self.prompt_len + self.max_new_tokens} does not fit a cache of {cache_length} slots"
             )
-        self.bucket = min(self.bucket, cache_length - max_new_tokens)
+        if cache_length > 2 * cfg.max_position_embeddings + CACHE_ROUNDING:
+            raise ZipjaxError(f"cache_length {cache_length} is far beyond the model's "
+                              f"{cfg.max_position_embeddings} positions; those slots could never be used")
+        self.bucket = min(self.bucket, cache_length - self.max_new_tokens)
         self.cache_length = cache_length
         check_cache(self.kv, cfg, len(prompts), cache_length, self.bucket)  # geometry errors now, not inside jit
-        self.max_new_tokens = int(max_new_tokens)
-
         self.batch = len(prompts)
         self.prompt, self.starts = left_pad(prompts, self.bucket, cfg.pad_id)
         self.mode = SamplingMode(greedy=temperature == 0, top_k=top_k is not None,
                                  top_p=top_p is not None and top_p < 1.0)
         self.knobs = _knobs(cfg, temperature, top_k, top_p, stop_tokens)
+
+    def _check_positions(self, max_positions: int) -> None:
+        if self.prompt_len > max_positions:
+            raise ZipjaxError(f"the prompt has {self.prompt_len} tokens, longer than the model's maximum of "
+                              f"{max_positions} positions")
+        if self.prompt_len + self.max_new_tokens > max_positions:
+            raise ZipjaxError(f"prompt ({self.prompt_len} tokens) + max_new_tokens ({self.max_new_tokens}) exceeds "
+                              f"the model's maximum of {max_positions} positions")
 
     def device_inputs(self, model: Model) -> tuple[jax.Array, jax.Array, AppendCache]:
         prompt, starts = jnp.asarray(self.prompt), jnp.asarray(self.starts)
@@ -188,7 +188,7 @@ def _as_prompt_list(prompt_ids) -> list[np.ndarray]:
     elif isinstance(prompt_ids, Sequence) and not isinstance(prompt_ids, str):
         if len(prompt_ids) and all(isinstance(t, int | np.integer) for t in prompt_ids):
             prompt_ids = [prompt_ids]
-        prompts = [np.asarray(p) for p in prompt_ids]
+        prompts = [_as_array(p, i) for i, p in enumerate(prompt_ids)]
     else:
         raise ZipjaxError(
             f"prompt_ids must be token ids (a list of lists or an array), got {type(prompt_ids).__name__}"
@@ -199,22 +199,28 @@ def _as_prompt_list(prompt_ids) -> list[np.ndarray]:
         if p.ndim != 1 or p.size == 0:
             raise ZipjaxError(f"prompt {i} is empty" if p.size == 0 else f"prompt {i} is not a flat list of token ids")
         if not np.issubdtype(p.dtype, np.integer):
-            raise ZipjaxError(f"prompt {i} holds non-integer values ({p.dtype})")
-    return [p.astype(np.int32) for p in prompts]
+            raise ZipjaxError(f"prompt {i} holds non-integer values, or integers beyond 64 bits ({p.dtype})")
+    return prompts  # in their own integer dtype: ranges are checked before any cast (2**32 + 3 is not 3)
+
+
+def _as_array(prompt, index: int) -> np.ndarray:
+    try:
+        return np.asarray(prompt)
+    except (ValueError, TypeError, OverflowError):
+        raise ZipjaxError(f"prompt {index} is not a flat list of token ids") from None
 
 
 def _knobs(cfg: ModelConfig, temperature: float, top_k: int | None, top_p: float | None, stop_tokens) -> Knobs:
-    if temperature < 0:
-        raise ZipjaxError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int | np.integer) or top_k < 1):
-        raise ZipjaxError(f"top_k must be a positive integer, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ZipjaxError(f"top_p must lie in (0, 1], got {top_p}")
+    """Traced sampling settings; the settings themselves are checked by `check_settings` first."""
     if stop_tokens is None:
         stop_tokens = cfg.eos_token_ids
     elif isinstance(stop_tokens, int | np.integer):
         stop_tokens = (stop_tokens,)
-    stop_tokens = np.asarray(list(stop_tokens), np.int32)
+    if isinstance(stop_tokens, str | bytes) or not isinstance(stop_tokens, Sequence | np.ndarray):
+        raise ZipjaxError(f"stop_tokens must be a token id or a list of them, got {stop_tokens!r:.80}")
+    stop_tokens = np.asarray(list(stop_tokens))
+    if stop_tokens.ndim != 1 or (stop_tokens.size and not np.issubdtype(stop_tokens.dtype, np.integer)):
+        raise ZipjaxError(f"stop_tokens must be a token id or a list of them, got {stop_tokens.tolist()!r:.80}")
     check_token_ids(stop_tokens, cfg.vocab_size, "stop tokens")
     stop = np.full(max(MIN_STOP_SLOTS, next_pow2(len(stop_tokens))), -1, np.int32)  # fixed size: no recompiles
     stop[: len(stop_tokens)] = stop_tokens
@@ -242,9 +248,9 @@ def generate(model: Model, prompt_ids, max_new_tokens: int, *, temperature: floa
       int32 [batch, prompt_len + max_new_tokens] like transformers: prompts left-padded to the longest, then the
       generated tokens; after a stop token every position holds the pad id.
     """
-    plan = _Plan(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, cache_length, kv)
+    plan = _Plan(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, cache_length, kv)
     prompt, starts, cache = plan.device_inputs(model)
-    tokens, _ = _generate_loop(model.params, prompt, starts, cache, jax.random.key(seed), plan.knobs,
+    tokens, _ = _generate_loop(model.params, prompt, starts, cache, jax.random.key(plan.seed), plan.knobs,
                             jnp.int32(plan.max_new_tokens), config=model.config, mode=plan.mode)
     return plan.output(np.asarray(tokens))
 
@@ -257,10 +263,10 @@ def generate_stream(model: Model, prompt_ids, max_new_tokens: int, *, temperatur
 
     Stops after `max_new_tokens` steps or once every sequence has produced a stop token (that token included).
     """
-    plan = _Plan(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, cache_length, kv)
+    plan = _Plan(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, cache_length, kv)
     prompt, starts, cache = plan.device_inputs(model)
     static = dict(config=model.config, mode=plan.mode)
-    state = _prefill_jit(model.params, prompt, starts, cache, jax.random.key(seed), plan.knobs, **static)
+    state = _prefill_jit(model.params, prompt, starts, cache, jax.random.key(plan.seed), plan.knobs, **static)
     while True:
         yield np.asarray(state.last_token)
         if int(state.step) >= plan.max_new_tokens or bool(np.all(np.asarray(state.done))):

@@ -13,7 +13,27 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from zipjax.errors import ZipjaxError
+from zipjax.validate import integer, number, optional
+
 NEG_INF = -jnp.inf
+MIN_TEMPERATURE = 1e-6  # below this, logits / temperature overflow float32; 0 means greedy
+MAX_SEED = (1 << 32) - 1  # jax keys from Python ints keep 32 bits here: larger seeds would collide silently
+MAX_TOP_K = (1 << 31) - 1
+
+
+def check_settings(temperature, top_k, top_p, seed) -> tuple[float, int | None, float | None, int]:
+    """The sampling arguments checked: finite numbers in range, integers that fit the traced int32 / key bits.
+    NaN, infinity, a temperature too small to divide by, a negative or oversized seed are errors here, not NaN
+    tokens or a silently different random stream later."""
+    temperature = number(temperature, "temperature", lo=0)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ZipjaxError(f"temperature {temperature} is too small to sample with (below {MIN_TEMPERATURE}); "
+                          "use 0 for greedy decoding")
+    top_k = optional(integer, top_k, "top_k", lo=1, hi=MAX_TOP_K)
+    top_p = optional(number, top_p, "top_p", lo=0, hi=1, lo_open=True)
+    seed = integer(seed, "seed", lo=0, hi=MAX_SEED)
+    return temperature, top_k, top_p, seed
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Text <-> token ids for a checkpoint folder, through transformers' AutoTokenizer (offline, files only).
 
 Using the same tokenizer class as transformers keeps special-token handling (BOS insertion, chat templates)
-identical to the reference, which the parity tests rely on.
+identical to the reference, which the parity tests rely on. Code in a model folder never runs: tokenizers load with
+`trust_remote_code=False` (transformers then never prompts), and a tokenizer that only custom code could build is
+refused by name.
 """
 
 from __future__ import annotations
@@ -17,16 +19,26 @@ TOKENIZER_FILES = (
 )
 
 
+def load_tokenizer(folder: Path, **kwargs):
+    """transformers' tokenizer for the files in `folder` (kwargs: e.g. gguf_file), never running the folder's code.
+    Any failure to parse those files is a ZipjaxError naming the folder."""
+    from transformers import AutoTokenizer  # importing transformers costs seconds; only tokenizer users pay it
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False, **kwargs)
+    except Exception as e:  # the files are the user's input: every parse failure is bad input, not a zipjax bug
+        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise ZipjaxError(f"the tokenizer in {folder} needs custom Python code from the folder, which zipjax "
+                              "never runs; give it a tokenizer.json") from None
+        raise ZipjaxError(f"cannot load the tokenizer in {folder}: {detail}") from None
+
+
 class Tokenizer:
     def __init__(self, folder: Path):
         if not any((folder / name).exists() for name in TOKENIZER_FILES):
             raise ZipjaxError(f"{folder} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...)")
-        from transformers import AutoTokenizer
-
-        try:
-            self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ZipjaxError(f"cannot load the tokenizer in {folder}: {e}") from None
+        self._tok = load_tokenizer(folder)
 
     @property
     def eos_token_id(self) -> int | None:

@@ -27,8 +27,9 @@ from zipjax.emu3.sequential import Sequential
 from zipjax.errors import ZipjaxError
 from zipjax.kv.methods import as_method
 from zipjax.kv.spec import Method
-from zipjax.sampling import SamplingMode
+from zipjax.sampling import SamplingMode, check_settings
 from zipjax.shapes import left_pad, prompt_bucket
+from zipjax.validate import number
 from zipjax.zipar.adaptive import AdaptiveWindow
 from zipjax.zipar.fixed import FixedWindow
 from zipjax.zipar.sjd import SJD
@@ -94,7 +95,8 @@ def token_grid(model: Emu3Model, size: tuple[int, int] | None) -> tuple[int, int
     if size is None:
         side = round(math.sqrt(model.vision.image_area) / f)
         return side, side
-    if len(size) != 2 or any(not isinstance(s, int | np.integer) or s <= 0 for s in size):
+    if (not isinstance(size, tuple | list) or len(size) != 2
+            or any(isinstance(s, bool) or not isinstance(s, int | np.integer) or s <= 0 for s in size)):
         raise ZipjaxError(f"size must be (height, width) in pixels, got {size!r}")
     height, width = size
     if height % f or width % f:
@@ -118,15 +120,6 @@ def format_prompt(model: Emu3Model, prompt: str | Sequence[int], rows: int, cols
     if min(ids) < 0 or max(ids) >= model.config.vocab_size:
         raise ZipjaxError(f"prompt token ids must lie in [0, {model.config.vocab_size})")
     return ids
-
-
-def _check_sampling(temperature: float, cfg_scale: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0 or cfg_scale <= 0:
-        raise ZipjaxError(f"need temperature >= 0 and cfg_scale > 0, got {temperature} and {cfg_scale}")
-    if top_k is not None and top_k < 1:
-        raise ZipjaxError(f"top_k must be a positive integer, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ZipjaxError(f"top_p must lie in (0, 1], got {top_p}")
 
 
 def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], *,
@@ -156,7 +149,8 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
     """
     if not isinstance(model, Emu3Model):
         raise ZipjaxError(f"generate_image needs an Emu3 checkpoint; this one is {model.config.architecture}")
-    _check_sampling(temperature, cfg_scale, top_k, top_p)
+    temperature, top_k, top_p, seed = check_settings(temperature, top_k, top_p, seed)
+    cfg_scale = number(cfg_scale, "cfg_scale", lo=0, lo_open=True, hi=1e4)
     decoder = choose_decoder(DecodeArgs(zipar_window, zipar_min_window, zipar_kernel, sjd_window, kv))
     rows, cols = token_grid(model, size)
     vocab, cfg = model.vocab, model.config

@@ -20,6 +20,7 @@ from zipjax.emu3.vqvae import decode_codes, encode_pixels
 from zipjax.errors import ZipjaxError
 from zipjax.model import Model
 from zipjax.transformer import Params
+from zipjax.validate import integer
 
 DEFAULT_IMAGE_AREA = 720 * 720  # Emu3-Gen's training resolution: 90 x 90 codes
 
@@ -39,8 +40,22 @@ class Emu3Vision:
     def from_dict(cls, d: dict[str, Any]) -> Emu3Vision:
         if not isinstance(d, dict) or not {"vq_config", "vocab"} <= set(d):
             raise ZipjaxError("the emu3 record of the checkpoint needs 'vq_config' and 'vocab'")
-        return cls(VQConfig.from_dict(d["vq_config"]), Emu3Vocab.from_dict(d["vocab"]),
-                   int(d.get("image_area", DEFAULT_IMAGE_AREA)))
+        area = integer(d.get("image_area", DEFAULT_IMAGE_AREA), "emu3 image_area", lo=1, hi=1 << 30)
+        return cls(VQConfig.from_dict(d["vq_config"]), Emu3Vocab.from_dict(d["vocab"]), area)
+
+    def check(self, vocab_size: int) -> None:
+        """Every id the pipeline writes lies in the language model's vocabulary, and the visual tokens are the
+        codebook's codes."""
+        vocab = self.vocab
+        if vocab.codebook_size != self.vq_config.codebook_size:
+            raise ZipjaxError(f"the vocabulary has {vocab.codebook_size} visual tokens but the vision tokenizer "
+                              f"has {self.vq_config.codebook_size} codes")
+        ids = {name: getattr(vocab, name) for name in ("bos", "eos", "pad", "image_wrapper", "boi", "eoi", "eol",
+                                                        "eof")}
+        ids["last visual token"] = vocab.visual_offset + vocab.codebook_size - 1
+        outside = {name: i for name, i in ids.items() if not 0 <= i < vocab_size}
+        if outside:
+            raise ZipjaxError(f"Emu3 token ids {outside} lie outside the language model's {vocab_size} tokens")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

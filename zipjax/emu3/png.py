@@ -1,18 +1,24 @@
-"""A minimal PNG writer (8-bit RGB, no filtering) so that saving an image needs no imaging library."""
+"""Image files, read and written with Pillow (a well-kept library, so formats, filters and interlacing are its
+problem, and so are malicious files).
+
+Reading checks the size an image *declares* before decoding any pixel data: a small file that claims to be a huge
+image (a decompression bomb) is refused by name instead of allocating gigabytes. Every way a file can fail to be an
+image (not an image, truncated, corrupt, unsupported) is a ZipjaxError naming the file.
+"""
 
 from __future__ import annotations
 
-import struct
-import zlib
+import io
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from zipjax.errors import ZipjaxError
 
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+MAX_IMAGE_PIXELS = 64 << 20  # 67 megapixels; models resize to about one megapixel, larger inputs are not photos
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -20,62 +26,53 @@ def encode_png(image: np.ndarray) -> bytes:
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
         raise ZipjaxError(f"a PNG needs a uint8 [height, width, 3] image, got {image.dtype} {image.shape}")
-    height, width, _ = image.shape
-    rows = np.concatenate([np.zeros((height, 1), np.uint8), image.reshape(height, width * 3)], axis=1)  # filter 0
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit, truecolour, deflate, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
-            + _chunk(b"IEND", b""))
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def check_writable(path: str | Path) -> Path:
+    """Raise now, not after minutes of generation, if a PNG cannot be written at `path`."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ZipjaxError(f"the output must name a .png file, got {path}")
+    if path.is_dir():
+        raise ZipjaxError(f"cannot write {path}: it is a folder")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ZipjaxError(f"cannot write {path}: the folder {parent} does not exist")
+    if not (path.exists() and _writable(path)) and not _writable(parent):
+        raise ZipjaxError(f"cannot write {path}: permission denied")
+    return path
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK)
 
 
 def write_png(path: str | Path, image: np.ndarray) -> Path:
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise ZipjaxError(f"cannot write {path}: the folder {path.parent} does not exist")
+    path = check_writable(path)
     path.write_bytes(encode_png(image))
     return path
 
 
-def read_png(path: str | Path) -> np.ndarray:
-    """Read back an 8-bit RGB or RGBA PNG with no interlacing (what `write_png` and most tools write)."""
-    data = Path(path).read_bytes()
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ZipjaxError(f"{path} is not a PNG file")
-    pos, idat, header = 8, b"", None
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        if kind == b"IHDR":
-            header = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    if header is None:
-        raise ZipjaxError(f"{path} has no PNG header")
-    width, height, depth, colour, _, _, interlace = header
-    if depth != 8 or colour not in (2, 6) or interlace:
-        raise ZipjaxError(f"{path}: only 8-bit RGB/RGBA non-interlaced PNGs are supported")
-    channels = 3 if colour == 2 else 4
-    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + width * channels)
-    out = np.zeros((height, width * channels), np.int32)
-    prev = np.zeros(width * channels, np.int32)
-    for y in range(height):
-        kind, line = raw[y, 0], raw[y, 1:].astype(np.int32)
-        if kind in (0, 1, 2):  # none, sub, up: vectorised
-            if kind == 1:
-                line = np.cumsum(line.reshape(width, channels), axis=0).reshape(-1)
-            cur = (line + (prev if kind == 2 else 0)) & 0xFF
-            out[y], prev = cur, cur
-            continue
-        cur = np.zeros_like(line)
-        for x in range(line.size):
-            left = cur[x - channels] if x >= channels else 0
-            up, up_left = prev[x], prev[x - channels] if x >= channels else 0
-            if kind == 3:
-                pred = (left + up) // 2
-            else:
-                p = left + up - up_left
-                pa, pb, pc = abs(p - left), abs(p - up), abs(p - up_left)
-                pred = left if pa <= pb and pa <= pc else (up if pb <= pc else up_left)
-            cur[x] = (line[x] + pred) & 0xFF
-        out[y], prev = cur, cur
-    return out.reshape(height, width, channels)[..., :3].astype(np.uint8)
+def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """uint8 [height, width, 3] from any image file Pillow reads (RGB; alpha and palettes converted)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ZipjaxError(f"image not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:  # reads the header only
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ZipjaxError(f"{path} declares a {width}x{height} image ({width * height:,} pixels), more "
+                                      f"than the {max_pixels:,} zipjax reads; resize it first")
+                return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # Pillow's own header check
+        raise ZipjaxError(f"{path} declares more than the {max_pixels:,} pixels zipjax reads: {e}") from None
+    except UnidentifiedImageError as e:
+        raise ZipjaxError(f"{path} is not an image zipjax can read: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for truncated or corrupt data
+        raise ZipjaxError(f"{path} is a damaged image: {e}") from None

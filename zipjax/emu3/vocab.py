@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from zipjax.errors import ZipjaxError
+from zipjax.validate import MAX_VOCAB, integer
 
 # role -> token string, as in BAAI's tokenizer and transformers' Emu3 processor
 SPECIAL_TOKENS = {
@@ -73,7 +74,7 @@ class Emu3Vocab:
         fields = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(d, dict) or set(d) != fields:
             raise ZipjaxError(f"an Emu3 vocabulary record needs exactly the keys {', '.join(sorted(fields))}")
-        return cls(**{k: int(v) for k, v in d.items()})
+        return cls(**{k: integer(v, f"Emu3 vocabulary {k}", lo=0, hi=MAX_VOCAB) for k, v in d.items()})
 
     @classmethod
     def from_vocab_map(cls, vocab_map: Mapping[str, int], *, bos: int, eos: int, pad: int, codebook_size: int,
@@ -84,9 +85,9 @@ class Emu3Vocab:
             raise ZipjaxError(f"{where}: the vocabulary lacks Emu3's special tokens {', '.join(missing)}")
         visual = {}
         for token, index in vocab_map.items():
-            m = _VISUAL.fullmatch(token)
+            m = _VISUAL.fullmatch(token) if isinstance(token, str) else None
             if m:
-                visual[int(m.group(1))] = int(index)
+                visual[int(m.group(1))] = integer(index, f"{where}: id of {token}", lo=0, hi=MAX_VOCAB)
         if not visual:
             raise ZipjaxError(f"{where}: the vocabulary has no visual tokens (<|visual token 000000|> ...)")
         if sorted(visual) != list(range(codebook_size)):
@@ -99,4 +100,5 @@ class Emu3Vocab:
             raise ZipjaxError(f"{where}: the visual token ids are not contiguous; zipjax needs code k at id "
                               f"{offset} + k")
         return cls(bos=bos, eos=eos, pad=pad, visual_offset=offset, codebook_size=codebook_size,
-                   **{role: int(vocab_map[token]) for role, token in SPECIAL_TOKENS.items()})
+                   **{role: integer(vocab_map[token], f"{where}: id of {token}", lo=0, hi=MAX_VOCAB)
+                      for role, token in SPECIAL_TOKENS.items()})

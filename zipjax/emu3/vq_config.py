@@ -11,7 +11,9 @@ import dataclasses
 import math
 from typing import Any
 
+from zipjax.config import DTYPES
 from zipjax.errors import ZipjaxError
+from zipjax.validate import boolean, integer, number, string
 
 GROUPS = 32  # GroupNorm groups everywhere in the VQ-VAE
 
@@ -43,13 +45,16 @@ class VQConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
-        for name in ("codebook_size", "embed_dim", "latent_channels", "in_channels", "out_channels",
-                     "temporal_downsample_factor", "base_channels", "num_res_blocks", "attn_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ZipjaxError(f"VQ-VAE config field {name} must be a positive integer, got {value!r}")
-        if not self.channel_multiplier or any(m <= 0 for m in self.channel_multiplier):
-            raise ZipjaxError(f"VQ-VAE channel_multiplier must be positive integers, got {self.channel_multiplier}")
+        limits = {"codebook_size": 1 << 20, "embed_dim": 4096, "latent_channels": 4096, "in_channels": 16,
+                  "out_channels": 16, "temporal_downsample_factor": 64, "base_channels": 8192, "num_res_blocks": 64,
+                  "attn_heads": 1024}
+        for name, limit in limits.items():
+            integer(getattr(self, name), f"VQ-VAE config field {name}", lo=1, hi=limit)
+        boolean(self.double_latent, "VQ-VAE config field double_latent")
+        _check_tuple(self.channel_multiplier, "VQ-VAE channel_multiplier", integer, lo=1, hi=64, max_items=8,
+                     min_items=1)
+        _check_tuple(self.attn_resolutions, "VQ-VAE attn_resolutions", integer, lo=0, hi=7, max_items=8)
+        _check_processing(self)
         t = self.temporal_downsample_factor
         if t & (t - 1):
             raise ZipjaxError(f"VQ-VAE temporal_downsample_factor must be a power of two, got {t}")
@@ -118,11 +123,8 @@ class VQConfig:
         d = dict(d)
         for name in ("channel_multiplier", "attn_resolutions", "image_mean", "image_std"):
             if name in d:
-                d[name] = tuple(d[name])
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise ZipjaxError(f"malformed VQ-VAE config: {e}") from e
+                d[name] = _as_tuple(d[name], f"VQ-VAE config field {name}")
+        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +147,9 @@ class PaletteConfig:
     spatial_factor = 1
 
     def __post_init__(self):
-        if not isinstance(self.codebook_size, int) or self.codebook_size < 2:
-            raise ZipjaxError(f"a palette needs at least 2 colours, got {self.codebook_size!r}")
+        integer(self.codebook_size, "palette codebook_size (colours)", lo=2, hi=1 << 16)
+        integer(self.in_channels, "palette in_channels", lo=1, hi=16)
+        _check_processing(self)
 
     def replace(self, **changes: Any) -> PaletteConfig:
         return dataclasses.replace(self, **changes)
@@ -165,5 +168,28 @@ class PaletteConfig:
         d = dict(d)
         for name in ("image_mean", "image_std"):
             if name in d:
-                d[name] = tuple(d[name])
+                d[name] = _as_tuple(d[name], f"palette config field {name}")
         return cls(**d)
+
+
+def _as_tuple(value: Any, name: str) -> tuple:
+    if not isinstance(value, list | tuple):
+        raise ZipjaxError(f"{name} has the wrong type: it must be a list, got {value!r:.60}")
+    return tuple(value)
+
+
+def _check_tuple(value: Any, name: str, read, *, max_items: int, min_items: int = 0, **bounds) -> None:
+    if not isinstance(value, tuple) or not min_items <= len(value) <= max_items:
+        raise ZipjaxError(f"{name} must be a list of {min_items} to {max_items} entries, got {value!r:.60}")
+    for i, item in enumerate(value):
+        read(item, f"{name}[{i}]", **bounds)
+
+
+def _check_processing(cfg: VQConfig | PaletteConfig) -> None:
+    """The pixel normalisation and image-size fields both vision tokenizers carry."""
+    _check_tuple(cfg.image_mean, "image_mean", number, min_items=3, max_items=3, lo=-1e3, hi=1e3)
+    _check_tuple(cfg.image_std, "image_std", number, min_items=3, max_items=3, lo=0, hi=1e3, lo_open=True)
+    number(cfg.rescale_factor, "rescale_factor", lo=0, hi=1, lo_open=True)
+    integer(cfg.min_pixels, "min_pixels", lo=1, hi=1 << 30)
+    integer(cfg.max_pixels, "max_pixels", lo=cfg.min_pixels, hi=1 << 30)
+    string(cfg.dtype, "vision tokenizer dtype", DTYPES)

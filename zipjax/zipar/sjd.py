@@ -166,6 +166,8 @@ class SJD:
         """Prefill, then SJD passes until every image is complete."""
         layout, batch, window = setup.layout, setup.batch, int(self.window)
         total, codebook = layout.num_tokens, layout.codebook_size
+        if window > total:
+            raise ZipjaxError(f"sjd_window {window} is longer than the image's {total} tokens")
         first, cache = prefilled(model, setup, inputs, cache_length(setup.bucket + total + window + 1))
         # drafts for the first window: uniform random visual tokens (EOLs where the layout has them)
         index = jnp.arange(total + window)

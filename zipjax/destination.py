@@ -1,0 +1,237 @@
+"""Writing a folder (a converted checkpoint, an exported model) without ever losing what the user owns.
+
+    with Destination(dst, overwrite=True, kind=CHECKPOINT, sources=[src]) as staging:
+        ...write everything into `staging`...
+    # on success `dst` is replaced in one atomic step; on any failure or Ctrl-C nothing of it remains
+
+The rules, each checked before anything is written:
+- paths are resolved (symlinks, `..`) before they are compared; an empty destination is refused (it would be the
+  current folder);
+- the destination must not be, contain, or lie inside a source;
+- an existing destination is replaced only with `overwrite`, and only if it is what this kind of write produces
+  (a zipjax checkpoint, or a folder zipjax exported) or an empty folder; anything else is refused by name;
+- one writer per destination: a lock file beside it (`.NAME.lock`, held with flock for the whole write; the kernel
+  releases it if the process dies), so a second conversion to the same place is refused instead of silently
+  replacing the first;
+- everything is written into a staging folder beside the destination (`.NAME.partial-PID`); staging folders left by
+  killed runs are removed by the next run that takes the lock;
+- the swap is atomic: `renameat2(RENAME_EXCHANGE)` exchanges the staging folder and the old destination in one
+  step, then the old one is deleted. Where the filesystem cannot exchange (not Linux, some network or overlay
+  filesystems) the old folder is first renamed to `.NAME.old-PID`; if the run dies between the two renames, the
+  next run that takes the lock finds no destination and an `.old-*` folder, and puts it back.
+
+A leaf: imports errors only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from zipjax.errors import ZipjaxError
+
+CHECKPOINT_MANIFEST = "zipjax.json"
+EXPORT_MARKER = "zipjax-export.json"
+
+
+def is_zipjax_checkpoint(path: Path) -> bool:
+    """A folder holding a zipjax manifest (the format field is what marks it, not the file name alone)."""
+    return _json_field(path / CHECKPOINT_MANIFEST, "format") == "zipjax-checkpoint"
+
+
+def is_zipjax_export(path: Path) -> bool:
+    return _json_field(path / EXPORT_MARKER, "format") == "zipjax-export"
+
+
+def _json_field(path: Path, key: str):
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 1 << 20:
+            return None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+CHECKPOINT = ("a zipjax checkpoint", is_zipjax_checkpoint)
+EXPORT = ("a folder zipjax exported", is_zipjax_export)
+
+
+def resolve(path: str | Path, what: str) -> Path:
+    """The absolute, symlink-free path; an empty string (an unset shell variable, say) is an error."""
+    if str(path).strip() == "":
+        raise ZipjaxError(f"the {what} path is empty")
+    return Path(path).expanduser().resolve()
+
+
+def check_apart(dst: Path, sources: Iterable[Path]) -> None:
+    """Refuse a destination that is, contains, or lies inside a source (paths already resolved)."""
+    for src in sources:
+        if dst == src or dst in src.parents:
+            raise ZipjaxError(f"the destination {dst} is or contains the source {src}; choose another destination")
+        if src in dst.parents:
+            raise ZipjaxError(f"the destination {dst} lies inside the source {src}; choose another destination")
+
+
+class Destination:
+    """Context manager: lock, check and stage a write to `dst`; `commit()` swaps the result in."""
+
+    def __init__(self, dst: str | Path, *, overwrite: bool, kind: tuple[str, Callable[[Path], bool]],
+                 sources: Iterable[str | Path] = ()):
+        self.path = resolve(dst, "destination")
+        self.overwrite = overwrite
+        self.kind_name, self.is_kind = kind
+        check_apart(self.path, [resolve(s, "source") for s in sources])
+        self.staging: Path | None = None
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> Path:
+        parent = self.path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ZipjaxError(f"cannot create {self.path}: a part of {parent} is a file, not a folder") from None
+        self._lock()
+        try:
+            self._recover_and_clean()
+            self._check_existing()
+            self.staging = parent / f".{self.path.name}.partial-{os.getpid()}"
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging.mkdir()
+        except BaseException:
+            self._unlock()
+            raise
+        return self.staging
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self.staging is not None and self.staging.exists():
+                shutil.rmtree(self.staging, ignore_errors=True)
+        finally:
+            self._unlock()
+
+    def commit(self) -> Path:
+        """Put the staged folder in place of the destination, atomically where the filesystem allows."""
+        staging, dst = self.staging, self.path
+        if not (dst.exists() or dst.is_symlink()):
+            staging.rename(dst)
+        elif _exchange(staging, dst):
+            shutil.rmtree(staging, ignore_errors=True)  # it now holds the old destination
+        else:
+            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            dst.rename(old)
+            staging.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        self.staging = None
+        return dst
+
+    def preflight(self) -> None:
+        """The checks of `__enter__` that need no lock, to fail before expensive work (they run again, locked)."""
+        parent = next((p for p in (self.path.parent, *self.path.parent.parents) if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise ZipjaxError(f"cannot create {self.path}: {parent} is a file, not a folder")
+        self._check_existing()
+
+    def _check_existing(self) -> None:
+        dst = self.path
+        if dst.is_symlink():
+            raise ZipjaxError(f"the destination {dst} is a symbolic link; name the folder itself")
+        if not dst.exists():
+            return
+        if not dst.is_dir():
+            raise ZipjaxError(f"the destination {dst} exists and is a file; zipjax replaces only folders it wrote")
+        empty = not any(dst.iterdir())
+        if empty:
+            return
+        if not self.overwrite:
+            raise ZipjaxError(f"destination {dst} already exists; pass --overwrite to replace it")
+        if not self.is_kind(dst):
+            raise ZipjaxError(f"refusing to replace {dst}: it is not {self.kind_name}, and zipjax only replaces "
+                              f"what it wrote; remove it yourself or choose another destination")
+
+    def _lock(self) -> None:
+        lock_path = self.path.parent / f".{self.path.name}.lock"
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ZipjaxError(f"another zipjax process is writing {self.path}; wait for it to finish") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino  # not a file an exiting writer unlinked
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._lock_fd = fd
+                return
+            os.close(fd)
+
+    def _unlock(self) -> None:
+        if self._lock_fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path.parent / f".{self.path.name}.lock")
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def _recover_and_clean(self) -> None:
+        """Under the lock nobody else writes here: a missing destination beside an `.old-*` folder is put back (a
+        run died between the two renames of the fallback swap); staging folders of dead runs are removed."""
+        parent, name = self.path.parent, self.path.name
+        olds = sorted(parent.glob(f".{name}.old-*"))
+        if olds and not self.path.exists():
+            olds[-1].rename(self.path)
+            olds = olds[:-1]
+        for leftover in (*olds, *parent.glob(f".{name}.partial-*")):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE). False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextlib.contextmanager
+def interrupts_deferred(message: str = "finishing the write in progress, then stopping") -> Iterator[None]:
+    """Hold Ctrl-C until the block is done (writers whose background threads cannot be stopped midway, such as
+    orbax's), then raise KeyboardInterrupt. Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def handler(signum, frame):
+        if not received:
+            print(f"\n{message}", file=sys.stderr, flush=True)
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
