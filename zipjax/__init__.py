@@ -7,16 +7,20 @@
     image = zipjax.generate_image(emu3, "a cat on a red sofa", size=(720, 720)).images[0]
 """
 
-from zipjax import kv
-from zipjax.checkpoint import load
-from zipjax.config import ModelConfig, RopeConfig
-from zipjax.emu3.image import ImageResult, generate_image
-from zipjax.emu3.model import Emu3Model
-from zipjax.errors import ZipjaxError
-from zipjax.generate import generate, generate_stream
-from zipjax.kv.dense import KVCache
-from zipjax.model import Model
-from zipjax.sharding import make_mesh
+from zipjax.platform import choose_default_platform
+
+choose_default_platform()  # before anything imports jax
+
+from zipjax import kv  # noqa: E402
+from zipjax.checkpoint import load  # noqa: E402
+from zipjax.config import ModelConfig, RopeConfig  # noqa: E402
+from zipjax.emu3.image import ImageResult, generate_image  # noqa: E402
+from zipjax.emu3.model import Emu3Model  # noqa: E402
+from zipjax.errors import ZipjaxError  # noqa: E402
+from zipjax.generate import generate, generate_stream  # noqa: E402
+from zipjax.kv.dense import KVCache  # noqa: E402
+from zipjax.model import Model  # noqa: E402
+from zipjax.sharding import make_mesh  # noqa: E402
 
 __all__ = [
     "Emu3Model",
