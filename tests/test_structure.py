@@ -87,7 +87,7 @@ def test_leaves_stay_leaves():
         "zipjax.errors": set(),
         "zipjax.shapes": set(),
         "zipjax.cache": {"zipjax.errors"},
-        "zipjax.attention": {"zipjax.kernels.common"},
+        "zipjax.attention": {"zipjax.kernels.common", "zipjax.kernels.flash_attention", "zipjax.sharding"},
         "zipjax.kv.codec": {"zipjax.kernels.common"},
         "zipjax.zipar.schedule": {"zipjax.errors"},
         "zipjax.zipar.acceptance": set(),

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from zipjax.errors import ZipjaxError
 from zipjax.kernels.common import compiling_for
+from zipjax.platform import has_accelerator
 from zipjax.sharding import MESH_AXES, as_auto_mesh
 
 GIB = 1 << 30
@@ -102,10 +103,13 @@ def target(name: str) -> Target:
             raise ZipjaxError(f"cannot describe an {name.upper()} here ({_first_line(e)}); install jax-cuda12-plugin "
                               f"and jax-cuda12-pjrt at jax {jax.__version__} (no GPU needed)") from None
         return Target(name, chip, tuple(topology.devices))
-    # libtpu reads these when it first describes a topology; on a host that is not a TPU VM, say what it would ask
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    if not has_accelerator():
+        # libtpu reads these when it first describes a topology; on a host that is not a TPU VM, say what it would
+        # ask, and let several compile-only processes share it (its lockfile guards real chips, which are absent)
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     generation, _, shape = name.partition(":")
     dims = shape.split("x")
     if generation not in ("v5e", "v5p", "v6e") or not 2 <= len(dims) <= 3 or not all(d.isdigit() for d in dims):

@@ -8,6 +8,8 @@ in float32.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -18,9 +20,12 @@ from zipjax.kernels.common import (
     grouped_scores,
     grouped_values,
     masked_softmax,
+    platform,
     ungroup,
     visible_slots,
 )
+from zipjax.kernels.flash_attention import flash_attention
+from zipjax.sharding import per_shard
 
 __all__ = ["MASK_VALUE", "causal_mask", "gqa_attention", "group_queries", "grouped_attention", "grouped_probs",
            "grouped_scores", "grouped_values", "masked_attention", "masked_softmax", "ungroup", "visible_slots"]
@@ -71,3 +76,82 @@ def causal_mask(
     if k_valid is not None:
         mask &= k_valid[:, None, :]
     return mask
+
+
+def slot_mask(q_slots: jax.Array, k_slots: jax.Array, starts: jax.Array, sliding_window: int | None) -> jax.Array:
+    """bool [batch, q, k]: key slot s is visible to a query at slot t of sequence b iff starts[b] <= s <= t and, with a
+    window W, t - s < W. q_slots [q] or [batch, q]; k_slots [k]."""
+    q_slots = jnp.broadcast_to(q_slots, (starts.shape[0], q_slots.shape[-1]))
+    delta = q_slots[:, :, None] - k_slots[None, None, :]
+    mask = (delta >= 0) & (k_slots[None, None, :] >= starts[:, None, None])
+    if sliding_window is not None:
+        mask &= delta < sliding_window
+    return mask
+
+
+def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array,
+                    sliding_window: int | None) -> jax.Array:
+    """Attention of queries at slots cursor .. cursor + q_len - 1 over a slot-addressed cache k, v [batch, kv_heads,
+    max_len, head_dim] whose sequence b holds real tokens from starts[b]: the prompt pass and every decode step.
+    Only the key blocks some query can see are read (flash prefill, length-bounded decode): on TPU and GPU by the
+    Pallas kernel (zipjax.kernels.flash_attention, per shard of the context mesh), on CPU by `chunked_attention`."""
+    target = platform()
+    if target == "cpu":
+        return chunked_attention(q, k, v, cursor, starts, sliding_window)
+    kernel = functools.partial(flash_attention, sliding_window=sliding_window, backend=target)
+    return per_shard(kernel, q, k, v, cursor, starts)
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array,
+                      sliding_window: int | None, *, block_q: int = 256, block_k: int = 512) -> jax.Array:
+    """Blockwise online-softmax attention over a slot-addressed cache, in plain jax.numpy (the CPU path).
+
+    q: [batch, q_len, heads, head_dim], query i at slot cursor + i; k, v: [batch, kv_heads, max_len, head_dim];
+    starts int32 [batch]. Each block of queries visits only the key blocks that one of its queries may see (from the
+    earliest start / window edge to its last query's slot), so no [q_len, max_len] score matrix exists and a decode
+    step reads the filled extent of the cache, not all of it. Returns [batch, q_len, heads, head_dim] in q's dtype;
+    a query that sees no key (left padding) gets zeros."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads, max_len = k.shape[1], k.shape[2]
+    block_q, block_k = min(block_q, q_len), min(block_k, max_len)
+    n_q = -(-q_len // block_q)
+    pad_k = -(-max_len // block_k) * block_k - max_len  # padded slots lie past every query: never visible
+    k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad_k), (0, 0))) for x in (k, v))
+    qg = group_queries(jnp.pad(q, ((0, 0), (0, n_q * block_q - q_len), (0, 0), (0, 0))), kv_heads)
+    qg = qg.reshape(*qg.shape[:3], n_q, block_q, head_dim).transpose(3, 0, 1, 2, 4, 5)  # [n_q, b, kv, G, bq, d]
+    first_key = jnp.min(starts)
+
+    def one_block(args):
+        index, q_block = args  # q_block [batch, kv_heads, group, block_q, head_dim]
+        q_slots = cursor + index * block_q + jnp.arange(block_q, dtype=jnp.int32)
+        lowest = first_key if sliding_window is None else jnp.maximum(first_key, q_slots[0] - sliding_window + 1)
+        lo, hi = lowest // block_k, jnp.minimum(q_slots[-1], max_len - 1) // block_k + 1
+        return _online_softmax(q_block, k, v, q_slots, starts, sliding_window, lo, hi, block_k)
+
+    out = jax.lax.map(one_block, (jnp.arange(n_q, dtype=jnp.int32), qg))  # [n_q, b, kv, G, bq, d]
+    out = out.transpose(1, 2, 3, 0, 4, 5).reshape(batch, kv_heads, heads // kv_heads, n_q * block_q, head_dim)
+    return ungroup(out[:, :, :, :q_len]).astype(q.dtype)
+
+
+def _online_softmax(q_block: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, starts: jax.Array,
+                    sliding_window: int | None, lo: jax.Array, hi: jax.Array, block_k: int) -> jax.Array:
+    """Key blocks lo .. hi - 1 folded into a running max / sum / weighted sum; float32 [b, kv, G, bq, d]."""
+    batch, kv_heads, group, block_q, head_dim = q_block.shape
+
+    def step(j, carry):
+        m, total, acc = carry
+        k_block = jax.lax.dynamic_slice_in_dim(k, j * block_k, block_k, axis=2)  # [b, kv, bk, d]
+        v_block = jax.lax.dynamic_slice_in_dim(v, j * block_k, block_k, axis=2)
+        k_slots = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        visible = slot_mask(q_slots, k_slots, starts, sliding_window)[:, None, None]  # [b, 1, 1, bq, bk]
+        scores = jnp.where(visible, grouped_scores(q_block, k_block), MASK_VALUE)
+        m_new = jnp.maximum(m, scores.max(axis=-1))
+        p = jnp.where(visible, jnp.exp(scores - m_new[..., None]), 0.0)
+        correction = jnp.exp(m - m_new)
+        return m_new, total * correction + p.sum(axis=-1), acc * correction[..., None] + grouped_values(p, v_block)
+
+    shape = (batch, kv_heads, group, block_q)
+    init = (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros((*shape, head_dim), jnp.float32))
+    _, total, acc = jax.lax.fori_loop(lo, hi, step, init)
+    return acc / jnp.where(total > 0, total, 1.0)[..., None]

@@ -11,7 +11,7 @@ This module is a leaf of the cache subsystem: it imports only jax and zipjax.err
 
 from __future__ import annotations
 
-from typing import Protocol, Self, runtime_checkable
+from typing import ClassVar, Protocol, Self, runtime_checkable
 
 import jax
 
@@ -25,6 +25,10 @@ KV_AXES = ("batch", "kv_heads", "seq", "head_dim")
 @runtime_checkable
 class Cache(Protocol):
     """What `zipjax.transformer.Transformer` calls on a cache."""
+
+    # whether a prompt may arrive in several chunks (each a call with the cursor advanced); compressed caches take
+    # the prompt as one block
+    accepts_chunks: ClassVar[bool]
 
     @property
     def batch(self) -> int: ...

@@ -35,7 +35,7 @@ from zipjax.model import Model, check_token_ids
 from zipjax.sampling import SamplingMode, check_settings, sample
 from zipjax.shapes import CACHE_ROUNDING, left_pad, next_pow2, prompt_bucket
 from zipjax.shapes import cache_length as round_cache_length
-from zipjax.transformer import Params, Transformer
+from zipjax.transformer import Params, Transformer, prompt_pass
 from zipjax.validate import integer
 
 MIN_STOP_SLOTS = 8
@@ -72,7 +72,7 @@ def _prefill(params: Params, prompt: jax.Array, starts: jax.Array, cache: Append
     """Run the left-padded prompt [batch, bucket] through the model and choose the first new token."""
     batch, bucket = prompt.shape
     positions = jnp.maximum(jnp.arange(bucket, dtype=jnp.int32)[None, :] - starts[:, None], 0)
-    logits, cache = Transformer(config).apply({"params": params}, prompt, positions, cache, last_only=True)
+    logits, cache = prompt_pass(params, config, prompt, positions, cache)
     token, key = _choose(logits[:, 0], key, knobs, mode)
     tokens = jnp.full((batch, cache.max_len), config.pad_id, jnp.int32)
     tokens = jax.lax.dynamic_update_slice(tokens, prompt, (0, 0))

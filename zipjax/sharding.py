@@ -84,6 +84,23 @@ def jit_initializer(recipe: Callable[[jax.Array], Any], mesh: Mesh | None) -> Ca
     return jax.jit(recipe, out_shardings=tree_shardings(abstract, abstract.logical_axes(), mesh))
 
 
+def per_shard(kernel: Callable, q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array,
+              starts: jax.Array) -> jax.Array:
+    """Run an attention kernel (q [batch, q_len, heads, d], k, v [batch, kv_heads, len, d], cursor [], starts [batch]
+    -> like q) on each shard of the context mesh (`jax.set_mesh`): Pallas kernels are opaque to XLA's partitioner,
+    so without this they would see whole, gathered arrays. Batch splits over "data" and heads over "model" where the
+    mesh divides them, as the logical-axis rules place the cache; without a context mesh the kernel runs as is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(q, k, v, cursor, starts)
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    data = "data" if q.shape[0] % sizes.get("data", 1) == 0 and "data" in sizes else None
+    model = "model" if k.shape[1] % sizes.get("model", 1) == 0 and "model" in sizes else None
+    q_spec, kv_spec = PartitionSpec(data, None, model, None), PartitionSpec(data, model, None, None)
+    return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(), PartitionSpec(data)),
+                         out_specs=q_spec, check_vma=False)(q, k, v, cursor, starts)
+
+
 def replicated(mesh: Mesh | None) -> jax.sharding.Sharding:
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])

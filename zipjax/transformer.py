@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zipjax.attention import causal_mask, gqa_attention
+from zipjax.attention import cache_attention
 from zipjax.cache import Cache
 from zipjax.config import ModelConfig
 from zipjax.rope import apply_rope, inverse_frequencies, rope_tables
@@ -27,6 +27,7 @@ from zipjax.rope import apply_rope, inverse_frequencies, rope_tables
 Params = dict  # nested dict of arrays, as flax.linen produces
 
 _init_weight = nn.initializers.normal(stddev=0.02)
+PREFILL_CHUNK = 512  # prompt tokens per pass of `prompt_pass`
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
@@ -64,10 +65,10 @@ class Attention(nn.Module):
         k = apply_rope(jnp.einsum("btd,dhk->bthk", x, wk), cos, sin)  # [batch, seq, kv_heads, head_dim]
         v = jnp.einsum("btd,dhk->bthk", x, wv)  # [batch, seq, kv_heads, head_dim]
 
-        if cache is None:
-            idx = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-            mask = causal_mask(idx, idx, cfg.sliding_window)
-            out = gqa_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+        if cache is None:  # the whole sequence at slots 0 .. seq - 1, no padding
+            zero = jnp.zeros((), jnp.int32)
+            out = cache_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), zero,
+                                  jnp.zeros((x.shape[0],), jnp.int32), cfg.sliding_window)
         else:
             out, cache = cache.attend(self.layer, q, k, v, cfg.sliding_window)
         return jnp.einsum("bthk,hkd->btd", out, wo), cache
@@ -131,6 +132,27 @@ class Transformer(nn.Module):
         if cache is not None:
             cache = cache.advance(tokens.shape[1])
         return logits.astype(jnp.float32), cache
+
+
+def prompt_pass(params: Params, config: ModelConfig, prompt: jax.Array, positions: jax.Array, cache: Cache, *,
+                head: jax.Array | None = None, chunk: int = PREFILL_CHUNK) -> tuple[jax.Array, Cache]:
+    """The prompt [batch, n] through the model into `cache`, returning the last position's logits [batch, 1, vocab]
+    and the cache. Where the cache takes chunks and n is longer than `chunk`, the prompt goes in chunks (a
+    `fori_loop`), so the activations alive at once are a chunk's, not the whole prompt's (measured: LLaMA-3-8B at
+    8192 tokens on v5e:2x2 keeps about 2 x [tokens, hidden] per layer, 4.2 GiB per chip in one pass)."""
+    n = prompt.shape[1]
+    model = Transformer(config)
+    if not cache.accepts_chunks or n <= chunk or n % chunk:
+        return model.apply({"params": params}, prompt, positions, cache, last_only=True, head=head)
+
+    def one_chunk(i, carry):
+        _, cache = carry
+        part = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)
+        return model.apply({"params": params}, part(prompt), part(positions), cache, last_only=True, head=head)
+
+    vocab = config.vocab_size if head is None else head.shape[1]
+    init = (jnp.zeros((prompt.shape[0], 1, vocab), jnp.float32), cache)
+    return jax.lax.fori_loop(0, n // chunk, one_chunk, init)
 
 
 def output_head(params: Params, config: ModelConfig, vocab_range: tuple[int, int]) -> jax.Array:

@@ -30,7 +30,7 @@ from flax import struct
 from zipjax.cache import Cache
 from zipjax.config import ModelConfig
 from zipjax.sampling import NEG_INF, SamplingMode, filter_logits, sample
-from zipjax.transformer import Params, Transformer, output_head
+from zipjax.transformer import Params, output_head, prompt_pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +165,6 @@ def prefill(params: Params, inputs: ImageInputs, cache: Cache, *, setup: ImageDe
     bucket = inputs.prompt.shape[1]
     positions = jnp.maximum(jnp.arange(bucket, dtype=jnp.int32)[None, :] - inputs.starts[:, None], 0)
     head = output_head(params, setup.config, setup.layout.vocab_range)
-    logits, cache = Transformer(setup.config).apply({"params": params}, inputs.prompt, positions, cache,
-                                                    last_only=True, head=head)
+    logits, cache = prompt_pass(params, setup.config, inputs.prompt, positions, cache, head=head)
     visual = visual_logprobs(logits[:, 0], inputs.knobs, setup.batch)
     return sample_codes(visual, inputs.key, jnp.int32(0), inputs.knobs, setup.mode), cache

@@ -13,6 +13,8 @@ from zipjax.transformer import Transformer
 class _Recorder:
     """A dense cache that also keeps each layer's queries and keys (un-jitted analysis runs only)."""
 
+    accepts_chunks = False
+
     def __init__(self, cache):
         self.cache, self.seen = cache, {}
 

@@ -9,12 +9,13 @@ A token's RoPE position is its slot minus its sequence's start.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from zipjax.attention import causal_mask, gqa_attention
+from zipjax.attention import cache_attention
 from zipjax.cache import KV_AXES, check_batch, check_room, replace_at
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
@@ -27,6 +28,7 @@ class KVCache:
     v: tuple[jax.Array, ...]  # per layer [batch, kv_heads, max_len, head_dim]
     cursor: jax.Array  # int32 []: next slot to write, shared by the batch
     starts: jax.Array  # int32 [batch]: first slot holding a real token of each sequence
+    accepts_chunks: ClassVar[bool] = True
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, starts: jax.Array | None = None,
@@ -76,14 +78,10 @@ class KVCache:
         q: [batch, q_len, heads, head_dim]; k_new, v_new: [batch, q_len, kv_heads, head_dim].
         Returns the attention output [batch, q_len, heads, head_dim] and the updated cache.
         """
-        q_len = q.shape[1]
         index = (0, 0, self.cursor, 0)
         k = jax.lax.dynamic_update_slice(self.k[layer], k_new.transpose(0, 2, 1, 3).astype(self.k[layer].dtype), index)
         v = jax.lax.dynamic_update_slice(self.v[layer], v_new.transpose(0, 2, 1, 3).astype(self.v[layer].dtype), index)
-        q_slots = jnp.broadcast_to(self.cursor + jnp.arange(q_len, dtype=jnp.int32), (self.batch, q_len))
-        k_slots = jnp.broadcast_to(jnp.arange(self.max_len, dtype=jnp.int32), (self.batch, self.max_len))
-        mask = causal_mask(q_slots, k_slots, sliding_window, k_valid=k_slots >= self.starts[:, None])
-        out = gqa_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = cache_attention(q, k.astype(q.dtype), v.astype(q.dtype), self.cursor, self.starts, sliding_window)
         return out, dataclasses.replace(self, k=replace_at(self.k, layer, k), v=replace_at(self.v, layer, v))
 
     def advance(self, num_tokens: int) -> KVCache:

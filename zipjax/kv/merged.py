@@ -15,6 +15,7 @@ them pairwise as they arrive; here they stay exact, like KIVI's residual, and th
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec
 
-from zipjax.attention import causal_mask, gqa_attention, masked_attention, visible_slots
+from zipjax.attention import cache_attention, masked_attention, visible_slots
 from zipjax.cache import check_prompt_then_tokens, replace_at
 from zipjax.config import ModelConfig
 from zipjax.kv.codec import Store
@@ -60,6 +61,7 @@ class MergedKVCache:
     method: MiniCache = struct.field(pytree_node=False)
     prefill_len: int = struct.field(pytree_node=False)
     num_layers: int = struct.field(pytree_node=False)
+    accepts_chunks: ClassVar[bool] = False  # the prompt is compressed as one block
 
     @classmethod
     def init(cls, config: ModelConfig, method: MiniCache, batch: int, max_len: int, prefill_len: int,
@@ -119,9 +121,8 @@ class MergedKVCache:
         n = q.shape[1]
         slots = jnp.arange(n, dtype=jnp.int32)
         valid = slots[None, :] >= self.starts[:, None]  # [batch, n]
-        b_slots = jnp.broadcast_to(slots, valid.shape)
         k, v = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)  # [batch, kv_heads, n, head_dim]
-        out = gqa_attention(q, k, v, causal_mask(b_slots, b_slots, sliding_window, k_valid=valid))
+        out = cache_attention(q, k, v, jnp.zeros((), jnp.int32), self.starts, sliding_window)
         role, index = self.method.roles(self.num_layers)[layer]
         head_valid = jnp.broadcast_to(valid[:, None, :], k.shape[:3])
         dtype = self.k_buf[0].dtype

@@ -40,6 +40,7 @@ method (zipjax.kv.spec.QuantMethod); the cache only stores and attends. Imports:
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +73,7 @@ class QuantizedKVCache:
     blocks: jax.Array  # int32 []: blocks compressed so far
     method: QuantMethod = struct.field(pytree_node=False)
     geometry: Geometry = struct.field(pytree_node=False)
+    accepts_chunks: ClassVar[bool] = False  # the prompt is compressed as one block
 
     @classmethod
     def init(cls, config: ModelConfig, method: QuantMethod, batch: int, max_len: int, prefill_len: int,

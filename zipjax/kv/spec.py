@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zipjax.attention import causal_mask, gqa_attention
+from zipjax.attention import cache_attention
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.kv.codec import SUPPORTED_BITS, Codec
@@ -86,8 +86,7 @@ class QuantMethod:
                           sliding_window: int | None) -> jax.Array:
         """Prompt attention: exact (dense) unless the method sparsifies it. q [batch, n, heads, head_dim]; k, v
         [batch, kv_heads, n, head_dim]."""
-        slots = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), (q.shape[0], q.shape[1]))
-        return gqa_attention(q, k, v, causal_mask(slots, slots, sliding_window, k_valid=slots >= starts[:, None]))
+        return cache_attention(q, k, v, jnp.zeros((), jnp.int32), starts, sliding_window)
 
 
 def _slot_order(batch: int, kv_heads: int, n: int) -> Ranking:

@@ -15,6 +15,7 @@ parallel decoder the same way: an empty cache, the prompt written at slots 0 .. 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,7 @@ class ScatterKVCache:
     slots: jax.Array  # int32 [batch, q]: slots of the tokens of the current pass
     valid: jax.Array  # bool [batch, q]: False for padding queries
     use_kernel: bool = dataclasses.field(default=False, metadata=dict(static=True))  # Pallas kernel or jnp
+    accepts_chunks: ClassVar[bool] = False  # a pass writes where its schedule says, not at a cursor
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, starts: jax.Array,

@@ -1,0 +1,76 @@
+"""The ZipAR attention kernel compiles for real accelerators, ahead of time on this CPU machine (zipjax.aot): TPU v5e
+and v6e (Mosaic) and an H100 (Triton), at real model shapes, through the library's entry point
+`zipar_attention(..., use_kernel=True)`, which chooses the compiled kernel by the platform zipjax.aot compiles for.
+
+Interpret mode (tests/test_pallas_zipar.py) checks the numbers; only compiling checks Mosaic's block rules, Triton's
+power-of-two rule, VMEM/SMEM limits and the compiler's memory plan."""
+
+import dataclasses
+import functools
+
+import jax.numpy as jnp
+import pytest
+from zipjax.kernels.zipar_attention import zipar_attention
+
+from zipjax import aot
+from zipjax.shapes import cache_length
+from zipjax.zipar.adaptive import query_slots
+from zipjax.zipar.schedule import fixed_window
+
+CUSTOM_CALL = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}
+PROMPT_BUCKET = 64
+
+
+def _cache_len(rows: int, cols: int) -> int:
+    """As zipjax.zipar.fixed sizes it: prompt bucket + image tokens (an EOL per row) + the padding queries' slot."""
+    return cache_length(PROMPT_BUCKET + fixed_window(rows, cols, 7).num_tokens + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    batch: int  # 2: classifier-free guidance (conditional + unconditional)
+    q_len: int  # queries per pass
+    heads: int
+    kv_heads: int
+    head_dim: int
+    max_len: int
+
+
+SHAPES = {
+    # Emu3-Gen (32 query heads, 8 KV heads, head_dim 128) at 90x90 codes: fixed window 7 and the adaptive decoder
+    "emu3_90x90_window7": Shape(2, fixed_window(90, 90, 7).queries_per_pass, 32, 8, 128, _cache_len(90, 90)),
+    "emu3_90x90_adaptive": Shape(2, query_slots(90, 4, 90), 32, 8, 128, _cache_len(90, 90)),
+    # 64 x 48 codes: 7 queries (28 rows), a cache length (3328) that is not a multiple of the TPU block
+    "emu3_64x48_window7": Shape(2, fixed_window(64, 48, 7).queries_per_pass, 32, 8, 128, _cache_len(64, 48)),
+    # SmolLM2-shaped: head_dim 64, 9 query heads on 3 KV heads (group 3: 39 rows)
+    "smollm2_90x90_window7": Shape(2, fixed_window(90, 90, 7).queries_per_pass, 9, 3, 64, _cache_len(90, 90)),
+}
+TARGETS = ("v5e:1x1", "v6e:1x1", "h100")
+
+
+@functools.cache
+def _target(name: str) -> aot.Target:
+    return aot.target(name)
+
+
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("target_name", TARGETS)
+def test_compiles_ahead_of_time(target_name, shape_name, record_property):
+    s = SHAPES[shape_name]
+    t = _target(target_name)
+    chip = aot.on_chip(t)
+    cache = aot.array((s.batch, s.kv_heads, s.max_len, s.head_dim), jnp.bfloat16, chip)
+    args = (aot.array((s.batch, s.q_len, s.heads, s.head_dim), jnp.bfloat16, chip), cache, cache,
+            aot.array((s.batch, s.q_len), jnp.int32, chip), aot.array((s.batch, s.max_len), jnp.bool_, chip),
+            aot.array((s.batch,), jnp.int32, chip))
+    compiled, report = aot.compile(functools.partial(zipar_attention, use_kernel=True), *args, target=t)
+    record_property("compile_seconds", round(report.compile_seconds, 2))
+    record_property("temp_bytes", report.temp_bytes)
+    assert CUSTOM_CALL[t.kind] in compiled.as_text()
+    assert report.fits
+    # no [queries, max_len] score matrix: that alone is what the jnp path keeps (float32), the kernel a few MiB
+    scores = 4 * s.batch * s.heads * s.q_len * s.max_len
+    assert report.temp_bytes < scores / 2
+    if t.kind == "tpu":  # XLA sees the kernel's cost estimate: both matmuls over every slot, rows padded
+        useful = 4 * s.batch * s.heads * s.q_len * s.max_len * s.head_dim
+        assert useful <= report.flops < 1.5 * useful
