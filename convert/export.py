@@ -16,7 +16,7 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 from zipjax.convert.files import TOKENIZER_FILES, existing_files
-from zipjax.convert.mapping import hf_tensor_names
+from zipjax.convert.mapping import HEADS, hf_tensor_names
 
 from zipjax.checkpoint import load
 from zipjax.config import ModelConfig
@@ -67,7 +67,9 @@ def hf_state_dict(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
         for key in path:
             value = value[key]
         array = np.asarray(value)
-        if in_axes is not None:
+        if in_axes == HEADS:  # [heads, embed, head_dim] -> [heads * head_dim, embed]
+            array = array.transpose(0, 2, 1).reshape(-1, array.shape[1])
+        elif in_axes is not None:
             array = array.reshape(int(np.prod(array.shape[:in_axes])), -1).T
         state[name] = np.ascontiguousarray(array)
     return state

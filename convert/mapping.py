@@ -1,8 +1,10 @@
 """Hugging Face LLaMA/Mistral tensor names and layouts -> the zipjax parameter tree.
 
 Linear weights are stored by torch as [out, in]; zipjax keeps [in, out] with heads split out, so a linear is
-transposed and reshaped: q_proj [heads*head_dim, embed] -> q [embed, heads, head_dim], o_proj [embed,
-heads*head_dim] -> o [heads, head_dim, embed]. No RoPE permutation is needed: both sides use rotate-half pairing.
+transposed and reshaped: o_proj [embed, heads*head_dim] -> o [heads, head_dim, embed], gate_proj [mlp, embed] ->
+gate [embed, mlp]. The query, key and value projections keep heads as their leading axis, q_proj [heads*head_dim,
+embed] -> q [heads, embed, head_dim] (the layout the TPU's matmul reads without a copy; see zipjax.transformer).
+No RoPE permutation is needed: both sides use rotate-half pairing.
 Every tensor's shape is checked against the shape the config implies before any data is read, and the error names
 the tensor. Values are never cast when the source dtype equals the target dtype, so bfloat16 stays bit-exact.
 """
@@ -22,14 +24,16 @@ from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.transformer import Params, abstract_params
 
-# (Hugging Face name template, param path template, number of leading target axes that form the torch "in" side;
-# None = no transpose). "{}" stands for the layer index.
-_TENSORS: tuple[tuple[str, tuple[str, ...], int | None], ...] = (
+# (Hugging Face name template, param path template, layout) where layout is the number of leading target axes that
+# form the torch "in" side, HEADS for [heads, in, head_dim], or None (no transpose). "{}" stands for the layer index.
+HEADS = "heads"
+Layout = int | str | None
+_TENSORS: tuple[tuple[str, tuple[str, ...], Layout], ...] = (
     ("model.embed_tokens.weight", ("embed",), None),
     ("model.layers.{}.input_layernorm.weight", ("layer_{}", "attn_norm", "scale"), None),
-    ("model.layers.{}.self_attn.q_proj.weight", ("layer_{}", "attn", "q"), 1),
-    ("model.layers.{}.self_attn.k_proj.weight", ("layer_{}", "attn", "k"), 1),
-    ("model.layers.{}.self_attn.v_proj.weight", ("layer_{}", "attn", "v"), 1),
+    ("model.layers.{}.self_attn.q_proj.weight", ("layer_{}", "attn", "q"), HEADS),
+    ("model.layers.{}.self_attn.k_proj.weight", ("layer_{}", "attn", "k"), HEADS),
+    ("model.layers.{}.self_attn.v_proj.weight", ("layer_{}", "attn", "v"), HEADS),
     ("model.layers.{}.self_attn.o_proj.weight", ("layer_{}", "attn", "o"), 2),
     ("model.layers.{}.post_attention_layernorm.weight", ("layer_{}", "mlp_norm", "scale"), None),
     ("model.layers.{}.mlp.gate_proj.weight", ("layer_{}", "mlp", "gate"), 1),
@@ -44,7 +48,7 @@ _RULES = tuple((re.compile(re.escape(name).replace(r"\{\}", r"(\d+)")), path, in
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
-def _match(name: str) -> tuple[tuple[str, ...], int | None] | None:
+def _match(name: str) -> tuple[tuple[str, ...], Layout] | None:
     for pattern, path, in_axes in _RULES:
         m = pattern.fullmatch(name)
         if m:
@@ -52,7 +56,7 @@ def _match(name: str) -> tuple[tuple[str, ...], int | None] | None:
     return None
 
 
-def hf_tensor_names(config: ModelConfig) -> list[tuple[str, tuple[str, ...], int | None]]:
+def hf_tensor_names(config: ModelConfig) -> list[tuple[str, tuple[str, ...], Layout]]:
     """Every Hugging Face tensor of a model with this config: (name, param path, in_axes), in checkpoint order."""
     out = []
     for name, path, in_axes in _TENSORS:
@@ -64,15 +68,21 @@ def hf_tensor_names(config: ModelConfig) -> list[tuple[str, tuple[str, ...], int
     return out
 
 
-def source_shape(target_shape: tuple[int, ...], in_axes: int | None) -> tuple[int, ...]:
+def source_shape(target_shape: tuple[int, ...], in_axes: Layout) -> tuple[int, ...]:
     """The torch-layout shape that maps onto `target_shape`."""
     if in_axes is None:
         return tuple(target_shape)
+    if in_axes == HEADS:
+        heads, embed, head_dim = target_shape
+        return (heads * head_dim, embed)
     return (math.prod(target_shape[in_axes:]), math.prod(target_shape[:in_axes]))
 
 
-def _to_target(array: np.ndarray, target: jax.ShapeDtypeStruct, in_axes: int | None) -> np.ndarray:
-    if in_axes is not None:
+def _to_target(array: np.ndarray, target: jax.ShapeDtypeStruct, in_axes: Layout) -> np.ndarray:
+    if in_axes == HEADS:
+        heads, embed, head_dim = target.shape
+        array = array.reshape(heads, head_dim, embed).transpose(0, 2, 1)
+    elif in_axes is not None:
         array = array.T.reshape(target.shape)
     if array.dtype != target.dtype:
         array = array.astype(target.dtype)
@@ -103,7 +113,7 @@ def tensors_to_params(config: ModelConfig, tensors: Iterable[SourceTensor], *, a
                       progress: bool = True) -> Params:
     """Check every source tensor against the config, then load and convert them into a numpy parameter tree."""
     targets = flatten_params(abstract_params(config))
-    plan: list[tuple[SourceTensor, tuple[str, ...], int | None]] = []
+    plan: list[tuple[SourceTensor, tuple[str, ...], Layout]] = []
     unexpected: list[str] = []
     for tensor in tensors:
         matched = _match(tensor.name)

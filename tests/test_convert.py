@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 from zipjax.convert import convert
 from zipjax.convert.hf_config import config_from_hf
-from zipjax.convert.mapping import _match
+from zipjax.convert.mapping import HEADS, _match
 
 import zipjax
 from zipjax.cli import main as cli_main
@@ -116,7 +116,10 @@ def test_bfloat16_weights_are_bit_exact(tmp_path, layout):
         path, in_axes = _match(name)
         ours = params["".join(f"['{p}']" for p in path)]
         assert ours.dtype == ml_dtypes.bfloat16
-        expected = array if in_axes is None else array.T.reshape(ours.shape)
+        if in_axes == HEADS:  # [heads * head_dim, embed] -> [heads, embed, head_dim]
+            expected = array.reshape(ours.shape[0], ours.shape[2], ours.shape[1]).transpose(0, 2, 1)
+        else:
+            expected = array if in_axes is None else array.T.reshape(ours.shape)
         np.testing.assert_array_equal(ours.view(np.uint16), expected.view(np.uint16), err_msg=name)
         checked += 1
     assert checked == len(params)

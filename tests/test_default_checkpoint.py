@@ -83,3 +83,23 @@ def test_cli_generates_from_the_default_checkpoint():
     assert result.stdout.startswith("def fibonacci(n):")
     assert len(result.stdout.strip()) > len("def fibonacci(n):") + 10
     assert "tokens in" in result.stderr
+
+
+def test_a_version_1_checkpoint_loads_heads_first_and_saves_as_version_2(shipped, tmp_path):
+    """The shipped checkpoint is format version 1 ([embed, heads, head_dim] projections); loading turns them
+    heads-first, on one device and straight into the shards of a mesh, and saving writes version 2."""
+    import jax
+
+    from zipjax.checkpoint import VERSION, save
+
+    assert read_config(DEFAULT_CHECKPOINT)[1]["version"] == 1
+    cfg = shipped.config
+    assert shipped.params["layer_0"]["attn"]["q"].shape == (cfg.num_heads, cfg.hidden_size, cfg.head_dim)
+    ids = np.random.default_rng(3).integers(3, cfg.vocab_size, (2, 24))
+    logits = np.asarray(shipped.logits(ids))
+    sharded = zipjax.load(DEFAULT_CHECKPOINT, mesh=zipjax.make_mesh(data=4, model=2))
+    assert sharded.params["layer_0"]["attn"]["q"].sharding.spec[0] == "model"
+    np.testing.assert_allclose(np.asarray(sharded.logits(ids)), logits, atol=1e-5)
+    again = save(tmp_path / "v2", cfg, jax.device_get(shipped.params), files=[DEFAULT_CHECKPOINT / "tokenizer.json"])
+    assert read_config(again)[1]["version"] == VERSION == 2
+    np.testing.assert_array_equal(np.asarray(zipjax.load(again).logits(ids)), logits)

@@ -45,14 +45,14 @@ def test_mesh_gives_the_same_greedy_tokens(sharded_pair, name):
 def test_parameters_are_split_by_the_rules(sharded_pair):
     _, sharded = sharded_pair["divisible"]
     layer = sharded.params["layer_0"]
-    assert layer["attn"]["q"].sharding.spec == PartitionSpec(None, "model", None)
-    assert layer["attn"]["k"].sharding.spec == PartitionSpec(None, "model", None)
+    assert layer["attn"]["q"].sharding.spec == PartitionSpec("model", None, None)
+    assert layer["attn"]["k"].sharding.spec == PartitionSpec("model", None, None)
     assert layer["attn"]["o"].sharding.spec == PartitionSpec("model", None, None)
     assert layer["mlp"]["down"].sharding.spec == PartitionSpec("model", None)
     assert sharded.params["embed"].sharding.spec == PartitionSpec("model", None)
     assert layer["attn_norm"]["scale"].sharding.spec == PartitionSpec(None)
     assert len(layer["attn"]["q"].addressable_shards) == 8
-    assert layer["attn"]["q"].addressable_shards[0].data.shape == (64, 2, 8)  # 8 heads of dim 8, 4-way split
+    assert layer["attn"]["q"].addressable_shards[0].data.shape == (2, 64, 8)  # 8 heads of dim 8, 4-way split
     _, replicated_kv = sharded_pair["kv_replicated"]
     assert replicated_kv.params["layer_0"]["attn"]["k"].sharding.spec == PartitionSpec(None, None, None)
 

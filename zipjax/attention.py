@@ -144,6 +144,8 @@ def _online_softmax(q_block: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax
         v_block = jax.lax.dynamic_slice_in_dim(v, j * block_k, block_k, axis=2)
         k_slots = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
         visible = slot_mask(q_slots, k_slots, starts, sliding_window)[:, None, None]  # [b, 1, 1, bq, bk]
+        # slots of a visited block that no query sees may hold anything (stale, NaN): keep them out of 0 * x
+        v_block = jnp.where(visible.any(axis=3)[..., None].squeeze(2), v_block, 0)
         scores = jnp.where(visible, grouped_scores(q_block, k_block), MASK_VALUE)
         m_new = jnp.maximum(m, scores.max(axis=-1))
         p = jnp.where(visible, jnp.exp(scores - m_new[..., None]), 0.0)

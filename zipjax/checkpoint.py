@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from zipjax.config import ModelConfig
 from zipjax.destination import CHECKPOINT, CHECKPOINT_MANIFEST, Destination, interrupts_deferred
@@ -39,7 +39,8 @@ from zipjax.sharding import as_auto_mesh, replicated_shardings, tree_shardings
 from zipjax.transformer import Params, abstract_params, param_logical_axes
 
 FORMAT = "zipjax-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: query / key / value weights heads-first [heads, embed, head_dim]; 1 stored [embed, heads, head_dim]
+READABLE_VERSIONS = (1, 2)
 MANIFEST = CHECKPOINT_MANIFEST
 CHECKSUMS = "checksums.json"
 HASH_AT_LOAD_BYTES = 256 << 20  # checkpoints up to this size are fully hashed at every load
@@ -142,9 +143,10 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise ZipjaxError(f"{manifest_path} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ZipjaxError(f"{manifest_path} is not a zipjax checkpoint manifest")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise ZipjaxError(
-            f"{path} has checkpoint format version {manifest.get('version')}; this zipjax reads version {VERSION}"
+            f"{path} has checkpoint format version {manifest.get('version')!r:.20}; this zipjax reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     return ModelConfig.from_dict(manifest.get("config")), manifest
 
@@ -165,7 +167,10 @@ def load(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Mesh | No
 
     abstract = abstract_params(config)
     shardings = None if mesh is None else tree_shardings(abstract, param_logical_axes(config), mesh)
-    params = _restore(params_dir, abstract, shardings, f"checkpoint {path}")
+    if manifest["version"] == 1:
+        params = _restore_version_1(params_dir, config, abstract, mesh, f"checkpoint {path}")
+    else:
+        params = _restore(params_dir, abstract, shardings, f"checkpoint {path}")
     if config.architecture != "emu3":
         return Model(config=config, params=params, mesh=mesh, path=path)
 
@@ -183,6 +188,35 @@ def load(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Mesh | No
     vq_params = _restore(vq_dir, abstract_vq, None if mesh is None else replicated_shardings(abstract_vq, mesh),
                          f"VQ-VAE of {path}")
     return Emu3Model(config=config, params=params, mesh=mesh, path=path, vision=vision, vq_params=vq_params)
+
+
+def _map_qkv(tree: Params, fn) -> Params:
+    """`tree` (parameters, their abstract values or their logical axes) with `fn` applied to every q, k and v."""
+    out = dict(tree)
+    for name, layer in tree.items():
+        if name.startswith("layer_"):
+            out[name] = {**layer, "attn": {k: fn(w) if k in ("q", "k", "v") else w for k, w in layer["attn"].items()}}
+    return out
+
+
+def _swap_leading(x):
+    """[a, b, c] -> [b, a, c] for an array, an abstract value or a PartitionSpec (version 1 <-> 2 layouts)."""
+    if isinstance(x, PartitionSpec):
+        return PartitionSpec(x[1], x[0], *x[2:])
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((x.shape[1], x.shape[0], *x.shape[2:]), x.dtype)
+    return jnp.swapaxes(x, 0, 1)
+
+
+def _restore_version_1(directory: Path, config: ModelConfig, abstract: Params, mesh: Mesh | None,
+                       what: str) -> Params:
+    """A version-1 checkpoint ([embed, heads, head_dim] projections) read into its own layout, then turned
+    heads-first on the devices (with a mesh, each shard is read where it belongs and moved locally)."""
+    old = _map_qkv(abstract, _swap_leading)
+    old_axes = _map_qkv(param_logical_axes(config), _swap_leading)
+    restored = _restore(directory, old, None if mesh is None else tree_shardings(old, old_axes, mesh), what)
+    new_shardings = None if mesh is None else tree_shardings(abstract, param_logical_axes(config), mesh)
+    return jax.jit(lambda p: _map_qkv(p, _swap_leading), out_shardings=new_shardings)(restored)
 
 
 def _check_integrity(path: Path) -> None:

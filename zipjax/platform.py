@@ -7,13 +7,19 @@ the CPU directly (`JAX_PLATFORMS=cpu`). Compiling for a described TPU or GPU (zi
 needs the toolchains, not the devices. A `JAX_PLATFORMS` the user set is never changed, and nothing changes on a
 machine with an NVIDIA GPU, a TPU or an AMD GPU.
 
+On such a machine the CUDA plugin's C++ logger also announces, on every start, that it found no GPU (two lines on
+stderr that no setting silences); zipjax imports jax with that file descriptor muted there, so `zipjax` commands
+keep their one-line error promise.
+
 A leaf: imports os, sys and pathlib only (it must run before jax is imported).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 # device nodes that mean an accelerator jax could use: NVIDIA, TPU (v2/v3 accel, v4+ vfio), AMD
@@ -26,8 +32,27 @@ def has_accelerator() -> bool:
 
 
 def choose_default_platform() -> None:
-    """Set JAX_PLATFORMS=cpu when it is unset, jax is not imported yet, and no accelerator device exists."""
-    if "JAX_PLATFORMS" in os.environ or "jax" in sys.modules:
+    """Set JAX_PLATFORMS=cpu when it is unset and no accelerator device exists; when jax is to run on the CPU only,
+    import it with stderr muted (see the module docstring). Does nothing once jax is imported."""
+    if "jax" in sys.modules:
         return
-    if not has_accelerator():
+    if "JAX_PLATFORMS" not in os.environ and not has_accelerator():
         os.environ["JAX_PLATFORMS"] = "cpu"
+    if os.environ.get("JAX_PLATFORMS") == "cpu":
+        with _stderr_muted():
+            import jax  # noqa: F401  (imported once here, quietly; every later import reuses it)
+
+
+@contextlib.contextmanager
+def _stderr_muted() -> Iterator[None]:
+    """File descriptor 2 points at /dev/null inside the block (C++ loggers write there directly)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

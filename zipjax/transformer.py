@@ -6,8 +6,13 @@ Parameters are a plain nested dict of arrays; the cache is an explicit argument 
 collections). Every parameter carries logical axis names (`nn.with_logical_partitioning`) that zipjax.sharding maps
 onto a device mesh. Weight layouts keep heads as their own axis so the projections are einsums:
 
-    embed [vocab, embed]      q [embed, heads, head_dim]      k, v [embed, kv_heads, head_dim]
+    embed [vocab, embed]      q [heads, embed, head_dim]      k, v [kv_heads, embed, head_dim]
     o [heads, head_dim, embed]      gate, up [embed, mlp]      down [mlp, embed]      lm_head [embed, vocab]
+
+Heads lead the query / key / value projections: compiled for TPU, a [embed, heads, head_dim] weight was re-laid-out
+(copied) into heads-major order on every call (measured: 3 copies per layer of a LLaMA-3-8B decode step on v5e);
+[heads, embed, head_dim] is that order already. Checkpoints of format version 1 stored [embed, heads, head_dim] and
+are transposed on load (zipjax.checkpoint).
 
 Letters in einsums: b batch, t query tokens, d embed, h heads, k head_dim, f mlp, v vocab.
 """
@@ -56,14 +61,14 @@ class Attention(nn.Module):
                  cache: Cache | None) -> tuple[jax.Array, Cache | None]:
         cfg, dtype = self.config, self.config.jnp_dtype
         embed, heads, kv_heads, head_dim = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        wq = _param(self, "q", (embed, heads, head_dim), ("embed", "heads", "head_dim"), dtype)
-        wk = _param(self, "k", (embed, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), dtype)
-        wv = _param(self, "v", (embed, kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), dtype)
+        wq = _param(self, "q", (heads, embed, head_dim), ("heads", "embed", "head_dim"), dtype)
+        wk = _param(self, "k", (kv_heads, embed, head_dim), ("kv_heads", "embed", "head_dim"), dtype)
+        wv = _param(self, "v", (kv_heads, embed, head_dim), ("kv_heads", "embed", "head_dim"), dtype)
         wo = _param(self, "o", (heads, head_dim, embed), ("heads", "head_dim", "embed"), dtype)
 
-        q = apply_rope(jnp.einsum("btd,dhk->bthk", x, wq), cos, sin)  # [batch, seq, heads, head_dim]
-        k = apply_rope(jnp.einsum("btd,dhk->bthk", x, wk), cos, sin)  # [batch, seq, kv_heads, head_dim]
-        v = jnp.einsum("btd,dhk->bthk", x, wv)  # [batch, seq, kv_heads, head_dim]
+        q = apply_rope(jnp.einsum("btd,hdk->bthk", x, wq), cos, sin)  # [batch, seq, heads, head_dim]
+        k = apply_rope(jnp.einsum("btd,hdk->bthk", x, wk), cos, sin)  # [batch, seq, kv_heads, head_dim]
+        v = jnp.einsum("btd,hdk->bthk", x, wv)  # [batch, seq, kv_heads, head_dim]
 
         if cache is None:  # the whole sequence at slots 0 .. seq - 1, no padding
             zero = jnp.zeros((), jnp.int32)
