@@ -24,10 +24,10 @@ normalized score over the window). ZipCache's code instead ranks a window by the
 by 5% probe rows of the window; this uses every row.
 
 Decode attention has two explicit paths: the jnp reference dequantizes each segment and runs one softmax over
-segments and buffer; with `kernel=True` the Pallas kernel (zipjax.kernels.quantized_attention) reads each
-segment's packed codes and scales directly and the partial states are merged with the buffer's by log-sum-exp.
-Segments have uniform blocks for that kernel: per subset, the prompt block is one segment and the later blocks
-another. Choices that differ from the official code, on purpose: statistics are per sequence
+segments and buffer; on TPU and GPU (or with `kernel=True`) the Pallas kernel (zipjax.kernels.quantized_attention)
+reads each segment's packed codes and scales directly and the partial states are merged with the buffer's by
+log-sum-exp. Segments have uniform blocks for that kernel: per subset, the prompt block is one segment and the later
+blocks another. Choices that differ from the official code, on purpose: statistics are per sequence
 (the code shares key statistics across the batch, which makes a sequence's cache depend on its batch mates), value
 rows are true per-(token, head) rows (the code groups different tokens of different heads by rank), and each block
 is quantized once with its own statistics (the code re-quantizes the whole cache from its dequantized values every
@@ -172,7 +172,7 @@ class QuantizedKVCache:
         v_buf = jax.lax.dynamic_update_slice(state.v_buf, v_new.transpose(0, 2, 1, 3).astype(state.v_buf.dtype), index)
         buf_slots = self.cursor - count + jnp.arange(buffer_len, dtype=jnp.int32)
         buf_slots = jnp.where(jnp.arange(buffer_len) <= count, buf_slots, -1)
-        attention = self._kernel_attention if self.method.kernel else self._jnp_attention
+        attention = self._kernel_attention if self.method.uses_kernel else self._jnp_attention
         out, buf_probs = attention(state, q, k_buf, v_buf, buf_slots, sliding_window)
         mass = state.mass + buf_probs.sum(axis=(2, 3))
         return out.astype(q.dtype), dataclasses.replace(state, k_buf=k_buf, v_buf=v_buf, mass=mass)

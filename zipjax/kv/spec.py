@@ -18,9 +18,10 @@ is shared by methods that do not share fields.
 
 The four quantizing methods implement `QuantMethod`, what zipjax.kv.quantized reads: the bit widths of the salient
 and regular subsets, the codec, the length of the full-precision buffer, how a block is split and ranked, and how
-the prompt attends. `kernel=True` (ZipCache, KIVI, ZipVL) runs decode attention as the Pallas kernel over the packed
-codes (zipjax.kernels.quantized_attention) instead of dequantizing in jnp; Uniform has no kernel: its keys are
-token-wise, and the kernel folds per-channel key scales into the query.
+the prompt attends. Decode attention of ZipCache, KIVI and ZipVL runs as the Pallas kernel over the packed codes
+(zipjax.kernels.quantized_attention) where it is compiled, on TPU and GPU (`kernel=None`, the default), and
+dequantizes in jnp on the CPU; `kernel=True` / `False` force one path (True on a CPU interprets the kernel). Uniform has
+no kernel: its keys are token-wise, and the kernel folds per-channel key scales into the query.
 
 Imports: errors, config, attention, and the method algorithms below it (codec, saliency, zipvl).
 """
@@ -38,6 +39,7 @@ import numpy as np
 from zipjax.attention import cache_attention
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
+from zipjax.kernels.common import platform
 from zipjax.kv.codec import SUPPORTED_BITS, Codec
 from zipjax.kv.saliency import NORMALIZATIONS, prompt_saliency, prompt_statistics
 from zipjax.kv.zipvl import important_count, important_order, sparse_prefill_attention
@@ -54,7 +56,12 @@ class Ranking(NamedTuple):
 class QuantMethod:
     """The interface of a quantizing method (ZipCache, KIVI, Uniform, ZipVL); subset 0 holds the salient tokens."""
 
-    kernel: bool
+    kernel: bool | None
+
+    @property
+    def uses_kernel(self) -> bool:
+        """Whether decode attention runs the Pallas kernel, for the platform being traced (see `kernel`)."""
+        return platform() in ("tpu", "gpu") if self.kernel is None else self.kernel
 
     @property
     def subset_bits(self) -> tuple[int, int]:
@@ -115,9 +122,10 @@ def _check_positive(name: str, value: int) -> None:
         raise ZipjaxError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_kernel(kernel: bool) -> None:
-    if not isinstance(kernel, bool):
-        raise ZipjaxError(f"kernel must be True (Pallas decode attention) or False (jax.numpy), got {kernel!r}")
+def _check_kernel(kernel: bool | None) -> None:
+    if kernel is not None and not isinstance(kernel, bool):
+        raise ZipjaxError(f"kernel must be None (the Pallas kernel on TPU/GPU, jax.numpy on CPU), True or False, "
+                          f"got {kernel!r}")
 
 
 def _check_group(group: int | None) -> None:
@@ -149,7 +157,7 @@ class ZipCache(QuantMethod):
     normalize: str = "probe"
     window: int = 100
     seed: int = 0
-    kernel: bool = False
+    kernel: bool | None = None
 
     def __post_init__(self):
         _check_mixed(self)
@@ -188,7 +196,7 @@ class KIVI(QuantMethod):
     bits: int = 2
     group: int | None = 32
     residual: int = 128
-    kernel: bool = False
+    kernel: bool | None = None
 
     def __post_init__(self):
         _check_kernel(self.kernel)
@@ -246,7 +254,7 @@ class ZipVL(QuantMethod):
     probe_ratio: float = 0.1
     window: int = 100
     seed: int = 0
-    kernel: bool = False
+    kernel: bool | None = None
 
     def __post_init__(self):
         _check_mixed(self)
