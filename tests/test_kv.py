@@ -153,12 +153,12 @@ def test_bad_configurations_are_refused_when_built(trained):
     with pytest.raises(ZipjaxError, match="bit width"):
         kv.KIVI(bits=1)
     with pytest.raises(ZipjaxError, match="group"):
-        QuantizedKVCache.init(trained.config, kv.KIVI(group=12), 1, 256, 16)
+        QuantizedKVCache.init(trained.config, kv.Uniform(group=12), 1, 256, 16)
     odd = trained.config.__class__(**{**trained.config.__dict__, "head_dim": 6, "num_heads": 4, "num_kv_heads": 2})
     with pytest.raises(ZipjaxError, match="head_dim 6"):
         QuantizedKVCache.init(odd, kv.ZipCache(), 1, 256, 16)
     with pytest.raises(ZipjaxError, match="window"):
-        zipjax.generate(trained, [[5, 6, 7]], 8, cache_length=64, kv=kv.KIVI(residual=128))
+        zipjax.generate(trained, [[5, 6, 7]], 8, cache_length=64, kv=kv.ZipCache(window=128))
     with pytest.raises(ZipjaxError, match="kv must be"):
         zipjax.generate(trained, [[5, 6, 7]], 8, kv="zipcache")
 
@@ -196,7 +196,7 @@ def test_full_precision_window_is_exact(trained, forced):
     assert int(cache.blocks) == 1 and int(cache.buffered) == 39
 
 
-@pytest.mark.parametrize("method", [kv.ZipCache(high_bits=8, low_bits=8, window=8), kv.KIVI(bits=8, residual=8),
+@pytest.mark.parametrize("method", [kv.ZipCache(high_bits=8, low_bits=8, window=8),
                                     kv.Uniform(bits=8, group=16, window=8)], ids=lambda m: type(m).__name__)
 def test_streaming_8_bit_caches_track_the_dense_cache(trained, forced, method):
     ids, starts, dense = forced
@@ -208,8 +208,7 @@ def test_streaming_8_bit_caches_track_the_dense_cache(trained, forced, method):
     assert int(cache.blocks) == 1 + (39 - 1) // 8 and int(cache.buffered) == 39 - 8 * ((39 - 1) // 8)
 
 
-@pytest.mark.parametrize("method", [kv.ZipCache(window=8), kv.KIVI(bits=2, group=16, residual=8)],
-                         ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("method", [kv.ZipCache(window=8)], ids=lambda m: type(m).__name__)
 def test_pallas_decode_attention_equals_the_jnp_path(trained, forced, method):
     """The cache with kernel=True (Pallas over packed codes, interpreted on CPU) gives the jnp path's logits and
     the same cache, through prefill and several flushes: 2-bit codes, mixed precision, left padding."""
@@ -262,7 +261,7 @@ def test_nbytes_counts_the_arrays_and_compresses(trained):
     for method, low, high in [(kv.ZipCache(), 2.5, 8.0), (kv.KIVI(bits=2, residual=32), 3.0, 8.0),
                               (kv.Uniform(bits=4), 2.0, 4.0)]:
         spec = method
-        cache = jax.jit(lambda s, spec=spec: QuantizedKVCache.init(cfg, spec, 2, 1024, 512, s, jnp.float16))(
+        cache = jax.jit(lambda s, spec=spec: kv.init_cache(spec, cfg, 2, 1024, 512, s, jnp.float16))(
             jnp.zeros(2, jnp.int32))
         assert cache.nbytes() == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
         ratio = dense.nbytes() / cache.nbytes()
@@ -277,7 +276,7 @@ def test_generate_with_a_quantized_cache(trained):
     dense = zipjax.generate(trained, prompts, 40, stop_tokens=())
     eight = zipjax.generate(trained, prompts, 40, stop_tokens=(), kv=kv.ZipCache(high_bits=8, low_bits=8, window=16))
     np.testing.assert_array_equal(eight, dense)
-    for method in (kv.ZipCache(window=16), kv.KIVI(residual=16), kv.Uniform(bits=2, window=16)):
+    for method in (kv.ZipCache(window=16), kv.KIVI(group=16, residual=16), kv.Uniform(bits=2, window=16)):
         out = zipjax.generate(trained, prompts, 40, stop_tokens=(), kv=method)
         streamed = np.stack(list(zipjax.generate_stream(trained, prompts, 40, stop_tokens=(), kv=method)), 1)
         np.testing.assert_array_equal(out[:, -40:], streamed)

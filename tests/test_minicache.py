@@ -92,7 +92,7 @@ def test_merged_cache_restores_identical_layers_and_retained_tokens_exactly():
     shape = (2, 24, 2, 16)
     k0, v0, k1, v1 = (jax.random.normal(x, shape) for x in key)
     starts = jnp.array([0, 3], jnp.int32)
-    spec = zipjax.kv.MiniCache(start_layer=2, t=0.6, gamma=0.25)
+    spec = zipjax.kv.MiniCache(start_layer=2, t=0.6, gamma=0.25, merge_dims="head")
     same = _prefill_pair(spec, k0, v0, k0, v0, starts)
     for layer in (2, 3):  # identical layers: direction x norm gives the states back (float16 norms)
         k, v = same.restore(layer)
@@ -125,6 +125,7 @@ def test_merged_cache_generates_counts_bytes_and_refuses_bad_configurations():
     cfg = model.config
     sizes = {}
     for name, method in (("full", zipjax.kv.MiniCache(start_layer=5)), ("merged", zipjax.kv.MiniCache(gamma=0.05)),
+                         ("per_head", zipjax.kv.MiniCache(gamma=0.05, merge_dims="head")),
                          ("kivi", zipjax.kv.MiniCache(inner=zipjax.kv.KIVI(bits=4, group=32)))):
         spec = method
         cache = jax.jit(lambda s, spec=spec: init_cache(spec, cfg, 2, 512, 512, s, jnp.float16))(
@@ -132,9 +133,11 @@ def test_merged_cache_generates_counts_bytes_and_refuses_bad_configurations():
         assert cache.nbytes() == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
         sizes[name] = cache.nbytes()
     print({k: round(sizes["full"] / v, 2) for k, v in sizes.items()})
-    # layers 3 and 4 share directions (layer 5 has no partner): 5 layers' states instead of 6, plus float16 norms
-    # and 26 retained tokens of 512 for both layers: 768 / 661 bytes per token and KV head
-    assert abs(sizes["full"] / sizes["merged"] - 768 / 661) < 0.01
+    # layers 4 and 5 share directions (start L/2 = 3: the pair (l - 1, l) with l odd): 5 layers' states instead of
+    # 6, float16 norms (per token: 4 bytes per KV head of 2; per head: 8) and 26 retained tokens of 512 for both
+    # layers: 768 / 657 bytes per token and KV head (per-head merge: 768 / 661)
+    assert abs(sizes["full"] / sizes["merged"] - 768 / 657) < 0.01
+    assert abs(sizes["full"] / sizes["per_head"] - 768 / 661) < 0.01
     assert sizes["full"] / sizes["kivi"] > 3.5
     with pytest.raises(zipjax.ZipjaxError, match="inner quantizer"):
         zipjax.kv.MiniCache(inner=zipjax.kv.ZipCache())
@@ -142,3 +145,67 @@ def test_merged_cache_generates_counts_bytes_and_refuses_bad_configurations():
         zipjax.kv.MiniCache(t=1.5)
     with pytest.raises(zipjax.ZipjaxError, match="outside the model"):
         zipjax.generate(model, prompts, 4, kv=zipjax.kv.MiniCache(start_layer=9))
+
+
+def test_pairs_are_l_minus_1_and_l_with_l_odd_from_the_start_layer():
+    assert zipjax.kv.MiniCache().pairs(30) == tuple((odd - 1, odd) for odd in range(17, 30, 2))  # (16, 17) ..
+    roles = zipjax.kv.MiniCache().roles(30)
+    assert roles[15] == ("plain", 15) and roles[16] == ("first", 0) and roles[29] == ("second", 6)
+    assert zipjax.kv.MiniCache(start_layer=0).pairs(4) == ((0, 1), (2, 3))
+    assert zipjax.kv.MiniCache(start_layer=1).pairs(5) == ((2, 3),)
+
+
+def test_whole_token_merge_uses_the_vector_across_heads():
+    """The default merges a token's K (or V) over every KV head as one vector (the paper's X in R^{n x h}): one
+    norm per token and layer, and the direction is the SLERP of the concatenated vectors."""
+    key = jax.random.split(jax.random.key(1), 4)
+    shape = (2, 24, 2, 16)
+    k0, v0, k1, v1 = (jax.random.normal(x, shape) for x in key)
+    cache = _prefill_pair(zipjax.kv.MiniCache(start_layer=2, gamma=0.0), k0, v0, k1, v1, jnp.zeros(2, jnp.int32))
+    pair = cache.pairs[0]
+    assert pair["k_norms"].shape == (2, 1, 24, 2)
+    whole = lambda x: x.reshape(2, 24, 32)  # [batch, tokens, kv_heads * head_dim]
+    np.testing.assert_allclose(np.asarray(pair["k_norms"][:, 0, :, 1], np.float32),
+                               np.asarray(jnp.linalg.norm(whole(k1), axis=-1)), rtol=1e-3)
+    direction = slerp_direction(whole(k0), whole(k1), 0.6)  # [batch, tokens, 32]
+    k, _ = cache.restore(3)
+    expected = direction * jnp.linalg.norm(whole(k1), axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(k.transpose(0, 2, 1, 3).reshape(2, 24, 32)), np.asarray(expected),
+                               rtol=2e-3, atol=2e-3)
+    per_head = _prefill_pair(zipjax.kv.MiniCache(start_layer=2, gamma=0.0, merge_dims="head"), k0, v0, k1, v1,
+                             jnp.zeros(2, jnp.int32))
+    assert per_head.pairs[0]["k_norms"].shape == (2, 2, 24, 2)
+
+
+def test_decode_tokens_are_merged_at_the_second_layer_of_a_pair():
+    """Algorithm 2: a decode token's states of layers 2 and 3 are merged when layer 3 runs; each layer attends with
+    its exact new token, and later steps see the merged one (direction x the layer's norm)."""
+    from zipjax.kv.merged import MergedKVCache
+
+    key = jax.random.split(jax.random.key(2), 3)
+    n, heads = 8, 4
+    cache = MergedKVCache.init(_cfg(), zipjax.kv.MiniCache(start_layer=2, gamma=0.0), 1, n + 4, n)
+    prompt = jax.random.normal(key[0], (1, n, 2, 16))
+    for layer in range(4):
+        _, cache = cache.attend(layer, jnp.zeros((1, n, heads, 16)), prompt, prompt, None)
+    cache = cache.advance(n)
+    new = jax.random.normal(key[1], (4, 1, 1, 2, 16))  # per layer: [batch, 1, kv_heads, head_dim]
+    for layer in range(4):
+        _, cache = cache.attend(layer, jnp.zeros((1, 1, heads, 16)), new[layer], new[layer] * 2, None)
+    cache = cache.advance(1)
+    assert cache.pending is None and cache.k_buf[2].shape[2] == 0  # merged layers keep no per-layer buffer
+    np.testing.assert_array_equal(np.asarray(cache.k_buf[0][:, :, 0]), np.asarray(new[0][:, 0]))  # plain: exact
+    x0, x1 = new[2][:, 0].reshape(1, 32), new[3][:, 0].reshape(1, 32)
+    buf = cache.pair_buf[0]
+    np.testing.assert_allclose(np.asarray(buf["k_dir"][:, :, 0].reshape(1, 32)),
+                               np.asarray(slerp_direction(x0, x1, 0.6)), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(buf["k_norms"][0, 0, 0], np.float32),
+                               [float(jnp.linalg.norm(x0)), float(jnp.linalg.norm(x1))], rtol=1e-3)
+    step = jax.random.normal(key[2], (1, 2, 1, 16))  # the next token of layer 2: [batch, kv_heads, 1, head_dim]
+    keys, _, update = cache._decode_states(2, step, step)
+    restored = slerp_direction(x0, x1, 0.6) * jnp.linalg.norm(x0)
+    np.testing.assert_allclose(np.asarray(keys[:, :, 0].reshape(1, 32)), np.asarray(restored), rtol=2e-3)
+    np.testing.assert_array_equal(np.asarray(keys[:, :, 1]), np.asarray(step[:, :, 0]))
+    assert update["pending"][0] is step
+    exact = MergedKVCache.init(_cfg(), zipjax.kv.MiniCache(start_layer=2, merge_decode=False), 1, n + 4, n)
+    assert exact.k_buf[2].shape[2] == 4 and exact.pair_buf == ()

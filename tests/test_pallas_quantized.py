@@ -1,22 +1,49 @@
 """The packed-code decode attention kernel against its jnp reference, in interpret mode and with the TPU interpreter.
 
 Segments are built with zipjax.kv's own quantizer (channel-wise keys per block, token- or group-wise values, CST
-scales), over bit widths, GQA group sizes, empty slots, left padding and a sliding window; two segments of
-different precision merged by log-sum-exp must equal attention over both at once.
+scales), over bit widths, GQA group sizes (G = 1, 3, 4), empty slots, left padding and a sliding window; two
+segments of different precision merged by log-sum-exp must equal attention over both at once. Both forms of the
+kernel run interpreted: "tpu" (Mosaic's: tokens on lanes, aligned tiles with a partial last one, the state
+accumulated over the tiles, float16 scales as uint16 bits) and "gpu" (Triton's: row-major tiles, the last window
+shifted back inside the segment, one state per tile). Blocks of 60 and 300 tokens (a streaming window's split, a
+prompt's salient count) make tiles cross block boundaries. Compiling for real chips is tests/test_aot_quantized.py.
 """
+
+import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
-from zipjax.kernels.quantized_attention import dequantize_segment, merge, reference, segment_attention
+from jax.experimental.pallas import triton as plt
+from zipjax.kernels.common import compiling_for
+from zipjax.kernels.quantized_attention import (
+    choose_tiling,
+    decode_float16_bits,
+    dequantize_segment,
+    merge,
+    reference,
+    segment_attention,
+    segment_attention_on_backend,
+)
 
 from zipjax.kv.codec import channel_scale, grouped, pack, quantize
 
+SEGMENT = ("k_codes", "k_step", "k_min", "v_codes", "v_step", "v_min", "v_scale")  # segment_attention's order
 
-def make_segment(seed: int, bits: int, batch=2, heads=2, blocks=3, block=8, d=16, group=None, cst=True):
-    """A quantized segment plus its slots: [batch, heads, blocks * block, ...] arrays as the cache stores them."""
+
+def make_segment(seed: int, bits: int, **shape) -> tuple[dict, jax.Array]:
+    """A quantized segment plus its slots: [batch, heads, blocks * block, ...] arrays as the cache stores them, in
+    segment_attention's argument order. shape: batch, heads, blocks, block, d, group, cst."""
+    *arrays, slots = _segment_arrays(seed, bits=bits, **shape)
+    return dict(zip(SEGMENT, arrays, strict=True)), slots
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "batch", "heads", "blocks", "block", "d", "group", "cst"))
+def _segment_arrays(seed, bits: int, batch=2, heads=2, blocks=3, block=8, d=16, group=None, cst=True):
+    """make_segment's arrays as a tuple (jitted: one compilation per shape instead of one per operation)."""
     key_k, key_v = jax.random.split(jax.random.key(seed))
     shape = (batch, heads, blocks, block, d)
     k = jax.random.normal(key_k, shape) * jnp.linspace(0.5, 4.0, d)
@@ -27,29 +54,52 @@ def make_segment(seed: int, bits: int, batch=2, heads=2, blocks=3, block=8, d=16
     g = group or d
     v_codes, v_step, v_min = quantize(grouped(v_div, g), bits, axis=-1)
     tokens = (batch, heads, blocks * block)
-    seg = dict(k_codes=pack(k_codes.reshape(*tokens, d), bits), k_step=k_step[:, :, :, 0], k_min=k_min[:, :, :, 0],
-               v_codes=pack(v_codes.reshape(*tokens, d), bits), v_step=v_step[..., 0].reshape(*tokens, d // g),
-               v_min=v_min[..., 0].reshape(*tokens, d // g),
-               v_scale=v_scale[:, :, :, 0] if cst else None)
     slots = jnp.broadcast_to(jnp.arange(blocks * block, dtype=jnp.int32), tokens)
     slots = slots.at[:, 1, -3:].set(-1)  # empty slots at the end of one head's store
-    return seg, slots
+    return (pack(k_codes.reshape(*tokens, d), bits), k_step[:, :, :, 0], k_min[:, :, :, 0],
+            pack(v_codes.reshape(*tokens, d), bits), v_step[..., 0].reshape(*tokens, d // g),
+            v_min[..., 0].reshape(*tokens, d // g), v_scale[:, :, :, 0] if cst else None, slots)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize("group", [None, 8])
-def test_kernel_matches_reference(bits, rows, group):
-    seg, slots = make_segment(bits, bits, group=group)
-    q = jax.random.normal(jax.random.key(7), (2, 2, rows, 16))
-    starts = jnp.array([0, 5], jnp.int32)
-    q_slot = jnp.int32(20)  # slots above 20 are in the future
-    kw = dict(bits=bits, block=8, group=group)
-    ref = reference(q, *seg.values(), slots, q_slot, starts, **kw)
-    state = segment_attention(q, *seg.values(), slots, q_slot, starts, interpret=True, **kw)
-    err = float(jnp.abs(merge([state]) - ref).max())
-    print(f"bits={bits} rows={rows} group={group}: max abs error {err:.2e}")
-    assert err < 2e-5
+jitted_reference = jax.jit(reference, static_argnames=("bits", "block", "group", "sliding_window"))
+
+
+def kernel_error(backend, bits, rows, group=None, blocks=3, block=8, d=16, cst=True, **kw) -> float:
+    """Max abs difference between the merged kernel states and the reference; slots past 4 tokens before the end
+    are in the future, the second sequence starts at slot 5."""
+    seg, slots = make_segment(bits, bits, blocks=blocks, block=block, d=d, group=group, cst=cst)
+    q = jax.random.normal(jax.random.key(7), (2, 2, rows, d))
+    args = (q, *seg.values(), slots, jnp.int32(blocks * block - 4), jnp.array([0, 5], jnp.int32))
+    settings = dict(bits=bits, block=block, group=group, **kw)
+    state = segment_attention(*args, backend=backend, interpret=True, **settings)
+    err = float(jnp.abs(merge([state]) - jitted_reference(*args, **settings)).max())
+    print(f"{backend} bits={bits} G={rows} group={group} {blocks}x{block} d={d} cst={cst}: max abs error {err:.2e}")
+    return err
+
+
+@pytest.mark.parametrize("backend, bits, rows, group, cst", [
+    ("tpu", 4, 1, None, True), ("tpu", 2, 3, 8, True), ("tpu", 8, 3, None, False),
+    ("gpu", 4, 3, 8, True), ("gpu", 2, 1, None, False), ("gpu", 8, 4, 8, True)])
+def test_kernel_matches_reference(backend, bits, rows, group, cst):
+    assert kernel_error(backend, bits, rows, group, cst=cst) < 2e-5
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("bits, group, blocks, block, cst", [(4, None, 1, 300, True), (2, 16, 5, 60, False)])
+def test_non_power_of_two_blocks(backend, bits, group, blocks, block, cst):
+    """A prompt-like single block of 300 tokens and five streaming blocks of 60 at G=3: tiles are 128-multiples
+    (TPU) or powers of two (GPU), so they cross block boundaries and the last one is partial."""
+    tiling = choose_tiling(backend, bits, 32, group or 32, block, blocks * block, 3, cst, compiled=False)
+    assert tiling.tiles > 1 and (tiling.window > 1 or blocks == 1)
+    assert kernel_error(backend, bits, 3, group, blocks=blocks, block=block, d=32, cst=cst) < 2e-5
+
+
+def test_float16_bits_decode_exactly():
+    """Mosaic cannot load float16, so on TPU the scales travel as uint16 bits: every pattern (zeros, subnormals,
+    normals, infinities, NaN) decodes to float16's own float32 value."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    decoded = np.asarray(decode_float16_bits(jnp.asarray(bits, jnp.int32)))
+    np.testing.assert_array_equal(decoded, bits.view(np.float16).astype(np.float32))
 
 
 def test_dequantize_segment_matches_the_quantizer():
@@ -59,15 +109,17 @@ def test_dequantize_segment_matches_the_quantizer():
     assert bool(jnp.all(jnp.isfinite(k))) and bool(jnp.all(jnp.isfinite(v)))
 
 
-def test_mixed_precision_segments_merge_exactly():
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_mixed_precision_segments_merge_exactly(backend):
     """A 4-bit and a 2-bit segment attended separately and merged = one softmax over both sets of tokens."""
     hi, hi_slots = make_segment(1, 4, blocks=2)
     lo, lo_slots = make_segment(2, 2, blocks=3)
     lo_slots = jnp.where(lo_slots >= 0, lo_slots + 16, -1)  # the regular tokens sit after the salient ones
     q = jax.random.normal(jax.random.key(3), (2, 2, 3, 16))
     starts, q_slot = jnp.array([0, 2], jnp.int32), jnp.int32(38)
-    states = [segment_attention(q, *hi.values(), hi_slots, q_slot, starts, bits=4, block=8, interpret=True),
-              segment_attention(q, *lo.values(), lo_slots, q_slot, starts, bits=2, block=8, interpret=True)]
+    kw = dict(block=8, backend=backend, interpret=True)
+    states = [segment_attention(q, *hi.values(), hi_slots, q_slot, starts, bits=4, **kw),
+              segment_attention(q, *lo.values(), lo_slots, q_slot, starts, bits=2, **kw)]
     k_hi, v_hi = dequantize_segment(*hi.values(), bits=4, block=8)
     k_lo, v_lo = dequantize_segment(*lo.values(), bits=2, block=8)
     k, v = jnp.concatenate([k_hi, k_lo], axis=2), jnp.concatenate([v_hi, v_lo], axis=2)
@@ -82,15 +134,58 @@ def test_sliding_window():
     seg, slots = make_segment(4, 4)
     q = jax.random.normal(jax.random.key(5), (2, 2, 2, 16))
     args = (q, *seg.values(), slots, jnp.int32(23), jnp.zeros(2, jnp.int32))
-    ref = reference(*args, bits=4, block=8, sliding_window=6)
+    ref = jitted_reference(*args, bits=4, block=8, sliding_window=6)
     out = merge([segment_attention(*args, bits=4, block=8, sliding_window=6, interpret=True)])
     np.testing.assert_allclose(out, ref, atol=2e-5)
 
 
 def test_tpu_interpreter():
-    seg, slots = make_segment(6, 4)
-    q = jax.random.normal(jax.random.key(8), (2, 2, 2, 16))
-    args = (q, *seg.values(), slots, jnp.int32(30), jnp.array([0, 3], jnp.int32))
-    ref = reference(*args, bits=4, block=8)
-    out = merge([segment_attention(*args, bits=4, block=8, interpret=pltpu.InterpretParams())])
+    """Mosaic's form under the TPU interpreter (it models VMEM, the scratch and the sequential tile axis)."""
+    seg, slots = make_segment(6, 4, blocks=5, block=60, d=32)
+    q = jax.random.normal(jax.random.key(8), (2, 2, 2, 32))
+    args = (q, *seg.values(), slots, jnp.int32(290), jnp.array([0, 3], jnp.int32))
+    ref = jitted_reference(*args, bits=4, block=60)
+    out = merge([segment_attention(*args, bits=4, block=60, interpret=pltpu.InterpretParams())])
     np.testing.assert_allclose(out, ref, atol=2e-5)
+
+
+def _pallas_call(jaxpr):
+    """The pallas_call equation of a jaxpr, looking into nested jaxprs."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            return eqn
+        for param in eqn.params.values():
+            found = _pallas_call(param.jaxpr) if hasattr(param, "jaxpr") else None
+            if found is not None:
+                return found
+    return None
+
+
+@pytest.mark.parametrize("platform, params, interpret", [
+    ("cpu", pltpu.CompilerParams, True), ("tpu", pltpu.CompilerParams, False), ("gpu", plt.CompilerParams, False)])
+def test_backend_follows_the_platform_being_traced_for(platform, params, interpret):
+    """segment_attention_on_backend asks zipjax.kernels.common.platform(): Mosaic on tpu, Triton on gpu (explicit
+    compiler parameters, else jax would pick Mosaic GPU), the TPU form interpreted on cpu. Traced only."""
+    seg, slots = make_segment(0, 4)
+    args = (jnp.ones((2, 2, 1, 16)), *seg.values(), slots, jnp.int32(20), jnp.zeros(2, jnp.int32))
+    with contextlib.nullcontext() if platform == "cpu" else compiling_for(platform):
+        jaxpr = jax.make_jaxpr(lambda *a: segment_attention_on_backend(*a, bits=4, block=8))(*args)
+    eqn = _pallas_call(jaxpr.jaxpr)
+    assert isinstance(eqn.params["compiler_params"], params)
+    assert bool(eqn.params["interpret"]) is interpret
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("q", lambda a: {**a, "q": a["q"][0]}, "q must be float"),
+    ("k_codes", lambda a: {**a, "k_codes": a["k_codes"][:, :, :23]}, "k_codes must be"),
+    ("v_codes", lambda a: {**a, "v_codes": a["v_codes"].astype(jnp.int32)}, "v_codes must be uint8"),
+    ("k_step", lambda a: {**a, "k_step": a["k_step"][:, :, :2]}, "k_step must be float of shape (2, 2, 3, 16)"),
+    ("v_min", lambda a: {**a, "v_min": a["v_min"][..., 0]}, "v_min must be float of shape (2, 2, 24, 1)"),
+    ("slots", lambda a: {**a, "slots": a["slots"].astype(jnp.float32)}, "slots must be int"),
+    ("starts", lambda a: {**a, "starts": a["starts"][:1]}, "starts must be int of shape (2,)"),
+])
+def test_wrong_shapes_are_named(name, change, message):
+    seg, slots = make_segment(0, 4)
+    args = dict(q=jnp.ones((2, 2, 1, 16)), **seg, slots=slots, q_slot=jnp.int32(20), starts=jnp.zeros(2, jnp.int32))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        segment_attention(**change(args), bits=4, block=8, interpret=True)

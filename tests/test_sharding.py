@@ -54,7 +54,8 @@ def test_parameters_are_split_by_the_rules(sharded_pair):
     assert len(layer["attn"]["q"].addressable_shards) == 8
     assert layer["attn"]["q"].addressable_shards[0].data.shape == (2, 64, 8)  # 8 heads of dim 8, 4-way split
     _, replicated_kv = sharded_pair["kv_replicated"]
-    assert replicated_kv.params["layer_0"]["attn"]["k"].sharding.spec == PartitionSpec(None, None, None)
+    # 2 KV heads on a 4-way model axis: the k/v projections split by head_dim instead (zipjax.sharding.FALLBACKS)
+    assert replicated_kv.params["layer_0"]["attn"]["k"].sharding.spec == PartitionSpec(None, None, "model")
 
 
 def test_cache_is_split_over_data_and_model(sharded_pair):
@@ -64,6 +65,35 @@ def test_cache_is_split_over_data_and_model(sharded_pair):
     cache = cache_initializer(sharded.config, 4, 64, sharded.mesh)(jnp.zeros((4,), jnp.int32))
     assert cache.k[0].sharding.spec == PartitionSpec("data", "model", None, None)
     assert cache.k[0].addressable_shards[0].data.shape == (2, 1, 64, 8)
+
+
+def test_kv_heads_the_model_axis_does_not_divide_split_the_cache_by_sequence(sharded_pair):
+    """2 KV heads on a 4-way model axis: the cache is split by sequence instead of held whole on every chip (the
+    dense and the quantized cache alike); the greedy tokens are those of one device (test above)."""
+    from zipjax.kv.methods import cache_initializer
+
+    _, sharded = sharded_pair["kv_replicated"]
+    cache = cache_initializer(sharded.config, 4, 64, sharded.mesh)(jnp.zeros((4,), jnp.int32))
+    assert cache.k[0].sharding.spec == PartitionSpec("data", None, "model", None)
+    assert cache.k[0].addressable_shards[0].data.shape == (2, 2, 16, 8)  # a quarter of the sequence per chip
+    quantized = cache_initializer(sharded.config, 4, 64, sharded.mesh, zipjax.kv.ZipCache(window=8), 16)(
+        jnp.zeros((4,), jnp.int32))
+    assert quantized.layers[0].k_buf.sharding.spec == PartitionSpec("data", None, "model", None)
+
+
+def test_fallback_rules_at_pod_scale():
+    """The rules as pure arithmetic: LLaMA-3-70B's 8 KV heads on a 16-way model axis split the cache by sequence
+    and the k projection by head_dim; a dimension nothing divides stays whole; a mesh axis splits one dimension."""
+    from zipjax.cache import KV_AXES
+    from zipjax.sharding import logical_spec
+
+    mesh = {"data": 2, "model": 16}
+    assert logical_spec(KV_AXES, (32, 8, 8192, 128), mesh) == ["data", None, "model", None]
+    assert logical_spec(KV_AXES, (32, 16, 8192, 128), mesh) == ["data", "model", None, None]
+    assert logical_spec(KV_AXES, (32, 8, 8200, 128), mesh) == ["data", None, None, "model"]  # then head_dim
+    assert logical_spec(KV_AXES, (3, 8, 8200, 120), mesh) == [None, None, None, None]
+    assert logical_spec(("kv_heads", "embed", "head_dim"), (8, 8192, 128), mesh) == [None, None, "model"]
+    assert logical_spec(("heads", "embed", "head_dim"), (64, 8192, 128), mesh) == ["model", None, None]
 
 
 def test_spmd_partitioner_inserts_collectives(sharded_pair):
@@ -106,16 +136,17 @@ def test_quantized_cache_is_split_and_generates_on_a_mesh(sharded_pair):
 @pytest.mark.parametrize("method", [zipjax.kv.ZipVL(window=8), zipjax.kv.MiniCache(start_layer=0, inner=zipjax.kv.KIVI(
     bits=4, group=8))], ids=["ZipVL", "MiniCache"])
 def test_zipvl_and_minicache_caches_are_split_and_generate_on_a_mesh(sharded_pair, method):
-    """Every per-token leaf is split by batch and KV head; bytes held equal the arrays; generation on the mesh
-    reproduces one device."""
+    """Every per-token leaf is split by batch and (where it has one per head) KV head; bytes held equal the arrays;
+    generation on the mesh reproduces one device."""
     from zipjax.kv.methods import cache_initializer
 
     single, sharded = sharded_pair["divisible"]
     cache = cache_initializer(sharded.config, 4, 64, sharded.mesh, method, 16)(jnp.zeros((4,), jnp.int32))
     assert cache.nbytes() == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
     for leaf in jax.tree.leaves(cache):
-        if leaf.ndim >= 3:
-            assert tuple(leaf.sharding.spec[:2]) == ("data", "model"), leaf.shape
+        if leaf.ndim >= 3:  # MiniCache's whole-vector norms: one value for all heads (axis 1 of size 1)
+            heads = "model" if leaf.shape[1] == sharded.config.num_kv_heads else None
+            assert tuple(leaf.sharding.spec[:2]) == ("data", heads), leaf.shape
     ids = random_ids(4, 13, seed=7)
     prompts = [ids[0, :5].tolist(), ids[1].tolist(), ids[2, :9].tolist(), ids[3, :2].tolist()]
     np.testing.assert_array_equal(zipjax.generate(sharded, prompts, 20, stop_tokens=(), kv=method),

@@ -167,6 +167,35 @@ def test_acceptance_rule_gives_the_new_distribution():
     assert bool(kept.all()) and np.array_equal(np.asarray(same), np.asarray(drafts[:1000]))
 
 
+def test_adaptive_chain_output_matches_its_target():
+    """Adaptive ZipAR's chain on a toy: a draft from q, checked against p2 (row above incomplete: kept tokens are
+    committed), a replacement checked against p3 at the final check. Reaching the final check, the token must be an
+    exact draw from p3, so the output is min(q, p2) + (1 - sum min(q, p2)) p3. The redraw is verified against the
+    residual it was drawn from; verifying it against p2 instead (the old rule) gives [0, 0.3, 0.7] at the end."""
+    import jax
+    import jax.numpy as jnp
+
+    from zipjax.zipar.adaptive import verify_draft
+
+    q, p2, p3 = (jnp.asarray(x) for x in ([0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.3, 0.6]))
+    n = 200_000
+    keys = jax.random.split(jax.random.key(1), 3)
+    drafts = jax.random.categorical(keys[0], jnp.log(q), shape=(n,)).astype(jnp.int32)
+    check = jax.vmap(verify_draft, in_axes=(0, 0, None, None))
+    token, kept, residual = check(jax.random.split(keys[1], n), drafts, q, p2)
+    final = jax.vmap(verify_draft)(jax.random.split(keys[2], n), token, residual, jnp.broadcast_to(p3, (n, 3)))[0]
+    old_rule = check(jax.random.split(keys[2], n), token, p2, p3)[0]
+    kept, reached = np.asarray(kept), ~np.asarray(kept)
+    out = np.where(kept, np.asarray(token), np.asarray(final))
+    freq = lambda x: np.bincount(x, minlength=3) / len(x)
+    overlap = np.minimum(q, p2)
+    target = np.asarray(overlap + (1 - overlap.sum()) * p3)
+    print("final check:", freq(np.asarray(final)[reached]), "old rule:", freq(np.asarray(old_rule)[reached]))
+    assert np.abs(freq(np.asarray(final)[reached]) - np.asarray(p3)).max() < 0.006  # ~100k draws: 5 sigma
+    assert np.abs(freq(out) - target).max() < 0.005
+    assert np.abs(freq(np.asarray(old_rule)[reached]) - np.asarray(p3)).max() > 0.09  # the test sees the old bug
+
+
 @pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=8, seed=5)])
 def test_adaptive_with_a_row_wide_minimum_is_sequential(emu3, sampling):
     prompts = ["a photo of a cat", "a red sofa"]

@@ -153,3 +153,60 @@ def test_generate_with_zipvl_and_bad_configurations(trained):
                        (dict(low_bits=3), "supported bit width"), (dict(buckets=0), "buckets")]:
         with pytest.raises(zipjax.ZipjaxError, match=match):
             kv.ZipVL(**bad)
+
+
+def test_one_important_set_per_layer_shared_by_heads_unless_per_head(trained):
+    """Algorithm 1 indexes a layer's Q, K and V with one T: every KV head of a layer stores the same important
+    slots; `per_head=True` lets the heads choose (with the same count p)."""
+    shared, _ = _prompt_cache(trained, kv.ZipVL(window=8))
+    own, _ = _prompt_cache(trained, kv.ZipVL(window=8, per_head=True))
+    differ = 0
+    for layer_shared, layer_own in zip(shared.layers, own.layers, strict=True):
+        slots = np.sort(np.asarray(layer_shared.stores[0].slots), axis=-1)  # [batch, kv_heads, room]
+        assert (slots == slots[:, :1]).all()
+        own_slots = np.sort(np.asarray(layer_own.stores[0].slots), axis=-1)
+        differ += int((own_slots != own_slots[:, :1]).any())
+    assert differ > 0
+
+
+def test_probes_are_64_recent_and_64_random_queries():
+    from zipjax.kv.saliency import probe_slots
+
+    starts = jnp.array([0, 40], jnp.int32)
+    slots = np.asarray(probe_slots(starts, 300, 0.1, jax.random.key(0), (64, 64)))
+    assert slots.shape == (2, 128)
+    np.testing.assert_array_equal(slots[:, 64:], np.broadcast_to(np.arange(236, 300), (2, 64)))
+    assert (slots[:, :64] < 236).all() and (slots[1, :64] >= 40).all()
+    assert probe_slots(starts, 300, 0.1, jax.random.key(0)).shape == (2, 30)  # the 5% + 5% option
+    assert probe_slots(starts, 96, 0.1, jax.random.key(0), (64, 64)).shape == (2, 96)  # clipped to the prompt
+    assert kv.ZipVL().probes == (64, 64) and not kv.ZipVL().per_head
+
+
+def test_stored_bytes_count_the_clipped_p_not_the_room(trained):
+    cache, _ = _prompt_cache(trained, kv.ZipVL(tau=0.9, evict=True, ratio_range=(0.1, 0.5), window=8))
+    unused = 0
+    for layer in cache.layers:
+        for store in layer.stores:
+            slots = np.asarray(store.slots)
+            per_entry = sum(x.nbytes // slots.size for x in store.arrays().values() if x.shape[:3] == slots.shape)
+            unused += int((slots < 0).sum()) * per_entry
+    assert unused > 0 and cache.stored_nbytes() == cache.nbytes() - unused
+
+
+def test_sparse_prefill_over_a_dense_cache(trained):
+    """compress=False (the paper's Video-MME setting): the prompt pass is ZipVL's sparse attention, and the cache
+    holds every key and value exactly."""
+    length = 64
+    ids = jnp.asarray(np.random.default_rng(1).integers(3, trained.config.vocab_size, (2, length)), jnp.int32)
+    starts = jnp.array([0, 7], jnp.int32)
+    positions = jnp.maximum(jnp.arange(length)[None] - starts[:, None], 0)
+    run = lambda method: trained.apply(ids, positions, kv.init_cache(method, trained.config, 2, length + 32, length,
+                                                                     starts))
+    sparse_dense, cache = run(kv.ZipVL(window=8, compress=False))
+    sparse_quantized, _ = run(kv.ZipVL(window=8))
+    np.testing.assert_allclose(np.asarray(sparse_dense), np.asarray(sparse_quantized), atol=1e-4)
+    _, dense = trained.apply(ids, positions, kv.KVCache.init(trained.config, 2, length + 32, starts))
+    np.testing.assert_allclose(np.asarray(cache.inner.k[0]), np.asarray(dense.k[0]), atol=1e-5)  # layer 0
+    assert cache.nbytes() == dense.nbytes()
+    with pytest.raises(zipjax.ZipjaxError, match="dense cache"):
+        kv.ZipVL(compress=False, sparse_prefill=False)

@@ -89,8 +89,8 @@ class Target:
 
 
 def target(name: str) -> Target:
-    """A TPU topology "GEN:AxB[xC]" (v5e, v5p, v6e; e.g. "v5e:2x2", "v5e:4x4" on 4 hosts, "v5p:2x2x2") or one GPU
-    ("h100", "h200")."""
+    """A TPU topology "GEN:AxB[xC]" (v5e, v5p, v6e; e.g. "v5e:2x2", "v5e:4x4" on 4 hosts, "v5p:2x2x2", "v5e:1x2"
+    on part of one host) or one GPU ("h100", "h200")."""
     from jax.experimental import topologies
 
     if name in _GPU_DESCRIPTIONS:
@@ -115,7 +115,9 @@ def target(name: str) -> Target:
     if generation not in ("v5e", "v5p", "v6e") or not 2 <= len(dims) <= 3 or not all(d.isdigit() for d in dims):
         raise ZipjaxError(f"unknown target {name!r}; use a TPU topology such as v5e:2x2, v5p:2x2x2, v6e:2x2, or "
                           "h100 / h200")
-    bounds = {"chips_per_host_bounds": (1, 1, 1)} if all(d == "1" for d in dims) else {}
+    sizes = [int(d) for d in dims]
+    # fewer chips than one host holds (1x1, 1x2, 1x2x1): the topology is that one host
+    bounds = {"chips_per_host_bounds": tuple(sizes + [1] * (3 - len(sizes)))} if np.prod(sizes) < 4 else {}
     try:
         topology = topologies.get_topology_desc(name, "tpu", **bounds)
     except Exception as e:

@@ -17,6 +17,7 @@ one. `load` checks every file's size against checksums.json, and the hashes too 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import shutil
@@ -30,12 +31,12 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, PartitionSpec
 
 from zipjax.config import ModelConfig
-from zipjax.destination import CHECKPOINT, CHECKPOINT_MANIFEST, Destination, interrupts_deferred
+from zipjax.destination import CHECKPOINT, CHECKPOINT_MANIFEST, Destination, interrupts_deferred, resolve
 from zipjax.emu3.model import Emu3Model, Emu3Vision
 from zipjax.emu3.vqvae import abstract_vq_params
 from zipjax.errors import ZipjaxError
 from zipjax.model import Model
-from zipjax.sharding import as_auto_mesh, replicated_shardings, tree_shardings
+from zipjax.sharding import as_auto_mesh, check_mesh, one_writer, replicated_shardings, tree_shardings
 from zipjax.transformer import Params, abstract_params, param_logical_axes
 
 FORMAT = "zipjax-checkpoint"
@@ -66,9 +67,19 @@ def save(path: str | Path, config: ModelConfig, params: Params, *, files: Iterab
     elif config.architecture == "emu3":
         raise ZipjaxError("an emu3 checkpoint needs its vision tokenizer (VQ-VAE) parameters")
     files = [Path(f) for f in files]  # the caller vouches for them (zipjax.convert.files checks a source's links)
+    write = functools.partial(_write, path, config, params, files=files, metadata=metadata, overwrite=overwrite,
+                              vision=vision, sources=sources)
+    return one_writer(write, lambda: resolve(path, "destination"), f"writing {path}")
+
+
+def _write(path: Path | str, config: ModelConfig, params: Params, *, files: list[Path], metadata: dict[str, Any],
+           overwrite: bool, vision: tuple[Emu3Vision, Params] | None, sources: Iterable[Path]) -> Path:
+    """The folder, written by this process alone (orbax's barriers limited to it)."""
     destination = Destination(path, overwrite=overwrite, kind=CHECKPOINT, sources=sources)
     with destination as staging:
-        checkpointer = ocp.StandardCheckpointer()
+        only_this_process = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                               active_processes={jax.process_index()})
+        checkpointer = ocp.StandardCheckpointer(multiprocessing_options=only_this_process)
         with interrupts_deferred():  # orbax's writer threads cannot be stopped midway
             checkpointer.save(staging / PARAMS_DIR, params)
             if vision is not None:
@@ -161,6 +172,7 @@ def load(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Mesh | No
         config = config.replace(dtype=jnp.dtype(dtype).name)
     if mesh is not None:
         mesh = as_auto_mesh(mesh)
+        check_mesh(mesh)
     params_dir = path / PARAMS_DIR
     if not params_dir.is_dir():
         raise ZipjaxError(f"{path} has no {PARAMS_DIR}/ folder: the checkpoint is incomplete")

@@ -1,6 +1,7 @@
 """The `zipjax` command: `generate` streams text from a checkpoint, `convert` imports one, `export` writes one back
 out as a Hugging Face folder, `image` draws a PNG with an Emu3 checkpoint, `ask` questions one about an image, and
-`verify` checks a checkpoint's files against their checksums.
+`verify` checks a checkpoint's files against their checksums. `--profile DIR` on `generate` and `image` writes a
+jax.profiler trace of the run.
 
     zipjax generate "def fibonacci(n):"                      # the shipped default model
     zipjax generate --checkpoint DIR --chat "What is the capital of France?"
@@ -17,11 +18,14 @@ exception is a bug in zipjax and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import sys
 import time
 from pathlib import Path
+
+import jax
 
 from zipjax import kv
 from zipjax.checkpoint import load, verify
@@ -123,6 +127,7 @@ def _generate_parser(commands) -> None:
                           "kivi (2-bit), uniform (4-bit token-wise)")
     gen.add_argument("--kv-kernel", action="store_true",
                      help="decode attention over the packed codes with the Pallas kernel (zipcache, kivi)")
+    _profile_argument(gen)
     gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                      help="compute dtype (default: as stored)")
 
@@ -163,6 +168,7 @@ def _image_parsers(commands) -> None:
     image.add_argument("--sjd-window", type=_positive_int, default=None,
                        help="decode with Speculative Jacobi Decoding over this many tokens instead")
     image.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    _profile_argument(image)
 
     question = commands.add_parser("ask", help="ask an Emu3 checkpoint a question about a PNG image")
     question.add_argument("image", type=_path, help="8-bit RGB(A) PNG file")
@@ -170,6 +176,25 @@ def _image_parsers(commands) -> None:
     question.add_argument("--checkpoint", type=_path, required=True, help="a converted Emu3 checkpoint folder")
     question.add_argument("--max-new-tokens", type=_positive_int, default=256)
     question.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+
+
+def _profile_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", type=_path, default=None, metavar="DIR",
+                        help="write a jax.profiler trace of the run to DIR (open it with TensorBoard or Perfetto)")
+
+
+@contextlib.contextmanager
+def profiled(directory: Path | None):
+    """A jax.profiler trace of the enclosed work written under `directory` (created); nothing without one."""
+    if directory is None:
+        yield
+        return
+    if directory.exists() and not directory.is_dir():
+        raise ZipjaxError(f"--profile {directory}: exists and is not a folder")
+    directory.mkdir(parents=True, exist_ok=True)
+    with jax.profiler.trace(str(directory)):
+        yield
+    print(f"[profile written to {directory}]", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,7 +296,8 @@ COMMANDS = {"generate": run_generate, "convert": run_convert, "export": run_expo
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        COMMANDS[args.command](args)
+        with profiled(getattr(args, "profile", None)):
+            COMMANDS[args.command](args)
     except ZipjaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -160,3 +160,22 @@ class ModelConfig:
         d["rope"] = RopeConfig(**rope)
         d["eos_token_ids"] = integers(d.get("eos_token_ids", ()), "config field eos_token_ids")
         return cls(**d)
+
+
+# The published models' shapes (their config.json files, in zipjax's terms), for eval_shape checks and ahead-of-time
+# compilation at real size without downloading any weights. Token ids are left out: only shapes matter there.
+PUBLISHED: dict[str, ModelConfig] = {
+    "llama-3-8b": ModelConfig(architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                              num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=8192,
+                              rope=RopeConfig(theta=500000.0), dtype="bfloat16"),
+    # meta-llama/Meta-Llama-3-70B: 70,553,706,496 parameters; 8 KV heads, so a 16-way "model" axis cannot split them
+    "llama-3-70b": ModelConfig(architecture="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                               num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
+                               max_position_embeddings=8192, rope=RopeConfig(theta=500000.0), dtype="bfloat16"),
+    "mistral-7b": ModelConfig(architecture="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                              num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=32768,
+                              rope=RopeConfig(theta=10000.0), sliding_window=4096, dtype="bfloat16"),
+    "emu3-gen": ModelConfig(architecture="emu3", vocab_size=184622, hidden_size=4096, intermediate_size=14336,
+                            num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=9216,
+                            rope=RopeConfig(theta=1e6), dtype="bfloat16"),
+}

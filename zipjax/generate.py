@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from zipjax.cache import AppendCache
 from zipjax.config import ModelConfig
@@ -35,6 +35,7 @@ from zipjax.model import Model, check_token_ids
 from zipjax.sampling import SamplingMode, check_settings, sample
 from zipjax.shapes import CACHE_ROUNDING, left_pad, next_pow2, prompt_bucket
 from zipjax.shapes import cache_length as round_cache_length
+from zipjax.sharding import place, to_host
 from zipjax.transformer import Params, Transformer, prompt_pass
 from zipjax.validate import integer
 
@@ -164,10 +165,8 @@ class _Plan:
                               f"the model's maximum of {max_positions} positions")
 
     def device_inputs(self, model: Model) -> tuple[jax.Array, jax.Array, AppendCache]:
-        prompt, starts = jnp.asarray(self.prompt), jnp.asarray(self.starts)
-        if model.mesh is not None and self.batch % model.mesh.shape.get("data", 1) == 0:
-            prompt = jax.device_put(prompt, NamedSharding(model.mesh, PartitionSpec("data", None)))
-            starts = jax.device_put(starts, NamedSharding(model.mesh, PartitionSpec("data")))
+        prompt = place(self.prompt, model.mesh, PartitionSpec("data", None))
+        starts = place(self.starts, model.mesh, PartitionSpec("data"))
         cache = cache_initializer(model.config, self.batch, self.cache_length, model.mesh, self.kv,
                                   self.bucket)(starts)
         return prompt, starts, cache
@@ -252,7 +251,7 @@ def generate(model: Model, prompt_ids, max_new_tokens: int, *, temperature: floa
     prompt, starts, cache = plan.device_inputs(model)
     tokens, _ = _generate_loop(model.params, prompt, starts, cache, jax.random.key(plan.seed), plan.knobs,
                             jnp.int32(plan.max_new_tokens), config=model.config, mode=plan.mode)
-    return plan.output(np.asarray(tokens))
+    return plan.output(to_host(tokens))
 
 
 def generate_stream(model: Model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
@@ -268,7 +267,7 @@ def generate_stream(model: Model, prompt_ids, max_new_tokens: int, *, temperatur
     static = dict(config=model.config, mode=plan.mode)
     state = _prefill_jit(model.params, prompt, starts, cache, jax.random.key(plan.seed), plan.knobs, **static)
     while True:
-        yield np.asarray(state.last_token)
-        if int(state.step) >= plan.max_new_tokens or bool(np.all(np.asarray(state.done))):
+        yield to_host(state.last_token)
+        if int(to_host(state.step)) >= plan.max_new_tokens or bool(np.all(to_host(state.done))):
             return
         state = _decode_step_jit(model.params, state, plan.knobs, **static)

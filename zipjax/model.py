@@ -11,13 +11,13 @@ import functools
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from zipjax.cache import Cache
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
+from zipjax.sharding import place, to_host
 from zipjax.tokenizer import Tokenizer
 from zipjax.transformer import Params, Transformer
 
@@ -59,7 +59,9 @@ class Model:
             )
         check_token_ids(tokens, self.config.vocab_size)
         positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-        return self.apply(jnp.asarray(tokens, jnp.int32), jnp.asarray(positions))[0]
+        batch = PartitionSpec("data", None)
+        logits = self.apply(place(tokens.astype(np.int32), self.mesh, batch), place(positions, self.mesh, batch))[0]
+        return logits if logits.is_fully_addressable else to_host(logits)  # a multi-host mesh: gathered
 
     @functools.cached_property
     def tokenizer(self) -> Tokenizer:

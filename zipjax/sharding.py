@@ -3,22 +3,37 @@
 Every parameter and cache array carries logical axis names ("heads", "mlp", "batch", ...). `RULES` maps them onto
 the mesh axes "data" and "model": attention heads, MLP hidden units and the vocabulary are split over "model"
 (tensor parallelism), the batch over "data". XLA's SPMD partitioner does the rest: `generate` is the same code on
-one CPU and on a pod. A dimension that the mesh axis does not divide is replicated rather than refused (for example
-SmolLM2's 3 KV heads on a 4-way "model" axis).
+one CPU and on a pod.
+
+A dimension that its mesh axis does not divide is not split by it. Where that would leave a large array whole on
+every chip, `FALLBACKS` names the next logical axis of the same array that takes the mesh axis instead: KV heads that
+the "model" axis does not divide (LLaMA-3-70B's 8 on a 16-way axis, SmolLM2's 3 on 4) split the cache by sequence
+(then head_dim if the sequence does not divide either) and the k/v projections by head_dim. Sequence, not head_dim,
+for the cache because a decode step's attention then needs only reductions of the size of its output over the
+"model" axis (the partial softmax sums and [batch, heads, head_dim] values) where splitting head_dim would reduce
+whole [batch, heads, cache_len] score rows; every chip holds 1/model of the cache either way, so its memory is the
+same. (An attention kernel run per shard, `per_shard`, needs whole K/V rows, so with a sequence-split cache XLA
+gathers one layer's K/V at a time for it: memory stays split, the gather's bytes show in the compiled collectives.)
+Anything else the mesh does not divide is replicated rather than refused.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from zipjax.errors import ZipjaxError
+
+T = TypeVar("T")
+_WRITING_ALONE = contextvars.ContextVar("zipjax_writing_alone", default=False)
 
 MESH_AXES = ("data", "model")
 
@@ -30,6 +45,11 @@ RULES: tuple[tuple[str, str], ...] = (
     ("mlp", "model"),
     ("vocab", "model"),
 )
+
+# logical axis -> the logical axes (of the same array, in order) that take its mesh axis when it cannot
+FALLBACKS: dict[str, tuple[str, ...]] = {
+    "kv_heads": ("seq", "head_dim"),
+}
 
 
 def make_mesh(data: int = 1, model: int | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -55,15 +75,32 @@ def as_auto_mesh(mesh: Mesh) -> Mesh:
 
 
 def logical_sharding(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> NamedSharding:
-    """NamedSharding for an array of `shape` whose axes have the logical names in `logical`."""
+    """NamedSharding for an array of `shape` whose axes have the logical names in `logical` (see RULES and
+    FALLBACKS; a mesh axis splits at most one dimension, and only one that it divides)."""
+    names = tuple(logical) + (None,) * (len(shape) - len(logical))
+    return NamedSharding(mesh, PartitionSpec(*logical_spec(names, shape, dict(mesh.shape))))
+
+
+def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh_shape: dict[str, int]) -> list[str | None]:
+    """The mesh axis (or None) of each dimension: RULES first; a mesh axis a dimension could not take goes to the
+    first of that dimension's FALLBACKS that it divides and that is still unsplit."""
     rules = dict(RULES)
-    spec = []
-    for name, size in zip(tuple(logical) + (None,) * (len(shape) - len(logical)), shape, strict=True):
+    divides = lambda axis, size: axis in mesh_shape and size % mesh_shape[axis] == 0
+    spec: list[str | None] = [None] * len(shape)
+    for i, (name, size) in enumerate(zip(names, shape, strict=True)):
         axis = rules.get(name) if name is not None else None
-        if axis is not None and (axis not in mesh.shape or size % mesh.shape[axis]):
-            axis = None
-        spec.append(axis)
-    return NamedSharding(mesh, PartitionSpec(*spec))
+        if axis is not None and axis not in spec and divides(axis, size):
+            spec[i] = axis
+    for name in names:
+        axis = rules.get(name) if name is not None else None
+        if axis is None or axis in spec or axis not in mesh_shape or mesh_shape[axis] == 1:
+            continue
+        for alternative in FALLBACKS.get(name, ()):
+            j = names.index(alternative) if alternative in names else -1
+            if j >= 0 and spec[j] is None and rules.get(alternative) is None and divides(axis, shape[j]):
+                spec[j] = axis
+                break
+    return spec
 
 
 def tree_shardings(abstract_tree, logical_tree, mesh: Mesh):
@@ -99,6 +136,59 @@ def per_shard(kernel: Callable, q: jax.Array, k: jax.Array, v: jax.Array, cursor
     q_spec, kv_spec = PartitionSpec(data, None, model, None), PartitionSpec(data, model, None, None)
     return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(), PartitionSpec(data)),
                          out_specs=q_spec, check_vma=False)(q, k, v, cursor, starts)
+
+
+def to_host(x) -> np.ndarray:
+    """The whole value of an array on this host: gathered from every process when it spans devices of others (a
+    multi-host mesh), else read directly. Every host gets the same result."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def place(x, mesh: Mesh | None, spec: PartitionSpec | None = None) -> jax.Array:
+    """Host data that is the same on every process, as one global array placed on `mesh` by `spec` (axes the mesh
+    does not divide are replicated); each process fills only its own devices' shards. Without a mesh, on the
+    default device."""
+    x = np.asarray(x)
+    if mesh is None:
+        return jnp.asarray(x)
+    sizes, spec = dict(mesh.shape), tuple(spec or ())
+    fitted = [a if a is not None and a in sizes and dim % sizes[a] == 0 else None
+              for a, dim in zip(spec + (None,) * (x.ndim - len(spec)), x.shape, strict=True)]
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec(*fitted)), lambda index: x[index])
+
+
+def one_writer(write: Callable[[], T], elsewhere: Callable[[], T], what: str) -> T:
+    """Run a host-side job that writes files (a conversion, a checkpoint) on process 0 only. The other processes
+    of a multi-host run wait for it, then return `elsewhere()` (the same path, say), or raise if it failed there.
+    On one process: `write()`."""
+    # is_initialized first: a conversion never starts a backend (that would cost seconds and log noise)
+    if not jax.distributed.is_initialized() or jax.process_count() == 1 or _WRITING_ALONE.get():
+        return write()
+    result, error = None, None
+    if jax.process_index() == 0:
+        token = _WRITING_ALONE.set(True)  # a nested one_writer (convert -> save) runs here directly
+        try:
+            result = write()
+        except Exception as e:  # re-raised below, after telling the other processes
+            error = e
+        finally:
+            _WRITING_ALONE.reset(token)
+    ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if error is not None:
+        raise error
+    if not ok:
+        raise ZipjaxError(f"{what} failed on process 0 (its output has the error)")
+    return result if jax.process_index() == 0 else elsewhere()
+
+
+def check_mesh(mesh: Mesh) -> None:
+    """In a multi-process run every process must build the same mesh over all devices of all processes."""
+    if jax.process_count() > 1 and set(mesh.devices.flat) != set(jax.devices()):
+        raise ZipjaxError(f"the mesh holds {mesh.devices.size} devices but the {jax.process_count()} processes have "
+                          f"{jax.device_count()}; in a multi-host run build it over all of them "
+                          "(zipjax.make_mesh does, on every process)")
 
 
 def replicated(mesh: Mesh | None) -> jax.sharding.Sharding:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from zipjax.emu3.decoding import Decoder, ImageDecodeSetup, ImageInputs, ImageKnobs, ImageLayout
 from zipjax.emu3.model import Emu3Model
@@ -29,6 +30,7 @@ from zipjax.kv.methods import as_method
 from zipjax.kv.spec import Method
 from zipjax.sampling import SamplingMode, check_settings
 from zipjax.shapes import left_pad, prompt_bucket
+from zipjax.sharding import place
 from zipjax.validate import number
 from zipjax.zipar.adaptive import AdaptiveWindow
 from zipjax.zipar.fixed import FixedWindow
@@ -172,7 +174,8 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
     setup = ImageDecodeSetup(cfg, layout, batch, guided=bool(uncond), mode=mode, bucket=padded.shape[1])
     knobs = ImageKnobs(cfg_scale=jnp.float32(cfg_scale), temperature=jnp.float32(temperature or 1.0),
                        top_k=jnp.int32(top_k or 0), top_p=jnp.float32(top_p or 1.0))
-    inputs = ImageInputs(prompt=jnp.asarray(padded), starts=jnp.asarray(starts), key=jax.random.key(seed),
+    inputs = ImageInputs(prompt=place(padded, model.mesh, PartitionSpec("data", None)),
+                         starts=place(starts, model.mesh, PartitionSpec("data")), key=jax.random.key(seed),
                          knobs=knobs)
     result = decoder.run(model, setup, inputs, progress)
 

@@ -11,7 +11,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from zipjax.emu3.vocab import Emu3Vocab
@@ -19,6 +18,7 @@ from zipjax.emu3.vq_config import PaletteConfig, VQConfig
 from zipjax.emu3.vqvae import decode_codes, encode_pixels
 from zipjax.errors import ZipjaxError
 from zipjax.model import Model
+from zipjax.sharding import place, to_host
 from zipjax.transformer import Params
 from zipjax.validate import integer
 
@@ -84,7 +84,8 @@ class Emu3Model(Model):
         size = self.vq_config.codebook_size
         if codes.min() < 0 or codes.max() >= size:
             raise ZipjaxError(f"VQ codes must lie in [0, {size}); got values in [{codes.min()}, {codes.max()}]")
-        return decode_codes(self.vq_params, jnp.asarray(codes, jnp.int32), config=self.vq_config)
+        pixels = decode_codes(self.vq_params, place(codes.astype(np.int32), self.mesh), config=self.vq_config)
+        return pixels if pixels.is_fully_addressable else to_host(pixels)
 
     def encode_pixels(self, pixels) -> jax.Array:
         """Normalised float pixels [batch, H, W, 3] (H, W multiples of the VQ factor) -> int32 codes [batch, h, w]."""
@@ -96,7 +97,8 @@ class Emu3Model(Model):
         if pixels.shape[1] % f or pixels.shape[2] % f or 0 in pixels.shape:
             raise ZipjaxError(f"image size {pixels.shape[1]}x{pixels.shape[2]} is not a positive multiple of the "
                               f"VQ-VAE's factor {f}")
-        return encode_pixels(self.vq_params, jnp.asarray(pixels, jnp.float32), config=self.vq_config)
+        codes = encode_pixels(self.vq_params, place(pixels.astype(np.float32), self.mesh), config=self.vq_config)
+        return codes if codes.is_fully_addressable else to_host(codes)
 
     def encode_image(self, image) -> jax.Array:
         """uint8 image(s) [(batch,) H, W, 3] -> int32 codes [batch, H/f, W/f]."""

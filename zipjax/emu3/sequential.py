@@ -30,6 +30,7 @@ from zipjax.emu3.decoding import (
 from zipjax.kv.methods import cache_initializer, check_cache
 from zipjax.kv.spec import Method
 from zipjax.shapes import cache_length
+from zipjax.sharding import to_host
 from zipjax.transformer import Params, Transformer, output_head
 
 
@@ -90,4 +91,4 @@ class Sequential:
         for row in tqdm(range(layout.height), desc="image rows", unit="row", disable=not progress):
             stop = jnp.int32((row + 1) * (layout.width + 1))
             state = _decode_until(model.params, state, stop, inputs.key, inputs.knobs, setup=setup)
-        return DecodeResult(tokens=np.asarray(state.tokens), passes=np.full(setup.batch, layout.num_tokens))
+        return DecodeResult(tokens=to_host(state.tokens), passes=np.full(setup.batch, layout.num_tokens))

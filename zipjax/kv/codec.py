@@ -4,7 +4,8 @@ A group of values x is stored as integer codes q = round((x - min) / step), step
 the group's (step, min). Which values form a group is the granularity:
 
   token-wise     one group per token (optionally split into groups of `group` channels: group-wise)
-  channel-wise   one group per channel, over a block of tokens (KIVI's and ZipCache's keys)
+  channel-wise   one group per channel, over a block of tokens (ZipCache's keys), or over each run of
+                 `key_block` tokens of it (KIVI's keys: per channel, in groups of 32 tokens)
   channel-separable token-wise (CST, ZipCache's values): divide each channel by c = sqrt(max |x|) over the block,
                  quantize token-wise, multiply back; c is one more [channels] leaf
 
@@ -30,7 +31,7 @@ from flax import struct
 from zipjax.kernels.common import pack, unpack
 
 __all__ = ["SCALE_DTYPE", "SUPPORTED_BITS", "Codec", "Store", "channel_scale", "dequantize", "fake_quantize",
-           "grouped", "pack", "quantize", "unpack"]
+           "grouped", "pack", "quantize", "quantize_key_blocks", "unpack"]
 
 SUPPORTED_BITS = (2, 4, 8)
 SCALE_DTYPE = jnp.float16
@@ -77,6 +78,22 @@ def dequantize(codes: jax.Array, step: jax.Array, minimum: jax.Array) -> jax.Arr
 def grouped(x: jax.Array, group: int) -> jax.Array:
     """[..., d] -> [..., d / group, group]: token-wise quantization over groups of channels."""
     return x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+
+
+def quantize_key_blocks(k: jax.Array, bits: int, block: int, valid: jax.Array | None = None
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """KIVI's keys: per channel, over each run of `block` tokens (the last run padded with left-out tokens).
+
+    k: float [batch, kv_heads, n, head_dim]; valid: bool [batch, kv_heads, n] or None. Returns codes uint8 [batch,
+    kv_heads, n, head_dim] and (step, min) float16 [batch, kv_heads, ceil(n / block), head_dim]."""
+    b, h, n, d = k.shape
+    runs = -(-n // block)
+    ok = jnp.ones((b, h, n), bool) if valid is None else jnp.broadcast_to(valid, (b, h, n))
+    pad = ((0, 0), (0, 0), (0, runs * block - n))
+    k_runs = jnp.pad(k.astype(jnp.float32), (*pad, (0, 0))).reshape(b, h, runs, block, d)
+    ok_runs = jnp.pad(ok, pad).reshape(b, h, runs, block, 1)
+    codes, step, minimum = quantize(k_runs, bits, axis=3, valid=ok_runs)  # stats [b, h, runs, 1, d]
+    return codes.reshape(b, h, runs * block, d)[:, :, :n], step[:, :, :, 0], minimum[:, :, :, 0]
 
 
 def channel_scale(x: jax.Array, axis: int, valid: jax.Array | None = None) -> jax.Array:
@@ -126,12 +143,13 @@ class Store:
 
 @dataclasses.dataclass(frozen=True)
 class Codec:
-    """How a method quantizes K and V: keys channel-wise (per block) or token-wise, values token-wise or CST, each
-    token-wise group `group` channels wide (None: the whole head)."""
+    """How a method quantizes K and V: keys channel-wise (per block, or per `key_block` tokens of it) or token-wise,
+    values token-wise or CST, each token-wise group `group` channels wide (None: the whole head)."""
 
     key_mode: Literal["channel", "token"]
     value_mode: Literal["token", "cst"]
     group: int | None = None
+    key_block: int | None = None  # channel-wise keys: tokens per statistic (None: the whole block)
 
     def groups(self, head_dim: int) -> int:
         return head_dim // (self.group or head_dim)
@@ -153,7 +171,9 @@ class Codec:
         by the CST channel scale), valid bool [batch, kv_heads, n] (invalid tokens are left out of the channel-wise
         key statistics). The result's slots are None."""
         g = self.group or k.shape[-1]
-        if self.key_mode == "channel":
+        if self.key_mode == "channel" and self.key_block is not None:
+            k_codes, k_step, k_min = quantize_key_blocks(k, bits, self.key_block, valid)  # [b, h, n/kb, d]
+        elif self.key_mode == "channel":
             k_codes, k_step, k_min = quantize(k, bits, axis=2, valid=valid[..., None])  # stats [b, h, 1, d]
         else:
             k_codes, k_step, k_min = quantize(grouped(k, g), bits, axis=-1)
@@ -169,6 +189,8 @@ class Codec:
         k_codes, v_codes = unpack(store.k_codes, bits), unpack(store.v_codes, bits)
         g = self.group or k_codes.shape[-1]
         if self.key_mode == "channel":
+            if self.key_block is not None:  # statistics per run of key_block tokens of the store
+                block_ids = np.arange(k_codes.shape[2]) // self.key_block
             k = dequantize(k_codes, store.k_step[:, :, block_ids], store.k_min[:, :, block_ids])
         else:
             k = dequantize(grouped(k_codes, g), store.k_step[..., None], store.k_min[..., None]).reshape(k_codes.shape)

@@ -1,15 +1,20 @@
-"""MiniCache as a KV cache: the prompt's K/V of adjacent deep layers share one direction per token and head.
+"""MiniCache as a KV cache: adjacent deep layers share one direction per token, each keeps its norms.
 
-From `start_layer` on, layers pair up (start, start + 1), (start + 2, start + 3), ... (an odd last layer stays
-alone). At prefill the first layer of a pair is held back; at the second, both layers' keys (and, separately,
-values) are merged by zipjax.kv.minicache.merge_pair: the SLERP direction is stored once, each layer keeps its
-per-(token, head) norm, and the `ceil(gamma n)` tokens whose directions differ most are kept exactly for both layers
-(a fixed count, so shapes are static). Layers below the start, unpaired layers and the shared directions are stored
-by the `inner` quantizer (KIVI or Uniform: packed codes with their statistics) or, without one, in the cache dtype.
+The pairs are (l - 1, l) with l odd from the start layer S (zipjax.kv.spec.MiniCache.pairs; 30 layers, S = 15:
+(16, 17) .. (28, 29)); other layers are stored plain. At prefill the first layer of a pair is held back; at the
+second, both layers' keys (and, separately, values) are merged by zipjax.kv.minicache.merge_pair: the SLERP direction
+is stored once, each layer keeps its norm, and the `ceil(gamma n)` tokens whose directions differ most are kept
+exactly for both layers (a fixed count, so shapes are static). With `merge_dims="token"` (the default, the paper's
+X in R^{n x h}) a token's vector is its K (or V) across every KV head, so there is one norm and one angle per token
+and layer; "head" merges per (token, head). Plain layers and the shared prompt directions are stored by the `inner`
+quantizer (KIVI or Uniform: packed codes with their statistics) or, without one, in the cache dtype.
 
-Decoding restores a layer's prompt states (direction x norm, retained tokens put back) and attends over them and
-the layer's own full-precision buffer of decode tokens (jnp path). Decode tokens are not merged: the paper merges
-them pairwise as they arrive; here they stay exact, like KIVI's residual, and the memory of the buffer is counted.
+Decoding: a plain layer appends its token to its own full-precision buffer. In a pair (with `merge_decode`, the
+paper's Algorithm 2), the first layer attends with its exact new token and hands it on; the second attends with its
+own, then merges the two into one direction and two norms written at the token's slot of the pair's decode buffer;
+later steps see the merged token restored (direction x norm). Decode tokens are not retained or quantized: the
+retention count is fixed at prefill, and the decode buffers stay in the cache dtype. `merge_decode=False` keeps every
+layer's decode tokens exact. Attention is the jnp path.
 """
 
 from __future__ import annotations
@@ -48,16 +53,35 @@ def decode_states(inner: Inner, piece: Store | dict) -> tuple[jax.Array, jax.Arr
     return inner.codec.decode(piece, inner.bits, np.zeros(n, np.int32), None)
 
 
+def merge_states(method: MiniCache, x0: jax.Array, x1: jax.Array, retain: int, valid: jax.Array | None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Merge two layers' states x0, x1 [batch, kv_heads, m, head_dim] per token (whole vector across heads) or per
+    (token, head). Returns direction [batch, kv_heads, m, head_dim] (unit per merged vector), norms float16
+    [batch, 1 or kv_heads, m, 2] (layer l - 1, layer l), retained ids int32 [batch, retain] and their exact states
+    [batch, kv_heads, retain, 2, head_dim]."""
+    b, h, m, d = x0.shape
+    whole = method.merge_dims == "token"
+    as_vectors = lambda x: x.transpose(0, 2, 1, 3).reshape(b, m, h * d) if whole else x.transpose(0, 2, 1, 3)
+    back = lambda y: y.reshape(b, -1, h, d).transpose(0, 2, 1, 3)  # [b, m', h * d | h, d] -> [b, h, m', d]
+    direction, n0, n1, ids, kept0, kept1 = merge_pair(as_vectors(x0), as_vectors(x1), method.t, retain,
+                                                      method.retain, valid=valid)
+    norms = jnp.stack([n0, n1], axis=-1)  # [b, m, 2] (whole) or [b, m, h, 2]
+    norms = norms[:, None] if whole else norms.transpose(0, 2, 1, 3)
+    return back(direction), norms.astype(jnp.float16), ids, jnp.stack([back(kept0), back(kept1)], axis=-2)
+
+
 @struct.dataclass
 class MergedKVCache:
     plain: tuple  # per unmerged layer: the prompt's K/V (Store or {"k", "v"}) [batch, kv_heads, n, ...]
-    pairs: tuple  # per pair: {"dir": Store | dict, "k_norms", "v_norms": f16 [batch, kv_heads, n, 2],
+    pairs: tuple  # per pair: {"dir": Store | dict, "k_norms", "v_norms": f16 [batch, 1 | kv_heads, n, 2],
     #                 "k_ids", "v_ids": int32 [batch, r], "k_kept", "v_kept": [batch, kv_heads, r, 2, head_dim]}
-    k_buf: tuple  # per layer [batch, kv_heads, max_len - n, head_dim]: decode tokens
+    k_buf: tuple  # per layer [batch, kv_heads, T, head_dim] decode tokens (T = 0 for merged decode layers)
     v_buf: tuple
+    pair_buf: tuple  # per pair (merge_decode): {"k_dir", "v_dir": [batch, kv_heads, T, head_dim], "k_norms",
+    #                  "v_norms": f16 [batch, 1 | kv_heads, T, 2]}; T = max_len - n
     cursor: jax.Array
     starts: jax.Array
-    pending: tuple | None  # during prefill only: the first layer of a pair's raw (k, v)
+    pending: tuple | None  # between the two layers of a pair: the first layer's raw (k, v)
     method: MiniCache = struct.field(pytree_node=False)
     prefill_len: int = struct.field(pytree_node=False)
     num_layers: int = struct.field(pytree_node=False)
@@ -68,23 +92,28 @@ class MergedKVCache:
              starts: jax.Array | None = None, dtype=None) -> MergedKVCache:
         method.check(config, batch, max_len, prefill_len)
         dtype = dtype or config.jnp_dtype
-        b, h, d, n = batch, config.num_kv_heads, config.head_dim, prefill_len
+        b, h, d, n, steps = batch, config.num_kv_heads, config.head_dim, prefill_len, max_len - prefill_len
+        hn = 1 if method.merge_dims == "token" else h
         zeros = jnp.zeros((b, h, n, d), jnp.float32)
         valid = jnp.ones((b, h, n), bool)
         roles = method.roles(config.num_layers)
         r = method.retained(n)
         plain = tuple(encode_states(method.inner, zeros, zeros, valid, dtype) for role, _ in roles if role == "plain")
-        norms = lambda: jnp.zeros((b, h, n, 2), jnp.float16)
+        norms = lambda m: jnp.zeros((b, hn, m, 2), jnp.float16)
         pair = lambda: {"dir": encode_states(method.inner, zeros, zeros, valid, dtype),
-                        "k_norms": norms(), "v_norms": norms(),
+                        "k_norms": norms(n), "v_norms": norms(n),
                         "k_ids": jnp.zeros((b, r), jnp.int32), "v_ids": jnp.zeros((b, r), jnp.int32),
                         "k_kept": jnp.zeros((b, h, r, 2, d), dtype), "v_kept": jnp.zeros((b, h, r, 2, d), dtype)}
         pairs = tuple(pair() for role, _ in roles if role == "second")
-        buf = lambda: jnp.zeros((b, h, max_len - n, d), dtype)
+        merged = lambda role: method.merge_decode and role != "plain"
+        buf = lambda role: jnp.zeros((b, h, 0 if merged(role) else steps, d), dtype)
+        decode_pair = lambda: {"k_dir": jnp.zeros((b, h, steps, d), dtype), "v_dir": jnp.zeros((b, h, steps, d), dtype),
+                               "k_norms": norms(steps), "v_norms": norms(steps)}
+        pair_buf = tuple(decode_pair() for _ in pairs) if method.merge_decode else ()
         starts = jnp.zeros((batch,), jnp.int32) if starts is None else jnp.asarray(starts, jnp.int32)
-        return cls(plain=plain, pairs=pairs, k_buf=tuple(buf() for _ in roles), v_buf=tuple(buf() for _ in roles),
-                   cursor=jnp.zeros((), jnp.int32), starts=starts, pending=None, method=method, prefill_len=n,
-                   num_layers=config.num_layers)
+        return cls(plain=plain, pairs=pairs, k_buf=tuple(buf(role) for role, _ in roles),
+                   v_buf=tuple(buf(role) for role, _ in roles), pair_buf=pair_buf, cursor=jnp.zeros((), jnp.int32),
+                   starts=starts, pending=None, method=method, prefill_len=n, num_layers=config.num_layers)
 
     @property
     def batch(self) -> int:
@@ -92,10 +121,14 @@ class MergedKVCache:
 
     @property
     def max_len(self) -> int:
-        return self.prefill_len + self.k_buf[0].shape[2]
+        return self.prefill_len + max(x.shape[2] for x in (*self.k_buf, *(p["k_dir"] for p in self.pair_buf)))
 
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self))
+
+    def prompt_nbytes(self) -> int:
+        """Bytes holding the prompt: plain layers and merged pairs (directions, norms, retained tokens)."""
+        return sum(x.nbytes for x in jax.tree.leaves((self.plain, self.pairs)))
 
     def logical_axes(self) -> MergedKVCache:
         per_head = PartitionSpec("batch", "kv_heads")
@@ -136,13 +169,9 @@ class MergedKVCache:
         r = self.method.retained(n)
         pair, directions = {}, []
         for name, x0, x1 in (("k", k0, k), ("v", v0, v)):
-            # merge_pair works on [batch, tokens, heads, head_dim]
-            direction, n0, n1, ids, kept0, kept1 = merge_pair(
-                x0.transpose(0, 2, 1, 3), x1.transpose(0, 2, 1, 3), self.method.t, r, self.method.retain, valid=valid)
-            directions.append(direction.transpose(0, 2, 1, 3))
-            pair[f"{name}_norms"] = jnp.stack([n0, n1], axis=-1).transpose(0, 2, 1, 3).astype(jnp.float16)
-            pair[f"{name}_ids"] = ids
-            pair[f"{name}_kept"] = jnp.stack([kept0, kept1], axis=-2).transpose(0, 2, 1, 3, 4).astype(dtype)
+            direction, norms, ids, kept = merge_states(self.method, x0, x1, r, valid)
+            directions.append(direction)
+            pair[f"{name}_norms"], pair[f"{name}_ids"], pair[f"{name}_kept"] = norms, ids, kept.astype(dtype)
         pair["dir"] = encode_states(self.method.inner, *directions, head_valid, dtype)
         pairs = list(self.pairs)
         pairs[index] = pair
@@ -166,19 +195,39 @@ class MergedKVCache:
             out.append(x.at[b_idx, h_idx, ids[:, None, :]].set(kept))
         return out[0], out[1]
 
+    def _decode_states(self, layer: int, k_new: jax.Array, v_new: jax.Array) -> tuple[jax.Array, jax.Array, dict]:
+        """The layer's decode keys and values float32 [batch, kv_heads, T, head_dim] with this step's exact token
+        at its slot, and the cache fields this step updates."""
+        t = self.cursor - self.prefill_len
+        role, index = self.method.roles(self.num_layers)[layer]
+        if role == "plain" or not self.method.merge_decode:
+            k_buf = jax.lax.dynamic_update_slice_in_dim(self.k_buf[layer], k_new.astype(self.k_buf[layer].dtype), t, 2)
+            v_buf = jax.lax.dynamic_update_slice_in_dim(self.v_buf[layer], v_new.astype(self.v_buf[layer].dtype), t, 2)
+            update = {"k_buf": replace_at(self.k_buf, layer, k_buf), "v_buf": replace_at(self.v_buf, layer, v_buf)}
+            return k_buf.astype(jnp.float32), v_buf.astype(jnp.float32), update
+        buf = self.pair_buf[index]
+        side = 0 if role == "first" else 1
+        history = [buf[f"{name}_dir"].astype(jnp.float32) * buf[f"{name}_norms"][..., side, None].astype(jnp.float32)
+                   for name in ("k", "v")]
+        keys, values = (jax.lax.dynamic_update_slice_in_dim(x, new.astype(jnp.float32), t, 2)
+                        for x, new in zip(history, (k_new, v_new), strict=True))
+        if role == "first":
+            return keys, values, {"pending": (k_new, v_new)}
+        merged = dict(buf)
+        for name, x0, x1 in (("k", self.pending[0], k_new), ("v", self.pending[1], v_new)):
+            direction, norms, _, _ = merge_states(self.method, x0, x1, 0, None)
+            merged[f"{name}_dir"] = jax.lax.dynamic_update_slice_in_dim(
+                buf[f"{name}_dir"], direction.astype(buf[f"{name}_dir"].dtype), t, 2)
+            merged[f"{name}_norms"] = jax.lax.dynamic_update_slice_in_dim(buf[f"{name}_norms"], norms, t, 2)
+        return keys, values, {"pending": None, "pair_buf": replace_at(self.pair_buf, index, merged)}
+
     def _attend_token(self, layer, q, k_new, v_new, sliding_window):
-        """Append the token to the layer's buffer; attend over the restored prompt and the buffer."""
-        n = self.prefill_len
-        index = (0, 0, self.cursor - n, 0)
-        k_buf = jax.lax.dynamic_update_slice(self.k_buf[layer], k_new.transpose(0, 2, 1, 3).astype(
-            self.k_buf[layer].dtype), index)
-        v_buf = jax.lax.dynamic_update_slice(self.v_buf[layer], v_new.transpose(0, 2, 1, 3).astype(
-            self.v_buf[layer].dtype), index)
+        """Attend over the restored prompt and the layer's decode tokens (this step's exact); store the token."""
+        k_dec, v_dec, update = self._decode_states(layer, k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3))
         k_prompt, v_prompt = self.restore(layer)
-        keys = jnp.concatenate([k_prompt, k_buf.astype(jnp.float32)], axis=2)
-        values = jnp.concatenate([v_prompt, v_buf.astype(jnp.float32)], axis=2)
+        keys = jnp.concatenate([k_prompt, k_dec], axis=2)
+        values = jnp.concatenate([v_prompt, v_dec], axis=2)
         slots = jnp.arange(keys.shape[2], dtype=jnp.int32)
         visible = visible_slots(slots[None, :], self.cursor, self.starts[:, None], sliding_window)  # [batch, kv_len]
         out, _ = masked_attention(q, keys, values, visible[:, None, None, :])
-        return out.astype(q.dtype), dataclasses.replace(self, k_buf=replace_at(self.k_buf, layer, k_buf),
-                                                        v_buf=replace_at(self.v_buf, layer, v_buf))
+        return out.astype(q.dtype), dataclasses.replace(self, **update)

@@ -4,7 +4,7 @@
     init = cache_initializer(config, batch, max_len, mesh, ZipCache(), prefill_len)  # jitted, placed on the mesh
 
 `generate` and the image decoders depend on this module and on the `Cache` protocol only, never on the concrete
-cache classes. Imports: the caches (dense, quantized, merged), spec, sharding.
+cache classes. Imports: the caches (dense, quantized, kivi, merged), spec, sharding.
 """
 
 from __future__ import annotations
@@ -19,9 +19,21 @@ from zipjax.cache import Cache
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.kv.dense import KVCache
+from zipjax.kv.kivi import KIVICache
 from zipjax.kv.merged import MergedKVCache
 from zipjax.kv.quantized import QuantizedKVCache
-from zipjax.kv.spec import KIVI, Method, MiniCache, QuantMethod, Uniform, ZipCache, ZipVL, geometry
+from zipjax.kv.sparse import SparsePrefillKVCache
+from zipjax.kv.spec import (
+    KIVI,
+    Method,
+    MiniCache,
+    QuantMethod,
+    Uniform,
+    ZipCache,
+    ZipVL,
+    check_block_sizes,
+    geometry,
+)
 from zipjax.sharding import jit_initializer
 
 METHODS = (ZipCache, KIVI, Uniform, ZipVL, MiniCache)
@@ -37,23 +49,28 @@ def as_method(kv) -> Method | None:
 
 def check_cache(kv: Method | None, config: ModelConfig, batch: int, max_len: int, prefill_len: int) -> None:
     """Geometry errors (bit packing, window, layers) at the call site, not inside jit."""
-    if isinstance(kv, QuantMethod):
+    if isinstance(kv, ZipVL) and not kv.compress:
+        check_block_sizes(batch, max_len, prefill_len)
+    elif isinstance(kv, QuantMethod):
         geometry(config, kv, batch, max_len, prefill_len)
-    elif isinstance(kv, MiniCache):
+    elif isinstance(kv, MiniCache | KIVI):
         kv.check(config, batch, max_len, prefill_len)
 
 
 def min_decode_slots(kv: Method | None) -> int:
     """Cache slots a method needs after the prompt: a quantized cache's full-precision buffer must fit."""
-    return kv.buffer_len if isinstance(kv, QuantMethod) else 0
+    dense = isinstance(kv, ZipVL) and not kv.compress
+    return kv.buffer_len if isinstance(kv, QuantMethod) and not dense else 0
 
 
 def init_cache(kv: Method | None, config: ModelConfig, batch: int, max_len: int, prefill_len: int,
                starts: jax.Array | None = None, dtype: jnp.dtype | None = None) -> Cache:
-    """An empty cache for `kv`: dense (None), quantized (ZipCache, KIVI, Uniform, ZipVL) or merged (MiniCache)."""
+    """An empty cache for `kv`: dense (None), quantized (ZipCache, Uniform, ZipVL), KIVI's or merged (MiniCache)."""
     if kv is None:
         return KVCache.init(config, batch, max_len, starts, dtype)
-    cls = MergedKVCache if isinstance(kv, MiniCache) else QuantizedKVCache
+    cls = {MiniCache: MergedKVCache, KIVI: KIVICache}.get(type(kv), QuantizedKVCache)
+    if isinstance(kv, ZipVL) and not kv.compress:
+        cls = SparsePrefillKVCache
     return cls.init(config, kv, batch, max_len, prefill_len, starts, dtype)
 
 

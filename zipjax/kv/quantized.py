@@ -2,7 +2,7 @@
 
 Tokens are compressed a block at a time. Block 0 is the prompt (`prefill_len` slots, left-padded); after it, new
 tokens stay in a full-precision buffer of `buffer_len` slots, and when the buffer is full it is ranked and compressed as
-the next block (ZipCache's streaming, KIVI's residual). Within a block, each (sequence, KV head) ranks its tokens by
+the next block (ZipCache's streaming). Within a block, each (sequence, KV head) ranks its tokens by
 saliency; the top `split(n)[0]` go to subset 0 (high bits), the rest to subset 1 (low bits). Every block of a
 subset has a static size, so a subset is one fixed-capacity array whose blocks sit at static offsets:
 
@@ -44,6 +44,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec
 
@@ -113,10 +114,26 @@ class QuantizedKVCache:
         """Bytes held by every array of the cache (codes, scales, slots, buffer, counters)."""
         return sum(x.nbytes for x in jax.tree.leaves(self))
 
+    def stored_nbytes(self) -> int:
+        """Bytes of what is stored (host-side, concrete caches): like `nbytes`, but a store's per-token arrays
+        (codes, slots, token-wise statistics) count only the entries holding a token. ZipVL's stores have room
+        for the largest p of `ratio_range`; this counts the (clipped) p it stored."""
+        total = 0
+        for layer in self.layers:
+            for store in layer.stores:
+                held = np.asarray(store.slots) >= 0  # [batch, kv_heads, capacity]
+                share = held.mean()
+                for x in store.arrays().values():
+                    per_token = x.shape[:3] == held.shape
+                    total += round(x.nbytes * share) if per_token else x.nbytes
+            total += sum(x.nbytes for x in jax.tree.leaves((layer.v_scale, layer.k_buf, layer.v_buf, layer.mass)))
+        return total + sum(x.nbytes for x in (self.cursor, self.starts, self.buffered, self.blocks))
+
     def logical_axes(self) -> QuantizedKVCache:
-        """PartitionSpecs of logical axis names: every per-token array is split by batch and KV head."""
-        per_head = PartitionSpec("batch", "kv_heads")
-        specs = jax.tree.map(lambda x: per_head, self)
+        """PartitionSpecs of logical axis names: every per-token array is split by batch and KV head, and by its
+        token (or block) axis, then its channel axis, where the "model" mesh axis does not divide the KV heads
+        (zipjax.sharding.FALLBACKS)."""
+        specs = jax.tree.map(lambda x: PartitionSpec(*("batch", "kv_heads", "seq", "head_dim")[:x.ndim]), self)
         return dataclasses.replace(specs, cursor=PartitionSpec(), starts=PartitionSpec("batch"),
                                    buffered=PartitionSpec(), blocks=PartitionSpec())
 

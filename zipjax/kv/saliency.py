@@ -8,11 +8,12 @@ Probe approximation (paper §4.3): only a few query rows are computed explicitly
 and 5% drawn at random before them), so every other query can go through a fused attention kernel. For the
 normalizer there are two readings:
 
-  "probe" (default): nnz over the probe rows, the number of probes at or after j: Eq. 8 applied to A_probe as the
-          paper says; an average of the attention j receives from the probes that can see it.
+  "probe": nnz over the probe rows, the number of probes at or after j: Eq. 8 applied to A_probe as the paper
+          says; an average of the attention j receives from the probes that can see it.
   "code": the official code's nnz of the *full* causal matrix (L - j), whatever the probes.
 
-Both are measured against the exact score on a trained model in benchmarks/kvcache.py (probe overlap). Scores of a
+Both are measured against the exact score on a trained model in benchmarks/kvcache.py (probe overlap, and
+perplexity on two held-out text sets); "code" scored better on both, so it is ZipCache's default. Scores of a
 GQA group are summed over its query heads, giving one score per KV head as in the official code.
 """
 
@@ -56,14 +57,25 @@ def accumulated_score(probs: jax.Array, k_valid: jax.Array) -> jax.Array:
     return jnp.where(k_valid[:, None, :], probs.sum(axis=(2, 3)), -jnp.inf)
 
 
-def probe_slots(starts: jax.Array, length: int, probe_ratio: float, key: jax.Array) -> jax.Array:
-    """int32 [batch, n_probes]: the last ceil(ratio/2 * length) slots plus as many drawn uniformly (with
-    replacement, as ZipCache's code) among each sequence's earlier real tokens (slots >= its start)."""
+def probe_counts(length: int, probe_ratio: float) -> tuple[int, int]:
+    """(recent, random) probe rows as ZipCache's 5% + 5% of a `length`-token prompt."""
     n_recent = max(1, -(-int(probe_ratio * length) // 2))
-    n_random = max(0, int(probe_ratio * length) - n_recent)
+    return n_recent, max(0, int(probe_ratio * length) - n_recent)
+
+
+def probe_slots(starts: jax.Array, length: int, probe_ratio: float, key: jax.Array,
+                probes: tuple[int, int] | None = None) -> jax.Array:
+    """int32 [batch, n_probes]: the last n_recent slots plus n_random drawn uniformly (with replacement, as
+    ZipCache's code) among each sequence's earlier real tokens (slots >= its start). (n_recent, n_random) is
+    `probes` (fixed counts, ZipVL's 64 + 64, clipped to the prompt) or `probe_counts(length, probe_ratio)`."""
+    if probes is None:
+        n_recent, n_random = probe_counts(length, probe_ratio)
+    else:
+        n_recent = max(1, min(probes[0], length))
+        n_random = min(probes[1], length - n_recent)
     recent = jnp.arange(length - n_recent, length, dtype=jnp.int32)
     recent = jnp.broadcast_to(recent, (starts.shape[0], n_recent))
-    if n_random == 0:
+    if n_random <= 0:
         return recent
     u = jax.random.uniform(key, (starts.shape[0], n_random))
     span = jnp.maximum(length - n_recent - starts, 1).astype(jnp.float32)
@@ -82,10 +94,12 @@ def prompt_saliency(q: jax.Array, k: jax.Array, starts: jax.Array, *, method: st
 
 
 def prompt_statistics(q: jax.Array, k: jax.Array, starts: jax.Array, *, method: str, probe_ratio: float,
-                      normalize: str, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+                      normalize: str, key: jax.Array, probes: tuple[int, int] | None = None
+                      ) -> tuple[jax.Array, jax.Array]:
     """(mass, score) float32 [batch, kv_heads, length]: the attention mass each prompt key receives from the probe
     rows (every row for "exact"), summed over each KV head's query heads, and the normalized score of
-    `prompt_saliency` (-inf for padding; "exact" normalizes by the full causal count)."""
+    `prompt_saliency` (-inf for padding; "exact" normalizes by the full causal count). `probes`: fixed
+    (recent, random) probe counts instead of `probe_ratio`."""
     batch, length = q.shape[:2]
     k_slots = jnp.arange(length, dtype=jnp.int32)
     k_valid = k_slots[None, :] >= starts[:, None]  # [batch, length]
@@ -95,7 +109,7 @@ def prompt_statistics(q: jax.Array, k: jax.Array, starts: jax.Array, *, method: 
         probs = attention_probs(q, k, q_slots, k_slots, k_valid)
         normalize = "code"
     else:
-        q_slots = probe_slots(starts, length, probe_ratio, key)
+        q_slots = probe_slots(starts, length, probe_ratio, key, probes)
         q_probe = jnp.take_along_axis(q, q_slots[:, :, None, None], axis=1)
         probs = attention_probs(q_probe, k, q_slots, k_slots, k_valid)
     mass = probs.sum(axis=(2, 3))

@@ -9,14 +9,15 @@ is shared by methods that do not share fields.
   ZipCache  salient tokens (normalized attention score, probe-approximated) at high bits, the rest at low bits;
             keys channel-wise, values channel-separable token-wise; new tokens stay in full precision until
             `window` of them have been generated, then are ranked and compressed (streaming, paper §5.1).
-  KIVI      keys per-channel, values per-token in groups of `group` channels, a full-precision residual of the
-            most recent tokens (up to `residual`), every token at `bits`.
+  KIVI      keys per channel in runs of `group` tokens, values per token in groups of `group` channels; a key
+            residual quantized as a whole when it reaches `residual`, a sliding window of `residual` full-precision
+            values (zipjax.kv.kivi).
   Uniform   plain token-wise (or group-wise) quantization of keys and values at `bits`, same streaming buffer.
   ZipVL     per layer the fewest tokens holding `tau` of the probe attention mass are important: sparse prefill
             among them, and the cache keeps them at `high_bits` and the rest at `low_bits` (or drops the rest).
   MiniCache adjacent deep layers share one SLERP direction per prompt token (zipjax.kv.merged).
 
-The four quantizing methods implement `QuantMethod`, what zipjax.kv.quantized reads: the bit widths of the salient
+ZipCache, Uniform and ZipVL implement `QuantMethod`, what zipjax.kv.quantized reads: the bit widths of the salient
 and regular subsets, the codec, the length of the full-precision buffer, how a block is split and ranked, and how
 the prompt attends. Decode attention of ZipCache, KIVI and ZipVL runs as the Pallas kernel over the packed codes
 (zipjax.kernels.quantized_attention) where it is compiled, on TPU and GPU (`kernel=None`, the default), and
@@ -154,7 +155,7 @@ class ZipCache(QuantMethod):
     saliency_ratio: float = 0.6
     saliency: str = "probe"  # "probe" (recent + random probe queries) or "exact" (full attention matrix)
     probe_ratio: float = 0.1
-    normalize: str = "probe"
+    normalize: str = "code"  # the official code's normalizer (measured better than "probe": benchmarks/kvcache.py)
     window: int = 100
     seed: int = 0
     kernel: bool | None = None
@@ -192,7 +193,18 @@ class ZipCache(QuantMethod):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class KIVI(QuantMethod):
+class KIVI:
+    """KIVI as its official code runs it (jy-yuan/KIVI, models/llama_kivi.py), cached by zipjax.kv.kivi:
+
+      keys    per channel, statistics per (channel, run of `group` tokens); the newest keys (the prompt's last
+              T0 % residual, then the decode tokens) stay in full precision until `residual` of them have gathered,
+              then are quantized together;
+      values  per token, in groups of `group` channels; the `residual` most recent values stay in full precision,
+              a sliding window: each decode step quantizes the one value that leaves it.
+
+    `group` is both the key run length and the value channel group (the code's one `group_size`); None quantizes
+    values per whole head and keys per run of `residual` tokens."""
+
     bits: int = 2
     group: int | None = 32
     residual: int = 128
@@ -203,14 +215,26 @@ class KIVI(QuantMethod):
         _check_bits("bits", self.bits)
         _check_group(self.group)
         _check_positive("residual", self.residual)
+        if self.group is not None and self.residual % self.group:
+            raise ZipjaxError(f"KIVI quantizes the key residual in runs of group={self.group} tokens: residual "
+                              f"({self.residual}) must be a multiple of group")
+
+    @property
+    def uses_kernel(self) -> bool:
+        return QuantMethod.uses_kernel.fget(self)
+
+    @property
+    def key_block(self) -> int:
+        """Tokens per channel-wise key statistic."""
+        return self.group or self.residual
 
     @property
     def codec(self) -> Codec:
-        return Codec("channel", "token", self.group)
+        return Codec("channel", "token", self.group, key_block=self.key_block)
 
-    @property
-    def buffer_len(self) -> int:
-        return self.residual
+    def check(self, config: ModelConfig, batch: int, max_len: int, prefill_len: int) -> None:
+        check_block_sizes(batch, max_len, prefill_len)
+        check_packing(config, self.bits, self.group)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -240,8 +264,15 @@ class ZipVL(QuantMethod):
     attention mass, ranked by normalized score; prompt attention runs only among them (sparse prefill); the cache
     keeps them at `high_bits` and the rest at `low_bits` (v1), or drops the rest (v2, `evict=True`).
 
+    As the paper: one important set T per layer, shared by its heads (Algorithm 1; `per_head=True` ranks each KV
+    head by its own score, with the same count p), and the probes are the 64 most recent and 64 random queries
+    (`probes`; None: `probe_ratio` of the prompt, 5% + 5% as ZipCache). `compress=False` keeps a dense cache and
+    only sparsifies the prefill (the paper's Video-MME setting); `sparse_prefill=False` only compresses (its GSM8k
+    setting).
+
     Static shapes: the cache has room for ceil(max_ratio n) important tokens per block of n and, in v1, for the
-    n - ceil(min_ratio n) others, so p is clipped into `ratio_range` for storage (sparse prefill uses p itself)."""
+    n - ceil(min_ratio n) others, so p is clipped into `ratio_range` for storage (sparse prefill uses p itself);
+    `QuantizedKVCache.stored_nbytes()` counts the tokens actually stored (clipped p), not the room."""
 
     tau: float = 0.975
     high_bits: int = 4
@@ -249,8 +280,11 @@ class ZipVL(QuantMethod):
     evict: bool = False
     ratio_range: tuple[float, float] = (0.2, 0.6)
     sparse_prefill: bool = True
+    compress: bool = True
+    per_head: bool = False
     buckets: int = 8
     saliency: str = "probe"
+    probes: tuple[int, int] | None = (64, 64)
     probe_ratio: float = 0.1
     window: int = 100
     seed: int = 0
@@ -265,6 +299,10 @@ class ZipVL(QuantMethod):
             raise ZipjaxError(f"ratio_range must be (low, high) with 0 <= low <= high <= 1, high > 0; got "
                               f"{self.ratio_range}")
         _check_positive("buckets", self.buckets)
+        if self.probes is not None and (len(self.probes) != 2 or min(self.probes) < 0 or self.probes[0] < 1):
+            raise ZipjaxError(f"probes must be (recent >= 1, random >= 0) query counts or None, got {self.probes!r}")
+        if not (self.compress or self.sparse_prefill):
+            raise ZipjaxError("ZipVL with compress=False and sparse_prefill=False is the dense cache: use kv=None")
 
     @property
     def subset_bits(self) -> tuple[int, int]:
@@ -293,14 +331,20 @@ class ZipVL(QuantMethod):
         count = important_count(mass, self.tau)
         return Ranking(order, count, jnp.clip(count, *self.clip_count(mass.shape[-1])).astype(jnp.int32))
 
+    def _shared(self, score: jax.Array) -> jax.Array:
+        """The score T is chosen by: per KV head, or (the paper) the layer's heads summed, broadcast back."""
+        if self.per_head:
+            return score
+        return jnp.broadcast_to(score.sum(axis=1, keepdims=True), score.shape)
+
     def rank_prompt(self, q, k, starts, layer):
         key = jax.random.fold_in(jax.random.key(self.seed), layer)
         mass, score = prompt_statistics(q, k, starts, method=self.saliency, probe_ratio=self.probe_ratio,
-                                        normalize="probe", key=key)
-        return self._ranking(important_order(score), mass)
+                                        normalize="probe", key=key, probes=self.probes)
+        return self._ranking(important_order(self._shared(score)), mass)
 
     def rank_buffer(self, mass):
-        return self._ranking(jnp.argsort(-_buffer_score(mass), axis=-1, stable=True), mass)
+        return self._ranking(jnp.argsort(-self._shared(_buffer_score(mass)), axis=-1, stable=True), mass)
 
     def prefill_attention(self, q, k, v, ranking, starts, sliding_window):
         if not self.sparse_prefill:
@@ -312,15 +356,20 @@ class ZipVL(QuantMethod):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MiniCache:
-    """MiniCache: from `start_layer` (None: half the layers) on, adjacent layers share one SLERP direction per
-    prompt token and head (t weighs the deeper layer), norms kept per layer, and the ceil(gamma n) most distinct
-    tokens kept exactly (`retain="printed"`: the paper's literal, most-similar rule). `inner`: KIVI(...) or
-    Uniform(...) to quantize what is stored, or None."""
+    """MiniCache: from `start_layer` S (None: half the layers) on, the layer pairs (l - 1, l) with l odd and
+    l - 1 >= S (30 layers: (16, 17) .. (28, 29)) share one SLERP direction per token (t weighs the deeper layer),
+    norms kept per layer, and the ceil(gamma n) most distinct prompt tokens kept exactly (`retain="printed"`: the
+    paper's literal, most-similar rule). `merge_dims="token"` (the paper's X in R^{n x h}) takes a token's norm and
+    angle over its whole vector across KV heads; "head" merges each head's vector separately. Decode tokens are
+    merged at the second layer of each pair as they arrive (Algorithm 2; `merge_decode=False` keeps them exact).
+    `inner`: KIVI(...) or Uniform(...) to quantize the prompt's stored arrays, or None."""
 
     start_layer: int | None = None
     t: float = 0.6
     gamma: float = 0.05
     retain: str = "distinct"
+    merge_dims: str = "token"
+    merge_decode: bool = True
     inner: KIVI | Uniform | None = None
 
     def __post_init__(self):
@@ -332,6 +381,8 @@ class MiniCache:
             raise ZipjaxError(f"gamma (the retained fraction) must lie in [0, 1), got {self.gamma}")
         if self.retain not in ("distinct", "printed"):
             raise ZipjaxError(f"retain must be 'distinct' or 'printed', got {self.retain!r}")
+        if self.merge_dims not in ("token", "head"):
+            raise ZipjaxError(f"merge_dims must be 'token' (whole vector) or 'head', got {self.merge_dims!r}")
         if self.inner is not None and not isinstance(self.inner, KIVI | Uniform):
             raise ZipjaxError(f"MiniCache's inner quantizer must be KIVI(...), Uniform(...) or None, got "
                               f"{self.inner!r} (ZipCache's saliency split of merged directions is not implemented)")
@@ -339,19 +390,18 @@ class MiniCache:
     def start(self, num_layers: int) -> int:
         return num_layers // 2 if self.start_layer is None else self.start_layer
 
+    def pairs(self, num_layers: int) -> tuple[tuple[int, int], ...]:
+        """The merged layer pairs (l - 1, l): l odd, l - 1 >= the start layer."""
+        start = self.start(num_layers)
+        return tuple((l - 1, l) for l in range(1, num_layers, 2) if l - 1 >= start)  # noqa: E741
+
     def roles(self, num_layers: int) -> tuple[tuple[str, int], ...]:
         """Per layer: ("plain", index into the plain layers), ("first", pair) or ("second", pair)."""
-        start, out, plain = self.start(num_layers), [], 0
-        for layer in range(num_layers):
-            offset = layer - start
-            if offset >= 0 and offset % 2 == 0 and layer + 1 < num_layers:
-                out.append(("first", offset // 2))
-            elif offset >= 0 and offset % 2 == 1:
-                out.append(("second", offset // 2))
-            else:
-                out.append(("plain", plain))
-                plain += 1
-        return tuple(out)
+        role = {}
+        for index, (first, second) in enumerate(self.pairs(num_layers)):
+            role[first], role[second] = ("first", index), ("second", index)
+        plain = [layer for layer in range(num_layers) if layer not in role]
+        return tuple(role[layer] if layer in role else ("plain", plain.index(layer)) for layer in range(num_layers))
 
     def retained(self, prefill_len: int) -> int:
         return math.ceil(self.gamma * prefill_len - 1e-9)

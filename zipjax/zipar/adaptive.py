@@ -4,8 +4,9 @@ Fixed-window ZipAR starts row i once row i-1 is s tokens ahead, for every image 
 the first token of row i as soon as row i-1 has `min_window` tokens, x ~ p_old, then re-verifies it in every later
 pass with the extra context row i-1 gained meanwhile: the query at the EOL closing row i-1 is fed again and gives
 p_new; the draft is kept with probability min(1, p_new(x) / p_old(x)), else replaced by a draw from the residual
-max(0, p_new - p_old), which becomes the new draft (p_old := p_new), until one is kept or row i-1 is complete (the
-last check then sees the full context, so its outcome is an exact draw). Once kept, row i advances one token per
+max(0, p_new - p_old), which becomes the new draft, verified in later passes against that residual (the distribution
+it was drawn from, as the speculative-sampling lemma requires), until one is kept or row i-1 is complete (the last
+check then sees the full context: its outcome is an exact draw from it). Once kept, row i advances one token per
 pass like the rows above it, at the lag reached. The schedule therefore differs between samples; everything is still
 one jitted loop of static shape: one query slot per row that can be active, padded, scattered per sequence into a
 `ScatterKVCache`.
@@ -44,8 +45,9 @@ from zipjax.emu3.decoding import (
 )
 from zipjax.errors import ZipjaxError
 from zipjax.shapes import cache_length
+from zipjax.sharding import to_host
 from zipjax.transformer import Params, Transformer, output_head
-from zipjax.zipar.acceptance import accept_or_resample
+from zipjax.zipar.acceptance import accept_or_redraw
 from zipjax.zipar.cache import ScatterKVCache, prefilled
 
 ACTIVE, DRAFT, VERIFY, REFRESH = 1, 2, 3, 4
@@ -80,7 +82,8 @@ class Decision(NamedTuple):
     target: jax.Array  # int32: the image token the query decides
     code: jax.Array  # int32: the code drawn (fresh) or verified
     commit: jax.Array  # bool
-    probs: jax.Array  # float32 [batch, queries, codebook]: this pass's distribution
+    drawn_from: jax.Array  # float32 [batch, queries, codebook]: the distribution `code` was drawn from (this
+    #                        pass's for a fresh draw, the residual for a replacement)
     old: jax.Array  # float32 [batch, queries, codebook]: the pending draft's distribution
 
 
@@ -124,6 +127,14 @@ def _forward(params: Params, s: AdaptiveState, q: Queries, inputs: ImageInputs, 
     return visual_logprobs(logits, inputs.knobs, setup.batch), cache
 
 
+def verify_draft(key: jax.Array, draft: jax.Array, p_old: jax.Array, p_new: jax.Array
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One pending draft (int32 []) drawn from p_old [codebook], verified against p_new [codebook]: (the token, kept,
+    the distribution the token was drawn from if it was replaced: the residual, the next check's p_old)."""
+    token, accepted, residual = accept_or_redraw(key, draft[None], p_old[None], p_new[None])
+    return token[0], accepted[0], residual[0]
+
+
 def _decide(s: AdaptiveState, q: Queries, visual: jax.Array, inputs: ImageInputs, setup: ImageDecodeSetup
             ) -> Decision:
     """Each query's token: a fresh draw (active rows, new drafts; the sequential sampler's key for that token) or a
@@ -141,14 +152,13 @@ def _decide(s: AdaptiveState, q: Queries, visual: jax.Array, inputs: ImageInputs
     keys = jax.vmap(jax.vmap(lambda n, a: jax.random.fold_in(jax.random.fold_in(key, n), a)))(target, attempt)
     old = jnp.take_along_axis(s.p_old, q.rows[:, :, None], axis=1)
     draft = jnp.take_along_axis(s.draft, q.rows, axis=1)
-    verified, accepted = jax.vmap(jax.vmap(
-        lambda k, d, po, pn: jax.tree.map(lambda x: x[0], accept_or_resample(k, d[None], po[None], pn[None]))
-    ))(keys, draft, old, probs)
+    verified, accepted, residual = jax.vmap(jax.vmap(verify_draft))(keys, draft, old, probs)
     valid = q.action > 0
     commit = valid & ((q.action == ACTIVE) | ((q.action == DRAFT) & q.final)
                       | ((q.action == VERIFY) & (accepted | q.final)))
     code = jnp.where(q.action == VERIFY, verified, fresh)
-    return Decision(target, code, commit, probs, old)
+    drawn_from = jnp.where((q.action == VERIFY)[..., None] & ~accepted[..., None], residual, probs)
+    return Decision(target, code, commit, drawn_from, old)
 
 
 def _commit(s: AdaptiveState, q: Queries, d: Decision, cache: ScatterKVCache, overflow: jax.Array,
@@ -168,10 +178,22 @@ def _commit(s: AdaptiveState, q: Queries, d: Decision, cache: ScatterKVCache, ov
         count=s.count.at[b, row].add(d.commit.astype(jnp.int32), mode="drop"),
         pending=s.pending.at[b, row].set(keep_pending, mode="drop"),
         draft=s.draft.at[b, row].set(jnp.where(keep_pending, d.code, draft), mode="drop"),
-        p_old=s.p_old.at[b, row].set(jnp.where(keep_pending[..., None], d.probs, d.old), mode="drop"),
+        p_old=s.p_old.at[b, row].set(jnp.where(keep_pending[..., None], d.drawn_from, d.old), mode="drop"),
         attempts=s.attempts.at[b, row].add(checked.astype(jnp.int32), mode="drop"),
         refreshed=s.refreshed.at[b, row].max(valid & (q.action == REFRESH), mode="drop"),
         overflow=s.overflow | overflow, cache=cache)
+
+
+@functools.partial(jax.jit, static_argnames=("setup",))
+def _initial_state(tokens: jax.Array, cache: ScatterKVCache, *, setup: ImageDecodeSetup) -> AdaptiveState:
+    """After the prefill: row 0 holds its first token, nothing is drafted yet."""
+    batch, rows, codebook = setup.batch, setup.layout.height, setup.layout.codebook_size
+    zeros = lambda dtype, *shape: jnp.zeros((batch, *shape), dtype)
+    return AdaptiveState(passes=jnp.ones((batch,), jnp.int32), tokens=tokens,
+                         count=zeros(jnp.int32, rows).at[:, 0].set(1), pending=zeros(bool, rows),
+                         draft=zeros(jnp.int32, rows), p_old=zeros(jnp.float32, rows, codebook),
+                         attempts=zeros(jnp.int32, rows), refreshed=zeros(bool, rows),
+                         overflow=jnp.zeros((), bool), cache=cache)
 
 
 @functools.partial(jax.jit, static_argnames=("setup", "min_window", "queries"), donate_argnames=("state",))
@@ -211,17 +233,11 @@ class AdaptiveWindow:
 
     def run(self, model, setup: ImageDecodeSetup, inputs: ImageInputs, progress: bool) -> DecodeResult:
         """Prefill, then adaptive passes until every image is complete."""
-        layout, batch = setup.layout, setup.batch
+        layout = setup.layout
         rows, cols = layout.height, layout.width
         tokens, cache = prefilled(model, setup, inputs, cache_length(setup.bucket + layout.num_tokens + 1),
                                   self.kernel)
-        state = AdaptiveState(
-            passes=jnp.ones((batch,), jnp.int32), tokens=tokens,
-            count=jnp.zeros((batch, rows), jnp.int32).at[:, 0].set(1), pending=jnp.zeros((batch, rows), bool),
-            draft=jnp.zeros((batch, rows), jnp.int32),
-            p_old=jnp.zeros((batch, rows, layout.codebook_size), jnp.float32),
-            attempts=jnp.zeros((batch, rows), jnp.int32), refreshed=jnp.zeros((batch, rows), bool),
-            overflow=jnp.zeros((), bool), cache=cache)
+        state = _initial_state(tokens, cache, setup=setup)
         min_window = int(self.min_window)
         queries = query_slots(cols, min_window, rows)
         desc = f"adaptive ZipAR (min window {min_window})"
@@ -230,8 +246,8 @@ class AdaptiveWindow:
             while done_rows < rows:
                 state = adaptive_until(model.params, state, jnp.int32(max(8, cols)), inputs, setup=setup,
                                        min_window=min_window, queries=queries)
-                done_rows = int(jnp.min(jnp.sum(state.count == cols, axis=1)))
+                done_rows = int(to_host(jnp.min(jnp.sum(state.count == cols, axis=1))))
                 bar.update(done_rows - bar.n)
-        if bool(state.overflow):
+        if bool(to_host(state.overflow)):
             raise ZipjaxError("internal error: adaptive ZipAR had more rows in flight than query slots")
-        return DecodeResult(tokens=np.asarray(state.tokens), passes=np.asarray(jax.device_get(state.passes)))
+        return DecodeResult(tokens=to_host(state.tokens), passes=to_host(state.passes))

@@ -26,7 +26,7 @@ from zipjax.config import ModelConfig
 from zipjax.emu3.decoding import ImageDecodeSetup, ImageInputs, initial_tokens, prefill
 from zipjax.errors import ZipjaxError
 from zipjax.kernels.zipar_attention import zipar_attention
-from zipjax.sharding import jit_initializer
+from zipjax.sharding import jit_initializer, place
 
 
 @jax.tree_util.register_dataclass
@@ -128,8 +128,8 @@ def prefilled(model, setup: ImageDecodeSetup, inputs: ImageInputs, cache_len: in
     """A scatter cache of `cache_len` slots holding the prompt, and the image-token buffer int32 [batch,
     num_tokens] with the first token (from the prompt's last logits) and every EOL in place."""
     recipe = ScatterRecipe(setup.config, setup.cache_batch, cache_len, use_kernel)
-    cache = jit_initializer(recipe, None)(inputs.starts)
+    cache = jit_initializer(recipe, model.mesh)(inputs.starts)
     cache = cache.at(jnp.arange(setup.bucket, dtype=jnp.int32), jnp.ones((setup.bucket,), bool))
     code, cache = prefill(model.params, inputs, cache, setup=setup)
-    tokens = jnp.asarray(initial_tokens(setup.batch, setup.layout)).at[:, 0].set(code + setup.layout.visual_offset)
-    return tokens, cache
+    tokens = place(initial_tokens(setup.batch, setup.layout), model.mesh, PartitionSpec("data", None))
+    return tokens.at[:, 0].set(code + setup.layout.visual_offset), cache

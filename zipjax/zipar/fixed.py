@@ -28,6 +28,7 @@ from zipjax.emu3.decoding import (
 )
 from zipjax.errors import ZipjaxError
 from zipjax.shapes import cache_length
+from zipjax.sharding import to_host
 from zipjax.transformer import Params, Transformer, output_head
 from zipjax.zipar.cache import ScatterKVCache, prefilled
 from zipjax.zipar.schedule import Schedule, fixed_window
@@ -103,4 +104,4 @@ class FixedWindow:
         stops = sorted({round(decode_passes * (r + 1) / layout.height) for r in range(layout.height)})
         for stop in tqdm(stops, desc=f"ZipAR passes (window {schedule.window})", unit="chunk", disable=not progress):
             state = zipar_until(model.params, state, device_schedule, jnp.int32(stop), inputs, setup=setup)
-        return DecodeResult(tokens=np.asarray(state.tokens), passes=np.full(setup.batch, schedule.num_passes))
+        return DecodeResult(tokens=to_host(state.tokens), passes=np.full(setup.batch, schedule.num_passes))

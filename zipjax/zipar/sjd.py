@@ -37,6 +37,7 @@ from zipjax.emu3.decoding import (
 )
 from zipjax.errors import ZipjaxError
 from zipjax.shapes import cache_length
+from zipjax.sharding import to_host
 from zipjax.transformer import Params, Transformer, output_head
 from zipjax.zipar.acceptance import accept_or_resample
 from zipjax.zipar.cache import ScatterKVCache, prefilled
@@ -129,6 +130,23 @@ def _commit(s: SJDState, p_new: jax.Array, verdict: Verdict, cache: ScatterKVCac
                     cache=cache, step=s.step + 1)
 
 
+@functools.partial(jax.jit, static_argnames=("setup", "window"))
+def _initial_state(first: jax.Array, cache: ScatterKVCache, key: jax.Array, *, setup: ImageDecodeSetup,
+                   window: int) -> SJDState:
+    """Token 0 from the prefill, then uniform random drafts (EOLs where the layout has them) for the first window
+    and beyond; every draft's distribution uniform."""
+    layout, batch = setup.layout, setup.batch
+    total, codebook = layout.num_tokens, layout.codebook_size
+    index = jnp.arange(total + window)
+    random_codes = jax.random.randint(jax.random.fold_in(key, 0x7FFFFFFF), (batch, total + window), 0, codebook)
+    drafts = jnp.where(layout.is_eol(index), layout.eol, random_codes + layout.visual_offset)
+    buffer = jnp.concatenate([first, jnp.zeros((batch, window), jnp.int32)], axis=1)
+    return SJDState(passes=jnp.ones((batch,), jnp.int32), cursor=jnp.ones((batch,), jnp.int32),
+                    tokens=jnp.where(index[None, :] >= 1, drafts, buffer),
+                    p_old=jnp.full((batch, total + window, codebook), 1.0 / codebook, jnp.float32),
+                    cache=cache, step=jnp.zeros((), jnp.int32))
+
+
 @functools.partial(jax.jit, static_argnames=("setup", "window"), donate_argnames=("state",))
 def sjd_until(params: Params, state: SJDState, stop: jax.Array, inputs: ImageInputs, *, setup: ImageDecodeSetup,
               window: int) -> SJDState:
@@ -164,25 +182,15 @@ class SJD:
 
     def run(self, model, setup: ImageDecodeSetup, inputs: ImageInputs, progress: bool) -> DecodeResult:
         """Prefill, then SJD passes until every image is complete."""
-        layout, batch, window = setup.layout, setup.batch, int(self.window)
-        total, codebook = layout.num_tokens, layout.codebook_size
+        window, total = int(self.window), setup.layout.num_tokens
         if window > total:
             raise ZipjaxError(f"sjd_window {window} is longer than the image's {total} tokens")
         first, cache = prefilled(model, setup, inputs, cache_length(setup.bucket + total + window + 1))
-        # drafts for the first window: uniform random visual tokens (EOLs where the layout has them)
-        index = jnp.arange(total + window)
-        random_codes = jax.random.randint(jax.random.fold_in(inputs.key, 0x7FFFFFFF), (batch, total + window), 0,
-                                          codebook)
-        drafts = jnp.where(layout.is_eol(index), layout.eol, random_codes + layout.visual_offset)
-        buffer = jnp.concatenate([first, jnp.zeros((batch, window), jnp.int32)], axis=1)
-        state = SJDState(passes=jnp.ones((batch,), jnp.int32), cursor=jnp.ones((batch,), jnp.int32),
-                         tokens=jnp.where(index[None, :] >= 1, drafts, buffer),
-                         p_old=jnp.full((batch, total + window, codebook), 1.0 / codebook, jnp.float32),
-                         cache=cache, step=jnp.zeros((), jnp.int32))
+        state = _initial_state(first, cache, inputs.key, setup=setup, window=window)
         done = 0
         with tqdm(total=total, desc=f"SJD (window {window})", unit="token", disable=not progress) as bar:
             while done < total:
                 state = sjd_until(model.params, state, jnp.int32(64), inputs, setup=setup, window=window)
-                done = int(jnp.min(state.cursor))
+                done = int(to_host(jnp.min(state.cursor)))
                 bar.update(done - bar.n)
-        return DecodeResult(tokens=np.asarray(state.tokens[:, :total]), passes=np.asarray(state.passes))
+        return DecodeResult(tokens=to_host(state.tokens)[:, :total], passes=to_host(state.passes))
