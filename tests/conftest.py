@@ -69,6 +69,19 @@ def random_ids(batch: int, length: int, seed: int = 0, vocab: int = 256) -> np.n
     return np.random.RandomState(seed).randint(3, vocab, (batch, length))
 
 
+def teacher_forced(model, cache, ids, prompt_len: int):
+    """Logits of the prompt's last token, then of each later token fed one at a time: ([batch, steps, vocab], the
+    cache after them). Positions count from each sequence's start slot (left padding)."""
+    starts = np.asarray(cache.starts)
+    positions = np.maximum(np.arange(ids.shape[1], dtype=np.int32)[None] - starts[:, None], 0).astype(np.int32)
+    logits, cache = model.apply(ids[:, :prompt_len], positions[:, :prompt_len], cache)
+    out = [logits[:, -1]]
+    for t in range(prompt_len, ids.shape[1] - 1):
+        logits, cache = model.apply(ids[:, t:t + 1], positions[:, t:t + 1], cache)
+        out.append(logits[:, 0])
+    return np.stack(out, 1), cache
+
+
 def hf_greedy(hf, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0, eos_token_id=None) -> np.ndarray:
     """transformers' greedy generate on left-padded prompts: [batch, max_prompt + max_new_tokens] (or shorter)."""
     longest = max(len(p) for p in prompts)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import teacher_forced
 
 import zipjax
 from zipjax import kv
@@ -101,30 +102,20 @@ def trained():
     return zipjax.load(ROOT / "checkpoints" / "stdlib-llama")
 
 
-def _teacher_forced(model, cache, ids, prompt_len, starts):
-    positions = jnp.maximum(jnp.arange(ids.shape[1])[None] - starts[:, None], 0)
-    logits, cache = model.apply(ids[:, :prompt_len], positions[:, :prompt_len], cache)
-    out = [logits[:, -1]]
-    for t in range(prompt_len, ids.shape[1] - 1):
-        logits, cache = model.apply(ids[:, t:t + 1], positions[:, t:t + 1], cache)
-        out.append(logits[:, 0])
-    return np.stack(out, 1)
-
-
 def test_kivi_tracks_the_dense_cache_and_the_kernel_equals_the_jnp_path(trained):
     """Left padding, a prompt that is not a multiple of R, two key flushes: 8 bits tracks the dense cache; the
     Pallas kernel (interpreted, blocks of `group` tokens) gives the jnp path's logits at 2 bits."""
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(3, trained.config.vocab_size, (2, 60 + 20)), jnp.int32)
     starts = jnp.asarray([0, 9], jnp.int32)
-    dense = _teacher_forced(trained, KVCache.init(trained.config, 2, 80, starts), ids, 60, starts)
+    dense = teacher_forced(trained, KVCache.init(trained.config, 2, 80, starts), ids, 60)[0]
     eight = kv.KIVI(bits=8, group=8, residual=8)
-    ours = _teacher_forced(trained, kv.init_cache(eight, trained.config, 2, 80, 60, starts), ids, 60, starts)
+    ours = teacher_forced(trained, kv.init_cache(eight, trained.config, 2, 80, 60, starts), ids, 60)[0]
     assert np.abs(ours - dense).max() < 0.05
     two = kv.KIVI(bits=2, group=8, residual=8)
-    jnp_path = _teacher_forced(trained, kv.init_cache(two, trained.config, 2, 80, 60, starts), ids, 60, starts)
-    kernel = _teacher_forced(trained, kv.init_cache(dataclasses.replace(two, kernel=True), trained.config, 2, 80,
-                                                    60, starts), ids, 60, starts)
+    jnp_path = teacher_forced(trained, kv.init_cache(two, trained.config, 2, 80, 60, starts), ids, 60)[0]
+    kernel = teacher_forced(trained, kv.init_cache(dataclasses.replace(two, kernel=True), trained.config, 2, 80,
+                                                    60, starts), ids, 60)[0]
     assert np.abs(kernel - jnp_path).max() < 1e-3
 
 

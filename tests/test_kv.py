@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import teacher_forced
 
 import zipjax
 from zipjax import kv
@@ -163,24 +164,12 @@ def test_bad_configurations_are_refused_when_built(trained):
         zipjax.generate(trained, [[5, 6, 7]], 8, kv="zipcache")
 
 
-def _teacher_forced(model, cache, ids, prompt_len):
-    """Logits of the prompt's last token, then of each later token fed one at a time: [batch, steps, vocab]."""
-    starts = cache.starts
-    positions = jnp.maximum(jnp.arange(ids.shape[1])[None] - starts[:, None], 0)
-    logits, cache = model.apply(ids[:, :prompt_len], positions[:, :prompt_len], cache)
-    out = [logits[:, -1]]
-    for t in range(prompt_len, ids.shape[1] - 1):
-        logits, cache = model.apply(ids[:, t:t + 1], positions[:, t:t + 1], cache)
-        out.append(logits[:, 0])
-    return np.stack(out, 1), cache
-
-
 @pytest.fixture(scope="module")
 def forced(trained):
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(3, trained.config.vocab_size, (2, 64 + 40)), jnp.int32)
     starts = jnp.asarray([0, 9], jnp.int32)
-    dense, _ = _teacher_forced(trained, KVCache.init(trained.config, 2, 104, starts), ids, 64)
+    dense, _ = teacher_forced(trained, KVCache.init(trained.config, 2, 104, starts), ids, 64)
     return ids, starts, dense
 
 
@@ -189,7 +178,7 @@ def test_full_precision_window_is_exact(trained, forced):
     close to the dense cache, and steps are reproducible."""
     ids, starts, dense = forced
     cache = QuantizedKVCache.init(trained.config, kv.Uniform(bits=8, window=40), 2, 104, 64, starts)
-    ours, cache = _teacher_forced(trained, cache, ids, 64)
+    ours, cache = teacher_forced(trained, cache, ids, 64)
     err = np.abs(ours - dense).max()
     print(f"8-bit prompt, full-precision window: max logit error {err:.2e}")
     assert err < 0.05
@@ -201,7 +190,7 @@ def test_full_precision_window_is_exact(trained, forced):
 def test_streaming_8_bit_caches_track_the_dense_cache(trained, forced, method):
     ids, starts, dense = forced
     cache = QuantizedKVCache.init(trained.config, method, 2, 104, 64, starts)
-    ours, cache = _teacher_forced(trained, cache, ids, 64)
+    ours, cache = teacher_forced(trained, cache, ids, 64)
     err = np.abs(ours - dense).max()
     print(f"{method}: max logit error {err:.2e} over {ours.shape[1]} steps")
     assert err < 0.05
@@ -214,10 +203,10 @@ def test_pallas_decode_attention_equals_the_jnp_path(trained, forced, method):
     the same cache, through prefill and several flushes: 2-bit codes, mixed precision, left padding."""
     ids, starts, _ = forced
     jnp_cache = QuantizedKVCache.init(trained.config, method, 2, 104, 64, starts)
-    ours_jnp, jnp_cache = _teacher_forced(trained, jnp_cache, ids[:, :80], 64)
+    ours_jnp, jnp_cache = teacher_forced(trained, jnp_cache, ids[:, :80], 64)
     method = dataclasses.replace(method, kernel=True)
     kernel_cache = QuantizedKVCache.init(trained.config, method, 2, 104, 64, starts)
-    ours_kernel, kernel_cache = _teacher_forced(trained, kernel_cache, ids[:, :80], 64)
+    ours_kernel, kernel_cache = teacher_forced(trained, kernel_cache, ids[:, :80], 64)
     err = np.abs(ours_kernel - ours_jnp).max()
     print(f"{method}: kernel vs jnp path, max logit difference {err:.2e}")
     assert err < 1e-3
@@ -230,7 +219,7 @@ def test_every_compressed_slot_is_stored_exactly_once(trained, forced):
     and the buffer, and no padding slot."""
     ids, starts, _ = forced
     cache = QuantizedKVCache.init(trained.config, kv.ZipCache(window=8), 2, 104, 64, starts)
-    _, cache = _teacher_forced(trained, cache, ids, 64)
+    _, cache = teacher_forced(trained, cache, ids, 64)
     compressed = 64 + 8 * (int(cache.blocks) - 1)
     layer = cache.layers[1]
     slots = np.concatenate([np.asarray(s.slots) for s in layer.stores], axis=2)  # [batch, kv_heads, capacity]
