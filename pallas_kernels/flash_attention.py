@@ -53,7 +53,8 @@ TRITON_PARAMS = {"prefill": dict(num_warps=8, num_stages=3), "decode": dict(num_
 @dataclasses.dataclass(frozen=True)
 class _Geometry:
     """Static layout of one call: `group` query heads per KV head, `q_len` real queries, blocks of `block_rows`
-    rows and `block_k` key slots, `k_blocks` key blocks in the (padded) cache, optional sliding `window`."""
+    rows and `block_k` key slots, `k_blocks` key blocks in the (padded) cache of `max_len` real slots, optional
+    sliding `window`; `state`: return the partial softmax state instead of the output."""
 
     group: int
     q_len: int
@@ -61,6 +62,13 @@ class _Geometry:
     block_k: int
     k_blocks: int
     window: int | None
+    max_len: int
+    state: bool = False
+
+    @property
+    def padded(self) -> bool:
+        """Key slots past max_len exist (the cache was padded to whole blocks)."""
+        return self.k_blocks * self.block_k > self.max_len
 
 
 def reference(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array,
@@ -84,7 +92,7 @@ def _visible_span(xp, q_block, cursor, start, g: _Geometry):
     (last = first - 1 when there are none). `xp` is jnp inside kernels and numpy for the static cost estimate."""
     first_query = (q_block * g.block_rows) // g.group
     last_query = xp.minimum(((q_block + 1) * g.block_rows - 1) // g.group, g.q_len - 1)
-    hi = cursor + last_query
+    hi = xp.minimum(cursor + last_query, g.max_len - 1)  # a shard's queries may lie past its last slot
     lo = start if g.window is None else xp.maximum(start, cursor + first_query - g.window + 1)
     first = xp.clip(lo // g.block_k, 0, g.k_blocks - 1)
     last = xp.where(lo <= hi, xp.minimum(hi // g.block_k, g.k_blocks - 1), first - 1)
@@ -111,6 +119,8 @@ def _attend_tile(q, k, v, carry, q_block, k_block, cursor, start, span, g: _Geom
     visible = (slots >= start) & (ahead * g.group <= rows)  # slot <= cursor + row // group
     if g.window is not None:
         visible &= rows < (ahead + g.window) * g.group  # cursor + row // group - slot < window
+    if g.padded:
+        visible &= slots <= hi  # padding slots a shard's later queries would otherwise see
     scores = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
     scores = jnp.where(visible, scores, MASK_VALUE)  # [block_rows, block_k]; NaN keys of unseen slots drop out
     m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
@@ -128,10 +138,11 @@ def _normalised(acc: jax.Array, total: jax.Array) -> jax.Array:
     return acc / jnp.where(total > 0.0, total, 1.0)
 
 
-def _tpu_kernel(cursor_ref, starts_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, g: _Geometry,
-                scale: float):
+def _tpu_kernel(cursor_ref, starts_ref, q_ref, k_ref, v_ref, o_ref, *refs, g: _Geometry, scale: float):
     """Grid step (sequence, KV head, query block, key block). q_ref, o_ref [block_rows, head_dim]; k_ref, v_ref
-    [block_k, head_dim]; scratch m_ref, l_ref [block_rows, 128] (lane-replicated), acc_ref [block_rows, head_dim]."""
+    [block_k, head_dim]; `refs`: with g.state, the max and sum outputs [block_rows, 128]; then scratch m_ref, l_ref
+    [block_rows, 128] (lane-replicated), acc_ref [block_rows, head_dim]. With g.state o_ref gets acc unnormalised."""
+    state_refs, (m_ref, l_ref, acc_ref) = refs[:-3], refs[-3:]
     batch, q_block, k_block = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     cursor, start = cursor_ref[0], starts_ref[batch]
     lo, hi, first, last = _visible_span(jnp, q_block, cursor, start, g)
@@ -153,12 +164,18 @@ def _tpu_kernel(cursor_ref, starts_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref
 
     @pl.when(k_block == pl.num_programs(3) - 1)
     def _finish():
-        o_ref[...] = _normalised(acc_ref[...], l_ref[:, :1]).astype(o_ref.dtype)
+        if g.state:
+            m_out, l_out = state_refs
+            o_ref[...] = acc_ref[...]
+            m_out[...], l_out[...] = m_ref[...], l_ref[...]
+        else:
+            o_ref[...] = _normalised(acc_ref[...], l_ref[:, :1]).astype(o_ref.dtype)
 
 
-def _gpu_kernel(cursor_ref, start_ref, q_ref, k_ref, v_ref, o_ref, *, g: _Geometry, scale: float):
+def _gpu_kernel(cursor_ref, start_ref, q_ref, k_ref, v_ref, o_ref, *state_refs, g: _Geometry, scale: float):
     """Program (sequence, KV head, query block). q_ref, o_ref [block_rows, head_dim]; k_ref, v_ref [max_len,
-    head_dim] of this KV head, read block by block only from the first to the last visible key block."""
+    head_dim] of this KV head, read block by block only from the first to the last visible key block. With g.state,
+    o_ref gets acc unnormalised and state_refs the max and sum [block_rows, 1]."""
     q_block = pl.program_id(2)
     cursor, start = cursor_ref[0], start_ref[0]
     lo, hi, first, last = _visible_span(jnp, q_block, cursor, start, g)
@@ -172,8 +189,12 @@ def _gpu_kernel(cursor_ref, start_ref, q_ref, k_ref, v_ref, o_ref, *, g: _Geomet
     rows, head_dim = q_ref.shape
     init = (jnp.full((rows, 1), MASK_VALUE, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
             jnp.zeros((rows, head_dim), jnp.float32))
-    _, total, acc = lax.fori_loop(first, last + 1, body, init)
-    o_ref[...] = _normalised(acc, total).astype(o_ref.dtype)
+    m, total, acc = lax.fori_loop(first, last + 1, body, init)
+    if g.state:
+        m_out, l_out = state_refs
+        o_ref[...], m_out[...], l_out[...] = acc, m, total
+    else:
+        o_ref[...] = _normalised(acc, total).astype(o_ref.dtype)
 
 
 def _cost(g: _Geometry, batch: int, kv_heads: int, q_blocks: int, head_dim: int, dtype, max_len: int
@@ -190,10 +211,18 @@ def _cost(g: _Geometry, batch: int, kv_heads: int, q_blocks: int, head_dim: int,
                            bytes_accessed=2 * g.block_k * head_dim * itemsize * tiles + q_and_out)
 
 
+def _out_shapes(g: _Geometry, rows: jax.Array, lanes: int) -> list[jax.ShapeDtypeStruct]:
+    """The output shaped like rows; with g.state, float32 and followed by the max and sum [.., total_rows, lanes]."""
+    if not g.state:
+        return [jax.ShapeDtypeStruct(rows.shape, rows.dtype)]
+    stat = jax.ShapeDtypeStruct((*rows.shape[:3], lanes), jnp.float32)
+    return [jax.ShapeDtypeStruct(rows.shape, jnp.float32), stat, stat]
+
+
 def _tpu_call(g: _Geometry, rows: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array,
-              interpret, cost: pl.CostEstimate) -> jax.Array:
+              interpret, cost: pl.CostEstimate) -> list[jax.Array]:
     """rows [batch, kv_heads, q_blocks * block_rows, head_dim]; k, v [batch, kv_heads, k_blocks * block_k,
-    head_dim] -> out shaped like rows."""
+    head_dim] -> [out shaped like rows] (+ max, sum [batch, kv_heads, total_rows, 128] with g.state)."""
     batch, kv_heads, total_rows, head_dim = rows.shape
     q_blocks = total_rows // g.block_rows
 
@@ -201,16 +230,17 @@ def _tpu_call(g: _Geometry, rows: jax.Array, k: jax.Array, v: jax.Array, cursor:
         return b, h, _key_block(i, j, cursor_ref[0], starts_ref[b], g), 0
 
     row_spec = pl.BlockSpec((None, None, g.block_rows, head_dim), lambda b, h, i, j, *_: (b, h, i, 0))
+    stat_spec = pl.BlockSpec((None, None, g.block_rows, 128), lambda b, h, i, j, *_: (b, h, i, 0))
     kv_spec = pl.BlockSpec((None, None, g.block_k, head_dim), kv_index)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2, grid=(batch, kv_heads, q_blocks, g.k_blocks),
-        in_specs=[row_spec, kv_spec, kv_spec], out_specs=row_spec,
+        in_specs=[row_spec, kv_spec, kv_spec], out_specs=[row_spec] + [stat_spec] * (2 if g.state else 0),
         scratch_shapes=[pltpu.VMEM((g.block_rows, 128), jnp.float32), pltpu.VMEM((g.block_rows, 128), jnp.float32),
                         pltpu.VMEM((g.block_rows, head_dim), jnp.float32)])
     return pl.pallas_call(
         functools.partial(_tpu_kernel, g=g, scale=head_dim**-0.5),
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct(rows.shape, rows.dtype),
+        out_shape=_out_shapes(g, rows, 128),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost, interpret=interpret, name="flash_attention",
     )(cursor.reshape(1), starts, rows, k, v)
@@ -218,10 +248,11 @@ def _tpu_call(g: _Geometry, rows: jax.Array, k: jax.Array, v: jax.Array, cursor:
 
 def _gpu_call(g: _Geometry, rows: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array,
               interpret, cost: pl.CostEstimate) -> jax.Array:
-    """Same arguments and result as `_tpu_call`; one program per query block."""
+    """Same arguments and result as `_tpu_call` (max and sum [.., total_rows, 1]); one program per query block."""
     batch, kv_heads, total_rows, head_dim = rows.shape
     length = k.shape[2]
     row_spec = pl.BlockSpec((None, None, g.block_rows, head_dim), lambda b, h, i: (b, h, i, 0))
+    stat_spec = pl.BlockSpec((None, None, g.block_rows, 1), lambda b, h, i: (b, h, i, 0))
     kv_spec = pl.BlockSpec((None, None, length, head_dim), lambda b, h, i: (b, h, 0, 0))
     params = TRITON_PARAMS["decode" if g.q_len == 1 else "prefill"]
     return pl.pallas_call(
@@ -229,8 +260,8 @@ def _gpu_call(g: _Geometry, rows: jax.Array, k: jax.Array, v: jax.Array, cursor:
         grid=(batch, kv_heads, total_rows // g.block_rows),
         in_specs=[pl.BlockSpec((1,), lambda b, h, i: (0,)), pl.BlockSpec((1,), lambda b, h, i: (b,)),
                   row_spec, kv_spec, kv_spec],
-        out_specs=row_spec,
-        out_shape=jax.ShapeDtypeStruct(rows.shape, rows.dtype),
+        out_specs=[row_spec] + [stat_spec] * (2 if g.state else 0),
+        out_shape=_out_shapes(g, rows, 1),
         compiler_params=plgpu.CompilerParams(**params),
         cost_estimate=cost, interpret=interpret, name="flash_attention",
     )(cursor.reshape(1), starts, rows, k, v)
@@ -268,7 +299,7 @@ def _blocks(backend: str, compiled: bool, q_len: int, group: int, max_len: int, 
 
 
 def _check(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array, backend: str,
-           sliding_window: int | None) -> None:
+           sliding_window: int | None, shard: bool = False) -> None:
     """ValueError naming the argument and its shape for anything the kernel cannot take."""
     if q.ndim != 4:
         raise ValueError(f"q: expected [batch, q_len, heads, head_dim], got shape {q.shape}")
@@ -278,7 +309,7 @@ def _check(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: 
                          f"head_dim={head_dim}], got shape {k.shape}")
     if v.shape != k.shape:
         raise ValueError(f"v: expected k's shape {k.shape}, got shape {v.shape}")
-    if q_len > k.shape[2]:
+    if q_len > k.shape[2] and not shard:
         raise ValueError(f"q: q_len {q_len} exceeds the cache's max_len {k.shape[2]} (q shape {q.shape})")
     if not (q.dtype == k.dtype == v.dtype and jnp.issubdtype(q.dtype, jnp.floating)):
         raise ValueError(f"q, k, v: expected one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -294,11 +325,14 @@ def _check(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: 
         raise ValueError(f"sliding_window: expected a positive size or None, got {sliding_window}")
 
 
-@functools.partial(jax.jit, static_argnames=("sliding_window", "backend", "interpret", "block_rows", "block_k"))
+@functools.partial(jax.jit, static_argnames=("sliding_window", "backend", "interpret", "block_rows", "block_k",
+                                             "state"))
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array, *,
-               sliding_window: int | None, backend: str, interpret, block_rows: int, block_k: int) -> jax.Array:
+               sliding_window: int | None, backend: str, interpret, block_rows: int, block_k: int, state: bool = False
+               ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
     """The shared wrapper: group and pad the rows, pad the cache to whole key blocks, call the backend's kernel,
-    drop the padding. Arguments as `flash_attention`, backend resolved."""
+    drop the padding. Arguments as `flash_attention`, backend resolved; `state`: as `flash_attention_state`, with
+    cursor and starts already in the cache's own slot numbers."""
     batch, q_len, heads, head_dim = q.shape
     kv_heads, max_len = k.shape[1], k.shape[2]
     group = heads // kv_heads
@@ -306,16 +340,36 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, star
     if length != max_len:  # copies the cache: real caches should be whole key blocks
         pad = ((0, 0), (0, 0), (0, length - max_len), (0, 0))
         k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-    g = _Geometry(group, q_len, block_rows, block_k, length // block_k, sliding_window)
+    g = _Geometry(group, q_len, block_rows, block_k, length // block_k, sliding_window, max_len, state)
     rows = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
     rows = rows.reshape(batch, kv_heads, q_len * group, head_dim)  # row r = (query r // group, head r % group)
     total_rows = _round_up(q_len * group, block_rows)
     rows = jnp.pad(rows, ((0, 0), (0, 0), (0, total_rows - q_len * group), (0, 0)))
     cost = _cost(g, batch, kv_heads, total_rows // block_rows, head_dim, q.dtype, max_len)
     call = _tpu_call if backend == "tpu" else _gpu_call
-    out = call(g, rows, k, v, jnp.asarray(cursor, jnp.int32), jnp.asarray(starts, jnp.int32), interpret, cost)
+    out, *stats = call(g, rows, k, v, jnp.asarray(cursor, jnp.int32), jnp.asarray(starts, jnp.int32), interpret,
+                       cost)
     out = out[:, :, : q_len * group].reshape(batch, kv_heads, q_len, group, head_dim)
-    return out.transpose(0, 2, 1, 3, 4).reshape(batch, q_len, heads, head_dim)
+    out = out.transpose(0, 2, 1, 3, 4).reshape(batch, q_len, heads, head_dim)
+    if not state:
+        return out
+    # [batch, kv_heads, rows, lanes] -> [batch, q_len, 1, heads]: one part per query, G = all heads
+    m, total = (x[:, :, : q_len * group, 0].reshape(batch, kv_heads, q_len, group).transpose(0, 2, 1, 3)
+                .reshape(batch, q_len, 1, heads) for x in stats)
+    return m, total, out[:, :, None]
+
+
+def _settings(q, k, v, cursor, starts, sliding_window, backend, interpret, block_rows, block_k, *, shard: bool):
+    """Checked inputs, then the backend, interpret flag and blocks of a call (`flash_attention`'s options)."""
+    backend = backend if backend is not None else platform()
+    _check(q, k, v, cursor, starts, backend, sliding_window, shard=shard)
+    if interpret is None:
+        interpret = backend == "cpu"
+    elif backend == "cpu" and interpret is False:
+        raise ValueError("interpret: Pallas only interprets on backend 'cpu'; got interpret=False")
+    q_len, group, max_len = q.shape[1], q.shape[2] // k.shape[1], k.shape[2]
+    block_rows, block_k = _blocks(backend, interpret is False, q_len, group, max_len, block_rows, block_k)
+    return backend, interpret, block_rows, block_k
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array, *,
@@ -331,16 +385,30 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array,
     zipjax.kernels.common.platform(). interpret: None (True on "cpu", else False), True, or a TPU
     `pltpu.InterpretParams` to run the TPU kernel under the TPU interpreter. Blocks default per backend and pass
     (q_len 1 is a decode step); block_rows counts (query, group head) rows."""
-    backend = backend if backend is not None else platform()
-    _check(q, k, v, cursor, starts, backend, sliding_window)
-    if interpret is None:
-        interpret = backend == "cpu"
-    elif backend == "cpu" and interpret is False:
-        raise ValueError("interpret: Pallas only interprets on backend 'cpu'; got interpret=False")
-    q_len, group, max_len = q.shape[1], q.shape[2] // k.shape[1], k.shape[2]
-    block_rows, block_k = _blocks(backend, interpret is False, q_len, group, max_len, block_rows, block_k)
+    backend, interpret, block_rows, block_k = _settings(q, k, v, cursor, starts, sliding_window, backend, interpret,
+                                                        block_rows, block_k, shard=False)
     return _attention(q, k, v, cursor, starts, sliding_window=sliding_window, backend=backend,
                       interpret=interpret, block_rows=block_rows, block_k=block_k)
+
+
+def flash_attention_state(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array,
+                          first_slot: jax.Array | int = 0, *, sliding_window: int | None = None,
+                          backend: str | None = None, interpret=None, block_rows: int | None = None,
+                          block_k: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The partial softmax state of `flash_attention` over part of the cache: k, v [batch, kv_heads, n, head_dim]
+    hold cache slots first_slot .. first_slot + n - 1 (one sequence shard of a cache split by sequence), cursor and
+    starts are in the whole cache's slot numbers, and every rule of the mask (starts, cursor + i, the window) holds
+    as in the whole cache; queries may lie past the part's last slot. Returns float32 m, l [batch, q_len, 1, heads]
+    (running max and sum) and acc [batch, q_len, 1, heads, head_dim] (unnormalised output): the shape of
+    zipjax.kernels.common.combine's states, so the parts' states combine exactly (across a mesh axis inside a
+    shard_map with its `axis_name`). Options as `flash_attention`."""
+    backend, interpret, block_rows, block_k = _settings(q, k, v, cursor, starts, sliding_window, backend, interpret,
+                                                        block_rows, block_k, shard=True)
+    # the mask is invariant under a shift of every slot: the kernel sees the part's own slot numbers
+    first_slot = jnp.asarray(first_slot, jnp.int32)
+    return _attention(q, k, v, jnp.asarray(cursor, jnp.int32) - first_slot, jnp.asarray(starts, jnp.int32) - first_slot,
+                      sliding_window=sliding_window, backend=backend, interpret=interpret, block_rows=block_rows,
+                      block_k=block_k, state=True)
 
 
 def flash_prefill(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array,

@@ -55,11 +55,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
-from zipjax.kernels.common import (
+from zipjax.kernels.common import (  # noqa: F401  (combine, merge: this kernel's states, re-exported)
     MASK_VALUE,
+    combine,
     grouped_scores,
     grouped_values,
     masked_softmax,
+    merge,
     platform,
     unpack,
     visible_slots,
@@ -433,24 +435,6 @@ def segment_attention(q: jax.Array, k_codes: jax.Array, k_step: jax.Array, k_min
         interpret=interpret,
     )(*inputs)
     return m[..., :heads_per_kv, 0], total[..., :heads_per_kv, 0], acc[..., :heads_per_kv, :]
-
-
-def combine(states: list[tuple[jax.Array, jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Exact softmax attention from partial states (m, l [..., parts, G], acc [..., parts, G, d]) of any number
-    of segments. Returns (out [..., G, d], max [..., G], sum [..., G]): the probability of a key with score s is
-    exp(s - max) / sum."""
-    m = jnp.concatenate([s[0] for s in states], axis=-2)
-    l = jnp.concatenate([s[1] for s in states], axis=-2)  # noqa: E741
-    acc = jnp.concatenate([s[2] for s in states], axis=-3)
-    top = m.max(axis=-2)
-    weight = jnp.exp(m - top[..., None, :])  # [..., parts, G]
-    total = jnp.maximum((l * weight).sum(axis=-2), 1e-30)
-    return (acc * weight[..., None]).sum(axis=-3) / total[..., None], top, total
-
-
-def merge(states: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
-    """The attention output [..., G, d] of `combine`."""
-    return combine(states)[0]
 
 
 def segment_attention_on_backend(*args, **kwargs) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -147,3 +147,38 @@ def test_reads_at_most_40_percent_of_a_bf16_cache_and_makes_no_dequantized_copy(
     assert largest_float_buffer(hlo) < 8 * kv_heads * regular * d / 16
     assert largest_computed_array(hlo) < cache_bytes / 16
     assert report.temp_bytes < dense_bf16 / 16
+
+
+@pytest.mark.parametrize("target_name", ["h100"])
+def test_kernel_per_shard_compiles_for_a_mesh(target_name):
+    """zipjax.sharding.states_per_shard over LLaMA-3-8B's 8 KV heads on one H100 (a 1x1 mesh; "v5e:2x2" takes the
+    2x2 branch, and tests/test_pod.py compiles the whole ZipCache decode per shard on a v5e 1x4 mesh): Triton's
+    custom call in the program, no float array the size of a dequantized segment."""
+    import functools
+
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from zipjax.sharding import states_per_shard
+
+    target = aot.target(target_name)
+    data, model = (2, 2) if target.kind == "tpu" else (1, 1)
+    mesh = aot.mesh(target, data, model)
+    per_head = NamedSharding(mesh, PartitionSpec("data", "model"))
+    kv_heads, heads_per_kv, d = MODELS["llama3-8b"]
+    q = aot.array((8, kv_heads, heads_per_kv, d), jnp.bfloat16, per_head)
+    arrays = segment(per_head, 8, "llama3-8b", 4, 1, SALIENT, "zipcache")
+    q_slot = aot.array((), jnp.int32, NamedSharding(mesh, PartitionSpec()))
+    starts = aot.array((8,), jnp.int32, NamedSharding(mesh, PartitionSpec("data")))
+    kernel = functools.partial(segment_attention_on_backend, bits=4, block=SALIENT, group=None)
+
+    def attend(q, arrays, q_slot, starts):
+        return combine([states_per_shard(kernel, q, arrays, q_slot, starts)])[0]
+
+    with jax.set_mesh(mesh):
+        compiled, report = aot.compile(attend, q, arrays, q_slot, starts, target=target)
+    hlo = compiled.as_text()
+    print(f"{target_name} {data}x{model}: temp {report.temp_bytes} bytes, largest float array "
+          f"{largest_float_buffer(hlo)} elements, collectives {report.collectives}")
+    assert CUSTOM_CALLS[target.kind] in hlo
+    assert largest_float_buffer(hlo) < 8 * kv_heads * SALIENT * d // (data * model) / 16

@@ -64,3 +64,23 @@ def test_chunked_prompt_pass_equals_one_pass():
     np.testing.assert_allclose(chunked, whole, atol=1e-4)
     assert int(chunked_cache.cursor) == 256
     np.testing.assert_allclose(chunked_cache.k[3], whole_cache.k[3], atol=1e-5)
+
+
+def test_causal_attention_is_differentiable_with_the_dense_gradient():
+    """The cache-less path (training, fine-tuning experts) runs the key-block loops of `chunked_attention`, whose
+    bounds depend on the data; its custom gradient is the dense masked softmax's, equal within float32 rounding."""
+    from zipjax.attention import causal_attention, dense_causal_attention
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 40, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 2, 40, 8)), jnp.float32) for _ in range(2))
+    for window in (None, 7):
+        def loss(f, window=window):
+            return lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, window)))
+
+        np.testing.assert_allclose(causal_attention(q, k, v, window), dense_causal_attention(q, k, v, window),
+                                   atol=1e-5)
+        ours = jax.grad(loss(causal_attention), argnums=(0, 1, 2))(q, k, v)
+        dense = jax.grad(loss(dense_causal_attention), argnums=(0, 1, 2))(q, k, v)
+        for a, b in zip(ours, dense, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)

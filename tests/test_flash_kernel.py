@@ -121,7 +121,7 @@ def test_tpu_grid_maps_only_visible_key_blocks(q_len, cursor, start, window):
     left-padding queries only names one block (the pipeline fetches it; pl.when skips its compute)."""
     group, block_rows, block_k, max_len = 4, 512, 512, 8192
     q_blocks = -(-q_len * group // block_rows)
-    g = fa._Geometry(group, q_len, block_rows, block_k, max_len // block_k, window)
+    g = fa._Geometry(group, q_len, block_rows, block_k, max_len // block_k, window, max_len)
     named = np.asarray(fa._key_block(jnp.arange(q_blocks)[:, None], jnp.arange(g.k_blocks)[None, :],
                                      jnp.int32(cursor), jnp.int32(start), g))  # [q_blocks, k_blocks]
     slots, queries = np.arange(max_len), cursor + np.arange(q_len)[:, None]
@@ -206,3 +206,41 @@ def test_compiles_ahead_of_time(target, model, record_property):
     if t.kind == "tpu" and q_len > 1 and window is None:  # the kernel's cost estimate: about half the square
         square = 4 * batch * heads * head_dim * q_len * max_len
         assert 0.5 * square < report.flops < 0.7 * square
+
+
+# batch, q_len, heads, kv_heads, head_dim, max_len, cursor, starts, window, block_k: 4 sequence shards of the cache
+SHARDED_CASES = {
+    # a decode step: sequence 1 left-padded past shard 0, the window reaching back into shard 2 only
+    "decode_window": (2, 1, 4, 2, 16, 64, 50, [0, 21], 9, 8),
+    # a prefill chunk spanning shards 1 and 2, queries past shard 1's end; shards of 12 slots in blocks of 8 (padded)
+    "prefill_chunk_padded_blocks": (2, 7, 6, 2, 16, 48, 10, [3, 14], 6, 8),
+}
+
+
+@pytest.mark.parametrize("name", list(SHARDED_CASES))
+def test_sequence_sharded_kernel_and_jnp_path_match_the_reference(name):
+    """A cache split by sequence over a 4-way "model" axis of a 2x4 CPU mesh (2 KV heads: the axis does not divide
+    them): the flash kernel (interpreted) and `chunked_attention` each run per shard over the shard's slots, and
+    their partial states combined across the axis equal attention over the whole cache."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from zipjax.attention import chunked_attention_state
+    from zipjax.sharding import make_mesh, per_shard, sequence_split
+
+    batch, q_len, heads, kv_heads, head_dim, max_len, cursor, starts, window, block_k = SHARDED_CASES[name]
+    q, k, v, cursor, starts = _case(3, batch, q_len, heads, kv_heads, head_dim, max_len, cursor, starts)
+    mesh = make_mesh(data=2, model=4)
+    k, v = (jax.device_put(x, NamedSharding(mesh, PartitionSpec("data", None, "model"))) for x in (k, v))
+    ref = _attend(fa.reference, q, k, v, cursor, starts, sliding_window=window)
+    partials = {"flash": functools.partial(fa.flash_attention_state, backend="cpu", block_k=block_k),
+                "jnp": functools.partial(chunked_attention_state, block_k=block_k)}
+    if q_len == 1:  # the TPU grid kernel's state outputs too (lane-replicated max and sum)
+        partials["grid"] = functools.partial(fa.flash_attention_state, backend="tpu", interpret=True, block_k=block_k)
+    with jax.set_mesh(mesh):
+        assert sequence_split(k.shape)
+        for label, partial in partials.items():
+            attend = functools.partial(per_shard, None, partial=functools.partial(partial, sliding_window=window))
+            out = jax.jit(attend).lower(q, k, v, cursor, starts).compile(FAST_COMPILE)(q, k, v, cursor, starts)
+            error, unseen = _errors(out, ref, _seen(q_len, int(cursor), starts))
+            print(f"{name} {label}: max abs error {error:.1e}")
+            assert error <= 1e-5 and unseen == 0.0, label

@@ -259,20 +259,19 @@ def test_nbytes_counts_the_arrays_and_compresses(trained):
 
 
 def test_generate_with_a_quantized_cache(trained):
-    """Greedy generation runs through the jitted loop and the streaming twin with every method; at 8 bits it
-    reproduces the dense cache's tokens on this prompt."""
+    """Greedy generation runs through the jitted loop and the streaming twin; at 8 bits it reproduces the dense
+    cache's tokens on this prompt. (The kernel path's equality with the jnp path is tested per step above, and it
+    generates end to end in the CLI test below: a whole interpreted-kernel generate loop costs a minute to compile.)"""
     prompts = [trained.tokenizer.encode("def fibonacci(n):"), trained.tokenizer.encode("import os\n")]
     dense = zipjax.generate(trained, prompts, 40, stop_tokens=())
     eight = zipjax.generate(trained, prompts, 40, stop_tokens=(), kv=kv.ZipCache(high_bits=8, low_bits=8, window=16))
     np.testing.assert_array_equal(eight, dense)
     for method in (kv.ZipCache(window=16), kv.KIVI(group=16, residual=16), kv.Uniform(bits=2, window=16)):
         out = zipjax.generate(trained, prompts, 40, stop_tokens=(), kv=method)
-        streamed = np.stack(list(zipjax.generate_stream(trained, prompts, 40, stop_tokens=(), kv=method)), 1)
-        np.testing.assert_array_equal(out[:, -40:], streamed)
         assert out.shape == dense.shape
-    kernel = zipjax.generate(trained, prompts, 40, stop_tokens=(), kv=kv.ZipCache(window=16, kernel=True))
-    np.testing.assert_array_equal(kernel, zipjax.generate(trained, prompts, 40, stop_tokens=(),
-                                                          kv=kv.ZipCache(window=16)))
+        if not isinstance(method, kv.Uniform):  # the streaming loop is the same for every cache: two suffice
+            streamed = np.stack(list(zipjax.generate_stream(trained, prompts, 40, stop_tokens=(), kv=method)), 1)
+            np.testing.assert_array_equal(out[:, -40:], streamed)
 
 
 def test_cli_generates_with_a_quantized_cache(capsys):

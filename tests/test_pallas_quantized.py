@@ -189,3 +189,24 @@ def test_wrong_shapes_are_named(name, change, message):
     args = dict(q=jnp.ones((2, 2, 1, 16)), **seg, slots=slots, q_slot=jnp.int32(20), starts=jnp.zeros(2, jnp.int32))
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         segment_attention(**change(args), bits=4, block=8, interpret=True)
+
+
+@pytest.mark.parametrize("model", [4, 2], ids=["sequence_split", "heads_split"])
+def test_kernel_per_shard_of_a_mesh_matches_the_reference(model):
+    """zipjax.sharding.states_per_shard on a 1 x model CPU mesh (conftest's devices): 2 KV heads over a 4-way
+    "model" axis split the segment by tokens (each shard's whole blocks; the shards' states combined across the
+    axis), over a 2-way axis by KV head. Left padding, empty slots and a sliding window."""
+    from zipjax.sharding import make_mesh, states_per_shard
+
+    seg, slots = make_segment(6, 4, blocks=4, block=8, group=8)
+    q = jax.random.normal(jax.random.key(8), (2, 2, 3, 16))
+    q_slot, starts = jnp.int32(29), jnp.array([0, 11], jnp.int32)
+    settings = dict(bits=4, block=8, group=8, sliding_window=13)
+    ref = jitted_reference(q, *seg.values(), slots, q_slot, starts, **settings)
+    kernel = functools.partial(segment_attention, backend="tpu", interpret=True, **settings)
+    args = (q, (*seg.values(), slots), q_slot, starts)
+    with jax.set_mesh(make_mesh(data=1, model=model, devices=jax.devices()[:model])):
+        attend = jax.jit(lambda q, arrays, q_slot, starts: states_per_shard(kernel, q, arrays, q_slot, starts))
+        state = attend.lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
+    assert state[0].shape == (2, 2, 1, 3)  # one state per (sequence, KV head): the shards' combined, or its own
+    np.testing.assert_allclose(merge([state]), ref, atol=2e-5)

@@ -34,12 +34,24 @@ def sharded_pair(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["divisible", "kv_replicated"])
-def test_mesh_gives_the_same_greedy_tokens(sharded_pair, name):
+def test_mesh_gives_the_same_greedy_tokens(sharded_pair, name, monkeypatch):
+    """On "kv_replicated" the 4-way model axis does not divide the 2 KV heads: the cache is split by sequence and
+    attention runs per sequence shard, the shards' softmax states combined across the axis (counted here)."""
+    import zipjax.attention
+
+    shards = []
+    partial = zipjax.attention.chunked_attention_state
+    monkeypatch.setattr(zipjax.attention, "chunked_attention_state",
+                        lambda *args, **kw: shards.append(args[1].shape) or partial(*args, **kw))
     single, sharded = sharded_pair[name]
     ids = random_ids(4, 13, seed=7)
     prompts = [ids[0, :5].tolist(), ids[1].tolist(), ids[2, :9].tolist(), ids[3, :2].tolist()]
-    np.testing.assert_array_equal(zipjax.generate(sharded, prompts, 20, stop_tokens=()),
-                                  zipjax.generate(single, prompts, 20, stop_tokens=()))
+    tokens = zipjax.generate(sharded, prompts, 20, stop_tokens=())  # it sets the model's mesh as the context mesh
+    np.testing.assert_array_equal(tokens, zipjax.generate(single, prompts, 20, stop_tokens=()))
+    # traced per shard: 2 of the 4 sequences (data), both KV heads, a quarter of the slots (model); chunked_attention
+    # itself (one device, and the head-split mesh through XLA) calls it on the whole cache
+    per_shard = [shape for shape in shards if shape[0] == 2]
+    assert per_shard == [] if name == "divisible" else per_shard and all(s[1] == 2 for s in per_shard)
 
 
 def test_parameters_are_split_by_the_rules(sharded_pair):

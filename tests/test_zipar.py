@@ -220,9 +220,10 @@ def test_adaptive_layout_and_pass_bounds(emu3, min_window):
     greedy = generate_image(emu3, "a cat", size=(10, 12), temperature=0.0, zipar_window="adaptive",
                             zipar_min_window=min_window)
     assert greedy.num_forward_passes <= rows * cols
-    kernel = generate_image(emu3, "a cat", size=(10, 12), temperature=0.0, zipar_window="adaptive",
-                            zipar_min_window=min_window, zipar_kernel=True)
-    np.testing.assert_array_equal(kernel.tokens, greedy.tokens)
+    if min_window == 2:  # the interpreted kernel costs most of this test's time: one schedule suffices
+        kernel = generate_image(emu3, "a cat", size=(10, 12), temperature=0.0, zipar_window="adaptive",
+                                zipar_min_window=min_window, zipar_kernel=True)
+        np.testing.assert_array_equal(kernel.tokens, greedy.tokens)
 
 
 def test_speculative_jacobi_decoding_peer(emu3):

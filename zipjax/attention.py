@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from zipjax.kernels.common import (
     MASK_VALUE,
+    combine,
     group_queries,
     grouped_attention,
     grouped_scores,
@@ -24,11 +25,12 @@ from zipjax.kernels.common import (
     ungroup,
     visible_slots,
 )
-from zipjax.kernels.flash_attention import flash_attention
-from zipjax.sharding import per_shard
+from zipjax.kernels.flash_attention import flash_attention, flash_attention_state
+from zipjax.sharding import per_shard, sequence_split
 
-__all__ = ["MASK_VALUE", "causal_mask", "gqa_attention", "group_queries", "grouped_attention", "grouped_probs",
-           "grouped_scores", "grouped_values", "masked_attention", "masked_softmax", "ungroup", "visible_slots"]
+__all__ = ["MASK_VALUE", "causal_attention", "causal_mask", "gqa_attention", "group_queries", "grouped_attention",
+           "grouped_probs", "grouped_scores", "grouped_values", "masked_attention", "masked_softmax", "ungroup",
+           "visible_slots"]
 
 
 def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -94,12 +96,48 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array,
     """Attention of queries at slots cursor .. cursor + q_len - 1 over a slot-addressed cache k, v [batch, kv_heads,
     max_len, head_dim] whose sequence b holds real tokens from starts[b]: the prompt pass and every decode step.
     Only the key blocks some query can see are read (flash prefill, length-bounded decode): on TPU and GPU by the
-    Pallas kernel (zipjax.kernels.flash_attention, per shard of the context mesh), on CPU by `chunked_attention`."""
+    Pallas kernel (zipjax.kernels.flash_attention, per shard of the context mesh), on CPU by `chunked_attention`.
+    A cache split by sequence over the mesh's "model" axis (KV heads it does not divide) is attended per sequence
+    shard, each shard's partial softmax state combined across the axis (zipjax.sharding.per_shard): on CPU too, so
+    that path runs wherever a mesh does."""
     target = platform()
     if target == "cpu":
-        return chunked_attention(q, k, v, cursor, starts, sliding_window)
+        partial = functools.partial(chunked_attention_state, sliding_window=sliding_window)
+        if not sequence_split(k.shape):
+            return chunked_attention(q, k, v, cursor, starts, sliding_window)
+        return per_shard(None, q, k, v, cursor, starts, partial=partial)
     kernel = functools.partial(flash_attention, sliding_window=sliding_window, backend=target)
-    return per_shard(kernel, q, k, v, cursor, starts)
+    partial = functools.partial(flash_attention_state, sliding_window=sliding_window, backend=target)
+    return per_shard(kernel, q, k, v, cursor, starts, partial=partial)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window: int | None) -> jax.Array:
+    """Attention of a whole sequence over itself (slots 0 .. seq - 1, no padding, no cache): q [batch, seq, heads,
+    head_dim], k, v [batch, kv_heads, seq, head_dim]. The forward pass is `cache_attention`'s (the flash kernel, or
+    `chunked_attention`: no [seq, seq] score matrix); its key-block loops have data-dependent bounds, which
+    reverse-mode differentiation cannot go through, so the gradient is the dense masked softmax's (training and
+    fine-tuning lengths; it does hold the score matrix)."""
+    zero = jnp.zeros((), jnp.int32)
+    return cache_attention(q, k, v, zero, jnp.zeros((q.shape[0],), jnp.int32), sliding_window)
+
+
+def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window: int | None) -> jax.Array:
+    """`causal_attention` as one masked softmax over the whole [seq, seq] score matrix (its gradient's reference)."""
+    slots = jnp.arange(q.shape[1], dtype=jnp.int32)[None]
+    return gqa_attention(q, k, v, causal_mask(slots, slots, sliding_window))
+
+
+def _causal_forward(q, k, v, sliding_window):
+    return causal_attention(q, k, v, sliding_window), (q, k, v)
+
+
+def _causal_backward(sliding_window, residuals, grad):
+    _, vjp = jax.vjp(lambda q, k, v: dense_causal_attention(q, k, v, sliding_window), *residuals)
+    return vjp(grad)
+
+
+causal_attention.defvjp(_causal_forward, _causal_backward)
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array,
@@ -111,8 +149,21 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Arra
     earliest start / window edge to its last query's slot), so no [q_len, max_len] score matrix exists and a decode
     step reads the filled extent of the cache, not all of it. Returns [batch, q_len, heads, head_dim] in q's dtype;
     a query that sees no key (left padding) gets zeros."""
+    m, total, acc = chunked_attention_state(q, k, v, cursor, starts, sliding_window=sliding_window, block_q=block_q,
+                                            block_k=block_k)
+    return combine([(m, total, acc)])[0].astype(q.dtype)
+
+
+def chunked_attention_state(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array,
+                            first_slot: jax.Array | int = 0, *, sliding_window: int | None, block_q: int = 256,
+                            block_k: int = 512) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`chunked_attention`'s partial softmax state over part of the cache, as the flash kernel's
+    (zipjax.kernels.flash_attention.flash_attention_state): k, v [batch, kv_heads, n, head_dim] hold slots
+    first_slot .. first_slot + n - 1, cursor and starts count slots of the whole cache. Returns float32 m, l [batch,
+    q_len, 1, heads] and acc [batch, q_len, 1, heads, head_dim], unnormalised (zipjax.kernels.common.combine)."""
     batch, q_len, heads, head_dim = q.shape
     kv_heads, max_len = k.shape[1], k.shape[2]
+    cursor, starts = cursor - first_slot, starts - first_slot  # the mask is invariant under a shift of all slots
     block_q, block_k = min(block_q, q_len), min(block_k, max_len)
     n_q = -(-q_len // block_q)
     pad_k = -(-max_len // block_k) * block_k - max_len  # padded slots lie past every query: never visible
@@ -125,17 +176,23 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Arra
         index, q_block = args  # q_block [batch, kv_heads, group, block_q, head_dim]
         q_slots = cursor + index * block_q + jnp.arange(block_q, dtype=jnp.int32)
         lowest = first_key if sliding_window is None else jnp.maximum(first_key, q_slots[0] - sliding_window + 1)
-        lo, hi = lowest // block_k, jnp.minimum(q_slots[-1], max_len - 1) // block_k + 1
-        return _online_softmax(q_block, k, v, q_slots, starts, sliding_window, lo, hi, block_k)
+        # within the part's blocks: a shard's queries may lie before or past it, its starts below it
+        lo = jnp.maximum(lowest, 0) // block_k
+        hi = jnp.maximum(jnp.minimum(q_slots[-1], max_len - 1) // block_k + 1, lo)
+        return _online_softmax(q_block, k, v, q_slots, starts, sliding_window, lo, hi, block_k, max_len)
 
-    out = jax.lax.map(one_block, (jnp.arange(n_q, dtype=jnp.int32), qg))  # [n_q, b, kv, G, bq, d]
-    out = out.transpose(1, 2, 3, 0, 4, 5).reshape(batch, kv_heads, heads // kv_heads, n_q * block_q, head_dim)
-    return ungroup(out[:, :, :, :q_len]).astype(q.dtype)
+    m, total, acc = jax.lax.map(one_block, (jnp.arange(n_q, dtype=jnp.int32), qg))  # [n_q, b, kv, G, bq(, d)]
+    # -> [batch, q_len, 1, heads(, head_dim)]: one part per query
+    m, total = (x.transpose(1, 0, 4, 2, 3).reshape(batch, n_q * block_q, 1, heads)[:, :q_len] for x in (m, total))
+    acc = acc.transpose(1, 0, 4, 2, 3, 5).reshape(batch, n_q * block_q, 1, heads, head_dim)[:, :q_len]
+    return m, total, acc
 
 
 def _online_softmax(q_block: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, starts: jax.Array,
-                    sliding_window: int | None, lo: jax.Array, hi: jax.Array, block_k: int) -> jax.Array:
-    """Key blocks lo .. hi - 1 folded into a running max / sum / weighted sum; float32 [b, kv, G, bq, d]."""
+                    sliding_window: int | None, lo: jax.Array, hi: jax.Array, block_k: int, max_len: int
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Key blocks lo .. hi - 1 folded into a running max m, sum l (float32 [b, kv, G, bq]) and unnormalised
+    weighted sum acc (float32 [b, kv, G, bq, d]); slots from max_len on (block padding) are never seen."""
     batch, kv_heads, group, block_q, head_dim = q_block.shape
 
     def step(j, carry):
@@ -144,6 +201,7 @@ def _online_softmax(q_block: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax
         v_block = jax.lax.dynamic_slice_in_dim(v, j * block_k, block_k, axis=2)
         k_slots = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
         visible = slot_mask(q_slots, k_slots, starts, sliding_window)[:, None, None]  # [b, 1, 1, bq, bk]
+        visible &= k_slots < max_len
         # slots of a visited block that no query sees may hold anything (stale, NaN): keep them out of 0 * x
         v_block = jnp.where(visible.any(axis=3)[..., None].squeeze(2), v_block, 0)
         scores = jnp.where(visible, grouped_scores(q_block, k_block), MASK_VALUE)
@@ -155,5 +213,4 @@ def _online_softmax(q_block: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax
     shape = (batch, kv_heads, group, block_q)
     init = (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros((*shape, head_dim), jnp.float32))
-    _, total, acc = jax.lax.fori_loop(lo, hi, step, init)
-    return acc / jnp.where(total > 0, total, 1.0)[..., None]
+    return jax.lax.fori_loop(lo, hi, step, init)

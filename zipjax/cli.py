@@ -1,12 +1,15 @@
 """The `zipjax` command: `generate` streams text from a checkpoint, `convert` imports one, `export` writes one back
 out as a Hugging Face folder, `image` draws a PNG with an Emu3 checkpoint, `ask` questions one about an image, and
-`verify` checks a checkpoint's files against their checksums. `--profile DIR` on `generate` and `image` writes a
-jax.profiler trace of the run.
+`verify` checks a checkpoint's files against their checksums, `experts compress` builds an ME-Switch expert bank
+(zipjax.experts) that `generate --experts BANK --expert NAME` serves. `--profile DIR` on `generate` and `image`
+writes a jax.profiler trace of the run.
 
     zipjax generate "def fibonacci(n):"                      # the shipped default model
     zipjax generate --checkpoint DIR --chat "What is the capital of France?"
     zipjax convert ~/models/Llama-3.1-8B-Instruct ~/zipjax/llama-3.1-8b
     zipjax export checkpoints/stdlib-llama /tmp/stdlib-llama-hf
+    zipjax experts compress BASE EXPERT1 EXPERT2 --names docs c --out BANK --bits 2 --salient 0.02
+    zipjax generate --checkpoint BASE --experts BANK --expert docs "def parse(text):"
     zipjax convert ~/models/Emu3-Gen-hf ~/zipjax/emu3-gen && zipjax image --checkpoint ~/zipjax/emu3-gen "a cat"
 
 Bad input of any kind (arguments, paths, checkpoints, sizes, and the operating system's errors about the user's
@@ -130,6 +133,27 @@ def _generate_parser(commands) -> None:
     _profile_argument(gen)
     gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                      help="compute dtype (default: as stored)")
+    gen.add_argument("--experts", type=_path, default=None, metavar="BANK",
+                     help="an expert bank built on this checkpoint (zipjax experts compress)")
+    gen.add_argument("--expert", default=None, help="the expert to generate with (a name in the bank, or 'auto')")
+    gen.add_argument("--delta-mode", choices=("dense", "grouped", "kernel", "merged"), default=None,
+                     help="how expert deltas are applied (default: the Pallas kernel on TPU/GPU, dense on CPU)")
+
+
+def _experts_parser(commands) -> None:
+    group = commands.add_parser("experts", help="ME-Switch expert banks: compressed deltas of fine-tuned experts")
+    actions = group.add_subparsers(dest="experts_command", required=True)
+    comp = actions.add_parser("compress", help="compress experts fine-tuned from BASE into a bank folder")
+    comp.add_argument("base", type=_path, help="the base zipjax checkpoint")
+    comp.add_argument("experts", type=_path, nargs="+", help="expert zipjax checkpoints (same architecture)")
+    comp.add_argument("--names", nargs="+", default=None, help="expert names (default: the folder names)")
+    comp.add_argument("--out", type=_path, required=True, help="the bank folder to write")
+    comp.add_argument("--bits", type=_positive_int, default=2, help="bits per delta entry: 1, 2, 3 or 4")
+    comp.add_argument("--salient", type=_number, default=0.02, help="fraction of input channels kept exact")
+    comp.add_argument("--embed-bits", type=_positive_int, default=4, help="bits of the embedding / LM-head deltas")
+    comp.add_argument("--calibration", type=_path, default=None, metavar="TEXT",
+                      help="a text file whose tokens weigh the salient-channel choice (default: unweighted)")
+    comp.add_argument("--overwrite", action="store_true", help="replace an existing bank folder")
 
 
 def _convert_parsers(commands) -> None:
@@ -203,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(commands)
     _convert_parsers(commands)
     _image_parsers(commands)
+    _experts_parser(commands)
     check = commands.add_parser("verify", help="check a zipjax checkpoint's files against their recorded checksums")
     check.add_argument("checkpoint", type=_path, help="zipjax checkpoint folder")
     return parser
@@ -215,13 +240,28 @@ def run_generate(args: argparse.Namespace) -> None:
     kernel = {"kernel": True} if args.kv_kernel else {}
     method = {"dense": None, "zipcache": kv.ZipCache(**kernel), "kivi": kv.KIVI(**kernel),
               "uniform": kv.Uniform()}[args.kv]
+    if args.expert is not None and args.experts is None:
+        raise ZipjaxError("--expert needs --experts BANK")
     model = load(args.checkpoint or default_checkpoint(), dtype=args.dtype)
     tokenizer = model.tokenizer
     ids = tokenizer.chat(prompt) if args.chat else tokenizer.encode(prompt)
+    expert = {}
+    if args.experts is not None:
+        from zipjax import experts
+
+        router = None
+        if args.expert == "auto":  # the router is saved in the bank's folder or beside it (zipjax.experts.router)
+            from zipjax.experts.router import MANIFEST, Router
+
+            folder = args.experts if (args.experts / MANIFEST).is_file() else args.experts.parent
+            router = Router.load(folder, model)
+        model = experts.attach(model, experts.load(args.experts, model), delta_mode=args.delta_mode, check=False,
+                               router=router)
+        expert = {"expert": args.expert}
     stop = set(model.config.eos_token_ids)
     start = time.perf_counter()
     steps = generate_stream(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, kv=method)
+                            top_p=args.top_p, seed=args.seed, kv=method, **expert)
     first = next(steps)  # every setting is checked before anything is printed
     if not args.chat:
         sys.stdout.write(prompt)
@@ -278,6 +318,37 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"exported {args.src} -> {dst}")
 
 
+CALIBRATION_WINDOW = 128  # tokens per calibration sequence
+CALIBRATION_WINDOWS = 32
+
+
+def run_experts(args: argparse.Namespace) -> None:
+    from zipjax import experts
+
+    names = args.names or [p.name for p in args.experts]
+    if len(names) != len(args.experts):
+        raise ZipjaxError(f"--names gives {len(names)} names for {len(args.experts)} experts")
+    if len(set(names)) != len(names):
+        raise ZipjaxError(f"expert names must be distinct, got {names}")
+    base = load(args.base)
+    calibration = None
+    if args.calibration is not None:
+        ids = base.tokenizer.encode(args.calibration.read_text(encoding="utf-8", errors="replace"))
+        window = min(CALIBRATION_WINDOW, base.config.max_position_embeddings)
+        windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)][:CALIBRATION_WINDOWS]
+        if not windows:
+            raise ZipjaxError(f"{args.calibration} has fewer than {window} tokens; calibration needs at least one "
+                              "window")
+        calibration = windows
+    models = {name: load(path) for name, path in zip(names, args.experts, strict=True)}
+    bank = experts.compress(base, models, bits=args.bits, salient=args.salient, calibration=calibration,
+                            embed_bits=args.embed_bits)
+    out = bank.save(args.out, overwrite=args.overwrite)
+    sizes = bank.nbytes()
+    print(f"wrote {out}: {len(names)} experts, {sizes['per_expert'] / 2**20:.2f} MiB each "
+          f"({sizes['total'] / 2**20:.2f} MiB in all)")
+
+
 def run_verify(args: argparse.Namespace) -> None:
     if not (args.checkpoint / "zipjax.json").is_file():
         raise ZipjaxError(f"{args.checkpoint} is not a zipjax checkpoint (no zipjax.json)")
@@ -290,7 +361,7 @@ def run_verify(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"generate": run_generate, "convert": run_convert, "export": run_export, "image": run_image,
-            "ask": run_ask, "verify": run_verify}
+            "ask": run_ask, "verify": run_verify, "experts": run_experts}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,13 +29,14 @@ from jax.sharding import PartitionSpec
 from zipjax.cache import AppendCache
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
+from zipjax.experts.serve import generate_inputs
 from zipjax.kv.methods import as_method, cache_initializer, check_cache, min_decode_slots
 from zipjax.kv.spec import Method
 from zipjax.model import Model, check_token_ids
 from zipjax.sampling import SamplingMode, check_settings, sample
 from zipjax.shapes import CACHE_ROUNDING, left_pad, next_pow2, prompt_bucket
 from zipjax.shapes import cache_length as round_cache_length
-from zipjax.sharding import place, to_host
+from zipjax.sharding import mesh_context, place, to_host
 from zipjax.transformer import Params, Transformer, prompt_pass
 from zipjax.validate import integer
 
@@ -69,11 +70,11 @@ def _choose(logits: jax.Array, state_key: jax.Array, knobs: Knobs, mode: Samplin
 
 
 def _prefill(params: Params, prompt: jax.Array, starts: jax.Array, cache: AppendCache, key: jax.Array, knobs: Knobs, *,
-             config: ModelConfig, mode: SamplingMode) -> SamplingState:
+             config: ModelConfig, mode: SamplingMode, experts=None) -> SamplingState:
     """Run the left-padded prompt [batch, bucket] through the model and choose the first new token."""
     batch, bucket = prompt.shape
     positions = jnp.maximum(jnp.arange(bucket, dtype=jnp.int32)[None, :] - starts[:, None], 0)
-    logits, cache = prompt_pass(params, config, prompt, positions, cache)
+    logits, cache = prompt_pass(params, config, prompt, positions, cache, experts=experts)
     token, key = _choose(logits[:, 0], key, knobs, mode)
     tokens = jnp.full((batch, cache.max_len), config.pad_id, jnp.int32)
     tokens = jax.lax.dynamic_update_slice(tokens, prompt, (0, 0))
@@ -85,10 +86,11 @@ def _prefill(params: Params, prompt: jax.Array, starts: jax.Array, cache: Append
 
 
 def _decode_step(params: Params, state: SamplingState, knobs: Knobs, *, config: ModelConfig,
-                 mode: SamplingMode) -> SamplingState:
+                 mode: SamplingMode, experts=None) -> SamplingState:
     """Feed the newest token of every sequence, choose the next one. Finished sequences receive pad tokens."""
     logits, cache = Transformer(config).apply(
-        {"params": params}, state.last_token[:, None], state.positions[:, None], state.cache, last_only=True
+        {"params": params}, state.last_token[:, None], state.positions[:, None], state.cache, last_only=True,
+        experts=experts,
     )
     token, key = _choose(logits[:, 0], state.key, knobs, mode)
     token = jnp.where(state.done, config.pad_id, token)
@@ -103,16 +105,16 @@ def _decode_step(params: Params, state: SamplingState, knobs: Knobs, *, config: 
 @functools.partial(jax.jit, static_argnames=("config", "mode"), donate_argnames=("cache",))
 def _generate_loop(params: Params, prompt: jax.Array, starts: jax.Array, cache: AppendCache, key: jax.Array,
                    knobs: Knobs, max_new_tokens: jax.Array, *, config: ModelConfig,
-                   mode: SamplingMode) -> tuple[jax.Array, AppendCache]:
+                   mode: SamplingMode, experts=None) -> tuple[jax.Array, AppendCache]:
     """Prefill, then decode until `max_new_tokens` or every sequence stopped. Returns the token buffer and the final
     cache (returned so that the donated input cache is updated in place rather than copied)."""
-    state = _prefill(params, prompt, starts, cache, key, knobs, config=config, mode=mode)
+    state = _prefill(params, prompt, starts, cache, key, knobs, config=config, mode=mode, experts=experts)
 
     def keep_going(s: SamplingState) -> jax.Array:
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
     state = jax.lax.while_loop(
-        keep_going, lambda s: _decode_step(params, s, knobs, config=config, mode=mode), state
+        keep_going, lambda s: _decode_step(params, s, knobs, config=config, mode=mode, experts=experts), state
     )
     return state.tokens, state.cache
 
@@ -232,7 +234,7 @@ def _knobs(cfg: ModelConfig, temperature: float, top_k: int | None, top_p: float
 
 def generate(model: Model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, stop_tokens: int | Sequence[int] | None = None,
-             cache_length: int | None = None, kv: Method | None = None) -> np.ndarray:
+             cache_length: int | None = None, kv: Method | None = None, expert=None) -> np.ndarray:
     """Generate `max_new_tokens` tokens after each prompt.
 
     Args:
@@ -243,31 +245,41 @@ def generate(model: Model, prompt_ids, max_new_tokens: int, *, temperature: floa
       cache_length: KV cache slots; default the padded prompt length + max_new_tokens rounded up to 128.
       kv: None for the dense cache, or a compressed cache: `zipjax.kv.ZipCache(...)`, `KIVI(...)`, `Uniform(...)`,
         `ZipVL(...)`, `MiniCache(...)`.
+      expert: with a model of zipjax.experts.attach, the expert of each prompt: a name, None (the base), one of
+        those per prompt, or "auto" (the bank's router picks). Traced: a new mix does not recompile.
     Returns:
       int32 [batch, prompt_len + max_new_tokens] like transformers: prompts left-padded to the longest, then the
       generated tokens; after a stop token every position holds the pad id.
     """
     plan = _Plan(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, cache_length, kv)
+    params, experts = generate_inputs(model, expert, plan.batch, prompt_ids)
     prompt, starts, cache = plan.device_inputs(model)
-    tokens, _ = _generate_loop(model.params, prompt, starts, cache, jax.random.key(plan.seed), plan.knobs,
-                            jnp.int32(plan.max_new_tokens), config=model.config, mode=plan.mode)
+    with mesh_context(model.mesh):
+        tokens, _ = _generate_loop(params, prompt, starts, cache, jax.random.key(plan.seed), plan.knobs,
+                                   jnp.int32(plan.max_new_tokens), config=model.config, mode=plan.mode,
+                                   experts=experts)
     return plan.output(to_host(tokens))
 
 
 def generate_stream(model: Model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                     stop_tokens: int | Sequence[int] | None = None,
-                    cache_length: int | None = None, kv: Method | None = None) -> Iterator[np.ndarray]:
+                    cache_length: int | None = None, kv: Method | None = None,
+                    expert=None) -> Iterator[np.ndarray]:
     """Like `generate`, but yields int32 [batch] new tokens one step at a time (pad for finished sequences).
 
     Stops after `max_new_tokens` steps or once every sequence has produced a stop token (that token included).
     """
     plan = _Plan(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, cache_length, kv)
+    params, experts = generate_inputs(model, expert, plan.batch, prompt_ids)
     prompt, starts, cache = plan.device_inputs(model)
     static = dict(config=model.config, mode=plan.mode)
-    state = _prefill_jit(model.params, prompt, starts, cache, jax.random.key(plan.seed), plan.knobs, **static)
+    with mesh_context(model.mesh):  # entered per call: a generator must not leave it set while suspended
+        state = _prefill_jit(params, prompt, starts, cache, jax.random.key(plan.seed), plan.knobs, **static,
+                             experts=experts)
     while True:
         yield to_host(state.last_token)
         if int(to_host(state.step)) >= plan.max_new_tokens or bool(np.all(to_host(state.done))):
             return
-        state = _decode_step_jit(model.params, state, plan.knobs, **static)
+        with mesh_context(model.mesh):
+            state = _decode_step_jit(params, state, plan.knobs, **static, experts=experts)

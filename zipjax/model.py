@@ -17,16 +17,18 @@ from jax.sharding import Mesh, PartitionSpec
 from zipjax.cache import Cache
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
-from zipjax.sharding import place, to_host
+from zipjax.sharding import mesh_context, place, to_host
 from zipjax.tokenizer import Tokenizer
 from zipjax.transformer import Params, Transformer
 
 
 @functools.partial(jax.jit, static_argnames=("config", "last_only"))
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cache | None, *,
-            config: ModelConfig, last_only: bool = False) -> tuple[jax.Array, Cache | None]:
-    """Jitted `Transformer(config).apply`: logits float32 [batch, seq or 1, vocab] and the updated cache."""
-    return Transformer(config).apply({"params": params}, tokens, positions, cache, last_only=last_only)
+            config: ModelConfig, last_only: bool = False, experts=None) -> tuple[jax.Array, Cache | None]:
+    """Jitted `Transformer(config).apply`: logits float32 [batch, seq or 1, vocab] and the updated cache.
+    experts: per-sequence expert deltas (zipjax.experts), or None."""
+    return Transformer(config).apply({"params": params}, tokens, positions, cache, last_only=last_only,
+                                     experts=experts)
 
 
 def check_token_ids(tokens: np.ndarray, vocab_size: int, what: str = "token ids") -> None:
@@ -46,7 +48,8 @@ class Model:
     def apply(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None, *,
               last_only: bool = False) -> tuple[jax.Array, Cache | None]:
         """`apply(params, tokens, positions, cache) -> (logits, cache)` with this model's parameters bound."""
-        return forward(self.params, tokens, positions, cache, config=self.config, last_only=last_only)
+        with mesh_context(self.mesh):
+            return forward(self.params, tokens, positions, cache, config=self.config, last_only=last_only)
 
     def logits(self, tokens) -> jax.Array:
         """float32 [batch, seq, vocab] for int tokens [batch, seq], plain causal attention and no cache."""

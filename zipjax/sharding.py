@@ -12,13 +12,15 @@ the "model" axis does not divide (LLaMA-3-70B's 8 on a 16-way axis, SmolLM2's 3 
 for the cache because a decode step's attention then needs only reductions of the size of its output over the
 "model" axis (the partial softmax sums and [batch, heads, head_dim] values) where splitting head_dim would reduce
 whole [batch, heads, cache_len] score rows; every chip holds 1/model of the cache either way, so its memory is the
-same. (An attention kernel run per shard, `per_shard`, needs whole K/V rows, so with a sequence-split cache XLA
-gathers one layer's K/V at a time for it: memory stays split, the gather's bytes show in the compiled collectives.)
+same. Attention over a sequence-split cache runs per sequence shard (`per_shard`, `states_per_shard`): each chip
+attends over its own slots and the partial softmax states (max, sum, unnormalised output) are combined across the
+"model" axis by log-sum-exp, so K/V never move; only the queries and the [batch, heads, head_dim] outputs do.
 Anything else the mesh does not divide is replicated rather than refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 from collections.abc import Callable, Sequence
@@ -31,6 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from zipjax.errors import ZipjaxError
+from zipjax.kernels.common import combine, reduce_states
 
 T = TypeVar("T")
 _WRITING_ALONE = contextvars.ContextVar("zipjax_writing_alone", default=False)
@@ -121,21 +124,98 @@ def jit_initializer(recipe: Callable[[jax.Array], Any], mesh: Mesh | None) -> Ca
     return jax.jit(recipe, out_shardings=tree_shardings(abstract, abstract.logical_axes(), mesh))
 
 
-def per_shard(kernel: Callable, q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array,
-              starts: jax.Array) -> jax.Array:
+_KV_AXES = ("batch", "kv_heads", "seq", "head_dim")  # a cache layer's K/V (zipjax.cache.KV_AXES)
+
+State = tuple[jax.Array, jax.Array, jax.Array]  # partial softmax state: max, sum, unnormalised output
+
+
+def _context_sizes() -> dict[str, int] | None:
+    """Axis sizes of the context mesh (`jax.set_mesh`), or None without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+
+
+def cache_spec(shape: Sequence[int], names: Sequence[str | None] = _KV_AXES) -> list[str | None]:
+    """The mesh axis of each dimension of a cache array on the context mesh, by the rules that place it (a
+    [batch, kv_heads, len, head_dim] K/V by default); all None without a context mesh."""
+    sizes = _context_sizes()
+    names = tuple(names) + (None,) * (len(shape) - len(names))
+    return [None] * len(shape) if sizes is None else logical_spec(names, shape, sizes)
+
+
+def sequence_split(kv_shape: Sequence[int]) -> bool:
+    """Whether a cache's K/V [batch, kv_heads, len, head_dim] are split by sequence over "model" on the context
+    mesh: the KV heads do not divide the axis and the slots do (FALLBACKS)."""
+    return cache_spec(kv_shape)[2] == "model"
+
+
+def per_shard(kernel: Callable | None, q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array,
+              starts: jax.Array, *, partial: Callable[..., State] | None = None) -> jax.Array:
     """Run an attention kernel (q [batch, q_len, heads, d], k, v [batch, kv_heads, len, d], cursor [], starts [batch]
     -> like q) on each shard of the context mesh (`jax.set_mesh`): Pallas kernels are opaque to XLA's partitioner,
     so without this they would see whole, gathered arrays. Batch splits over "data" and heads over "model" where the
-    mesh divides them, as the logical-axis rules place the cache; without a context mesh the kernel runs as is."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    mesh divides them, as the logical-axis rules place the cache; without a context mesh the kernel runs as is.
+
+    A cache split by sequence over "model" runs `partial(q, k, v, cursor, starts, first_slot) -> (m, l [batch,
+    q_len, 1, heads], acc [batch, q_len, 1, heads, d])` instead, on each shard's own slots (first_slot: where the
+    shard's slots begin) with every query head, and combines the shards' states across "model" (pmax / psum of
+    small [batch, q_len, heads(, d)] arrays): K/V stay where they are. Without `partial` such a cache is gathered."""
+    if _context_sizes() is None:
         return kernel(q, k, v, cursor, starts)
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
-    data = "data" if q.shape[0] % sizes.get("data", 1) == 0 and "data" in sizes else None
-    model = "model" if k.shape[1] % sizes.get("model", 1) == 0 and "model" in sizes else None
+    spec = cache_spec(k.shape)
+    data = spec[0]
+    if partial is not None and spec[2] == "model":
+        def sequence_shard(q, k, v, cursor, starts):
+            first_slot = jax.lax.axis_index("model") * k.shape[2]
+            state = partial(q, k, v, cursor, starts, first_slot)
+            return combine([state], axis_name="model")[0].astype(q.dtype)
+
+        q_spec, kv_spec = PartitionSpec(data, None, None, None), PartitionSpec(data, None, "model", None)
+        return jax.shard_map(sequence_shard, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(), PartitionSpec(data)),
+                             out_specs=q_spec, check_vma=False)(q, k, v, cursor, starts)
+    model = spec[1]
     q_spec, kv_spec = PartitionSpec(data, None, model, None), PartitionSpec(data, model, None, None)
     return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(), PartitionSpec(data)),
                          out_specs=q_spec, check_vma=False)(q, k, v, cursor, starts)
+
+
+def states_per_shard(kernel: Callable[..., State], q: jax.Array, arrays: Sequence[jax.Array | None],
+                     q_slot: jax.Array, starts: jax.Array) -> State:
+    """Run a kernel that returns partial softmax states over a compressed cache's segment on each shard of the
+    context mesh: `kernel(q, *arrays, q_slot, starts) -> (m, l [batch, kv_heads, parts, G], acc [batch, kv_heads,
+    parts, G, d])` with q [batch, kv_heads, G, d] and every array [batch, kv_heads, n, ...] (n: tokens or blocks;
+    None: absent), q_slot [] and starts [batch] (the kernel masks by the slot each token holds, so a shard of
+    tokens needs no offset). Batch splits over "data" and KV heads over "model" where they divide; else, where
+    "model" divides every array's token / block axis (its shards then hold whole blocks), each shard attends its
+    own tokens and the states are combined across "model" (one [batch, kv_heads, 1, G(, d)] state, on every
+    shard); else the arrays are whole on each "model" shard. Without a context mesh the kernel runs as is."""
+    sizes = _context_sizes()
+    if sizes is None:
+        return kernel(q, *arrays, q_slot, starts)
+    present = [x for x in arrays if x is not None]
+    data = "data" if "data" in sizes and q.shape[0] % sizes["data"] == 0 else None
+    split = sizes.get("model", 1) > 1
+    heads = "model" if split and q.shape[1] % sizes["model"] == 0 else None
+    sequence = split and heads is None and all(x.shape[2] % sizes["model"] == 0 for x in present)
+    spec = lambda x: PartitionSpec(data, heads, "model" if sequence else None, *(None,) * (x.ndim - 3))
+    array_specs = [PartitionSpec() if x is None else spec(x) for x in arrays]
+    state_specs = (PartitionSpec(data, heads), PartitionSpec(data, heads), PartitionSpec(data, heads))
+
+    def shard(q, *rest):
+        *parts, q_slot, starts = rest
+        state = kernel(q, *parts, q_slot, starts)
+        return reduce_states([state], "model") if sequence else state
+
+    return jax.shard_map(shard, in_specs=(PartitionSpec(data, heads), *array_specs, PartitionSpec(),
+                                          PartitionSpec(data)),
+                         out_specs=state_specs, check_vma=False)(q, *arrays, q_slot, starts)
+
+
+def mesh_context(mesh: Mesh | None) -> contextlib.AbstractContextManager:
+    """The context mesh (`jax.set_mesh`) under which a model's jitted programs are traced and run: what `per_shard`
+    and `states_per_shard` read to run the Pallas kernels on each shard. Every entry point that runs a model on its
+    mesh enters it; without a mesh, nothing."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def to_host(x) -> np.ndarray:

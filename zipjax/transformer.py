@@ -15,6 +15,12 @@ Heads lead the query / key / value projections: compiled for TPU, a [embed, head
 are transposed on load (zipjax.checkpoint).
 
 Letters in einsums: b batch, t query tokens, d embed, h heads, k head_dim, f mlp, v vocab.
+
+Expert deltas (zipjax.experts, ME-Switch): every projection goes through `linear`, which adds the expert delta term
+of its site when an `experts` argument is given (an object with `linear(site, x)`, `embedding(tokens)` and
+`norm(name)`; zipjax.experts.delta.ExpertInputs), and records its input's per-channel sum of squares when the
+"intermediates" collection is mutable (the calibration statistics of zipjax.experts.compress). Without experts the
+numerics are the plain model's.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zipjax.attention import cache_attention
+from zipjax.attention import causal_attention
 from zipjax.cache import Cache
 from zipjax.config import ModelConfig
 from zipjax.rope import apply_rope, inverse_frequencies, rope_tables
@@ -33,6 +39,18 @@ Params = dict  # nested dict of arrays, as flax.linen produces
 
 _init_weight = nn.initializers.normal(stddev=0.02)
 PREFILL_CHUNK = 512  # prompt tokens per pass of `prompt_pass`
+
+
+def linear(module: nn.Module, name: str, equation: str, x: jax.Array, w: jax.Array, experts) -> jax.Array:
+    """`einsum(equation, x, w)` plus, with `experts`, the delta term of site "<module path>/name" (the weight seen as
+    [in, out]: x's trailing axes after [batch, seq] flattened are `in`, the result's are `out`)."""
+    if module.is_mutable_collection("intermediates"):
+        module.sow("intermediates", f"{name}_sumsq", jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(0, 1)).ravel())
+    y = jnp.einsum(equation, x, w)
+    if experts is None:
+        return y
+    delta = experts.linear("/".join((*module.scope.path, name)), x.reshape(*x.shape[:2], -1))
+    return y + delta.reshape(y.shape).astype(y.dtype)
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
@@ -45,10 +63,12 @@ class RMSNorm(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, experts=None) -> jax.Array:
         scale = _param(self, "scale", (x.shape[-1],), ("embed",), self.dtype, nn.initializers.ones)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if experts is not None:  # the expert's exact norm delta, [batch, 1, embed]
+            scale = scale + experts.norm("/".join(self.scope.path)).astype(scale.dtype)
         return scale * x32.astype(x.dtype)
 
 
@@ -58,7 +78,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                 cache: Cache | None) -> tuple[jax.Array, Cache | None]:
+                 cache: Cache | None, experts=None) -> tuple[jax.Array, Cache | None]:
         cfg, dtype = self.config, self.config.jnp_dtype
         embed, heads, kv_heads, head_dim = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         wq = _param(self, "q", (heads, embed, head_dim), ("heads", "embed", "head_dim"), dtype)
@@ -66,30 +86,29 @@ class Attention(nn.Module):
         wv = _param(self, "v", (kv_heads, embed, head_dim), ("kv_heads", "embed", "head_dim"), dtype)
         wo = _param(self, "o", (heads, head_dim, embed), ("heads", "head_dim", "embed"), dtype)
 
-        q = apply_rope(jnp.einsum("btd,hdk->bthk", x, wq), cos, sin)  # [batch, seq, heads, head_dim]
-        k = apply_rope(jnp.einsum("btd,hdk->bthk", x, wk), cos, sin)  # [batch, seq, kv_heads, head_dim]
-        v = jnp.einsum("btd,hdk->bthk", x, wv)  # [batch, seq, kv_heads, head_dim]
+        q = apply_rope(linear(self, "q", "btd,hdk->bthk", x, wq, experts), cos, sin)  # [batch, seq, heads, head_dim]
+        k = apply_rope(linear(self, "k", "btd,hdk->bthk", x, wk, experts), cos, sin)  # [batch, seq, kv_heads, hd]
+        v = linear(self, "v", "btd,hdk->bthk", x, wv, experts)  # [batch, seq, kv_heads, head_dim]
 
         if cache is None:  # the whole sequence at slots 0 .. seq - 1, no padding
-            zero = jnp.zeros((), jnp.int32)
-            out = cache_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), zero,
-                                  jnp.zeros((x.shape[0],), jnp.int32), cfg.sliding_window)
+            out = causal_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), cfg.sliding_window)
         else:
             out, cache = cache.attend(self.layer, q, k, v, cfg.sliding_window)
-        return jnp.einsum("bthk,hkd->btd", out, wo), cache
+        return linear(self, "o", "bthk,hkd->btd", out, wo, experts), cache
 
 
 class MLP(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, experts=None) -> jax.Array:
         cfg, dtype = self.config, self.config.jnp_dtype
         w_gate = _param(self, "gate", (cfg.hidden_size, cfg.intermediate_size), ("embed", "mlp"), dtype)
         w_up = _param(self, "up", (cfg.hidden_size, cfg.intermediate_size), ("embed", "mlp"), dtype)
         w_down = _param(self, "down", (cfg.intermediate_size, cfg.hidden_size), ("mlp", "embed"), dtype)
-        hidden = jax.nn.silu(x @ w_gate) * (x @ w_up)  # [batch, seq, mlp]
-        return hidden @ w_down
+        hidden = jax.nn.silu(linear(self, "gate", "btd,df->btf", x, w_gate, experts)) * linear(
+            self, "up", "btd,df->btf", x, w_up, experts)  # [batch, seq, mlp]
+        return linear(self, "down", "btf,fd->btd", hidden, w_down, experts)
 
 
 class Block(nn.Module):
@@ -98,13 +117,13 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
-                 cache: Cache | None) -> tuple[jax.Array, Cache | None]:
+                 cache: Cache | None, experts=None) -> tuple[jax.Array, Cache | None]:
         cfg = self.config
         h, cache = Attention(cfg, self.layer, name="attn")(
-            RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, name="attn_norm")(x), cos, sin, cache
+            RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, name="attn_norm")(x, experts), cos, sin, cache, experts
         )
         x = x + h
-        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, name="mlp_norm")(x))
+        x = x + MLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, name="mlp_norm")(x, experts), experts)
         return x, cache
 
 
@@ -115,32 +134,41 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None, *,
-                 last_only: bool = False, head: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+                 last_only: bool = False, head: jax.Array | None = None,
+                 experts=None) -> tuple[jax.Array, Cache | None]:
         """head: an output projection [embed, n] used instead of the model's, typically `output_head(...)` of a
-        vocabulary range (Emu3 samples image codes from 32,768 visual tokens, a sixth of its vocabulary)."""
+        vocabulary range (Emu3 samples image codes from 32,768 visual tokens, a sixth of its vocabulary).
+        experts: expert deltas per sequence (zipjax.experts.delta.ExpertInputs), or None for the base model."""
         cfg, dtype = self.config, self.config.jnp_dtype
         if cache is not None:
             cache.check_fits(tokens.shape)
         embed = _param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
         x = jnp.take(embed, tokens, axis=0)  # [batch, seq, embed]
+        if experts is not None:
+            if head is not None:
+                raise ValueError("expert deltas cover the model's own output head, not a given `head`")
+            x = x + experts.embedding(tokens).astype(x.dtype)
         cos, sin = rope_tables(positions, inverse_frequencies(cfg.rope, cfg.head_dim))
         for i in range(cfg.num_layers):
-            x, cache = Block(cfg, i, name=f"layer_{i}")(x, cos, sin, cache)
-        x = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x)
+            x, cache = Block(cfg, i, name=f"layer_{i}")(x, cos, sin, cache, experts)
+        x = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x, experts)
         if last_only:
             x = x[:, -1:]
+        site = None
         if head is None and cfg.tie_word_embeddings:
-            head = embed.T  # [embed, vocab]
+            head, site = embed.T, "embed"  # [embed, vocab]
         elif head is None:
             head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
-        logits = x @ head
+            site = "lm_head"
+        logits = x @ head if site is None else linear(self, site, "btd,dv->btv", x, head, experts)
         if cache is not None:
             cache = cache.advance(tokens.shape[1])
         return logits.astype(jnp.float32), cache
 
 
 def prompt_pass(params: Params, config: ModelConfig, prompt: jax.Array, positions: jax.Array, cache: Cache, *,
-                head: jax.Array | None = None, chunk: int = PREFILL_CHUNK) -> tuple[jax.Array, Cache]:
+                head: jax.Array | None = None, chunk: int = PREFILL_CHUNK,
+                experts=None) -> tuple[jax.Array, Cache]:
     """The prompt [batch, n] through the model into `cache`, returning the last position's logits [batch, 1, vocab]
     and the cache. Where the cache takes chunks and n is longer than `chunk`, the prompt goes in chunks (a
     `fori_loop`), so the activations alive at once are a chunk's, not the whole prompt's (measured: LLaMA-3-8B at
@@ -148,12 +176,13 @@ def prompt_pass(params: Params, config: ModelConfig, prompt: jax.Array, position
     n = prompt.shape[1]
     model = Transformer(config)
     if not cache.accepts_chunks or n <= chunk or n % chunk:
-        return model.apply({"params": params}, prompt, positions, cache, last_only=True, head=head)
+        return model.apply({"params": params}, prompt, positions, cache, last_only=True, head=head, experts=experts)
 
     def one_chunk(i, carry):
         _, cache = carry
         part = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)
-        return model.apply({"params": params}, part(prompt), part(positions), cache, last_only=True, head=head)
+        return model.apply({"params": params}, part(prompt), part(positions), cache, last_only=True, head=head,
+                           experts=experts)
 
     vocab = config.vocab_size if head is None else head.shape[1]
     init = (jnp.zeros((prompt.shape[0], 1, vocab), jnp.float32), cache)

@@ -30,7 +30,7 @@ from zipjax.kv.methods import as_method
 from zipjax.kv.spec import Method
 from zipjax.sampling import SamplingMode, check_settings
 from zipjax.shapes import left_pad, prompt_bucket
-from zipjax.sharding import place
+from zipjax.sharding import mesh_context, place
 from zipjax.validate import number
 from zipjax.zipar.adaptive import AdaptiveWindow
 from zipjax.zipar.fixed import FixedWindow
@@ -177,10 +177,10 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
     inputs = ImageInputs(prompt=place(padded, model.mesh, PartitionSpec("data", None)),
                          starts=place(starts, model.mesh, PartitionSpec("data")), key=jax.random.key(seed),
                          knobs=knobs)
-    result = decoder.run(model, setup, inputs, progress)
-
+    with mesh_context(model.mesh):
+        result = decoder.run(model, setup, inputs, progress)
     tail = np.tile(np.array([vocab.eof, vocab.eoi, vocab.eos], np.int32), (batch, 1))
     codes = vocab.tokens_to_codes(result.tokens, rows, cols)
-    images = model.to_uint8(model.decode_codes(codes))
-    return ImageResult(images=images, tokens=np.concatenate([result.tokens, tail], axis=1), codes=codes,
+    return ImageResult(images=model.to_uint8(model.decode_codes(codes)),
+                       tokens=np.concatenate([result.tokens, tail], axis=1), codes=codes,
                        num_forward_passes=int(result.passes.max()), prompt_ids=cond)

@@ -32,6 +32,7 @@ Imports: attention, cache, codec, spec, the kernel.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import jax
@@ -46,6 +47,7 @@ from zipjax.config import ModelConfig
 from zipjax.kernels.quantized_attention import combine, segment_attention_on_backend
 from zipjax.kv.codec import SCALE_DTYPE, Store, dequantize, grouped, pack, quantize, quantize_key_blocks, unpack
 from zipjax.kv.spec import KIVI
+from zipjax.sharding import states_per_shard
 
 
 @struct.dataclass
@@ -206,15 +208,15 @@ class KIVICache:
         return masked_attention(q, keys, values, visible[:, :, None, :])[0]
 
     def _kernel_attention(self, state: KIVILayer, q, window_keys, ring_slots, sliding_window):
-        """The Pallas kernel over the store's packed codes (blocks of `group` tokens), the window in jnp, merged
-        exactly by log-sum-exp."""
+        """The Pallas kernel over the store's packed codes (blocks of `group` tokens; per shard of the context mesh,
+        zipjax.sharding.states_per_shard), the window in jnp, merged exactly by log-sum-exp."""
         store = state.store
         b, h, _, d = window_keys.shape
         qg = q[:, 0].reshape(b, h, -1, d).astype(jnp.float32)  # [batch, kv_heads, G, head_dim]
-        stored = segment_attention_on_backend(
-            qg, store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, None,
-            store.slots, self.cursor, self.starts, bits=self.method.bits, block=self.method.key_block,
-            group=self.method.group, sliding_window=sliding_window)
+        kernel = functools.partial(segment_attention_on_backend, bits=self.method.bits, block=self.method.key_block,
+                                   group=self.method.group, sliding_window=sliding_window)
+        arrays = (store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, None, store.slots)
+        stored = states_per_shard(kernel, qg, arrays, self.cursor, self.starts)
         visible = visible_slots(ring_slots, self.cursor, self.starts[:, None, None], sliding_window)[:, :, None, :]
         scores = grouped_scores(qg[:, :, :, None], window_keys)[:, :, :, 0]  # [batch, kv_heads, G, w]
         scores = jnp.where(visible, scores, MASK_VALUE)

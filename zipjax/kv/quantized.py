@@ -40,6 +40,7 @@ method (zipjax.kv.spec.QuantMethod); the cache only stores and attends. Imports:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar
 
 import jax
@@ -54,6 +55,7 @@ from zipjax.config import ModelConfig
 from zipjax.kernels.quantized_attention import combine, segment_attention_on_backend
 from zipjax.kv.codec import Store, channel_scale
 from zipjax.kv.spec import Geometry, QuantMethod, Ranking, geometry
+from zipjax.sharding import states_per_shard
 
 
 @struct.dataclass
@@ -207,8 +209,8 @@ class QuantizedKVCache:
         return out, probs[..., -buffer_len:]
 
     def _kernel_attention(self, state: LayerKV, q, k_buf, v_buf, buf_slots, sliding_window):
-        """The Pallas kernel per segment over the packed codes, the buffer in jnp, merged by log-sum-exp. Same
-        results as `_jnp_attention`."""
+        """The Pallas kernel per segment over the packed codes (per shard of the context mesh, zipjax.sharding.
+        states_per_shard), the buffer in jnp, merged by log-sum-exp. Same results as `_jnp_attention`."""
         b, h, _, d = k_buf.shape
         qg = q[:, 0].reshape(b, h, -1, d).astype(jnp.float32)  # [batch, kv_heads, group, head_dim]
         states = []
@@ -216,10 +218,10 @@ class QuantizedKVCache:
             v_scale = state.v_scale
             if v_scale is not None:
                 v_scale = jax.lax.slice_in_dim(v_scale, seg.first_block, seg.first_block + seg.blocks, axis=2)
-            states.append(segment_attention_on_backend(
-                qg, st.k_codes, st.k_step, st.k_min, st.v_codes, st.v_step, st.v_min, v_scale, st.slots, self.cursor,
-                self.starts, bits=seg.bits, block=seg.size, group=self.method.codec.group,
-                sliding_window=sliding_window))
+            kernel = functools.partial(segment_attention_on_backend, bits=seg.bits, block=seg.size,
+                                       group=self.method.codec.group, sliding_window=sliding_window)
+            arrays = (st.k_codes, st.k_step, st.k_min, st.v_codes, st.v_step, st.v_min, v_scale, st.slots)
+            states.append(states_per_shard(kernel, qg, arrays, self.cursor, self.starts))
         # [batch, 1, 1, buffer_len]
         visible = visible_slots(buf_slots, self.cursor, self.starts[:, None, None], sliding_window)[:, :, None, :]
         scores = grouped_scores(qg[:, :, :, None], k_buf.astype(jnp.float32))[:, :, :, 0]  # [b, kv_heads, group, w]
