@@ -1,10 +1,10 @@
 """A model-level router for expert="auto": which expert should serve a prompt, from the base model's own view of it.
 
 ME-Switch turns expert selection into domain classification but does not say with what; zipjax's choice is the
-cheapest classifier that reuses work already done: the base model's final-norm hidden states, mean-pooled over the
+cheapest classifier on what the model already computes: the base model's final-norm hidden states, mean-pooled over the
 prompt's real tokens, standardized, and a linear softmax head (one class per expert, no "base" class) trained with
-optax on windows of the experts' training domains. Classifying costs one base forward of the prompt, which serving
-runs anyway.
+optax on windows of the experts' training domains. Classifying costs one extra forward of the base over the prompt
+(perplexity routing costs one per expert).
 
 Routing baselines, for comparison (``compare_routing``):
 - oracle: the true domain of each held-out window;
