@@ -264,7 +264,8 @@ def probe_overlap(model, length: int, ratio: float, source: str = "pydoc") -> di
 
 
 def speed(model, lengths: list[int], batches: list[int], steps: int) -> list[dict]:
-    names = ["dense", "ZipCache 4/2 r=0.6 (probe, code norm)", "ZipCache 4/2 r=0.6 (exact)", "KIVI-2 (g32, R128)"]
+    names = [name for name in ("dense", "ZipCache 4/2 r=0.6 (probe, code norm)", "KIVI-2 (g32, R128)")
+             if name in METHODS]
     rows = []
     rng = np.random.default_rng(0)
     for length in lengths:
