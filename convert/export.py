@@ -93,6 +93,7 @@ def export_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False, prog
         (staging / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         for file in files:
             shutil.copyfile(file, staging / file.name)
-        marker = {"format": "zipjax-export", "source": str(src)}
+        marker = {"format": "zipjax-export", "source": str(src),
+                  "files": sorted(f.name for f in staging.iterdir())}  # what --overwrite may replace
         (staging / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         return destination.commit()

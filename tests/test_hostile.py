@@ -124,6 +124,129 @@ def test_an_empty_destination_argument_is_refused_not_the_current_folder(tiny_mo
         assert (tmp_path / "keep.txt").exists()
 
 
+# every path argument of every subcommand, with the empty string in its place
+EMPTY_PATH_ARGS = [
+    ["convert", "{hf}", "", "--overwrite"],
+    ["convert", "", "{tmp}/out"],
+    ["convert", "{hf}", "{tmp}/out", "--vision-tokenizer", ""],
+    ["export", "{zj}", "", "--overwrite"],
+    ["export", "", "{tmp}/out"],
+    ["experts", "compress", "{zj}", "{zj}", "--out", "", "--overwrite"],
+    ["experts", "compress", "", "{zj}", "--out", "{tmp}/bank"],
+    ["experts", "compress", "{zj}", "", "--out", "{tmp}/bank"],
+    ["experts", "compress", "{zj}", "{zj}", "--out", "{tmp}/bank", "--calibration", ""],
+    ["generate", "x", "--checkpoint", ""],
+    ["generate", "x", "--checkpoint", "{zj}", "--experts", " "],
+    ["generate", "x", "--checkpoint", "{zj}", "--profile", ""],
+    ["image", "x", "--checkpoint", ""],
+    ["image", "x", "--checkpoint", "{zj}", "--out", ""],
+    ["ask", "", "x", "--checkpoint", "{zj}"],
+    ["ask", "{tmp}/a.png", "x", "--checkpoint", ""],
+    ["verify", ""],
+]
+
+
+@pytest.mark.parametrize("args", EMPTY_PATH_ARGS, ids=lambda a: " ".join(a[:2]) + f" #{EMPTY_PATH_ARGS.index(a)}")
+def test_an_empty_path_argument_is_refused_by_every_subcommand(tiny_models, tmp_path, monkeypatch, capsys, args):
+    """`zipjax convert SRC "$UNSET" --overwrite` run inside a checkpoint once replaced that checkpoint: an empty
+    path is refused before it can become the current folder."""
+    tiny = tiny_models["llama_gqa"]
+    cwd = tmp_path / "ckpt"
+    shutil.copytree(tiny.zj_dir, cwd)
+    (cwd / "notes.txt").write_text("mine")
+    before = sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*"))
+    monkeypatch.chdir(cwd)
+    filled = [a.format(hf=tiny.hf_dir, zj=tiny.zj_dir, tmp=tmp_path) for a in args]
+    assert cli_main(filled) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "the path is empty" in err[0], err
+    assert sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*")) == before
+    assert not (tmp_path / "out").exists() and not (tmp_path / "bank").exists()
+
+
+def test_overwrite_never_deletes_files_zipjax_did_not_write(tiny_models, tmp_path):
+    """A README beside a checkpoint, a note in an export: --overwrite refuses, naming them, and keeps everything."""
+    tiny = tiny_models["llama_gqa"]
+    ckpt, hf = tmp_path / "ckpt", tmp_path / "hf"
+    convert(tiny.hf_dir, ckpt, progress=False)
+    export_hf(ckpt, hf, progress=False)
+    assert json.loads((hf / destination.EXPORT_MARKER).read_text())["files"]  # the export lists what it wrote
+    convert(tiny.hf_dir, ckpt, overwrite=True, progress=False)  # a folder zipjax wrote, alone: replaced
+    export_hf(ckpt, hf, overwrite=True, progress=False)
+    (ckpt / "README.md").write_text("my notes")
+    (ckpt / "params" / "extra.bin").write_bytes(b"mine")
+    (hf / "eval.json").write_text("{}")
+    with pytest.raises(zipjax.ZipjaxError, match=r"README\.md.*did not write"):
+        convert(tiny.hf_dir, ckpt, overwrite=True, progress=False)
+    assert cli_main(["convert", str(tiny.hf_dir), str(ckpt), "--overwrite"]) == 2
+    with pytest.raises(zipjax.ZipjaxError, match=r"eval\.json"):
+        export_hf(tiny.zj_dir, hf, overwrite=True, progress=False)
+    assert (ckpt / "README.md").read_text() == "my notes" and (ckpt / "params" / "extra.bin").exists()
+    assert (hf / "eval.json").exists() and zipjax.load(ckpt).config == tiny.load().config
+
+
+@pytest.fixture(scope="module")
+def expert_checkpoints(tmp_path_factory, tiny_models):
+    """A base checkpoint and two experts fine-tuned from it (perturbed weights)."""
+    import jax
+
+    root = tmp_path_factory.mktemp("experts")
+    base = tiny_models["llama_gqa"].load()
+    save(root / "base", base.config, jax.device_get(base.params))
+    for seed, name in enumerate(("a", "b"), start=1):
+        rng = np.random.RandomState(seed)
+        params = jax.tree.map(lambda x, r=rng: np.asarray(x) + 0.01 * r.standard_normal(x.shape).astype(x.dtype),
+                              jax.device_get(base.params))
+        save(root / name, base.config, params)
+    return root
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_experts_compress_never_writes_over_or_into_its_inputs(expert_checkpoints, tmp_path):
+    root = tmp_path / "work"
+    shutil.copytree(expert_checkpoints, root)
+    base, a, b = root / "base", root / "a", root / "b"
+    before = {name: _tree(root / name) for name in ("base", "a", "b")}
+    compress = ["experts", "compress", str(base), str(a), str(b), "--names", "a", "b", "--overwrite"]
+    for out in (root, base, a, base / "params", a / "params" / "d", root / "x" / ".." / "b"):
+        assert cli_main([*compress, "--out", str(out)]) == 2, out
+    bank = root / "bank"
+    assert cli_main([*compress, "--out", str(bank)]) == 0
+    shutil.move(str(a), str(bank / "a"))  # an expert kept inside the bank folder is an input too
+    with pytest.raises(zipjax.ZipjaxError, match="source"):
+        from zipjax.experts.bankfile import check_destination
+        check_destination(bank, overwrite=True, sources=[bank / "a"])
+    assert cli_main(["experts", "compress", str(base), str(bank / "a"), str(b), "--names", "a", "b",
+                     "--overwrite", "--out", str(bank)]) == 2
+    shutil.move(str(bank / "a"), str(a))
+    assert {name: _tree(root / name) for name in ("base", "a", "b")} == before
+
+
+def test_experts_compress_overwrite_keeps_a_router_stored_in_the_bank(expert_checkpoints, tmp_path, capsys):
+    from zipjax import experts
+
+    root = expert_checkpoints
+    bank = tmp_path / "bank"
+    compress = ["experts", "compress", str(root / "base"), str(root / "a"), str(root / "b"), "--out", str(bank)]
+    assert cli_main(compress) == 0
+    (bank / "router.json").write_text('{"format": "zipjax-router"}')
+    (bank / "router.npz").write_bytes(b"weights")
+    capsys.readouterr()
+    assert cli_main([*compress, "--overwrite"]) == 2
+    assert "router.json" in capsys.readouterr().err
+    assert (bank / "router.npz").read_bytes() == b"weights"
+    model = zipjax.load(root / "base")
+    loaded = experts.load(bank, model)
+    with pytest.raises(zipjax.ZipjaxError, match="router"):  # the API refuses too, before writing anything
+        loaded.save(bank, overwrite=True)
+    (bank / "router.json").unlink()
+    (bank / "router.npz").unlink()
+    assert cli_main([*compress, "--overwrite"]) == 0  # a bank alone is replaced
+
+
 def test_export_and_convert_never_write_over_or_around_their_source(tiny_models, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_models["llama_gqa"].zj_dir, ckpt)

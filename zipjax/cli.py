@@ -51,7 +51,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def default_checkpoint() -> Path:
-    path = Path(os.environ.get("ZIPJAX_DEFAULT_CHECKPOINT", DEFAULT_CHECKPOINT))
+    path = Path(os.environ.get("ZIPJAX_DEFAULT_CHECKPOINT") or DEFAULT_CHECKPOINT)  # set but empty: unset
     if not path.exists():
         raise ZipjaxError(
             f"no --checkpoint given and the default checkpoint is not at {path} "
@@ -82,7 +82,10 @@ def _number(text: str) -> float:
 
 
 def _path(text: str) -> Path:
-    """A path argument the operating system can take (no NUL byte)."""
+    """A path argument the operating system can take. An empty one (an unset shell variable, say) is refused here,
+    as zipjax.destination refuses it in the API: `Path("")` would silently be the current folder."""
+    if text.strip() == "":
+        raise argparse.ArgumentTypeError("the path is empty")
     if "\x00" in text:
         raise argparse.ArgumentTypeError("a path cannot contain a NUL byte")
     return Path(text)
@@ -330,6 +333,9 @@ def run_experts(args: argparse.Namespace) -> None:
         raise ZipjaxError(f"--names gives {len(names)} names for {len(args.experts)} experts")
     if len(set(names)) != len(names):
         raise ZipjaxError(f"expert names must be distinct, got {names}")
+    from zipjax.experts.bankfile import check_destination
+
+    check_destination(args.out, overwrite=args.overwrite, sources=[args.base, *args.experts])  # before the work
     base = load(args.base)
     calibration = None
     if args.calibration is not None:
@@ -343,7 +349,7 @@ def run_experts(args: argparse.Namespace) -> None:
     models = {name: load(path) for name, path in zip(names, args.experts, strict=True)}
     bank = experts.compress(base, models, bits=args.bits, salient=args.salient, calibration=calibration,
                             embed_bits=args.embed_bits)
-    out = bank.save(args.out, overwrite=args.overwrite)
+    out = bank.save(args.out, overwrite=args.overwrite, sources=[args.base, *args.experts])
     sizes = bank.nbytes()
     print(f"wrote {out}: {len(names)} experts, {sizes['per_expert'] / 2**20:.2f} MiB each "
           f"({sizes['total'] / 2**20:.2f} MiB in all)")

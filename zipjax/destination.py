@@ -9,7 +9,9 @@ The rules, each checked before anything is written:
   current folder);
 - the destination must not be, contain, or lie inside a source;
 - an existing destination is replaced only with `overwrite`, and only if it is what this kind of write produces
-  (a zipjax checkpoint, or a folder zipjax exported) or an empty folder; anything else is refused by name;
+  (a zipjax checkpoint, a folder zipjax exported, an expert bank) or an empty folder, and holds nothing but the
+  files such a write produced (its own record of them): a README, a router or any other file the user put there
+  makes the replacement a refusal that names it, never a deletion;
 - one writer per destination: a lock file beside it (`.NAME.lock`, held with flock for the whole write; the kernel
   releases it if the process dies), so a second conversion to the same place is refused instead of silently
   replacing the first;
@@ -36,6 +38,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from zipjax.errors import ZipjaxError
@@ -53,18 +56,64 @@ def is_zipjax_export(path: Path) -> bool:
     return _json_field(path / EXPORT_MARKER, "format") == "zipjax-export"
 
 
-def _json_field(path: Path, key: str):
+def _json_field(path: Path, key: str, limit: int = 1 << 20):
     try:
-        if path.is_symlink() or not path.is_file() or path.stat().st_size > 1 << 20:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > limit:
             return None
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data.get(key) if isinstance(data, dict) else None
 
 
-CHECKPOINT = ("a zipjax checkpoint", is_zipjax_checkpoint)
-EXPORT = ("a folder zipjax exported", is_zipjax_export)
+@dataclass(frozen=True)
+class Kind:
+    """What a write produces: its name in messages, the test that an existing folder is one, and the files such a
+    folder may hold (paths relative to it, from the folder's own record), so that nothing else is ever deleted."""
+
+    name: str
+    is_kind: Callable[[Path], bool]
+    written: Callable[[Path], set[str]]
+
+
+def _checkpoint_files(path: Path) -> set[str]:
+    """Every file a checkpoint write produced is recorded in its checksums.json (zipjax.checkpoint)."""
+    record = _json_field(path / "checksums.json", "files", limit=64 << 20)
+    if isinstance(record, dict):
+        return {*record, "checksums.json"}
+    # a checkpoint without a record: its manifest, the parameter folders and the tokenizer files
+    parameters = {str(f.relative_to(path)) for sub in ("params", "vq_params") for f in (path / sub).rglob("*")}
+    return {CHECKPOINT_MANIFEST, *parameters, *TOKENIZER_FILE_NAMES}
+
+
+# the files a converter copies from a Hugging Face folder (zipjax.convert.files.TOKENIZER_FILES, and the generation
+# config), and an export writes back
+TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                        "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                        "chat_template.json", "generation_config.json")
+
+
+def _export_files(path: Path) -> set[str]:
+    """An export lists its files in its marker; markers written before that: the fixed set export writes."""
+    listed = _json_field(path / EXPORT_MARKER, "files")
+    if isinstance(listed, list) and all(isinstance(f, str) for f in listed):
+        return {*listed, EXPORT_MARKER}
+    return {EXPORT_MARKER, "config.json", "model.safetensors", *TOKENIZER_FILE_NAMES}
+
+
+CHECKPOINT = Kind("a zipjax checkpoint", is_zipjax_checkpoint, _checkpoint_files)
+EXPORT = Kind("a folder zipjax exported", is_zipjax_export, _export_files)
+
+
+def foreign_files(folder: Path, written: set[str]) -> list[str]:
+    """Files (and links) under `folder` that are not in `written`, relative to it, sorted."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            relative = os.path.relpath(os.path.join(root, name), folder)
+            if relative not in written:
+                found.append(relative)
+    return sorted(found)
 
 
 def resolve(path: str | Path, what: str) -> Path:
@@ -86,11 +135,10 @@ def check_apart(dst: Path, sources: Iterable[Path]) -> None:
 class Destination:
     """Context manager: lock, check and stage a write to `dst`; `commit()` swaps the result in."""
 
-    def __init__(self, dst: str | Path, *, overwrite: bool, kind: tuple[str, Callable[[Path], bool]],
-                 sources: Iterable[str | Path] = ()):
+    def __init__(self, dst: str | Path, *, overwrite: bool, kind: Kind, sources: Iterable[str | Path] = ()):
         self.path = resolve(dst, "destination")
         self.overwrite = overwrite
-        self.kind_name, self.is_kind = kind
+        self.kind = kind
         check_apart(self.path, [resolve(s, "source") for s in sources])
         self.staging: Path | None = None
         self._lock_fd: int | None = None
@@ -155,9 +203,14 @@ class Destination:
             return
         if not self.overwrite:
             raise ZipjaxError(f"destination {dst} already exists; pass --overwrite to replace it")
-        if not self.is_kind(dst):
-            raise ZipjaxError(f"refusing to replace {dst}: it is not {self.kind_name}, and zipjax only replaces "
+        if not self.kind.is_kind(dst):
+            raise ZipjaxError(f"refusing to replace {dst}: it is not {self.kind.name}, and zipjax only replaces "
                               f"what it wrote; remove it yourself or choose another destination")
+        foreign = foreign_files(dst, self.kind.written(dst))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise ZipjaxError(f"refusing to replace {dst}: besides {self.kind.name} it holds {shown}, which zipjax "
+                              f"did not write there; move them out or choose another destination")
 
     def _lock(self) -> None:
         lock_path = self.path.parent / f".{self.path.name}.lock"

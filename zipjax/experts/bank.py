@@ -122,6 +122,8 @@ class ExpertBank:
     embed_bits: int = struct.field(pytree_node=False)
     base_fingerprint: str = struct.field(pytree_node=False)
     settings: tuple[tuple[str, str], ...] = struct.field(pytree_node=False, default=())  # how it was built
+    # the checkpoint folders it was compressed from: `save` keeps clear of them
+    sources: tuple[str, ...] = struct.field(pytree_node=False, default=())
 
     @property
     def num_experts(self) -> int:
@@ -153,11 +155,12 @@ class ExpertBank:
         out["per_expert"] = out["total"] // self.num_experts
         return out
 
-    def save(self, path, *, overwrite: bool = False):
-        """Write this bank to the folder `path` (zipjax.experts.store); load it back with zipjax.experts.load."""
+    def save(self, path, *, overwrite: bool = False, sources=()):
+        """Write this bank to the folder `path` (zipjax.experts.store); load it back with zipjax.experts.load.
+        The folder may not be, contain or lie inside the checkpoints it was compressed from, nor `sources`."""
         from zipjax.experts.bankfile import save
 
-        return save(self, path, overwrite=overwrite)
+        return save(self, path, overwrite=overwrite, sources=sources)
 
     def merged_params(self, base_params, config: ModelConfig, index: int):
         """The base parameters with expert `index`'s dequantized delta added: W_b + delta-hat (the "merged" path

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from zipjax.destination import Destination, _json_field
+from zipjax.destination import Destination, Kind, _json_field, resolve
 from zipjax.sharding import one_writer, to_host
 
 FORMAT = "zipjax-expert-bank"
@@ -26,15 +27,26 @@ def is_bank(path: Path) -> bool:
     return _json_field(path / MANIFEST, "format") == FORMAT
 
 
-BANK = ("a zipjax expert bank", is_bank)
+# a router saved in the bank's folder (zipjax.experts.router) is not part of what a bank write produces, so an
+# overwrite refuses to delete it
+BANK = Kind("a zipjax expert bank", is_bank, lambda path: {MANIFEST, ARRAYS})
 
 
-def save(bank, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write `bank` to the folder `path` (the format: zipjax.experts.store); returns the resolved path."""
-    return one_writer(lambda: _write(bank, path, overwrite), lambda: Path(path).resolve(), f"writing {path}")
+def save(bank, path: str | Path, *, overwrite: bool = False, sources: Iterable[str | Path] = ()) -> Path:
+    """Write `bank` to the folder `path` (the format: zipjax.experts.store); returns the resolved path. The folders
+    the bank was compressed from (`bank.sources`, and `sources`) are inputs: the bank may not be, contain or lie
+    inside any of them."""
+    sources = [*bank.sources, *sources]
+    return one_writer(lambda: _write(bank, path, overwrite, sources), lambda: resolve(path, "destination"),
+                      f"writing {path}")
 
 
-def _write(bank, path: str | Path, overwrite: bool) -> Path:
+def check_destination(path: str | Path, *, overwrite: bool, sources: Iterable[str | Path] = ()) -> None:
+    """The checks `save` makes before writing, for callers that want to fail before compressing."""
+    Destination(path, overwrite=overwrite, kind=BANK, sources=sources).preflight()
+
+
+def _write(bank, path: str | Path, overwrite: bool, sources: list[str | Path]) -> Path:
     arrays: dict[str, np.ndarray] = {}
     site_info = {}
     for name, site in bank.linears.items():
@@ -45,7 +57,7 @@ def _write(bank, path: str | Path, overwrite: bool) -> Path:
         site_info[name] = {"widths": list(site.widths)}
     for name, value in bank.norms.items():
         arrays[f"norm:{name}"] = np.asarray(to_host(value))
-    destination = Destination(path, overwrite=overwrite, kind=BANK)
+    destination = Destination(path, overwrite=overwrite, kind=BANK, sources=sources)
     with destination as staging:
         np.savez(staging / ARRAYS, **arrays)
         manifest = {

@@ -80,6 +80,7 @@ def compress(base: Model, experts: Mapping[str, Model | dict], bits: int = 2, sa
                  for name, qs in linears.items()},
         norms=norms, names=tuple(names), bits=bits, embed_bits=embed_bits,
         base_fingerprint=fingerprint(base.params), settings=settings,
+        sources=tuple(str(m.path) for m in (base, *experts.values()) if isinstance(m, Model) and m.path is not None),
     )
 
 
