@@ -1,7 +1,8 @@
 """What the kernels and zipjax's jax.numpy paths share: the mask value, grouped-query scores and softmax, the slot
 visibility rule of the compressed caches, and the packed-code layout.
 
-This is a leaf (it imports jax only) so that every kernel module imports alone and imports nothing else of zipjax;
+This is a leaf (it imports jax and the platform switch of zipjax.platform only) so that every kernel module imports
+alone and imports nothing else of zipjax;
 `zipjax.attention` and `zipjax.kv.codec` build on it, and each kernel's jnp reference uses the same pair of
 functions as the library's own attention.
 
@@ -13,36 +14,13 @@ of NaNs that would leak through 0 * NaN.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zipjax.platform import compiling_for, platform  # noqa: F401  (the kernels' platform switch, a leaf)
+
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-
-_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("zipjax_platform", default=None)
-
-
-def platform() -> str:
-    """The platform code is being traced for: "tpu", "gpu" or "cpu". It is jax's default backend, except while
-    compiling ahead of time for another one (zipjax.aot), which says so with `compiling_for`. Every choice between a
-    kernel and its jnp path is made on this, explicitly; nothing falls back on an exception."""
-    chosen = _PLATFORM.get() or jax.default_backend()
-    return "gpu" if chosen in ("cuda", "rocm") else chosen
-
-
-@contextlib.contextmanager
-def compiling_for(name: str) -> Iterator[None]:
-    """Trace for platform `name` ("tpu" or "gpu") inside the block, whatever the default backend is."""
-    token = _PLATFORM.set(name)
-    try:
-        yield
-    finally:
-        _PLATFORM.reset(token)
-
 
 def group_queries(q: jax.Array, kv_heads: int) -> jax.Array:
     """[batch, q_len, heads, head_dim] -> [batch, kv_heads, group, q_len, head_dim]."""

@@ -32,8 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from zipjax.errors import ZipjaxError
-from zipjax.kernels.common import compiling_for
-from zipjax.platform import has_accelerator
+from zipjax.platform import compiling_for, has_accelerator
 from zipjax.sharding import MESH_AXES, as_auto_mesh
 
 GIB = 1 << 30

@@ -1,4 +1,12 @@
-"""Which jax backend to start when the user has not said, decided before jax is imported.
+"""Which jax backend to start when the user has not said (decided before jax is imported), which platform code is
+being traced for, and the one kernel policy: whether a Pallas kernel or its jax.numpy path runs.
+
+    use_kernel(None)   # the compiled kernel where the platform traced for is a TPU or a GPU, jnp on a CPU
+    use_kernel(True)   # the kernel everywhere (interpreted on a CPU: for tests, slow)
+    use_kernel(False)  # the jnp path everywhere
+
+Every KV method, image decoder and expert attachment takes `kernel: bool | None = None` and resolves it here, at
+trace time; nothing falls back on an exception.
 
 With the ahead-of-time toolchains installed (libtpu and jax's CUDA plugin, zipjax's `test` extra), jax tries every
 plugin at start-up: on a machine without the hardware that costs seconds and prints a CUDA plugin error and libtpu
@@ -11,16 +19,20 @@ On such a machine the CUDA plugin's C++ logger also announces, on every start, t
 stderr that no setting silences); zipjax imports jax with that file descriptor muted there, so `zipjax` commands
 keep their one-line error promise.
 
-A leaf: imports os, sys and pathlib only (it must run before jax is imported).
+A leaf: imports os, sys, contextvars and pathlib only (it must run before jax is imported; `platform` imports jax
+when first called).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("zipjax_platform", default=None)
 
 # device nodes that mean an accelerator jax could use: NVIDIA, TPU (v2/v3 accel, v4+ vfio), AMD
 ACCELERATOR_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/accel0", "/dev/vfio/0",
@@ -56,3 +68,31 @@ def _stderr_muted() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def platform() -> str:
+    """The platform code is being traced for: "tpu", "gpu" or "cpu". It is jax's default backend, except while
+    compiling ahead of time for another one (zipjax.aot), which says so with `compiling_for`. Every choice between a
+    kernel and its jnp path is made on this, explicitly; nothing falls back on an exception."""
+    import jax
+
+    chosen = _PLATFORM.get() or jax.default_backend()
+    return "gpu" if chosen in ("cuda", "rocm") else chosen
+
+
+@contextlib.contextmanager
+def compiling_for(name: str) -> Iterator[None]:
+    """Trace for platform `name` ("tpu" or "gpu") inside the block, whatever the default backend is."""
+    token = _PLATFORM.set(name)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+
+
+def use_kernel(kernel: bool | None) -> bool:
+    """The kernel policy: None means the compiled Pallas kernel where the platform traced for is a TPU or a GPU and
+    the jax.numpy path on a CPU; True or False forces it."""
+    if kernel is None:
+        return platform() in ("tpu", "gpu")
+    return bool(kernel)

@@ -40,10 +40,10 @@ import numpy as np
 from zipjax.attention import cache_attention
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
-from zipjax.kernels.common import platform
 from zipjax.kv.codec import SUPPORTED_BITS, Codec
 from zipjax.kv.saliency import NORMALIZATIONS, prompt_saliency, prompt_statistics
 from zipjax.kv.zipvl import important_count, important_order, sparse_prefill_attention
+from zipjax.platform import use_kernel
 
 
 class Ranking(NamedTuple):
@@ -62,7 +62,7 @@ class QuantMethod:
     @property
     def uses_kernel(self) -> bool:
         """Whether decode attention runs the Pallas kernel, for the platform being traced (see `kernel`)."""
-        return platform() in ("tpu", "gpu") if self.kernel is None else self.kernel
+        return use_kernel(self.kernel)
 
     @property
     def subset_bits(self) -> tuple[int, int]:
