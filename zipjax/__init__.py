@@ -7,9 +7,10 @@
     image = zipjax.generate_image(emu3, "a cat on a red sofa", size=(720, 720)).images[0]
 """
 
-from zipjax.platform import choose_default_platform
+from zipjax.platform import choose_default_platform, enable_compilation_cache
 
 choose_default_platform()  # before anything imports jax
+enable_compilation_cache()
 
 from zipjax import kv  # noqa: E402
 from zipjax.checkpoint import load  # noqa: E402

@@ -44,7 +44,23 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "s
 
 
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (a ZipjaxError), not a usage block."""
+    """An argument parser whose errors are one line (a ZipjaxError), not a usage block, and whose help shows every
+    flag's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already names its default or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default in (None, False)
+                or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".strip()
 
     def error(self, message: str):
         raise ZipjaxError(f"{self.prog}: {message} (see {self.prog} --help)")
@@ -226,6 +242,7 @@ def profiled(directory: Path | None):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="zipjax", description="Fast LLaMA/Mistral/Emu3 inference in JAX.")
+    parser.add_argument("--version", action="version", version=f"zipjax {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     _generate_parser(commands)
     _convert_parsers(commands)
@@ -234,6 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("verify", help="check a zipjax checkpoint's files against their recorded checksums")
     check.add_argument("checkpoint", type=_path, help="zipjax checkpoint folder")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("zipjax")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def run_generate(args: argparse.Namespace) -> None:

@@ -44,15 +44,68 @@ def has_accelerator() -> bool:
 
 
 def choose_default_platform() -> None:
-    """Set JAX_PLATFORMS=cpu when it is unset and no accelerator device exists; when jax is to run on the CPU only,
-    import it with stderr muted (see the module docstring). Does nothing once jax is imported."""
-    if "jax" in sys.modules:
+    """Run jax on the CPU when the user has not chosen a platform and the machine has no accelerator device, with
+    the plugins' start-up chatter muted (see the module docstring). Before `import jax` this sets JAX_PLATFORMS;
+    after it (a script that imported jax first) it sets the `jax_platforms` option instead, which still works while
+    no backend has started; once one has, nothing changes."""
+    wants_cpu = "JAX_PLATFORMS" not in os.environ and not has_accelerator()
+    if "jax" not in sys.modules:
+        if wants_cpu:
+            os.environ["JAX_PLATFORMS"] = "cpu"
+        if os.environ.get("JAX_PLATFORMS") == "cpu":
+            with _stderr_muted():
+                import jax  # imported once here, quietly; every later import reuses it
+
+                _register_plugins()
         return
-    if "JAX_PLATFORMS" not in os.environ and not has_accelerator():
-        os.environ["JAX_PLATFORMS"] = "cpu"
-    if os.environ.get("JAX_PLATFORMS") == "cpu":
+    import jax
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        return
+    if wants_cpu and not jax.config.jax_platforms:
+        jax.config.update("jax_platforms", "cpu")
+    if jax.config.jax_platforms == "cpu":
         with _stderr_muted():
-            import jax  # noqa: F401  (imported once here, quietly; every later import reuses it)
+            _register_plugins()
+
+
+COMPILATION_CACHE_ENV = "ZIPJAX_COMPILATION_CACHE"
+COMPILATION_CACHE_BYTES = 2 << 30  # least recently used programs are dropped past this
+
+
+def compilation_cache_dir() -> Path | None:
+    """Where compiled programs persist between runs: $ZIPJAX_COMPILATION_CACHE if set (0, off, no or an empty value
+    turn the cache off), else $XDG_CACHE_HOME/zipjax/jax-compilation (~/.cache/zipjax/jax-compilation)."""
+    chosen = os.environ.get(COMPILATION_CACHE_ENV)
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "0", "off", "no", "false") else Path(chosen).expanduser()
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "zipjax" / "jax-compilation"
+
+
+def enable_compilation_cache() -> None:
+    """Turn on jax's persistent compilation cache (see `compilation_cache_dir`), so a second run of the same program
+    loads its executables instead of compiling them again. A cache directory the user gave jax is left alone."""
+    import jax
+
+    folder = compilation_cache_dir()
+    if folder is None or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
+
+
+def _register_plugins() -> None:
+    """Load jax's PJRT plugins now, where their start-up lines are muted, rather than at the first computation. This
+    starts no backend (`jax.distributed.initialize` may still follow). Where a jax version lacks the hook, the
+    plugins load later, as jax does by default."""
+    from jax._src import xla_bridge
+
+    register = getattr(xla_bridge, "_discover_and_register_pjrt_plugins", None)
+    if register is not None:
+        register()
 
 
 @contextlib.contextmanager
@@ -95,4 +148,11 @@ def use_kernel(kernel: bool | None) -> bool:
     the jax.numpy path on a CPU; True or False forces it."""
     if kernel is None:
         return platform() in ("tpu", "gpu")
+    if kernel and platform() == "cpu" and not _NOTICES:
+        _NOTICES.add("interpreted")
+        print("zipjax: a Pallas kernel runs interpreted on this CPU (slow, for testing); kernel=None takes the "
+              "jax.numpy path here", file=sys.stderr, flush=True)
     return bool(kernel)
+
+
+_NOTICES: set[str] = set()  # notices already printed by this process
