@@ -8,6 +8,7 @@ refused by name.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from zipjax.errors import ZipjaxError
@@ -22,6 +23,8 @@ TOKENIZER_FILES = (
 def load_tokenizer(folder: Path, **kwargs):
     """transformers' tokenizer for the files in `folder` (kwargs: e.g. gguf_file), never running the folder's code.
     Any failure to parse those files is a ZipjaxError naming the folder."""
+    # transformers advises at import that PyTorch is missing (the user tier has none, and tokenizers need none)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import AutoTokenizer  # importing transformers costs seconds; only tokenizer users pay it
 
     try:
