@@ -43,15 +43,6 @@ from zipjax.generate import generate_stream
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "stdlib-llama"
 
 
-class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (a ZipjaxError), not a usage block, and whose help shows every
-    flag's default."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", _HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-
 class _HelpFormatter(argparse.HelpFormatter):
     """Appends "(default: X)" to an option's help unless the help already names its default or there is none."""
 
@@ -61,6 +52,15 @@ class _HelpFormatter(argparse.HelpFormatter):
                 or action.default is argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)".strip()
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (a ZipjaxError), not a usage block, and whose help shows every
+    flag's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise ZipjaxError(f"{self.prog}: {message} (see {self.prog} --help)")
