@@ -28,7 +28,7 @@ from transformers import Emu3ForConditionalGeneration
 from zipjax.convert import convert
 
 import zipjax
-from zipjax.emu3.image import format_prompt, generate_image
+from zipjax.image import format_prompt, generate_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the random-model builders
 from random_hf import TINY_TEXT, TINY_VQ, save_random_emu3

@@ -30,10 +30,13 @@ import jax
 import numpy as np
 
 import zipjax
+from zipjax import zipar
 from zipjax.config import ModelConfig, RopeConfig
 from zipjax.emu3.model import Emu3Model, Emu3Vision
 from zipjax.emu3.vocab import Emu3Vocab
 from zipjax.emu3.vq_config import PaletteConfig
+from zipjax.image import Decoder, Sequential
+from zipjax.platform import use_kernel
 from zipjax.transformer import init_params, param_count
 from zipjax.zipar.quality import DigitClassifier
 
@@ -43,32 +46,46 @@ RESULTS = ROOT / "benchmarks" / "results"
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-def method_name(method: dict) -> str:
-    if method.get("sjd_window"):
-        return f"SJD w={method['sjd_window']}"
-    if method.get("zipar_window") == "adaptive":
-        return f"ZipAR adaptive m={method['zipar_min_window']}"
-    if method.get("zipar_window"):
-        return f"ZipAR s={method['zipar_window']}"
+def method_name(decoder: Decoder) -> str:
+    if isinstance(decoder, zipar.SJD):
+        return f"SJD w={decoder.window}"
+    if isinstance(decoder, zipar.AdaptiveWindow):
+        return f"ZipAR adaptive m={decoder.min_window}"
+    if isinstance(decoder, zipar.FixedWindow):
+        return f"ZipAR s={decoder.window}"
     return "sequential"
 
 
-def quality(images_per_method: int, batch: int, methods: list[dict]) -> tuple[list[dict], dict]:
+def method_fields(decoder: Decoder) -> dict:
+    """The decoder's settings for a result row, under the keys earlier result files used, plus whether the
+    attention ran as the Pallas kernel."""
+    if isinstance(decoder, zipar.SJD):
+        fields = {"sjd_window": decoder.window}
+    elif isinstance(decoder, zipar.AdaptiveWindow):
+        fields = {"zipar_window": "adaptive", "zipar_min_window": decoder.min_window}
+    elif isinstance(decoder, zipar.FixedWindow):
+        fields = {"zipar_window": decoder.window}
+    else:
+        return {}
+    return {**fields, "kernel": use_kernel(decoder.kernel)}
+
+
+def quality(images_per_method: int, batch: int, methods: list[Decoder]) -> tuple[list[dict], dict]:
     model = zipjax.load(DIGITS)
     classifier = DigitClassifier.load(DIGITS)
     labels = np.arange(images_per_method) % 10
     rows, samples = [], {}
-    runs = [(m, 0) for m in methods] + [({}, 1)]  # the last: sequential again with another seed (noise)
+    runs = [(m, 0) for m in methods] + [(Sequential(), 1)]  # the last: sequential again with another seed (noise)
     for method, seed_offset in runs:
         images, seconds, passes = [], 0.0, []
         zipjax.generate_image(model, ["a handwritten digit one"] * batch, size=(16, 16), top_k=None,
-                              negative_prompt="a handwritten digit", **method)  # compile outside the timing
+                              negative_prompt="a handwritten digit", decoder=method)  # compile outside the timing
         for start in range(0, images_per_method, batch):
             chunk = labels[start:start + batch]
             t = time.perf_counter()
             result = zipjax.generate_image(model, [f"a handwritten digit {NAMES[c]}" for c in chunk], size=(16, 16),
                                            cfg_scale=3.0, negative_prompt="a handwritten digit", temperature=1.0,
-                                           top_k=None, seed=1000 * seed_offset + start, **method)
+                                           top_k=None, seed=1000 * seed_offset + start, decoder=method)
             seconds += time.perf_counter() - t
             passes.append(result.num_forward_passes)
             images.append(result.images[..., 0])
@@ -76,7 +93,7 @@ def quality(images_per_method: int, batch: int, methods: list[dict]) -> tuple[li
         name = method_name(method) + (" (seed 2)" if seed_offset else "")
         samples[name] = images[:20]
         passes = float(np.mean(passes))  # data-dependent for adaptive ZipAR and SJD (the batch's slowest image)
-        rows.append({"method": name, **method, "passes": passes, "images": len(images),
+        rows.append({"method": name, **method_fields(method), "passes": passes, "images": len(images),
                      "seconds": round(seconds, 2), "ms_per_image": round(1e3 * seconds / len(images), 2),
                      "accuracy": round(classifier.accuracy(images, labels), 4),
                      "frechet_distance": round(classifier.frechet_distance(images), 3)})
@@ -104,20 +121,20 @@ def speed_model(width: int, layers: int) -> Emu3Model:
                      vq_params={"codebook": palette})
 
 
-def speed(methods: list[dict], width: int, layers: int) -> list[dict]:
+def speed(methods: list[Decoder], width: int, layers: int) -> list[dict]:
     model = speed_model(width, layers)
     prompt = [1, *range(10, 40), 4, 8, 9, 3]  # BOS, 30 "text" tokens, image start, "h*w", image token
     negative = [1, 11, 12, 4, 8, 9, 3]
     rows = []
-    for method in [{}, *methods]:
-        args = dict(size=(90, 90), cfg_scale=3.0, negative_prompt=negative, top_k=2048, seed=0, **method)
+    for method in [Sequential(), *methods]:
+        args = dict(size=(90, 90), cfg_scale=3.0, negative_prompt=negative, top_k=2048, seed=0, decoder=method)
         t = time.perf_counter()
         zipjax.generate_image(model, prompt, **args)
         first = time.perf_counter() - t
         t = time.perf_counter()
         result = zipjax.generate_image(model, prompt, **args)
         seconds = time.perf_counter() - t
-        rows.append({"method": method_name(method), **method, "passes": result.num_forward_passes,
+        rows.append({"method": method_name(method), **method_fields(method), "passes": result.num_forward_passes,
                      "seconds": round(seconds, 2),
                      "compile_s": round(max(first - seconds, 0), 2)})
         print(f"[speed] {rows[-1]['method']}: {result.num_forward_passes} passes in {seconds:.1f}s", flush=True)
@@ -189,9 +206,8 @@ def main() -> None:
         previous = json.loads(out.read_text())
         report.update({k: v for k, v in previous.items() if k not in report})
     if not args.skip_quality:
-        methods = [{}, *({"zipar_window": w} for w in args.windows),
-                   *({"zipar_window": "adaptive", "zipar_min_window": m} for m in args.min_windows),
-                   *({"sjd_window": w} for w in args.sjd_windows)]
+        methods = [Sequential(), *(zipar.FixedWindow(w) for w in args.windows),
+                   *(zipar.AdaptiveWindow(m) for m in args.min_windows), *(zipar.SJD(w) for w in args.sjd_windows)]
         rows, extra = quality(args.images, args.batch, methods)
         report["quality"] = rows
         report["quality_reference"] = {k: v for k, v in extra.items() if k != "samples"}
@@ -208,8 +224,7 @@ def main() -> None:
         del model
         # SJD is compared on the trained digits model only: on random weights its drafts are almost never accepted,
         # so it makes ~8190 passes, each with a window of queries, and says nothing about trained-model behaviour.
-        methods = [*({"zipar_window": w} for w in args.speed_windows),
-                   {"zipar_window": "adaptive", "zipar_min_window": 4}]
+        methods = [*(zipar.FixedWindow(w) for w in args.speed_windows), zipar.AdaptiveWindow(4)]
         rows = speed(methods, args.speed_width, args.speed_layers)
         report["speed"] = rows
         print("\n| method | passes | seconds | pass reduction | wall speedup | speedup / pass reduction |\n"

@@ -23,8 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 CACHES = ("ZipCache", "KIVI", "ZipVL", "MiniCache")
-IMAGES = {"sequential": {}, "zipar": dict(zipar_window=4),
-          "adaptive": dict(zipar_window="adaptive", zipar_min_window=4), "sjd": dict(sjd_window=8)}
+IMAGES = ("sequential", "zipar", "adaptive", "sjd")
 IMAGE_PARTS = tuple(f"image_{name}" for name in IMAGES)
 PARTS = ("greedy", "sampled", "stream", "logits", *CACHES, "convert", *IMAGE_PARTS)
 
@@ -35,8 +34,9 @@ def run(work: Path, parts: set[str]) -> dict:
     from zipjax.convert import convert
 
     import zipjax
-    from zipjax import kv
+    from zipjax import kv, zipar
     from zipjax.errors import ZipjaxError
+    from zipjax.image import Sequential
 
     out = {}
     if jax.process_count() > 1:  # a mesh over this host's devices only is refused by name
@@ -64,9 +64,11 @@ def run(work: Path, parts: set[str]) -> dict:
         out["converted_greedy"] = zipjax.generate(zipjax.load(converted, mesh=mesh), prompts, 12).tolist()
     digits = zipjax.load(ROOT / "checkpoints" / "digits-emu3", mesh=mesh) if parts & set(IMAGE_PARTS) else None
     image_prompts = ["a handwritten digit three", "a handwritten digit seven"]
-    for name, extra in IMAGES.items():
+    decoders = dict(zip(IMAGES, (Sequential(), zipar.FixedWindow(4), zipar.AdaptiveWindow(4), zipar.SJD(8)),
+                        strict=True))
+    for name, decoder in decoders.items():
         if f"image_{name}" in parts:
-            result = zipjax.generate_image(digits, image_prompts, size=(16, 16), top_k=None, seed=1, **extra)
+            result = zipjax.generate_image(digits, image_prompts, size=(16, 16), top_k=None, seed=1, decoder=decoder)
             out[f"image_{name}"] = {"tokens": result.tokens.tolist(), "passes": result.num_forward_passes,
                                     "pixels": int(result.images.sum())}
     return out

@@ -40,6 +40,8 @@ SHAPES = {
     # Emu3-Gen (32 query heads, 8 KV heads, head_dim 128) at 90x90 codes: fixed window 7 and the adaptive decoder
     "emu3_90x90_window7": Shape(2, fixed_window(90, 90, 7).queries_per_pass, 32, 8, 128, _cache_len(90, 90)),
     "emu3_90x90_adaptive": Shape(2, query_slots(90, 4, 90), 32, 8, 128, _cache_len(90, 90)),
+    # Speculative Jacobi Decoding's window of 16 at 90x90 (zipjax.zipar.sjd sizes its cache one window longer)
+    "emu3_90x90_sjd16": Shape(2, 16, 32, 8, 128, cache_length(PROMPT_BUCKET + 90 * 91 + 16 + 1)),
     # 64 x 48 codes: 7 queries (28 rows), a cache length (3328) that is not a multiple of the TPU block
     "emu3_64x48_window7": Shape(2, fixed_window(64, 48, 7).queries_per_pass, 32, 8, 128, _cache_len(64, 48)),
     # SmolLM2-shaped: head_dim 64, 9 query heads on 3 KV heads (group 3: 39 rows)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import zipjax
+from zipjax import zipar
 from zipjax.emu3.vq_config import PaletteConfig
+from zipjax.image import Sequential
 from zipjax.zipar.quality import DigitClassifier
 
 DIGITS = Path(__file__).resolve().parent.parent / "checkpoints" / "digits-emu3"
@@ -46,7 +48,7 @@ def test_generated_digits_are_recognisable(harness, window):
     labels = np.arange(40) % 10
     result = zipjax.generate_image(model, [f"a handwritten digit {NAMES[c]}" for c in labels], size=(16, 16),
                                    cfg_scale=3.0, negative_prompt="a handwritten digit", top_k=None, seed=0,
-                                   zipar_window=window)
+                                   decoder=Sequential() if window is None else zipar.FixedWindow(window))
     assert result.num_forward_passes == (16 * 17 if window is None else 15 * window + 16)
     accuracy = classifier.accuracy(result.images[..., 0], labels)
     print(f"window {window}: {result.num_forward_passes} passes, accuracy {accuracy:.2f} on 40 digits")
@@ -62,9 +64,10 @@ def test_digits_with_a_quantized_kv_cache(harness):
     labels = np.arange(20) % 10
     prompts = [f"a handwritten digit {NAMES[c]}" for c in labels]
     common = dict(size=(16, 16), cfg_scale=3.0, negative_prompt="a handwritten digit", top_k=None, seed=0)
-    result = zipjax.generate_image(model, prompts, kv=zipjax.kv.ZipCache(window=17), **common)
+    result = zipjax.generate_image(model, prompts, decoder=Sequential(kv=zipjax.kv.ZipCache(window=17)), **common)
     accuracy = classifier.accuracy(result.images[..., 0], labels)
     print(f"ZipCache 4/2-bit: accuracy {accuracy:.2f} on 20 digits")
     assert accuracy >= 0.3
-    with pytest.raises(zipjax.ZipjaxError, match="one token per pass"):
+    # only Sequential takes kv=; the deprecated arguments, which could ask for both, refuse the mix
+    with pytest.warns(DeprecationWarning), pytest.raises(zipjax.ZipjaxError, match="one token per pass"):
         zipjax.generate_image(model, prompts[:1], zipar_window=4, kv=zipjax.kv.KIVI(), **common)

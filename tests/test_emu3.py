@@ -15,9 +15,9 @@ from zipjax.convert import convert
 
 import zipjax
 from zipjax.cli import main as cli_main
-from zipjax.emu3.image import format_prompt, generate_image
 from zipjax.emu3.png import encode_png, read_image, write_png
 from zipjax.emu3.understand import fit_size, image_prompt_ids, question_prompt
+from zipjax.image import format_prompt, generate_image
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +192,16 @@ def test_cli_image_and_ask(emu3, tmp_path, capsys):
     assert cli_main(["image", "--checkpoint", str(root / "zj"), "a cat", "--size", "8x12", "--out", str(out),
                      "--zipar-window", "adaptive", "--zipar-min-window", "6"]) == 0
     assert "(12x8, 24 forward passes" in capsys.readouterr().err
+    # a minimum window wider than the image (6 codes) decodes row after row; it used to hang after row 1
+    assert cli_main(["image", "--checkpoint", str(root / "zj"), "a cat", "--size", "8x12", "--out", str(out),
+                     "--zipar-window", "adaptive", "--zipar-min-window", "50"]) == 0
+    assert "(12x8, 24 forward passes" in capsys.readouterr().err
+    for flags, message in ((["--zipar-window", "2", "--sjd-window", "4"], "two decoders; give one"),
+                           (["--sjd-window", "1"], "SJD window must be >= 2")):
+        assert cli_main(["image", "--checkpoint", str(root / "zj"), "a cat", "--out", str(tmp_path / "no.png"),
+                         *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
     assert cli_main(["ask", str(out), "What is this?", "--checkpoint", str(root / "zj"),
                      "--max-new-tokens", "4"]) == 0
     assert cli_main(["image", "--checkpoint", str(root / "zj"), "a cat", "--size", "9x12",

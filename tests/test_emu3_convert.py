@@ -26,8 +26,8 @@ from zipjax.convert.tiktoken_bpe import _byte_symbols
 
 import zipjax
 from zipjax.cli import main as cli_main
-from zipjax.emu3.image import generate_image
 from zipjax.emu3.vq_config import VQConfig
+from zipjax.image import generate_image
 
 TINY_VQ = VQConfig(codebook_size=64, base_channels=32, channel_multiplier=(1, 2), num_res_blocks=1,
                    attn_resolutions=(1,))

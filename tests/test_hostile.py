@@ -451,9 +451,11 @@ def test_nan_infinite_denormal_or_oversized_sampling_settings_are_refused(tiny_m
 
 
 def test_image_sampling_settings_are_checked_too(tmp_path):
+    from zipjax.zipar import SJD
+
     model = zipjax.load(ROOT / "checkpoints" / "digits-emu3")
     for kwargs in (dict(cfg_scale=float("nan")), dict(temperature=float("inf")), dict(seed=2**40),
-                   dict(sjd_window=10**9), dict(size=5)):
+                   dict(decoder=SJD(10**9)), dict(size=5)):
         with pytest.raises(zipjax.ZipjaxError):
             zipjax.generate_image(model, "a digit", **{"size": (16, 16), **kwargs})
 

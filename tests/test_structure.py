@@ -97,7 +97,7 @@ def test_leaves_stay_leaves():
     for name, deps in allowed.items():
         assert graph[name] <= deps, f"{name} imports {sorted(graph[name] - deps)}"
     decoding = graph["zipjax.emu3.decoding"]
-    assert not any(d.startswith(("zipjax.zipar", "zipjax.emu3.image", "zipjax.emu3.sequential")) for d in decoding)
+    assert not any(d.startswith(("zipjax.zipar", "zipjax.image", "zipjax.emu3.sequential")) for d in decoding)
 
 
 # Imports every module named on stdin in its own process, forked from one that holds the heavy third-party
@@ -154,3 +154,34 @@ def test_no_library_function_is_over_60_lines(folder):
             for path in sorted((ROOT / folder).rglob("*.py")) for name, line, n in _functions(path)
             if n > MAX_FUNCTION_LINES]
     assert not long, "\n".join(long)
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def _in_package(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def test_image_generation_sits_above_the_model_and_the_decoders():
+    """zipjax.emu3 (the model, the decoding contract, the sequential decoder) reaches nothing of zipjax.zipar (the
+    parallel decoders), not even through another module; `generate_image` is defined in zipjax.image alone, which
+    imports both packages and which neither reaches."""
+    graph = _graph()
+    for name in graph:
+        if _in_package(name, "zipjax.emu3"):
+            up = {d for d in _reachable(graph, name) if _in_package(d, "zipjax.zipar")}
+            assert not up, f"{name} reaches {sorted(up)}"
+        if _in_package(name, "zipjax.emu3") or _in_package(name, "zipjax.zipar"):
+            assert "zipjax.image" not in _reachable(graph, name), f"{name} reaches zipjax.image"
+    defined_in = [name for name, path in MODULES.items() for node in ast.parse(path.read_text()).body
+                  if isinstance(node, ast.FunctionDef) and node.name == "generate_image"]
+    assert defined_in == ["zipjax.image"]
+    image = graph["zipjax.image"]
+    assert any(_in_package(d, "zipjax.emu3") for d in image) and any(_in_package(d, "zipjax.zipar") for d in image)

@@ -2,6 +2,8 @@
 cache against plain causal attention, and the pipeline on a tiny random Emu3 (identical to sequential decoding when
 the window covers a row, valid layouts and decodable images when it does not)."""
 
+import signal
+
 import numpy as np
 import pytest
 import torch  # noqa: F401  (the random Emu3 is built with transformers)
@@ -10,7 +12,8 @@ from zipjax.convert import convert
 
 import zipjax
 from zipjax.emu3.decoding import ImageLayout
-from zipjax.emu3.image import generate_image
+from zipjax.image import generate_image
+from zipjax.zipar import SJD, AdaptiveWindow, FixedWindow
 from zipjax.zipar.cache import ScatterKVCache
 from zipjax.zipar.schedule import fixed_window, max_tokens_per_pass, passes
 
@@ -114,14 +117,15 @@ def test_window_of_a_row_reproduces_sequential_decoding(emu3, sampling):
     args = dict(size=(8, 12), cfg_scale=3.0, negative_prompt="blurry", **sampling)
     sequential = generate_image(emu3, prompts, **args)
     for window in (6, 50):
-        parallel = generate_image(emu3, prompts, zipar_window=window, **args)
+        parallel = generate_image(emu3, prompts, decoder=FixedWindow(window), **args)
         np.testing.assert_array_equal(parallel.tokens, sequential.tokens)
         assert parallel.num_forward_passes == 4 * 6 < sequential.num_forward_passes == 4 * 7
 
 
 @pytest.mark.parametrize("window", [1, 2, 4])
 def test_parallel_decoding_layout(emu3, window):
-    result = generate_image(emu3, ["mountains at sunset"] * 3, size=(10, 12), zipar_window=window, top_k=16, seed=1)
+    result = generate_image(emu3, ["mountains at sunset"] * 3, size=(10, 12), decoder=FixedWindow(window), top_k=16,
+                            seed=1)
     vocab, rows, cols = emu3.vocab, 5, 6
     assert result.num_forward_passes == (rows - 1) * window + cols
     body = result.tokens[:, : rows * (cols + 1)].reshape(3, rows, cols + 1)
@@ -131,16 +135,16 @@ def test_parallel_decoding_layout(emu3, window):
     assert result.images.shape == (3, 10, 12, 3) and result.images.dtype == np.uint8
 
 
-def test_zipar_window_must_be_a_positive_integer(emu3):
+def test_fixed_window_must_be_a_positive_integer():
     for bad in (0, -3, 2.5, "adaptive-ish", True):
-        with pytest.raises(zipjax.ZipjaxError, match="zipar_window"):
-            generate_image(emu3, "a cat", size=(8, 8), zipar_window=bad)
+        with pytest.raises(zipjax.ZipjaxError, match="FixedWindow window"):
+            FixedWindow(bad)
 
 
 def test_pallas_kernel_path_gives_the_same_image(emu3):
-    args = dict(size=(8, 10), zipar_window=2, negative_prompt="blurry", temperature=0.0)
-    jnp_path = generate_image(emu3, ["a cat", "a red sofa"], **args)
-    kernel = generate_image(emu3, ["a cat", "a red sofa"], zipar_kernel=True, **args)
+    args = dict(size=(8, 10), negative_prompt="blurry", temperature=0.0)
+    jnp_path = generate_image(emu3, ["a cat", "a red sofa"], decoder=FixedWindow(2, kernel=False), **args)
+    kernel = generate_image(emu3, ["a cat", "a red sofa"], decoder=FixedWindow(2, kernel=True), **args)
     np.testing.assert_array_equal(kernel.tokens, jnp_path.tokens)
 
 
@@ -201,28 +205,49 @@ def test_adaptive_with_a_row_wide_minimum_is_sequential(emu3, sampling):
     prompts = ["a photo of a cat", "a red sofa"]
     args = dict(size=(8, 12), cfg_scale=3.0, negative_prompt="blurry", **sampling)
     sequential = generate_image(emu3, prompts, **args)
-    adaptive = generate_image(emu3, prompts, zipar_window="adaptive", zipar_min_window=6, **args)
+    adaptive = generate_image(emu3, prompts, decoder=AdaptiveWindow(6), **args)
     np.testing.assert_array_equal(adaptive.tokens, sequential.tokens)
     assert adaptive.num_forward_passes == 4 * 6
+
+
+def test_adaptive_with_a_minimum_wider_than_the_image_is_sequential(emu3):
+    """A minimum past the row width used to leave every row after the first waiting forever (the rule held only at
+    equality); it now decodes row after row, and a loop that stops progressing ends in an error, not a hang. The
+    alarm bounds the test even if both regressed."""
+    prompts = ["a photo of a cat", "a red sofa"]
+    args = dict(size=(8, 12), cfg_scale=3.0, negative_prompt="blurry", temperature=0.0)
+    sequential = generate_image(emu3, prompts, **args)
+
+    def too_slow(signum, frame):
+        raise TimeoutError("adaptive ZipAR with a minimum window past the width did not finish in 600 s")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(600)
+    try:
+        wide = generate_image(emu3, prompts, decoder=AdaptiveWindow(50), **args)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    np.testing.assert_array_equal(wide.tokens, sequential.tokens)
+    assert wide.num_forward_passes == 4 * 6
 
 
 @pytest.mark.parametrize("min_window", [1, 2])
 def test_adaptive_layout_and_pass_bounds(emu3, min_window):
     rows, cols = 5, 6
     result = generate_image(emu3, ["mountains at sunset", "a cat", "a red sofa"], size=(10, 12), top_k=16, seed=2,
-                            zipar_window="adaptive", zipar_min_window=min_window)
+                            decoder=AdaptiveWindow(min_window))
     vocab = emu3.vocab
     body = result.tokens[:, : rows * (cols + 1)].reshape(3, rows, cols + 1)
     assert np.all(body[..., -1] == vocab.eol)
     assert np.all((body[..., :-1] >= vocab.visual_offset) & (body[..., :-1] < vocab.visual_offset + 64))
     # every row starts at the earliest one verification after the draft, at the latest when the row above ends
     assert (rows - 1) * (min_window + 1) + cols <= result.num_forward_passes <= rows * cols
-    greedy = generate_image(emu3, "a cat", size=(10, 12), temperature=0.0, zipar_window="adaptive",
-                            zipar_min_window=min_window)
+    greedy = generate_image(emu3, "a cat", size=(10, 12), temperature=0.0, decoder=AdaptiveWindow(min_window))
     assert greedy.num_forward_passes <= rows * cols
     if min_window == 2:  # the interpreted kernel costs most of this test's time: one schedule suffices
-        kernel = generate_image(emu3, "a cat", size=(10, 12), temperature=0.0, zipar_window="adaptive",
-                                zipar_min_window=min_window, zipar_kernel=True)
+        kernel = generate_image(emu3, "a cat", size=(10, 12), temperature=0.0,
+                                decoder=AdaptiveWindow(min_window, kernel=True))
         np.testing.assert_array_equal(kernel.tokens, greedy.tokens)
 
 
@@ -233,12 +258,71 @@ def test_speculative_jacobi_decoding_peer(emu3):
     args = dict(size=(8, 12), cfg_scale=3.0, negative_prompt="blurry")
     sequential = generate_image(emu3, prompts, temperature=0.0, **args)
     for window in (2, 8):
-        sjd = generate_image(emu3, prompts, temperature=0.0, sjd_window=window, **args)
+        sjd = generate_image(emu3, prompts, temperature=0.0, decoder=SJD(window), **args)
         np.testing.assert_array_equal(sjd.tokens, sequential.tokens)
         assert sjd.num_forward_passes < sequential.num_forward_passes
-    sampled = generate_image(emu3, prompts, top_k=8, seed=1, sjd_window=4, **args)
+    sampled = generate_image(emu3, prompts, top_k=8, seed=1, decoder=SJD(4), **args)
     body = sampled.tokens[:, : 4 * 7].reshape(2, 4, 7)
     assert np.all(body[..., -1] == emu3.vocab.eol)
     assert np.all((body[..., :-1] >= emu3.vocab.visual_offset) & (body[..., :-1] < emu3.vocab.visual_offset + 64))
-    with pytest.raises(zipjax.ZipjaxError, match="sjd_window"):
-        generate_image(emu3, prompts, sjd_window=1, **args)
+    with pytest.raises(zipjax.ZipjaxError, match="SJD window"):
+        SJD(1)
+
+
+def test_sjd_kernel_path_gives_the_same_image(emu3):
+    """SJD writes the same scatter cache as ZipAR, so it takes the same `kernel` (interpreted here)."""
+    args = dict(size=(8, 10), negative_prompt="blurry", temperature=0.0)
+    jnp_path = generate_image(emu3, ["a cat", "a red sofa"], decoder=SJD(4, kernel=False), **args)
+    kernel = generate_image(emu3, ["a cat", "a red sofa"], decoder=SJD(4, kernel=True), **args)
+    np.testing.assert_array_equal(kernel.tokens, jnp_path.tokens)
+
+
+def test_decoders_validate_themselves(emu3):
+    """Each decoder refuses bad settings when it is made, in one line naming the setting; generate_image refuses
+    what is not a decoder."""
+    from zipjax.image import Sequential
+
+    cases = [(lambda: FixedWindow(4, kernel="yes"), "FixedWindow kernel"),
+             (lambda: AdaptiveWindow(0), "AdaptiveWindow min_window must be a positive integer"),
+             (lambda: AdaptiveWindow(2.5), "AdaptiveWindow min_window has the wrong type"),
+             (lambda: AdaptiveWindow(4, kernel=1), "AdaptiveWindow kernel"),
+             (lambda: SJD(1), "SJD window must be >= 2"), (lambda: SJD(None), "SJD window has the wrong type"),
+             (lambda: SJD(4, kernel="auto"), "SJD kernel"), (lambda: Sequential(kv="zipcache"), "kv must be None"),
+             (lambda: generate_image(emu3, "a cat", size=(8, 8), decoder=4), "decoder must be a decoder object")]
+    for make, message in cases:
+        with pytest.raises(zipjax.ZipjaxError, match=message) as error:
+            make()
+        assert "\n" not in str(error.value)
+    assert FixedWindow(np.int64(3)) == FixedWindow(3) and isinstance(FixedWindow(np.int64(3)).window, int)
+    assert AdaptiveWindow().min_window == 4 and FixedWindow(3).kernel is None
+
+
+def test_deprecated_arguments_still_choose_the_decoder(emu3):
+    """The keyword arguments before decoder objects map onto them for one release, each with a DeprecationWarning;
+    mixing them with decoder=, or combinations no decoder expresses, are refused."""
+    from zipjax.image import Sequential, deprecated_decoder
+
+    default = Sequential()
+    mapping = [(dict(zipar_window=3), FixedWindow(3)), (dict(zipar_window=3, zipar_kernel=True), FixedWindow(3, True)),
+               (dict(zipar_window="adaptive"), AdaptiveWindow(4)),
+               (dict(zipar_window="adaptive", zipar_min_window=2, zipar_kernel=False), AdaptiveWindow(2, False)),
+               (dict(sjd_window=8), SJD(8)), (dict(kv=zipjax.kv.KIVI()), Sequential(zipjax.kv.KIVI())),
+               (dict(zipar_min_window=5), default)]
+    for old, decoder in mapping:
+        with pytest.warns(DeprecationWarning, match="decoder="):
+            assert deprecated_decoder(default, old) == decoder
+    assert deprecated_decoder(FixedWindow(2), {}) == FixedWindow(2)
+    refused = [(dict(zipar_window=2, sjd_window=4), "excludes ZipAR"), (dict(zipar_window="adaptive-ish"), "zipar"),
+               (dict(zipar_window=0), "zipar_window"), (dict(sjd_window=2, kv=zipjax.kv.KIVI()), "one token per pass"),
+               (dict(zipar_min_window=0), "min_window")]
+    for old, message in refused:
+        with pytest.warns(DeprecationWarning), pytest.raises(zipjax.ZipjaxError, match=message):
+            deprecated_decoder(default, old)
+    with pytest.warns(DeprecationWarning), pytest.raises(zipjax.ZipjaxError, match="give decoder= only"):
+        deprecated_decoder(FixedWindow(2), dict(zipar_window=2))
+    with pytest.raises(TypeError, match="zipar_windows"):
+        deprecated_decoder(default, dict(zipar_windows=2))
+    args = dict(size=(8, 10), negative_prompt="blurry", temperature=0.0)
+    with pytest.warns(DeprecationWarning, match="zipar_window"):
+        old = generate_image(emu3, "a cat", zipar_window=2, **args)
+    np.testing.assert_array_equal(old.tokens, generate_image(emu3, "a cat", decoder=FixedWindow(2), **args).tokens)

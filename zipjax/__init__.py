@@ -15,10 +15,10 @@ enable_compilation_cache()
 from zipjax import kv  # noqa: E402
 from zipjax.checkpoint import load  # noqa: E402
 from zipjax.config import ModelConfig, RopeConfig  # noqa: E402
-from zipjax.emu3.image import ImageResult, generate_image  # noqa: E402
 from zipjax.emu3.model import Emu3Model  # noqa: E402
 from zipjax.errors import ZipjaxError  # noqa: E402
 from zipjax.generate import generate, generate_stream  # noqa: E402
+from zipjax.image import ImageResult, generate_image  # noqa: E402
 from zipjax.kv.dense import KVCache  # noqa: E402
 from zipjax.model import Model  # noqa: E402
 from zipjax.sharding import make_mesh  # noqa: E402

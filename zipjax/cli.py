@@ -30,15 +30,15 @@ from pathlib import Path
 
 import jax
 
-from zipjax import kv
+from zipjax import kv, zipar
 from zipjax.checkpoint import load, verify
 from zipjax.convert import convert
 from zipjax.convert.export import export_hf
-from zipjax.emu3.image import DEFAULT_NEGATIVE_PROMPT, generate_image
 from zipjax.emu3.png import check_writable, read_image, write_png
 from zipjax.emu3.understand import ask
 from zipjax.errors import ZipjaxError
 from zipjax.generate import generate_stream
+from zipjax.image import DEFAULT_NEGATIVE_PROMPT, Decoder, Sequential, generate_image
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "stdlib-llama"
 
@@ -318,16 +318,30 @@ def run_convert(args: argparse.Namespace) -> None:
     print(f"converted {args.src} -> {dst}")
 
 
+def image_decoder(args: argparse.Namespace) -> Decoder:
+    """The decoder the image command's --zipar-window / --zipar-min-window / --sjd-window name (as --kv names a
+    KV method); one token per pass when none does."""
+    if args.sjd_window is not None and args.zipar_window is not None:
+        raise ZipjaxError("--sjd-window (Speculative Jacobi Decoding) and --zipar-window are two decoders; give one")
+    if args.sjd_window is not None:
+        return zipar.SJD(args.sjd_window)
+    if args.zipar_window == "adaptive":
+        return zipar.AdaptiveWindow(args.zipar_min_window)
+    if args.zipar_window is not None:
+        return zipar.FixedWindow(args.zipar_window)
+    return Sequential()
+
+
 def run_image(args: argparse.Namespace) -> None:
     prompt = _text(args.prompt, "prompt")
     negative = _text(args.negative_prompt, "negative prompt") if args.negative_prompt else DEFAULT_NEGATIVE_PROMPT
+    decoder = image_decoder(args)
     out = check_writable(args.out)  # before minutes of generation, not after
     model = load(args.checkpoint, dtype=args.dtype)
     start = time.perf_counter()
-    result = generate_image(model, prompt, size=args.size, cfg_scale=args.cfg_scale, negative_prompt=negative,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                            zipar_window=args.zipar_window, zipar_min_window=args.zipar_min_window,
-                            sjd_window=args.sjd_window, progress=True)
+    result = generate_image(model, prompt, decoder=decoder, size=args.size, cfg_scale=args.cfg_scale,
+                            negative_prompt=negative, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, progress=True)
     write_png(out, result.images[0])
     seconds = time.perf_counter() - start
     height, width = result.images.shape[1:3]

@@ -6,12 +6,13 @@ Decoding in zipjax.zipar) is a frozen dataclass of its own settings with one met
 
     decoder.run(model, setup, inputs, progress) -> DecodeResult
 
-and `generate_image` picks one from its arguments. The setup is static (it selects a compilation); the inputs are
-traced. Conditional and unconditional prompts run as one batch of 2B sequences when guidance is on; guidance
-combines their log-probabilities, `cfg * (cond - uncond) + uncond`, as transformers' CFG processor does. Image
-tokens follow a fixed layout: after every w visual tokens the end-of-line token is written (never sampled). Visual
-tokens are sampled from the visual-token slice of the vocabulary only, and the draw of image token n of batch row r
-is keyed by (n, r) alone, so every decoding order samples a position with the same randomness.
+and `zipjax.generate_image(..., decoder=...)` runs the one it is given. The setup is static (it selects a
+compilation); the inputs are traced. Conditional and unconditional prompts run as one batch of 2B sequences when
+guidance is on; guidance combines their log-probabilities, `cfg * (cond - uncond) + uncond`, as transformers' CFG
+processor does. Image tokens follow a fixed layout: after every w visual tokens the end-of-line token is written
+(never sampled). Visual tokens are sampled from the visual-token slice of the vocabulary only, and the draw of image
+token n of batch row r is keyed by (n, r) alone, so every decoding order samples a position with the same
+randomness.
 
 A leaf of image decoding: imports config, sampling, transformer, nothing of the decoders.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +102,10 @@ class DecodeResult:
     passes: np.ndarray  # int [batch]: forward passes per image, the prefill counted as one
 
 
+@runtime_checkable
 class Decoder(Protocol):
+    """A decoding order: a frozen dataclass of its settings, validated when it is made, that runs the decode."""
+
     def run(self, model, setup: ImageDecodeSetup, inputs: ImageInputs, progress: bool) -> DecodeResult: ...
 
 

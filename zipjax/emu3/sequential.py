@@ -27,7 +27,7 @@ from zipjax.emu3.decoding import (
     sample_codes,
     visual_logprobs,
 )
-from zipjax.kv.methods import cache_initializer, check_cache
+from zipjax.kv.methods import as_method, cache_initializer, check_cache
 from zipjax.kv.spec import Method
 from zipjax.shapes import cache_length
 from zipjax.sharding import to_host
@@ -73,9 +73,14 @@ def _decode_until(params: Params, state: SequentialState, stop: jax.Array, key: 
 
 @dataclasses.dataclass(frozen=True)
 class Sequential:
-    """One token per pass; `kv` a compressed cache method (zipjax.kv) or None for the dense cache."""
+    """One token per pass; `kv` a compressed cache method (`zipjax.kv.ZipCache(...)`, `KIVI(...)`, `Uniform(...)`,
+    `ZipVL(...)`, `MiniCache(...)`: the prompt block is compressed after prefill, image tokens as each window fills)
+    or None for the dense cache. A method with a kernel carries its own `kernel` flag."""
 
     kv: Method | None = None
+
+    def __post_init__(self):
+        as_method(self.kv)
 
     def run(self, model, setup: ImageDecodeSetup, inputs: ImageInputs, progress: bool) -> DecodeResult:
         layout = setup.layout

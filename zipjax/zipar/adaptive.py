@@ -16,7 +16,8 @@ Per pass, a row contributes at most one query:
   draft      not started, row above has >= min_window tokens: feed the EOL above, draw a draft for (i, 0)
   verify     draft pending: feed the EOL above again, accept or resample
   refresh    complete, last token not yet in the cache: feed it (logits unused)
-With min_window >= W every row starts only once the row above is complete, which is sequential decoding (tested).
+With min_window >= W every row starts only once the row above is complete, which is sequential decoding (tested;
+a min_window past W counts as W, since a row never has more than W tokens).
 A pass is four steps: plan the queries (which rows act, and how), the forward pass, decide each query's token
 (sample, or verify a draft), commit what was decided.
 """
@@ -30,7 +31,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 from tqdm import tqdm
 
@@ -47,6 +47,7 @@ from zipjax.errors import ZipjaxError
 from zipjax.shapes import cache_length
 from zipjax.sharding import to_host
 from zipjax.transformer import Params, Transformer, output_head
+from zipjax.validate import boolean, integer, optional
 from zipjax.zipar.acceptance import accept_or_redraw
 from zipjax.zipar.cache import ScatterKVCache, prefilled
 
@@ -220,32 +221,38 @@ def adaptive_until(params: Params, state: AdaptiveState, stop: jax.Array, inputs
 
 @dataclasses.dataclass(frozen=True)
 class AdaptiveWindow:
-    """Adaptive ZipAR: a row's first token is drafted once the row above has `min_window` tokens, and verified as
-    that row grows; `kernel` as in FixedWindow."""
+    """Adaptive ZipAR: a row's first token is drafted once the row above has `min_window` tokens (at most the image's
+    width: then row after row), and verified as that row grows; `kernel` as in FixedWindow."""
 
     min_window: int = 4
-    kernel: bool = False
+    kernel: bool | None = None
 
     def __post_init__(self):
-        if not isinstance(self.min_window, int | np.integer) or isinstance(self.min_window, bool) \
-                or self.min_window < 1:
-            raise ZipjaxError(f"zipar_min_window must be a positive integer, got {self.min_window!r}")
+        object.__setattr__(self, "min_window", integer(self.min_window, "AdaptiveWindow min_window", lo=1))
+        optional(boolean, self.kernel, "AdaptiveWindow kernel")
 
     def run(self, model, setup: ImageDecodeSetup, inputs: ImageInputs, progress: bool) -> DecodeResult:
-        """Prefill, then adaptive passes until every image is complete."""
+        """Prefill, then adaptive passes until every image is complete. Every pass commits a token (the first
+        unfinished row is active, or its first token's draft is final), so an image takes at most rows * cols
+        passes; past that budget the loop stops with an error instead of spinning."""
         layout = setup.layout
         rows, cols = layout.height, layout.width
         tokens, cache = prefilled(model, setup, inputs, cache_length(setup.bucket + layout.num_tokens + 1),
                                   self.kernel)
         state = _initial_state(tokens, cache, setup=setup)
-        min_window = int(self.min_window)
+        min_window = min(self.min_window, cols)
         queries = query_slots(cols, min_window, rows)
-        desc = f"adaptive ZipAR (min window {min_window})"
-        done_rows = 0
-        with tqdm(total=rows, desc=desc, unit="row", disable=not progress) as bar:
+        chunk, budget = max(8, cols), rows * cols
+        done_rows, passes = 0, 0
+        with tqdm(total=rows, desc=f"adaptive ZipAR (min window {min_window})", unit="row",
+                  disable=not progress) as bar:
             while done_rows < rows:
-                state = adaptive_until(model.params, state, jnp.int32(max(8, cols)), inputs, setup=setup,
+                if passes >= budget:
+                    raise ZipjaxError(f"internal error: adaptive ZipAR ran {passes} passes without finishing a "
+                                      f"{rows}x{cols}-code image")
+                state = adaptive_until(model.params, state, jnp.int32(chunk), inputs, setup=setup,
                                        min_window=min_window, queries=queries)
+                passes += chunk
                 done_rows = int(to_host(jnp.min(jnp.sum(state.count == cols, axis=1))))
                 bar.update(done_rows - bar.n)
         if bool(to_host(state.overflow)):

@@ -6,7 +6,8 @@ tokens already decoded that precede the query in raster order. The cache therefo
 sequence (adaptive schedules differ between sequences) and is told before each pass where each sequence's tokens go
 (`at(slots, valid)`). A query at slot q sees key slot k iff written[k], k <= q, and k >= its sequence's start
 (left-padded prompts); padding queries write to the last slot, which is never marked written. That
-attention is `zipjax.kernels.zipar_attention`: its Pallas kernel when `use_kernel`, else its jnp reference.
+attention is `zipjax.kernels.zipar_attention`: its Pallas kernel or its jnp reference, as the decoder's `kernel`
+(None, True or False) resolves through `zipjax.platform.use_kernel` when the pass is traced.
 
 It implements the `zipjax.cache.Cache` contract, so the unchanged `Transformer` runs on it. `prefilled` starts every
 parallel decoder the same way: an empty cache, the prompt written at slots 0 .. bucket - 1, the first image token.
@@ -26,6 +27,7 @@ from zipjax.config import ModelConfig
 from zipjax.emu3.decoding import ImageDecodeSetup, ImageInputs, initial_tokens, prefill
 from zipjax.errors import ZipjaxError
 from zipjax.kernels.zipar_attention import zipar_attention
+from zipjax.platform import use_kernel
 from zipjax.sharding import jit_initializer, place
 
 
@@ -38,19 +40,19 @@ class ScatterKVCache:
     starts: jax.Array  # int32 [batch]: first slot of each sequence's prompt
     slots: jax.Array  # int32 [batch, q]: slots of the tokens of the current pass
     valid: jax.Array  # bool [batch, q]: False for padding queries
-    use_kernel: bool = dataclasses.field(default=False, metadata=dict(static=True))  # Pallas kernel or jnp
+    kernel: bool | None = dataclasses.field(default=None, metadata=dict(static=True))  # see zipjax.platform
     accepts_chunks: ClassVar[bool] = False  # a pass writes where its schedule says, not at a cursor
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, max_len: int, starts: jax.Array,
-             use_kernel: bool = False) -> ScatterKVCache:
+             kernel: bool | None = None) -> ScatterKVCache:
         if batch <= 0 or max_len <= 1:
             raise ZipjaxError(f"a scatter KV cache needs batch > 0 and max_len > 1, got {batch}, {max_len}")
         shape = (batch, config.num_kv_heads, max_len, config.head_dim)
         zeros = lambda: tuple(jnp.zeros(shape, config.jnp_dtype) for _ in range(config.num_layers))
         return cls(k=zeros(), v=zeros(), written=jnp.zeros((batch, max_len), bool),
                    starts=jnp.asarray(starts, jnp.int32), slots=jnp.zeros((batch, 1), jnp.int32),
-                   valid=jnp.zeros((batch, 1), bool), use_kernel=use_kernel)
+                   valid=jnp.zeros((batch, 1), bool), kernel=kernel)
 
     @property
     def batch(self) -> int:
@@ -92,7 +94,7 @@ class ScatterKVCache:
         v = _scatter(self.v[layer], self.slots, v_new)
         written = self._written_after()
         out = zipar_attention(q, k.astype(q.dtype), v.astype(q.dtype), self.slots, written, self.starts,
-                              use_kernel=self.use_kernel)
+                              use_kernel=use_kernel(self.kernel))
         return out, dataclasses.replace(self, k=replace_at(self.k, layer, k), v=replace_at(self.v, layer, v))
 
     def advance(self, num_tokens: int) -> ScatterKVCache:
@@ -117,17 +119,17 @@ class ScatterRecipe:
     config: ModelConfig
     batch: int
     max_len: int
-    use_kernel: bool = False
+    kernel: bool | None = None
 
     def __call__(self, starts: jax.Array) -> ScatterKVCache:
-        return ScatterKVCache.init(self.config, self.batch, self.max_len, starts, self.use_kernel)
+        return ScatterKVCache.init(self.config, self.batch, self.max_len, starts, self.kernel)
 
 
 def prefilled(model, setup: ImageDecodeSetup, inputs: ImageInputs, cache_len: int,
-              use_kernel: bool = False) -> tuple[jax.Array, ScatterKVCache]:
+              kernel: bool | None = None) -> tuple[jax.Array, ScatterKVCache]:
     """A scatter cache of `cache_len` slots holding the prompt, and the image-token buffer int32 [batch,
     num_tokens] with the first token (from the prompt's last logits) and every EOL in place."""
-    recipe = ScatterRecipe(setup.config, setup.cache_batch, cache_len, use_kernel)
+    recipe = ScatterRecipe(setup.config, setup.cache_batch, cache_len, kernel)
     cache = jit_initializer(recipe, model.mesh)(inputs.starts)
     cache = cache.at(jnp.arange(setup.bucket, dtype=jnp.int32), jnp.ones((setup.bucket,), bool))
     code, cache = prefill(model.params, inputs, cache, setup=setup)

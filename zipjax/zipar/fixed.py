@@ -26,10 +26,10 @@ from zipjax.emu3.decoding import (
     sample_codes,
     visual_logprobs,
 )
-from zipjax.errors import ZipjaxError
 from zipjax.shapes import cache_length
 from zipjax.sharding import to_host
 from zipjax.transformer import Params, Transformer, output_head
+from zipjax.validate import boolean, integer, optional
 from zipjax.zipar.cache import ScatterKVCache, prefilled
 from zipjax.zipar.schedule import Schedule, fixed_window
 
@@ -82,20 +82,21 @@ def zipar_until(params: Params, state: ZipARState, schedule: DeviceSchedule, sto
 
 @dataclasses.dataclass(frozen=True)
 class FixedWindow:
-    """ZipAR: a row starts once the row above is `window` tokens ahead; `kernel` runs the attention as the Pallas
-    kernel (compiled on GPU/TPU, interpreted on CPU) instead of jax.numpy."""
+    """ZipAR: a row starts once the row above is `window` tokens ahead (a window of the image's width or more decodes
+    row after row). `kernel`: the attention as the Pallas kernel (True; interpreted on a CPU), in jax.numpy (False),
+    or the kernel where the platform is a TPU or GPU (None; see zipjax.platform)."""
 
     window: int
-    kernel: bool = False
+    kernel: bool | None = None
 
     def __post_init__(self):
-        if not isinstance(self.window, int | np.integer) or isinstance(self.window, bool) or self.window < 1:
-            raise ZipjaxError(f"zipar_window must be None, a positive integer or 'adaptive', got {self.window!r}")
+        object.__setattr__(self, "window", integer(self.window, "FixedWindow window", lo=1))
+        optional(boolean, self.kernel, "FixedWindow kernel")
 
     def run(self, model, setup: ImageDecodeSetup, inputs: ImageInputs, progress: bool) -> DecodeResult:
         """Prefill, then every decode pass of the fixed-window schedule (in chunks, for the progress bar)."""
         layout = setup.layout
-        schedule = fixed_window(layout.height, layout.width, int(self.window), eol=True)
+        schedule = fixed_window(layout.height, layout.width, self.window, eol=True)
         cache_len = cache_length(setup.bucket + layout.num_tokens + 1)  # + 1: the padding queries' slot
         tokens, cache = prefilled(model, setup, inputs, cache_len, self.kernel)
         state = ZipARState(passes=jnp.zeros((), jnp.int32), tokens=tokens, cache=cache)

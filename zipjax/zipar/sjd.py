@@ -23,7 +23,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 from tqdm import tqdm
 
@@ -39,6 +38,7 @@ from zipjax.errors import ZipjaxError
 from zipjax.shapes import cache_length
 from zipjax.sharding import to_host
 from zipjax.transformer import Params, Transformer, output_head
+from zipjax.validate import boolean, integer, optional
 from zipjax.zipar.acceptance import accept_or_resample
 from zipjax.zipar.cache import ScatterKVCache, prefilled
 
@@ -172,20 +172,21 @@ def sjd_until(params: Params, state: SJDState, stop: jax.Array, inputs: ImageInp
 
 @dataclasses.dataclass(frozen=True)
 class SJD:
-    """Speculative Jacobi Decoding over a window of `window` drafted tokens."""
+    """Speculative Jacobi Decoding over a window of `window` (>= 2) drafted tokens; `kernel` as in FixedWindow."""
 
     window: int
+    kernel: bool | None = None
 
     def __post_init__(self):
-        if not isinstance(self.window, int | np.integer) or isinstance(self.window, bool) or self.window < 2:
-            raise ZipjaxError("sjd_window (Speculative Jacobi Decoding) must be an integer >= 2, and excludes ZipAR")
+        object.__setattr__(self, "window", integer(self.window, "SJD window", lo=2))
+        optional(boolean, self.kernel, "SJD kernel")
 
     def run(self, model, setup: ImageDecodeSetup, inputs: ImageInputs, progress: bool) -> DecodeResult:
         """Prefill, then SJD passes until every image is complete."""
-        window, total = int(self.window), setup.layout.num_tokens
+        window, total = self.window, setup.layout.num_tokens
         if window > total:
-            raise ZipjaxError(f"sjd_window {window} is longer than the image's {total} tokens")
-        first, cache = prefilled(model, setup, inputs, cache_length(setup.bucket + total + window + 1))
+            raise ZipjaxError(f"SJD window {window} is longer than the image's {total} tokens")
+        first, cache = prefilled(model, setup, inputs, cache_length(setup.bucket + total + window + 1), self.kernel)
         state = _initial_state(first, cache, inputs.key, setup=setup, window=window)
         done = 0
         with tqdm(total=total, desc=f"SJD (window {window})", unit="token", disable=not progress) as bar:

@@ -1,21 +1,29 @@
-"""Text-to-image with Emu3: prompt formatting, the choice of decoder, VQ decode.
+"""Text-to-image with Emu3: prompt formatting, the decoder's run, VQ decode.
 
     result = zipjax.generate_image(model, "a cat on a red sofa", size=(720, 720), cfg_scale=3.0, seed=0)
     result.images[0]            # uint8 [720, 720, 3]
     result.num_forward_passes   # 8190 for a 90x90-code image (prefill counted as one)
+    zipjax.generate_image(model, "a cat", decoder=zipar.FixedWindow(7))       # ZipAR: 89 * 7 + 90 = 713 passes
+    zipjax.generate_image(model, "a cat", decoder=Sequential(kv=zipjax.kv.ZipCache()))
 
 The prompt is BOS + text + `<|image start|>` + "h*w" + `<|image token|>` (h, w in codes); the negative prompt is
 formatted the same way, and both run as one left-padded batch. `generate_image` validates the arguments, builds the
-static setup and traced inputs of zipjax.emu3.decoding, and hands them to one decoder from `DECODERS`: sequential
-(any KV cache), ZipAR with a fixed or adaptive window, or Speculative Jacobi Decoding. After the image tokens come
-end-of-frame, end-of-image and EOS; the codes go through the VQ-VAE decoder.
+static setup and traced inputs of zipjax.emu3.decoding, and hands them to the decoder, an object that holds its own
+settings (validated when it is made) and knows how to run: `Sequential` (one token per pass, any KV cache;
+zipjax.emu3.sequential), ZipAR's `FixedWindow` and `AdaptiveWindow`, and Speculative Jacobi Decoding's `SJD`
+(zipjax.zipar). After the image tokens come end-of-frame, end-of-image and EOS; the codes go through the VQ-VAE
+decoder.
+
+This module sits above both zipjax.emu3 (the model and the decoding contract) and zipjax.zipar (the parallel
+decoders); neither imports it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,15 +34,14 @@ from zipjax.emu3.decoding import Decoder, ImageDecodeSetup, ImageInputs, ImageKn
 from zipjax.emu3.model import Emu3Model
 from zipjax.emu3.sequential import Sequential
 from zipjax.errors import ZipjaxError
-from zipjax.kv.methods import as_method
-from zipjax.kv.spec import Method
 from zipjax.sampling import SamplingMode, check_settings
 from zipjax.shapes import left_pad, prompt_bucket
 from zipjax.sharding import mesh_context, place
 from zipjax.validate import number
-from zipjax.zipar.adaptive import AdaptiveWindow
-from zipjax.zipar.fixed import FixedWindow
-from zipjax.zipar.sjd import SJD
+from zipjax.zipar import SJD, AdaptiveWindow, FixedWindow
+
+__all__ = ["DEFAULT_NEGATIVE_PROMPT", "SJD", "AdaptiveWindow", "Decoder", "FixedWindow", "ImageResult", "Sequential",
+           "format_prompt", "generate_image", "token_grid"]
 
 DEFAULT_NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, "
                            "cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, "
@@ -50,45 +57,41 @@ class ImageResult:
     prompt_ids: list[list[int]]
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeArgs:
-    """The decoding-order arguments of `generate_image`, as given."""
-
-    zipar_window: int | str | None
-    zipar_min_window: int
-    zipar_kernel: bool
-    sjd_window: int | None
-    kv: Method | None
-
-    @property
-    def mode(self) -> str:
-        if self.sjd_window is not None:
-            return "sjd"
-        if self.zipar_window is None:
-            return "sequential"
-        return "adaptive" if isinstance(self.zipar_window, str) and self.zipar_window == "adaptive" else "zipar"
+DEFAULT_DECODER = Sequential()  # one token per pass, dense KV cache
+DEPRECATED = ("zipar_window", "zipar_min_window", "zipar_kernel", "sjd_window", "kv")
 
 
-# decoding order -> its decoder, built from the arguments (each decoder validates its own settings)
-DECODERS: dict[str, Callable[[DecodeArgs], Decoder]] = {
-    "sequential": lambda a: Sequential(as_method(a.kv)),
-    "zipar": lambda a: FixedWindow(a.zipar_window, a.zipar_kernel),
-    "adaptive": lambda a: AdaptiveWindow(a.zipar_min_window, a.zipar_kernel),
-    "sjd": lambda a: SJD(a.sjd_window),
-}
-
-
-def choose_decoder(args: DecodeArgs) -> Decoder:
-    """The decoder for these arguments, or a clear error for combinations that do not exist."""
-    if args.sjd_window is not None and args.zipar_window is not None:
+def deprecated_decoder(decoder: Decoder, old: dict) -> Decoder:
+    """The decoder named by the keyword arguments `generate_image` took before decoder objects (kept for one
+    release, with a DeprecationWarning): zipar_window=s -> FixedWindow(s), zipar_window="adaptive" with
+    zipar_min_window=m -> AdaptiveWindow(m), sjd_window=w -> SJD(w), kv=method -> Sequential(kv=method),
+    zipar_kernel -> their `kernel`."""
+    unknown = sorted(set(old) - set(DEPRECATED))
+    if unknown:
+        raise TypeError(f"generate_image() got an unexpected keyword argument {unknown[0]!r}")
+    if not old:
+        return decoder
+    warnings.warn(f"generate_image's {', '.join(old)} argument(s) are deprecated: pass decoder=zipar.FixedWindow(s), "
+                  "zipar.AdaptiveWindow(m), zipar.SJD(w) or Sequential(kv=method)", DeprecationWarning, stacklevel=3)
+    if decoder != DEFAULT_DECODER:
+        raise ZipjaxError(f"decoder= and the deprecated {', '.join(old)} both choose the decoder; give decoder= only")
+    window, sjd, kv = old.get("zipar_window"), old.get("sjd_window"), old.get("kv")
+    kernel, min_window = old.get("zipar_kernel"), old.get("zipar_min_window", 4)
+    if sjd is not None and window is not None:
         raise ZipjaxError("sjd_window (Speculative Jacobi Decoding) must be an integer >= 2, and excludes ZipAR")
-    if args.kv is not None and args.mode != "sequential":
-        raise ZipjaxError(
-            "a quantized KV cache (kv=...) takes one token per pass; ZipAR and SJD passes write several tokens at "
-            "scattered slots, which it does not support yet: use kv=None with them, or zipar_window=None with kv"
-        )
-    AdaptiveWindow(args.zipar_min_window)  # validated whatever the order, as before
-    return DECODERS[args.mode](args)
+    if kv is not None and (window is not None or sjd is not None):
+        raise ZipjaxError("a quantized KV cache (kv=...) takes one token per pass; ZipAR and SJD passes write several "
+                          "tokens at scattered slots, which it does not support yet: use Sequential(kv=...)")
+    adaptive = AdaptiveWindow(min_window, kernel)  # validated whatever the order, as before
+    if sjd is not None:
+        return SJD(sjd, kernel)
+    if window is None:
+        return Sequential(kv)
+    if isinstance(window, str) and window == "adaptive":
+        return adaptive
+    if isinstance(window, str | bool) or not isinstance(window, int | np.integer) or window < 1:
+        raise ZipjaxError(f"zipar_window must be None, a positive integer or 'adaptive', got {window!r}")
+    return FixedWindow(window, kernel)
 
 
 def token_grid(model: Emu3Model, size: tuple[int, int] | None) -> tuple[int, int]:
@@ -125,35 +128,34 @@ def format_prompt(model: Emu3Model, prompt: str | Sequence[int], rows: int, cols
 
 
 def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], *,
-                   size: tuple[int, int] | None = None, cfg_scale: float = 3.0,
+                   decoder: Decoder = DEFAULT_DECODER, size: tuple[int, int] | None = None, cfg_scale: float = 3.0,
                    negative_prompt: str | Sequence[int] = DEFAULT_NEGATIVE_PROMPT, temperature: float = 1.0,
-                   top_k: int | None = 2048, top_p: float | None = None, seed: int = 0,
-                   zipar_window: int | str | None = None, zipar_min_window: int = 4, zipar_kernel: bool = False,
-                   sjd_window: int | None = None, kv: Method | None = None, progress: bool = False) -> ImageResult:
+                   top_k: int | None = 2048, top_p: float | None = None, seed: int = 0, progress: bool = False,
+                   **deprecated) -> ImageResult:
     """Generate one image per prompt.
 
     Args:
       prompt: text, token ids of a complete formatted prompt, or a list of either (a batch).
+      decoder: `Sequential(kv=None)`: one token per pass, h * (w + 1) passes for h x w codes, on the dense cache or
+        a compressed one (`kv=zipjax.kv.ZipCache(...)`, ...). `zipar.FixedWindow(s)`: ZipAR, a row starts once the
+        row above is s tokens ahead, (h - 1) * s + w passes. `zipar.AdaptiveWindow(m)`: a row starts on a drafted
+        first token once the row above has m tokens, verified as that row grows. `zipar.SJD(w)`: Speculative Jacobi
+        Decoding over a window of w tokens. The zipar decoders take `kernel` (zipjax.platform.use_kernel).
       size: (height, width) in pixels, multiples of the VQ factor; default the model's `image_area` as a square.
       cfg_scale: classifier-free guidance weight; 1.0 turns guidance (and the unconditional batch) off.
       negative_prompt: what the unconditional branch is conditioned on (text or formatted token ids).
       temperature: 0 picks the most likely visual token; top_k / top_p filter before sampling.
-      zipar_window: None decodes one token per pass; an integer s decodes with ZipAR: a row starts once the row
-        above is s tokens ahead, so an image of h x w codes takes (h - 1) * s + w passes instead of h * (w + 1).
-        "adaptive": each row starts on a drafted first token once the row above has `zipar_min_window` tokens, and
-        the draft is verified (kept or resampled) as that row grows; the schedule then differs per image.
-      sjd_window: decode with Speculative Jacobi Decoding (ZipAR's peer) over a window of this many tokens.
-      zipar_kernel: run ZipAR's attention as the Pallas kernel (compiled on GPU/TPU, interpreted on CPU) instead
-        of jax.numpy.
-      kv: a compressed KV cache (`zipjax.kv.ZipCache(...)`, `KIVI(...)`, `Uniform(...)`, `ZipVL(...)`,
-        `MiniCache(...)`) for one-token-per-pass decoding: the prompt block is compressed after prefill and image
-        tokens as each window fills.
+      deprecated: zipar_window, zipar_min_window, zipar_kernel, sjd_window and kv, the arguments that chose the
+        decoder before `decoder=`; they still do for one release, with a DeprecationWarning (`deprecated_decoder`).
     """
     if not isinstance(model, Emu3Model):
         raise ZipjaxError(f"generate_image needs an Emu3 checkpoint; this one is {model.config.architecture}")
     temperature, top_k, top_p, seed = check_settings(temperature, top_k, top_p, seed)
     cfg_scale = number(cfg_scale, "cfg_scale", lo=0, lo_open=True, hi=1e4)
-    decoder = choose_decoder(DecodeArgs(zipar_window, zipar_min_window, zipar_kernel, sjd_window, kv))
+    decoder = deprecated_decoder(decoder, deprecated)
+    if not isinstance(decoder, Decoder):
+        raise ZipjaxError(f"decoder must be a decoder object, such as Sequential() or zipar.FixedWindow(7), got "
+                          f"{decoder!r}")
     rows, cols = token_grid(model, size)
     vocab, cfg = model.vocab, model.config
     layout = ImageLayout(rows, cols, vocab.eol, vocab.visual_offset, vocab.codebook_size)
