@@ -98,6 +98,7 @@ class MergedExperts:
 
     def __init__(self, bank: ExpertBank, router: Router | None = None):
         self.bank, self.router = bank, router
+        self._base: Params | None = None  # the base parameters the copies were built from
         self._copies: dict[int, Params] = {}  # expert index -> merged parameters
 
     def batch_inputs(self, model: Model, expert, batch: int, prompts=None) -> tuple[Params, None]:
@@ -111,6 +112,8 @@ class MergedExperts:
         """W_base + delta-hat of expert `index` (-1: the base)."""
         if index < 0:
             return model.params
+        if model.params is not self._base:  # another model's weights (dataclasses.replace): start over
+            self._base, self._copies = model.params, {}
         if index not in self._copies:
             self._copies[index] = _merger(model.config, model.mesh)(model.params, self.bank, jnp.int32(index))
         return self._copies[index]
