@@ -17,7 +17,7 @@ Measured, per model:
               magnitude-salient, error-salient, 1-bit BitDelta-like = sign x per-column mean|delta|).
   routing     router (zipjax.experts.router), oracle, perplexity routing and random, on held-out windows routed by
               their first 64 tokens, perplexity of the chosen (2-bit error-salient) expert on the rest.
-  speed       tokens/s of one mixed batch (two prompts per expert) served at once by attach(..., delta_mode) against
+  speed       tokens/s of one mixed batch (two prompts per expert) served at once by attach(..., path=) against
               switching whole experts in and out: per expert, `jax.device_put` of its weights (a full float32
               expert from host memory, or its compressed delta then W_base + delta built on the device), then
               that expert's prompts; all in the same run, greedy, same prompts.
@@ -186,7 +186,7 @@ def speed(base: zipjax.Model, bank, full: dict[str, zipjax.Model], heldout: dict
 
     out["base only, one batch"] = timed(lambda: gen(base, prompts))
     for mode in ("dense", "grouped"):
-        model = experts.attach(base, bank, delta_mode=mode)
+        model = experts.attach(base, bank, kernel=False, path=mode)  # results keep their delta_mode= keys
         out[f"mixed batch, delta_mode={mode}"] = timed(lambda model=model: gen(model, prompts, expert=expert_of))
         log(f"  {mode}: {tokens / out[f'mixed batch, delta_mode={mode}']:.1f} tokens/s")
 

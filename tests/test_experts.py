@@ -16,13 +16,15 @@ from jax.sharding import PartitionSpec
 import zipjax
 from zipjax import experts
 from zipjax.config import ModelConfig
-from zipjax.experts.bank import bytes_per_expert
+from zipjax.experts.bank import bytes_per_expert, sites
+from zipjax.experts.compress import _activation_rms
 from zipjax.experts.quantize import pack_planes, pack_planes_jnp, quantize, unpack_planes
 from zipjax.generate import _generate_loop
 from zipjax.kv import ZipCache
 from zipjax.model import Model
+from zipjax.platform import compiling_for
 from zipjax.sharding import make_mesh, tree_shardings
-from zipjax.transformer import abstract_params, param_logical_axes
+from zipjax.transformer import Transformer, abstract_params, param_logical_axes
 
 VOCAB = 128
 MIX = ["a", None, "c", "b"]
@@ -143,23 +145,45 @@ def test_byte_accounting_is_exact(untied, tied):
     assert bytes_per_expert(cfg, 2, 0.0)["embedding"] == 2 * (cfg.hidden_size * VOCAB // 2 + 4 * VOCAB)
 
 
+def test_calibration_statistics_come_from_an_interceptor_not_the_model(untied):
+    """compress reads each projection's input through a flax method interceptor (the transformer records nothing
+    itself): one entry per projection site, and the q / k / v input is the first attention norm's output."""
+    base, _ = untied
+    cfg = base.config
+    tokens = np.random.RandomState(0).randint(3, VOCAB, (2, 16))
+    positions = np.broadcast_to(np.arange(16, dtype=np.int32), tokens.shape)
+    _, state = Transformer(cfg).apply({"params": base.params}, tokens, positions, mutable=["intermediates"])
+    assert not state.get("intermediates"), "the model itself sows nothing"
+    rms = _activation_rms(base.params, cfg, list(tokens), "error")
+    assert set(rms) == set(sites(cfg)) - {"embed"}  # untied: the embedding is a lookup, lm_head a projection
+    x = np.asarray(base.params["embed"], np.float32)[tokens]  # [2, 16, embed]
+    normed = x / np.sqrt((x * x).mean(-1, keepdims=True) + cfg.rms_norm_eps)
+    normed = normed * np.asarray(base.params["layer_0"]["attn_norm"]["scale"], np.float32)
+    np.testing.assert_allclose(rms["layer_0/attn/q"], np.sqrt((normed * normed).mean(axis=(0, 1))), rtol=1e-5)
+    np.testing.assert_array_equal(rms["layer_0/attn/k"], rms["layer_0/attn/q"])
+    assert rms["layer_0/attn/o"].shape == (cfg.num_heads * cfg.head_dim,)
+    assert rms["layer_0/mlp/down"].shape == (cfg.intermediate_size,)
+
+
 # ---------------------------------------------------------------- serving
 
 
-def solo_logits(model, ids: list[int], expert, length: int) -> np.ndarray:
-    """One request alone on W_base + delta-hat of its expert (no cache, right-padded: causal, so exact)."""
-    params = model.merged_params(model.bank.index(expert))
+def solo_logits(merged, ids: list[int], expert, length: int) -> np.ndarray:
+    """One request alone on W_base + delta-hat of its expert (a model of attach(..., merged=True): the plain model on
+    the merged weights; no cache, right-padded: causal, so exact)."""
     padded = np.asarray(ids + [0] * (length - len(ids)))[None]
-    return np.asarray(Model(model.config, params).logits(padded))[0]
+    return np.asarray(merged.logits(padded, expert=expert))[0]
 
 
-@pytest.mark.parametrize("mode", ["dense", "grouped", "kernel"])
+@pytest.mark.parametrize("mode", [{"kernel": False, "path": "dense"}, {"kernel": False, "path": "grouped"},
+                                  {"kernel": True}], ids=["dense", "grouped", "kernel"])
 def test_mixed_batch_through_the_cache_equals_each_request_alone(mode, untied):
     """Left-padded prompts of base-only and expert rows fed slot by slot through the KV cache (one compiled step:
     the multi-token prefill is the generate tests' part), every logit against each request alone on W_b + delta-hat.
     The untied model: its LM head is a linear site of its own; the generate tests use a tied one."""
     base, bank = untied
-    model = experts.attach(base, bank, delta_mode=mode)
+    model = experts.attach(base, bank, **mode)
+    merged = experts.attach(base, bank, merged=True)
     steps, batch = 3, prompts()
     rng = np.random.RandomState(2)
     full = [p + list(rng.randint(3, VOCAB, steps)) for p in batch]
@@ -175,29 +199,31 @@ def test_mixed_batch_through_the_cache_equals_each_request_alone(mode, untied):
     got = np.stack(got[width - 1:], 1)  # [batch, steps, vocab]: from each prompt's last token on
     length = max(map(len, full))
     for i, (p, f, e) in enumerate(zip(batch, full, MIX, strict=True)):
-        want = solo_logits(model, f, e, length)[len(p) - 1: len(p) - 1 + steps]
+        want = solo_logits(merged, f, e, length)[len(p) - 1: len(p) - 1 + steps]
         np.testing.assert_allclose(got[i], want, atol=1e-5, rtol=0)
 
 
-def solo_generate(model, prompt: list[int], expert, n: int, **kwargs) -> np.ndarray:
-    """One request alone on W_base + delta-hat (the "merged" path: the plain model on merged weights)."""
-    return zipjax.generate(model.with_mode("merged"), [prompt], n, expert=expert, stop_tokens=(), **kwargs)[0]
+def solo_generate(merged, prompt: list[int], expert, n: int, **kwargs) -> np.ndarray:
+    """One request alone on W_base + delta-hat (a model of attach(..., merged=True): the plain model on merged
+    weights)."""
+    return zipjax.generate(merged, [prompt], n, expert=expert, stop_tokens=(), **kwargs)[0]
 
 
 def test_generate_matches_solo_runs_and_a_new_mix_does_not_recompile(tied):
     """Tied embeddings (as stdlib-llama): the embedding site is also the output head."""
     base, bank = tied
     model = experts.attach(base, bank)
+    merged = experts.attach(base, bank, merged=True)
     batch = prompts()
     out = zipjax.generate(model, batch, 6, expert=MIX, stop_tokens=())
     for i, (p, e) in enumerate(zip(batch, MIX, strict=True)):
-        np.testing.assert_array_equal(out[i, -6:], solo_generate(model, p, e, 6)[-6:])
+        np.testing.assert_array_equal(out[i, -6:], solo_generate(merged, p, e, 6)[-6:])
     compiled = _generate_loop._cache_size()
     again = zipjax.generate(model, batch, 6, expert=["c", "c", None, "a"], stop_tokens=())
     assert _generate_loop._cache_size() == compiled
-    np.testing.assert_array_equal(again[2, -6:], solo_generate(model, batch[2], None, 6)[-6:])
+    np.testing.assert_array_equal(again[2, -6:], solo_generate(merged, batch[2], None, 6)[-6:])
     with pytest.raises(zipjax.ZipjaxError, match="one expert"):
-        zipjax.generate(model.with_mode("merged"), batch, 4, expert=MIX)
+        zipjax.generate(merged, batch, 4, expert=MIX)
 
 
 def test_zipcache_mixed_batch_equals_each_request_alone(tied):
@@ -219,12 +245,49 @@ def test_mesh_2x4_equals_one_device(tied):
     shardings = tree_shardings(base.params, param_logical_axes(base.config), mesh)
     on_mesh = Model(base.config, jax.device_put(base.params, shardings), mesh=mesh)
     model = experts.attach(on_mesh, bank)
-    plane = model.bank.linears["layer_0/mlp/up"].planes[0]
+    plane = model.deltas.bank.linears["layer_0/mlp/up"].planes[0]
     assert plane.sharding.spec == PartitionSpec(None, None, "model")
-    assert model.bank.linears["embed"].step.sharding.spec == PartitionSpec(None, "model")
+    assert model.deltas.bank.linears["embed"].step.sharding.spec == PartitionSpec(None, "model")
+    with compiling_for("gpu"):  # kernel=None: the Pallas kernel is not shard-mapped, so the jnp path on a mesh
+        assert model.batch_inputs(MIX, len(MIX))[1].mode == "dense"
+    with pytest.raises(zipjax.ZipjaxError, match="mesh"):
+        experts.attach(on_mesh, bank, kernel=True)
     one = experts.attach(base, bank)
     out = zipjax.generate(model, prompts(), 6, expert=MIX, stop_tokens=())
     np.testing.assert_array_equal(out, zipjax.generate(one, prompts(), 6, expert=MIX, stop_tokens=()))
+
+
+def test_the_kernel_policy_resolves_at_trace_time_and_delta_mode_still_maps(untied):
+    """kernel=None follows zipjax.platform.use_kernel where it is traced: the jnp path on a CPU, the Pallas kernel
+    tracing for a GPU (this model's sites tile there; on a TPU, in / 4 = 16 channels do not); explicit kernel= wins.
+    The old delta_mode= names map onto kernel= / path= / merged= with a DeprecationWarning."""
+    base, bank = untied
+    mode = lambda model: model.batch_inputs(MIX, len(MIX))[1].mode
+    auto = experts.attach(base, bank)
+    grouped = experts.attach(base, bank, kernel=False, path="grouped")
+    assert mode(auto) == "dense" and mode(grouped) == "grouped"
+    assert mode(experts.attach(base, bank, kernel=True)) == "kernel"
+    with compiling_for("gpu"):
+        assert mode(auto) == "kernel" and mode(grouped) == "grouped"
+    with compiling_for("tpu"):
+        assert mode(auto) == "dense"
+    for name, keywords in experts.DELTA_MODES.items():
+        with pytest.warns(DeprecationWarning, match=f"delta_mode={name!r}"):
+            old = experts.attach(base, bank, delta_mode=name)
+        if name == "merged":
+            assert isinstance(old.deltas, experts.MergedExperts)
+        else:
+            assert (old.deltas.kernel, old.deltas.path) == (keywords["kernel"], keywords.get("path", "dense"))
+    with pytest.raises(zipjax.ZipjaxError, match="path"):
+        experts.attach(base, bank, path="fast")
+    with pytest.raises(zipjax.ZipjaxError, match="kernel"):
+        experts.attach(base, bank, kernel="yes")
+    with pytest.raises(zipjax.ZipjaxError, match="merged"):
+        experts.attach(base, bank, merged=True, kernel=True)
+    with pytest.raises(zipjax.ZipjaxError, match="one or the other"):
+        experts.attach(base, bank, delta_mode="dense", path="grouped")
+    with pytest.raises(zipjax.ZipjaxError, match="already serves experts"):
+        experts.attach(auto, bank)
 
 
 def test_auto_without_a_router_is_a_clear_error(tied):
@@ -286,7 +349,7 @@ def test_bad_inputs_are_clear_errors(untied):
     with pytest.raises(zipjax.ZipjaxError, match="one per prompt"):
         zipjax.generate(model, prompts(2), 2, expert=["a"])
     with pytest.raises(zipjax.ZipjaxError, match="delta_mode"):
-        model.with_mode("fast")
+        experts.attach(base, bank, delta_mode="fast")
     with pytest.raises(zipjax.ZipjaxError, match="attach"):
         zipjax.generate(base, prompts(2), 2, expert="a")
 

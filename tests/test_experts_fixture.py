@@ -80,7 +80,7 @@ def test_compressed_experts_near_lossless(base, heldout, base_ppl, full_ppl):
 
     # one expert per batch: the merged path (W_base + dequantized delta, built once per expert); the mixed-batch
     # paths are checked against it in tests/test_experts.py
-    model = experts.attach(base, experts.load(FIXTURE / "bank", base), delta_mode="merged")
+    model = experts.attach(base, experts.load(FIXTURE / "bank", base), merged=True)
     compressed = {d: perplexity(np.asarray(model.logits(heldout[d][:, :-1], expert=d)), heldout[d])
                   for d in DOMAINS}
     print("held-out perplexity full -> 2-bit compressed: " +

@@ -185,3 +185,32 @@ def test_image_generation_sits_above_the_model_and_the_decoders():
     assert defined_in == ["zipjax.image"]
     image = graph["zipjax.image"]
     assert any(_in_package(d, "zipjax.emu3") for d in image) and any(_in_package(d, "zipjax.zipar") for d in image)
+
+
+def test_the_core_imports_nothing_of_the_experts():
+    """ME-Switch plugs into the model through the zipjax.deltas contract (a leaf) and `Model.deltas`: generation, the
+    model and the transformer name no module of zipjax.experts (issue 21)."""
+    graph = _graph()
+    assert graph["zipjax.deltas"] == set(), "the weight-delta contract is a leaf"
+    for name in ("zipjax.generate", "zipjax.transformer", "zipjax.model", "zipjax.deltas"):
+        experts = sorted(d for d in graph[name] if d.startswith("zipjax.experts"))
+        assert not experts, f"{name} imports {experts}"
+
+
+def test_the_model_blocks_are_named_scopes():
+    """Profiles show named regions: the lowered forward carries each block's `jax.named_scope` in its locations
+    (the modules' from flax, the regions inside them from zipjax.transformer)."""
+    import jax
+    import jax.numpy as jnp
+
+    from zipjax.config import ModelConfig
+    from zipjax.transformer import Transformer, abstract_params
+
+    config = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                         num_heads=2, num_kv_heads=1, head_dim=16, max_position_embeddings=32)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    forward = jax.jit(lambda params, t: Transformer(config).apply({"params": params}, t, t)[0])
+    text = forward.lower(abstract_params(config), tokens).as_text(debug_info=True)
+    for scope in ("embed", "layer_0/attn_norm", "layer_0/attn/qkv", "layer_0/attn/attention", "layer_0/attn/attn_out",
+                  "layer_0/mlp_norm", "layer_0/mlp", "final_norm", "lm_head"):  # modules: flax's own named scopes
+        assert f"/{scope}/" in text, f"no named scope {scope!r} in the lowered forward"

@@ -156,7 +156,9 @@ def _generate_parser(commands) -> None:
                      help="an expert bank built on this checkpoint (zipjax experts compress)")
     gen.add_argument("--expert", default=None, help="the expert to generate with (a name in the bank, or 'auto')")
     gen.add_argument("--delta-mode", choices=("dense", "grouped", "kernel", "merged"), default=None,
-                     help="how expert deltas are applied (default: the Pallas kernel on TPU/GPU, dense on CPU)")
+                     help="how expert deltas are applied: 'kernel' (the Pallas kernel), 'dense' or 'grouped' (the "
+                     "jax.numpy paths), 'merged' (W_base + delta built per expert; one expert per run); default: "
+                     "the kernel on TPU/GPU, dense on CPU")
 
 
 def _experts_parser(commands) -> None:
@@ -284,8 +286,8 @@ def run_generate(args: argparse.Namespace) -> None:
 
             folder = args.experts if (args.experts / MANIFEST).is_file() else args.experts.parent
             router = Router.load(folder, model)
-        model = experts.attach(model, experts.load(args.experts, model), delta_mode=args.delta_mode, check=False,
-                               router=router)
+        mode = experts.DELTA_MODES[args.delta_mode] if args.delta_mode else {}  # kernel= / path= / merged=
+        model = experts.attach(model, experts.load(args.experts, model), **mode, check=False, router=router)
         expert = {"expert": args.expert}
     stop = set(model.config.eos_token_ids)
     start = time.perf_counter()

@@ -28,8 +28,8 @@ from jax.sharding import PartitionSpec
 
 from zipjax.cache import AppendCache
 from zipjax.config import ModelConfig
+from zipjax.deltas import WeightDeltas
 from zipjax.errors import ZipjaxError
-from zipjax.experts.serve import generate_inputs
 from zipjax.kv.methods import as_method, cache_initializer, check_cache, min_decode_slots
 from zipjax.kv.spec import Method
 from zipjax.model import Model, check_token_ids
@@ -70,11 +70,11 @@ def _choose(logits: jax.Array, state_key: jax.Array, knobs: Knobs, mode: Samplin
 
 
 def _prefill(params: Params, prompt: jax.Array, starts: jax.Array, cache: AppendCache, key: jax.Array, knobs: Knobs, *,
-             config: ModelConfig, mode: SamplingMode, experts=None) -> SamplingState:
+             config: ModelConfig, mode: SamplingMode, deltas: WeightDeltas | None = None) -> SamplingState:
     """Run the left-padded prompt [batch, bucket] through the model and choose the first new token."""
     batch, bucket = prompt.shape
     positions = jnp.maximum(jnp.arange(bucket, dtype=jnp.int32)[None, :] - starts[:, None], 0)
-    logits, cache = prompt_pass(params, config, prompt, positions, cache, experts=experts)
+    logits, cache = prompt_pass(params, config, prompt, positions, cache, deltas=deltas)
     token, key = _choose(logits[:, 0], key, knobs, mode)
     tokens = jnp.full((batch, cache.max_len), config.pad_id, jnp.int32)
     tokens = jax.lax.dynamic_update_slice(tokens, prompt, (0, 0))
@@ -86,11 +86,11 @@ def _prefill(params: Params, prompt: jax.Array, starts: jax.Array, cache: Append
 
 
 def _decode_step(params: Params, state: SamplingState, knobs: Knobs, *, config: ModelConfig,
-                 mode: SamplingMode, experts=None) -> SamplingState:
+                 mode: SamplingMode, deltas: WeightDeltas | None = None) -> SamplingState:
     """Feed the newest token of every sequence, choose the next one. Finished sequences receive pad tokens."""
     logits, cache = Transformer(config).apply(
         {"params": params}, state.last_token[:, None], state.positions[:, None], state.cache, last_only=True,
-        experts=experts,
+        deltas=deltas,
     )
     token, key = _choose(logits[:, 0], state.key, knobs, mode)
     token = jnp.where(state.done, config.pad_id, token)
@@ -105,16 +105,16 @@ def _decode_step(params: Params, state: SamplingState, knobs: Knobs, *, config: 
 @functools.partial(jax.jit, static_argnames=("config", "mode"), donate_argnames=("cache",))
 def _generate_loop(params: Params, prompt: jax.Array, starts: jax.Array, cache: AppendCache, key: jax.Array,
                    knobs: Knobs, max_new_tokens: jax.Array, *, config: ModelConfig,
-                   mode: SamplingMode, experts=None) -> tuple[jax.Array, AppendCache]:
+                   mode: SamplingMode, deltas: WeightDeltas | None = None) -> tuple[jax.Array, AppendCache]:
     """Prefill, then decode until `max_new_tokens` or every sequence stopped. Returns the token buffer and the final
     cache (returned so that the donated input cache is updated in place rather than copied)."""
-    state = _prefill(params, prompt, starts, cache, key, knobs, config=config, mode=mode, experts=experts)
+    state = _prefill(params, prompt, starts, cache, key, knobs, config=config, mode=mode, deltas=deltas)
 
     def keep_going(s: SamplingState) -> jax.Array:
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
     state = jax.lax.while_loop(
-        keep_going, lambda s: _decode_step(params, s, knobs, config=config, mode=mode, experts=experts), state
+        keep_going, lambda s: _decode_step(params, s, knobs, config=config, mode=mode, deltas=deltas), state
     )
     return state.tokens, state.cache
 
@@ -131,7 +131,7 @@ class _Plan:
         cfg = model.config
         self.kv = as_method(kv)
         temperature, top_k, top_p, self.seed = check_settings(temperature, top_k, top_p, seed)
-        prompts = _as_prompt_list(prompt_ids)
+        self.prompts = prompts = _as_prompt_list(prompt_ids)
         for i, p in enumerate(prompts):
             check_token_ids(p, cfg.vocab_size, f"token ids of prompt {i}")
         self.max_new_tokens = integer(max_new_tokens, "max_new_tokens", lo=1)
@@ -245,19 +245,20 @@ def generate(model: Model, prompt_ids, max_new_tokens: int, *, temperature: floa
       cache_length: KV cache slots; default the padded prompt length + max_new_tokens rounded up to 128.
       kv: None for the dense cache, or a compressed cache: `zipjax.kv.ZipCache(...)`, `KIVI(...)`, `Uniform(...)`,
         `ZipVL(...)`, `MiniCache(...)`.
-      expert: with a model of zipjax.experts.attach, the expert of each prompt: a name, None (the base), one of
-        those per prompt, or "auto" (the bank's router picks). Traced: a new mix does not recompile.
+      expert: with a model that carries weight deltas (`model.deltas`, e.g. from zipjax.experts.attach), the expert
+        of each prompt: a name, None (the base), one of those per prompt, or "auto" (the bank's router picks).
+        Traced: a new mix does not recompile.
     Returns:
       int32 [batch, prompt_len + max_new_tokens] like transformers: prompts left-padded to the longest, then the
       generated tokens; after a stop token every position holds the pad id.
     """
     plan = _Plan(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, cache_length, kv)
-    params, experts = generate_inputs(model, expert, plan.batch, prompt_ids)
+    params, deltas = model.batch_inputs(expert, plan.batch, plan.prompts)
     prompt, starts, cache = plan.device_inputs(model)
     with mesh_context(model.mesh):
         tokens, _ = _generate_loop(params, prompt, starts, cache, jax.random.key(plan.seed), plan.knobs,
                                    jnp.int32(plan.max_new_tokens), config=model.config, mode=plan.mode,
-                                   experts=experts)
+                                   deltas=deltas)
     return plan.output(to_host(tokens))
 
 
@@ -271,15 +272,15 @@ def generate_stream(model: Model, prompt_ids, max_new_tokens: int, *, temperatur
     Stops after `max_new_tokens` steps or once every sequence has produced a stop token (that token included).
     """
     plan = _Plan(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, cache_length, kv)
-    params, experts = generate_inputs(model, expert, plan.batch, prompt_ids)
+    params, deltas = model.batch_inputs(expert, plan.batch, plan.prompts)
     prompt, starts, cache = plan.device_inputs(model)
     static = dict(config=model.config, mode=plan.mode)
     with mesh_context(model.mesh):  # entered per call: a generator must not leave it set while suspended
         state = _prefill_jit(params, prompt, starts, cache, jax.random.key(plan.seed), plan.knobs, **static,
-                             experts=experts)
+                             deltas=deltas)
     while True:
         yield to_host(state.last_token)
         if int(to_host(state.step)) >= plan.max_new_tokens or bool(np.all(to_host(state.done))):
             return
         with mesh_context(model.mesh):
-            state = _decode_step_jit(params, state, plan.knobs, **static, experts=experts)
+            state = _decode_step_jit(params, state, plan.knobs, **static, deltas=deltas)

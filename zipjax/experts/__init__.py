@@ -2,21 +2,23 @@
 
     bank = experts.compress(base, {"docs": docs_model, "c": c_model}, bits=2, salient=0.02, calibration=ids)
     bank.save("checkpoints/stdlib-experts/bank"); bank = experts.load("checkpoints/stdlib-experts/bank", base)
-    model = experts.attach(base, bank, delta_mode="dense")
+    model = experts.attach(base, bank)   # kernel=None: the Pallas kernel on TPU/GPU; path="dense" otherwise
     zipjax.generate(model, prompts, 64, expert=["docs", "c", None])
 
 Modules: quantize (bit planes, quantizers, saliency), bank (the ExpertBank pytree, sites, byte accounting),
 compress, bankfile and store (write / read a bank folder), delta (the mixed-batch delta term: dense, grouped,
-kernel), serve (attach, ExpertModel, the ids of generate), fingerprint (the base check); domains, finetune and
-router build and route the experts themselves.
+kernel; `ExpertDeltas`, the model's zipjax.deltas.WeightDeltas), serve (attach, the `Experts` / `MergedExperts`
+sources a Model carries in `model.deltas`), fingerprint (the base check); domains, finetune and router build and
+route the experts themselves. The model and generate import nothing of this package: attach gives the base Model a
+delta source, and the transformer calls the deltas through the zipjax.deltas contract.
 """
 
 from zipjax.experts.bank import ExpertBank, LinearDelta, bytes_per_expert
 from zipjax.experts.compress import compress
-from zipjax.experts.delta import DELTA_MODES, ExpertInputs
+from zipjax.experts.delta import PATHS, ExpertDeltas
 from zipjax.experts.fingerprint import fingerprint
-from zipjax.experts.serve import ExpertModel, attach
+from zipjax.experts.serve import DELTA_MODES, Experts, MergedExperts, attach
 from zipjax.experts.store import load, save
 
-__all__ = ["DELTA_MODES", "ExpertBank", "ExpertInputs", "ExpertModel", "LinearDelta", "attach",
+__all__ = ["DELTA_MODES", "PATHS", "ExpertBank", "ExpertDeltas", "Experts", "LinearDelta", "MergedExperts", "attach",
            "bytes_per_expert", "compress", "fingerprint", "load", "save"]

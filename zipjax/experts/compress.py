@@ -24,7 +24,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from zipjax.config import ModelConfig
@@ -34,7 +36,7 @@ from zipjax.experts.fingerprint import fingerprint
 from zipjax.experts.quantize import QUANTIZERS, SCORES, check_packable, pack_planes, plane_widths, quantize
 from zipjax.model import Model, check_token_ids
 from zipjax.sharding import to_host
-from zipjax.transformer import Transformer, abstract_params
+from zipjax.transformer import Projections, Transformer, abstract_params
 
 MAX_SALIENT = 0.5  # beyond this a float16 copy of the delta would be smaller
 
@@ -173,15 +175,27 @@ def _calibration_for(calibration, name: str, config: ModelConfig) -> list[np.nda
     return seqs
 
 
+def _record_sumsq(next_fun, args, kwargs, context):
+    """A flax method interceptor: every projection (the transformer's `Projections.linear(name, equation, x, w,
+    deltas)`) sows its input's per-channel sum of squares into "intermediates" as "<name>_sumsq"."""
+    if context.method_name == "linear" and isinstance(context.module, Projections):
+        name, x = args[0], args[2]
+        context.module.sow("intermediates", f"{name}_sumsq",
+                           jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(0, 1)).ravel())
+    return next_fun(*args, **kwargs)
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def _sown_statistics(params, tokens: jax.Array, positions: jax.Array, *, config: ModelConfig):
-    """The model's forward with the "intermediates" collection mutable: each linear's input sum of squares."""
-    return Transformer(config).apply({"params": params}, tokens, positions, mutable=["intermediates"])
+    """The model's forward with each projection's input sum of squares recorded (the model records nothing itself:
+    the interceptor reads every projection's input)."""
+    with nn.intercept_methods(_record_sumsq):
+        return Transformer(config).apply({"params": params}, tokens, positions, mutable=["intermediates"])
 
 
 def _activation_rms(params, config: ModelConfig, seqs: list[np.ndarray] | None, score: str) -> dict[str, np.ndarray]:
-    """RMS over calibration tokens of each input channel of every site (keys as `sites`), from the model's sown
-    per-site sums of squares; {} without calibration (or when the score does not use it)."""
+    """RMS over calibration tokens of each input channel of every site (keys as `sites`), from the sums of squares
+    that `_sown_statistics` records per site; {} without calibration (or when the score does not use it)."""
     if seqs is None or score != "error":
         return {}
     sums: dict[str, np.ndarray] = {}

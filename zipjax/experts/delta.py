@@ -3,7 +3,7 @@
     x @ delta_e = (x @ codes_e) * step_e + sum(x) * minimum_e + x[salient_idx_e] @ salient_rows_e
 
 added to x @ W_base, which is computed once for the whole batch. Expert id -1 gets nothing (the base model). No path
-ever builds a merged weight per request (BitDelta, DeltaZip, Punica and S-LoRA all batch this way). `mode`:
+ever builds a merged weight per request (BitDelta, DeltaZip, Punica and S-LoRA all batch this way). Paths:
 
 - "dense": the term of every expert for every row, then a one-hot select: E small matmuls, no data-dependent
   shapes; best with few experts and few rows (decode). Measured on CPU (576 -> 1536, 2-bit, E=4): 0.28 ms at 8 rows.
@@ -11,10 +11,13 @@ ever builds a merged weight per request (BitDelta, DeltaZip, Punica and S-LoRA a
   unsorted; the work is one matmul's whatever E is: prefill, many experts (64 ms against dense's 76 ms at 512 rows).
 - "kernel": the code part by the Pallas grouped dequantize-matmul over the packed planes
   (zipjax.kernels.delta_matmul), the salient part as in "grouped". On CPU the kernel runs in Pallas' interpreter.
-- "merged" is not a path of this module: W_b + delta-hat built once for a batch that is all one expert
-  (zipjax.experts.serve), the expert-switching baseline.
 
-All terms are computed in float32 and cast to the activation dtype by the caller (zipjax.transformer.linear).
+`ExpertDeltas` (the model's `zipjax.deltas.WeightDeltas` for a bank) runs the kernel by the one kernel policy
+(`kernel: bool | None`, zipjax.platform.use_kernel, resolved at trace time) and otherwise its jax.numpy `path`,
+"dense" or "grouped". The merged baseline (W_b + delta-hat built once per expert) is no path of this module:
+zipjax.experts.serve's `MergedExperts`.
+
+All terms are computed in float32 and cast to the activation dtype by the caller (zipjax.transformer).
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from zipjax.errors import ZipjaxError
 from zipjax.experts.bank import ExpertBank, LinearDelta
 from zipjax.experts.quantize import unpack_planes
-from zipjax.kernels.common import platform
+from zipjax.platform import platform, use_kernel
 
-MIXED_MODES = ("dense", "grouped", "kernel")
-DELTA_MODES = (*MIXED_MODES, "merged")
+PATHS = ("dense", "grouped")  # the jax.numpy paths, for when the kernel does not run
 
 
 def _dense(site: LinearDelta, x: jax.Array, ids: jax.Array) -> jax.Array:
@@ -89,8 +92,32 @@ def _kernel(site: LinearDelta, x: jax.Array, ids: jax.Array) -> jax.Array:
 _PATHS = {"dense": _dense, "grouped": _grouped, "kernel": _kernel}
 
 
+def check_path(path: str) -> str:
+    if path not in PATHS:
+        raise ZipjaxError(f"path must be one of {PATHS} (the jax.numpy delta paths), got {path!r}")
+    return path
+
+
+def kernel_runs(kernel: bool | None, bank: ExpertBank, sharded: bool) -> bool:
+    """The one kernel policy (zipjax.platform.use_kernel) for the delta term: True or False forces it; None runs the
+    compiled kernel where the platform traced for is a TPU or a GPU, the bank sits on one device (the kernel is not
+    shard-mapped) and every site's shape has tiles (the jnp paths unpack every expert's codes to float on each call);
+    else the jnp path."""
+    if kernel is not None:
+        return kernel
+    if sharded or not use_kernel(None):
+        return False
+    from zipjax.kernels import delta_matmul  # helper module of the Pallas kernel; imported only on this path
+
+    target = platform()
+    shapes = {(site.widths, site.in_features, site.out_features)
+              for name, site in bank.linears.items() if name != "embed"}  # the embedding delta is a gather
+    return all(delta_matmul.fits(target, *shape) for shape in shapes)
+
+
 def linear_delta(site: LinearDelta, x: jax.Array, ids: jax.Array, mode: str) -> jax.Array:
-    """The delta term float32 [m, out] of rows x [m, in] served by experts ids int32 [m] (-1: none)."""
+    """The delta term float32 [m, out] of rows x [m, in] served by experts ids int32 [m] (-1: none); mode "dense",
+    "grouped" or "kernel"."""
     return _PATHS[mode](site, x.astype(jnp.float32), ids)
 
 
@@ -109,13 +136,20 @@ def embedding_delta(site: LinearDelta, tokens: jax.Array, ids: jax.Array) -> jax
 
 
 @struct.dataclass
-class ExpertInputs:
-    """What `Transformer(..., experts=)` takes: the bank, one expert id per sequence (traced, so a new mix of
-    experts never recompiles) and the static path."""
+class ExpertDeltas:
+    """The model's `zipjax.deltas.WeightDeltas` for a bank: the bank, one expert id per sequence (traced, so a new
+    mix of experts never recompiles) and the static choice of path."""
 
     bank: ExpertBank
     ids: jax.Array  # int32 [batch]; -1: the base model
-    mode: str = struct.field(pytree_node=False, default="dense")
+    kernel: bool | None = struct.field(pytree_node=False, default=None)  # zipjax.platform.use_kernel
+    path: str = struct.field(pytree_node=False, default="dense")  # the jnp path where the kernel does not run
+    sharded: bool = struct.field(pytree_node=False, default=False)  # the bank is placed on a mesh
+
+    @property
+    def mode(self) -> str:
+        """The path this trace runs: "kernel", "dense" or "grouped"."""
+        return "kernel" if kernel_runs(self.kernel, self.bank, self.sharded) else self.path
 
     def _rows(self, seq: int) -> jax.Array:
         return jnp.repeat(self.ids, seq)  # [batch * seq], row-major like x.reshape(batch * seq, ...)
