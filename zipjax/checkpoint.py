@@ -281,10 +281,12 @@ def _all_finite(tree) -> list[jax.Array]:
 
 def check_finite(tree, what: str) -> None:
     """Refuse a parameter tree holding NaN or infinity, naming the first such parameter: host (numpy) leaves are
-    checked on the host, device arrays by one jitted reduction per leaf in one program."""
+    checked on the host, device arrays by one jitted reduction per leaf in one program. Other leaves are left to
+    the shape checks."""
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     on_device = [(k, x) for k, x in leaves if isinstance(x, jax.Array)]
-    bad = [k for k, x in leaves if not isinstance(x, jax.Array) and not np.isfinite(np.asarray(x)).all()]
+    on_host = [(k, np.asarray(x)) for k, x in leaves if isinstance(x, np.ndarray | np.generic)]
+    bad = [k for k, x in on_host if x.dtype.kind in "fc" and not np.isfinite(x).all()]
     if on_device and not bad:
         flags = _all_finite([x for _, x in on_device])
         bad = [k for (k, _), ok in zip(on_device, flags, strict=True) if not bool(ok)]
