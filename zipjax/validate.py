@@ -153,10 +153,11 @@ def read_bounded(path: Path, what: str, max_bytes: int) -> bytes:
         raise ZipjaxError(f"{what} not found: {path}") from None
     except OSError as e:
         raise ZipjaxError(f"cannot read {path}: {e.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ZipjaxError(f"{path} is not a regular file ({_file_kind(info.st_mode)}); a {what} is a file")
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ZipjaxError(f"{path} is not a regular file ({_file_kind(info.st_mode)}); a {what} is a file")
         if info.st_size > max_bytes:
             raise ZipjaxError(f"{path} holds {info.st_size:,} bytes, more than the {max_bytes:,} a {what} may")
         try:
