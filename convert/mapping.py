@@ -6,7 +6,8 @@ gate [embed, mlp]. The query, key and value projections keep heads as their lead
 embed] -> q [heads, embed, head_dim] (the layout the TPU's matmul reads without a copy; see zipjax.transformer).
 No RoPE permutation is needed: both sides use rotate-half pairing.
 Every tensor's shape is checked against the shape the config implies before any data is read, and the error names
-the tensor. Values are never cast when the source dtype equals the target dtype, so bfloat16 stays bit-exact.
+the tensor. Values are never cast when the source dtype equals the target dtype, so bfloat16 stays bit-exact; a
+tensor holding NaN or infinity is refused by name.
 """
 
 from __future__ import annotations
@@ -151,5 +152,7 @@ def tensors_to_params(config: ModelConfig, tensors: Iterable[SourceTensor], *, a
         array = tensor.load()
         if tuple(array.shape) != tuple(tensor.shape):
             raise ZipjaxError(f"tensor {tensor.name} read with shape {array.shape}, header says {tensor.shape}")
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            raise ZipjaxError(f"tensor {tensor.name} holds NaN or infinite values; zipjax converts finite weights only")
         flat[path] = _to_target(array, targets[path], in_axes)
     return unflatten_params(flat)
