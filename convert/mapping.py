@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 from zipjax.convert.hf_weights import SourceTensor
@@ -47,6 +48,11 @@ _RULES = tuple((re.compile(re.escape(name).replace(r"\{\}", r"(\d+)")), path, in
                for name, path, in_axes in _TENSORS)
 # Buffers some older checkpoints carry; they hold nothing the model needs.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def _inexact(dtype: np.dtype) -> bool:
+    """Floating or complex, bfloat16 and the other ml_dtypes floats (numpy kind "V") included."""
+    return dtype.kind in "fc" or jnp.issubdtype(dtype, jnp.inexact)
 
 
 def _match(name: str) -> tuple[tuple[str, ...], Layout] | None:
@@ -152,7 +158,7 @@ def tensors_to_params(config: ModelConfig, tensors: Iterable[SourceTensor], *, a
         array = tensor.load()
         if tuple(array.shape) != tuple(tensor.shape):
             raise ZipjaxError(f"tensor {tensor.name} read with shape {array.shape}, header says {tensor.shape}")
-        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        if _inexact(array.dtype) and not np.isfinite(array).all():
             raise ZipjaxError(f"tensor {tensor.name} holds NaN or infinite values; zipjax converts finite weights only")
         flat[path] = _to_target(array, targets[path], in_axes)
     return unflatten_params(flat)

@@ -60,6 +60,11 @@ VQ_PARAMS_DIR = "vq_params"
 EMU3_KEY = "emu3"
 
 
+def _inexact(dtype: np.dtype) -> bool:
+    """Floating or complex, bfloat16 and the other ml_dtypes floats (numpy kind "V") included."""
+    return dtype.kind in "fc" or jnp.issubdtype(dtype, jnp.inexact)
+
+
 def save(path: str | Path, config: ModelConfig, params: Params, *, files: Iterable[Path] = (),
          metadata: dict[str, Any] | None = None, overwrite: bool = False,
          vision: tuple[Emu3Vision, Params] | None = None, sources: Iterable[Path] = ()) -> Path:
@@ -286,7 +291,7 @@ def check_finite(tree, what: str) -> None:
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     on_device = [(k, x) for k, x in leaves if isinstance(x, jax.Array)]
     on_host = [(k, np.asarray(x)) for k, x in leaves if isinstance(x, np.ndarray | np.generic)]
-    bad = [k for k, x in on_host if x.dtype.kind in "fc" and not np.isfinite(x).all()]
+    bad = [k for k, x in on_host if _inexact(x.dtype) and not np.isfinite(x).all()]
     if on_device and not bad:
         flags = _all_finite([x for _, x in on_device])
         bad = [k for (k, _), ok in zip(on_device, flags, strict=True) if not bool(ok)]
