@@ -457,6 +457,6 @@ def test_memory_bombs_are_refused_in_bounded_memory(tmp_path):
     assert "does not have: 'bomb.npy'" in lines[0]
     assert "more than the file can hold" in lines[1] and "nests arrays" in lines[2]
     assert "more than 3 s" in lines[3] and "more memory" in lines[4]
-    assert all(float(line.split()[0].removesuffix("s")) < 10 for line in lines[:5]), lines
+    assert all(float(line.split()[0].removesuffix("s")) < 20 for line in lines[:5]), "\n".join(lines)
     assert int(lines[5].split()[1]) < 1500, lines[5]  # the bank member alone would be 1 GiB
     assert time.monotonic() - start < 120
