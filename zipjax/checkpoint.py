@@ -60,11 +60,6 @@ VQ_PARAMS_DIR = "vq_params"
 EMU3_KEY = "emu3"
 
 
-def _inexact(dtype: np.dtype) -> bool:
-    """Floating or complex, bfloat16 and the other ml_dtypes floats (numpy kind "V") included."""
-    return dtype.kind in "fc" or jnp.issubdtype(dtype, jnp.inexact)
-
-
 def save(path: str | Path, config: ModelConfig, params: Params, *, files: Iterable[Path] = (),
          metadata: dict[str, Any] | None = None, overwrite: bool = False,
          vision: tuple[Emu3Vision, Params] | None = None, sources: Iterable[Path] = ()) -> Path:
@@ -277,6 +272,11 @@ def _dtype_name(dtype) -> str:
         return jnp.dtype(dtype).name
     except (TypeError, ValueError):
         raise ZipjaxError(f"dtype must be one of float32, bfloat16, float16; got {dtype!r:.60}") from None
+
+
+def _inexact(dtype: np.dtype) -> bool:
+    """Floating or complex, bfloat16 and the other ml_dtypes floats (numpy kind "V") included."""
+    return dtype.kind in "fc" or jnp.issubdtype(dtype, jnp.inexact)
 
 
 @jax.jit
