@@ -6,7 +6,8 @@ gate [embed, mlp]. The query, key and value projections keep heads as their lead
 embed] -> q [heads, embed, head_dim] (the layout the TPU's matmul reads without a copy; see zipjax.transformer).
 No RoPE permutation is needed: both sides use rotate-half pairing.
 Every tensor's shape is checked against the shape the config implies before any data is read, and the error names
-the tensor. Values are never cast when the source dtype equals the target dtype, so bfloat16 stays bit-exact.
+the tensor. Values are never cast when the source dtype equals the target dtype, so bfloat16 stays bit-exact; a
+tensor holding NaN or infinity is refused by name.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import re
 from collections.abc import Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 from zipjax.convert.hf_weights import SourceTensor
@@ -46,6 +48,11 @@ _RULES = tuple((re.compile(re.escape(name).replace(r"\{\}", r"(\d+)")), path, in
                for name, path, in_axes in _TENSORS)
 # Buffers some older checkpoints carry; they hold nothing the model needs.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def _inexact(dtype: np.dtype) -> bool:
+    """Floating or complex, bfloat16 and the other ml_dtypes floats (numpy kind "V") included."""
+    return dtype.kind in "fc" or jnp.issubdtype(dtype, jnp.inexact)
 
 
 def _match(name: str) -> tuple[tuple[str, ...], Layout] | None:
@@ -151,5 +158,7 @@ def tensors_to_params(config: ModelConfig, tensors: Iterable[SourceTensor], *, a
         array = tensor.load()
         if tuple(array.shape) != tuple(tensor.shape):
             raise ZipjaxError(f"tensor {tensor.name} read with shape {array.shape}, header says {tensor.shape}")
+        if _inexact(array.dtype) and not np.isfinite(array).all():
+            raise ZipjaxError(f"tensor {tensor.name} holds NaN or infinite values; zipjax converts finite weights only")
         flat[path] = _to_target(array, targets[path], in_axes)
     return unflatten_params(flat)

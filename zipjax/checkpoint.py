@@ -11,7 +11,12 @@ Writes go through zipjax.destination: resolved paths, no destination inside a so
 only a zipjax checkpoint (or an empty folder) is ever replaced, and the new folder takes the old one's place in one
 atomic step, so an interrupted or killed write never leaves a folder that `load` accepts and never loses the old
 one. `load` checks every file's size against checksums.json, and the hashes too for checkpoints up to
-`HASH_AT_LOAD_BYTES`; `verify` (`zipjax verify DIR`) checks every hash.
+`HASH_AT_LOAD_BYTES`; `verify` (`zipjax verify DIR`) checks every hash. A record naming anything but a regular file
+inside the folder (`../x`, an absolute path, a link) is a damaged record: nothing outside is ever opened.
+
+Weights must be finite: `save` refuses NaN or infinite parameters (so does every converter, which saves through
+it), and `load` checks them again after reading, with one jitted reduction over the parameter tree (a hostile
+checkpoint can carry a consistent checksums.json).
 """
 
 from __future__ import annotations
@@ -20,13 +25,16 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import shutil
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, PartitionSpec
 
@@ -38,6 +46,8 @@ from zipjax.errors import ZipjaxError
 from zipjax.model import Model
 from zipjax.sharding import as_auto_mesh, check_mesh, one_writer, replicated_shardings, tree_shardings
 from zipjax.transformer import Params, abstract_params, param_logical_axes
+from zipjax.validate import integer, json_file, mapping
+from zipjax.validate import manifest as read_manifest
 
 FORMAT = "zipjax-checkpoint"
 VERSION = 2  # 2: query / key / value weights heads-first [heads, embed, head_dim]; 1 stored [embed, heads, head_dim]
@@ -57,12 +67,14 @@ def save(path: str | Path, config: ModelConfig, params: Params, *, files: Iterab
     VQ-VAE's config, vocabulary and parameters) goes into `vq_params/` and the manifest; `sources` are the folders
     or files it was made from, which the destination must stay clear of."""
     _check_tree(abstract_params(config), params, f"parameters for {path}")
+    check_finite(params, f"parameters for {path}")
     metadata = dict(metadata or {})
     if vision is not None:
         if config.architecture != "emu3":
             raise ZipjaxError(f"a vision tokenizer belongs to an emu3 checkpoint, not {config.architecture}")
         info, vq_params = vision
         _check_tree(abstract_vq_params(info.vq_config), vq_params, f"VQ-VAE parameters for {path}")
+        check_finite(vq_params, f"VQ-VAE parameters for {path}")
         metadata[EMU3_KEY] = info.to_dict()
     elif config.architecture == "emu3":
         raise ZipjaxError("an emu3 checkpoint needs its vision tokenizer (VQ-VAE) parameters")
@@ -120,12 +132,13 @@ def verify(path: str | Path, *, hashes: bool = True) -> list[str]:
     if not record.is_file():
         return [f"{path} has no {CHECKSUMS} (written by an older zipjax); nothing to verify against"]
     try:
-        entries = json.loads(record.read_text())["files"]
-        expected = {name: (int(e["size"]), str(e["sha256"])) for name, e in entries.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return [f"{record} is unreadable or malformed"]
-    present = {name for name in expected if (path / name).is_file()}
-    problems = [f"missing file {name}" for name in sorted(set(expected) - present)]
+        expected = read_checksums(path)
+    except ZipjaxError as e:
+        return [str(e)]
+    present = {name for name in expected if _regular_file_inside(path, name)}
+    problems = [f"missing file {name}" if not os.path.lexists(path / name) else
+                f"{name} is a link or not a regular file inside the checkpoint (not read)"
+                for name in sorted(set(expected) - present)]
     for name in sorted(present):
         size, digest = expected[name]
         actual = (path / name).stat().st_size
@@ -134,6 +147,37 @@ def verify(path: str | Path, *, hashes: bool = True) -> list[str]:
         elif hashes and _sha256(path / name) != digest:
             problems.append(f"{name} does not match its recorded SHA-256 (corrupted)")
     return problems
+
+
+def read_checksums(path: Path) -> dict[str, tuple[int, str]]:
+    """checksums.json of the checkpoint folder `path`: relative file name -> (size, SHA-256). Names must stay inside
+    the folder (no `..`, no absolute path); sizes are non-negative integers and hashes 64 hex digits."""
+    record = path / CHECKSUMS
+    data = mapping(json_file(record, "checksum record"), str(record))
+    entries = mapping(data.get("files"), f"{record} field files")
+    expected = {}
+    for name, entry in entries.items():
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts:
+            raise ZipjaxError(f"{record} records a file outside the checkpoint: {name!r:.80}; the record is damaged")
+        entry = mapping(entry, f"{record} entry {name!r:.80}")
+        size = integer(entry.get("size"), f"{record} size of {name!r:.80}", lo=0)
+        digest = entry.get("sha256")
+        if not isinstance(digest, str) or len(digest) != 64 or set(digest) - set("0123456789abcdef"):
+            raise ZipjaxError(f"{record} has no valid SHA-256 for {name!r:.80}")
+        expected[name] = (size, digest)
+    return expected
+
+
+def _regular_file_inside(folder: Path, name: str) -> bool:
+    """`folder / name` is a regular file (not a link, pipe or device) whose resolved path lies inside `folder`."""
+    file = folder / name
+    try:
+        if not stat.S_ISREG(os.lstat(file).st_mode):
+            return False
+        return file.resolve().is_relative_to(folder.resolve())
+    except (OSError, ValueError):
+        return False
 
 
 def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
@@ -148,17 +192,7 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
         hint = (" It looks like a Hugging Face model; convert it first: zipjax convert SRC DST."
                 if (path / "config.json").exists() else "")
         raise ZipjaxError(f"{path} is not a zipjax checkpoint (no {MANIFEST}).{hint}")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ZipjaxError(f"{manifest_path} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ZipjaxError(f"{manifest_path} is not a zipjax checkpoint manifest")
-    if manifest.get("version") not in READABLE_VERSIONS:
-        raise ZipjaxError(
-            f"{path} has checkpoint format version {manifest.get('version')!r:.20}; this zipjax reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))}"
-        )
+    manifest = read_manifest(manifest_path, FORMAT, READABLE_VERSIONS, "zipjax checkpoint")
     return ModelConfig.from_dict(manifest.get("config")), manifest
 
 
@@ -169,7 +203,7 @@ def load(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Mesh | No
     config, manifest = read_config(path)
     _check_integrity(path)
     if dtype is not None:
-        config = config.replace(dtype=jnp.dtype(dtype).name)
+        config = config.replace(dtype=_dtype_name(dtype))
     if mesh is not None:
         mesh = as_auto_mesh(mesh)
         check_mesh(mesh)
@@ -183,6 +217,7 @@ def load(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Mesh | No
         params = _restore_version_1(params_dir, config, abstract, mesh, f"checkpoint {path}")
     else:
         params = _restore(params_dir, abstract, shardings, f"checkpoint {path}")
+    check_finite(params, f"checkpoint {path}")
     if config.architecture != "emu3":
         return Model(config=config, params=params, mesh=mesh, path=path)
 
@@ -199,6 +234,7 @@ def load(path: str | Path, dtype: str | jnp.dtype | None = None, mesh: Mesh | No
                                abstract_vq_params(vision.vq_config))
     vq_params = _restore(vq_dir, abstract_vq, None if mesh is None else replicated_shardings(abstract_vq, mesh),
                          f"VQ-VAE of {path}")
+    check_finite(vq_params, f"the VQ-VAE of checkpoint {path}")
     return Emu3Model(config=config, params=params, mesh=mesh, path=path, vision=vision, vq_params=vq_params)
 
 
@@ -231,11 +267,46 @@ def _restore_version_1(directory: Path, config: ModelConfig, abstract: Params, m
     return jax.jit(lambda p: _map_qkv(p, _swap_leading), out_shardings=new_shardings)(restored)
 
 
+def _dtype_name(dtype) -> str:
+    try:
+        return jnp.dtype(dtype).name
+    except (TypeError, ValueError):
+        raise ZipjaxError(f"dtype must be one of float32, bfloat16, float16; got {dtype!r:.60}") from None
+
+
+def _inexact(dtype: np.dtype) -> bool:
+    """Floating or complex, bfloat16 and the other ml_dtypes floats (numpy kind "V") included."""
+    return dtype.kind in "fc" or jnp.issubdtype(dtype, jnp.inexact)
+
+
+@jax.jit
+def _all_finite(tree) -> list[jax.Array]:
+    return [jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]
+
+
+def check_finite(tree, what: str) -> None:
+    """Refuse a parameter tree holding NaN or infinity, naming the first such parameter: host (numpy) leaves are
+    checked on the host, device arrays by one jitted reduction per leaf in one program. Other leaves are left to
+    the shape checks."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    on_device = [(k, x) for k, x in leaves if isinstance(x, jax.Array)]
+    on_host = [(k, np.asarray(x)) for k, x in leaves if isinstance(x, np.ndarray | np.generic)]
+    bad = [k for k, x in on_host if _inexact(x.dtype) and not np.isfinite(x).all()]
+    if on_device and not bad:
+        flags = _all_finite([x for _, x in on_device])
+        bad = [k for (k, _), ok in zip(on_device, flags, strict=True) if not bool(ok)]
+    if bad:
+        raise ZipjaxError(f"{what}: parameter {jax.tree_util.keystr(bad[0])} holds NaN or infinite values")
+
+
 def _check_integrity(path: Path) -> None:
     """Sizes against checksums.json, and hashes for small checkpoints; a checkpoint without a record passes."""
     if not (path / CHECKSUMS).is_file():
         return
-    total = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    try:
+        total = sum(size for size, _ in read_checksums(path).values())
+    except ZipjaxError as e:
+        raise ZipjaxError(f"checkpoint {path} is damaged: {e}") from None
     problems = verify(path, hashes=total <= HASH_AT_LOAD_BYTES)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

@@ -3,12 +3,20 @@
 Using the same tokenizer class as transformers keeps special-token handling (BOS insertion, chat templates)
 identical to the reference, which the parity tests rely on. Code in a model folder never runs: tokenizers load with
 `trust_remote_code=False` (transformers then never prompts), and a tokenizer that only custom code could build is
-refused by name.
+refused by name. Chat templates come from the checkpoint too: they render in a forked child under time, memory
+and output limits (`render_bounded`), and their errors are one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import select
+import signal
+import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from zipjax.errors import ZipjaxError
@@ -59,9 +67,115 @@ class Tokenizer:
         return self._tok.decode(ids, skip_special_tokens=True)
 
     def chat(self, user_message: str) -> list[int]:
-        """Token ids of a one-turn chat prompt, ready for the assistant's answer."""
+        """Token ids of a one-turn chat prompt, ready for the assistant's answer. The template comes from the
+        checkpoint, so it is rendered under bounds (`render_bounded`); what it renders is then tokenized as
+        transformers' `apply_chat_template(..., tokenize=True)` does (no special tokens added)."""
         if not self.has_chat_template:
             raise ZipjaxError("this checkpoint's tokenizer has no chat template")
-        ids = self._tok.apply_chat_template([{"role": "user", "content": user_message}],
-                                            add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        messages = [{"role": "user", "content": user_message}]
+        text = render_bounded(lambda: self._tok.apply_chat_template(messages, add_generation_prompt=True,
+                                                                    tokenize=False))
+        return list(self._tok(text, add_special_tokens=False)["input_ids"])
+
+
+def render_bounded(render: Callable[[], str], *, seconds: float | None = None, memory: int | None = None,
+                   max_chars: int | None = None) -> str:
+    """`render()` (a chat template, which a checkpoint supplies) run in a forked child process with a memory limit
+    (`memory` bytes of address space beyond the parent's), a time limit (`seconds`, then the child is killed) and a
+    limit on the text it returns (`max_chars`). Jinja's sandbox already keeps the template from running code; these
+    bound what no sandbox hook sees: a nested loop, `'x' * 3000000000`. Every failure, the template's own errors
+    included, is one ZipjaxError line. Where there is no fork, it renders in this process."""
+    seconds = CHAT_SECONDS if seconds is None else seconds
+    memory = CHAT_MEMORY if memory is None else memory
+    max_chars = CHAT_MAX_CHARS if max_chars is None else max_chars
+    if not hasattr(os, "fork"):
+        return _checked(_render(render), max_chars)
+    read_fd, write_fd = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jax warns that a forked multithreaded process may deadlock: the child
+        pid = os.fork()  # only renders (pure Python) and exits; the parent kills it if it hangs
+    if pid == 0:
+        _child(render, read_fd, write_fd, memory, max_chars)
+    os.close(write_fd)
+    try:
+        data = _read_until(read_fd, time.monotonic() + seconds, 4 * max_chars + 4096)
+    finally:
+        os.close(read_fd)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    if data is None:
+        raise ZipjaxError(f"the chat template took more than {seconds:g} s to render; zipjax stopped it")
+    status, _, body = data.partition(b"\n")
+    if status == b"ok":
+        return body.decode("utf-8")
+    if status == b"error":
+        raise ZipjaxError(body.decode("utf-8", errors="replace"))
+    raise ZipjaxError("the chat template could not be rendered: the renderer died (out of memory?)")
+
+
+CHAT_SECONDS = 10.0  # a real template renders in milliseconds
+CHAT_MEMORY = 1 << 30
+CHAT_MAX_CHARS = 1 << 22  # four million characters: far beyond any model's context
+
+
+def _render(render: Callable[[], str]) -> str:
+    try:
+        text = render()
+    except MemoryError:
+        raise ZipjaxError("the chat template needs more memory than zipjax allows a template") from None
+    except RecursionError:
+        raise ZipjaxError("the chat template recurses too deeply") from None
+    except Exception as e:  # jinja's TemplateError family, TypeError, ...: all are the template's fault
+        lines = str(e).strip().splitlines()
+        detail = lines[0][:300] if lines else type(e).__name__
+        raise ZipjaxError(f"the chat template failed: {type(e).__name__}: {detail}") from None
+    if not isinstance(text, str):
+        raise ZipjaxError(f"the chat template rendered {type(text).__name__}, not text")
+    return text
+
+
+def _checked(text: str, max_chars: int) -> str:
+    if len(text) > max_chars:
+        raise ZipjaxError(f"the chat template renders {len(text):,} characters, more than the {max_chars:,} zipjax "
+                          "accepts")
+    return text
+
+
+def _child(render: Callable[[], str], read_fd: int, write_fd: int, memory: int, max_chars: int) -> None:
+    """In the forked child: limit the address space, render, send "ok" or "error", a newline, the text, exit."""
+    try:
+        os.close(read_fd)
+        with contextlib.suppress(OSError, ValueError):
+            pages = int(Path("/proc/self/statm").read_text().split()[0])
+            limit = pages * os.sysconf("SC_PAGE_SIZE") + memory
+            _, hard = resource.getrlimit(resource.RLIMIT_AS)
+            resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard),
+                                                    hard))
+        try:
+            payload = b"ok\n" + _checked(_render(render), max_chars).encode("utf-8", errors="replace")
+        except ZipjaxError as e:
+            payload = b"error\n" + str(e).encode("utf-8", errors="replace")
+        except MemoryError:
+            payload = b"error\nthe chat template needs more memory than zipjax allows a template"
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(write_fd, view):]
+    finally:
+        os._exit(0)
+
+
+def _read_until(fd: int, deadline: float, limit: int) -> bytes | None:
+    """Everything written to `fd` until it closes (at most `limit` bytes); None if `deadline` passes first."""
+    chunks, total = [], 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > limit:
+            return b"error\nthe chat template renders more text than zipjax accepts"
+        chunks.append(chunk)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from zipjax.checkpoint import check_finite
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.experts.bank import ExpertBank, LinearDelta, get_path, norm_paths, sites
@@ -37,6 +38,7 @@ from zipjax.experts.quantize import QUANTIZERS, SCORES, check_packable, pack_pla
 from zipjax.model import Model, check_token_ids
 from zipjax.sharding import to_host
 from zipjax.transformer import Projections, Transformer, abstract_params
+from zipjax.validate import integer
 
 MAX_SALIENT = 0.5  # beyond this a float16 copy of the delta would be smaller
 
@@ -108,7 +110,8 @@ def _check_inputs(base, experts, bits, salient, score, quantizer, embed_bits) ->
     for name in names:
         if not isinstance(name, str) or not name or name == "auto":
             raise ZipjaxError(f"expert names must be non-empty strings other than 'auto', got {name!r}")
-    plane_widths(bits)
+    plane_widths(integer(bits, "bits"))
+    integer(embed_bits, "embed_bits")
     if embed_bits not in (1, 2, 3, 4):
         raise ZipjaxError(f"embed_bits must be one of [1, 2, 3, 4], got {embed_bits!r}")
     if isinstance(salient, bool) or not isinstance(salient, int | float) or not 0 <= salient <= MAX_SALIENT:
@@ -117,6 +120,8 @@ def _check_inputs(base, experts, bits, salient, score, quantizer, embed_bits) ->
         raise ZipjaxError(f"score must be one of {SCORES}, got {score!r}")
     if quantizer not in QUANTIZERS:
         raise ZipjaxError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+    for name, model in (("the base", base), *((f"expert {n!r}", e) for n, e in experts.items())):
+        check_finite(model.params if isinstance(model, Model) else model, name)
     return base.config, names
 
 

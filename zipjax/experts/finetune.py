@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from zipjax import validate
 from zipjax.attention import causal_mask, gqa_attention
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
@@ -187,14 +188,12 @@ def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ZipjaxError(f"{folder} holds no expert deltas (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ZipjaxError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != DELTA_FORMAT:
-        raise ZipjaxError(f"{path} is not a zipjax expert-delta manifest")
-    if manifest.get("version") != DELTA_VERSION:
-        raise ZipjaxError(f"{path} has version {manifest.get('version')!r:.20}; this zipjax reads {DELTA_VERSION}")
+    manifest = validate.manifest(path, DELTA_FORMAT, (DELTA_VERSION,), "zipjax expert-delta")
+    experts = validate.mapping(manifest.get("experts"), f"{path} experts")
+    for name, entry in experts.items():
+        file = validate.mapping(entry, f"{path} expert {name!r:.60}").get("file")
+        if not isinstance(file, str) or not file or "/" in file or "\\" in file or file in (".", ".."):
+            raise ZipjaxError(f"{path} expert {name!r:.60} must name a file in {folder}, got {file!r:.60}")
     return manifest
 
 

@@ -14,7 +14,9 @@ Each router sees only a prompt (the first `prefix` tokens of a held-out window);
 on the rest of the window with the chosen expert, so no router sees the tokens it is scored on.
 
 Saved as ``router.npz`` (arrays) and ``router.json`` (names, base fingerprint, training record) in a folder, by
-default the expert bank's folder; loading with a base checks its fingerprint.
+default the expert bank's folder; loading with a base checks its fingerprint. Loading reads the manifest through
+zipjax.validate (types, one-line errors) and exactly the four arrays, each checked from its npy header before its data
+is read (never a pickle or an object array), then their values (finite, std > 0).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from zipjax import validate
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.experts.finetune import hidden_and_logits, window_nll
@@ -124,24 +127,28 @@ class Router:
         folder = Path(folder)
         if not (folder / MANIFEST).is_file() or not (folder / ARRAYS).is_file():
             raise ZipjaxError(f"{folder} holds no router ({MANIFEST} and {ARRAYS})")
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ZipjaxError(f"{folder / MANIFEST} is not valid JSON: {e}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != ROUTER_FORMAT:
-            raise ZipjaxError(f"{folder / MANIFEST} is not a zipjax router manifest")
-        if manifest.get("version") != ROUTER_VERSION:
-            raise ZipjaxError(f"{folder / MANIFEST} has version {manifest.get('version')!r:.20}; "
-                              f"this zipjax reads {ROUTER_VERSION}")
-        with np.load(folder / ARRAYS) as data:
-            arrays = {k: data[k].astype(np.float32) for k in ("mean", "std", "w", "b")}
-        names = list(manifest["names"])
+        where = folder / MANIFEST
+        manifest = validate.manifest(where, ROUTER_FORMAT, (ROUTER_VERSION,), "zipjax router")
+        names = list(validate.names(manifest.get("names"), f"{where} names", reserved=("auto",)))
+        fingerprint_ = manifest.get("base_fingerprint")
+        if not isinstance(fingerprint_, str) or len(fingerprint_) != 64:
+            raise ZipjaxError(f"{where} base_fingerprint must be a SHA-256 (64 hex digits), got {fingerprint_!r:.60}")
+        record = validate.mapping(manifest.get("record", {}), f"{where} record")
+        features, floats = range(1, validate.MAX_WIDTH + 1), ("float32", "float16", "float64")
+        members = {"mean": validate.Member((features,), floats), "std": validate.Member((features,), floats),
+                   "w": validate.Member((features, len(names)), floats), "b": validate.Member((len(names),), floats)}
+        arrays = {k: a.astype(np.float32) for k, a in
+                  validate.npz_arrays(folder / ARRAYS, members, "zipjax router").items()}
         embed = arrays["mean"].shape[0]
-        if arrays["w"].shape != (embed, len(names)) or arrays["b"].shape != (len(names),):
-            raise ZipjaxError(f"{folder / ARRAYS}: head shapes {arrays['w'].shape}, {arrays['b'].shape} do not "
-                              f"match {len(names)} experts and {embed} features")
-        router = cls(names=names, base_fingerprint=manifest["base_fingerprint"], record=manifest.get("record", {}),
-                     **arrays)
+        if arrays["std"].shape != (embed,) or arrays["w"].shape[0] != embed:
+            raise ZipjaxError(f"{folder / ARRAYS}: mean {arrays['mean'].shape}, std {arrays['std'].shape} and head "
+                              f"{arrays['w'].shape} disagree on the number of features")
+        for key, array in arrays.items():
+            if not np.isfinite(array).all():
+                raise ZipjaxError(f"{folder / ARRAYS}: {key} holds NaN or infinite values (after float32)")
+        if (arrays["std"] <= 0).any():
+            raise ZipjaxError(f"{folder / ARRAYS}: std must be positive (it divides the features)")
+        router = cls(names=names, base_fingerprint=fingerprint_, record=record, **arrays)
         if base is not None:
             router.check_base(base)
             if base.config.hidden_size != embed:
