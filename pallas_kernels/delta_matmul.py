@@ -372,7 +372,7 @@ def cost_estimate(x, planes, step, *, widths: tuple[int, ...], backend: str, blo
     return _cost(t, 2 if x.dtype == jnp.bfloat16 else 4)
 
 
-def check(x, expert_ids, planes, step, minimum, widths) -> None:
+def check_inputs(x, expert_ids, planes, step, minimum, widths) -> None:
     """ValueError naming the argument and its shape unless the arguments are what `delta_matmul` reads."""
     widths = tuple(widths)
     if not widths or any(w not in PLANE_WIDTHS for w in widths) or sum(widths) > 8:
@@ -431,7 +431,7 @@ def delta_matmul(x: jax.Array, expert_ids: jax.Array, planes: tuple[jax.Array, .
         planes = tuple(planes)
         if blocks is not None and not isinstance(blocks, Blocks):
             raise ValueError(f"blocks: expected a delta_matmul.Blocks or None, got {blocks!r}")
-        check(x, expert_ids, planes, step, minimum, widths)
+        check_inputs(x, expert_ids, planes, step, minimum, widths)
         backend, interpret = resolve_backend(backend, interpret, BACKENDS)
         return _delta_matmul(x, expert_ids, planes, step, minimum, widths=widths, backend=backend,
                              interpret=interpret, blocks=blocks or Blocks())

@@ -408,7 +408,7 @@ def _compiler_params(t: Tiling):
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
-def check_segment(q, segment: PackedSegment, q_slot, starts, *, bits: int, block: int, group: int | None,
+def check_inputs(q, segment: PackedSegment, q_slot, starts, *, bits: int, block: int, group: int | None,
                   backend: str) -> None:
     """ValueError naming the argument and its shape unless the segment is what `segment_attention` reads."""
     if not isinstance(segment, PackedSegment):
@@ -496,7 +496,7 @@ def segment_attention(q: jax.Array, segment: PackedSegment, q_slot: jax.Array, s
         if blocks is not None and not isinstance(blocks, Blocks):
             raise ValueError(f"blocks: expected a quantized_attention.Blocks or None, got {blocks!r}")
         backend, interpret = resolve_backend(backend, interpret, BACKENDS)
-        check_segment(q, segment, q_slot, starts, bits=bits, block=block, group=group, backend=backend)
+        check_inputs(q, segment, q_slot, starts, bits=bits, block=block, group=group, backend=backend)
         blocks = blocks or Blocks()
         if blocks.tile is not None:
             _check_tile(backend, blocks.tile, segment.k_codes.shape[2], not interpret)

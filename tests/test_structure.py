@@ -169,7 +169,8 @@ KERNEL_ENTRY_POINTS = {
 def test_every_kernel_wrapper_has_the_one_signature(module):
     """Keyword-only backend, interpret and blocks, all defaulting to None; blocks a frozen `Blocks` record of the
     kernel's own module that checks itself; no *args / **kwargs, no use_kernel; a named_scope for profiles. Every
-    public function that takes `interpret` is an entry point listed here."""
+    public function that takes `interpret` is an entry point listed here; the static plan of a call is `Tiling` and
+    the input check `check_inputs` in every kernel module."""
     import dataclasses
     import importlib
     import inspect
@@ -177,6 +178,7 @@ def test_every_kernel_wrapper_has_the_one_signature(module):
     kernel = importlib.import_module(module)
     blocks = kernel.Blocks
     assert dataclasses.is_dataclass(blocks) and blocks.__dataclass_params__.frozen and "__post_init__" in vars(blocks)
+    assert dataclasses.is_dataclass(kernel.Tiling) and callable(kernel.check_inputs)  # one name for each part
     wrappers = {name for name, fn in vars(kernel).items() if inspect.isfunction(fn) and not name.startswith("_")
                 and fn.__module__ == module and "interpret" in inspect.signature(fn).parameters}
     assert wrappers == set(KERNEL_ENTRY_POINTS[module])
