@@ -98,7 +98,7 @@ def zipar_case(quick: bool) -> dict:
     written = jnp.arange(slots)[None, :] < slots - 1
     written = jnp.broadcast_to(written, (batch, slots))
     args = (q, k, v, q_slots, written, jnp.zeros((batch,), jnp.int32))
-    return compare("zipar", lambda *a: zipar_attention(*a, use_kernel=True), zipar_reference, args)
+    return compare("zipar", zipar_attention, zipar_reference, args)
 
 
 def decode_rate(model: Model, batch: int, prompt_len: int, new_tokens: int, method=None) -> tuple[float, np.ndarray]:

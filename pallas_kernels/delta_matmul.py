@@ -61,7 +61,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
-from zipjax.kernels.common import platform, unpack
+from zipjax.kernels.common import resolve_backend, unpack
 
 BACKENDS = ("tpu", "gpu")
 PLANE_WIDTHS = (1, 2, 4, 8)
@@ -73,6 +73,24 @@ GPU_MAX_ROWS = 64
 GPU_BLOCK_N = 128
 GPU_BLOCK_K = 64
 GPU_PROGRAMS = 2 * 132  # split-K aims at ~2 programs per SM of an H100
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """The kernel's tunable tiles (jax's `BlockSizes`): `m` rows of x, `n` output columns and `k` packed rows of each
+    plane per step, and on GPU `splits` programs along k; None takes `choose_tiling`'s choice (tests use small ones to
+    make several tiles). What the compiler accepts is checked once the shapes are known."""
+
+    m: int | None = None
+    n: int | None = None
+    k: int | None = None
+    splits: int | None = None
+
+    def __post_init__(self):
+        for name in ("m", "n", "k", "splits"):
+            size = getattr(self, name)
+            if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+                raise ValueError(f"blocks.{name}: expected a positive int or None, got {size!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,10 +154,11 @@ def fits(backend: str, widths: tuple[int, ...], fan_in: int, fan_out: int) -> bo
 
 
 def choose_tiling(backend: str, widths: tuple[int, ...], m: int, fan_in: int, fan_out: int, experts: int, *,
-                  block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
-                  splits: int | None = None, x_dtype=jnp.float32, compiled: bool = True) -> Tiling:
-    """The tiles of the module docstring; explicit blocks override (tests use small ones to make several tiles).
+                  blocks: Blocks | None = None, x_dtype=jnp.float32, compiled: bool = True) -> Tiling:
+    """The tiles of the module docstring; explicit `blocks` override (tests use small ones to make several tiles).
     Compiled for TPU, K and out must be multiples of 128 (or out the whole width)."""
+    blocks = blocks or Blocks()
+    block_m, block_n, block_k, splits = blocks.m, blocks.n, blocks.k, blocks.splits
     groups = max(8 // w for w in widths)
     part = fan_in // groups
     bf16 = jnp.dtype(x_dtype) == jnp.bfloat16
@@ -268,6 +287,7 @@ def _tpu_call(x, ids, planes, scales, t: Tiling, interpret) -> jax.Array:
             dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary"), vmem_limit_bytes=48 << 20),
         cost_estimate=_cost(t, x.dtype.itemsize),
         interpret=interpret,
+        name="delta_matmul",
     )(present, count, ids[:, None], *x_views, *plane_views, scales)
 
 
@@ -321,6 +341,7 @@ def _gpu_call(x, ids, planes, scales, t: Tiling, interpret) -> jax.Array:
         compiler_params=plt.CompilerParams(num_warps=4, num_stages=2),
         cost_estimate=_cost(t, x.dtype.itemsize),
         interpret=interpret,
+        name="delta_matmul",
     )(ids, x, *planes, scales)
     return partials.sum(axis=0)[:t.m] if t.splits > 1 else partials[0, :t.m]
 
@@ -341,16 +362,17 @@ def _cost(t: Tiling, x_itemsize: int) -> pl.CostEstimate:
                            bytes_accessed=visits * per_expert + x_bytes + 4 * rows + written)
 
 
-def cost_estimate(x, planes, step, *, widths: tuple[int, ...], backend: str, **blocks) -> pl.CostEstimate:
+def cost_estimate(x, planes, step, *, widths: tuple[int, ...], backend: str, blocks: Blocks | None = None
+                  ) -> pl.CostEstimate:
     """The CostEstimate `delta_matmul` gives the compiler for these arguments (abstract ones will do; `blocks` as
-    delta_matmul's overrides). Triton's custom call does not carry it into the compiled HLO, so this says it."""
+    delta_matmul's). Triton's custom call does not carry it into the compiled HLO, so this says it."""
     m, fan_in = x.shape
     experts, fan_out = step.shape
-    t = choose_tiling(backend, tuple(widths), m, fan_in, fan_out, experts, x_dtype=x.dtype, **blocks)
+    t = choose_tiling(backend, tuple(widths), m, fan_in, fan_out, experts, blocks=blocks, x_dtype=x.dtype)
     return _cost(t, 2 if x.dtype == jnp.bfloat16 else 4)
 
 
-def check(x, expert_ids, planes, step, minimum, widths) -> None:
+def check_inputs(x, expert_ids, planes, step, minimum, widths) -> None:
     """ValueError naming the argument and its shape unless the arguments are what `delta_matmul` reads."""
     widths = tuple(widths)
     if not widths or any(w not in PLANE_WIDTHS for w in widths) or sum(widths) > 8:
@@ -377,14 +399,12 @@ def check(x, expert_ids, planes, step, minimum, widths) -> None:
         raise ValueError(f"expert_ids must be int [{m}], got {jnp.result_type(expert_ids)} {jnp.shape(expert_ids)}")
 
 
-@functools.partial(jax.jit, static_argnames=("widths", "backend", "interpret", "block_m", "block_n", "block_k",
-                                             "splits"))
-def _delta_matmul(x, expert_ids, planes, step, minimum, *, widths, backend, interpret, block_m, block_n, block_k,
-                  splits) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("widths", "backend", "interpret", "blocks"))
+def _delta_matmul(x, expert_ids, planes, step, minimum, *, widths, backend, interpret, blocks: Blocks) -> jax.Array:
     m, fan_in = x.shape
     experts, fan_out = step.shape
-    t = choose_tiling(backend, widths, m, fan_in, fan_out, experts, block_m=block_m, block_n=block_n,
-                      block_k=block_k, splits=splits, x_dtype=x.dtype, compiled=not interpret)
+    t = choose_tiling(backend, widths, m, fan_in, fan_out, experts, blocks=blocks, x_dtype=x.dtype,
+                      compiled=not interpret)
     if x.dtype != jnp.bfloat16:
         x = x.astype(jnp.float32)
     ids = expert_ids.astype(jnp.int32)
@@ -394,29 +414,27 @@ def _delta_matmul(x, expert_ids, planes, step, minimum, *, widths, backend, inte
 
 
 def delta_matmul(x: jax.Array, expert_ids: jax.Array, planes: tuple[jax.Array, ...], step: jax.Array,
-                 minimum: jax.Array, *, widths: tuple[int, ...], interpret=False, backend: str | None = None,
-                 block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
-                 splits: int | None = None) -> jax.Array:
+                 minimum: jax.Array, *, widths: tuple[int, ...], backend: str | None = None, interpret=None,
+                 blocks: Blocks | None = None) -> jax.Array:
     """The delta term of every row against its own expert's packed codes, float32 [m, out].
 
     x: float32 or bfloat16 [m, in]; expert_ids: int [m] (a row whose id is outside [0, E), e.g. -1 for base only,
     gets zeros); planes: uint8 [E, in * widths[p] / 8, out] each (module docstring); step, minimum: float [E, out].
     backend: "tpu" (Mosaic's form) or "gpu" (Triton's); by default the platform being traced for
     (`zipjax.kernels.common.platform()`, which zipjax.aot sets while compiling ahead of time), and on "cpu", where
-    Pallas only interprets, the TPU form interpreted. interpret: run on the CPU (True or pltpu.InterpretParams()).
-    block_m, block_n, block_k, splits override the tiling (module docstring).
+    Pallas only interprets, the TPU form interpreted (`zipjax.kernels.common.resolve_backend`). interpret: None (True
+    on "cpu", else False), True or pltpu.InterpretParams() to run on the CPU. blocks: a `Blocks` overriding the
+    tiling (module docstring).
     """
-    widths = tuple(widths)
-    planes = tuple(planes)
-    check(x, expert_ids, planes, step, minimum, widths)
-    if backend is None:
-        backend = platform()
-        if backend not in BACKENDS:
-            backend, interpret = "tpu", interpret or True  # Pallas only interprets on the CPU
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return _delta_matmul(x, expert_ids, planes, step, minimum, widths=widths, backend=backend, interpret=interpret,
-                         block_m=block_m, block_n=block_n, block_k=block_k, splits=splits)
+    with jax.named_scope("delta_matmul"):
+        widths = tuple(widths)
+        planes = tuple(planes)
+        if blocks is not None and not isinstance(blocks, Blocks):
+            raise ValueError(f"blocks: expected a delta_matmul.Blocks or None, got {blocks!r}")
+        check_inputs(x, expert_ids, planes, step, minimum, widths)
+        backend, interpret = resolve_backend(backend, interpret, BACKENDS)
+        return _delta_matmul(x, expert_ids, planes, step, minimum, widths=widths, backend=backend,
+                             interpret=interpret, blocks=blocks or Blocks())
 
 
 def codes(planes: tuple[jax.Array, ...], widths: tuple[int, ...]) -> jax.Array:

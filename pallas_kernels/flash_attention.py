@@ -11,7 +11,8 @@ GQA without repeated K/V: the (query, group head) pairs of one KV head are the r
 (s - cursor) * group <= r (and r < (s - cursor + W) * group with a window), so the kernel divides nothing.
 Softmax is online and in float32; a row that sees no key (a left-padding query) outputs zeros.
 
-Two kernels share the tile math (`_attend_tile`) and the block range (`_visible_span`):
+Two kernels share the tile math (`_attend_tile`, over the online-softmax step of zipjax.kernels.common) and the
+block range (`_visible_span`):
   TPU (Mosaic)   grid (batch, kv_heads, q_blocks, k_blocks), the k-block axis "arbitrary", m / l / acc in VMEM
                  scratch, cursor and starts scalar-prefetched; blocks outside [first, last] visible are skipped with
                  pl.when and the k/v index_map clamps into that range, so a skipped block issues no DMA.
@@ -38,7 +39,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
-from zipjax.kernels.common import MASK_VALUE, grouped_attention, platform
+from zipjax.kernels.common import (
+    SoftmaxState,
+    empty_state,
+    grouped_attention,
+    normalise,
+    online_softmax_step,
+    resolve_backend,
+    tile_scores,
+)
 
 BACKENDS = ("tpu", "gpu", "cpu")
 # (block_rows, block_k) per backend and pass; rows are (query, group) pairs. TPU blocks are (8, 128)-tile and bf16
@@ -51,7 +60,24 @@ TRITON_PARAMS = {"prefill": dict(num_warps=8, num_stages=3), "decode": dict(num_
 
 
 @dataclasses.dataclass(frozen=True)
-class _Geometry:
+class Blocks:
+    """The kernel's tunable block sizes (jax's `BlockSizes`): `rows` (query, group head) rows per query block and
+    `k` key slots per key block; None takes the backend's default for the pass, shrunk to a small problem. What a
+    backend's compiler accepts is checked when the backend is known (TPU rows a multiple of 16, key blocks of 128;
+    Triton powers of two, rows >= 16)."""
+
+    rows: int | None = None
+    k: int | None = None
+
+    def __post_init__(self):
+        for name in ("rows", "k"):
+            size = getattr(self, name)
+            if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+                raise ValueError(f"blocks.{name}: expected a positive int or None, got {size!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
     """Static layout of one call: `group` query heads per KV head, `q_len` real queries, blocks of `block_rows`
     rows and `block_k` key slots, `k_blocks` key blocks in the (padded) cache of `max_len` real slots, optional
     sliding `window`; `state`: return the partial softmax state instead of the output."""
@@ -87,7 +113,7 @@ def reference(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, start
     return grouped_attention(q, k, v, mask[:, None, None])
 
 
-def _visible_span(xp, q_block, cursor, start, g: _Geometry):
+def _visible_span(xp, q_block, cursor, start, g: Tiling):
     """Key slots [lo, hi] some row of query block `q_block` can see, and the key blocks [first, last] holding them
     (last = first - 1 when there are none). `xp` is jnp inside kernels and numpy for the static cost estimate."""
     first_query = (q_block * g.block_rows) // g.group
@@ -99,17 +125,17 @@ def _visible_span(xp, q_block, cursor, start, g: _Geometry):
     return lo, hi, first, last
 
 
-def _key_block(q_block, k_block, cursor, start, g: _Geometry):
+def _key_block(q_block, k_block, cursor, start, g: Tiling):
     """The key block the TPU grid step (q_block, k_block) maps: k_block clamped into the visible [first, last], so a
     skipped step repeats its neighbour's block index and the pipeline issues no DMA for it."""
     _, _, first, last = _visible_span(jnp, q_block, cursor, start, g)
     return jnp.clip(k_block, first, jnp.maximum(first, last))
 
 
-def _attend_tile(q, k, v, carry, q_block, k_block, cursor, start, span, g: _Geometry, scale: float):
+def _attend_tile(q, k, v, state: SoftmaxState, q_block, k_block, cursor, start, span, g: Tiling, scale: float
+                 ) -> SoftmaxState:
     """One [block_rows, block_k] tile of the online softmax. q [block_rows, head_dim]; k, v [block_k, head_dim];
-    carry: float32 running max m and sum l [block_rows, 1], unnormalised output acc [block_rows, head_dim]."""
-    m_prev, l_prev, acc_prev = carry
+    state: max, denom [block_rows, 1], acc [block_rows, head_dim]."""
     lo, hi = span
     tile = (g.block_rows, g.block_k)
     rows = q_block * g.block_rows + lax.broadcasted_iota(jnp.int32, tile, 0)
@@ -121,24 +147,13 @@ def _attend_tile(q, k, v, carry, q_block, k_block, cursor, start, span, g: _Geom
         visible &= rows < (ahead + g.window) * g.group  # cursor + row // group - slot < window
     if g.padded:
         visible &= slots <= hi  # padding slots a shard's later queries would otherwise see
-    scores = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(visible, scores, MASK_VALUE)  # [block_rows, block_k]; NaN keys of unseen slots drop out
-    m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
-    correction = jnp.exp(m_prev - m_next)
-    p = jnp.where(visible, jnp.exp(scores - m_next), 0.0)
     value_slots = k_block * g.block_k + lax.broadcasted_iota(jnp.int32, v.shape, 0)
     v = jnp.where((value_slots >= lo) & (value_slots <= hi), v, jnp.zeros_like(v))  # 0 * NaN would poison rows
-    l_next = correction * l_prev + jnp.sum(p, axis=1, keepdims=True)
-    acc = correction * acc_prev + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return m_next, l_next, acc
+    # NaN keys of unseen slots drop out: their scores are masked
+    return online_softmax_step(state, tile_scores(q, k, scale), visible, v)
 
 
-def _normalised(acc: jax.Array, total: jax.Array) -> jax.Array:
-    """acc [rows, head_dim] / total [rows, 1]; rows that saw no key (total 0) give zeros."""
-    return acc / jnp.where(total > 0.0, total, 1.0)
-
-
-def _tpu_kernel(cursor_ref, starts_ref, q_ref, k_ref, v_ref, o_ref, *refs, g: _Geometry, scale: float):
+def _tpu_kernel(cursor_ref, starts_ref, q_ref, k_ref, v_ref, o_ref, *refs, g: Tiling, scale: float):
     """Grid step (sequence, KV head, query block, key block). q_ref, o_ref [block_rows, head_dim]; k_ref, v_ref
     [block_k, head_dim]; `refs`: with g.state, the max and sum outputs [block_rows, 128]; then scratch m_ref, l_ref
     [block_rows, 128] (lane-replicated), acc_ref [block_rows, head_dim]. With g.state o_ref gets acc unnormalised."""
@@ -149,14 +164,15 @@ def _tpu_kernel(cursor_ref, starts_ref, q_ref, k_ref, v_ref, o_ref, *refs, g: _G
 
     @pl.when(k_block == 0)
     def _init():
-        m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        empty = empty_state((m_ref.shape[0],), acc_ref.shape[1])
+        m_ref[...] = jnp.broadcast_to(empty.max, m_ref.shape)
+        l_ref[...] = jnp.broadcast_to(empty.denom, l_ref.shape)
+        acc_ref[...] = empty.acc
 
     @pl.when((k_block >= first) & (k_block <= last))
     def _step():
-        carry = (m_ref[:, :1], l_ref[:, :1], acc_ref[...])
-        m, total, acc = _attend_tile(q_ref[...], k_ref[...], v_ref[...], carry, q_block, k_block, cursor, start,
+        state = SoftmaxState(m_ref[:, :1], l_ref[:, :1], acc_ref[...])
+        m, total, acc = _attend_tile(q_ref[...], k_ref[...], v_ref[...], state, q_block, k_block, cursor, start,
                                      (lo, hi), g, scale)
         m_ref[...] = jnp.broadcast_to(m, m_ref.shape)
         l_ref[...] = jnp.broadcast_to(total, l_ref.shape)
@@ -169,10 +185,10 @@ def _tpu_kernel(cursor_ref, starts_ref, q_ref, k_ref, v_ref, o_ref, *refs, g: _G
             o_ref[...] = acc_ref[...]
             m_out[...], l_out[...] = m_ref[...], l_ref[...]
         else:
-            o_ref[...] = _normalised(acc_ref[...], l_ref[:, :1]).astype(o_ref.dtype)
+            o_ref[...] = normalise(SoftmaxState(m_ref[:, :1], l_ref[:, :1], acc_ref[...])).astype(o_ref.dtype)
 
 
-def _gpu_kernel(cursor_ref, start_ref, q_ref, k_ref, v_ref, o_ref, *state_refs, g: _Geometry, scale: float):
+def _gpu_kernel(cursor_ref, start_ref, q_ref, k_ref, v_ref, o_ref, *state_refs, g: Tiling, scale: float):
     """Program (sequence, KV head, query block). q_ref, o_ref [block_rows, head_dim]; k_ref, v_ref [max_len,
     head_dim] of this KV head, read block by block only from the first to the last visible key block. With g.state,
     o_ref gets acc unnormalised and state_refs the max and sum [block_rows, 1]."""
@@ -181,23 +197,20 @@ def _gpu_kernel(cursor_ref, start_ref, q_ref, k_ref, v_ref, o_ref, *state_refs, 
     lo, hi, first, last = _visible_span(jnp, q_block, cursor, start, g)
     q = q_ref[...]
 
-    def body(k_block, carry):
+    def body(k_block, state):
         window = pl.ds(pl.multiple_of(k_block * g.block_k, g.block_k), g.block_k)
-        return _attend_tile(q, k_ref[window, :], v_ref[window, :], carry, q_block, k_block, cursor, start,
+        return _attend_tile(q, k_ref[window, :], v_ref[window, :], state, q_block, k_block, cursor, start,
                             (lo, hi), g, scale)
 
-    rows, head_dim = q_ref.shape
-    init = (jnp.full((rows, 1), MASK_VALUE, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
-            jnp.zeros((rows, head_dim), jnp.float32))
-    m, total, acc = lax.fori_loop(first, last + 1, body, init)
+    state = lax.fori_loop(first, last + 1, body, empty_state((q_ref.shape[0],), q_ref.shape[1]))
     if g.state:
         m_out, l_out = state_refs
-        o_ref[...], m_out[...], l_out[...] = acc, m, total
+        o_ref[...], m_out[...], l_out[...] = state.acc, state.max, state.denom
     else:
-        o_ref[...] = _normalised(acc, total).astype(o_ref.dtype)
+        o_ref[...] = normalise(state).astype(o_ref.dtype)
 
 
-def _cost(g: _Geometry, batch: int, kv_heads: int, q_blocks: int, head_dim: int, dtype, max_len: int
+def _cost(g: Tiling, batch: int, kv_heads: int, q_blocks: int, head_dim: int, dtype, max_len: int
           ) -> pl.CostEstimate:
     """What one pass ending at the cache's end (cursor = max_len - q_len, no left padding) visits: about half the
     square for a prefill, the filled cache for a decode step; K/V blocks are read once per visiting query block."""
@@ -211,7 +224,7 @@ def _cost(g: _Geometry, batch: int, kv_heads: int, q_blocks: int, head_dim: int,
                            bytes_accessed=2 * g.block_k * head_dim * itemsize * tiles + q_and_out)
 
 
-def _out_shapes(g: _Geometry, rows: jax.Array, lanes: int) -> list[jax.ShapeDtypeStruct]:
+def _out_shapes(g: Tiling, rows: jax.Array, lanes: int) -> list[jax.ShapeDtypeStruct]:
     """The output shaped like rows; with g.state, float32 and followed by the max and sum [.., total_rows, lanes]."""
     if not g.state:
         return [jax.ShapeDtypeStruct(rows.shape, rows.dtype)]
@@ -219,7 +232,7 @@ def _out_shapes(g: _Geometry, rows: jax.Array, lanes: int) -> list[jax.ShapeDtyp
     return [jax.ShapeDtypeStruct(rows.shape, jnp.float32), stat, stat]
 
 
-def _tpu_call(g: _Geometry, rows: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array,
+def _tpu_call(g: Tiling, rows: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array,
               interpret, cost: pl.CostEstimate) -> list[jax.Array]:
     """rows [batch, kv_heads, q_blocks * block_rows, head_dim]; k, v [batch, kv_heads, k_blocks * block_k,
     head_dim] -> [out shaped like rows] (+ max, sum [batch, kv_heads, total_rows, 128] with g.state)."""
@@ -246,7 +259,7 @@ def _tpu_call(g: _Geometry, rows: jax.Array, k: jax.Array, v: jax.Array, cursor:
     )(cursor.reshape(1), starts, rows, k, v)
 
 
-def _gpu_call(g: _Geometry, rows: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array,
+def _gpu_call(g: Tiling, rows: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array,
               interpret, cost: pl.CostEstimate) -> jax.Array:
     """Same arguments and result as `_tpu_call` (max and sum [.., total_rows, 1]); one program per query block."""
     batch, kv_heads, total_rows, head_dim = rows.shape
@@ -271,11 +284,11 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _blocks(backend: str, compiled: bool, q_len: int, group: int, max_len: int, block_rows: int | None,
-            block_k: int | None) -> tuple[int, int]:
+def choose_blocks(backend: str, compiled: bool, q_len: int, group: int, max_len: int, blocks: Blocks) -> Blocks:
     """Block sizes: the caller's, else the defaults of the backend's pass, shrunk to a small problem. Compiled
     blocks follow the backend's rules (interpret mode takes any): TPU rows a multiple of 16 (bf16 sublane tiles) and
     key blocks of 128 (lanes); Triton powers of two, rows at least 16 (the MMA's smallest M)."""
+    block_rows, block_k = blocks.rows, blocks.k
     kind = "tpu" if backend == "tpu" else "gpu"
     rows_default, k_default = (DECODE_BLOCKS if q_len == 1 else PREFILL_BLOCKS)[kind]
     if kind == "gpu":
@@ -295,11 +308,11 @@ def _blocks(backend: str, compiled: bool, q_len: int, group: int, max_len: int, 
     power_of_two = lambda n: n & (n - 1) == 0
     if compiled and kind == "gpu" and not (power_of_two(block_rows) and power_of_two(block_k) and block_rows >= 16):
         raise ValueError(f"block_rows, block_k: Triton needs powers of two, rows >= 16, got {block_rows}, {block_k}")
-    return block_rows, block_k
+    return Blocks(block_rows, block_k)
 
 
-def _check(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array, backend: str,
-           sliding_window: int | None, shard: bool = False) -> None:
+def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array, backend: str,
+                 sliding_window: int | None, shard: bool = False) -> None:
     """ValueError naming the argument and its shape for anything the kernel cannot take."""
     if q.ndim != 4:
         raise ValueError(f"q: expected [batch, q_len, heads, head_dim], got shape {q.shape}")
@@ -317,30 +330,28 @@ def _check(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: 
         raise ValueError(f"cursor: expected an integer scalar, got shape {jnp.shape(cursor)}")
     if jnp.shape(starts) != (batch,) or not jnp.issubdtype(jnp.result_type(starts), jnp.integer):
         raise ValueError(f"starts: expected integers [batch={batch}], got shape {jnp.shape(starts)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
     if backend == "gpu" and head_dim & (head_dim - 1):
         raise ValueError(f"q: Triton needs a power-of-two head_dim, got shape {q.shape}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window: expected a positive size or None, got {sliding_window}")
 
 
-@functools.partial(jax.jit, static_argnames=("sliding_window", "backend", "interpret", "block_rows", "block_k",
-                                             "state"))
+@functools.partial(jax.jit, static_argnames=("sliding_window", "backend", "interpret", "blocks", "state"))
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array, *,
-               sliding_window: int | None, backend: str, interpret, block_rows: int, block_k: int, state: bool = False
-               ) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array]:
+               sliding_window: int | None, backend: str, interpret, blocks: Blocks, state: bool = False
+               ) -> jax.Array | SoftmaxState:
     """The shared wrapper: group and pad the rows, pad the cache to whole key blocks, call the backend's kernel,
     drop the padding. Arguments as `flash_attention`, backend resolved; `state`: as `flash_attention_state`, with
     cursor and starts already in the cache's own slot numbers."""
     batch, q_len, heads, head_dim = q.shape
     kv_heads, max_len = k.shape[1], k.shape[2]
     group = heads // kv_heads
+    block_rows, block_k = blocks.rows, blocks.k
     length = _round_up(max_len, block_k)
     if length != max_len:  # copies the cache: real caches should be whole key blocks
         pad = ((0, 0), (0, 0), (0, length - max_len), (0, 0))
         k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-    g = _Geometry(group, q_len, block_rows, block_k, length // block_k, sliding_window, max_len, state)
+    g = Tiling(group, q_len, block_rows, block_k, length // block_k, sliding_window, max_len, state)
     rows = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
     rows = rows.reshape(batch, kv_heads, q_len * group, head_dim)  # row r = (query r // group, head r % group)
     total_rows = _round_up(q_len * group, block_rows)
@@ -356,25 +367,23 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, star
     # [batch, kv_heads, rows, lanes] -> [batch, q_len, 1, heads]: one part per query, G = all heads
     m, total = (x[:, :, : q_len * group, 0].reshape(batch, kv_heads, q_len, group).transpose(0, 2, 1, 3)
                 .reshape(batch, q_len, 1, heads) for x in stats)
-    return m, total, out[:, :, None]
+    return SoftmaxState(m, total, out[:, :, None])
 
 
-def _settings(q, k, v, cursor, starts, sliding_window, backend, interpret, block_rows, block_k, *, shard: bool):
+def _settings(q, k, v, cursor, starts, sliding_window, backend, interpret, blocks, *, shard: bool):
     """Checked inputs, then the backend, interpret flag and blocks of a call (`flash_attention`'s options)."""
-    backend = backend if backend is not None else platform()
-    _check(q, k, v, cursor, starts, backend, sliding_window, shard=shard)
-    if interpret is None:
-        interpret = backend == "cpu"
-    elif backend == "cpu" and interpret is False:
-        raise ValueError("interpret: Pallas only interprets on backend 'cpu'; got interpret=False")
+    if blocks is not None and not isinstance(blocks, Blocks):
+        raise ValueError(f"blocks: expected a flash_attention.Blocks or None, got {blocks!r}")
+    backend, interpret = resolve_backend(backend, interpret, BACKENDS)
+    check_inputs(q, k, v, cursor, starts, backend, sliding_window, shard=shard)
     q_len, group, max_len = q.shape[1], q.shape[2] // k.shape[1], k.shape[2]
-    block_rows, block_k = _blocks(backend, interpret is False, q_len, group, max_len, block_rows, block_k)
-    return backend, interpret, block_rows, block_k
+    blocks = choose_blocks(backend, interpret is False, q_len, group, max_len, blocks or Blocks())
+    return backend, interpret, blocks
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array, *,
                     sliding_window: int | None = None, backend: str | None = None, interpret=None,
-                    block_rows: int | None = None, block_k: int | None = None) -> jax.Array:
+                    blocks: Blocks | None = None) -> jax.Array:
     """Attention of new queries over a slot-addressed cache, reading only the key blocks they can see.
 
     q [batch, q_len, heads, head_dim] (query i at slot cursor + i, RoPE applied); k, v [batch, kv_heads, max_len,
@@ -382,47 +391,52 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array,
     [batch] (first real slot of each sequence). Returns [batch, q_len, heads, head_dim] in q's dtype.
 
     backend: "tpu" (Mosaic kernel), "gpu" (Triton kernel) or "cpu" (the loop kernel, interpreted); None means
-    zipjax.kernels.common.platform(). interpret: None (True on "cpu", else False), True, or a TPU
-    `pltpu.InterpretParams` to run the TPU kernel under the TPU interpreter. Blocks default per backend and pass
-    (q_len 1 is a decode step); block_rows counts (query, group head) rows."""
-    backend, interpret, block_rows, block_k = _settings(q, k, v, cursor, starts, sliding_window, backend, interpret,
-                                                        block_rows, block_k, shard=False)
-    return _attention(q, k, v, cursor, starts, sliding_window=sliding_window, backend=backend,
-                      interpret=interpret, block_rows=block_rows, block_k=block_k)
+    zipjax.kernels.common.platform() (`resolve_backend`). interpret: None (True on "cpu", else False), True, or a TPU
+    `pltpu.InterpretParams` to run the TPU kernel under the TPU interpreter. blocks: a `Blocks` (None: the
+    backend's defaults per pass, q_len 1 being a decode step; its rows count (query, group head) rows)."""
+    with jax.named_scope("flash_attention"):
+        backend, interpret, blocks = _settings(q, k, v, cursor, starts, sliding_window, backend, interpret, blocks,
+                                               shard=False)
+        return _attention(q, k, v, cursor, starts, sliding_window=sliding_window, backend=backend,
+                          interpret=interpret, blocks=blocks)
 
 
 def flash_attention_state(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array,
                           first_slot: jax.Array | int = 0, *, sliding_window: int | None = None,
-                          backend: str | None = None, interpret=None, block_rows: int | None = None,
-                          block_k: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                          backend: str | None = None, interpret=None, blocks: Blocks | None = None) -> SoftmaxState:
     """The partial softmax state of `flash_attention` over part of the cache: k, v [batch, kv_heads, n, head_dim]
     hold cache slots first_slot .. first_slot + n - 1 (one sequence shard of a cache split by sequence), cursor and
     starts are in the whole cache's slot numbers, and every rule of the mask (starts, cursor + i, the window) holds
-    as in the whole cache; queries may lie past the part's last slot. Returns float32 m, l [batch, q_len, 1, heads]
-    (running max and sum) and acc [batch, q_len, 1, heads, head_dim] (unnormalised output): the shape of
-    zipjax.kernels.common.combine's states, so the parts' states combine exactly (across a mesh axis inside a
-    shard_map with its `axis_name`). Options as `flash_attention`."""
-    backend, interpret, block_rows, block_k = _settings(q, k, v, cursor, starts, sliding_window, backend, interpret,
-                                                        block_rows, block_k, shard=True)
-    # the mask is invariant under a shift of every slot: the kernel sees the part's own slot numbers
-    first_slot = jnp.asarray(first_slot, jnp.int32)
-    return _attention(q, k, v, jnp.asarray(cursor, jnp.int32) - first_slot, jnp.asarray(starts, jnp.int32) - first_slot,
-                      sliding_window=sliding_window, backend=backend, interpret=interpret, block_rows=block_rows,
-                      block_k=block_k, state=True)
+    as in the whole cache; queries may lie past the part's last slot. Returns the `SoftmaxState` float32 max, denom
+    [batch, q_len, 1, heads] and acc [batch, q_len, 1, heads, head_dim] (unnormalised output): the layout of
+    zipjax.kernels.common.merge_states, so the parts' states combine exactly (across a mesh axis inside a shard_map
+    with its `axis_name`). Options as `flash_attention`."""
+    with jax.named_scope("flash_attention_state"):
+        backend, interpret, blocks = _settings(q, k, v, cursor, starts, sliding_window, backend, interpret, blocks,
+                                               shard=True)
+        # the mask is invariant under a shift of every slot: the kernel sees the part's own slot numbers
+        first_slot = jnp.asarray(first_slot, jnp.int32)
+        return _attention(q, k, v, jnp.asarray(cursor, jnp.int32) - first_slot,
+                          jnp.asarray(starts, jnp.int32) - first_slot, sliding_window=sliding_window, backend=backend,
+                          interpret=interpret, blocks=blocks, state=True)
 
 
-def flash_prefill(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array,
-                  **options) -> jax.Array:
+def flash_prefill(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array, *,
+                  sliding_window: int | None = None, backend: str | None = None, interpret=None,
+                  blocks: Blocks | None = None) -> jax.Array:
     """The prompt pass (q_len > 1): `flash_attention` with the backend's prefill blocks."""
     if q.ndim != 4 or q.shape[1] < 2:
         raise ValueError(f"q: a prefill takes [batch, q_len > 1, heads, head_dim], got shape {q.shape}")
-    return flash_attention(q, k, v, cursor, starts, **options)
+    return flash_attention(q, k, v, cursor, starts, sliding_window=sliding_window, backend=backend,
+                           interpret=interpret, blocks=blocks)
 
 
-def flash_decode(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array,
-                 **options) -> jax.Array:
+def flash_decode(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array, *,
+                 sliding_window: int | None = None, backend: str | None = None, interpret=None,
+                 blocks: Blocks | None = None) -> jax.Array:
     """One decode step (q_len 1): `flash_attention` with the group's rows as the query block, reading only slots
     up to cursor."""
     if q.ndim != 4 or q.shape[1] != 1:
         raise ValueError(f"q: a decode step takes [batch, 1, heads, head_dim], got shape {q.shape}")
-    return flash_attention(q, k, v, cursor, starts, **options)
+    return flash_attention(q, k, v, cursor, starts, sliding_window=sliding_window, backend=backend,
+                           interpret=interpret, blocks=blocks)

@@ -36,17 +36,19 @@ side rows per tile, the statistics once per KV head); Triton reads float16 direc
 (Mosaic's fp32 contraction; 3-pass TF32 on Triton, which keeps the tensor cores). `cost_estimate` counts the
 kernel's contractions and the bytes it reads and writes.
 
-`segment_attention_on_backend` compiles for `zipjax.kernels.common.platform()` ("tpu": Mosaic, "gpu": Triton) and
-interprets the TPU form on "cpu". `reference` is the same computation in plain jax.numpy (dequantize, then attend
-with the shared grouped scores and softmax); the kernel is tested against it in interpret mode (both forms) and
-with the TPU interpreter, and compiled ahead of time for TPU v5e / v6e and an H100 (tests/test_aot_quantized.py).
-Imports: jax and the kernels' leaf only.
+`segment_attention` takes the segment as one `PackedSegment` record and follows the kernels' wrapper convention
+(`backend=None, interpret=None, blocks=None`): by default it compiles for `zipjax.kernels.common.platform()` ("tpu":
+Mosaic, "gpu": Triton) and interprets the TPU form on "cpu"; it returns the shared `SoftmaxState`. `reference` is
+the same computation in plain jax.numpy (dequantize, then attend with the shared grouped scores and softmax); the
+kernel is tested against it in interpret mode (both forms) and with the TPU interpreter, and compiled ahead of time
+for TPU v5e / v6e and an H100 (tests/test_aot_quantized.py). Imports: jax and the kernels' leaf only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,12 +59,14 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
 from zipjax.kernels.common import (  # noqa: F401  (combine, merge: this kernel's states, re-exported)
     MASK_VALUE,
+    SoftmaxState,
     combine,
+    empty_state,
     grouped_scores,
     grouped_values,
     masked_softmax,
     merge,
-    platform,
+    resolve_backend,
     unpack,
     visible_slots,
 )
@@ -73,6 +77,35 @@ TPU_LANES = 128  # a TPU tile with tokens on lanes is a multiple of this, or the
 TPU_MAX_TILE = 512
 GPU_TILE = 128  # at most; a power of two (Triton) no longer than the segment
 GPU_MIN_TILE = 16  # Triton dots need at least 16 columns
+
+
+class PackedSegment(NamedTuple):
+    """One precision's segment of a quantized cache as the kernel reads it, [batch, kv_heads, blocks * block, ...]
+    (a pytree: it goes through jit and shard_map whole). k_codes, v_codes: uint8 [..., tokens, d * bits / 8];
+    k_step, k_min (channel-wise keys) and v_scale (CST, or None): [..., blocks, d]; v_step, v_min (token-wise values):
+    [..., tokens, d / group]; slots: int [..., tokens], the cache slot of each token (-1: empty)."""
+
+    k_codes: jax.Array
+    k_step: jax.Array
+    k_min: jax.Array
+    v_codes: jax.Array
+    v_step: jax.Array
+    v_min: jax.Array
+    v_scale: jax.Array | None
+    slots: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """The kernel's tunable block size (jax's `BlockSizes`): `tile` tokens per program; None takes the backend's
+    choice (`choose_tiling`). Checked against the segment once known: at most its length; compiled for TPU a
+    multiple of 128 or the whole segment, for GPU a power of two >= 16."""
+
+    tile: int | None = None
+
+    def __post_init__(self):
+        if self.tile is not None and (not isinstance(self.tile, int) or isinstance(self.tile, bool) or self.tile < 1):
+            raise ValueError(f"blocks.tile: expected a positive int or None, got {self.tile!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,19 +176,32 @@ class Tiling:
 
 
 def choose_tiling(backend: str, bits: int, head_dim: int, group: int, block: int, length: int, heads_per_kv: int,
-                  cst: bool, compiled: bool) -> Tiling:
+                  cst: bool, compiled: bool, tile: int | None = None) -> Tiling:
     """TPU: a multiple of 128 tokens near the block size, at most 512 (a tile meets fewer blocks, so fewer key
     passes), or the whole segment when it is shorter than 128. GPU: 128 tokens, or the largest power of two that
-    fits in the segment; the G query rows padded to a power of two."""
+    fits in the segment; the G query rows padded to a power of two. `tile` (from `Blocks`) overrides the tokens per
+    program."""
+    if tile is not None:
+        _check_tile(backend, tile, length, compiled)
     if backend == "tpu":
         near_block = int(np.clip(block // TPU_LANES, 1, TPU_MAX_TILE // TPU_LANES)) * TPU_LANES
-        tile = length if length <= TPU_LANES else near_block
+        tile = tile or (length if length <= TPU_LANES else near_block)
         rows, precision = heads_per_kv, lax.Precision.HIGHEST
     else:
-        tile = min(GPU_TILE, 1 << (length.bit_length() - 1))
+        tile = tile or min(GPU_TILE, 1 << (length.bit_length() - 1))
         rows = 1 << (heads_per_kv - 1).bit_length()
         precision = lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if compiled else lax.Precision.HIGHEST
     return Tiling(backend, bits, head_dim, group, block, length, tile, rows, cst, precision)
+
+
+def _check_tile(backend: str, tile: int, length: int, compiled: bool) -> None:
+    """ValueError unless `tile` tokens per program fit a segment of `length` tokens and the compiler's rules."""
+    if tile > length:
+        raise ValueError(f"blocks.tile {tile} exceeds the segment's {length} tokens")
+    if compiled and backend == "tpu" and tile % TPU_LANES and tile != length:
+        raise ValueError(f"blocks.tile {tile}: Mosaic needs a multiple of {TPU_LANES} or the whole segment ({length})")
+    if backend == "gpu" and (tile & (tile - 1) or tile < GPU_MIN_TILE):
+        raise ValueError(f"blocks.tile {tile}: Triton needs a power of two >= {GPU_MIN_TILE}")
 
 
 def _planes(codes_ref, t: Tiling) -> list[jax.Array]:
@@ -267,7 +313,10 @@ def _kernel(q_ref, kc_ref, vc_ref, side_ref, *refs, t: Tiling):
     """One (sequence, KV head, tile). q_ref [rows, d] float32; kc_ref, vc_ref uint8 [width, tile] or [tile, width];
     side_ref [1 + 2 groups, tile]; then in `refs`: the key step, key min (and CST scale) refs [blocks, d]; m, l
     [rows, 1] and acc [rows, d], the tile's state (GPU) or the running state over the tiles of the KV head (TPU:
-    the output block stays in VMEM along the sequential tile axis); on TPU, the scratch of `_decoded`."""
+    the output block stays in VMEM along the sequential tile axis); on TPU, the scratch of `_decoded`.
+
+    This is the online-softmax step of zipjax.kernels.common (same mask value, same empty state, same rescale)
+    written out, because acc is updated plane by plane in column slices (nothing is concatenated in a kernel)."""
     stat_refs, (m_ref, l_ref, acc_ref), scratch = refs[:t.stats], refs[t.stats:t.stats + 3], refs[t.stats + 3:]
     side_ref, stat_refs = _decoded(side_ref, stat_refs, scratch, t)
     ks_ref, km_ref, cs_ref = (*stat_refs, None)[:3]
@@ -280,9 +329,7 @@ def _kernel(q_ref, kc_ref, vc_ref, side_ref, *refs, t: Tiling):
     if t.accumulates:
         @pl.when(i == 0)
         def _start():
-            m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
-            l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-            acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+            m_ref[...], l_ref[...], acc_ref[...] = empty_state((t.rows,), t.head_dim)
 
         m = jnp.maximum(m_ref[...], m)
         rescale = jnp.exp(m_ref[...] - m)
@@ -361,9 +408,11 @@ def _compiler_params(t: Tiling):
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
-def check_segment(q, k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, slots, q_slot, starts, *, bits: int,
-                  block: int, group: int | None, backend: str) -> None:
+def check_inputs(q, segment: PackedSegment, q_slot, starts, *, bits: int, block: int, group: int | None,
+                  backend: str) -> None:
     """ValueError naming the argument and its shape unless the segment is what `segment_attention` reads."""
+    if not isinstance(segment, PackedSegment):
+        raise ValueError(f"segment: expected a PackedSegment, got {type(segment).__name__}")
     if bits not in BITS or backend not in BACKENDS:
         raise ValueError(f"bits must be one of {BITS} and backend one of {BACKENDS}, got {bits}, {backend!r}")
     if q.ndim != 4 or not jnp.issubdtype(q.dtype, jnp.floating):
@@ -372,6 +421,7 @@ def check_segment(q, k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, sl
     g = group or d
     if d % g or d * bits % 8:
         raise ValueError(f"head_dim {d} (q {q.shape}) must be a multiple of group {g} and of {8 // bits} codes a byte")
+    k_codes = segment.k_codes
     if k_codes.ndim != 4 or block < 1 or k_codes.shape[2] % block:
         raise ValueError(f"k_codes must be [batch, kv_heads, blocks * {block}, width], got shape {k_codes.shape}")
     length = k_codes.shape[2]
@@ -379,12 +429,13 @@ def check_segment(q, k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, sl
         raise ValueError(f"the GPU kernel needs >= {GPU_MIN_TILE} tokens, k_codes has shape {k_codes.shape}")
     codes, per_block = (batch, kv_heads, length, d * bits // 8), (batch, kv_heads, length // block, d)
     per_token = (*codes[:3], d // g)
-    expected = dict(k_codes=(k_codes, codes, "uint8"), v_codes=(v_codes, codes, "uint8"),
-                    k_step=(k_step, per_block, "float"), k_min=(k_min, per_block, "float"),
-                    v_step=(v_step, per_token, "float"), v_min=(v_min, per_token, "float"),
-                    v_scale=(v_scale, per_block, "float"), slots=(slots, codes[:3], "int"),
-                    q_slot=(q_slot, (), "int"), starts=(starts, (batch,), "int"))
-    for name, (array, shape, kind) in expected.items():
+    expected = dict(k_codes=(codes, "uint8"), v_codes=(codes, "uint8"), k_step=(per_block, "float"),
+                    k_min=(per_block, "float"), v_step=(per_token, "float"), v_min=(per_token, "float"),
+                    v_scale=(per_block, "float"), slots=(codes[:3], "int"))
+    arrays = {**segment._asdict(), "q_slot": q_slot, "starts": starts}
+    expected.update(q_slot=((), "int"), starts=((batch,), "int"))
+    for name, (shape, kind) in expected.items():
+        array = arrays[name]
         if array is None and name == "v_scale":
             continue
         dtype = jnp.result_type(array)
@@ -393,26 +444,16 @@ def check_segment(q, k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, sl
                              f"group {group}), got {dtype} {tuple(jnp.shape(array))}")
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "block", "group", "sliding_window", "backend", "interpret"))
-def segment_attention(q: jax.Array, k_codes: jax.Array, k_step: jax.Array, k_min: jax.Array, v_codes: jax.Array,
-                      v_step: jax.Array, v_min: jax.Array, v_scale: jax.Array | None, slots: jax.Array,
-                      q_slot: jax.Array, starts: jax.Array, *, bits: int, block: int, group: int | None = None,
-                      sliding_window: int | None = None, backend: str = "tpu", interpret=False
-                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Partial attention states of one decode query per sequence over a quantized segment.
-
-    q: [batch, kv_heads, G, d] (the G query heads of each KV head); k_codes, v_codes: uint8 [batch, kv_heads,
-    blocks * block, d * bits / 8]; k_step, k_min, v_scale: [batch, kv_heads, blocks, d]; v_step, v_min: [batch,
-    kv_heads, blocks * block, d / group]; slots: int [batch, kv_heads, blocks * block] (-1: empty); q_slot: int32 [];
-    starts: int32 [batch]. backend: whose kernel ("tpu": Mosaic, "gpu": Triton); interpret: run it on the CPU
-    (True or pltpu.InterpretParams()). Returns m, l float32 [batch, kv_heads, parts, G] and acc [batch, kv_heads,
-    parts, G, d]: partial states, one per KV head (TPU) or per tile of the segment (GPU), merged by `combine`.
-    """
-    check_segment(q, k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, slots, q_slot, starts, bits=bits,
-                  block=block, group=group, backend=backend)
+@functools.partial(jax.jit, static_argnames=("bits", "block", "group", "sliding_window", "backend", "interpret",
+                                             "blocks"))
+def _segment_attention(q: jax.Array, segment: PackedSegment, q_slot: jax.Array, starts: jax.Array, *, bits: int,
+                       block: int, group: int | None, sliding_window: int | None, backend: str, interpret,
+                       blocks: Blocks) -> SoftmaxState:
+    """`segment_attention`, its backend and interpret resolved and its inputs checked."""
     batch, kv_heads, heads_per_kv, d = q.shape
+    k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, slots = segment
     t = choose_tiling(backend, bits, d, group or d, block, k_codes.shape[2], heads_per_kv, v_scale is not None,
-                      compiled=not interpret)
+                      compiled=not interpret, tile=blocks.tile)
     loadable = lambda x: _loadable(x.astype(jnp.float16), backend)
     side = loadable(_token_side(v_step, v_min, slots, q_slot, starts, sliding_window))
     block_stats = [loadable(x) for x in (k_step, k_min, v_scale) if x is not None]  # [b, h, blocks, d]
@@ -433,23 +474,41 @@ def segment_attention(q: jax.Array, k_codes: jax.Array, k_step: jax.Array, k_min
         compiler_params=_compiler_params(t),
         cost_estimate=_cost(t, batch, kv_heads, inputs),
         interpret=interpret,
+        name="segment_attention",
     )(*inputs)
-    return m[..., :heads_per_kv, 0], total[..., :heads_per_kv, 0], acc[..., :heads_per_kv, :]
+    return SoftmaxState(m[..., :heads_per_kv, 0], total[..., :heads_per_kv, 0], acc[..., :heads_per_kv, :])
 
 
-def segment_attention_on_backend(*args, **kwargs) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`segment_attention` for the platform being traced for (`zipjax.kernels.common.platform()`, which zipjax.aot
-    sets while compiling ahead of time): compiled with Mosaic on "tpu" and Triton on "gpu", the TPU form
-    interpreted on "cpu", where Pallas only interprets."""
-    target = platform()
-    compiled = target in BACKENDS
-    return segment_attention(*args, **kwargs, backend=target if compiled else "tpu", interpret=not compiled)
+def segment_attention(q: jax.Array, segment: PackedSegment, q_slot: jax.Array, starts: jax.Array, *, bits: int,
+                      block: int, group: int | None = None, sliding_window: int | None = None,
+                      backend: str | None = None, interpret=None, blocks: Blocks | None = None) -> SoftmaxState:
+    """Partial attention states of one decode query per sequence over a quantized segment.
+
+    q: [batch, kv_heads, G, d] (the G query heads of each KV head); segment: the `PackedSegment` of `bits`-bit codes
+    in blocks of `block` tokens, values in groups of `group` channels (None: the whole head); q_slot: int32 [];
+    starts: int32 [batch]. backend: whose kernel ("tpu": Mosaic, "gpu": Triton); None is the platform being traced
+    for (on "cpu" the TPU form, interpreted). interpret: None (True on "cpu", else False), True, or
+    pltpu.InterpretParams(). blocks: a `Blocks` (None: `choose_tiling`'s tile). Returns the `SoftmaxState` max, denom
+    float32 [batch, kv_heads, parts, G] and acc [batch, kv_heads, parts, G, d]: one state per KV head (TPU) or per
+    tile of the segment (GPU), merged by `combine`.
+    """
+    with jax.named_scope("segment_attention"):
+        if blocks is not None and not isinstance(blocks, Blocks):
+            raise ValueError(f"blocks: expected a quantized_attention.Blocks or None, got {blocks!r}")
+        backend, interpret = resolve_backend(backend, interpret, BACKENDS)
+        check_inputs(q, segment, q_slot, starts, bits=bits, block=block, group=group, backend=backend)
+        blocks = blocks or Blocks()
+        if blocks.tile is not None:
+            _check_tile(backend, blocks.tile, segment.k_codes.shape[2], not interpret)
+        return _segment_attention(q, segment, q_slot, starts, bits=bits, block=block, group=group,
+                                  sliding_window=sliding_window, backend=backend, interpret=interpret, blocks=blocks)
 
 
-def dequantize_segment(k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, *, bits: int, block: int,
-                       group: int | None = None) -> tuple[jax.Array, jax.Array]:
+def dequantize_segment(segment: PackedSegment, *, bits: int, block: int, group: int | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
     """The segment's keys and values, float32 [batch, kv_heads, blocks * block, d] (reference only; it unpacks with
     the codec's `unpack`, independently of the kernel's in-register unpacking)."""
+    k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, _ = segment
     k = unpack(k_codes, bits).astype(jnp.float32)
     d = k.shape[-1]
     per_token = lambda x: jnp.repeat(x.astype(jnp.float32), block, axis=2)  # [.., blocks, d] -> per token
@@ -462,11 +521,10 @@ def dequantize_segment(k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, 
     return k, v
 
 
-def reference(q, k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, slots, q_slot, starts, *, bits: int,
-              block: int, group: int | None = None, sliding_window: int | None = None) -> jax.Array:
+def reference(q: jax.Array, segment: PackedSegment, q_slot: jax.Array, starts: jax.Array, *, bits: int, block: int,
+              group: int | None = None, sliding_window: int | None = None) -> jax.Array:
     """Dequantize, then softmax attention: [batch, kv_heads, G, d] for a segment alone."""
-    k, v = dequantize_segment(k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, bits=bits, block=block,
-                              group=group)
-    visible = visible_slots(slots, q_slot, starts[:, None, None], sliding_window)[:, :, None, None, :]
+    k, v = dequantize_segment(segment, bits=bits, block=block, group=group)
+    visible = visible_slots(segment.slots, q_slot, starts[:, None, None], sliding_window)[:, :, None, None, :]
     probs = masked_softmax(grouped_scores(q[:, :, :, None].astype(jnp.float32), k), visible) * visible
     return grouped_values(probs, v)[:, :, :, 0]

@@ -26,8 +26,10 @@ online-softmax step, because Mosaic (TPU) and Triton (GPU) want different shapes
 
 `reference` below is the same computation in plain jax.numpy (the shared grouped attention of
 zipjax.kernels.common); the kernel is tested against it in interpret mode (and with the TPU interpreter), and
-compiled ahead of time for TPU v5e / v6e and an H100 (tests/test_aot_zipar.py). `zipar_attention` chooses by
-`zipjax.kernels.common.platform()`: the compiled kernel on TPU and GPU, the interpreted one on CPU.
+compiled ahead of time for TPU v5e / v6e and an H100 (tests/test_aot_zipar.py). `zipar_attention` follows the
+kernels' wrapper convention (`backend=None, interpret=None, blocks=None`): by default the platform being traced for
+(`zipjax.kernels.common.platform()`), compiled on TPU and GPU, the TPU form interpreted on CPU. Whether the kernel or
+the reference runs at all is the caller's choice (zipjax.zipar.cache, by the library's kernel policy).
 """
 
 from __future__ import annotations
@@ -40,12 +42,35 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
-from zipjax.kernels.common import MASK_VALUE, grouped_attention, platform
+from zipjax.kernels.common import (
+    SoftmaxState,
+    empty_state,
+    grouped_attention,
+    merge_states,
+    normalise,
+    online_softmax_step,
+    resolve_backend,
+    tile_scores,
+)
 
+BACKENDS = ("tpu", "gpu")
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-_TPU_BLOCK_K = 512  # slots per KV block on TPU (a multiple of 128)
-_GPU_BLOCK_K = 64  # slots per KV block on GPU (a power of two)
+TPU_BLOCK_K = 512  # slots per KV block on TPU (a multiple of 128)
+GPU_BLOCK_K = 64  # slots per KV block on GPU (a power of two)
 _GPU_PROGRAMS = 128  # split-K aims at about one program per H100 SM (132)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """The kernel's tunable block size (jax's `BlockSizes`): `k` KV slots per block; None takes the backend's
+    default (512 on TPU, 64 on GPU). The backend's rule is checked when it is known (TPU: a multiple of 128; GPU: a
+    power of two >= 16)."""
+
+    k: int | None = None
+
+    def __post_init__(self):
+        if self.k is not None and (not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1):
+            raise ValueError(f"blocks.k: expected a positive int or None, got {self.k!r}")
 
 
 def reference(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, written: jax.Array,
@@ -62,25 +87,15 @@ def reference(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, writ
 # shared by both bodies
 
 
-def _softmax_step(q, k, v, visible, row_max, denom, acc, *, scale: float):
-    """One KV block of online softmax. q [rows, head_dim]; k, v [block_k, head_dim]; visible bool [rows, block_k];
-    state: row_max, denom float32 [rows, 1] (running max and denominator), acc float32 [rows, head_dim]. Returns the
-    next state.
-
-    Hidden scores are -inf while the running max starts at the finite MASK_VALUE, so a hidden key weighs exactly 0
-    and a row that sees nothing keeps denom = 0 and acc = 0 (finalised to 0, never NaN)."""
-    scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(visible, scores, -jnp.inf)  # [rows, block_k]
-    next_max = jnp.maximum(row_max, jnp.max(scores, axis=1, keepdims=True))
-    correction = jnp.exp(row_max - next_max)
-    p = jnp.exp(scores - next_max)
-    denom = denom * correction + jnp.sum(p, axis=1, keepdims=True)
-    acc = acc * correction + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return next_max, denom, acc
+def _softmax_step(q, k, v, visible, state: SoftmaxState, scale: float) -> SoftmaxState:
+    """One KV block of the shared online softmax. q [rows, head_dim]; k, v [block_k, head_dim]; visible bool [rows,
+    block_k]; state: max, denom float32 [rows, 1], acc float32 [rows, head_dim]. A row that sees nothing keeps
+    denom = 0 and acc = 0 (finalised to 0, never NaN)."""
+    return online_softmax_step(state, tile_scores(q, k, scale), visible, v)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class Tiling:
     """Static sizes of one call."""
 
     batch: int
@@ -98,7 +113,7 @@ class _Plan:
         return self.heads // self.kv_heads
 
 
-def _check_inputs(q, k, v, q_slots, written, starts) -> None:
+def check_inputs(q, k, v, q_slots, written, starts) -> None:
     """ValueError naming the argument whose shape or dtype does not fit the others."""
     if q.ndim != 4 or k.ndim != 4:
         raise ValueError(f"q and k must be 4-D, got q {q.shape}, k {k.shape}")
@@ -121,31 +136,32 @@ def _check_inputs(q, k, v, q_slots, written, starts) -> None:
         raise ValueError(f"written has dtype {written.dtype} {written.shape}; it must be bool")
 
 
-def _plan(q: jax.Array, k: jax.Array, backend: str, block_k: int | None) -> _Plan:
+def choose_tiling(q: jax.Array, k: jax.Array, backend: str, blocks: Blocks) -> Tiling:
     """Legal block sizes. TPU: rows a multiple of the sublane tile (16 for bf16, 8 for float32), KV blocks a multiple
     of 128 slots (or the whole cache when it is shorter). GPU: rows and KV blocks powers of two, rows >= 16 for the
     MMA (the wrapper pads the cache to a whole number of blocks)."""
     batch, q_len, heads, head_dim = q.shape
     kv_heads, max_len = k.shape[1], k.shape[2]
     needed = q_len * (heads // kv_heads)
+    block_k = blocks.k
     if backend == "tpu":
-        block_k = block_k or _TPU_BLOCK_K
+        block_k = block_k or TPU_BLOCK_K
         if block_k % 128:
             raise ValueError(f"block_k {block_k} must be a multiple of 128 on TPU")
         block_k = min(block_k, max_len)
         tile = 16 if q.dtype == jnp.bfloat16 else 8
         rows = pl.cdiv(needed, tile) * tile
     elif backend == "gpu":
-        block_k = block_k or _GPU_BLOCK_K
+        block_k = block_k or GPU_BLOCK_K
         if block_k < 16 or block_k & (block_k - 1):
             raise ValueError(f"block_k {block_k} must be a power of two >= 16 on GPU")
         rows = max(16, 1 << (needed - 1).bit_length())
     else:
         raise ValueError(f"backend must be 'tpu' or 'gpu', got {backend!r}")
-    return _Plan(batch, q_len, heads, kv_heads, head_dim, max_len, rows, block_k, pl.cdiv(max_len, block_k))
+    return Tiling(batch, q_len, heads, kv_heads, head_dim, max_len, rows, block_k, pl.cdiv(max_len, block_k))
 
 
-def _group_rows(q: jax.Array, q_slots: jax.Array, plan: _Plan) -> tuple[jax.Array, jax.Array]:
+def _group_rows(q: jax.Array, q_slots: jax.Array, plan: Tiling) -> tuple[jax.Array, jax.Array]:
     """q [batch, q_len, heads, head_dim] -> [batch, kv_heads, rows, head_dim] (row = query * group + head in group)
     and each row's slot, int32 [batch, rows] (padding rows at -1: they see nothing)."""
     needed = plan.q_len * plan.group
@@ -157,7 +173,7 @@ def _group_rows(q: jax.Array, q_slots: jax.Array, plan: _Plan) -> tuple[jax.Arra
     return grouped, row_slots
 
 
-def _ungroup_rows(out: jax.Array, plan: _Plan) -> jax.Array:
+def _ungroup_rows(out: jax.Array, plan: Tiling) -> jax.Array:
     """[batch, kv_heads, rows, head_dim] -> [batch, q_len, heads, head_dim]."""
     out = out[:, :, : plan.q_len * plan.group].reshape(plan.batch, plan.kv_heads, plan.q_len, plan.group,
                                                         plan.head_dim)
@@ -170,7 +186,7 @@ def _visible_keys(written: jax.Array, starts: jax.Array) -> jax.Array:
     return (written & (slots[None, :] >= starts[:, None])).astype(jnp.int32)
 
 
-def _block_range(keys: jax.Array, q_slots: jax.Array, plan: _Plan) -> tuple[jax.Array, jax.Array]:
+def _block_range(keys: jax.Array, q_slots: jax.Array, plan: Tiling) -> tuple[jax.Array, jax.Array]:
     """Per sequence, the first and last KV block holding a key some query can see, int32 [batch] each: from the
     oldest visible key to the newest one at or before the newest query slot. Exact, and tight where it matters:
     padding queries sit at the cache's last slot, but nothing past the decoding frontier is written. A sequence
@@ -185,7 +201,7 @@ def _block_range(keys: jax.Array, q_slots: jax.Array, plan: _Plan) -> tuple[jax.
     return first, jnp.where(empty, 0, newest // plan.block_k)
 
 
-def _cost(plan: _Plan, itemsize: int, out_bytes: int) -> pl.CostEstimate:
+def _cost(plan: Tiling, itemsize: int, out_bytes: int) -> pl.CostEstimate:
     """Every block visited (the upper bound; skipped blocks cost nothing): two matmuls and one exp per score; reads
     the cache, the queries, the key bitmap and row slots once, writes `out_bytes`."""
     scores = plan.batch * plan.kv_heads * plan.rows * plan.max_len
@@ -200,7 +216,7 @@ def _cost(plan: _Plan, itemsize: int, out_bytes: int) -> pl.CostEstimate:
 
 
 def _tpu_kernel(first_ref, last_ref, slots_ref, keys_ref, q_ref, k_ref, v_ref, o_ref, max_ref, denom_ref, acc_ref, *,
-                plan: _Plan, scale: float):
+                plan: Tiling, scale: float):
     """One KV block of one (sequence, KV head). first_ref, last_ref int32 [batch] (SMEM); slots_ref int32 [rows, 1];
     keys_ref int32 [1, block_k]; q_ref, o_ref [rows, head_dim]; k_ref, v_ref [block_k, head_dim]; scratch max_ref,
     denom_ref float32 [rows, 1], acc_ref float32 [rows, head_dim]."""
@@ -209,9 +225,7 @@ def _tpu_kernel(first_ref, last_ref, slots_ref, keys_ref, q_ref, k_ref, v_ref, o
 
     @pl.when(j == 0)
     def _init():
-        max_ref[...] = jnp.full(max_ref.shape, MASK_VALUE, jnp.float32)
-        denom_ref[...] = jnp.zeros(denom_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        max_ref[...], denom_ref[...], acc_ref[...] = empty_state((plan.rows,), plan.head_dim)
 
     def step(ragged: bool):
         k_slots = j * plan.block_k + jax.lax.broadcasted_iota(jnp.int32, (plan.rows, plan.block_k), 1)
@@ -221,9 +235,8 @@ def _tpu_kernel(first_ref, last_ref, slots_ref, keys_ref, q_ref, k_ref, v_ref, o
             visible &= k_slots < plan.max_len
             v_slots = j * plan.block_k + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
             v = jnp.where(v_slots < plan.max_len, v, jnp.zeros_like(v))
-        state = _softmax_step(q_ref[...], k_ref[...], v, visible, max_ref[...], denom_ref[...], acc_ref[...],
-                              scale=scale)
-        max_ref[...], denom_ref[...], acc_ref[...] = state
+        state = SoftmaxState(max_ref[...], denom_ref[...], acc_ref[...])
+        max_ref[...], denom_ref[...], acc_ref[...] = _softmax_step(q_ref[...], k_ref[...], v, visible, state, scale)
 
     needed = (j >= first_ref[b]) & (j <= last_ref[b])
     if plan.max_len % plan.block_k:
@@ -234,11 +247,10 @@ def _tpu_kernel(first_ref, last_ref, slots_ref, keys_ref, q_ref, k_ref, v_ref, o
 
     @pl.when(j == last_block)
     def _finish():
-        denom = denom_ref[...]
-        o_ref[...] = (acc_ref[...] / jnp.where(denom == 0.0, 1.0, denom)).astype(o_ref.dtype)
+        o_ref[...] = normalise(SoftmaxState(max_ref[...], denom_ref[...], acc_ref[...])).astype(o_ref.dtype)
 
 
-def _tpu_attention(grouped, row_slots, keys, k, v, first, last, plan: _Plan, interpret) -> jax.Array:
+def _tpu_attention(grouped, row_slots, keys, k, v, first, last, plan: Tiling, interpret) -> jax.Array:
     """grouped [batch, kv_heads, rows, head_dim]; row_slots int32 [batch, rows]; keys int32 [batch, max_len];
     k, v [batch, kv_heads, max_len, head_dim]; first, last int32 [batch]. Returns [batch, kv_heads, rows, head_dim]."""
 
@@ -274,7 +286,7 @@ def _tpu_attention(grouped, row_slots, keys, k, v, first, last, plan: _Plan, int
 
 
 def _gpu_kernel(first_ref, last_ref, slots_ref, keys_ref, q_ref, k_ref, v_ref, acc_ref, max_ref, denom_ref, *,
-                plan: _Plan, per_split: int, scale: float):
+                plan: Tiling, per_split: int, scale: float):
     """One split of one (sequence, KV head): KV blocks [split * per_split, (split + 1) * per_split) clipped to the
     sequence's range. first_ref, last_ref int32 [1]; slots_ref int32 [rows]; keys_ref int32 [length]; q_ref
     [rows, head_dim]; k_ref, v_ref [length, head_dim]. Writes the unnormalised acc_ref float32 [rows, head_dim] and
@@ -289,23 +301,13 @@ def _gpu_kernel(first_ref, last_ref, slots_ref, keys_ref, q_ref, k_ref, v_ref, a
         window = pl.ds(block * plan.block_k, plan.block_k)
         k_slots = block * plan.block_k + jax.lax.broadcasted_iota(jnp.int32, (plan.rows, plan.block_k), 1)
         visible = (keys_ref[window][None, :] != 0) & (k_slots <= row_slots)  # [rows, block_k]
-        return _softmax_step(q, k_ref[window, :], v_ref[window, :], visible, *state, scale=scale)
+        return _softmax_step(q, k_ref[window, :], v_ref[window, :], visible, state, scale)
 
-    init = (jnp.full((plan.rows, 1), MASK_VALUE, jnp.float32), jnp.zeros((plan.rows, 1), jnp.float32),
-            jnp.zeros((plan.rows, plan.head_dim), jnp.float32))
-    row_max, denom, acc = jax.lax.fori_loop(begin, end, body, init)
-    acc_ref[...], max_ref[...], denom_ref[...] = acc, row_max, denom
+    state = jax.lax.fori_loop(begin, end, body, empty_state((plan.rows,), plan.head_dim))
+    acc_ref[...], max_ref[...], denom_ref[...] = state.acc, state.max, state.denom
 
 
-def _merge_splits(acc: jax.Array, row_max: jax.Array, denom: jax.Array) -> jax.Array:
-    """acc float32 [batch, kv_heads, splits, rows, head_dim]; row_max, denom float32 [batch, kv_heads, splits,
-    rows, 1] -> float32 [batch, kv_heads, rows, head_dim] (0 for a row that saw nothing)."""
-    weight = jnp.exp(row_max - jnp.max(row_max, axis=2, keepdims=True))
-    total = jnp.sum(weight * denom, axis=2)
-    return jnp.sum(weight * acc, axis=2) / jnp.where(total == 0.0, 1.0, total)
-
-
-def _gpu_attention(grouped, row_slots, keys, k, v, first, last, plan: _Plan, interpret) -> jax.Array:
+def _gpu_attention(grouped, row_slots, keys, k, v, first, last, plan: Tiling, interpret) -> jax.Array:
     """As `_tpu_attention`, with keys, k and v padded to num_blocks * block_k slots."""
     splits = min(plan.num_blocks, pl.cdiv(_GPU_PROGRAMS, plan.batch * plan.kv_heads))
     per_split = pl.cdiv(plan.num_blocks, splits)
@@ -333,22 +335,21 @@ def _gpu_attention(grouped, row_slots, keys, k, v, first, last, plan: _Plan, int
         interpret=interpret,
         name="zipar_attention",
     )(first, last, row_slots, keys, grouped, k, v)
-    return _merge_splits(acc, row_max, denom).astype(grouped.dtype)
+    # the splits' states [batch, kv_heads, splits, rows(, 1 | head_dim)] merged by the shared log-sum-exp
+    merged = merge_states([SoftmaxState(row_max, denom, acc)])
+    return normalise(merged)[:, :, 0].astype(grouped.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # entry points
 
 
-@functools.partial(jax.jit, static_argnames=("backend", "block_k", "interpret"))
-def zipar_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, written: jax.Array,
-                           starts: jax.Array, *, backend: str = "tpu", block_k: int | None = None,
-                           interpret=False) -> jax.Array:
-    """The Pallas kernel; same arguments and result as `reference`. `backend` ("tpu" / "gpu") picks the body;
-    `interpret` is False (compile for that backend), True (Pallas' interpreter, any backend), or a TPU
-    `InterpretParams`. `block_k`: KV slots per block (default 512 on TPU, 64 on GPU)."""
-    _check_inputs(q, k, v, q_slots, written, starts)
-    plan = _plan(q, k, backend, block_k)
+@functools.partial(jax.jit, static_argnames=("backend", "blocks", "interpret"))
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, written: jax.Array, starts: jax.Array,
+               *, backend: str, blocks: Blocks, interpret) -> jax.Array:
+    """The shared wrapper of both bodies: group the rows, the visibility bitmap and block range, the backend's body,
+    ungroup. Arguments as `zipar_attention`, backend and interpret resolved."""
+    plan = choose_tiling(q, k, backend, blocks)
     grouped, row_slots = _group_rows(q, q_slots, plan)  # [batch, kv_heads, rows, head_dim], [batch, rows]
     keys = _visible_keys(written, starts)  # [batch, max_len]
     first, last = _block_range(keys, q_slots, plan)  # [batch] each
@@ -362,13 +363,20 @@ def zipar_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: ja
     return _ungroup_rows(out, plan)
 
 
-def zipar_attention(q, k, v, q_slots, written, starts, *, use_kernel: bool) -> jax.Array:
-    """The kernel when `use_kernel` (compiled for the platform traced for, `zipjax.kernels.common.platform()`;
-    interpreted on CPU, where Pallas only interprets), else the jnp reference. The choice is explicit; nothing falls
-    back on an exception."""
-    if not use_kernel:
-        return reference(q, k, v, q_slots, written, starts)
-    target = platform()
-    if target in ("tpu", "gpu"):
-        return zipar_attention_kernel(q, k, v, q_slots, written, starts, backend=target)
-    return zipar_attention_kernel(q, k, v, q_slots, written, starts, interpret=True)
+def zipar_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, written: jax.Array,
+                    starts: jax.Array, *, backend: str | None = None, interpret=None,
+                    blocks: Blocks | None = None) -> jax.Array:
+    """The Pallas kernel; same arguments and result as `reference`.
+
+    backend: "tpu" (Mosaic) or "gpu" (Triton) picks the body; None is the platform being traced for
+    (`zipjax.kernels.common.resolve_backend`: on a CPU the TPU body, interpreted). interpret: None (True on a CPU,
+    else False), True (Pallas' interpreter, any backend), or a TPU `InterpretParams`. blocks: a `Blocks` (None: 512
+    KV slots per block on TPU, 64 on GPU)."""
+    with jax.named_scope("zipar_attention"):
+        if blocks is not None and not isinstance(blocks, Blocks):
+            raise ValueError(f"blocks: expected a zipar_attention.Blocks or None, got {blocks!r}")
+        backend, interpret = resolve_backend(backend, interpret, BACKENDS)
+        check_inputs(q, k, v, q_slots, written, starts)
+        choose_tiling(q, k, backend, blocks or Blocks())  # refuses illegal blocks before tracing
+        return _attention(q, k, v, q_slots, written, starts, backend=backend, blocks=blocks or Blocks(),
+                          interpret=interpret)

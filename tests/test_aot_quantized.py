@@ -14,7 +14,7 @@ import re
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from zipjax.kernels.quantized_attention import combine, segment_attention_on_backend
+from zipjax.kernels.quantized_attention import PackedSegment, combine, segment_attention
 
 from zipjax import aot
 
@@ -43,8 +43,8 @@ def attention(*settings: tuple[int, int, int | None]):
     q_slot and starts."""
     def run(q, *args):
         *segments, q_slot, starts = args
-        states = [segment_attention_on_backend(q, *segments[8 * i:8 * (i + 1)], q_slot, starts, bits=bits,
-                                               block=block, group=group)
+        states = [segment_attention(q, PackedSegment(*segments[8 * i:8 * (i + 1)]), q_slot, starts, bits=bits,
+                                    block=block, group=group)
                   for i, (bits, block, group) in enumerate(settings)]
         return combine(states)[0]
     return run
@@ -167,10 +167,10 @@ def test_kernel_per_shard_compiles_for_a_mesh(target_name):
     per_head = NamedSharding(mesh, PartitionSpec("data", "model"))
     kv_heads, heads_per_kv, d = MODELS["llama3-8b"]
     q = aot.array((8, kv_heads, heads_per_kv, d), jnp.bfloat16, per_head)
-    arrays = segment(per_head, 8, "llama3-8b", 4, 1, SALIENT, "zipcache")
+    arrays = PackedSegment(*segment(per_head, 8, "llama3-8b", 4, 1, SALIENT, "zipcache"))
     q_slot = aot.array((), jnp.int32, NamedSharding(mesh, PartitionSpec()))
     starts = aot.array((8,), jnp.int32, NamedSharding(mesh, PartitionSpec("data")))
-    kernel = functools.partial(segment_attention_on_backend, bits=4, block=SALIENT, group=None)
+    kernel = functools.partial(segment_attention, bits=4, block=SALIENT, group=None)
 
     def attend(q, arrays, q_slot, starts):
         return combine([states_per_shard(kernel, q, arrays, q_slot, starts)])[0]

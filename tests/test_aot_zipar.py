@@ -1,6 +1,6 @@
 """The ZipAR attention kernel compiles for real accelerators, ahead of time on this CPU machine (zipjax.aot): TPU v5e
 and v6e (Mosaic) and an H100 (Triton), at real model shapes, through the library's entry point
-`zipar_attention(..., use_kernel=True)`, which chooses the compiled kernel by the platform zipjax.aot compiles for.
+`zipar_attention(...)` (backend=None), which chooses the compiled kernel by the platform zipjax.aot compiles for.
 
 Interpret mode (tests/test_pallas_zipar.py) checks the numbers; only compiling checks Mosaic's block rules, Triton's
 power-of-two rule, VMEM/SMEM limits and the compiler's memory plan."""
@@ -65,7 +65,7 @@ def test_compiles_ahead_of_time(target_name, shape_name, record_property):
     args = (aot.array((s.batch, s.q_len, s.heads, s.head_dim), jnp.bfloat16, chip), cache, cache,
             aot.array((s.batch, s.q_len), jnp.int32, chip), aot.array((s.batch, s.max_len), jnp.bool_, chip),
             aot.array((s.batch,), jnp.int32, chip))
-    compiled, report = aot.compile(functools.partial(zipar_attention, use_kernel=True), *args, target=t)
+    compiled, report = aot.compile(zipar_attention, *args, target=t)
     record_property("compile_seconds", round(report.compile_seconds, 2))
     record_property("temp_bytes", report.temp_bytes)
     assert CUSTOM_CALL[t.kind] in compiled.as_text()

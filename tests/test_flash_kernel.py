@@ -68,7 +68,7 @@ CASES = {
 def test_kernel_matches_reference(name, kernel):
     batch, q_len, heads, kv_heads, head_dim, max_len, cursor, starts, window, block_rows, block_k = CASES[name]
     args = _case(0, batch, q_len, heads, kv_heads, head_dim, max_len, cursor, starts)
-    out = _attend(fa.flash_attention, *args, sliding_window=window, block_rows=block_rows, block_k=block_k,
+    out = _attend(fa.flash_attention, *args, sliding_window=window, blocks=fa.Blocks(block_rows, block_k),
                   **KERNELS[kernel])
     assert out.shape == args[0].shape and out.dtype == jnp.float32
     error, unseen = _errors(out, _attend(fa.reference, *args, sliding_window=window), _seen(q_len, cursor, starts))
@@ -90,7 +90,7 @@ def test_bfloat16(kernel):
 def test_tpu_interpreter():
     """The TPU kernel under the interpreter that simulates its DMAs and VMEM (scratch starts as NaN)."""
     args = _case(2, 1, 20, 4, 1, 32, 256, 10, [12])  # 3 query blocks x 2 key blocks
-    out = _attend(fa.flash_attention, *args, sliding_window=16, backend="tpu", block_rows=32, block_k=128,
+    out = _attend(fa.flash_attention, *args, sliding_window=16, backend="tpu", blocks=fa.Blocks(32, 128),
                   interpret=pltpu.InterpretParams(uninitialized_memory="nan"))
     error, unseen = _errors(out, _attend(fa.reference, *args, sliding_window=16), _seen(20, 10, [12]))
     assert error <= 1e-5 and unseen == 0.0
@@ -104,7 +104,7 @@ def test_decode_reads_only_the_filled_extent(kernel):
     hidden = (slots > 70) | (slots <= 70 - 24) | (slots < np.asarray(starts)[:, None])  # [batch, max_len]
     hidden = jnp.asarray(hidden)[:, None, :, None]
     dirty_k, dirty_v = jnp.where(hidden, jnp.nan, k), jnp.where(hidden, jnp.nan, v)
-    out = _attend(fa.flash_decode, q, dirty_k, dirty_v, cursor, starts, sliding_window=24, block_k=32,
+    out = _attend(fa.flash_decode, q, dirty_k, dirty_v, cursor, starts, sliding_window=24, blocks=fa.Blocks(k=32),
                   **KERNELS[kernel])
     error, _ = _errors(out, _attend(fa.reference, q, k, v, cursor, starts, sliding_window=24), _seen(1, 70, [0, 60]))
     assert error <= 1e-5
@@ -121,7 +121,7 @@ def test_tpu_grid_maps_only_visible_key_blocks(q_len, cursor, start, window):
     left-padding queries only names one block (the pipeline fetches it; pl.when skips its compute)."""
     group, block_rows, block_k, max_len = 4, 512, 512, 8192
     q_blocks = -(-q_len * group // block_rows)
-    g = fa._Geometry(group, q_len, block_rows, block_k, max_len // block_k, window, max_len)
+    g = fa.Tiling(group, q_len, block_rows, block_k, max_len // block_k, window, max_len)
     named = np.asarray(fa._key_block(jnp.arange(q_blocks)[:, None], jnp.arange(g.k_blocks)[None, :],
                                      jnp.int32(cursor), jnp.int32(start), g))  # [q_blocks, k_blocks]
     slots, queries = np.arange(max_len), cursor + np.arange(q_len)[:, None]
@@ -153,7 +153,7 @@ def test_platform_choice_and_argument_errors():
     with pytest.raises(ValueError, match=r"q: a prefill .*\(1, 1, 4, 16\)"):
         fa.flash_prefill(q[:, :1], k, v, cursor, starts)
     with compiling_for("tpu"), pytest.raises(ValueError, match="Mosaic"):
-        fa.flash_attention(*args, block_k=64)  # checked before anything is traced for the TPU
+        fa.flash_attention(*args, blocks=fa.Blocks(k=64))  # checked before anything is traced for the TPU
 
 
 def test_imports_only_jax_numpy_stdlib_and_the_kernels_leaf():
@@ -232,10 +232,11 @@ def test_sequence_sharded_kernel_and_jnp_path_match_the_reference(name):
     mesh = make_mesh(data=2, model=4)
     k, v = (jax.device_put(x, NamedSharding(mesh, PartitionSpec("data", None, "model"))) for x in (k, v))
     ref = _attend(fa.reference, q, k, v, cursor, starts, sliding_window=window)
-    partials = {"flash": functools.partial(fa.flash_attention_state, backend="cpu", block_k=block_k),
+    partials = {"flash": functools.partial(fa.flash_attention_state, backend="cpu", blocks=fa.Blocks(k=block_k)),
                 "jnp": functools.partial(chunked_attention_state, block_k=block_k)}
     if q_len == 1:  # the TPU grid kernel's state outputs too (lane-replicated max and sum)
-        partials["grid"] = functools.partial(fa.flash_attention_state, backend="tpu", interpret=True, block_k=block_k)
+        partials["grid"] = functools.partial(fa.flash_attention_state, backend="tpu", interpret=True,
+                                             blocks=fa.Blocks(k=block_k))
     with jax.set_mesh(mesh):
         assert sequence_split(k.shape)
         for label, partial in partials.items():

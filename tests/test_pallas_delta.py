@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from zipjax.kernels.common import compiling_for, pack, unpack
-from zipjax.kernels.delta_matmul import choose_tiling, delta_matmul, reference
+from zipjax.kernels.delta_matmul import Blocks, choose_tiling, delta_matmul, reference
 
 M, IN, OUT = 20, 256, 64  # 3 row tiles of 8 (TPU form) or 2 of 16 (GPU form), the last one partial
 
@@ -76,11 +76,11 @@ def test_kernel_equals_reference(backend, widths, experts, dtype):
         with compiling_for("cpu"):
             got = np.asarray(delta_matmul(*args, widths=widths))
     else:
-        blocks = dict(block_m=8, block_n=32, block_k=16)  # 3 row tiles (the middle one base-only), 2 column tiles
+        blocks = Blocks(m=8, n=32, k=16)  # 3 row tiles (the middle one base-only), 2 column tiles
         if backend == "gpu":
-            blocks.update(block_m=16, splits=2)  # 2 row tiles, both padded
-        assert IN // max(8 // w for w in widths) // blocks["block_k"] >= 2  # several k tiles (2 splits on GPU)
-        got = np.asarray(delta_matmul(*args, widths=widths, backend=backend, interpret=True, **blocks))
+            blocks = Blocks(m=16, n=32, k=16, splits=2)  # 2 row tiles, both padded
+        assert IN // max(8 // w for w in widths) // blocks.k >= 2  # several k tiles (2 splits on GPU)
+        got = np.asarray(delta_matmul(*args, widths=widths, backend=backend, interpret=True, blocks=blocks))
     expected = np.asarray(reference(*args, widths=widths))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
     assert np.all(got[np.asarray(args[1]) < 0] == 0)

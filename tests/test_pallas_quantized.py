@@ -20,13 +20,13 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plt
 from zipjax.kernels.common import compiling_for
 from zipjax.kernels.quantized_attention import (
+    PackedSegment,
     choose_tiling,
     decode_float16_bits,
     dequantize_segment,
     merge,
     reference,
     segment_attention,
-    segment_attention_on_backend,
 )
 
 from zipjax.kv.codec import channel_scale, grouped, pack, quantize
@@ -69,7 +69,7 @@ def kernel_error(backend, bits, rows, group=None, blocks=3, block=8, d=16, cst=T
     are in the future, the second sequence starts at slot 5."""
     seg, slots = make_segment(bits, bits, blocks=blocks, block=block, d=d, group=group, cst=cst)
     q = jax.random.normal(jax.random.key(7), (2, 2, rows, d))
-    args = (q, *seg.values(), slots, jnp.int32(blocks * block - 4), jnp.array([0, 5], jnp.int32))
+    args = (q, PackedSegment(*seg.values(), slots), jnp.int32(blocks * block - 4), jnp.array([0, 5], jnp.int32))
     settings = dict(bits=bits, block=block, group=group, **kw)
     state = segment_attention(*args, backend=backend, interpret=True, **settings)
     err = float(jnp.abs(merge([state]) - jitted_reference(*args, **settings)).max())
@@ -104,7 +104,7 @@ def test_float16_bits_decode_exactly():
 
 def test_dequantize_segment_matches_the_quantizer():
     seg, _ = make_segment(0, 4, cst=True)
-    k, v = dequantize_segment(*seg.values(), bits=4, block=8)
+    k, v = dequantize_segment(PackedSegment(*seg.values(), None), bits=4, block=8)
     assert k.shape == v.shape == (2, 2, 24, 16)
     assert bool(jnp.all(jnp.isfinite(k))) and bool(jnp.all(jnp.isfinite(v)))
 
@@ -118,10 +118,10 @@ def test_mixed_precision_segments_merge_exactly(backend):
     q = jax.random.normal(jax.random.key(3), (2, 2, 3, 16))
     starts, q_slot = jnp.array([0, 2], jnp.int32), jnp.int32(38)
     kw = dict(block=8, backend=backend, interpret=True)
-    states = [segment_attention(q, *hi.values(), hi_slots, q_slot, starts, bits=4, **kw),
-              segment_attention(q, *lo.values(), lo_slots, q_slot, starts, bits=2, **kw)]
-    k_hi, v_hi = dequantize_segment(*hi.values(), bits=4, block=8)
-    k_lo, v_lo = dequantize_segment(*lo.values(), bits=2, block=8)
+    states = [segment_attention(q, PackedSegment(*hi.values(), hi_slots), q_slot, starts, bits=4, **kw),
+              segment_attention(q, PackedSegment(*lo.values(), lo_slots), q_slot, starts, bits=2, **kw)]
+    k_hi, v_hi = dequantize_segment(PackedSegment(*hi.values(), hi_slots), bits=4, block=8)
+    k_lo, v_lo = dequantize_segment(PackedSegment(*lo.values(), lo_slots), bits=2, block=8)
     k, v = jnp.concatenate([k_hi, k_lo], axis=2), jnp.concatenate([v_hi, v_lo], axis=2)
     slots = jnp.concatenate([hi_slots, lo_slots], axis=2)
     visible = (slots >= 0) & (slots >= starts[:, None, None]) & (slots <= q_slot)
@@ -133,7 +133,7 @@ def test_mixed_precision_segments_merge_exactly(backend):
 def test_sliding_window():
     seg, slots = make_segment(4, 4)
     q = jax.random.normal(jax.random.key(5), (2, 2, 2, 16))
-    args = (q, *seg.values(), slots, jnp.int32(23), jnp.zeros(2, jnp.int32))
+    args = (q, PackedSegment(*seg.values(), slots), jnp.int32(23), jnp.zeros(2, jnp.int32))
     ref = jitted_reference(*args, bits=4, block=8, sliding_window=6)
     out = merge([segment_attention(*args, bits=4, block=8, sliding_window=6, interpret=True)])
     np.testing.assert_allclose(out, ref, atol=2e-5)
@@ -143,7 +143,7 @@ def test_tpu_interpreter():
     """Mosaic's form under the TPU interpreter (it models VMEM, the scratch and the sequential tile axis)."""
     seg, slots = make_segment(6, 4, blocks=5, block=60, d=32)
     q = jax.random.normal(jax.random.key(8), (2, 2, 2, 32))
-    args = (q, *seg.values(), slots, jnp.int32(290), jnp.array([0, 3], jnp.int32))
+    args = (q, PackedSegment(*seg.values(), slots), jnp.int32(290), jnp.array([0, 3], jnp.int32))
     ref = jitted_reference(*args, bits=4, block=60)
     out = merge([segment_attention(*args, bits=4, block=60, interpret=pltpu.InterpretParams())])
     np.testing.assert_allclose(out, ref, atol=2e-5)
@@ -164,12 +164,12 @@ def _pallas_call(jaxpr):
 @pytest.mark.parametrize("platform, params, interpret", [
     ("cpu", pltpu.CompilerParams, True), ("tpu", pltpu.CompilerParams, False), ("gpu", plt.CompilerParams, False)])
 def test_backend_follows_the_platform_being_traced_for(platform, params, interpret):
-    """segment_attention_on_backend asks zipjax.kernels.common.platform(): Mosaic on tpu, Triton on gpu (explicit
+    """segment_attention (backend=None) asks zipjax.kernels.common.platform(): Mosaic on tpu, Triton on gpu (explicit
     compiler parameters, else jax would pick Mosaic GPU), the TPU form interpreted on cpu. Traced only."""
     seg, slots = make_segment(0, 4)
-    args = (jnp.ones((2, 2, 1, 16)), *seg.values(), slots, jnp.int32(20), jnp.zeros(2, jnp.int32))
+    args = (jnp.ones((2, 2, 1, 16)), PackedSegment(*seg.values(), slots), jnp.int32(20), jnp.zeros(2, jnp.int32))
     with contextlib.nullcontext() if platform == "cpu" else compiling_for(platform):
-        jaxpr = jax.make_jaxpr(lambda *a: segment_attention_on_backend(*a, bits=4, block=8))(*args)
+        jaxpr = jax.make_jaxpr(lambda *a: segment_attention(*a, bits=4, block=8))(*args)
     eqn = _pallas_call(jaxpr.jaxpr)
     assert isinstance(eqn.params["compiler_params"], params)
     assert bool(eqn.params["interpret"]) is interpret
@@ -188,7 +188,9 @@ def test_wrong_shapes_are_named(name, change, message):
     seg, slots = make_segment(0, 4)
     args = dict(q=jnp.ones((2, 2, 1, 16)), **seg, slots=slots, q_slot=jnp.int32(20), starts=jnp.zeros(2, jnp.int32))
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        segment_attention(**change(args), bits=4, block=8, interpret=True)
+        a = change(args)
+        segment = PackedSegment(*(a[name] for name in SEGMENT), a["slots"])
+        segment_attention(a["q"], segment, a["q_slot"], a["starts"], bits=4, block=8, interpret=True)
 
 
 @pytest.mark.parametrize("model", [4, 2], ids=["sequence_split", "heads_split"])
@@ -202,9 +204,9 @@ def test_kernel_per_shard_of_a_mesh_matches_the_reference(model):
     q = jax.random.normal(jax.random.key(8), (2, 2, 3, 16))
     q_slot, starts = jnp.int32(29), jnp.array([0, 11], jnp.int32)
     settings = dict(bits=4, block=8, group=8, sliding_window=13)
-    ref = jitted_reference(q, *seg.values(), slots, q_slot, starts, **settings)
+    ref = jitted_reference(q, PackedSegment(*seg.values(), slots), q_slot, starts, **settings)
     kernel = functools.partial(segment_attention, backend="tpu", interpret=True, **settings)
-    args = (q, (*seg.values(), slots), q_slot, starts)
+    args = (q, PackedSegment(*seg.values(), slots), q_slot, starts)
     with jax.set_mesh(make_mesh(data=1, model=model, devices=jax.devices()[:model])):
         attend = jax.jit(lambda q, arrays, q_slot, starts: states_per_shard(kernel, q, arrays, q_slot, starts))
         state = attend.lower(*args).compile({"xla_backend_optimization_level": 0})(*args)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
-from zipjax.kernels.zipar_attention import reference, zipar_attention, zipar_attention_kernel
+from zipjax.kernels.zipar_attention import Blocks, reference, zipar_attention
 
 BACKENDS = ("tpu", "gpu")
 BLOCK_K = {"tpu": 128, "gpu": 64}
@@ -45,7 +45,7 @@ def test_kernel_matches_reference(backend, batch, q_len, heads, kv_heads, head_d
     args = _case(0, batch, q_len, heads, kv_heads, head_dim, max_len)
     ref = jit_reference(*args)
     block_k = BLOCK_K["tpu"] if backend == "tpu" else gpu_block
-    out = zipar_attention_kernel(*args, backend=backend, block_k=block_k, interpret=True)
+    out = zipar_attention(*args, backend=backend, blocks=Blocks(block_k), interpret=True)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert _max_error(out, ref) <= 2e-6
 
@@ -57,13 +57,13 @@ def test_padding_queries_and_unwritten_slots_are_ignored(backend):
     slots = slots.at[:, -1].set(199)
     written = written.at[:, 199].set(False)
     ref = jit_reference(q, k, v, slots, written, starts)
-    out = zipar_attention_kernel(q, k, v, slots, written, starts, backend=backend, block_k=BLOCK_K[backend],
+    out = zipar_attention(q, k, v, slots, written, starts, backend=backend, blocks=Blocks(BLOCK_K[backend]),
                                  interpret=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6)
     # changing K/V in unwritten or pre-start slots changes nothing
     hidden = (~written)[:, None, :, None] | (jnp.arange(200)[None, None, :, None] < starts[:, None, None, None])
     noisy_k = jnp.where(hidden, 100.0, k)
-    out2 = zipar_attention_kernel(q, noisy_k, v, slots, written, starts, backend=backend, block_k=BLOCK_K[backend],
+    out2 = zipar_attention(q, noisy_k, v, slots, written, starts, backend=backend, blocks=Blocks(BLOCK_K[backend]),
                                   interpret=True)
     np.testing.assert_allclose(np.asarray(out2), np.asarray(out), atol=2e-6)
 
@@ -84,8 +84,8 @@ def test_blocks_no_query_can_see_are_never_read(backend):
     assert bool(outside.any(axis=(1, 2, 3)).all())
     ref = jit_reference(q, k, v, slots, written, starts)
     poisoned_k, poisoned_v = jnp.where(outside, jnp.nan, k), jnp.where(outside, jnp.nan, v)
-    out = zipar_attention_kernel(q, poisoned_k, poisoned_v, slots, written, starts, backend=backend,
-                                 block_k=block_k, interpret=True)
+    out = zipar_attention(q, poisoned_k, poisoned_v, slots, written, starts, backend=backend,
+                                 blocks=Blocks(block_k), interpret=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6)
 
 
@@ -95,7 +95,7 @@ def test_a_query_that_sees_nothing_gives_zeros_not_nan(backend):
     slots = slots.at[0, 0].set(3)
     starts = starts.at[0].set(10)  # query 0 of sequence 0 is before its start
     written = written.at[1].set(False)  # sequence 1 has nothing written at all
-    out = zipar_attention_kernel(q, k, v, slots, written, starts, backend=backend, block_k=BLOCK_K[backend],
+    out = zipar_attention(q, k, v, slots, written, starts, backend=backend, blocks=Blocks(BLOCK_K[backend]),
                                  interpret=True)
     assert np.isfinite(np.asarray(out)).all()
     assert float(jnp.abs(out[0, 0]).max()) == 0.0 and float(jnp.abs(out[1]).max()) == 0.0
@@ -108,7 +108,7 @@ def test_bfloat16(backend):
     """bf16 inputs and output; the reference runs in float32 on the same (bf16-rounded) values."""
     q, k, v, slots, written, starts = _case(2, *SHARED, dtype=jnp.bfloat16)
     ref = jit_reference(*(x.astype(jnp.float32) for x in (q, k, v)), slots, written, starts)
-    out = zipar_attention_kernel(q, k, v, slots, written, starts, backend=backend, block_k=BLOCK_K[backend],
+    out = zipar_attention(q, k, v, slots, written, starts, backend=backend, blocks=Blocks(BLOCK_K[backend]),
                                  interpret=True)
     assert out.dtype == jnp.bfloat16
     assert _max_error(out, ref) <= 1e-2
@@ -120,14 +120,14 @@ def test_tpu_interpreter_with_a_ragged_last_block():
     args = _case(3, 1, 3, 4, 2, 128, 200)
     ref = jit_reference(*args)
     params = pltpu.InterpretParams(uninitialized_memory="nan", detect_races=True)
-    out = zipar_attention_kernel(*args, backend="tpu", block_k=128, interpret=params)
+    out = zipar_attention(*args, backend="tpu", blocks=Blocks(128), interpret=params)
     assert _max_error(out, ref) <= 2e-6
 
 
 def test_explicit_choice_on_cpu():
     args = _case(4, 1, 2, 4, 2, 16, 64)
-    np.testing.assert_allclose(np.asarray(zipar_attention(*args, use_kernel=True)),
-                               np.asarray(zipar_attention(*args, use_kernel=False)), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(zipar_attention(*args)),
+                               np.asarray(reference(*args)), atol=2e-6)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -143,11 +143,11 @@ def test_bad_inputs_name_the_argument(change, message):
     q, k, v, slots, written, starts = _case(7, 1, 2, 4, 2, 16, 64)
     args = change(dict(q=q, k=k, v=v, q_slots=slots, written=written, starts=starts))
     with pytest.raises(ValueError, match=message):
-        zipar_attention_kernel(**args, interpret=True)
+        zipar_attention(**args, interpret=True)
 
 
 @pytest.mark.parametrize("backend,block_k", [("tpu", 100), ("gpu", 96), ("cpu", None)])
 def test_illegal_blocks_and_backends_are_refused(backend, block_k):
     args = _case(8, 1, 2, 4, 2, 16, 64)
     with pytest.raises(ValueError, match=r"block_k|backend"):
-        zipar_attention_kernel(*args, backend=backend, block_k=block_k, interpret=True)
+        zipar_attention(*args, backend=backend, blocks=Blocks(block_k), interpret=True)

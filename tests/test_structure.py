@@ -214,3 +214,71 @@ def test_the_model_blocks_are_named_scopes():
     for scope in ("embed", "layer_0/attn_norm", "layer_0/attn/qkv", "layer_0/attn/attention", "layer_0/attn/attn_out",
                   "layer_0/mlp_norm", "layer_0/mlp", "final_norm", "lm_head"):  # modules: flax's own named scopes
         assert f"/{scope}/" in text, f"no named scope {scope!r} in the lowered forward"
+
+# the kernels' entry points: one wrapper convention, `name(..., *, backend=None, interpret=None, blocks=None)`
+KERNEL_ENTRY_POINTS = {
+    "zipjax.kernels.flash_attention": ("flash_attention", "flash_attention_state", "flash_prefill", "flash_decode"),
+    "zipjax.kernels.zipar_attention": ("zipar_attention",),
+    "zipjax.kernels.quantized_attention": ("segment_attention",),
+    "zipjax.kernels.delta_matmul": ("delta_matmul",),
+}
+
+
+@pytest.mark.parametrize("module", list(KERNEL_ENTRY_POINTS))
+def test_every_kernel_wrapper_has_the_one_signature(module):
+    """Keyword-only backend, interpret and blocks, all defaulting to None; blocks a frozen `Blocks` record of the
+    kernel's own module that checks itself; no *args / **kwargs, no use_kernel; a named_scope for profiles. Every
+    public function that takes `interpret` is an entry point listed here; the static plan of a call is `Tiling` and
+    the input check `check_inputs` in every kernel module."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    kernel = importlib.import_module(module)
+    blocks = kernel.Blocks
+    assert dataclasses.is_dataclass(blocks) and blocks.__dataclass_params__.frozen and "__post_init__" in vars(blocks)
+    assert dataclasses.is_dataclass(kernel.Tiling) and callable(kernel.check_inputs)  # one name for each part
+    wrappers = {name for name, fn in vars(kernel).items() if inspect.isfunction(fn) and not name.startswith("_")
+                and fn.__module__ == module and "interpret" in inspect.signature(fn).parameters}
+    assert wrappers == set(KERNEL_ENTRY_POINTS[module])
+    for name in wrappers:
+        fn = getattr(kernel, name)
+        params = inspect.signature(fn).parameters
+        for option in ("backend", "interpret", "blocks"):
+            assert params[option].kind is inspect.Parameter.KEYWORD_ONLY and params[option].default is None, name
+        assert "Blocks" in str(params["blocks"].annotation), name
+        kinds = {p.kind for p in params.values()}
+        assert not kinds & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}, name
+        assert "use_kernel" not in params, name
+        assert "jax.named_scope(" in inspect.getsource(fn) or name in ("flash_prefill", "flash_decode"), name
+
+
+@pytest.mark.parametrize("module", list(KERNEL_ENTRY_POINTS))
+def test_kernels_mask_with_the_one_mask_value(module):
+    """No -inf masks: every kernel masks with zipjax.kernels.common.MASK_VALUE (through its online-softmax step)."""
+    source = MODULES[module].read_text()
+    assert "jnp.inf" not in source and "float(\"-inf\")" not in source
+
+
+def _closure(module: str) -> set[str]:
+    """The module, every zipjax module it imports (transitively) and their packages."""
+    graph, seen, todo = _graph(), set(), [module]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(graph[name])
+    return {".".join(name.split(".")[:i]) for name in seen for i in range(1, name.count(".") + 2)}
+
+
+@pytest.mark.parametrize("module", [*KERNEL_ENTRY_POINTS, "zipjax.kernels.common", "zipjax.cache"])
+def test_importing_one_module_loads_only_what_it_names(module):
+    """`zipjax/__init__.py` is lazy: importing a kernel (or the leaf zipjax.cache) in a fresh interpreter loads the
+    package, the platform switch it runs first, and the module's own imports, nothing else of zipjax."""
+    code = f"import sys, {module}; print(*sorted(m for m in sys.modules if m.split('.')[0] == 'zipjax'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = set(result.stdout.split())
+    assert loaded == _closure(module) | {"zipjax", "zipjax.platform"}, module
+    if module.startswith("zipjax.kernels."):
+        assert all(m in ("zipjax", "zipjax.platform") or m.startswith("zipjax.kernels") for m in loaded), loaded

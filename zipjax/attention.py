@@ -15,12 +15,15 @@ import jax.numpy as jnp
 
 from zipjax.kernels.common import (
     MASK_VALUE,
+    SoftmaxState,
     combine,
+    empty_state,
     group_queries,
     grouped_attention,
     grouped_scores,
     grouped_values,
     masked_softmax,
+    online_softmax_step,
     platform,
     ungroup,
     visible_slots,
@@ -149,18 +152,19 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Arra
     earliest start / window edge to its last query's slot), so no [q_len, max_len] score matrix exists and a decode
     step reads the filled extent of the cache, not all of it. Returns [batch, q_len, heads, head_dim] in q's dtype;
     a query that sees no key (left padding) gets zeros."""
-    m, total, acc = chunked_attention_state(q, k, v, cursor, starts, sliding_window=sliding_window, block_q=block_q,
-                                            block_k=block_k)
-    return combine([(m, total, acc)])[0].astype(q.dtype)
+    state = chunked_attention_state(q, k, v, cursor, starts, sliding_window=sliding_window, block_q=block_q,
+                                    block_k=block_k)
+    return combine([state])[0].astype(q.dtype)
 
 
 def chunked_attention_state(q: jax.Array, k: jax.Array, v: jax.Array, cursor: jax.Array, starts: jax.Array,
                             first_slot: jax.Array | int = 0, *, sliding_window: int | None, block_q: int = 256,
-                            block_k: int = 512) -> tuple[jax.Array, jax.Array, jax.Array]:
+                            block_k: int = 512) -> SoftmaxState:
     """`chunked_attention`'s partial softmax state over part of the cache, as the flash kernel's
     (zipjax.kernels.flash_attention.flash_attention_state): k, v [batch, kv_heads, n, head_dim] hold slots
-    first_slot .. first_slot + n - 1, cursor and starts count slots of the whole cache. Returns float32 m, l [batch,
-    q_len, 1, heads] and acc [batch, q_len, 1, heads, head_dim], unnormalised (zipjax.kernels.common.combine)."""
+    first_slot .. first_slot + n - 1, cursor and starts count slots of the whole cache. Returns the `SoftmaxState`
+    float32 max, denom [batch, q_len, 1, heads] and acc [batch, q_len, 1, heads, head_dim], unnormalised
+    (zipjax.kernels.common.combine)."""
     batch, q_len, heads, head_dim = q.shape
     kv_heads, max_len = k.shape[1], k.shape[2]
     cursor, starts = cursor - first_slot, starts - first_slot  # the mask is invariant under a shift of all slots
@@ -181,22 +185,23 @@ def chunked_attention_state(q: jax.Array, k: jax.Array, v: jax.Array, cursor: ja
         hi = jnp.maximum(jnp.minimum(q_slots[-1], max_len - 1) // block_k + 1, lo)
         return _online_softmax(q_block, k, v, q_slots, starts, sliding_window, lo, hi, block_k, max_len)
 
-    m, total, acc = jax.lax.map(one_block, (jnp.arange(n_q, dtype=jnp.int32), qg))  # [n_q, b, kv, G, bq(, d)]
+    m, total, acc = jax.lax.map(one_block, (jnp.arange(n_q, dtype=jnp.int32), qg))  # [n_q, b, kv, G, bq, 1 | d]
     # -> [batch, q_len, 1, heads(, head_dim)]: one part per query
-    m, total = (x.transpose(1, 0, 4, 2, 3).reshape(batch, n_q * block_q, 1, heads)[:, :q_len] for x in (m, total))
+    m, total = (x[..., 0].transpose(1, 0, 4, 2, 3).reshape(batch, n_q * block_q, 1, heads)[:, :q_len]
+                for x in (m, total))
     acc = acc.transpose(1, 0, 4, 2, 3, 5).reshape(batch, n_q * block_q, 1, heads, head_dim)[:, :q_len]
-    return m, total, acc
+    return SoftmaxState(m, total, acc)
 
 
 def _online_softmax(q_block: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, starts: jax.Array,
                     sliding_window: int | None, lo: jax.Array, hi: jax.Array, block_k: int, max_len: int
-                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Key blocks lo .. hi - 1 folded into a running max m, sum l (float32 [b, kv, G, bq]) and unnormalised
-    weighted sum acc (float32 [b, kv, G, bq, d]); slots from max_len on (block padding) are never seen."""
+                    ) -> SoftmaxState:
+    """Key blocks lo .. hi - 1 folded into the shared online-softmax state (zipjax.kernels.common.
+    online_softmax_step): max, denom float32 [b, kv, G, bq, 1], acc [b, kv, G, bq, d]; slots from max_len on (block
+    padding) are never seen."""
     batch, kv_heads, group, block_q, head_dim = q_block.shape
 
-    def step(j, carry):
-        m, total, acc = carry
+    def step(j, state):
         k_block = jax.lax.dynamic_slice_in_dim(k, j * block_k, block_k, axis=2)  # [b, kv, bk, d]
         v_block = jax.lax.dynamic_slice_in_dim(v, j * block_k, block_k, axis=2)
         k_slots = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
@@ -204,13 +209,6 @@ def _online_softmax(q_block: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax
         visible &= k_slots < max_len
         # slots of a visited block that no query sees may hold anything (stale, NaN): keep them out of 0 * x
         v_block = jnp.where(visible.any(axis=3)[..., None].squeeze(2), v_block, 0)
-        scores = jnp.where(visible, grouped_scores(q_block, k_block), MASK_VALUE)
-        m_new = jnp.maximum(m, scores.max(axis=-1))
-        p = jnp.where(visible, jnp.exp(scores - m_new[..., None]), 0.0)
-        correction = jnp.exp(m - m_new)
-        return m_new, total * correction + p.sum(axis=-1), acc * correction[..., None] + grouped_values(p, v_block)
+        return online_softmax_step(state, grouped_scores(q_block, k_block), visible, v_block, values=grouped_values)
 
-    shape = (batch, kv_heads, group, block_q)
-    init = (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
-            jnp.zeros((*shape, head_dim), jnp.float32))
-    return jax.lax.fori_loop(lo, hi, step, init)
+    return jax.lax.fori_loop(lo, hi, step, empty_state((batch, kv_heads, group, block_q), head_dim))

@@ -33,7 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from zipjax.errors import ZipjaxError
-from zipjax.kernels.common import combine, reduce_states
+from zipjax.kernels.common import SoftmaxState, combine, merge_states
 
 T = TypeVar("T")
 _WRITING_ALONE = contextvars.ContextVar("zipjax_writing_alone", default=False)
@@ -179,11 +179,12 @@ def per_shard(kernel: Callable | None, q: jax.Array, k: jax.Array, v: jax.Array,
                          out_specs=q_spec, check_vma=False)(q, k, v, cursor, starts)
 
 
-def states_per_shard(kernel: Callable[..., State], q: jax.Array, arrays: Sequence[jax.Array | None],
+def states_per_shard(kernel: Callable[..., State], q: jax.Array, arrays: tuple[jax.Array | None, ...],
                      q_slot: jax.Array, starts: jax.Array) -> State:
     """Run a kernel that returns partial softmax states over a compressed cache's segment on each shard of the
-    context mesh: `kernel(q, *arrays, q_slot, starts) -> (m, l [batch, kv_heads, parts, G], acc [batch, kv_heads,
-    parts, G, d])` with q [batch, kv_heads, G, d] and every array [batch, kv_heads, n, ...] (n: tokens or blocks;
+    context mesh: `kernel(q, arrays, q_slot, starts) -> SoftmaxState(max, denom [batch, kv_heads, parts, G], acc
+    [batch, kv_heads, parts, G, d])` with q [batch, kv_heads, G, d], `arrays` a NamedTuple (e.g.
+    zipjax.kernels.quantized_attention.PackedSegment) of arrays [batch, kv_heads, n, ...] (n: tokens or blocks;
     None: absent), q_slot [] and starts [batch] (the kernel masks by the slot each token holds, so a shard of
     tokens needs no offset). Batch splits over "data" and KV heads over "model" where they divide; else, where
     "model" divides every array's token / block axis (its shards then hold whole blocks), each shard attends its
@@ -191,7 +192,7 @@ def states_per_shard(kernel: Callable[..., State], q: jax.Array, arrays: Sequenc
     shard); else the arrays are whole on each "model" shard. Without a context mesh the kernel runs as is."""
     sizes = _context_sizes()
     if sizes is None:
-        return kernel(q, *arrays, q_slot, starts)
+        return kernel(q, arrays, q_slot, starts)
     present = [x for x in arrays if x is not None]
     data = "data" if "data" in sizes and q.shape[0] % sizes["data"] == 0 else None
     split = sizes.get("model", 1) > 1
@@ -199,12 +200,12 @@ def states_per_shard(kernel: Callable[..., State], q: jax.Array, arrays: Sequenc
     sequence = split and heads is None and all(x.shape[2] % sizes["model"] == 0 for x in present)
     spec = lambda x: PartitionSpec(data, heads, "model" if sequence else None, *(None,) * (x.ndim - 3))
     array_specs = [PartitionSpec() if x is None else spec(x) for x in arrays]
-    state_specs = (PartitionSpec(data, heads), PartitionSpec(data, heads), PartitionSpec(data, heads))
+    state_specs = SoftmaxState(PartitionSpec(data, heads), PartitionSpec(data, heads), PartitionSpec(data, heads))
 
     def shard(q, *rest):
         *parts, q_slot, starts = rest
-        state = kernel(q, *parts, q_slot, starts)
-        return reduce_states([state], "model") if sequence else state
+        state = kernel(q, arrays._make(parts), q_slot, starts)
+        return merge_states([state], "model") if sequence else state
 
     return jax.shard_map(shard, in_specs=(PartitionSpec(data, heads), *array_specs, PartitionSpec(),
                                           PartitionSpec(data)),

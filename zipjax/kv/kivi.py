@@ -44,7 +44,7 @@ from jax.sharding import PartitionSpec
 from zipjax.attention import MASK_VALUE, cache_attention, grouped_scores, masked_attention, visible_slots
 from zipjax.cache import check_prompt_then_tokens, replace_at
 from zipjax.config import ModelConfig
-from zipjax.kernels.quantized_attention import combine, segment_attention_on_backend
+from zipjax.kernels.quantized_attention import PackedSegment, combine, segment_attention
 from zipjax.kv.codec import SCALE_DTYPE, Store, dequantize, grouped, pack, quantize, quantize_key_blocks, unpack
 from zipjax.kv.spec import KIVI
 from zipjax.sharding import states_per_shard
@@ -213,9 +213,10 @@ class KIVICache:
         store = state.store
         b, h, _, d = window_keys.shape
         qg = q[:, 0].reshape(b, h, -1, d).astype(jnp.float32)  # [batch, kv_heads, G, head_dim]
-        kernel = functools.partial(segment_attention_on_backend, bits=self.method.bits, block=self.method.key_block,
+        kernel = functools.partial(segment_attention, bits=self.method.bits, block=self.method.key_block,
                                    group=self.method.group, sliding_window=sliding_window)
-        arrays = (store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min, None, store.slots)
+        arrays = PackedSegment(store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step, store.v_min,
+                               None, store.slots)
         stored = states_per_shard(kernel, qg, arrays, self.cursor, self.starts)
         visible = visible_slots(ring_slots, self.cursor, self.starts[:, None, None], sliding_window)[:, :, None, :]
         scores = grouped_scores(qg[:, :, :, None], window_keys)[:, :, :, 0]  # [batch, kv_heads, G, w]

@@ -52,7 +52,7 @@ from jax.sharding import PartitionSpec
 from zipjax.attention import MASK_VALUE, grouped_scores, masked_attention, visible_slots
 from zipjax.cache import check_prompt_then_tokens, replace_at
 from zipjax.config import ModelConfig
-from zipjax.kernels.quantized_attention import combine, segment_attention_on_backend
+from zipjax.kernels.quantized_attention import PackedSegment, combine, segment_attention
 from zipjax.kv.codec import Store, channel_scale
 from zipjax.kv.spec import Geometry, QuantMethod, Ranking, geometry
 from zipjax.sharding import states_per_shard
@@ -218,9 +218,9 @@ class QuantizedKVCache:
             v_scale = state.v_scale
             if v_scale is not None:
                 v_scale = jax.lax.slice_in_dim(v_scale, seg.first_block, seg.first_block + seg.blocks, axis=2)
-            kernel = functools.partial(segment_attention_on_backend, bits=seg.bits, block=seg.size,
+            kernel = functools.partial(segment_attention, bits=seg.bits, block=seg.size,
                                        group=self.method.codec.group, sliding_window=sliding_window)
-            arrays = (st.k_codes, st.k_step, st.k_min, st.v_codes, st.v_step, st.v_min, v_scale, st.slots)
+            arrays = PackedSegment(st.k_codes, st.k_step, st.k_min, st.v_codes, st.v_step, st.v_min, v_scale, st.slots)
             states.append(states_per_shard(kernel, qg, arrays, self.cursor, self.starts))
         # [batch, 1, 1, buffer_len]
         visible = visible_slots(buf_slots, self.cursor, self.starts[:, None, None], sliding_window)[:, :, None, :]

@@ -26,7 +26,7 @@ from zipjax.cache import KV_AXES, check_batch, replace_at
 from zipjax.config import ModelConfig
 from zipjax.emu3.decoding import ImageDecodeSetup, ImageInputs, initial_tokens, prefill
 from zipjax.errors import ZipjaxError
-from zipjax.kernels.zipar_attention import zipar_attention
+from zipjax.kernels.zipar_attention import reference, zipar_attention
 from zipjax.platform import use_kernel
 from zipjax.sharding import jit_initializer, place
 
@@ -93,8 +93,8 @@ class ScatterKVCache:
         k = _scatter(self.k[layer], self.slots, k_new)
         v = _scatter(self.v[layer], self.slots, v_new)
         written = self._written_after()
-        out = zipar_attention(q, k.astype(q.dtype), v.astype(q.dtype), self.slots, written, self.starts,
-                              use_kernel=use_kernel(self.kernel))
+        attention = zipar_attention if use_kernel(self.kernel) else reference
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), self.slots, written, self.starts)
         return out, dataclasses.replace(self, k=replace_at(self.k, layer, k), v=replace_at(self.v, layer, v))
 
     def advance(self, num_tokens: int) -> ScatterKVCache:
