@@ -12,7 +12,7 @@ Imports: errors, config, attention, platform, codec, method.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ class Ranking(NamedTuple):
 class QuantMethod:
     """The interface of a method cached by QuantizedKVCache (ZipCache, Uniform, ZipVL)."""
 
-    has_kernel = True
+    has_kernel: ClassVar[bool] = True
     kernel: bool | None
 
     @property
