@@ -209,3 +209,15 @@ def test_decode_tokens_are_merged_at_the_second_layer_of_a_pair():
     assert update["pending"][0] is step
     exact = MergedKVCache.init(_cfg(), zipjax.kv.MiniCache(start_layer=2, merge_decode=False), 1, n + 4, n)
     assert exact.k_buf[2].shape[2] == 4 and exact.pair_buf == ()
+
+
+def test_minicache_refuses_a_kernel_by_name():
+    """MiniCache attends in jax.numpy: kernel=True is refused on the method and on its inner quantizer, not
+    ignored; None and False are the one path it has."""
+    from zipjax.errors import ZipjaxError
+
+    with pytest.raises(ZipjaxError, match="MiniCache has no Pallas kernel"):
+        zipjax.kv.MiniCache(kernel=True)
+    with pytest.raises(ZipjaxError, match="MiniCache's inner KIVI has no Pallas kernel"):
+        zipjax.kv.MiniCache(inner=zipjax.kv.KIVI(kernel=True))
+    assert zipjax.kv.MiniCache(kernel=False, inner=zipjax.kv.KIVI(kernel=False)).decode_slots == 0
