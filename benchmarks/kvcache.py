@@ -53,8 +53,8 @@ from zipjax.convert.smollm2 import fetch_and_convert
 import zipjax
 from zipjax import kv
 from zipjax.kv.analysis import prompt_queries_keys, prompt_states
-from zipjax.kv.minicache import memory_bytes
 from zipjax.kv.saliency import prompt_saliency
+from zipjax.kv.slerp import memory_bytes
 from zipjax.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -372,7 +372,7 @@ def best_time(fn, repeats: int) -> float:
 def layer_similarity(model, length: int) -> dict:
     """MiniCache's premise: the mean cosine similarity of each token's K (and V) state, per KV head, between
     adjacent layers (l - 1, l), on a real prompt; and the fraction of tokens with angle below pi / 4."""
-    from zipjax.kv.minicache import angle
+    from zipjax.kv.slerp import angle
 
     ids = text_samples(model, 1, length)
     layers = prompt_states(model, ids)

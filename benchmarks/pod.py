@@ -114,8 +114,9 @@ TOPOLOGIES = {"v5e-4": "v5e:2x2", "v5e-16": "v5e:4x4", "v5e-64": "v5e:8x8", "v5e
 HOSTS = {"v5e": {1: "v5e:1x1", 2: "v5e:1x2", 4: "v5e:2x2", 8: "v5e:2x4", 16: "v5e:4x4"},
          "v5p": {1: "v5p:1x1x1", 2: "v5p:1x2x1", 4: "v5p:2x2x1", 8: "v5p:2x2x2", 16: "v5p:2x2x4"},
          "v6e": {1: "v6e:1x1", 2: "v6e:1x2", 4: "v6e:2x2", 8: "v6e:2x4", 16: "v6e:4x4"}}
-CACHES: dict[str, kv.ZipCache | kv.KIVI | None] = {"dense": None, "zipcache-4/2": kv.ZipCache(high_bits=4, low_bits=2),
-                                                    "kivi-2": kv.KIVI(bits=2)}
+CACHES: dict[str, kv.Method | None] = {"dense": None,  # methods by their names in zipjax.kv.METHODS
+                                       "zipcache-4/2": kv.method_from_name("zipcache", high_bits=4, low_bits=2),
+                                       "kivi-2": kv.method_from_name("kivi", bits=2)}
 CONTEXTS = (2048, 8192, 32768)
 MAX_BATCH = 256
 DECODE_ROOM = 256  # slots after the prompt block of a compressed cache (its full-precision window and a block)

@@ -286,3 +286,20 @@ def test_cli_generates_with_a_quantized_cache(capsys):
     assert "invalid choice: 'zipcash'" in capsys.readouterr().err
     assert main(["generate", "--kv", "uniform", "--kv-kernel", "x"]) == 2
     assert "--kv-kernel needs" in capsys.readouterr().err
+
+
+def test_cli_reads_the_method_registry(capsys):
+    """`--kv` offers every method of zipjax.kv.METHODS (zipvl and minicache included), and `--kv-kernel` asks the
+    method whether it has a kernel."""
+    from zipjax.cli import build_parser, main
+
+    kv_action = next(a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions
+                     if a.dest == "kv")
+    assert tuple(kv_action.choices) == ("dense", *kv.METHODS)
+    for name in ("zipvl", "minicache"):
+        assert main(["generate", "--kv", name, "--max-new-tokens", "3", "import os"]) in (0, None)
+        assert capsys.readouterr().out.startswith("import os")
+    for name in ("dense", "minicache"):
+        assert main(["generate", "--kv", name, "--kv-kernel", "x"]) == 2
+        err = capsys.readouterr().err
+        assert "--kv-kernel needs --kv zipcache or --kv kivi or --kv zipvl" in err and f"the {name} cache" in err

@@ -10,7 +10,7 @@ import pytest
 
 import zipjax
 from zipjax.kv.methods import init_cache
-from zipjax.kv.minicache import angle, memory_bytes, merge_pair, restore, slerp_direction
+from zipjax.kv.slerp import angle, memory_bytes, merge_pair, restore, slerp_direction
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def _cfg():
 def _prefill_pair(spec, k0, v0, k1, v1, starts):
     """Prefill layers 2 and 3 (a merged pair when start_layer=2) of a merged cache with the given K/V [batch, n,
     kv_heads, head_dim] (the queries do not matter for what is stored)."""
-    from zipjax.kv.merged import MergedKVCache
+    from zipjax.kv.minicache import MergedKVCache
 
     batch, n = k0.shape[:2]
     cache = MergedKVCache.init(_cfg(), spec, batch, n + 8, n, starts)
@@ -180,7 +180,7 @@ def test_whole_token_merge_uses_the_vector_across_heads():
 def test_decode_tokens_are_merged_at_the_second_layer_of_a_pair():
     """Algorithm 2: a decode token's states of layers 2 and 3 are merged when layer 3 runs; each layer attends with
     its exact new token, and later steps see the merged one (direction x the layer's norm)."""
-    from zipjax.kv.merged import MergedKVCache
+    from zipjax.kv.minicache import MergedKVCache
 
     key = jax.random.split(jax.random.key(2), 3)
     n, heads = 8, 4
@@ -209,3 +209,15 @@ def test_decode_tokens_are_merged_at_the_second_layer_of_a_pair():
     assert update["pending"][0] is step
     exact = MergedKVCache.init(_cfg(), zipjax.kv.MiniCache(start_layer=2, merge_decode=False), 1, n + 4, n)
     assert exact.k_buf[2].shape[2] == 4 and exact.pair_buf == ()
+
+
+def test_minicache_refuses_a_kernel_by_name():
+    """MiniCache attends in jax.numpy: kernel=True is refused on the method and on its inner quantizer, not
+    ignored; None and False are the one path it has."""
+    from zipjax.errors import ZipjaxError
+
+    with pytest.raises(ZipjaxError, match="MiniCache has no Pallas kernel"):
+        zipjax.kv.MiniCache(kernel=True)
+    with pytest.raises(ZipjaxError, match="MiniCache's inner KIVI has no Pallas kernel"):
+        zipjax.kv.MiniCache(inner=zipjax.kv.KIVI(kernel=True))
+    assert zipjax.kv.MiniCache(kernel=False, inner=zipjax.kv.KIVI(kernel=False)).decode_slots == 0

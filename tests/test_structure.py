@@ -282,3 +282,57 @@ def test_importing_one_module_loads_only_what_it_names(module):
     assert loaded == _closure(module) | {"zipjax", "zipjax.platform"}, module
     if module.startswith("zipjax.kernels."):
         assert all(m in ("zipjax", "zipjax.platform") or m.startswith("zipjax.kernels") for m in loaded), loaded
+
+def test_the_kv_factory_asks_the_method_and_tests_no_type():
+    """zipjax/kv/methods.py builds a cache by asking the method (`check`, `decode_slots`, `make_cache`): no
+    isinstance / issubclass / type() call, no `__class__`, no class pattern in a `match`."""
+    tree = ast.parse(MODULES["zipjax.kv.methods"].read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in (
+                "isinstance", "issubclass", "type"):
+            found.append(f"line {node.lineno}: {node.func.id}()")
+        elif isinstance(node, ast.Attribute) and node.attr == "__class__":
+            found.append(f"line {node.lineno}: .__class__")
+        elif isinstance(node, ast.MatchClass):
+            found.append(f"line {node.lineno}: match on a class")
+    assert not found, "type tests in the KV factory:\n" + "\n".join(found)
+
+
+def test_every_registered_kv_method_implements_the_protocol():
+    """Each method in zipjax.kv.METHODS: in the file named after it, a hashable `Method` whose `check` and
+    `make_cache` take the protocol's parameters, `kernel: bool | None = None`, refused by name without a kernel, and
+    a `make_cache` that gives a `Cache` (traced abstractly: nothing is allocated)."""
+    import inspect
+
+    import jax
+
+    from zipjax import kv
+    from zipjax.cache import Cache
+    from zipjax.config import ModelConfig
+    from zipjax.errors import ZipjaxError
+    from zipjax.kv.method import Method
+
+    config = ModelConfig(architecture="llama", vocab_size=64, hidden_size=128, intermediate_size=128, num_layers=4,
+                         num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=128, dtype="float32")
+    assert set(kv.METHODS) == {"zipcache", "kivi", "uniform", "zipvl", "minicache"}
+    parameters = lambda f: list(inspect.signature(f).parameters)
+    for name, cls in kv.METHODS.items():
+        method = kv.method_from_name(name)
+        assert cls.name == name and cls.__module__ == f"zipjax.kv.{name}", cls
+        assert isinstance(method, Method) and method == cls() and hash(method) == hash(cls())
+        for member in ("check", "make_cache"):
+            assert parameters(getattr(cls, member)) == parameters(getattr(Method, member)), (name, member)
+        assert inspect.signature(cls).parameters["kernel"].default is None, name
+        if cls.has_kernel:
+            assert kv.method_from_name(name, kernel=True).kernel is True
+        else:
+            with pytest.raises(ZipjaxError, match=f"{cls.__name__} has no Pallas kernel"):
+                kv.method_from_name(name, kernel=True)
+        small = kv.method_from_name(name, **({"window": 8} if "window" in inspect.signature(cls).parameters else {}))
+        assert isinstance(small.decode_slots, int) and small.decode_slots >= 0
+        small.check(config, 2, 64, 16)
+        cache = jax.eval_shape(lambda m=small: m.make_cache(config, 2, 64, 16))
+        assert isinstance(cache, Cache) and cache.max_len == 64, name
+    with pytest.raises(ZipjaxError, match="no KV method named 'zipcash'"):
+        kv.method_from_name("zipcash")

@@ -210,3 +210,20 @@ def test_sparse_prefill_over_a_dense_cache(trained):
     assert cache.nbytes() == dense.nbytes()
     with pytest.raises(zipjax.ZipjaxError, match="dense cache"):
         kv.ZipVL(compress=False, sparse_prefill=False)
+
+
+def test_zipvl_says_which_cache_it_makes():
+    """compress=False is still ZipVL, and the method itself makes the dense cache with sparse prefill (no buffer
+    slots, no packing checks); compress=True makes the quantized cache with its full-precision buffer."""
+    from zipjax.config import ModelConfig
+    from zipjax.kv.sparse import SparsePrefillKVCache
+
+    config = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128, dtype="float32")
+    dense = kv.ZipVL(compress=False, window=8)
+    assert dense.decode_slots == 0 and kv.ZipVL(window=8).decode_slots == 8
+    assert isinstance(jax.eval_shape(lambda: kv.init_cache(dense, config, 2, 40, 32)), SparsePrefillKVCache)
+    assert isinstance(jax.eval_shape(lambda: kv.init_cache(kv.ZipVL(window=8), config, 2, 40, 32)), QuantizedKVCache)
+    with pytest.raises(zipjax.ZipjaxError, match="full-precision window"):
+        kv.ZipVL(window=16).check(config, 2, 40, 32)
+    dense.check(config, 2, 40, 32)  # a dense cache has no window to fit

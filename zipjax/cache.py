@@ -3,7 +3,7 @@
 The model is `apply(params, tokens, positions, cache) -> (logits, cache)`; a cache is a pytree passed in and returned,
 so every compression is a pure transform of it. Each layer calls `attend` (store its new K/V, attend over what the
 cache holds); once all layers have written, the model calls `advance`. Five caches implement `Cache`: the dense one
-(zipjax.kv.dense), the quantized and merged ones (zipjax.kv.quantized, zipjax.kv.merged), and ZipAR's scatter cache
+(zipjax.kv.dense), the quantized and merged ones (zipjax.kv.quantized, zipjax.kv.minicache), and ZipAR's scatter cache
 (zipjax.zipar.cache). `AppendCache` adds the shared write cursor that token-by-token generation reads.
 
 This module is a leaf of the cache subsystem: it imports only jax and zipjax.errors.

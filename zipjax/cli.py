@@ -144,11 +144,13 @@ def _generate_parser(commands) -> None:
     gen.add_argument("--top-p", type=_number, default=None)
     gen.add_argument("--seed", type=_integer, default=0)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    gen.add_argument("--kv", choices=("dense", "zipcache", "kivi", "uniform"), default="dense",
-                     help="KV cache: dense (default), zipcache (4/2-bit mixed precision, 60%% salient), "
-                          "kivi (2-bit), uniform (4-bit token-wise)")
+    gen.add_argument("--kv", choices=("dense", *kv.METHODS), default="dense",
+                     help="KV cache: dense (default), or a zipjax.kv method with its defaults: zipcache (4/2-bit "
+                          "mixed precision, 60%% salient), kivi (2-bit), uniform (4-bit token-wise), zipvl (sparse "
+                          "prefill, 4/2-bit important tokens), minicache (cross-layer merge)")
+    kernels = ", ".join(name for name, method in kv.METHODS.items() if method.has_kernel)
     gen.add_argument("--kv-kernel", action="store_true",
-                     help="decode attention over the packed codes with the Pallas kernel (zipcache, kivi)")
+                     help=f"decode attention over the packed codes with the Pallas kernel, also on CPU ({kernels})")
     _profile_argument(gen)
     gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                      help="compute dtype (default: as stored)")
@@ -266,11 +268,10 @@ def _version() -> str:
 
 def run_generate(args: argparse.Namespace) -> None:
     prompt = _text(args.prompt, "prompt")
-    if args.kv_kernel and args.kv not in ("zipcache", "kivi"):
-        raise ZipjaxError(f"--kv-kernel needs --kv zipcache or --kv kivi (the {args.kv} cache has no kernel)")
-    kernel = {"kernel": True} if args.kv_kernel else {}
-    method = {"dense": None, "zipcache": kv.ZipCache(**kernel), "kivi": kv.KIVI(**kernel),
-              "uniform": kv.Uniform()}[args.kv]
+    if args.kv_kernel and not (args.kv != "dense" and kv.METHODS[args.kv].has_kernel):
+        with_kernel = " or ".join(f"--kv {name}" for name, method in kv.METHODS.items() if method.has_kernel)
+        raise ZipjaxError(f"--kv-kernel needs {with_kernel} (the {args.kv} cache has no kernel)")
+    method = None if args.kv == "dense" else kv.method_from_name(args.kv, kernel=True if args.kv_kernel else None)
     if args.expert is not None and args.experts is None:
         raise ZipjaxError("--expert needs --experts BANK")
     model = load(args.checkpoint or default_checkpoint(), dtype=args.dtype)

@@ -28,7 +28,7 @@ from zipjax.emu3.decoding import (
     visual_logprobs,
 )
 from zipjax.kv.methods import as_method, cache_initializer, check_cache
-from zipjax.kv.spec import Method
+from zipjax.kv.method import Method
 from zipjax.shapes import cache_length
 from zipjax.sharding import to_host
 from zipjax.transformer import Params, Transformer, output_head

@@ -4,19 +4,27 @@ merging (MiniCache, optionally over KIVI).
 
     tokens = zipjax.generate(model, ids, 64, kv=zipjax.kv.ZipCache(high_bits=4, low_bits=2, saliency_ratio=0.6))
     tokens = zipjax.generate(model, ids, 64, kv=zipjax.kv.MiniCache(t=0.6, gamma=0.05, inner=zipjax.kv.KIVI(bits=4)))
+    method = zipjax.kv.method_from_name("zipvl", kernel=None)   # by name, from zipjax.kv.METHODS
 
-Modules, each importing only those listed before it: codec (quantize, pack, stores), saliency / zipvl / minicache
-(the methods' algorithms), spec (the methods and the quantized geometry), dense / quantized / kivi / sparse /
-merged (the caches), methods (the factory from a `kv=` argument to its cache), analysis (per-layer states for
-studies and tests).
+Each method implements `Method` (zipjax.kv.method: check, decode_slots, make_cache, name, has_kernel) in the file
+named after it. Modules, each importing only those listed before it: codec (quantize, pack, stores), saliency / slerp
+(algorithms), method (the protocol and shared checks), dense, quantizing (what the quantized cache reads of a method,
+its geometry), quantized, sparse (the caches), the methods: zipcache, kivi (with KIVICache), uniform, zipvl (with its
+important tokens and sparse prefill), minicache (with MergedKVCache); methods (the registry by name and the factory
+from a `kv=` argument to its cache), analysis (per-layer states for studies and tests).
 """
 
 from zipjax.kv.dense import KVCache
-from zipjax.kv.kivi import KIVICache
-from zipjax.kv.merged import MergedKVCache
-from zipjax.kv.methods import as_method, cache_initializer, init_cache
+from zipjax.kv.kivi import KIVI, KIVICache
+from zipjax.kv.method import Method
+from zipjax.kv.methods import METHODS, as_method, cache_initializer, init_cache, method_from_name
+from zipjax.kv.minicache import MergedKVCache, MiniCache
 from zipjax.kv.quantized import QuantizedKVCache
-from zipjax.kv.spec import KIVI, Method, MiniCache, QuantMethod, Uniform, ZipCache, ZipVL
+from zipjax.kv.quantizing import QuantMethod
+from zipjax.kv.uniform import Uniform
+from zipjax.kv.zipcache import ZipCache
+from zipjax.kv.zipvl import ZipVL
 
-__all__ = ["KIVI", "KIVICache", "KVCache", "MergedKVCache", "Method", "MiniCache", "QuantMethod", "QuantizedKVCache",
-           "Uniform", "ZipCache", "ZipVL", "as_method", "cache_initializer", "init_cache"]
+__all__ = ["KIVI", "METHODS", "KIVICache", "KVCache", "MergedKVCache", "Method", "MiniCache", "QuantMethod",
+           "QuantizedKVCache", "Uniform", "ZipCache", "ZipVL", "as_method", "cache_initializer", "init_cache",
+           "method_from_name"]

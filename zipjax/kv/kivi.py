@@ -26,7 +26,10 @@ and dequantized in jnp otherwise; the window is always jnp, merged with the kern
 
 Where zipjax differs from the code: statistics are per sequence and left padding is left out of them (the code
 batches statistics without padding); the prefill's split points are computed on slots, shared by the batch.
-Imports: attention, cache, codec, spec, the kernel.
+
+    zipjax.generate(model, ids, n, kv=KIVI(bits=2, group=32, residual=128))
+
+Imports: attention, cache, platform, codec, method, sharding, the kernel.
 """
 
 from __future__ import annotations
@@ -44,10 +47,86 @@ from jax.sharding import PartitionSpec
 from zipjax.attention import MASK_VALUE, cache_attention, grouped_scores, masked_attention, visible_slots
 from zipjax.cache import check_prompt_then_tokens, replace_at
 from zipjax.config import ModelConfig
+from zipjax.errors import ZipjaxError
 from zipjax.kernels.quantized_attention import PackedSegment, combine, segment_attention
-from zipjax.kv.codec import SCALE_DTYPE, Store, dequantize, grouped, pack, quantize, quantize_key_blocks, unpack
-from zipjax.kv.spec import KIVI
+from zipjax.kv.codec import (
+    SCALE_DTYPE,
+    Codec,
+    Store,
+    dequantize,
+    grouped,
+    pack,
+    quantize,
+    quantize_key_blocks,
+    unpack,
+)
+from zipjax.kv.method import (
+    check_bits,
+    check_block_sizes,
+    check_group,
+    check_kernel,
+    check_packing,
+    check_positive,
+)
+from zipjax.platform import use_kernel
 from zipjax.sharding import states_per_shard
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KIVI:
+    """KIVI as its official code runs it (jy-yuan/KIVI, models/llama_kivi.py), cached by `KIVICache`:
+
+      keys    per channel, statistics per (channel, run of `group` tokens); the newest keys (the prompt's last
+              T0 % residual, then the decode tokens) stay in full precision until `residual` of them have gathered,
+              then are quantized together;
+      values  per token, in groups of `group` channels; the `residual` most recent values stay in full precision,
+              a sliding window: each decode step quantizes the one value that leaves it.
+
+    `group` is both the key run length and the value channel group (the code's one `group_size`); None quantizes
+    values per whole head and keys per run of `residual` tokens."""
+
+    name: ClassVar[str] = "kivi"
+    has_kernel: ClassVar[bool] = True
+    bits: int = 2
+    group: int | None = 32
+    residual: int = 128
+    kernel: bool | None = None
+
+    def __post_init__(self):
+        check_kernel(self.kernel)
+        check_bits("bits", self.bits)
+        check_group(self.group)
+        check_positive("residual", self.residual)
+        if self.group is not None and self.residual % self.group:
+            raise ZipjaxError(f"KIVI quantizes the key residual in runs of group={self.group} tokens: residual "
+                              f"({self.residual}) must be a multiple of group")
+
+    @property
+    def uses_kernel(self) -> bool:
+        """Whether decode attention runs the Pallas kernel, for the platform being traced (see `kernel`)."""
+        return use_kernel(self.kernel)
+
+    @property
+    def key_block(self) -> int:
+        """Tokens per channel-wise key statistic."""
+        return self.group or self.residual
+
+    @property
+    def codec(self) -> Codec:
+        return Codec("channel", "token", self.group, key_block=self.key_block)
+
+    @property
+    def decode_slots(self) -> int:
+        """None beyond the prompt: the residual windows live in their own rings."""
+        return 0
+
+    def check(self, config: ModelConfig, batch: int, max_len: int, prefill_len: int) -> None:
+        check_block_sizes(batch, max_len, prefill_len)
+        check_packing(config, self.bits, self.group)
+
+    def make_cache(self, config: ModelConfig, batch: int, max_len: int, prefill_len: int,
+                   starts: jax.Array | None = None, dtype=None) -> KIVICache:
+        return KIVICache.init(config, self, batch, max_len, prefill_len, starts, dtype)
 
 
 @struct.dataclass

@@ -1,10 +1,14 @@
-"""The method factory: from a `kv=` argument (None, or a method of zipjax.kv.spec) to the cache that runs it.
+"""The methods by name, and the factory from a `kv=` argument (None, or a `Method`) to the cache that runs it.
 
+    kv.METHODS["zipcache"]                       # ZipCache: the one registry the CLI and the benchmarks read
+    method = kv.method_from_name("kivi", bits=4, kernel=True)
     cache = init_cache(ZipCache(), config, batch, max_len, prefill_len, starts)   # a QuantizedKVCache
     init = cache_initializer(config, batch, max_len, mesh, ZipCache(), prefill_len)  # jitted, placed on the mesh
 
-`generate` and the image decoders depend on this module and on the `Cache` protocol only, never on the concrete
-cache classes. Imports: the caches (dense, quantized, kivi, merged), spec, sharding.
+The factory asks the method (`check`, `decode_slots`, `make_cache`, zipjax.kv.method.Method) and never tests its type;
+None is the dense cache. `generate` and the image decoders depend on this module and on the `Cache` protocol only,
+never on the concrete cache classes. Imports: dense, method, the methods (zipcache, kivi, uniform, zipvl, minicache),
+sharding.
 """
 
 from __future__ import annotations
@@ -19,59 +23,47 @@ from zipjax.cache import Cache
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.kv.dense import KVCache
-from zipjax.kv.kivi import KIVICache
-from zipjax.kv.merged import MergedKVCache
-from zipjax.kv.quantized import QuantizedKVCache
-from zipjax.kv.sparse import SparsePrefillKVCache
-from zipjax.kv.spec import (
-    KIVI,
-    Method,
-    MiniCache,
-    QuantMethod,
-    Uniform,
-    ZipCache,
-    ZipVL,
-    check_block_sizes,
-    geometry,
-)
+from zipjax.kv.kivi import KIVI
+from zipjax.kv.method import Method, as_method
+from zipjax.kv.minicache import MiniCache
+from zipjax.kv.uniform import Uniform
+from zipjax.kv.zipcache import ZipCache
+from zipjax.kv.zipvl import ZipVL
 from zipjax.sharding import jit_initializer
 
-METHODS = (ZipCache, KIVI, Uniform, ZipVL, MiniCache)
+__all__ = ["METHODS", "CacheRecipe", "as_method", "cache_initializer", "check_cache", "init_cache",
+           "method_from_name", "min_decode_slots"]
+
+METHODS: dict[str, type[Method]] = {method.name: method for method in (ZipCache, KIVI, Uniform, ZipVL, MiniCache)}
 
 
-def as_method(kv) -> Method | None:
-    """The `kv=` argument checked: None for the dense cache, or one of the methods; a clear error for anything else."""
-    if kv is None or isinstance(kv, METHODS):
-        return kv
-    names = ", ".join(m.__name__ for m in METHODS)
-    raise ZipjaxError(f"kv must be None or a zipjax.kv method ({names}), got {kv!r}")
+def method_from_name(name: str, **fields) -> Method:
+    """The method registered as `name` (zipjax.kv.METHODS), built with `fields` (e.g. kernel=True, bits=4)."""
+    if name not in METHODS:
+        raise ZipjaxError(f"no KV method named {name!r}; choose one of {', '.join(METHODS)}")
+    try:
+        return METHODS[name](**fields)
+    except TypeError as error:  # an unknown field: the dataclass names it
+        raise ZipjaxError(f"{name}: {error}") from None
 
 
 def check_cache(kv: Method | None, config: ModelConfig, batch: int, max_len: int, prefill_len: int) -> None:
     """Geometry errors (bit packing, window, layers) at the call site, not inside jit."""
-    if isinstance(kv, ZipVL) and not kv.compress:
-        check_block_sizes(batch, max_len, prefill_len)
-    elif isinstance(kv, QuantMethod):
-        geometry(config, kv, batch, max_len, prefill_len)
-    elif isinstance(kv, MiniCache | KIVI):
+    if kv is not None:
         kv.check(config, batch, max_len, prefill_len)
 
 
 def min_decode_slots(kv: Method | None) -> int:
-    """Cache slots a method needs after the prompt: a quantized cache's full-precision buffer must fit."""
-    dense = isinstance(kv, ZipVL) and not kv.compress
-    return kv.buffer_len if isinstance(kv, QuantMethod) and not dense else 0
+    """Cache slots a method needs after the prompt (a quantized cache's full-precision buffer must fit)."""
+    return 0 if kv is None else kv.decode_slots
 
 
 def init_cache(kv: Method | None, config: ModelConfig, batch: int, max_len: int, prefill_len: int,
                starts: jax.Array | None = None, dtype: jnp.dtype | None = None) -> Cache:
-    """An empty cache for `kv`: dense (None), quantized (ZipCache, Uniform, ZipVL), KIVI's or merged (MiniCache)."""
+    """An empty cache for `kv`: the dense cache (None), or the one the method makes."""
     if kv is None:
         return KVCache.init(config, batch, max_len, starts, dtype)
-    cls = {MiniCache: MergedKVCache, KIVI: KIVICache}.get(type(kv), QuantizedKVCache)
-    if isinstance(kv, ZipVL) and not kv.compress:
-        cls = SparsePrefillKVCache
-    return cls.init(config, kv, batch, max_len, prefill_len, starts, dtype)
+    return kv.make_cache(config, batch, max_len, prefill_len, starts, dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,95 +1,319 @@
-"""MiniCache's cross-layer merge (Liu et al., NeurIPS 2024) as pure functions: SLERP of directions, norms kept,
-distinct tokens retained.
+"""MiniCache (Liu et al., NeurIPS 2024): the method, and its cache, where adjacent deep layers share one direction
+per token and each keeps its norms.
 
-For a token's K (or V) vectors x0 in layer l-1 and x1 in layer l (the vector is the last axis: reshape to
-[..., heads * head_dim] to merge whole tokens as the paper writes it, or keep [..., heads, head_dim] per head), with
-Omega the angle between them:
+    zipjax.generate(model, ids, n, kv=MiniCache(t=0.6, gamma=0.05, inner=KIVI(bits=4)))
 
-  e = sin((1 - t) Omega) / sin(Omega) * x0 / |x0| + sin(t Omega) / sin(Omega) * x1 / |x1|      (paper Eq. 3)
+The pairs are (l - 1, l) with l odd from the start layer S (`MiniCache.pairs`; 30 layers, S = 15:
+(16, 17) .. (28, 29)); other layers are stored plain. At prefill the first layer of a pair is held back; at the
+second, both layers' keys (and, separately, values) are merged by zipjax.kv.slerp.merge_pair: the SLERP direction
+is stored once, each layer keeps its norm, and the `ceil(gamma n)` tokens whose directions differ most are kept
+exactly for both layers (a fixed count, so shapes are static). With `merge_dims="token"` (the default, the paper's
+X in R^{n x h}) a token's vector is its K (or V) across every KV head, so there is one norm and one angle per token
+and layer; "head" merges per (token, head). Plain layers and the shared prompt directions are stored by the `inner`
+quantizer (KIVI or Uniform: packed codes with their statistics) or, without one, in the cache dtype.
 
-t weighs the deeper layer (the main text; appendix Algorithm 2 swaps the roles, we follow the text). e is a unit
-vector; each layer keeps its own norm and is restored as e * |x| (Eq. 2). As Omega -> 0 the weights tend to
-(1 - t, t) and e to the normalized linear interpolation, which is what is computed there (no 0 / 0).
+Decoding: a plain layer appends its token to its own full-precision buffer. In a pair (with `merge_decode`, the
+paper's Algorithm 2), the first layer attends with its exact new token and hands it on; the second attends with its
+own, then merges the two into one direction and two norms written at the token's slot of the pair's decode buffer;
+later steps see the merged token restored (direction x norm). Decode tokens are not retained or quantized: the
+retention count is fixed at prefill, and the decode buffers stay in the cache dtype. `merge_decode=False` keeps every
+layer's decode tokens exact. Attention is the jnp path: MiniCache has no Pallas kernel, so `kernel=True` is refused
+(on the method and on its inner quantizer).
 
-Retention: pairs whose directions differ most are kept unmerged. The paper's printed inequality
-(d_i < d_min + gamma (d_max - d_min), d = Omega / pi) selects the *most similar* pairs, contradicting its text
-("highly distinct", "unmergeable" tokens) and its Figure 2b; the default `retain="distinct"` follows the text, and
-`retain="printed"` is the literal formula. Static shapes: a fixed number of retained tokens per sequence (`top-k` on
-the distance, the paper's fixed-ratio variant, Table C) instead of a data-dependent set.
+Imports: attention, cache, errors, codec, method, slerp, kivi, uniform.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import PartitionSpec
 
-EPS = 1e-6
+from zipjax.attention import cache_attention, masked_attention, visible_slots
+from zipjax.cache import check_prompt_then_tokens, replace_at
+from zipjax.config import ModelConfig
+from zipjax.errors import ZipjaxError
+from zipjax.kv.codec import Store
+from zipjax.kv.kivi import KIVI
+from zipjax.kv.method import check_block_sizes, check_packing, refuse_kernel
+from zipjax.kv.slerp import merge_pair
+from zipjax.kv.uniform import Uniform
 
-
-def angle(x0: jax.Array, x1: jax.Array) -> jax.Array:
-    """Omega in [0, pi] between the last-axis vectors of x0 and x1: [...]."""
-    n0 = jnp.linalg.norm(x0, axis=-1)
-    n1 = jnp.linalg.norm(x1, axis=-1)
-    cos = jnp.sum(x0 * x1, axis=-1) / jnp.maximum(n0 * n1, EPS)
-    return jnp.arccos(jnp.clip(cos, -1.0, 1.0))
-
-
-def slerp_direction(x0: jax.Array, x1: jax.Array, t: float) -> jax.Array:
-    """The unit merged direction e [..., d] of Eq. 3 (float32)."""
-    x0, x1 = x0.astype(jnp.float32), x1.astype(jnp.float32)
-    u0 = x0 / jnp.maximum(jnp.linalg.norm(x0, axis=-1, keepdims=True), EPS)
-    u1 = x1 / jnp.maximum(jnp.linalg.norm(x1, axis=-1, keepdims=True), EPS)
-    omega = angle(u0, u1)[..., None]
-    small = omega < 1e-4
-    sin = jnp.where(small, 1.0, jnp.sin(omega))
-    w0 = jnp.where(small, 1.0 - t, jnp.sin((1.0 - t) * omega) / sin)
-    w1 = jnp.where(small, t, jnp.sin(t * omega) / sin)
-    e = w0 * u0 + w1 * u1
-    # exact SLERP of unit vectors is unit; the small-angle branch (lerp) and rounding are renormalized
-    return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), EPS)
+Inner = KIVI | Uniform | None
 
 
-def merge_pair(x0: jax.Array, x1: jax.Array, t: float = 0.6, retain: int = 0, rule: str = "distinct",
-               valid: jax.Array | None = None):
-    """Merge two layers' states [batch, tokens, ..., d] (tokens on axis 1).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MiniCache:
+    """MiniCache: from `start_layer` S (None: half the layers) on, the layer pairs (l - 1, l) with l odd and
+    l - 1 >= S (30 layers: (16, 17) .. (28, 29)) share one SLERP direction per token (t weighs the deeper layer),
+    norms kept per layer, and the ceil(gamma n) most distinct prompt tokens kept exactly (`retain="printed"`: the
+    paper's literal, most-similar rule). `merge_dims="token"` (the paper's X in R^{n x h}) takes a token's norm and
+    angle over its whole vector across KV heads; "head" merges each head's vector separately. Decode tokens are
+    merged at the second layer of each pair as they arrive (Algorithm 2; `merge_decode=False` keeps them exact).
+    `inner`: KIVI(...) or Uniform(...) to quantize the prompt's stored arrays, or None."""
 
-    Returns (direction [batch, tokens, ..., d], norms0, norms1 [batch, tokens, ...], retained ids int32
-    [batch, retain], retained x0 and x1 [batch, retain, ..., d]). A token's distance is the mean angle over any
-    middle axes (heads), so a retained token keeps all its heads. valid bool [batch, tokens]: tokens that may be
-    retained (padding is not).
-    """
-    if rule not in ("distinct", "printed"):
-        raise ValueError(f"rule must be 'distinct' or 'printed', got {rule!r}")
-    direction = slerp_direction(x0, x1, t)
-    norms0 = jnp.linalg.norm(x0.astype(jnp.float32), axis=-1)
-    norms1 = jnp.linalg.norm(x1.astype(jnp.float32), axis=-1)
-    distance = angle(x0, x1) / jnp.pi  # [batch, tokens, ...]
-    distance = distance.reshape(distance.shape[0], distance.shape[1], -1).mean(axis=-1)  # [batch, tokens]
-    order = distance if rule == "distinct" else -distance
-    if valid is not None:
-        order = jnp.where(valid, order, -jnp.inf)
-    ids = jax.lax.top_k(order, retain)[1].astype(jnp.int32) if retain else jnp.zeros((x0.shape[0], 0), jnp.int32)
-    take = lambda x: jnp.take_along_axis(x, ids.reshape(*ids.shape, *([1] * (x.ndim - 2))), axis=1)
-    return direction, norms0, norms1, ids, take(x0), take(x1)
+    name: ClassVar[str] = "minicache"
+    has_kernel: ClassVar[bool] = False
+    start_layer: int | None = None
+    t: float = 0.6
+    gamma: float = 0.05
+    retain: str = "distinct"
+    merge_dims: str = "token"
+    merge_decode: bool = True
+    inner: KIVI | Uniform | None = None
+    kernel: bool | None = None
+
+    def __post_init__(self):
+        refuse_kernel("MiniCache", self.kernel, "merged layers are restored and attended in jax.numpy")
+        if self.start_layer is not None and (not isinstance(self.start_layer, int) or self.start_layer < 0):
+            raise ZipjaxError(f"start_layer must be None or a layer index >= 0, got {self.start_layer!r}")
+        if not 0 <= self.t <= 1:
+            raise ZipjaxError(f"t must lie in [0, 1], got {self.t}")
+        if not 0 <= self.gamma < 1:
+            raise ZipjaxError(f"gamma (the retained fraction) must lie in [0, 1), got {self.gamma}")
+        if self.retain not in ("distinct", "printed"):
+            raise ZipjaxError(f"retain must be 'distinct' or 'printed', got {self.retain!r}")
+        if self.merge_dims not in ("token", "head"):
+            raise ZipjaxError(f"merge_dims must be 'token' (whole vector) or 'head', got {self.merge_dims!r}")
+        if self.inner is not None and not isinstance(self.inner, KIVI | Uniform):
+            raise ZipjaxError(f"MiniCache's inner quantizer must be KIVI(...), Uniform(...) or None, got "
+                              f"{self.inner!r} (ZipCache's saliency split of merged directions is not implemented)")
+        if self.inner is not None:
+            refuse_kernel(f"MiniCache's inner {type(self.inner).__name__}", self.inner.kernel,
+                          "MiniCache restores the quantized prompt and attends in jax.numpy")
+
+    def start(self, num_layers: int) -> int:
+        return num_layers // 2 if self.start_layer is None else self.start_layer
+
+    def pairs(self, num_layers: int) -> tuple[tuple[int, int], ...]:
+        """The merged layer pairs (l - 1, l): l odd, l - 1 >= the start layer."""
+        start = self.start(num_layers)
+        return tuple((l - 1, l) for l in range(1, num_layers, 2) if l - 1 >= start)  # noqa: E741
+
+    def roles(self, num_layers: int) -> tuple[tuple[str, int], ...]:
+        """Per layer: ("plain", index into the plain layers), ("first", pair) or ("second", pair)."""
+        role = {}
+        for index, (first, second) in enumerate(self.pairs(num_layers)):
+            role[first], role[second] = ("first", index), ("second", index)
+        plain = [layer for layer in range(num_layers) if layer not in role]
+        return tuple(role[layer] if layer in role else ("plain", plain.index(layer)) for layer in range(num_layers))
+
+    def retained(self, prefill_len: int) -> int:
+        return math.ceil(self.gamma * prefill_len - 1e-9)
+
+    @property
+    def decode_slots(self) -> int:
+        """None beyond the prompt: decode tokens go to per-layer buffers sized by max_len."""
+        return 0
+
+    def check(self, config: ModelConfig, batch: int, max_len: int, prefill_len: int) -> None:
+        check_block_sizes(batch, max_len, prefill_len)
+        if not 0 <= self.start(config.num_layers) < config.num_layers:
+            raise ZipjaxError(f"start_layer {self.start_layer} is outside the model's {config.num_layers} layers")
+        if self.inner is not None:  # the inner residual window does not apply: decode tokens stay in MiniCache's
+            check_packing(config, self.inner.bits, self.inner.codec.group)  # own buffer
+
+    def make_cache(self, config: ModelConfig, batch: int, max_len: int, prefill_len: int,
+                   starts: jax.Array | None = None, dtype=None) -> MergedKVCache:
+        return MergedKVCache.init(config, self, batch, max_len, prefill_len, starts, dtype)
 
 
-def restore(direction: jax.Array, norms: jax.Array, ids: jax.Array, retained: jax.Array) -> jax.Array:
-    """One layer's states from the shared direction and its norms, with the retained tokens put back exactly."""
-    x = direction * norms[..., None]
-    batch = jnp.arange(x.shape[0])[:, None]
-    return x.at[batch, ids].set(retained.astype(x.dtype))
+def encode_states(inner: Inner, k: jax.Array, v: jax.Array, valid: jax.Array, dtype) -> Store | dict:
+    """k, v [batch, kv_heads, n, head_dim] -> a packed Store (inner quantizer) or {"k", "v"} in `dtype`."""
+    if inner is None:
+        return {"k": k.astype(dtype), "v": v.astype(dtype)}
+    return inner.codec.encode(inner.bits, k.astype(jnp.float32), v.astype(jnp.float32), valid)
 
 
-def memory_bytes(batch: int, layers: int, hidden: int, tokens: int, merged_from: int | None = None,
-                 retain_ratio: float = 0.0) -> float:
-    """The paper's memory accounting (§4.3, FP16 K and V): 4 b r h (s + n) bytes in full; merging the pairs from
-    layer r/2 on shares one direction per pair (3 b r h (s + n)), adds the norms (2 b r (s + n)) and the retained
-    tokens (2 * gamma * b r h (s + n) at gamma = retain_ratio): (3.1 h + 2) b r (s + n) at gamma = 0.05."""
-    full = 4 * batch * layers * hidden * tokens
-    if merged_from is None:
-        return full
-    pairs = (layers - merged_from) // 2
-    saved = 4 * batch * pairs * hidden * tokens  # per pair one layer's FP16 K and V (2 arrays x 2 bytes) fewer
-    norms = 2 * batch * layers * tokens if pairs else 0
-    retained = 2 * retain_ratio * batch * layers * hidden * tokens
-    return full - saved + norms + retained
+def decode_states(inner: Inner, piece: Store | dict) -> tuple[jax.Array, jax.Array]:
+    """Inverse of `encode_states`: float32 keys and values [batch, kv_heads, n, head_dim]."""
+    if inner is None:
+        return piece["k"].astype(jnp.float32), piece["v"].astype(jnp.float32)
+    n = piece.k_codes.shape[2]
+    return inner.codec.decode(piece, inner.bits, np.zeros(n, np.int32), None)
+
+
+def merge_states(method: MiniCache, x0: jax.Array, x1: jax.Array, retain: int, valid: jax.Array | None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Merge two layers' states x0, x1 [batch, kv_heads, m, head_dim] per token (whole vector across heads) or per
+    (token, head). Returns direction [batch, kv_heads, m, head_dim] (unit per merged vector), norms float16
+    [batch, 1 or kv_heads, m, 2] (layer l - 1, layer l), retained ids int32 [batch, retain] and their exact states
+    [batch, kv_heads, retain, 2, head_dim]."""
+    b, h, m, d = x0.shape
+    whole = method.merge_dims == "token"
+    as_vectors = lambda x: x.transpose(0, 2, 1, 3).reshape(b, m, h * d) if whole else x.transpose(0, 2, 1, 3)
+    back = lambda y: y.reshape(b, -1, h, d).transpose(0, 2, 1, 3)  # [b, m', h * d | h, d] -> [b, h, m', d]
+    direction, n0, n1, ids, kept0, kept1 = merge_pair(as_vectors(x0), as_vectors(x1), method.t, retain,
+                                                      method.retain, valid=valid)
+    norms = jnp.stack([n0, n1], axis=-1)  # [b, m, 2] (whole) or [b, m, h, 2]
+    norms = norms[:, None] if whole else norms.transpose(0, 2, 1, 3)
+    return back(direction), norms.astype(jnp.float16), ids, jnp.stack([back(kept0), back(kept1)], axis=-2)
+
+
+@struct.dataclass
+class MergedKVCache:
+    plain: tuple  # per unmerged layer: the prompt's K/V (Store or {"k", "v"}) [batch, kv_heads, n, ...]
+    pairs: tuple  # per pair: {"dir": Store | dict, "k_norms", "v_norms": f16 [batch, 1 | kv_heads, n, 2],
+    #                 "k_ids", "v_ids": int32 [batch, r], "k_kept", "v_kept": [batch, kv_heads, r, 2, head_dim]}
+    k_buf: tuple  # per layer [batch, kv_heads, T, head_dim] decode tokens (T = 0 for merged decode layers)
+    v_buf: tuple
+    pair_buf: tuple  # per pair (merge_decode): {"k_dir", "v_dir": [batch, kv_heads, T, head_dim], "k_norms",
+    #                  "v_norms": f16 [batch, 1 | kv_heads, T, 2]}; T = max_len - n
+    cursor: jax.Array
+    starts: jax.Array
+    pending: tuple | None  # between the two layers of a pair: the first layer's raw (k, v)
+    method: MiniCache = struct.field(pytree_node=False)
+    prefill_len: int = struct.field(pytree_node=False)
+    num_layers: int = struct.field(pytree_node=False)
+    accepts_chunks: ClassVar[bool] = False  # the prompt is compressed as one block
+
+    @classmethod
+    def init(cls, config: ModelConfig, method: MiniCache, batch: int, max_len: int, prefill_len: int,
+             starts: jax.Array | None = None, dtype=None) -> MergedKVCache:
+        method.check(config, batch, max_len, prefill_len)
+        dtype = dtype or config.jnp_dtype
+        b, h, d, n, steps = batch, config.num_kv_heads, config.head_dim, prefill_len, max_len - prefill_len
+        hn = 1 if method.merge_dims == "token" else h
+        zeros = jnp.zeros((b, h, n, d), jnp.float32)
+        valid = jnp.ones((b, h, n), bool)
+        roles = method.roles(config.num_layers)
+        r = method.retained(n)
+        plain = tuple(encode_states(method.inner, zeros, zeros, valid, dtype) for role, _ in roles if role == "plain")
+        norms = lambda m: jnp.zeros((b, hn, m, 2), jnp.float16)
+        pair = lambda: {"dir": encode_states(method.inner, zeros, zeros, valid, dtype),
+                        "k_norms": norms(n), "v_norms": norms(n),
+                        "k_ids": jnp.zeros((b, r), jnp.int32), "v_ids": jnp.zeros((b, r), jnp.int32),
+                        "k_kept": jnp.zeros((b, h, r, 2, d), dtype), "v_kept": jnp.zeros((b, h, r, 2, d), dtype)}
+        pairs = tuple(pair() for role, _ in roles if role == "second")
+        merged = lambda role: method.merge_decode and role != "plain"
+        buf = lambda role: jnp.zeros((b, h, 0 if merged(role) else steps, d), dtype)
+        decode_pair = lambda: {"k_dir": jnp.zeros((b, h, steps, d), dtype), "v_dir": jnp.zeros((b, h, steps, d), dtype),
+                               "k_norms": norms(steps), "v_norms": norms(steps)}
+        pair_buf = tuple(decode_pair() for _ in pairs) if method.merge_decode else ()
+        starts = jnp.zeros((batch,), jnp.int32) if starts is None else jnp.asarray(starts, jnp.int32)
+        return cls(plain=plain, pairs=pairs, k_buf=tuple(buf(role) for role, _ in roles),
+                   v_buf=tuple(buf(role) for role, _ in roles), pair_buf=pair_buf, cursor=jnp.zeros((), jnp.int32),
+                   starts=starts, pending=None, method=method, prefill_len=n, num_layers=config.num_layers)
+
+    @property
+    def batch(self) -> int:
+        return self.starts.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.prefill_len + max(x.shape[2] for x in (*self.k_buf, *(p["k_dir"] for p in self.pair_buf)))
+
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree.leaves(self))
+
+    def prompt_nbytes(self) -> int:
+        """Bytes holding the prompt: plain layers and merged pairs (directions, norms, retained tokens)."""
+        return sum(x.nbytes for x in jax.tree.leaves((self.plain, self.pairs)))
+
+    def logical_axes(self) -> MergedKVCache:
+        per_head = PartitionSpec("batch", "kv_heads")
+        specs = jax.tree.map(lambda x: per_head, self)
+        pairs = tuple({**p, "k_ids": PartitionSpec("batch"), "v_ids": PartitionSpec("batch")} for p in specs.pairs)
+        return dataclasses.replace(specs, pairs=pairs, cursor=PartitionSpec(), starts=PartitionSpec("batch"))
+
+    def check_fits(self, tokens_shape: tuple[int, int]) -> None:
+        check_prompt_then_tokens(tokens_shape, "MiniCache", self.batch, self.prefill_len, self.cursor, self.max_len)
+
+    def advance(self, num_tokens: int) -> MergedKVCache:
+        return dataclasses.replace(self, cursor=self.cursor + num_tokens)
+
+    def attend(self, layer: int, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
+               sliding_window: int | None) -> tuple[jax.Array, MergedKVCache]:
+        """q: [batch, q_len, heads, head_dim]; k_new, v_new: [batch, q_len, kv_heads, head_dim]."""
+        attend = self._attend_prompt if q.shape[1] > 1 else self._attend_token
+        return attend(layer, q, k_new, v_new, sliding_window)
+
+    def _attend_prompt(self, layer, q, k_new, v_new, sliding_window):
+        """Exact attention over the prompt; store the layer plain, hold it back (first of a pair), or merge the
+        pair (second)."""
+        n = q.shape[1]
+        slots = jnp.arange(n, dtype=jnp.int32)
+        valid = slots[None, :] >= self.starts[:, None]  # [batch, n]
+        k, v = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)  # [batch, kv_heads, n, head_dim]
+        out = cache_attention(q, k, v, jnp.zeros((), jnp.int32), self.starts, sliding_window)
+        role, index = self.method.roles(self.num_layers)[layer]
+        head_valid = jnp.broadcast_to(valid[:, None, :], k.shape[:3])
+        dtype = self.k_buf[0].dtype
+        if role == "plain":
+            plain = list(self.plain)
+            plain[index] = encode_states(self.method.inner, k, v, head_valid, dtype)
+            return out, dataclasses.replace(self, plain=tuple(plain))
+        if role == "first":
+            return out, dataclasses.replace(self, pending=(k, v))
+        k0, v0 = self.pending
+        r = self.method.retained(n)
+        pair, directions = {}, []
+        for name, x0, x1 in (("k", k0, k), ("v", v0, v)):
+            direction, norms, ids, kept = merge_states(self.method, x0, x1, r, valid)
+            directions.append(direction)
+            pair[f"{name}_norms"], pair[f"{name}_ids"], pair[f"{name}_kept"] = norms, ids, kept.astype(dtype)
+        pair["dir"] = encode_states(self.method.inner, *directions, head_valid, dtype)
+        pairs = list(self.pairs)
+        pairs[index] = pair
+        return out, dataclasses.replace(self, pairs=tuple(pairs), pending=None)
+
+    def restore(self, layer: int) -> tuple[jax.Array, jax.Array]:
+        """The layer's prompt keys and values, float32 [batch, kv_heads, n, head_dim]."""
+        role, index = self.method.roles(self.num_layers)[layer]
+        if role == "plain":
+            return decode_states(self.method.inner, self.plain[index])
+        pair = self.pairs[index]
+        side = 0 if role == "first" else 1
+        k_dir, v_dir = decode_states(self.method.inner, pair["dir"])
+        out = []
+        for name, direction in (("k", k_dir), ("v", v_dir)):
+            x = direction * pair[f"{name}_norms"][..., side, None].astype(jnp.float32)
+            ids = pair[f"{name}_ids"]  # [batch, r]
+            b_idx = jnp.arange(x.shape[0])[:, None, None]
+            h_idx = jnp.arange(x.shape[1])[None, :, None]
+            kept = pair[f"{name}_kept"][..., side, :].astype(jnp.float32)  # [batch, kv_heads, r, head_dim]
+            out.append(x.at[b_idx, h_idx, ids[:, None, :]].set(kept))
+        return out[0], out[1]
+
+    def _decode_states(self, layer: int, k_new: jax.Array, v_new: jax.Array) -> tuple[jax.Array, jax.Array, dict]:
+        """The layer's decode keys and values float32 [batch, kv_heads, T, head_dim] with this step's exact token
+        at its slot, and the cache fields this step updates."""
+        t = self.cursor - self.prefill_len
+        role, index = self.method.roles(self.num_layers)[layer]
+        if role == "plain" or not self.method.merge_decode:
+            k_buf = jax.lax.dynamic_update_slice_in_dim(self.k_buf[layer], k_new.astype(self.k_buf[layer].dtype), t, 2)
+            v_buf = jax.lax.dynamic_update_slice_in_dim(self.v_buf[layer], v_new.astype(self.v_buf[layer].dtype), t, 2)
+            update = {"k_buf": replace_at(self.k_buf, layer, k_buf), "v_buf": replace_at(self.v_buf, layer, v_buf)}
+            return k_buf.astype(jnp.float32), v_buf.astype(jnp.float32), update
+        buf = self.pair_buf[index]
+        side = 0 if role == "first" else 1
+        history = [buf[f"{name}_dir"].astype(jnp.float32) * buf[f"{name}_norms"][..., side, None].astype(jnp.float32)
+                   for name in ("k", "v")]
+        keys, values = (jax.lax.dynamic_update_slice_in_dim(x, new.astype(jnp.float32), t, 2)
+                        for x, new in zip(history, (k_new, v_new), strict=True))
+        if role == "first":
+            return keys, values, {"pending": (k_new, v_new)}
+        merged = dict(buf)
+        for name, x0, x1 in (("k", self.pending[0], k_new), ("v", self.pending[1], v_new)):
+            direction, norms, _, _ = merge_states(self.method, x0, x1, 0, None)
+            merged[f"{name}_dir"] = jax.lax.dynamic_update_slice_in_dim(
+                buf[f"{name}_dir"], direction.astype(buf[f"{name}_dir"].dtype), t, 2)
+            merged[f"{name}_norms"] = jax.lax.dynamic_update_slice_in_dim(buf[f"{name}_norms"], norms, t, 2)
+        return keys, values, {"pending": None, "pair_buf": replace_at(self.pair_buf, index, merged)}
+
+    def _attend_token(self, layer, q, k_new, v_new, sliding_window):
+        """Attend over the restored prompt and the layer's decode tokens (this step's exact); store the token."""
+        k_dec, v_dec, update = self._decode_states(layer, k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3))
+        k_prompt, v_prompt = self.restore(layer)
+        keys = jnp.concatenate([k_prompt, k_dec], axis=2)
+        values = jnp.concatenate([v_prompt, v_dec], axis=2)
+        slots = jnp.arange(keys.shape[2], dtype=jnp.int32)
+        visible = visible_slots(slots[None, :], self.cursor, self.starts[:, None], sliding_window)  # [batch, kv_len]
+        out, _ = masked_attention(q, keys, values, visible[:, None, None, :])
+        return out.astype(q.dtype), dataclasses.replace(self, **update)

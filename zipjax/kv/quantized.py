@@ -34,7 +34,8 @@ is quantized once with its own statistics (the code re-quantizes the whole cache
 100 tokens, compounding error).
 
 What is method-specific (bit widths, codec, how a block is split and ranked, how the prompt attends) comes from the
-method (zipjax.kv.spec.QuantMethod); the cache only stores and attends. Imports: spec, codec, attention, the kernel.
+method (zipjax.kv.quantizing.QuantMethod); the cache only stores and attends. Imports: quantizing, codec, attention,
+the kernel.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from zipjax.cache import check_prompt_then_tokens, replace_at
 from zipjax.config import ModelConfig
 from zipjax.kernels.quantized_attention import PackedSegment, combine, segment_attention
 from zipjax.kv.codec import Store, channel_scale
-from zipjax.kv.spec import Geometry, QuantMethod, Ranking, geometry
+from zipjax.kv.quantizing import Geometry, QuantMethod, Ranking, geometry
 from zipjax.sharding import states_per_shard
 
 

@@ -1,9 +1,9 @@
 """ZipVL's sparse prefill over a dense cache: the paper's Video-MME setting, where only the prefill is sparsified.
 
 The prompt pass ranks the prompt's tokens and attends among the important ones exactly as ZipVL's quantized cache
-does (zipjax.kv.spec.ZipVL.rank_prompt / prefill_attention: unimportant queries get a zero attention output); every
+does (zipjax.kv.zipvl.ZipVL.rank_prompt / prefill_attention: unimportant queries get a zero attention output); every
 key and value is then written into a dense `KVCache` in full precision, and decoding is the dense cache's.
-Imports: dense, spec.
+Imports: dense, method, quantizing (the method is read through `QuantMethod`).
 """
 
 from __future__ import annotations
@@ -16,17 +16,18 @@ from flax import struct
 
 from zipjax.config import ModelConfig
 from zipjax.kv.dense import KVCache
-from zipjax.kv.spec import ZipVL, check_block_sizes
+from zipjax.kv.method import check_block_sizes
+from zipjax.kv.quantizing import QuantMethod
 
 
 @struct.dataclass
 class SparsePrefillKVCache:
     inner: KVCache
-    method: ZipVL = struct.field(pytree_node=False)
+    method: QuantMethod = struct.field(pytree_node=False)
     accepts_chunks: ClassVar[bool] = False  # the prompt is ranked as one block
 
     @classmethod
-    def init(cls, config: ModelConfig, method: ZipVL, batch: int, max_len: int, prefill_len: int,
+    def init(cls, config: ModelConfig, method: QuantMethod, batch: int, max_len: int, prefill_len: int,
              starts: jax.Array | None = None, dtype=None) -> SparsePrefillKVCache:
         check_block_sizes(batch, max_len, prefill_len)
         return cls(inner=KVCache.init(config, batch, max_len, starts, dtype), method=method)

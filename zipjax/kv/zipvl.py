@@ -1,4 +1,6 @@
-"""ZipVL's layer-adaptive important tokens and sparse prefill attention (He et al., arXiv 2410.08584).
+"""ZipVL (He et al., arXiv 2410.08584): the method, its layer-adaptive important tokens and sparse prefill attention.
+
+    zipjax.generate(model, ids, n, kv=ZipVL(tau=0.975, high_bits=4, low_bits=2))
 
 Per layer, probe queries (ZipCache's: the most recent tokens and as many random earlier ones) give an attention
 matrix A' (zipjax.kv.saliency.prompt_statistics). Two statistics of its columns are used, as the paper does:
@@ -16,16 +18,31 @@ runs and the attention FLOPs are (P / length)^2 of dense: 1 - rho^2 saved. Rows 
 Choices where the paper is silent: a query that is not important gets a zero attention output (only its residual
 stream carries it on; a reviewer's "padded out"); the prompt's last token is always important, since its query
 predicts the first new token; heads are summed for p (one p per sequence and layer).
+
+The method `ZipVL` says which cache runs it: QuantizedKVCache (important tokens at high bits, the rest at low bits or
+dropped), or, with `compress=False`, SparsePrefillKVCache (sparse prefill over a dense cache).
+Imports: attention, errors, config, method, quantizing, quantized, sparse, saliency.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from zipjax.attention import grouped_attention, grouped_scores, grouped_values, masked_softmax
+from zipjax.cache import Cache
+from zipjax.config import ModelConfig
+from zipjax.errors import ZipjaxError
+from zipjax.kv.method import check_block_sizes, check_positive
+from zipjax.kv.quantized import QuantizedKVCache
+from zipjax.kv.quantizing import MixedPrecision, Ranking, buffer_score
+from zipjax.kv.saliency import prompt_statistics
+from zipjax.kv.sparse import SparsePrefillKVCache
 
 
 def important_count(mass: jax.Array, tau: float) -> jax.Array:
@@ -121,3 +138,101 @@ def restricted_attention(q: jax.Array, k: jax.Array, v: jax.Array, important: ja
 def attention_flops(length: int, size: int, heads: int, head_dim: int) -> tuple[int, int]:
     """(dense, sparse) attention FLOPs per sequence of QK^T and PV: 4 * heads * head_dim * rows^2."""
     return 4 * heads * head_dim * length**2, 4 * heads * head_dim * size**2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ZipVL(MixedPrecision):
+    """ZipVL: per layer (and per compressed window) the important tokens are the fewest holding `tau` of the probe
+    attention mass, ranked by normalized score; prompt attention runs only among them (sparse prefill); the cache
+    keeps them at `high_bits` and the rest at `low_bits` (v1), or drops the rest (v2, `evict=True`). The shared
+    fields (bits, saliency, probe_ratio, window, seed, kernel) are `MixedPrecision`'s.
+
+    As the paper: one important set T per layer, shared by its heads (Algorithm 1; `per_head=True` ranks each KV
+    head by its own score, with the same count p), and the probes are the 64 most recent and 64 random queries
+    (`probes`; None: `probe_ratio` of the prompt, 5% + 5% as ZipCache). `compress=False` keeps a dense cache and
+    only sparsifies the prefill (the paper's Video-MME setting); `sparse_prefill=False` only compresses (its GSM8k
+    setting).
+
+    Static shapes: the cache has room for ceil(max_ratio n) important tokens per block of n and, in v1, for the
+    n - ceil(min_ratio n) others, so p is clipped into `ratio_range` for storage (sparse prefill uses p itself);
+    `QuantizedKVCache.stored_nbytes()` counts the tokens actually stored (clipped p), not the room."""
+
+    name: ClassVar[str] = "zipvl"
+    tau: float = 0.975
+    evict: bool = False
+    ratio_range: tuple[float, float] = (0.2, 0.6)
+    sparse_prefill: bool = True
+    compress: bool = True
+    per_head: bool = False
+    buckets: int = 8
+    probes: tuple[int, int] | None = (64, 64)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.tau <= 1:
+            raise ZipjaxError(f"tau must lie in (0, 1], got {self.tau}")
+        low, high = self.ratio_range
+        if not 0 <= low <= high <= 1 or high == 0:
+            raise ZipjaxError(f"ratio_range must be (low, high) with 0 <= low <= high <= 1, high > 0; got "
+                              f"{self.ratio_range}")
+        check_positive("buckets", self.buckets)
+        if self.probes is not None and (len(self.probes) != 2 or min(self.probes) < 0 or self.probes[0] < 1):
+            raise ZipjaxError(f"probes must be (recent >= 1, random >= 0) query counts or None, got {self.probes!r}")
+        if not (self.compress or self.sparse_prefill):
+            raise ZipjaxError("ZipVL with compress=False and sparse_prefill=False is the dense cache: use kv=None")
+
+    def check(self, config: ModelConfig, batch: int, max_len: int, prefill_len: int) -> None:
+        if self.compress:
+            super().check(config, batch, max_len, prefill_len)
+        else:  # a dense cache: nothing is packed, no buffer
+            check_block_sizes(batch, max_len, prefill_len)
+
+    @property
+    def decode_slots(self) -> int:
+        return self.buffer_len if self.compress else 0
+
+    def make_cache(self, config: ModelConfig, batch: int, max_len: int, prefill_len: int,
+                   starts: jax.Array | None = None, dtype=None) -> Cache:
+        cache = QuantizedKVCache if self.compress else SparsePrefillKVCache
+        return cache.init(config, self, batch, max_len, prefill_len, starts, dtype)
+
+    @property
+    def subset_bits(self) -> tuple[int, int]:
+        return self.high_bits, self.high_bits if self.evict else self.low_bits
+
+    def clip_count(self, n: int) -> tuple[int, int]:
+        """The static (lowest, highest) salient count of a block of n tokens."""
+        low, high = self.ratio_range
+        return min(n, math.ceil(low * n - 1e-9)), max(1, min(n, math.ceil(high * n - 1e-9)))
+
+    def split(self, n: int) -> tuple[int, int]:
+        """Room for up to ceil(max_ratio n) salient tokens and for the rest of the block once at least
+        ceil(min_ratio n) are salient (none when evicting)."""
+        lowest, highest = self.clip_count(n)
+        return highest, 0 if self.evict else n - lowest
+
+    def _ranking(self, order: jax.Array, mass: jax.Array) -> Ranking:
+        count = important_count(mass, self.tau)
+        return Ranking(order, count, jnp.clip(count, *self.clip_count(mass.shape[-1])).astype(jnp.int32))
+
+    def _shared(self, score: jax.Array) -> jax.Array:
+        """The score T is chosen by: per KV head, or (the paper) the layer's heads summed, broadcast back."""
+        if self.per_head:
+            return score
+        return jnp.broadcast_to(score.sum(axis=1, keepdims=True), score.shape)
+
+    def rank_prompt(self, q, k, starts, layer):
+        key = jax.random.fold_in(jax.random.key(self.seed), layer)
+        mass, score = prompt_statistics(q, k, starts, method=self.saliency, probe_ratio=self.probe_ratio,
+                                        normalize="probe", key=key, probes=self.probes)
+        return self._ranking(important_order(self._shared(score)), mass)
+
+    def rank_buffer(self, mass):
+        return self._ranking(jnp.argsort(-self._shared(buffer_score(mass)), axis=-1, stable=True), mass)
+
+    def prefill_attention(self, q, k, v, ranking, starts, sliding_window):
+        if not self.sparse_prefill:
+            return super().prefill_attention(q, k, v, ranking, starts, sliding_window)
+        out, _ = sparse_prefill_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), ranking.order,
+                                          ranking.count, starts, buckets=self.buckets, sliding_window=sliding_window)
+        return out
