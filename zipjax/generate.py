@@ -30,8 +30,8 @@ from zipjax.cache import AppendCache
 from zipjax.config import ModelConfig
 from zipjax.deltas import WeightDeltas
 from zipjax.errors import ZipjaxError
-from zipjax.kv.methods import as_method, cache_initializer, check_cache, min_decode_slots
 from zipjax.kv.method import Method
+from zipjax.kv.methods import as_method, cache_initializer, check_cache, min_decode_slots
 from zipjax.model import Model, check_token_ids
 from zipjax.sampling import SamplingMode, check_settings, sample
 from zipjax.shapes import CACHE_ROUNDING, left_pad, next_pow2, prompt_bucket

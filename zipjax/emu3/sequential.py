@@ -27,8 +27,8 @@ from zipjax.emu3.decoding import (
     sample_codes,
     visual_logprobs,
 )
-from zipjax.kv.methods import as_method, cache_initializer, check_cache
 from zipjax.kv.method import Method
+from zipjax.kv.methods import as_method, cache_initializer, check_cache
 from zipjax.shapes import cache_length
 from zipjax.sharding import to_host
 from zipjax.transformer import Params, Transformer, output_head
