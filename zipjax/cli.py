@@ -134,16 +134,22 @@ def _text(value: str, what: str) -> str:
 
 
 def _generate_parser(commands) -> None:
-    gen = commands.add_parser("generate", help="stream text generated from a prompt")
-    gen.add_argument("prompt", help="the prompt text")
+    gen = commands.add_parser("generate", help="stream text generated from a prompt, or answer a file of prompts")
+    gen.add_argument("prompt", nargs="?", default=None,
+                     help="the prompt text ('-': read it from standard input); or give --prompts")
+    gen.add_argument("--prompts", type=_path, default=None, metavar="FILE",
+                     help="a batch: one prompt per line, or JSON lines ({\"prompt\": ...} or {\"messages\": [...]}, an "
+                          "optional \"id\"); '-' reads standard input; one JSON line per prompt is written out")
+    gen.add_argument("--batch-size", type=_positive_int, default=8, help="prompts generated together with --prompts")
     gen.add_argument("--checkpoint", type=_path, default=None,
                      help="zipjax checkpoint folder (default: the shipped checkpoints/stdlib-llama)")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=100)
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=100, help="tokens to generate at most")
     gen.add_argument("--temperature", type=_number, default=0.0, help="0 (default) is greedy decoding")
-    gen.add_argument("--top-k", type=_positive_int, default=None)
-    gen.add_argument("--top-p", type=_number, default=None)
-    gen.add_argument("--seed", type=_integer, default=0)
+    gen.add_argument("--top-k", type=_positive_int, default=None, help="sample among the k most likely tokens")
+    gen.add_argument("--top-p", type=_number, default=None, help="sample within this probability mass (nucleus)")
+    gen.add_argument("--seed", type=_integer, default=0, help="the random seed of sampling")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
     gen.add_argument("--kv", choices=("dense", *kv.METHODS), default="dense",
                      help="KV cache: dense (default), or a zipjax.kv method with its defaults: zipcache (4/2-bit "
                           "mixed precision, 60%% salient), kivi (2-bit), uniform (4-bit token-wise), zipvl (sparse "
@@ -157,6 +163,8 @@ def _generate_parser(commands) -> None:
     gen.add_argument("--experts", type=_path, default=None, metavar="BANK",
                      help="an expert bank built on this checkpoint (zipjax experts compress)")
     gen.add_argument("--expert", default=None, help="the expert to generate with (a name in the bank, or 'auto')")
+    gen.add_argument("--router", type=_path, default=None, metavar="DIR",
+                     help="with --expert auto: the router's folder (default: the bank's folder, then beside it)")
     gen.add_argument("--delta-mode", choices=("dense", "grouped", "kernel", "merged"), default=None,
                      help="how expert deltas are applied: 'kernel' (the Pallas kernel), 'dense' or 'grouped' (the "
                      "jax.numpy paths), 'merged' (W_base + delta built per expert; one expert per run); default: "
@@ -267,52 +275,164 @@ def _version() -> str:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    prompt = _text(args.prompt, "prompt")
+    if (args.prompt is None) == (args.prompts is None):
+        raise ZipjaxError("give a prompt or --prompts FILE (one of them)")
+    if args.system is not None and not args.chat:
+        raise ZipjaxError("--system needs --chat")
     if args.kv_kernel and not (args.kv != "dense" and kv.METHODS[args.kv].has_kernel):
         with_kernel = " or ".join(f"--kv {name}" for name, method in kv.METHODS.items() if method.has_kernel)
         raise ZipjaxError(f"--kv-kernel needs {with_kernel} (the {args.kv} cache has no kernel)")
+    if (args.expert is not None or args.router is not None) and args.experts is None:
+        raise ZipjaxError("--expert and --router need --experts BANK")
+    items = read_prompts(args.prompts) if args.prompts is not None else [{"prompt": _prompt_argument(args.prompt)}]
     method = None if args.kv == "dense" else kv.method_from_name(args.kv, kernel=True if args.kv_kernel else None)
-    if args.expert is not None and args.experts is None:
-        raise ZipjaxError("--expert needs --experts BANK")
     model = load(args.checkpoint or default_checkpoint(), dtype=args.dtype)
-    tokenizer = model.tokenizer
-    ids = tokenizer.chat(prompt) if args.chat else tokenizer.encode(prompt)
-    expert = {}
-    if args.experts is not None:
-        from zipjax import experts
+    model, router = _with_experts(model, args)
+    settings = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, kv=method)
+    if args.prompts is None:
+        _stream_one(model, args, items[0], settings, router)
+    else:
+        _answer_batch(model, args, items, settings, router)
 
-        router = None
-        if args.expert == "auto":  # the router is saved in the bank's folder or beside it (zipjax.experts.router)
-            from zipjax.experts.router import MANIFEST, Router
 
-            folder = args.experts if (args.experts / MANIFEST).is_file() else args.experts.parent
-            router = Router.load(folder, model)
-        mode = experts.DELTA_MODES[args.delta_mode] if args.delta_mode else {}  # kernel= / path= / merged=
-        model = experts.attach(model, experts.load(args.experts, model), **mode, check=False, router=router)
-        expert = {"expert": args.expert}
-    stop = set(model.config.eos_token_ids)
-    start = time.perf_counter()
-    steps = generate_stream(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, kv=method, **expert)
-    first = next(steps)  # every setting is checked before anything is printed
-    if not args.chat:
-        sys.stdout.write(prompt)
-    generated: list[int] = []
-    printed = ""
-    for step in itertools.chain([first], steps):
-        token = int(step[0])
-        if token in stop:
-            break
-        generated.append(token)
-        text = tokenizer.decode(generated)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+def _prompt_argument(text: str) -> str:
+    return _text(sys.stdin.read() if text == "-" else text, "prompt")
+
+
+def read_prompts(path: Path) -> list[dict]:
+    """--prompts: a file ('-': standard input) of one prompt per line, or of JSON objects with "prompt" or
+    "messages" (and an optional "id") per line. Blank lines are skipped."""
+    import json
+
+    text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    items = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
             continue
-        sys.stdout.write(text[len(printed):])
-        sys.stdout.flush()
-        printed = text
+        if not line.lstrip().startswith("{"):
+            items.append({"prompt": _text(line, f"prompt on line {number}")})
+            continue
+        try:
+            item = json.loads(line)
+        except (ValueError, RecursionError):
+            raise ZipjaxError(f"{path}: line {number} is not valid JSON") from None
+        if not isinstance(item, dict) or len({"prompt", "messages"} & set(item)) != 1:
+            raise ZipjaxError(f"{path}: line {number} needs exactly one of \"prompt\" and \"messages\"")
+        if "prompt" in item and not isinstance(item["prompt"], str):
+            raise ZipjaxError(f"{path}: line {number}: \"prompt\" must be text")
+        items.append(item)
+    if not items:
+        raise ZipjaxError(f"{path} holds no prompts")
+    return items
+
+
+def _prompt_ids(tokenizer, args: argparse.Namespace, item: dict) -> list[int]:
+    if "messages" in item:
+        if not args.chat:
+            raise ZipjaxError("prompts given as chat messages need --chat")
+        return tokenizer.chat(item["messages"], system=args.system)
+    return tokenizer.chat(item["prompt"], system=args.system) if args.chat else tokenizer.encode(item["prompt"])
+
+
+def _with_experts(model, args: argparse.Namespace):
+    """The model with the bank attached (and the router, for --expert auto), or as it is."""
+    if args.experts is None:
+        return model, None
+    from zipjax import experts
+    from zipjax.experts.router import MANIFEST, Router
+
+    router = None
+    if args.expert == "auto":  # the router is saved in the bank's folder or beside it (zipjax.experts.router)
+        folder = args.router or (args.experts if (args.experts / MANIFEST).is_file() else args.experts.parent)
+        router = Router.load(folder, model)
+    mode = experts.DELTA_MODES[args.delta_mode] if args.delta_mode else {}  # kernel= / path= / merged=
+    return experts.attach(model, experts.load(args.experts, model), **mode, check=False, router=router), router
+
+
+def _expert_for(model, router, args: argparse.Namespace, prompts: list[list[int]]):
+    """The expert of each prompt: --expert as given, with 'auto' resolved here so the status line can name it."""
+    if args.experts is None:
+        return {}
+    if args.expert != "auto":
+        return {"expert": args.expert}
+    from zipjax.experts.serve import route
+
+    return {"expert": route(model, router, prompts)}
+
+
+def _stream_one(model, args: argparse.Namespace, item: dict, settings: dict, router) -> None:
+    from zipjax.clock import CompileClock
+    from zipjax.streamer import TextStreamer
+
+    ids = _prompt_ids(model.tokenizer, args, item)
+    expert = _expert_for(model, router, args, [ids])
+    stop = set(model.config.eos_token_ids)
+    with CompileClock() as clock:
+        start = time.perf_counter()
+        steps = generate_stream(model, [ids], args.max_new_tokens, **settings, **expert)  # checks every setting
+        first = next(steps)
+        first_seconds, first_compile = time.perf_counter() - start, clock.seconds
+        if not args.chat:
+            sys.stdout.write(item["prompt"])
+        streamer, count = TextStreamer(model.tokenizer), 0
+        for step in itertools.chain([first], steps):
+            token = int(step[0])
+            if token in stop:
+                break
+            count += 1
+            sys.stdout.write(streamer.push(token))
+            sys.stdout.flush()
+        sys.stdout.write(streamer.flush() + "\n")
+        total = time.perf_counter() - start
+    decode = max(total - first_seconds - (clock.seconds - first_compile), 1e-9)
+    print(f"[{count} tokens: compile {clock.seconds:.2f}s ({clock.cache_hits} programs from the compilation cache), "
+          f"prefill {max(first_seconds - first_compile, 0.0):.2f}s, decode {decode:.2f}s "
+          f"({max(count - 1, 0) / decode:.1f} tok/s)]", file=sys.stderr)
+    _report_extras(args, steps, expert)
+
+
+def _report_extras(args: argparse.Namespace, steps, expert: dict) -> None:
+    """Status lines for what the accelerations did: the KV cache's bytes against a dense one, the expert used."""
+    if args.kv != "dense":
+        held, dense = steps.cache_nbytes(), steps.dense_cache_nbytes()
+        print(f"[KV cache {args.kv}: {held / 2**20:.2f} MiB held, {dense / held:.2f}x smaller than a dense cache "
+              f"of the same slots ({dense / 2**20:.2f} MiB)]", file=sys.stderr)
+    if args.expert is not None:
+        names = expert["expert"]
+        chosen = ", ".join(names) if isinstance(names, list) else names
+        how = "chosen by the router" if args.expert == "auto" else "as asked"
+        print(f"[expert: {chosen}, {how}]", file=sys.stderr)
+
+
+def _answer_batch(model, args: argparse.Namespace, items: list[dict], settings: dict, router) -> None:
+    """--prompts: one JSON line per prompt on standard output, in the input's order, generated in batches."""
+    import json
+
+    import numpy as np
+
+    from zipjax.generate import generate
+
+    stop = set(model.config.eos_token_ids)
+    start, produced = time.perf_counter(), 0
+    for first in range(0, len(items), args.batch_size):
+        chunk = items[first:first + args.batch_size]
+        prompts = [_prompt_ids(model.tokenizer, args, item) for item in chunk]
+        expert = _expert_for(model, router, args, prompts)
+        tokens = generate(model, prompts, args.max_new_tokens, **settings, **expert)
+        longest = max(len(p) for p in prompts)
+        for i, (item, prompt) in enumerate(zip(chunk, prompts, strict=True)):
+            new = np.asarray(tokens[i, longest:]).tolist()
+            end = next((j for j, t in enumerate(new) if t in stop), None)
+            out = {"id": item["id"]} if "id" in item else {}
+            out.update(text=model.tokenizer.decode(new[:end]), prompt_tokens=len(prompt),
+                       completion_tokens=len(new) if end is None else end,
+                       finish_reason="length" if end is None else "stop")
+            if args.expert is not None:
+                out["expert"] = expert["expert"][i] if isinstance(expert["expert"], list) else expert["expert"]
+            produced += out["completion_tokens"]
+            print(json.dumps(out, ensure_ascii=False), flush=True)
     seconds = time.perf_counter() - start
-    sys.stdout.write("\n")
-    print(f"[{len(generated)} tokens in {seconds:.1f}s, compile included]", file=sys.stderr)
+    print(f"[{len(items)} prompts, {produced} tokens in {seconds:.1f}s, compile included]", file=sys.stderr)
 
 
 def run_convert(args: argparse.Namespace) -> None:

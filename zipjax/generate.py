@@ -266,21 +266,53 @@ def generate_stream(model: Model, prompt_ids, max_new_tokens: int, *, temperatur
                     top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                     stop_tokens: int | Sequence[int] | None = None,
                     cache_length: int | None = None, kv: Method | None = None,
-                    expert=None) -> Iterator[np.ndarray]:
+                    expert=None) -> TokenStream:
     """Like `generate`, but yields int32 [batch] new tokens one step at a time (pad for finished sequences).
 
     Stops after `max_new_tokens` steps or once every sequence has produced a stop token (that token included).
+    Every setting is checked here, before the first step; the returned iterator also tells the KV cache's bytes
+    (`TokenStream.cache_nbytes`).
     """
     plan = _Plan(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, cache_length, kv)
-    params, deltas = model.batch_inputs(expert, plan.batch, plan.prompts)
-    prompt, starts, cache = plan.device_inputs(model)
-    static = dict(config=model.config, mode=plan.mode)
-    with mesh_context(model.mesh):  # entered per call: a generator must not leave it set while suspended
-        state = _prefill_jit(params, prompt, starts, cache, jax.random.key(plan.seed), plan.knobs, **static,
-                             deltas=deltas)
-    while True:
-        yield to_host(state.last_token)
-        if int(to_host(state.step)) >= plan.max_new_tokens or bool(np.all(to_host(state.done))):
-            return
+    return TokenStream(model, plan, expert)
+
+
+class TokenStream(Iterator[np.ndarray]):
+    """The iterator of `generate_stream`: the prompt pass runs at the first `next`, one decode step at each later
+    one; the KV cache lives on between steps, so its size can be read (`cache_nbytes`)."""
+
+    def __init__(self, model: Model, plan: _Plan, expert):
+        self._model, self._plan = model, plan
+        self._params, self._deltas = model.batch_inputs(expert, plan.batch, plan.prompts)
+        self._static = dict(config=model.config, mode=plan.mode)
+        self._state: SamplingState | None = None
+        self._finished = False
+
+    def __next__(self) -> np.ndarray:
+        if self._finished:
+            raise StopIteration
+        plan, model = self._plan, self._model
+        # the context mesh is entered per step: an iterator must not leave it set while suspended
         with mesh_context(model.mesh):
-            state = _decode_step_jit(params, state, plan.knobs, **static, deltas=deltas)
+            if self._state is None:
+                prompt, starts, cache = plan.device_inputs(model)
+                self._state = _prefill_jit(self._params, prompt, starts, cache, jax.random.key(plan.seed),
+                                           plan.knobs, **self._static, deltas=self._deltas)
+            else:
+                self._state = _decode_step_jit(self._params, self._state, plan.knobs, **self._static,
+                                               deltas=self._deltas)
+        state = self._state
+        self._finished = (int(to_host(state.step)) >= plan.max_new_tokens or bool(np.all(to_host(state.done))))
+        return to_host(state.last_token)
+
+    def cache_nbytes(self) -> int:
+        """Bytes the KV cache holds (every array of it: codes, scales, slot indices, full-precision buffers)."""
+        if self._state is None:
+            raise ZipjaxError("the KV cache exists once the first token has been drawn")
+        return self._state.cache.nbytes()
+
+    def dense_cache_nbytes(self) -> int:
+        """Bytes a dense cache of the same slots and dtype would hold: the yardstick of a compressed one."""
+        cfg, plan = self._model.config, self._plan
+        itemsize = np.dtype(cfg.jnp_dtype).itemsize  # the dense cache's dtype: the model's (zipjax.kv.dense)
+        return 2 * cfg.num_layers * plan.batch * cfg.num_kv_heads * plan.cache_length * cfg.head_dim * itemsize

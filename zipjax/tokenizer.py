@@ -16,7 +16,7 @@ import select
 import signal
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from zipjax.errors import ZipjaxError
@@ -60,22 +60,49 @@ class Tokenizer:
         return bool(getattr(self._tok, "chat_template", None))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids; `add_special_tokens=False` leaves out what the tokenizer adds itself (a BOS, say)."""
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+        """Token ids; `add_special_tokens=False` leaves out what the tokenizer adds itself (a BOS, say). zipjax checks
+        lengths against the model itself, so transformers' warning about the tokenizer's own maximum is silenced."""
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens, verbose=False))
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def chat(self, user_message: str) -> list[int]:
-        """Token ids of a one-turn chat prompt, ready for the assistant's answer. The template comes from the
-        checkpoint, so it is rendered under bounds (`render_bounded`); what it renders is then tokenized as
-        transformers' `apply_chat_template(..., tokenize=True)` does (no special tokens added)."""
+    def chat(self, messages: str | Sequence[Mapping[str, str]], *, system: str | None = None) -> list[int]:
+        """Token ids of a chat prompt, ready for the assistant's answer: `messages` is the user's one message or a
+        conversation as `apply_chat_template` takes it ([{"role": "system" | "user" | "assistant", "content": str},
+        ...]); `system` puts a system message first. The template comes from the checkpoint, so it is rendered under
+        bounds (`render_bounded`); what it renders is then tokenized as transformers' `apply_chat_template(...,
+        tokenize=True)` does (no special tokens added)."""
         if not self.has_chat_template:
             raise ZipjaxError("this checkpoint's tokenizer has no chat template")
-        messages = [{"role": "user", "content": user_message}]
-        text = render_bounded(lambda: self._tok.apply_chat_template(messages, add_generation_prompt=True,
+        conversation = chat_messages(messages, system)
+        text = render_bounded(lambda: self._tok.apply_chat_template(conversation, add_generation_prompt=True,
                                                                     tokenize=False))
-        return list(self._tok(text, add_special_tokens=False)["input_ids"])
+        return list(self._tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_messages(messages: str | Sequence[Mapping[str, str]], system: str | None = None) -> list[dict[str, str]]:
+    """A conversation checked for what every chat template expects: a non-empty list of {"role", "content"} with
+    string values and known roles, ending with the user's turn (the answer comes next)."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if not isinstance(messages, Sequence) or isinstance(messages, bytes) or not messages:
+        raise ZipjaxError("chat messages must be a non-empty list of {\"role\": ..., \"content\": ...}")
+    conversation = [] if system is None else [{"role": "system", "content": system}]
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or set(message) != {"role", "content"}:
+            raise ZipjaxError(f"chat message {i} must have exactly the keys role and content, got {message!r:.80}")
+        role, content = message["role"], message["content"]
+        if role not in CHAT_ROLES or not isinstance(content, str):
+            raise ZipjaxError(f"chat message {i}: the role must be one of {', '.join(CHAT_ROLES)} and the content "
+                              f"text, got role {role!r:.40} and content of type {type(content).__name__}")
+        conversation.append({"role": role, "content": content})
+    if conversation[-1]["role"] != "user":
+        raise ZipjaxError("a chat prompt ends with the user's message (the assistant's answer comes next)")
+    return conversation
 
 
 def render_bounded(render: Callable[[], str], *, seconds: float | None = None, memory: int | None = None,

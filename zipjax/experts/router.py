@@ -215,19 +215,6 @@ def train_router(base: Model, train_windows: dict[str, np.ndarray], prefixes: Se
     return router
 
 
-def route(model: Model, prompts) -> list[str]:
-    """expert="auto" for a model of zipjax.experts.attach whose `router` is a Router: the chosen expert's name per
-    prompt (token lists, one token list, or an int array [batch, seq] of unpadded prompts). The router's base
-    fingerprint is checked once, by attach / Router.load, not on every call."""
-    router = getattr(model, "router", None)
-    if not isinstance(router, Router):
-        raise ZipjaxError(f"expert='auto' needs a zipjax.experts.router.Router, got {type(router).__name__}")
-    if (isinstance(prompts, np.ndarray) and prompts.ndim == 1) or (
-            isinstance(prompts, Sequence) and prompts and not isinstance(prompts[0], Sequence | np.ndarray)):
-        prompts = [prompts]
-    return [router.names[i] for i in router.predict_features(pooled_features(model, prompts))]
-
-
 def perplexity_routing(experts: dict[str, Model], prompts: np.ndarray, batch: int = 8) -> np.ndarray:
     """int [n]: index (in `experts` order) of the expert with the lowest NLL on each prompt int32 [n, p]: every
     expert scores every prompt, E forwards each."""
