@@ -203,7 +203,8 @@ def main() -> None:
     print(json.dumps(metrics, indent=2), flush=True)
 
     palette = np.repeat((np.arange(LEVELS, dtype=np.float32) / (LEVELS - 1) * 2 - 1)[:, None], 3, axis=1)
-    vision = Emu3Vision(PaletteConfig(codebook_size=LEVELS, max_pixels=SIDE * SIDE), vocab, image_area=SIDE * SIDE)
+    vision = Emu3Vision(PaletteConfig(codebook_size=LEVELS, max_pixels=SIDE * SIDE), vocab, image_area=SIDE * SIDE,
+                        negative_prompt="a handwritten digit")  # the unconditional prompt it was trained with
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         np.savez(Path(tmp) / "heldout.npz", codes=codes[heldout], labels=labels[heldout])

@@ -71,3 +71,14 @@ def test_digits_with_a_quantized_kv_cache(harness):
     # only Sequential takes kv=; the deprecated arguments, which could ask for both, refuse the mix
     with pytest.warns(DeprecationWarning), pytest.raises(zipjax.ZipjaxError, match="one token per pass"):
         zipjax.generate_image(model, prompts[:1], zipar_window=4, kv=zipjax.kv.KIVI(), **common)
+
+
+def test_the_checkpoint_carries_its_own_negative_prompt(harness):
+    """The digits model was trained with "a handwritten digit" as its unconditional prompt; Emu3's default negative
+    prompt means nothing to it, so generate_image and `zipjax image` take the checkpoint's own by default."""
+    model, _ = harness
+    assert model.vision.negative_prompt == "a handwritten digit"
+    args = dict(size=(16, 16), top_k=None, seed=1, decoder=zipar.FixedWindow(8))
+    default = zipjax.generate_image(model, "a handwritten digit three", **args)
+    explicit = zipjax.generate_image(model, "a handwritten digit three", negative_prompt="a handwritten digit", **args)
+    np.testing.assert_array_equal(default.tokens, explicit.tokens)

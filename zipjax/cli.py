@@ -38,7 +38,7 @@ from zipjax.emu3.png import check_writable, read_image, write_png
 from zipjax.emu3.understand import ask
 from zipjax.errors import ZipjaxError
 from zipjax.generate import generate_stream
-from zipjax.image import DEFAULT_NEGATIVE_PROMPT, Decoder, Sequential, generate_image
+from zipjax.image import Decoder, Sequential, generate_image
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "stdlib-llama"
 
@@ -210,11 +210,12 @@ def _image_parsers(commands) -> None:
     image.add_argument("--size", type=_size, default=None,
                        help="HEIGHTxWIDTH in pixels, multiples of the VQ factor (default: the model's native size)")
     image.add_argument("--cfg-scale", type=_number, default=3.0, help="classifier-free guidance (1 turns it off)")
-    image.add_argument("--negative-prompt", default=None, help="what to steer away from (default: Emu3's)")
+    image.add_argument("--negative-prompt", default=None,
+                       help="what to steer away from (default: the checkpoint's own, else Emu3's)")
     image.add_argument("--temperature", type=_number, default=1.0, help="0 picks the most likely visual token")
-    image.add_argument("--top-k", type=_positive_int, default=2048)
-    image.add_argument("--top-p", type=_number, default=None)
-    image.add_argument("--seed", type=_integer, default=0)
+    image.add_argument("--top-k", type=_positive_int, default=2048, help="sample among the k most likely codes")
+    image.add_argument("--top-p", type=_number, default=None, help="sample within this probability mass")
+    image.add_argument("--seed", type=_integer, default=0, help="the random seed of sampling")
     image.add_argument("--zipar-window", type=_window, default=None,
                        help="ZipAR parallel decoding: start a row once the row above is this many tokens ahead, "
                             "or 'adaptive' (draft a row's first token early, verify it as context grows)")
@@ -222,15 +223,18 @@ def _image_parsers(commands) -> None:
                        help="adaptive ZipAR: tokens the row above needs before a row's first token is drafted")
     image.add_argument("--sjd-window", type=_positive_int, default=None,
                        help="decode with Speculative Jacobi Decoding over this many tokens instead")
-    image.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    image.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                       help="compute dtype (default: as stored)")
     _profile_argument(image)
 
     question = commands.add_parser("ask", help="ask an Emu3 checkpoint a question about a PNG image")
     question.add_argument("image", type=_path, help="8-bit RGB(A) PNG file")
-    question.add_argument("question")
+    question.add_argument("question", help="what to ask about the image")
     question.add_argument("--checkpoint", type=_path, required=True, help="a converted Emu3 checkpoint folder")
-    question.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    question.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    question.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                          help="tokens of the answer at most (default: 256, or what the model's positions leave)")
+    question.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                          help="compute dtype (default: as stored)")
 
 
 def _profile_argument(parser: argparse.ArgumentParser) -> None:
@@ -457,7 +461,7 @@ def image_decoder(args: argparse.Namespace) -> Decoder:
 
 def run_image(args: argparse.Namespace) -> None:
     prompt = _text(args.prompt, "prompt")
-    negative = _text(args.negative_prompt, "negative prompt") if args.negative_prompt else DEFAULT_NEGATIVE_PROMPT
+    negative = _text(args.negative_prompt, "negative prompt") if args.negative_prompt is not None else None
     decoder = image_decoder(args)
     out = check_writable(args.out)  # before minutes of generation, not after
     model = load(args.checkpoint, dtype=args.dtype)
@@ -476,7 +480,11 @@ def run_ask(args: argparse.Namespace) -> None:
     question = _text(args.question, "question")
     image = read_image(args.image)  # a bad image fails before the model loads
     model = load(args.checkpoint, dtype=args.dtype)
-    print(ask(model, image, question, max_new_tokens=args.max_new_tokens))
+    start = time.perf_counter()
+    answer = ask(model, image, question, max_new_tokens=args.max_new_tokens)
+    print(answer)
+    print(f"[answered in {time.perf_counter() - start:.1f}s, compile included"
+          f"{'; the answer is empty' if not answer.strip() else ''}]", file=sys.stderr)
 
 
 def run_export(args: argparse.Namespace) -> None:

@@ -129,7 +129,7 @@ def format_prompt(model: Emu3Model, prompt: str | Sequence[int], rows: int, cols
 
 def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], *,
                    decoder: Decoder = DEFAULT_DECODER, size: tuple[int, int] | None = None, cfg_scale: float = 3.0,
-                   negative_prompt: str | Sequence[int] = DEFAULT_NEGATIVE_PROMPT, temperature: float = 1.0,
+                   negative_prompt: str | Sequence[int] | None = None, temperature: float = 1.0,
                    top_k: int | None = 2048, top_p: float | None = None, seed: int = 0, progress: bool = False,
                    **deprecated) -> ImageResult:
     """Generate one image per prompt.
@@ -143,7 +143,8 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
         Decoding over a window of w tokens. The zipar decoders take `kernel` (zipjax.platform.use_kernel).
       size: (height, width) in pixels, multiples of the VQ factor; default the model's `image_area` as a square.
       cfg_scale: classifier-free guidance weight; 1.0 turns guidance (and the unconditional batch) off.
-      negative_prompt: what the unconditional branch is conditioned on (text or formatted token ids).
+      negative_prompt: what the unconditional branch is conditioned on (text or formatted token ids); None: the
+        checkpoint's own (`model.vision.negative_prompt`, set by its training) or else Emu3's DEFAULT_NEGATIVE_PROMPT.
       temperature: 0 picks the most likely visual token; top_k / top_p filter before sampling.
       deprecated: zipar_window, zipar_min_window, zipar_kernel, sjd_window and kv, the arguments that chose the
         decoder before `decoder=`; they still do for one release, with a DeprecationWarning (`deprecated_decoder`).
@@ -156,6 +157,8 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
     if not isinstance(decoder, Decoder):
         raise ZipjaxError(f"decoder must be a decoder object, such as Sequential() or zipar.FixedWindow(7), got "
                           f"{decoder!r}")
+    if negative_prompt is None:
+        negative_prompt = model.vision.negative_prompt or DEFAULT_NEGATIVE_PROMPT
     rows, cols = token_grid(model, size)
     vocab, cfg = model.vocab, model.config
     layout = ImageLayout(rows, cols, vocab.eol, vocab.visual_offset, vocab.codebook_size)

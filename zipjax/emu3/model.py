@@ -32,16 +32,22 @@ class Emu3Vision:
     vq_config: VQConfig | PaletteConfig  # the vision tokenizer: MoVQ VQ-VAE, or a palette
     vocab: Emu3Vocab
     image_area: int = DEFAULT_IMAGE_AREA
+    # what guidance steers away from by default, where the checkpoint's training chose one (None: Emu3's own)
+    negative_prompt: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"vq_config": self.vq_config.to_dict(), "vocab": self.vocab.to_dict(), "image_area": self.image_area}
+        out = {"vq_config": self.vq_config.to_dict(), "vocab": self.vocab.to_dict(), "image_area": self.image_area}
+        return out if self.negative_prompt is None else {**out, "negative_prompt": self.negative_prompt}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Emu3Vision:
         if not isinstance(d, dict) or not {"vq_config", "vocab"} <= set(d):
             raise ZipjaxError("the emu3 record of the checkpoint needs 'vq_config' and 'vocab'")
         area = integer(d.get("image_area", DEFAULT_IMAGE_AREA), "emu3 image_area", lo=1, hi=1 << 30)
-        return cls(VQConfig.from_dict(d["vq_config"]), Emu3Vocab.from_dict(d["vocab"]), area)
+        negative = d.get("negative_prompt")
+        if negative is not None and (not isinstance(negative, str) or not negative or len(negative) > 4096):
+            raise ZipjaxError("the emu3 record's negative_prompt must be text of 1 to 4096 characters")
+        return cls(VQConfig.from_dict(d["vq_config"]), Emu3Vocab.from_dict(d["vocab"]), area, negative)
 
     def check(self, vocab_size: int) -> None:
         """Every id the pipeline writes lies in the language model's vocabulary, and the visual tokens are the

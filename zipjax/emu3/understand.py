@@ -68,13 +68,23 @@ def question_prompt(model: Emu3Model, codes: np.ndarray, question: str) -> list[
             *tok.encode(question + ASSISTANT, add_special_tokens=False)]
 
 
-def ask(model: Emu3Model, image, question: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
+DEFAULT_ANSWER_TOKENS = 256
+
+
+def ask(model: Emu3Model, image, question: str, *, max_new_tokens: int | None = None, temperature: float = 0.0,
         top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> str:
-    """The model's answer to `question` about `image` (uint8 [H, W, 3])."""
+    """The model's answer to `question` about `image` (uint8 [H, W, 3]). `max_new_tokens`: None answers in up to
+    `DEFAULT_ANSWER_TOKENS`, or fewer where the model's positions end sooner after the image and question."""
     if not isinstance(model, Emu3Model):
         raise ZipjaxError(f"asking about an image needs an Emu3 checkpoint; this one is {model.config.architecture}")
     codes = np.asarray(model.encode_pixels(prepare_image(model, image)))[0]
     prompt = question_prompt(model, codes, question)
+    if max_new_tokens is None:
+        room = model.config.max_position_embeddings - len(prompt)
+        if room < 1:
+            raise ZipjaxError(f"the image and question take {len(prompt)} tokens, all of the model's "
+                              f"{model.config.max_position_embeddings} positions; ask about a smaller image")
+        max_new_tokens = min(DEFAULT_ANSWER_TOKENS, room)
     out = generate(model, [prompt], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                    stop_tokens=[model.vocab.eos])
     answer = [int(t) for t in out[0, len(prompt):] if t != model.vocab.eos and t != model.config.pad_id]
