@@ -20,7 +20,7 @@ from zipjax.convert.mapping import HEADS, hf_tensor_names
 
 from zipjax.checkpoint import load
 from zipjax.config import ModelConfig
-from zipjax.destination import EXPORT, EXPORT_MARKER, Destination, resolve
+from zipjax.destination import EXPORT, EXPORT_MARKER, Destination, os_errors_of_writers, resolve
 from zipjax.errors import ZipjaxError
 from zipjax.transformer import Params
 
@@ -89,7 +89,8 @@ def export_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False, prog
         for name, array in tqdm(hf_state_dict(model.config, model.params).items(), desc="exporting tensors",
                                 unit="tensor", disable=not progress):
             state[name] = array
-        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        with os_errors_of_writers(dst):
+            save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         for file in files:
             shutil.copyfile(file, staging / file.name)

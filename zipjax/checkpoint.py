@@ -39,7 +39,14 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, PartitionSpec
 
 from zipjax.config import ModelConfig
-from zipjax.destination import CHECKPOINT, CHECKPOINT_MANIFEST, Destination, interrupts_deferred, resolve
+from zipjax.destination import (
+    CHECKPOINT,
+    CHECKPOINT_MANIFEST,
+    Destination,
+    interrupts_deferred,
+    os_errors_of_writers,
+    resolve,
+)
 from zipjax.emu3.model import Emu3Model, Emu3Vision
 from zipjax.emu3.vqvae import abstract_vq_params
 from zipjax.errors import ZipjaxError
@@ -92,11 +99,14 @@ def _write(path: Path | str, config: ModelConfig, params: Params, *, files: list
         only_this_process = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                                                active_processes={jax.process_index()})
         checkpointer = ocp.StandardCheckpointer(multiprocessing_options=only_this_process)
-        with interrupts_deferred():  # orbax's writer threads cannot be stopped midway
-            checkpointer.save(staging / PARAMS_DIR, params)
-            if vision is not None:
-                checkpointer.save(staging / VQ_PARAMS_DIR, vision[1])
-            checkpointer.wait_until_finished()
+        with interrupts_deferred(), os_errors_of_writers(path):  # orbax's writer threads cannot be stopped midway
+            try:
+                checkpointer.save(staging / PARAMS_DIR, params)
+                if vision is not None:
+                    checkpointer.save(staging / VQ_PARAMS_DIR, vision[1])
+                checkpointer.wait_until_finished()
+            finally:
+                checkpointer.close()  # its threads end here, also after a failed write, not at interpreter exit
         for file in files:
             shutil.copyfile(file, staging / file.name)
         manifest = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), **metadata}

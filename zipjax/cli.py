@@ -39,8 +39,10 @@ from zipjax.emu3.understand import ask
 from zipjax.errors import ZipjaxError
 from zipjax.generate import generate_stream
 from zipjax.image import Decoder, Sequential, generate_image
+from zipjax.validate import read_bounded
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "stdlib-llama"
+MAX_TEXT_BYTES = 256 << 20  # a prompts file or a calibration text: regular files of at most this, read at once
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -308,7 +310,12 @@ def read_prompts(path: Path) -> list[dict]:
     "messages" (and an optional "id") per line. Blank lines are skipped."""
     import json
 
-    text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    if str(path) == "-":
+        text = sys.stdin.read(MAX_TEXT_BYTES + 1)
+        if len(text) > MAX_TEXT_BYTES:
+            raise ZipjaxError(f"standard input holds more than the {MAX_TEXT_BYTES:,} characters --prompts reads")
+    else:
+        text = read_bounded(path, "prompts file", MAX_TEXT_BYTES).decode("utf-8", errors="replace")
     items = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -510,7 +517,8 @@ def run_experts(args: argparse.Namespace) -> None:
     base = load(args.base)
     calibration = None
     if args.calibration is not None:
-        ids = base.tokenizer.encode(args.calibration.read_text(encoding="utf-8", errors="replace"))
+        text = read_bounded(args.calibration, "calibration text", MAX_TEXT_BYTES).decode("utf-8", errors="replace")
+        ids = base.tokenizer.encode(text)
         window = min(CALIBRATION_WINDOW, base.config.max_position_embeddings)
         windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)][:CALIBRATION_WINDOWS]
         if not windows:
@@ -542,6 +550,9 @@ COMMANDS = {"generate": run_generate, "convert": run_convert, "export": run_expo
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.stdout is None:  # started with standard output closed (`zipjax ... >&-`): nowhere to write results
+        print("error: standard output is closed; zipjax writes its results there", file=sys.stderr)
+        return 2
     try:
         args = build_parser().parse_args(argv)
         with profiled(getattr(args, "profile", None)):

@@ -32,7 +32,9 @@ import ctypes
 import errno
 import fcntl
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -288,3 +290,28 @@ def interrupts_deferred(message: str = "finishing the write in progress, then st
         signal.signal(signal.SIGINT, previous)
     if received:
         raise KeyboardInterrupt
+
+
+# how tensorstore (under orbax) and safetensors spell the operating system's error number in their own exceptions
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'|\(os error (\d+)\)")
+
+
+@contextlib.contextmanager
+def os_errors_of_writers(path: Path) -> Iterator[None]:
+    """The operating system's write errors (a full disk, a file-size limit, a read-only folder) that orbax and
+    safetensors raise as their own exception types, with the error number only in the text, come out of this block
+    as the OSError they are, so the command line reports them in one line like any other. Anything else passes
+    through unchanged. orbax's threads also log the failure on the way: muted here, the OSError says it."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except Exception as e:
+        match = _OS_ERROR_CODE.search(str(e))
+        if match is None:
+            raise
+        code = int(match.group(1) or match.group(2))
+        raise OSError(code, os.strerror(code), str(path)) from None
+    finally:
+        absl.setLevel(level)

@@ -31,7 +31,7 @@ from zipjax.config import ModelConfig
 from zipjax.deltas import WeightDeltas
 from zipjax.errors import ZipjaxError
 from zipjax.kv.method import Method
-from zipjax.kv.methods import as_method, cache_initializer, check_cache, min_decode_slots
+from zipjax.kv.methods import as_method, cache_initializer, check_cache, check_memory, min_decode_slots
 from zipjax.model import Model, check_token_ids
 from zipjax.sampling import SamplingMode, check_settings, sample
 from zipjax.shapes import CACHE_ROUNDING, left_pad, next_pow2, prompt_bucket
@@ -152,6 +152,7 @@ class _Plan:
         self.bucket = min(self.bucket, cache_length - self.max_new_tokens)
         self.cache_length = cache_length
         check_cache(self.kv, cfg, len(prompts), cache_length, self.bucket)  # geometry errors now, not inside jit
+        check_memory(self.kv, cfg, len(prompts), cache_length, self.bucket, model.mesh.size if model.mesh else 1)
         self.batch = len(prompts)
         self.prompt, self.starts = left_pad(prompts, self.bucket, cfg.pad_id)
         self.mode = SamplingMode(greedy=temperature == 0, top_k=top_k is not None,

@@ -156,3 +156,17 @@ def use_kernel(kernel: bool | None) -> bool:
 
 
 _NOTICES: set[str] = set()  # notices already printed by this process
+
+
+def free_memory_bytes() -> int | None:
+    """Memory free for new arrays on the default device: its allocator's limit less what is in use on a TPU or GPU,
+    the machine's available physical memory on a CPU; None where neither can be read."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None

@@ -63,6 +63,7 @@ from zipjax.kv.codec import (
 from zipjax.kv.method import (
     check_bits,
     check_block_sizes,
+    check_field_types,
     check_group,
     check_kernel,
     check_packing,
@@ -93,6 +94,7 @@ class KIVI:
     kernel: bool | None = None
 
     def __post_init__(self):
+        check_field_types(self)
         check_kernel(self.kernel)
         check_bits("bits", self.bits)
         check_group(self.group)

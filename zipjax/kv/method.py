@@ -17,6 +17,7 @@ Imports: errors, config, cache, codec.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar, Protocol, runtime_checkable
 
 import jax
@@ -26,6 +27,7 @@ from zipjax.cache import Cache
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.kv.codec import SUPPORTED_BITS
+from zipjax.validate import boolean, integer, number, optional, string
 
 
 @runtime_checkable
@@ -59,7 +61,26 @@ def as_method(kv) -> Method | None:
                       f"see zipjax.kv.METHODS), got {kv!r}")
 
 
+# a method's field annotation -> the reader that checks a value of it (zipjax.validate): True is not 1, "2" is not 2,
+# 2.0 is not a bit width
+_FIELD_READERS = {
+    "int": integer, "float": number, "bool": boolean, "str": string,
+    "int | None": lambda value, name: optional(integer, value, name),
+    "bool | None": lambda value, name: optional(boolean, value, name),
+}
+
+
+def check_field_types(method) -> None:
+    """Every field of a method's dataclass holds a value of its annotated type: nothing is coerced silently. Fields
+    of other types (tuples, nested methods) are checked by the method itself."""
+    for field in dataclasses.fields(method):
+        read = _FIELD_READERS.get(field.type if isinstance(field.type, str) else getattr(field.type, "__name__", ""))
+        if read is not None:
+            read(getattr(method, field.name), f"{type(method).__name__}.{field.name}")
+
+
 def check_bits(name: str, bits: int) -> None:
+    integer(bits, name)
     if bits not in SUPPORTED_BITS:
         raise ZipjaxError(f"{name}={bits!r} is not a supported bit width; choose one of {SUPPORTED_BITS}")
 
@@ -70,7 +91,7 @@ def check_positive(name: str, value: int) -> None:
 
 
 def check_group(group: int | None) -> None:
-    if group is not None and (not isinstance(group, int) or group < 1):
+    if group is not None and (not isinstance(group, int) or isinstance(group, bool) or group < 1):
         raise ZipjaxError(f"group must be a positive number of channels or None, got {group!r}")
 
 

@@ -14,6 +14,7 @@ sharding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -29,10 +30,11 @@ from zipjax.kv.minicache import MiniCache
 from zipjax.kv.uniform import Uniform
 from zipjax.kv.zipcache import ZipCache
 from zipjax.kv.zipvl import ZipVL
+from zipjax.platform import free_memory_bytes
 from zipjax.sharding import jit_initializer
 
-__all__ = ["METHODS", "CacheRecipe", "as_method", "cache_initializer", "check_cache", "init_cache",
-           "method_from_name", "min_decode_slots"]
+__all__ = ["METHODS", "CacheRecipe", "as_method", "cache_initializer", "cache_nbytes", "check_cache", "check_memory",
+           "init_cache", "method_from_name", "min_decode_slots"]
 
 METHODS: dict[str, type[Method]] = {method.name: method for method in (ZipCache, KIVI, Uniform, ZipVL, MiniCache)}
 
@@ -85,3 +87,23 @@ def cache_initializer(config: ModelConfig, batch: int, max_len: int, mesh, kv: M
     """A jitted `starts -> empty cache`, compiled once per geometry, its arrays placed on `mesh` by their logical
     axes."""
     return jit_initializer(CacheRecipe(config, batch, max_len, kv, prefill_len), mesh)
+
+
+@functools.lru_cache(maxsize=256)
+def cache_nbytes(kv: Method | None, config: ModelConfig, batch: int, max_len: int, prefill_len: int) -> int:
+    """Bytes the cache of `kv` would hold, from its shapes alone: nothing is allocated."""
+    starts = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    shapes = jax.eval_shape(CacheRecipe(config, batch, max_len, kv, prefill_len), starts)
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
+
+
+def check_memory(kv: Method | None, config: ModelConfig, batch: int, max_len: int, prefill_len: int,
+                 devices: int = 1) -> None:
+    """Refuse, before anything is allocated, a cache that cannot fit the free memory of a device (its share on a
+    mesh of `devices`): a model allowing millions of positions, say, or a KIVI residual of a billion tokens."""
+    need = cache_nbytes(kv, config, batch, max_len, prefill_len) / devices
+    free = free_memory_bytes()
+    if free is not None and need > free:
+        name = "the dense KV cache" if kv is None else f"the {kv.name} KV cache"
+        raise ZipjaxError(f"{name} of {batch} x {max_len} slots needs {need / 2**30:.2f} GiB per device, more than "
+                          f"the {free / 2**30:.2f} GiB free; ask for fewer tokens or sequences")

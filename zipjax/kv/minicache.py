@@ -41,7 +41,7 @@ from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.kv.codec import Store
 from zipjax.kv.kivi import KIVI
-from zipjax.kv.method import check_block_sizes, check_packing, refuse_kernel
+from zipjax.kv.method import check_block_sizes, check_field_types, check_packing, refuse_kernel
 from zipjax.kv.slerp import merge_pair
 from zipjax.kv.uniform import Uniform
 
@@ -70,6 +70,7 @@ class MiniCache:
     kernel: bool | None = None
 
     def __post_init__(self):
+        check_field_types(self)
         refuse_kernel("MiniCache", self.kernel, "merged layers are restored and attended in jax.numpy")
         if self.start_layer is not None and (not isinstance(self.start_layer, int) or self.start_layer < 0):
             raise ZipjaxError(f"start_layer must be None or a layer index >= 0, got {self.start_layer!r}")

@@ -22,7 +22,14 @@ from zipjax.attention import cache_attention
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.kv.codec import Codec
-from zipjax.kv.method import check_bits, check_block_sizes, check_kernel, check_packing, check_positive
+from zipjax.kv.method import (
+    check_bits,
+    check_block_sizes,
+    check_field_types,
+    check_kernel,
+    check_packing,
+    check_positive,
+)
 from zipjax.platform import use_kernel
 
 
@@ -111,6 +118,7 @@ class MixedPrecision(QuantMethod):
     kernel: bool | None = None
 
     def __post_init__(self):
+        check_field_types(self)
         check_kernel(self.kernel)
         check_bits("high_bits", self.high_bits)
         check_bits("low_bits", self.low_bits)

@@ -18,7 +18,7 @@ import jax
 
 from zipjax.config import ModelConfig
 from zipjax.kv.codec import Codec
-from zipjax.kv.method import check_bits, check_group, check_positive, refuse_kernel
+from zipjax.kv.method import check_bits, check_field_types, check_group, check_positive, refuse_kernel
 from zipjax.kv.quantized import QuantizedKVCache
 from zipjax.kv.quantizing import QuantMethod
 
@@ -33,6 +33,7 @@ class Uniform(QuantMethod):
     kernel: bool | None = None
 
     def __post_init__(self):
+        check_field_types(self)
         refuse_kernel("Uniform", self.kernel, "its keys are token-wise; the kernel reads channel-wise keys")
         check_bits("bits", self.bits)
         check_group(self.group)

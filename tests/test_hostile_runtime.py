@@ -1,0 +1,78 @@
+"""Hostile input, round 2, the runtime classes: memory a KV cache would take is estimated and refused before any
+allocation, files that could block or never end are refused by kind, a closed stdout and a full disk are one line,
+and a method's settings are never coerced (True is not 1, 2.0 is not a bit width)."""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import zipjax
+from zipjax import kv
+from zipjax.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+STDLIB = ROOT / "checkpoints" / "stdlib-llama"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return zipjax.load(STDLIB)
+
+
+def test_a_cache_that_cannot_fit_is_refused_before_allocation(model):
+    ids = model.tokenizer.encode("def f(x):")
+    with pytest.raises(zipjax.ZipjaxError, match=r"kivi KV cache .* GiB per device, more than"):
+        zipjax.generate(model, [ids], 4, kv=kv.KIVI(residual=10**9))
+    huge = zipjax.Model(dataclasses.replace(model.config, max_position_embeddings=2**24), model.params)
+    with pytest.raises(zipjax.ZipjaxError, match="dense KV cache of 1 x 16000128 slots"):
+        zipjax.generate(huge, [ids], 16_000_000)
+
+
+@pytest.mark.parametrize("method, field, value", [
+    (kv.ZipCache, "saliency_ratio", True), (kv.ZipCache, "high_bits", 4.0), (kv.ZipCache, "low_bits", "2"),
+    (kv.KIVI, "bits", True), (kv.KIVI, "group", True), (kv.KIVI, "residual", 128.0), (kv.Uniform, "bits", 2.0),
+    (kv.ZipVL, "evict", 1), (kv.ZipVL, "tau", "0.9"), (kv.MiniCache, "t", True), (kv.MiniCache, "merge_decode", 0)])
+def test_method_settings_are_never_coerced(method, field, value):
+    with pytest.raises(zipjax.ZipjaxError, match=f"{method.__name__}.{field} has the wrong type"):
+        method(**{field: value})
+
+
+def test_files_that_block_or_never_end_are_refused_by_kind(tmp_path, capsys):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    signal.alarm(120)  # a regression would block on the pipe: fail instead of hanging the suite
+    try:
+        for args in (["generate", "--prompts", str(fifo)], ["generate", "--prompts", "/dev/zero"],
+                     ["experts", "compress", str(STDLIB), str(STDLIB), "--names", "a", "--out", str(tmp_path / "b"),
+                      "--calibration", str(fifo)],
+                     ["experts", "compress", str(STDLIB), str(STDLIB), "--names", "a", "--out", str(tmp_path / "b"),
+                      "--calibration", "/dev/zero"]):
+            assert main(args) == 2, args
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "not a regular file" in err[0], err
+    finally:
+        signal.alarm(0)
+
+
+def test_a_closed_stdout_is_one_line():
+    command = f"exec {sys.executable} -m zipjax.cli generate x --max-new-tokens 2 >&-"
+    result = subprocess.run(["bash", "-c", command], stderr=subprocess.PIPE, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.strip() == \
+        "error: standard output is closed; zipjax writes its results there"
+
+
+def test_a_full_disk_during_export_is_one_line(tmp_path):
+    """A file-size limit stands in for a full disk: the write fails with the operating system's error inside
+    safetensors, which reports it as its own exception type."""
+    code = ("import resource, signal, sys\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))\nfrom zipjax.cli import main\n"
+            f"sys.exit(main(['export', {str(STDLIB)!r}, {str(tmp_path / 'hf')!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert result.returncode == 2 and errors == [f"error: File too large: {tmp_path / 'hf'}"], result.stderr
+    assert not (tmp_path / "hf").exists()
