@@ -1,7 +1,15 @@
-"""Shared fixtures: tiny random Hugging Face models saved with `save_pretrained`, and their zipjax conversions.
+"""Shared fixtures: tiny random Hugging Face models saved with `save_pretrained`, and their zipjax conversions; the
+shipped checkpoints, loaded once per process; the suite's tiers (markers) and its compilation cache.
 
 Eight fake CPU devices are requested before jax is imported so the sharding tests can build a 2x4 mesh; every other
 test runs on the first device as usual.
+
+Tiers: `pytest_collection_modifyitems` marks tests by file and name (MARKS below), so a change is checked in minutes
+with `-m "not aot and not multihost and not subprocess and not real_weights and not slow"` while CI runs everything.
+Compiled programs go to jax's persistent compilation cache (under pytest's cache folder, or a temporary folder
+with `-p no:cacheprovider`), so a program that a later module compiles again after the per-module cache clear is
+read from disk; programs compiled ahead of time for a TPU or a GPU are never written there (see _compilation_cache).
+Slowest modules are handed out first (LONGEST_FIRST), so the two xdist workers finish together.
 """
 
 import os
@@ -10,6 +18,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 
 import dataclasses
 import gc
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +31,7 @@ from zipjax.convert import convert
 
 import zipjax  # first: it picks the CPU backend before anything else imports jax (zipjax.platform)
 
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
 LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -93,13 +105,185 @@ def hf_greedy(hf, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0
     return out.numpy()
 
 
+@pytest.fixture(scope="session")
+def stdlib_llama() -> zipjax.Model:
+    """checkpoints/stdlib-llama (the CLI's default model), loaded once per process: a Model is frozen, so the test
+    modules that use it share one."""
+    return zipjax.load(CHECKPOINTS / "stdlib-llama")
+
+
+@pytest.fixture(scope="session")
+def digits_emu3() -> zipjax.Model:
+    """checkpoints/digits-emu3 (the ZipAR quality harness's Emu3 model), loaded once per process."""
+    return zipjax.load(CHECKPOINTS / "digits-emu3")
+
+
 @pytest.fixture(autouse=True, scope="module")
-def _release_compiled_programs():
+def _release_compiled_programs(request):
     """Free each module's compiled programs when it ends. Every XLA:CPU executable holds its own memory mappings,
     and a whole suite's worth of them exhausts the kernel's per-process limit (vm.max_map_count, 65530): LLVM then
-    fails with "Cannot allocate memory" although RAM is free."""
-    yield
+    fails with "Cannot allocate memory" although RAM is free. The persistent compilation cache makes a later
+    module's recompile of the same program a disk read. A module that compiles for a TPU or a GPU ahead of time
+    writes nothing to that cache: those executables are large, and only the chip they target could load them."""
     import jax
 
+    ahead_of_time = request.node.path.name in _files_marked("aot")
+    if ahead_of_time:
+        threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", NEVER_CACHED)
+    yield
+    if ahead_of_time:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
     jax.clear_caches()
     gc.collect()
+
+
+# ------------------------------------------------------------------------------------------------ tiers
+
+# marker -> the tests it applies to: a whole file ("test_x.py") or one test function ("test_x.py::test_name", all
+# its parametrizations). Registered (with what each means) in pyproject.toml's [tool.pytest.ini_options].
+MARKS: dict[str, tuple[str, ...]] = {
+    "aot": (
+        "test_aot.py",
+        "test_aot_delta.py",
+        "test_aot_quantized.py",
+        "test_aot_zipar.py",
+        "test_flash_kernel.py::test_compiles_ahead_of_time",
+        "test_pod.py::test_8b_decode_step_compiles_for_multi_host_topologies",
+        "test_pod.py::test_quick_mode_runs_end_to_end",
+        "test_pod.py::test_sequence_split_cache_attends_in_place_on_a_1x16_mesh",
+        "test_pod.py::test_zipcache_decode_runs_the_packed_code_kernel_per_shard_on_v5e_2x2",
+    ),
+    "multihost": ("test_multihost.py",),
+    "subprocess": (
+        "test_multihost.py",
+        "test_convert.py::test_cli_console_script_end_to_end",
+        "test_default_checkpoint.py::test_cli_generates_from_the_default_checkpoint",
+        "test_hostile.py::test_a_checkpoint_carrying_tokenizer_code_runs_none_of_it_and_never_prompts",
+        "test_hostile.py::test_a_tokenizer_only_code_could_build_is_refused_by_name",
+        "test_hostile.py::test_convert_of_a_folder_with_tokenizer_code_runs_none_of_it",
+        "test_hostile.py::test_a_decompression_bomb_is_refused_from_its_header",
+        "test_hostile.py::test_argument_errors_are_one_line",
+        "test_hostile.py::test_cli_errors_are_one_line",
+        "test_hostile.py::test_a_non_utf8_prompt_is_one_error_line_and_the_prompt_is_not_echoed_first",
+        "test_hostile.py::test_a_closed_pipe_ends_quietly",
+        "test_hostile.py::test_a_pickle_refusal_never_suggests_unsafe_loading",
+        "test_hostile.py::test_os_errors_about_the_users_paths_are_one_line",
+        "test_structure.py::test_every_module_imports_alone_in_a_fresh_process",
+        "test_structure.py::test_a_kernel_module_imports_alone_in_a_fresh_interpreter",
+        "test_structure.py::test_only_zipjax_is_a_top_level_import_name",
+    ),
+    "real_weights": ("test_smollm2.py",),
+    # about 15 s or more each on 2 busy cores (the fast tier's --durations, 2026-12-05): end-to-end generation with
+    # every KV method, image decoding, experts; besides the tests marked slow where they are written
+    "slow": (
+        "test_attention.py::test_causal_attention_is_differentiable_with_the_dense_gradient",
+        "test_default_checkpoint.py::test_heldout_perplexity_is_reproduced",
+        "test_digits_harness.py::test_digits_with_a_quantized_kv_cache",
+        "test_digits_harness.py::test_generated_digits_are_recognisable",
+        "test_emu3.py::test_cli_image_and_ask",
+        "test_emu3.py::test_greedy_image_tokens_match_transformers_generate",
+        "test_emu3.py::test_image_layout_and_pass_count",
+        "test_emu3_convert.py::test_baai_layout_gives_the_same_model",
+        "test_experts.py::test_generate_matches_solo_runs_and_a_new_mix_does_not_recompile",
+        "test_experts.py::test_mesh_2x4_equals_one_device",
+        "test_experts.py::test_zipcache_mixed_batch_equals_each_request_alone",
+        "test_experts_fixture.py::test_compressed_experts_near_lossless",
+        "test_generate.py::test_stream_yields_exactly_what_generate_returns",
+        "test_kivi.py::test_kivi_tracks_the_dense_cache_and_the_kernel_equals_the_jnp_path",
+        "test_kivi.py::test_prefill_and_decode_residuals_by_hand",
+        "test_kv.py::test_cli_generates_with_a_quantized_cache",
+        "test_kv.py::test_generate_with_a_quantized_cache",
+        "test_kv.py::test_pallas_decode_attention_equals_the_jnp_path",
+        "test_kv.py::test_streaming_8_bit_caches_track_the_dense_cache",
+        "test_minicache.py::test_decode_tokens_are_merged_at_the_second_layer_of_a_pair",
+        "test_minicache.py::test_merged_cache_generates_counts_bytes_and_refuses_bad_configurations",
+        "test_pod.py::test_generate_profile_flag_writes_a_trace",
+        "test_sharding.py::test_zipvl_and_minicache_caches_are_split_and_generate_on_a_mesh",
+        "test_zipar.py::test_adaptive_layout_and_pass_bounds",
+        "test_zipar.py::test_pallas_kernel_path_gives_the_same_image",
+        "test_zipvl.py::test_generate_with_zipvl_and_bad_configurations",
+        "test_zipvl.py::test_one_important_set_per_layer_shared_by_heads_unless_per_head",
+        "test_zipvl.py::test_sparse_prefill_over_a_dense_cache",
+    ),
+}
+
+# Test files, slowest first (seconds per file in the full run of 2026-12-05 on 2 cores, --junitxml). With
+# `--dist loadfile --no-loadscope-reorder` xdist hands files out in collection order, so the long ones start at once
+# and short files fill the gaps; by default it hands them out by number of tests, which left the few-test,
+# long-running files (multihost, AOT) to the end.
+LONGEST_FIRST: tuple[str, ...] = (
+    "test_kv.py", "test_zipar.py", "test_zipvl.py", "test_hostile.py", "test_sharding.py", "test_multihost.py",
+    "test_emu3.py", "test_pallas_quantized.py", "test_aot.py", "test_pod.py", "test_experts.py", "test_generate.py",
+    "test_smollm2.py", "test_structure.py",
+)
+
+
+def _files_marked(marker: str) -> set[str]:
+    return {entry.partition("::")[0] for entry in MARKS[marker]}
+
+
+def _check_marks_name_tests(items: list[pytest.Item]) -> None:
+    """A renamed test must not leave its tier quietly (a warning: CI runs every tier anyway)."""
+    modules = {item.path.name: item.module for item in items if isinstance(item, pytest.Function)}
+    for entries in MARKS.values():
+        for entry in entries:
+            file, _, name = entry.partition("::")
+            if name and file in modules and not callable(getattr(modules[file], name, None)):
+                warnings.warn(pytest.PytestConfigWarning(f"tests/conftest.py MARKS names {entry}, which {file} "
+                                                         "does not define"), stacklevel=1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks (loadgroup) and before -m deselects
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _check_marks_name_tests(items)
+    for item in items:
+        file, name = item.path.name, getattr(item, "originalname", item.name)
+        for marker, entries in MARKS.items():
+            if file in entries or f"{file}::{name}" in entries:
+                item.add_marker(marker)
+    rank = {file: i for i, file in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+# ---------------------------------------------------------------------------------------- compilation cache
+
+NEVER_CACHED = 1e9  # seconds: a compile-time threshold no program reaches
+CACHE_OPTION = "zipjax_jax_cache"  # the folder, handed from the xdist controller to its workers
+
+
+def _compilation_cache(config: pytest.Config) -> str | None:
+    """The folder of jax's persistent compilation cache: ZIPJAX_TEST_JAX_CACHE if set ("off": none), else pytest's
+    cache folder (kept between runs, so a second run starts warm), else (-p no:cacheprovider) a temporary folder
+    for this run. xdist workers use the folder their controller chose."""
+    if hasattr(config, "workerinput"):
+        return config.workerinput.get(CACHE_OPTION)
+    chosen = os.environ.get("ZIPJAX_TEST_JAX_CACHE")
+    if chosen:
+        return None if chosen == "off" else chosen
+    if getattr(config, "cache", None) is not None:
+        return str(config.cache.mkdir("jax-compilation-cache"))
+    config._zipjax_temporary_cache = tempfile.mkdtemp(prefix="zipjax-jax-cache-")
+    return config._zipjax_temporary_cache
+
+
+@pytest.hookimpl(trylast=True)  # after the cache provider set config.cache
+def pytest_configure(config: pytest.Config) -> None:
+    import jax
+
+    config._zipjax_cache = folder = _compilation_cache(config)
+    if folder is not None:
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """xdist: every worker shares the controller's cache folder."""
+    node.workerinput[CACHE_OPTION] = node.config._zipjax_cache
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    temporary = getattr(config, "_zipjax_temporary_cache", None)
+    if temporary is not None:
+        shutil.rmtree(temporary, ignore_errors=True)

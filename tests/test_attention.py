@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import zipjax
 from zipjax.attention import chunked_attention, gqa_attention, slot_mask
 from zipjax.kv.dense import KVCache
 from zipjax.transformer import Transformer, prompt_pass
@@ -53,8 +52,8 @@ def test_a_decode_step_reads_only_the_filled_extent():
     np.testing.assert_allclose(out, gqa_attention(q, k, v, mask), atol=1e-5)
 
 
-def test_chunked_prompt_pass_equals_one_pass():
-    model = zipjax.load("checkpoints/stdlib-llama")
+def test_chunked_prompt_pass_equals_one_pass(stdlib_llama):
+    model = stdlib_llama
     ids = jnp.asarray(np.random.default_rng(2).integers(3, 4000, (2, 256)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(256, dtype=jnp.int32), ids.shape)
     whole, whole_cache = Transformer(model.config).apply({"params": model.params}, ids, positions,

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def shipped():
-    return zipjax.load(DEFAULT_CHECKPOINT)
+def shipped(stdlib_llama):
+    return stdlib_llama  # DEFAULT_CHECKPOINT
 
 
 def recorded_metrics() -> dict:

@@ -19,8 +19,8 @@ NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 
 
 @pytest.fixture(scope="module")
-def harness():
-    return zipjax.load(DIGITS), DigitClassifier.load(DIGITS)
+def harness(digits_emu3):
+    return digits_emu3, DigitClassifier.load(DIGITS)
 
 
 def test_checkpoint_is_small_and_records_its_metrics(harness):

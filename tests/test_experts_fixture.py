@@ -17,14 +17,13 @@ import zipjax
 from zipjax.experts import finetune
 
 FIXTURE = Path(__file__).parent.parent / "checkpoints" / "stdlib-experts"
-BASE = Path(__file__).parent.parent / "checkpoints" / "stdlib-llama"
 DOMAINS = ("prose", "c", "tests")
 WINDOWS = 32  # all shipped per domain (the fixture's metrics.json numbers; the C expert's 2-bit gap is ~1.8%)
 
 
 @pytest.fixture(scope="module")
-def base():
-    return zipjax.load(BASE)
+def base(stdlib_llama):
+    return stdlib_llama
 
 
 @pytest.fixture(scope="module")

@@ -450,10 +450,10 @@ def test_nan_infinite_denormal_or_oversized_sampling_settings_are_refused(tiny_m
         zipjax.generate(model, [[5, 6]], 2, **kwargs)
 
 
-def test_image_sampling_settings_are_checked_too(tmp_path):
+def test_image_sampling_settings_are_checked_too(digits_emu3):
     from zipjax.zipar import SJD
 
-    model = zipjax.load(ROOT / "checkpoints" / "digits-emu3")
+    model = digits_emu3
     for kwargs in (dict(cfg_scale=float("nan")), dict(temperature=float("inf")), dict(seed=2**40),
                    dict(decoder=SJD(10**9)), dict(size=5)):
         with pytest.raises(zipjax.ZipjaxError):

@@ -98,8 +98,8 @@ def test_prefill_and_decode_residuals_by_hand():
 
 
 @pytest.fixture(scope="module")
-def trained():
-    return zipjax.load(ROOT / "checkpoints" / "stdlib-llama")
+def trained(stdlib_llama):
+    return stdlib_llama
 
 
 def test_kivi_tracks_the_dense_cache_and_the_kernel_equals_the_jnp_path(trained):

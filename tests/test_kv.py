@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def trained():
-    return zipjax.load(ROOT / "checkpoints" / "stdlib-llama")
+def trained(stdlib_llama):
+    return stdlib_llama
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -113,8 +113,8 @@ def test_merged_cache_restores_identical_layers_and_retained_tokens_exactly():
                                    rtol=2e-3)
 
 
-def test_merged_cache_generates_counts_bytes_and_refuses_bad_configurations():
-    model = zipjax.load(ROOT / "checkpoints" / "stdlib-llama")
+def test_merged_cache_generates_counts_bytes_and_refuses_bad_configurations(stdlib_llama):
+    model = stdlib_llama
     prompts = [model.tokenizer.encode("def fibonacci(n):"), model.tokenizer.encode("import os\n")]
     dense = zipjax.generate(model, prompts, 24, stop_tokens=())
     exact = zipjax.generate(model, prompts, 24, stop_tokens=(), kv=zipjax.kv.MiniCache(start_layer=5, gamma=0.0))

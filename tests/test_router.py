@@ -15,14 +15,13 @@ import zipjax
 from zipjax.experts import router as routing
 
 FIXTURE = Path(__file__).parent.parent / "checkpoints" / "stdlib-experts"
-BASE = Path(__file__).parent.parent / "checkpoints" / "stdlib-llama"
 PREFIX = 64
 MIN_ACCURACY = 1 / 3 + 0.3  # chance is 1/3 for three domains
 
 
 @pytest.fixture(scope="module")
-def base():
-    return zipjax.load(BASE)
+def base(stdlib_llama):
+    return stdlib_llama
 
 
 @pytest.fixture(scope="module")
