@@ -172,6 +172,10 @@ MARKS: dict[str, tuple[str, ...]] = {
         "test_structure.py::test_every_module_imports_alone_in_a_fresh_process",
         "test_structure.py::test_a_kernel_module_imports_alone_in_a_fresh_interpreter",
         "test_structure.py::test_only_zipjax_is_a_top_level_import_name",
+        "test_first_contact.py",
+        "test_readme.py::test_the_readme_task_snippets_run",
+        "test_hostile_runtime.py::test_a_closed_stdout_is_one_line",
+        "test_hostile_runtime.py::test_a_full_disk_during_export_is_one_line",
     ),
     "real_weights": ("test_smollm2.py",),
     # about 15 s or more each on 2 busy cores (the fast tier's --durations, 2026-12-05): end-to-end generation with
