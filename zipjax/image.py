@@ -127,6 +127,19 @@ def format_prompt(model: Emu3Model, prompt: str | Sequence[int], rows: int, cols
     return ids
 
 
+def formatted_prompts(model: Emu3Model, prompt, negative_prompt, rows: int, cols: int, *,
+                      guided: bool) -> tuple[list[list[int]], list[list[int]]]:
+    """The formatted conditional prompts, and as many negative ones when guided (the negative prompt defaults to the
+    checkpoint's own, else Emu3's)."""
+    prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int | np.integer)) else prompt
+    if not prompts:
+        raise ZipjaxError("no prompt given")
+    if negative_prompt is None:
+        negative_prompt = model.vision.negative_prompt or DEFAULT_NEGATIVE_PROMPT
+    cond = [format_prompt(model, p, rows, cols) for p in prompts]
+    return cond, [format_prompt(model, negative_prompt, rows, cols)] * len(cond) if guided else []
+
+
 def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], *,
                    decoder: Decoder = DEFAULT_DECODER, size: tuple[int, int] | None = None, cfg_scale: float = 3.0,
                    negative_prompt: str | Sequence[int] | None = None, temperature: float = 1.0,
@@ -157,18 +170,11 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
     if not isinstance(decoder, Decoder):
         raise ZipjaxError(f"decoder must be a decoder object, such as Sequential() or zipar.FixedWindow(7), got "
                           f"{decoder!r}")
-    if negative_prompt is None:
-        negative_prompt = model.vision.negative_prompt or DEFAULT_NEGATIVE_PROMPT
     rows, cols = token_grid(model, size)
     vocab, cfg = model.vocab, model.config
     layout = ImageLayout(rows, cols, vocab.eol, vocab.visual_offset, vocab.codebook_size)
-
-    prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int | np.integer)) else prompt
-    if not prompts:
-        raise ZipjaxError("no prompt given")
-    batch = len(prompts)
-    cond = [format_prompt(model, p, rows, cols) for p in prompts]
-    uncond = [format_prompt(model, negative_prompt, rows, cols)] * batch if cfg_scale != 1.0 else []
+    cond, uncond = formatted_prompts(model, prompt, negative_prompt, rows, cols, guided=cfg_scale != 1.0)
+    batch = len(cond)
     longest = max(len(s) for s in cond + uncond)
     if longest + layout.num_tokens > cfg.max_position_embeddings:
         raise ZipjaxError(f"a {rows}x{cols}-code image needs {layout.num_tokens} tokens after a {longest}-token "
