@@ -61,6 +61,18 @@ def test_tokenizer_matches_transformers(smollm2, reference):
     assert ours == list(theirs)
 
 
+def test_chat_messages_with_a_system_prompt_and_turns_match_apply_chat_template(smollm2, reference):
+    model, _ = smollm2
+    _, tok = reference
+    turns = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
+             {"role": "user", "content": QUESTION}]
+    system = {"role": "system", "content": "Answer in one sentence."}
+    for ours, conversation in ((model.tokenizer.chat(turns), turns),
+                               (model.tokenizer.chat(turns, system=system["content"]), [system, *turns])):
+        theirs = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert ours == list(theirs)
+
+
 def test_logits_on_real_text(smollm2, reference):
     model, _ = smollm2
     hf, tok = reference

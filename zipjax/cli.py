@@ -479,8 +479,8 @@ def run_image(args: argparse.Namespace) -> None:
     write_png(out, result.images[0])
     seconds = time.perf_counter() - start
     height, width = result.images.shape[1:3]
-    print(f"wrote {out} ({width}x{height}, {result.num_forward_passes} forward passes in {seconds:.1f}s, "
-          "compile included)", file=sys.stderr)
+    print(f"wrote {out} ({height}x{width} pixels, HxW as --size; {result.num_forward_passes} forward passes in "
+          f"{seconds:.1f}s, compile included)", file=sys.stderr)
 
 
 def run_ask(args: argparse.Namespace) -> None:
