@@ -85,3 +85,28 @@ def test_chat_messages_are_checked_by_shape():
                 [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], b"x"):
         with pytest.raises(zipjax.ZipjaxError):
             chat_messages(bad)
+
+
+def test_a_router_trained_from_the_cli_routes_auto(capsys, monkeypatch, tmp_path):
+    """`zipjax experts router` trains the router of a bank from a text per expert; `--router` points --expert auto
+    at it. Texts of three clearly different kinds stand in for the experts' domains."""
+    import pydoc_data.topics
+
+    prose = " ".join(pydoc_data.topics.topics.values())[:60_000]
+    code = "\n".join(p.read_text() for p in sorted((ROOT / "zipjax").rglob("*.py")))[:60_000]
+    c_like = "\n".join(f"static PyObject *\nfunc_{i}(PyObject *self, PyObject *args)\n{{\n    Py_RETURN_NONE;\n}}"
+                       for i in range(600))
+    for name, text in (("prose", prose), ("tests", code), ("c", c_like)):
+        (tmp_path / f"{name}.txt").write_text(text)
+    args = ["experts", "router", str(STDLIB), str(BANK), "--out", str(tmp_path / "router"), "--text",
+            *(f"{name}={tmp_path / f'{name}.txt'}" for name in ("prose", "c", "tests"))]
+    code_, out, err = _run(args, capsys, monkeypatch)
+    assert code_ == 0, err
+    assert "wrote a router for" in out
+    assert _run(args, capsys, monkeypatch)[0] == 2  # a router is there: --overwrite replaces it
+    code_, _, err = _run(["generate", "static PyObject *\nfunc(PyObject *self", "--max-new-tokens", "3",
+                          "--experts", str(BANK), "--expert", "auto", "--router", str(tmp_path / "router")],
+                         capsys, monkeypatch)
+    assert code_ == 0 and "[expert: c, chosen by the router]" in err, err
+    bad = ["experts", "router", str(STDLIB), str(BANK), "--out", str(tmp_path / "r2"), "--text", "prose=x"]
+    assert _run(bad, capsys, monkeypatch)[0] == 2

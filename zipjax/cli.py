@@ -187,6 +187,14 @@ def _experts_parser(commands) -> None:
     comp.add_argument("--calibration", type=_path, default=None, metavar="TEXT",
                       help="a text file whose tokens weigh the salient-channel choice (default: unweighted)")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing bank folder")
+    route = actions.add_parser("router", help="train the router that --expert auto asks, from a text per expert")
+    route.add_argument("base", type=_path, help="the base zipjax checkpoint the bank was built on")
+    route.add_argument("bank", type=_path, help="the expert bank the router routes to")
+    route.add_argument("--text", nargs="+", required=True, metavar="NAME=FILE",
+                       help="a text of each expert's domain (every expert of the bank needs one)")
+    route.add_argument("--out", type=_path, default=None,
+                       help="where to write router.json and router.npz (default: the bank's folder)")
+    route.add_argument("--overwrite", action="store_true", help="replace a router already there")
 
 
 def _convert_parsers(commands) -> None:
@@ -504,6 +512,8 @@ CALIBRATION_WINDOWS = 32
 
 
 def run_experts(args: argparse.Namespace) -> None:
+    if args.experts_command == "router":
+        return run_router(args)
     from zipjax import experts
 
     names = args.names or [p.name for p in args.experts]
@@ -532,6 +542,32 @@ def run_experts(args: argparse.Namespace) -> None:
     sizes = bank.nbytes()
     print(f"wrote {out}: {len(names)} experts, {sizes['per_expert'] / 2**20:.2f} MiB each "
           f"({sizes['total'] / 2**20:.2f} MiB in all)")
+
+
+def run_router(args: argparse.Namespace) -> None:
+    """`zipjax experts router BASE BANK --text NAME=FILE ...`: a router for the bank, trained on the base's features
+    of each expert's text, stored in the bank's folder (where `--expert auto` looks first)."""
+    from zipjax import experts
+    from zipjax.experts.router import ARRAYS, MANIFEST, train_from_texts
+
+    texts = {}
+    for item in args.text:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise ZipjaxError(f"--text takes NAME=FILE, got {item!r}")
+        texts[name] = read_bounded(_path(file), "text", MAX_TEXT_BYTES).decode("utf-8", errors="replace")
+    out = args.out or args.bank
+    if ((out / MANIFEST).exists() or (out / ARRAYS).exists()) and not args.overwrite:
+        raise ZipjaxError(f"{out} already holds a router; pass --overwrite to replace it")
+    base = load(args.base)
+    bank = experts.load(args.bank, base)
+    if set(texts) != set(bank.names):
+        raise ZipjaxError(f"--text must name each expert of the bank once ({', '.join(bank.names)}), got "
+                          f"{', '.join(texts)}")
+    router = train_from_texts(base, {name: texts[name] for name in bank.names})
+    router.save(out)
+    print(f"wrote a router for {', '.join(bank.names)} to {out} (training accuracy "
+          f"{router.record.get('train_accuracy', float('nan')):.2f})")
 
 
 def run_verify(args: argparse.Namespace) -> None:

@@ -215,6 +215,23 @@ def train_router(base: Model, train_windows: dict[str, np.ndarray], prefixes: Se
     return router
 
 
+def train_from_texts(base: Model, texts: dict[str, str], window: int = 256, max_windows: int = 64,
+                     log: Callable[[str], None] | None = None) -> Router:
+    """A router over the experts named by `texts` (expert name -> text of its domain): each text is cut into up to
+    `max_windows` windows of `window` tokens (fewer where the model's positions are fewer) for `train_router`."""
+    window = min(window, base.config.max_position_embeddings)
+    windows = {}
+    for name, text in texts.items():
+        ids = base.tokenizer.encode(text, add_special_tokens=False)
+        cut = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)][:max_windows]
+        if len(cut) < 2:
+            raise ZipjaxError(f"the text for expert {name!r} holds {len(ids)} tokens; a router needs at least "
+                              f"{2 * window} (two windows of {window})")
+        windows[name] = np.asarray(cut, np.int32)
+    prefixes = tuple(p for p in (64, window) if p <= window)
+    return train_router(base, windows, prefixes=prefixes, log=log)
+
+
 def perplexity_routing(experts: dict[str, Model], prompts: np.ndarray, batch: int = 8) -> np.ndarray:
     """int [n]: index (in `experts` order) of the expert with the lowest NLL on each prompt int32 [n, p]: every
     expert scores every prompt, E forwards each."""
