@@ -20,7 +20,14 @@ from zipjax.convert.mapping import HEADS, hf_tensor_names
 
 from zipjax.checkpoint import load
 from zipjax.config import ModelConfig
-from zipjax.destination import EXPORT, EXPORT_MARKER, Destination, os_errors_of_writers, resolve
+from zipjax.destination import (
+    EXPORT,
+    EXPORT_MARKER,
+    Destination,
+    check_free_space,
+    os_errors_of_writers,
+    resolve,
+)
 from zipjax.errors import ZipjaxError
 from zipjax.transformer import Params
 
@@ -89,6 +96,7 @@ def export_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False, prog
         for name, array in tqdm(hf_state_dict(model.config, model.params).items(), desc="exporting tensors",
                                 unit="tensor", disable=not progress):
             state[name] = array
+        check_free_space(staging.parent, sum(a.nbytes for a in state.values()), f"the export {dst}")
         with os_errors_of_writers(dst):
             save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")

@@ -76,3 +76,19 @@ def test_a_full_disk_during_export_is_one_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert result.returncode == 2 and errors == [f"error: File too large: {tmp_path / 'hf'}"], result.stderr
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_disk_too_full_for_the_write_is_refused_before_writing(tiny_models, tmp_path, monkeypatch, capsys):
+    """A full disk is found before the write starts (inside orbax's threads it would fail with their tracebacks)."""
+    import shutil as shutil_module
+
+    real = shutil_module.disk_usage
+    monkeypatch.setattr("zipjax.destination.shutil.disk_usage",
+                        lambda path: real(path)._replace(free=1000))
+    tiny = tiny_models["llama_gqa"]
+    for args in (["convert", str(tiny.hf_dir), str(tmp_path / "ck")],
+                 ["export", str(tiny.zj_dir), str(tmp_path / "hf")]):
+        assert main(args) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "%|" not in line and line.strip()]
+        assert len(err) == 1 and err[0].startswith("error:") and "GiB free" in err[0], err
+        assert not any(tmp_path.iterdir())

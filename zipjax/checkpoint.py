@@ -43,6 +43,7 @@ from zipjax.destination import (
     CHECKPOINT,
     CHECKPOINT_MANIFEST,
     Destination,
+    check_free_space,
     interrupts_deferred,
     os_errors_of_writers,
     resolve,
@@ -96,6 +97,9 @@ def _write(path: Path | str, config: ModelConfig, params: Params, *, files: list
     """The folder, written by this process alone (orbax's barriers limited to it)."""
     destination = Destination(path, overwrite=overwrite, kind=CHECKPOINT, sources=sources)
     with destination as staging:
+        arrays = [*jax.tree.leaves(params), *(jax.tree.leaves(vision[1]) if vision is not None else [])]
+        need = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays)
+        check_free_space(staging.parent, need + sum(f.stat().st_size for f in files), f"the checkpoint {path}")
         only_this_process = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                                                active_processes={jax.process_index()})
         checkpointer = ocp.StandardCheckpointer(multiprocessing_options=only_this_process)

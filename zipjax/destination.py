@@ -315,3 +315,12 @@ def os_errors_of_writers(path: Path) -> Iterator[None]:
         raise OSError(code, os.strerror(code), str(path)) from None
     finally:
         absl.setLevel(level)
+
+
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """Refuse a write of about `need` bytes into `folder` that the disk holding it cannot take, before writing
+    anything (a write that fills the disk fails deep inside orbax's threads instead)."""
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise ZipjaxError(f"{what} needs about {need / 2**30:.2f} GiB and the disk holding {folder} has "
+                          f"{free / 2**30:.2f} GiB free")
