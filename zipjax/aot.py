@@ -1,10 +1,22 @@
 """Ahead-of-time compilation for accelerators this machine does not have: real TPU topologies (libtpu's compiler)
 and described NVIDIA GPUs (jax's CUDA plugin), with the library's own shardings.
 
+    import jax, jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from zipjax import aot
+    from zipjax.config import PUBLISHED
+    from zipjax.sharding import tree_shardings
+    from zipjax.transformer import Transformer, abstract_params, param_logical_axes
+
+    config = PUBLISHED["llama-3-8b"]
     t = aot.target("v5e:2x2")                                   # 4 chips of TPU v5e; "h100" / "h200" for one GPU
     mesh = aot.mesh(t, data=1, model=4)
-    params = aot.abstract(abstract_params(config), param_shardings(config, mesh))
-    compiled, report = aot.compile(forward, params, tokens, ..., target=t)
+    shapes = abstract_params(config)
+    params = aot.abstract(shapes, tree_shardings(shapes, param_logical_axes(config), mesh))
+    tokens = aot.array((1, 512), jnp.int32, NamedSharding(mesh, P()))
+    logits = lambda p, x: Transformer(config).apply({"params": p}, x, jnp.arange(512)[None], None)[0]
+    with jax.set_mesh(mesh):                                    # the kernels run per shard on the context mesh
+        compiled, report = aot.compile(logits, params, tokens, target=t)
     report.temp_bytes, report.fits, report.flops, report.collectives     # per chip
 
 Nothing is allocated and nothing runs: arguments are `jax.ShapeDtypeStruct`s carrying shardings over the target's
