@@ -82,7 +82,7 @@ def test_cli_generates_from_the_default_checkpoint():
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("def fibonacci(n):")
     assert len(result.stdout.strip()) > len("def fibonacci(n):") + 10
-    assert "tokens in" in result.stderr
+    assert "24 tokens: compile" in result.stderr and "tok/s" in result.stderr  # the status line, on stderr
 
 
 def test_a_version_1_checkpoint_loads_heads_first_and_saves_as_version_2(shipped, tmp_path):

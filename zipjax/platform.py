@@ -163,7 +163,7 @@ def free_memory_bytes() -> int | None:
     the machine's available physical memory on a CPU; None where neither can be read."""
     import jax
 
-    stats = jax.devices()[0].memory_stats()
+    stats = jax.local_devices()[0].memory_stats()  # this process's own device (a pod has others)
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
     try:
