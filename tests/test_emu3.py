@@ -185,17 +185,17 @@ def test_cli_image_and_ask(emu3, tmp_path, capsys):
     assert cli_main(["image", "--checkpoint", str(root / "zj"), "a cat", "--size", "8x12", "--out", str(out),
                      "--seed", "1"]) == 0
     assert read_image(out).shape == (8, 12, 3)
-    assert "(12x8, 28 forward passes" in capsys.readouterr().err
+    assert "(8x12 pixels, HxW as --size; 28 forward passes" in capsys.readouterr().err
     assert cli_main(["image", "--checkpoint", str(root / "zj"), "a cat", "--size", "8x12", "--out", str(out),
                      "--zipar-window", "2"]) == 0
-    assert "(12x8, 12 forward passes" in capsys.readouterr().err
+    assert "(8x12 pixels, HxW as --size; 12 forward passes" in capsys.readouterr().err
     assert cli_main(["image", "--checkpoint", str(root / "zj"), "a cat", "--size", "8x12", "--out", str(out),
                      "--zipar-window", "adaptive", "--zipar-min-window", "6"]) == 0
-    assert "(12x8, 24 forward passes" in capsys.readouterr().err
+    assert "(8x12 pixels, HxW as --size; 24 forward passes" in capsys.readouterr().err
     # a minimum window wider than the image (6 codes) decodes row after row; it used to hang after row 1
     assert cli_main(["image", "--checkpoint", str(root / "zj"), "a cat", "--size", "8x12", "--out", str(out),
                      "--zipar-window", "adaptive", "--zipar-min-window", "50"]) == 0
-    assert "(12x8, 24 forward passes" in capsys.readouterr().err
+    assert "(8x12 pixels, HxW as --size; 24 forward passes" in capsys.readouterr().err
     for flags, message in ((["--zipar-window", "2", "--sjd-window", "4"], "two decoders; give one"),
                            (["--sjd-window", "1"], "SJD window must be >= 2")):
         assert cli_main(["image", "--checkpoint", str(root / "zj"), "a cat", "--out", str(tmp_path / "no.png"),
