@@ -213,15 +213,16 @@ def plot(results: dict, path: Path, title: str) -> Path | None:
         return None
     names = list(results)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.bar(names, [results[n]["metrics"]["output_throughput"] for n in names], color="tab:blue")
+    bars = left.bar(names, [results[n]["metrics"]["output_throughput"] for n in names], color="tab:blue")
+    left.bar_label(bars, fmt="%.1f")
     left.set_ylabel("output tokens / s")
     left.set_title("throughput")
     servers = [n for n in names if results[n]["metrics"]["tpot_ms"] is not None]
     for offset, (key, label) in enumerate((("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"))):
-        right.bar([i + 0.27 * offset for i in range(len(servers))],
-                  [results[n]["metrics"][key]["median"] for n in servers], width=0.27, label=f"median {label}")
+        bars = right.bar([i + 0.27 * offset for i in range(len(servers))],
+                         [results[n]["metrics"][key]["median"] for n in servers], width=0.27, label=f"median {label}")
+        right.bar_label(bars, fmt="%.0f")
     right.set_xticks([i + 0.27 for i in range(len(servers))], servers)
-    right.set_yscale("log")
     right.set_ylabel("ms")
     right.set_title("latency (servers)")
     right.legend()
@@ -304,8 +305,7 @@ def main() -> None:
           f"{record['output_tok_s_ratios']}\nwrote {out}")
     png = plot(done, out.with_suffix(".png"), f"{args.model}, {args.num_prompts} x {args.output_len} "
                f"tokens, concurrency {args.concurrency}") if done else None
-    if png is not None:
-        print(f"wrote {png}")
+    print(f"wrote {png}" if png is not None else "no plot: matplotlib is not installed (pip install matplotlib)")
 
 
 if __name__ == "__main__":
