@@ -3,6 +3,7 @@ constructed timestamps against hand-computed values, the streamed-chunk accounti
 output tokens from `usage`), the seeded Poisson arrival schedule, the random prompts, and the command's errors."""
 
 import dataclasses
+import io
 import math
 import types
 from pathlib import Path
@@ -229,3 +230,21 @@ def test_bad_input_is_one_error_line(argv, message, capsys):
     assert cli.main(["bench-serve", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_server_urls_are_normalized_to_the_root():
+    for url in ("http://127.0.0.1:8000", "http://127.0.0.1:8000/", "http://127.0.0.1:8000/v1", " http://h:1/v1/ "):
+        assert loadgen.base_url(url) in ("http://127.0.0.1:8000", "http://h:1")
+    for bad in ("127.0.0.1:8000", "http://", "ws://h:1"):
+        with pytest.raises(ZipjaxError, match="http://"):
+            loadgen.base_url(bad)
+
+
+def test_progress_writes_a_line_per_tenth_off_a_terminal():
+    out = io.StringIO()
+    progress = loadgen.Progress(20, "run", stream=out)
+    for i in range(20):
+        progress(_result(0.0, 0.1, [0.1], 2, 3, success=i != 4))
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("run: 20/20 requests done, 1 failed, 38 tokens in ")
