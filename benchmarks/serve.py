@@ -8,8 +8,8 @@ the same prompts and the same load, measured by the same client (zipjax.serve.lo
     python benchmarks/serve.py --out benchmarks/results/serve_cpu.json   # the tracked results (and serve_cpu.png)
 
 Contenders:
-- zipjax: `zipjax serve CHECKPOINT --max-num-seqs CONCURRENCY --max-model-len 2048` (`--zipjax-args` adds flags,
-  which win over these);
+- zipjax: `zipjax serve CHECKPOINT --max-num-seqs CONCURRENCY --max-model-len L` (L: 2048 or the model's positions
+  if fewer; `--zipjax-args` adds flags, which win over these);
 - peer: `transformers serve --continuous-batching --dtype float32 --device cpu FOLDER`, on the checkpoint exported
   with `zipjax export` (the same weights). It takes text prompts only and has no `ignore_eos`: its requests carry
   `generation_config: {"eos_token_id": -1}` instead, which turns the end token off the same way;
@@ -118,11 +118,17 @@ def server(command: list[str], port: int, log: Path, health_timeout: float):
             stop(proc)
 
 
+def max_model_len(args: argparse.Namespace, checkpoint: Path) -> int:
+    """--max-model-len, capped at the checkpoint's positions (SmolLM2's 8192 would size zipjax serve's KV pool)."""
+    config = json.loads((checkpoint / "zipjax.json").read_text())["config"]
+    return min(args.max_model_len, int(config["max_position_embeddings"]))
+
+
 def server_command(name: str, args: argparse.Namespace, checkpoint: Path, hf_dir: Path | None, port: int) -> list:
     if name == "zipjax":
         return [sys.executable, "-m", "zipjax.cli", "serve", str(checkpoint), "--host", "127.0.0.1", "--port",
-                str(port), "--max-num-seqs", str(args.concurrency), "--max-model-len", str(args.max_model_len),
-                *shlex.split(args.zipjax_args)]
+                str(port), "--max-num-seqs", str(args.concurrency),
+                "--max-model-len", str(max_model_len(args, checkpoint)), *shlex.split(args.zipjax_args)]
     peer = "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; sys.exit(main())"
     return [sys.executable, "-c", peer, "serve", "--continuous-batching", "--dtype", "float32", "--device", "cpu",
             "--host", "127.0.0.1", "--port", str(port), *shlex.split(args.peer_args), str(hf_dir)]
@@ -267,7 +273,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--health-timeout", type=float, default=900.0, help="seconds a server may take to be ready")
     parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may wait for a chunk")
     parser.add_argument("--max-model-len", type=int, default=2048,
-                        help="zipjax serve's --max-model-len (SmolLM2's 8192 positions would size its KV pool)")
+                        help="zipjax serve's --max-model-len, at most the model's positions")
     parser.add_argument("--zipjax-args", default="", help="extra flags for zipjax serve, one string (they win)")
     parser.add_argument("--peer-args", default="", help="extra flags for transformers serve, one string")
     parser.add_argument("--out", type=Path, default=None,
