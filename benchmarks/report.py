@@ -26,9 +26,13 @@ def add_out_argument(parser: argparse.ArgumentParser) -> None:
                              f"{RESULTS.relative_to(ROOT)} updates the tracked results)")
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """An earlier run's results (empty where there are none): what a benchmark keeps of sections it skips."""
-    return json.loads(path.read_text()) if path.is_file() else {}
+def previous_results(path: Path) -> tuple[dict[str, Any], Path]:
+    """An earlier run's results for `path` and where they were read: the file itself, else the tracked file of the
+    same name (so a run into a fresh folder still keeps the sections it skips); ({}, path) where neither exists."""
+    for candidate in (path, RESULTS / path.name):
+        if candidate.is_file():
+            return json.loads(candidate.read_text()), candidate
+    return {}, path
 
 
 def write_json(path: Path, payload: Any, *, indent: int = 2) -> Path:
@@ -47,6 +51,12 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):  # numpy scalars and arrays
         return value.tolist()
     return float(value)
+
+
+def repo_path(path: Path) -> str:
+    """`path` relative to the repository root where it lies inside it (as results record their plots), else whole."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def save_plot(figure: Any, path: Path, *, dpi: int = 120) -> Path:
