@@ -1,7 +1,7 @@
 """The serving step compiled ahead of time for TPU and H100 at real model shapes, and how many tokens of KV each
 chip's page pool holds by the compiler's own memory plan.
 
-    python benchmarks/serve_aot.py [--targets v5e:2x2 v6e:1x1 h100] [--model llama-3-8b] [--out FILE.json]
+    python -m benchmarks.serve_aot [--targets v5e:2x2 v6e:1x1 h100] [--model llama-3-8b] [--out DIR]
 
 For each target: the step (zipjax.serve.step.serve_step: paged attention over a page pool, chunked prefill and
 decode rows in one flat batch, each row's sampling) is compiled for its busiest shape (max_num_seqs decode rows and
@@ -9,23 +9,22 @@ a full prefill token budget) with parameters and pool placed by the library's sh
 KV head over the "model" axis, by head_dim where the axis does not divide the KV heads). A first compile with a
 small pool measures what the program needs besides the pool (parameters, temporaries); the pool is then sized to
 fill the rest of HBM (`--hbm-share` of it) and compiled again: its `fits` and the page count give the capacity row.
-Nothing runs; no accelerator is needed (zipjax.aot). Results go to `--out` (default: an untracked
-benchmarks/results/local/serve_aot.json); `--out benchmarks/results/serve_aot.json` refreshes the tracked table.
+Nothing runs; no accelerator is needed (zipjax.aot). serve_aot.json goes to `--out DIR` (benchmarks/report.py:
+default the untracked benchmarks/results/local/; `--out benchmarks/results` refreshes the tracked table).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from benchmarks import report
 from zipjax import aot
 from zipjax.config import PUBLISHED, ModelConfig
 from zipjax.serve.paged import Pool, StepLayout
@@ -33,7 +32,6 @@ from zipjax.serve.step import StepBatch, serve_step
 from zipjax.sharding import tree_shardings
 from zipjax.transformer import abstract_params, param_logical_axes
 
-RESULTS = Path(__file__).parent / "results"
 MESHES = {"v5e:2x2": 4, "v6e:1x1": 1, "v5e:4x4": 16, "h100": 1, "h200": 1}
 
 
@@ -103,24 +101,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", default=["v5e:2x2", "v6e:1x1", "h100"], choices=sorted(MESHES))
     parser.add_argument("--model", default="llama-3-8b", choices=sorted(PUBLISHED))
     parser.add_argument("--hbm-share", type=float, default=0.9)
-    parser.add_argument("--out", type=Path, default=RESULTS / "local" / "serve_aot.json")
+    report.add_out_argument(parser)
     args = parser.parse_args(argv)
     config = dataclasses.replace(PUBLISHED[args.model], dtype="bfloat16")
     rows = []
     for i, name in enumerate(args.targets):
         print(f"[{i + 1}/{len(args.targets)}] compiling the serving step for {name} ...", file=sys.stderr)
         rows.append(capacity(config, name, Shape(), args.hbm_share))
-    print(f"{'target':10} {'chips':>5} {'pages':>8} {'KV tokens':>10} {'8k seqs':>8} {'pool GiB/chip':>13} "
-          f"{'total GiB/chip':>14} {'fits':>5}")
-    for r in rows:
-        rep = r["report"]
-        print(f"{r['target']:10} {r['chips']:>5} {r['num_pages']:>8} {r['tokens']:>10} "
-              f"{r['sequences_at_max_len']:>8} {r['pool_gib_per_chip']:>13.2f} {rep['total_bytes'] / aot.GIB:>14.2f} "
-              f"{rep['fits']!s:>5}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "dtype": "bfloat16", "jax": jax.__version__,
-                                    "rows": rows}, indent=1, default=float))
-    print(f"wrote {args.out}", file=sys.stderr)
+    report.print_table(
+        ["target", "chips", "pages", "KV tokens", "8k seqs", "pool GiB/chip", "total GiB/chip", "fits"],
+        [[r["target"], r["chips"], r["num_pages"], r["tokens"], r["sequences_at_max_len"],
+          f"{r['pool_gib_per_chip']:.2f}", f"{r['report']['total_bytes'] / aot.GIB:.2f}", r["report"]["fits"]]
+         for r in rows], title=f"serving step, {args.model} bf16, dense pages")
+    path = report.write_json(args.out / "serve_aot.json", {"model": args.model, "dtype": "bfloat16",
+                                                           "jax": jax.__version__, "rows": rows})
+    print(f"wrote {report.repo_path(path)}", file=sys.stderr)
     return 0
 
 
