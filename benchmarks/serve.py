@@ -5,7 +5,7 @@ the same prompts and the same load, measured by the same client (zipjax.serve.lo
     python benchmarks/serve.py                                  # SmolLM2-135M float32, 16 prompts x 64 tokens, c=16
     python benchmarks/serve.py --model stdlib-llama             # the small shipped checkpoint: a quick run
     python benchmarks/serve.py --contenders peer static         # a subset
-    python benchmarks/serve.py --out benchmarks/results/serve_cpu.json   # the tracked results (and serve_cpu.png)
+    python benchmarks/serve.py --out benchmarks/results         # update the tracked results (JSON + PNG)
 
 Contenders:
 - zipjax: `zipjax serve CHECKPOINT --max-num-seqs CONCURRENCY --max-model-len L` (L: 2048 or the model's positions
@@ -22,10 +22,11 @@ log is kept beside the JSON), gets one untimed test request and the timed load, 
 process group, SIGKILL after 30 s). Prompts are random token ids decoded to text (vLLM's random dataset) and sent
 to both servers as text; each request generates exactly --output-len tokens, which the table checks (equal work).
 
-The JSON (settings, box, every contender's metrics and per-request records) goes to --out; without it, to
-benchmarks/results/local/serve_<model>.json, a folder git ignores, so a casual run never overwrites the tracked
-results. A PNG plot is written beside it when matplotlib is installed. The box's load average before and after each
-contender is recorded: on a shared machine compare contenders of one run, not runs.
+serve_<model>.json (settings, box, every contender's metrics and per-request records) and, with matplotlib,
+serve_<model>.png go to `--out DIR` (benchmarks/report.py: default the untracked benchmarks/results/local/;
+`--out benchmarks/results` refreshes the tracked ones); the servers' logs always go to
+benchmarks/results/local/serve_<model>_logs/. The box's load average before and after each contender is recorded:
+on a shared machine compare contenders of one run, not runs.
 """
 
 from __future__ import annotations
@@ -46,15 +47,15 @@ import time
 from pathlib import Path
 
 import httpx
+import report
 
 from zipjax.errors import ZipjaxError
 from zipjax.serve import loadgen
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCAL_RESULTS = ROOT / "benchmarks" / "results" / "local"
 MODELS = {"smollm2": None, "stdlib-llama": ROOT / "checkpoints" / "stdlib-llama"}  # None: fetched on first use
 CONTENDERS = ("zipjax", "peer", "static")
-PEER_EXTRA_BODY = {"generation_config": json.dumps({"eos_token_id": -1})}  # transformers' way to ignore EOS
+PEER_EXTRA_BODY = {"generation_config": '{"eos_token_id": -1}'}  # transformers' way to ignore EOS
 STOP_GRACE_S = 30.0
 
 
@@ -192,17 +193,17 @@ def _ms(summary: dict | None, key: str) -> str:
     return "-" if summary is None else f"{summary[key]:.0f}"
 
 
-def table(results: dict, expected_tokens: int) -> str:
+def table(results: dict, expected_tokens: int) -> list[str]:
     header = ("contender", "output tok/s", "req/s", "TTFT mean / p99 ms", "TPOT mean / p99 ms", "ITL mean / p99 ms",
               "E2E mean / p99 ms", "output tokens")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for name, row in results.items():
         m = row["metrics"]
         tokens = f"{m['total_output_tokens']}" + ("" if m["total_output_tokens"] == expected_tokens else " (!)")
         cells = [name, f"{m['output_throughput']:.1f}", f"{m['request_throughput']:.2f}"]
         cells += [f"{_ms(m[k], 'mean')} / {_ms(m[k], 'p99')}" for k in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")]
-        lines.append("| " + " | ".join([*cells, tokens]) + " |")
-    return "\n".join(lines)
+        rows.append([*cells, tokens])
+    return report.format_table(header, rows)
 
 
 def ratios(results: dict) -> dict:
@@ -236,17 +237,7 @@ def plot(results: dict, path: Path, title: str) -> Path | None:
     right.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def out_path(args) -> Path:
-    if args.out is not None:
-        return args.out
-    LOCAL_RESULTS.mkdir(parents=True, exist_ok=True)
-    (LOCAL_RESULTS / ".gitignore").write_text("*\n")  # the folder ignores itself: local runs stay untracked
-    return LOCAL_RESULTS / f"serve_{args.model}.json"
+    return report.save_plot(fig, path)
 
 
 def box() -> dict:
@@ -276,14 +267,12 @@ def parse_args() -> argparse.Namespace:
                         help="zipjax serve's --max-model-len, at most the model's positions")
     parser.add_argument("--zipjax-args", default="", help="extra flags for zipjax serve, one string (they win)")
     parser.add_argument("--peer-args", default="", help="extra flags for transformers serve, one string")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="the JSON (and PNG) to write; default benchmarks/results/local/serve_<model>.json")
+    report.add_out_argument(parser)
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    out = out_path(args)
     checkpoint = checkpoint_of(args.model, args.checkpoint)
     from zipjax.tokenizer import load_tokenizer
 
@@ -292,7 +281,7 @@ def main() -> None:
     settings = {k: (str(v) if isinstance(v, Path) or v == math.inf else v) for k, v in vars(args).items()}
     record = {"benchmark": "benchmarks/serve.py", "checkpoint": str(checkpoint), "settings": settings, "box": box(),
               "prompt_lens": [p.prompt_len for p in prompts], "results": {}}
-    logs = out.with_suffix("").with_name(out.stem + "_logs")
+    logs = report.LOCAL / f"serve_{args.model}_logs"
     logs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = None
@@ -308,14 +297,16 @@ def main() -> None:
                 record["failures"] = {**record.get("failures", {}), name: str(e)}
     done = record["results"]
     record["output_tok_s_ratios"] = ratios(done)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = report.write_json(args.out / f"serve_{args.model}.json", record)
     expected = args.num_prompts * args.output_len
     print(f"\n{args.model}: {args.num_prompts} prompts x {args.output_len} tokens, concurrency {args.concurrency}, "
-          f"{os.cpu_count()} CPUs\n\n{table(done, expected)}\n\nratios (output tok/s): "
-          f"{record['output_tok_s_ratios']}\nwrote {out}")
+          f"{os.cpu_count()} CPUs\n")
+    print("\n".join(table(done, expected)))
+    print(f"\nratios (output tok/s): {record['output_tok_s_ratios']}\nwrote {report.repo_path(out)}")
     png = plot(done, out.with_suffix(".png"), f"{args.model}, {args.num_prompts} x {args.output_len} "
                f"tokens, concurrency {args.concurrency}") if done else None
-    print(f"wrote {png}" if png is not None else "no plot: matplotlib is not installed (pip install matplotlib)")
+    print(f"wrote {report.repo_path(png)}" if png is not None else
+          "no plot: matplotlib is not installed (pip install matplotlib)")
 
 
 if __name__ == "__main__":
