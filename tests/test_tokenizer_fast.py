@@ -158,6 +158,9 @@ def test_folders_the_reader_leaves_go_to_transformers_and_still_match(tmp_path):
         assert not JsonTokenizer.accepts(tmp_path / name), name
         assert type(ZipjaxTokenizer(tmp_path / name)._tok).__name__ == "_Transformers", name
     _same(tmp_path / "unknown_setting")
+    for name, config in {"split_as_text": {"split_special_tokens": "false"}, "bad_side": {"padding_side": "up"},
+                         "bad_templates": {"chat_template": [{"name": "default"}]}}.items():
+        assert not JsonTokenizer.accepts(_tiny(tmp_path / name, config=config)), name
     no_json = tmp_path / "no_json"
     shutil.copytree(tmp_path / "unknown_setting", no_json)
     (no_json / "tokenizer.json").unlink()

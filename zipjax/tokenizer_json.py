@@ -62,7 +62,10 @@ class JsonTokenizer:
                 and all(_token_or_none(config.get(key)) for key in NAMED_TOKENS)
                 and (extra is None or (isinstance(extra, list) and all(_token_or_none(t) for t in extra)))
                 and not ("extra_special_tokens" in config and "additional_special_tokens" in config)
-                and isinstance(config.get("added_tokens_decoder", {}), dict))
+                and isinstance(config.get("added_tokens_decoder", {}), dict)
+                and isinstance(config.get("split_special_tokens", False), bool)
+                and all(config.get(key, "right") in ("right", "left") for key in ("padding_side", "truncation_side"))
+                and _template_ok(config.get("chat_template")))
 
     def __init__(self, folder: Path):
         from tokenizers import AddedToken, Tokenizer, processors
@@ -129,6 +132,16 @@ def _config(folder: Path) -> dict[str, Any]:
     return config
 
 
+def _template_ok(template: Any) -> bool:
+    """None, a template, {name: template}, or [{"name": ..., "template": ...}, ...] (what transformers reads)."""
+    if isinstance(template, list):
+        return all(isinstance(item, dict) and isinstance(item.get("name"), str)
+                   and isinstance(item.get("template"), str) for item in template)
+    if isinstance(template, dict):
+        return all(isinstance(value, str) for value in template.values())
+    return template is None or isinstance(template, str)
+
+
 def _token_or_none(value: Any) -> bool:
     return value is None or isinstance(value, str) or (isinstance(value, dict) and value.get("__type") == "AddedToken"
                                                        and isinstance(value.get("content"), str))
@@ -187,7 +200,7 @@ def _chat_template(folder: Path, config: dict) -> str | dict[str, str] | None:
     if path.is_file():
         return path.read_text(encoding="utf-8")
     template = config.get("chat_template")
-    if isinstance(template, list | tuple):
+    if isinstance(template, list):
         return {item["name"]: item["template"] for item in template}
     return template
 
