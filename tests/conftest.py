@@ -177,6 +177,7 @@ MARKS: dict[str, tuple[str, ...]] = {
         "test_readme.py::test_the_readme_task_snippets_run",
         "test_hostile_runtime.py::test_a_closed_stdout_is_one_line",
         "test_hostile_runtime.py::test_a_full_disk_during_export_is_one_line",
+        "test_tokenizer_fast.py::test_the_generate_command_on_the_shipped_checkpoint_imports_no_transformers",
     ),
     "real_weights": ("test_smollm2.py",),
     # about 15 s or more each on 2 busy cores (the fast tier's --durations, 2026-12-05): end-to-end generation with

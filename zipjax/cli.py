@@ -27,19 +27,18 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 
-from zipjax import kv, zipar
+from zipjax import kv
 from zipjax.checkpoint import load, verify
-from zipjax.convert import convert
-from zipjax.convert.export import export_hf
-from zipjax.emu3.png import check_writable, read_image, write_png
-from zipjax.emu3.understand import ask
 from zipjax.errors import ZipjaxError
 from zipjax.generate import generate_stream
-from zipjax.image import Decoder, Sequential, generate_image
 from zipjax.validate import read_bounded
+
+if TYPE_CHECKING:
+    from zipjax.image import Decoder
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "stdlib-llama"
 MAX_TEXT_BYTES = 256 << 20  # a prompts file or a calibration text: regular files of at most this, read at once
@@ -455,6 +454,8 @@ def _answer_batch(model, args: argparse.Namespace, items: list[dict], settings: 
 
 
 def run_convert(args: argparse.Namespace) -> None:
+    from zipjax.convert import convert  # the commands' own modules load with them: `generate` starts sooner
+
     dst = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                   vision_tokenizer=args.vision_tokenizer)
     print(f"converted {args.src} -> {dst}")
@@ -463,6 +464,9 @@ def run_convert(args: argparse.Namespace) -> None:
 def image_decoder(args: argparse.Namespace) -> Decoder:
     """The decoder the image command's --zipar-window / --zipar-min-window / --sjd-window name (as --kv names a
     KV method); one token per pass when none does."""
+    from zipjax import zipar
+    from zipjax.image import Sequential
+
     if args.sjd_window is not None and args.zipar_window is not None:
         raise ZipjaxError("--sjd-window (Speculative Jacobi Decoding) and --zipar-window are two decoders; give one")
     if args.sjd_window is not None:
@@ -475,6 +479,9 @@ def image_decoder(args: argparse.Namespace) -> Decoder:
 
 
 def run_image(args: argparse.Namespace) -> None:
+    from zipjax.emu3.png import check_writable, write_png
+    from zipjax.image import generate_image
+
     prompt = _text(args.prompt, "prompt")
     negative = _text(args.negative_prompt, "negative prompt") if args.negative_prompt is not None else None
     decoder = image_decoder(args)
@@ -492,6 +499,9 @@ def run_image(args: argparse.Namespace) -> None:
 
 
 def run_ask(args: argparse.Namespace) -> None:
+    from zipjax.emu3.png import read_image
+    from zipjax.emu3.understand import ask
+
     question = _text(args.question, "question")
     image = read_image(args.image)  # a bad image fails before the model loads
     model = load(args.checkpoint, dtype=args.dtype)
@@ -503,6 +513,8 @@ def run_ask(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
+    from zipjax.convert.export import export_hf
+
     dst = export_hf(args.src, args.dst, overwrite=args.overwrite)
     print(f"exported {args.src} -> {dst}")
 
