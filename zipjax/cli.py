@@ -39,6 +39,7 @@ from zipjax.emu3.understand import ask
 from zipjax.errors import ZipjaxError
 from zipjax.generate import generate_stream
 from zipjax.image import Decoder, Sequential, generate_image
+from zipjax.serve import cli as serve_cli
 from zipjax.validate import read_bounded
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "stdlib-llama"
@@ -274,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     _convert_parsers(commands)
     _image_parsers(commands)
     _experts_parser(commands)
+    serve_cli.add_parser(commands)
     check = commands.add_parser("verify", help="check a zipjax checkpoint's files against their recorded checksums")
     check.add_argument("checkpoint", type=_path, help="zipjax checkpoint folder")
     return parser
@@ -582,7 +584,7 @@ def run_verify(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"generate": run_generate, "convert": run_convert, "export": run_export, "image": run_image,
-            "ask": run_ask, "verify": run_verify, "experts": run_experts}
+            "ask": run_ask, "verify": run_verify, "experts": run_experts, "serve": serve_cli.run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,8 +64,22 @@ class Tokenizer:
         lengths against the model itself, so transformers' warning about the tokenizer's own maximum is silenced."""
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens, verbose=False))
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def info(self) -> dict:
+        """The tokenizer's settings as transformers keeps them (special tokens as text, model_max_length, ...), its
+        class and chat template: what vLLM's /tokenizer_info reports and lm-eval's remote tokenizer reads."""
+        info = {}
+        for key, value in getattr(self._tok, "init_kwargs", {}).items():
+            if key.endswith("_file") or key in _LOCAL_KWARGS:
+                continue
+            value = getattr(value, "content", value)  # an AddedToken: its text
+            if value is None or isinstance(value, str | int | float | bool):
+                info[key] = value
+        info["tokenizer_class"] = type(self._tok).__name__
+        info["chat_template"] = self._tok.chat_template if self.has_chat_template else None
+        return info
 
     def chat(self, messages: str | Sequence[Mapping[str, str]], *, system: str | None = None) -> list[int]:
         """Token ids of a chat prompt, ready for the assistant's answer: `messages` is the user's one message or a
@@ -81,6 +95,8 @@ class Tokenizer:
         return list(self._tok(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
+# how this process loaded the tokenizer (paths, flags), and the whole added vocabulary: not the tokenizer's settings
+_LOCAL_KWARGS = ("added_tokens_decoder", "name_or_path", "is_local", "local_files_only", "trust_remote_code")
 CHAT_ROLES = ("system", "user", "assistant")
 
 
