@@ -11,6 +11,7 @@ recompiles). The model calls it at three kinds of places, each named as in the p
     embedding(tokens)   tokens int32 [batch, seq] -> float32 [batch, seq, embed], added to the embedded tokens
     norm(name)          name "layer_i/attn_norm", "layer_i/mlp_norm" or "final_norm" -> float32 [batch, 1, embed],
                         added to the norm's scale
+    take(rows)          the same deltas for a subset of the batch rows (the model computes some rows' logits only)
 
 One implementation ships: ME-Switch's compressed expert deltas (zipjax.experts.delta.ExpertDeltas), built by
 `zipjax.experts.attach`; the model itself knows nothing of experts.
@@ -39,4 +40,8 @@ class WeightDeltas(Protocol):
 
     def norm(self, name: str) -> jax.Array:
         """float32 [batch, 1, embed]: the delta of norm `name`'s scale, per sequence."""
+        ...
+
+    def take(self, rows: jax.Array) -> WeightDeltas:
+        """The deltas of batch rows `rows` (int32 [r]) only, in that order (the output head of selected rows)."""
         ...

@@ -144,10 +144,12 @@ class Transformer(Projections):
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None, *,
                  last_only: bool = False, head: jax.Array | None = None,
-                 deltas: WeightDeltas | None = None) -> tuple[jax.Array, Cache | None]:
+                 deltas: WeightDeltas | None = None, rows: jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
         """head: an output projection [embed, n] used instead of the model's, typically `output_head(...)` of a
         vocabulary range (Emu3 samples image codes from 32,768 visual tokens, a sixth of its vocabulary).
-        deltas: per-sequence weight deltas (zipjax.deltas; e.g. ME-Switch experts), or None for the model alone."""
+        deltas: per-sequence weight deltas (zipjax.deltas; e.g. ME-Switch experts), or None for the model alone.
+        rows: int32 [r], the batch rows whose logits are computed ([r, seq or 1, vocab]); the serving engine's flat
+        batch needs a few rows' logits, not every token's."""
         cfg, dtype = self.config, self.config.jnp_dtype
         if cache is not None:
             cache.check_fits(tokens.shape)
@@ -164,6 +166,9 @@ class Transformer(Projections):
         x = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x, deltas)
         if last_only:
             x = x[:, -1:]
+        if rows is not None:
+            x = jnp.take(x, rows, axis=0)
+            deltas = None if deltas is None else deltas.take(rows)
         site = None
         if head is None and cfg.tie_word_embeddings:
             head, site = embed.T, "embed"  # [embed, vocab]

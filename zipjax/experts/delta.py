@@ -170,3 +170,7 @@ class ExpertDeltas:
         """float32 [batch, 1, embed]: the norm-scale delta of each sequence's expert."""
         delta = self.bank.norms[name][jnp.maximum(self.ids, 0)]
         return jnp.where((self.ids >= 0)[:, None], delta, 0.0)[:, None, :]
+
+    def take(self, rows: jax.Array) -> ExpertDeltas:
+        """The deltas of batch rows `rows` only (int32 [r])."""
+        return self.replace(ids=jnp.take(self.ids, rows))

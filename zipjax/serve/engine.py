@@ -1,0 +1,327 @@
+"""The serving engine: requests in flight share one paged KV pool and advance together, one jitted step at a time
+(continuous batching), on a background thread.
+
+    engine = Engine(model, EngineConfig(max_num_seqs=16))
+    engine.start()                               # compiles every step shape, then serves
+    stream = engine.submit(Request("a", prompt_ids, SamplingParams(max_tokens=32)))
+    for update in stream: ...                    # or `async for` in an event loop
+
+Each step runs the decode rows of every running sequence and chunks of prompts (zipjax.serve.scheduler), through
+the model with the paged cache (zipjax.serve.paged), and samples each row by its request's own settings
+(zipjax.serve.step). Step shapes are padded to buckets compiled at start-up, so nothing compiles while serving;
+`ready` turns True once they are. The pool is donated to each step (updated in place). Page tables, the free list
+and the prefix cache live on the host (zipjax.serve.pages).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import sys
+import threading
+import time
+
+import jax
+
+from zipjax.errors import ZipjaxError
+from zipjax.model import Model
+from zipjax.platform import free_memory_bytes
+from zipjax.serve.batch import build_batch
+from zipjax.serve.paged import Pool
+from zipjax.serve.pages import PageTable
+from zipjax.serve.requests import Request, RequestStream, TokenLogprob, Update
+from zipjax.serve.scheduler import Plan, Scheduler, Sequence, buckets
+from zipjax.serve.scoring import prompt_logprobs
+from zipjax.serve.step import StepOutput, serve_step
+from zipjax.validate import integer, optional
+
+DEFAULT_POOL_SHARE = 0.4  # of the device's free memory, when neither num_pages nor kv_memory is given
+
+
+class EngineFull(ZipjaxError):
+    """The waiting queue is full: the server answers 503 at once rather than queueing without bound."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How much the engine keeps in flight. Pool size: `num_pages`, or `kv_memory` bytes of pages, or by default
+    enough pages for `max_num_seqs` sequences of `max_model_len` tokens capped at 40% of the free device memory.
+    `block_size`: prefill tokens per block (a chunk of a prompt is whole blocks but its last)."""
+
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 256
+    page_size: int = 16
+    num_pages: int | None = None
+    kv_memory: int | None = None
+    max_model_len: int | None = None
+    prefix_cache: bool = True
+    max_waiting: int = 256
+    block_size: int = 32
+    block_pages: int = 8  # pages read per iteration of the attention loop
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "max_waiting", "block_size",
+                     "block_pages"):
+            integer(getattr(self, name), name, lo=1)
+        optional(integer, self.num_pages, "num_pages", lo=2)
+        optional(integer, self.kv_memory, "kv_memory", lo=1)
+        optional(integer, self.max_model_len, "max_model_len", lo=1)
+        if self.num_pages is not None and self.kv_memory is not None:
+            raise ZipjaxError("give the KV pool as num_pages or as kv_memory, not both")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ZipjaxError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                              f"max_num_seqs ({self.max_num_seqs}): every running sequence decodes each step")
+
+
+class Engine:
+    def __init__(self, model: Model, config: EngineConfig = EngineConfig(), *, kv=None, log=None):
+        if kv is not None:
+            raise ZipjaxError(f"the serving engine keeps a dense paged KV cache; --kv {getattr(kv, 'name', kv)} "
+                              "(packed pages) is not served yet")
+        if getattr(model.deltas, "merged", False) or type(model.deltas).__name__ == "MergedExperts":
+            raise ZipjaxError("merged experts serve a batch of one expert only; attach the bank without merged=")
+        self.model, self.config = model, config
+        self.log = log if log is not None else (lambda text: print(text, file=sys.stderr))
+        cfg = model.config
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ZipjaxError(f"max_model_len {self.max_model_len} exceeds the model's "
+                              f"{cfg.max_position_embeddings} positions")
+        width = -(-self.max_model_len // config.page_size)
+        self.table_width = -(-width // config.block_pages) * config.block_pages
+        num_pages = self._num_pages()
+        if (num_pages - 1) * config.page_size < self.max_model_len:
+            raise ZipjaxError(f"a KV pool of {num_pages - 1} pages of {config.page_size} tokens cannot hold one "
+                              f"sequence of max_model_len {self.max_model_len}; give more pages or a shorter "
+                              "max_model_len")
+        self.pages = PageTable(num_pages, config.page_size, prefix_cache=config.prefix_cache)
+        max_blocks = max(1, config.max_num_batched_tokens // config.block_size)
+        self.scheduler = Scheduler(self.pages, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   block_size=config.block_size,
+                                   decode_buckets=buckets(config.max_num_seqs, factor=4, first=4),
+                                   prefill_buckets=buckets(max_blocks))
+        self.pool: Pool | None = None
+        self.expert_names: tuple[str, ...] = tuple(getattr(getattr(model.deltas, "bank", None), "names", ()))
+        self.ready = False
+        self.error: BaseException | None = None
+        self._inbox: list[tuple[str, object]] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._sequences: dict[str, Sequence] = {}
+        self.steps = self.generated_tokens = self.finished = 0
+
+    def _num_pages(self) -> int:
+        cfg, config = self.model.config, self.config
+        if config.num_pages is not None:
+            return config.num_pages
+        page_bytes = Pool.page_bytes(cfg, config.page_size)
+        if config.kv_memory is not None:
+            return max(2, config.kv_memory // page_bytes)
+        wanted = config.max_num_seqs * self.table_width + 1
+        free = free_memory_bytes()
+        if free is not None:
+            wanted = min(wanted, int(free * DEFAULT_POOL_SHARE) // page_bytes)
+        return max(2, wanted)
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """The (decode rows, prefill blocks) step shapes compiled at start-up."""
+        return [(d, n) for d in self.scheduler.decode_buckets for n in self.scheduler.prefill_buckets if d or n]
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Allocate the pool and start the step thread (it compiles every shape first; `ready` turns True after)."""
+        if self._thread is not None:
+            raise ZipjaxError("the engine is already started")
+        self.pool = Pool.init(self.model.config, self.pages.num_pages, self.config.page_size)
+        self._thread = threading.Thread(target=self._run, name="zipjax-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the step thread; requests still in flight finish with "abort"."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready:
+            if self.error is not None:
+                raise ZipjaxError(f"the engine failed to start: {self.error}") from self.error
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the engine was not ready within {timeout} s")
+            time.sleep(0.02)
+
+    # -- requests ----------------------------------------------------------------------------------------------------
+    def submit(self, request: Request) -> RequestStream:
+        """Queue a request; its updates arrive on the returned stream. Bad input is a ZipjaxError here, a full
+        queue an EngineFull."""
+        self._check(request)
+        stream = RequestStream(request, self.abort)
+        with self._wake:
+            if self._stopping:
+                raise ZipjaxError("the engine is stopping")
+            if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
+                raise EngineFull(f"{self.config.max_waiting} requests are already waiting; retry later")
+            self._inbox.append(("add", stream))
+            self._wake.notify_all()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        with self._wake:
+            self._inbox.append(("abort", request_id))
+            self._wake.notify_all()
+
+    def _check(self, request: Request) -> None:
+        prompt, params = request.prompt_ids, request.params
+        if not prompt:
+            raise ZipjaxError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in prompt):
+            raise ZipjaxError(f"prompt token ids must be integers in [0, {vocab})")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ZipjaxError(f"stop_token_ids must lie in [0, {vocab})")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise ZipjaxError(f"the prompt's {len(prompt)} tokens plus max_tokens {params.max_tokens} exceed the "
+                              f"model's length of {self.max_model_len} tokens")
+        if request.expert is not None and request.expert not in self.expert_names:
+            raise ZipjaxError(f"no expert named {request.expert!r}"
+                              + (f" (served: {', '.join(self.expert_names)})" if self.expert_names else ""))
+
+    def metrics(self) -> dict[str, int]:
+        counts = self.pages.counts()
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + len(self._inbox),
+                **counts, "prefix_hit_tokens": self.pages.hit_tokens, "prefix_query_tokens": self.pages.query_tokens,
+                "preemptions": self.scheduler.preemptions, "steps": self.steps,
+                "generated_tokens": self.generated_tokens, "finished_requests": self.finished}
+
+    # -- the step thread ---------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._warm_up()
+            self.ready = True
+            while self._next():
+                pass
+        except BaseException as e:  # the thread must report, not die silently: every stream gets the error
+            self.error = e
+            for sequence in list(self._sequences.values()):
+                sequence.stream.push(e)
+            raise
+        finally:
+            self._abort_all()
+
+    def _warm_up(self) -> None:
+        shapes = self.shapes
+        for i, (d, n) in enumerate(shapes):
+            start = time.perf_counter()
+            self._step(Plan([], [], d, n))
+            self.log(f"[serve] compiled step {i + 1}/{len(shapes)} ({d} decode rows, {n} prefill blocks of "
+                     f"{self.config.block_size}) in {time.perf_counter() - start:.1f}s")
+
+    def _next(self) -> bool:
+        """Take new requests and cancellations, run one step if there is work; False once stopping."""
+        with self._wake:
+            while not self._inbox and not self.scheduler.has_work() and not self._stopping:
+                self._wake.wait()
+            if self._stopping:
+                return False
+            inbox, self._inbox = self._inbox, []
+        for kind, item in inbox:
+            self._add(item) if kind == "add" else self._abort(item)
+        plan = self.scheduler.schedule()
+        while plan is None and self.scheduler.running:  # every running sequence waits for pages: free some
+            self.scheduler.preempt(self.scheduler.running[-1])
+            plan = self.scheduler.schedule()
+        if plan is not None:
+            self._report(plan, self._step(plan))
+        return True
+
+    def _add(self, stream: RequestStream) -> None:
+        request = stream.request
+        params = request.params
+        seed = params.seed if params.seed is not None else secrets.randbits(32)
+        eos = () if params.ignore_eos else tuple(self.model.config.eos_token_ids)
+        salt = f"dense|{request.expert}".encode()
+        sequence = Sequence(request, stream, seed, frozenset((*eos, *params.stop_token_ids)), salt,
+                            list(request.prompt_ids), len(request.prompt_ids))
+        if request.request_id in self._sequences:
+            stream.push(ZipjaxError(f"request id {request.request_id!r} is already in flight"))
+            return
+        first = None
+        if params.prompt_logprobs:
+            first = prompt_logprobs(self.model, request.prompt_ids, params.logprobs, request.expert)
+        if params.max_tokens == 0:
+            stream.push(Update((), prompt_logprobs=first, finish_reason="length"))
+            self.finished += 1
+            return
+        sequence.prompt_logprobs = first
+        self._sequences[request.request_id] = sequence
+        self.scheduler.waiting.append(sequence)
+
+    def _abort(self, request_id: str) -> None:
+        sequence = self._sequences.pop(request_id, None)
+        if sequence is not None:
+            self.scheduler.finish(sequence)
+            sequence.stream.push(Update((), finish_reason="abort"))
+            self.finished += 1
+
+    def _abort_all(self) -> None:
+        for request_id in list(self._sequences):
+            self._abort(request_id)
+        with self._wake:
+            inbox, self._inbox = self._inbox, []
+        for kind, item in inbox:
+            if kind == "add":
+                item.push(Update((), finish_reason="abort"))
+
+    def _step(self, plan: Plan) -> StepOutput:
+        batch, experts = build_batch(plan, self.scheduler, self.table_width)
+        params, deltas = self.model.batch_inputs(experts if self.model.deltas is not None else None,
+                                                 batch.tokens.shape[0])
+        self.pool, out = serve_step(params, self.pool, batch, deltas, config=self.model.config,
+                                    block_pages=self.config.block_pages)
+        self.steps += 1
+        return jax.device_get(out)
+
+    def _report(self, plan: Plan, out: StepOutput) -> None:
+        """Record what the step computed, append each sampled token, push updates, finish what is done."""
+        for row, sequence in enumerate(plan.decode):
+            self.scheduler.computed(sequence, 1)
+            self._emit(sequence, out, row)
+        row = plan.decode_rows
+        for chunk in plan.prefill:
+            self.scheduler.computed(chunk.sequence, chunk.count)
+            blocks = -(-chunk.count // self.config.block_size)
+            if chunk.samples:
+                self._emit(chunk.sequence, out, row + blocks - 1)
+            row += blocks
+
+    def _emit(self, sequence: Sequence, out: StepOutput, row: int) -> None:
+        token = int(out.tokens[row])
+        sequence.tokens.append(token)
+        self.generated_tokens += 1
+        params = sequence.request.params
+        logprobs = None
+        if params.logprobs is not None:
+            top = tuple((int(i), float(p)) for i, p in zip(out.top_ids[row][:params.logprobs],
+                                                             out.top_logprobs[row][:params.logprobs], strict=True))
+            logprobs = (TokenLogprob(token, float(out.logprobs[row]), top),)
+        reason = None
+        if token in sequence.stop_ids:
+            reason = "stop"
+        elif sequence.generated >= params.max_tokens or len(sequence.tokens) >= self.max_model_len:
+            reason = "length"
+        update = Update((token,), logprobs, reason)
+        if not sequence.started:
+            sequence.started = True
+            update = dataclasses.replace(update, prompt_logprobs=sequence.prompt_logprobs,
+                                         num_cached_tokens=sequence.cached_tokens)
+        if reason is not None:
+            self._sequences.pop(sequence.request.request_id, None)
+            self.scheduler.finish(sequence)
+            self.finished += 1
+        sequence.stream.push(update)
