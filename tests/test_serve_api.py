@@ -3,12 +3,27 @@ client against a real engine on checkpoints/stdlib-llama behind uvicorn on a loo
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import json
 import math
+import shutil
+import threading
+import time
 from pathlib import Path
 
+import httpx
+import jax
+import numpy as np
+import openai
 import pytest
+import uvicorn
 from pydantic import ValidationError
 
+import zipjax
+from zipjax.serve.api import Limits, create_app
+from zipjax.serve.cli import bind
+from zipjax.serve.engine import Engine, EngineConfig
 from zipjax.serve.openai_schema import ApiError, ChatRequest, CompletionRequest, from_validation, refuse_unsupported
 from zipjax.serve.output import ChoiceOutput, chat_logprobs, completion_logprobs, token_text
 from zipjax.serve.requests import TokenLogprob, Update
@@ -129,3 +144,178 @@ def test_legacy_logprobs_match_openais_format(tokenizer):
     chat = chat_logprobs(entries[1:], 2, name)["content"]
     assert chat[0]["token"] == name(ids[1]) and chat[0]["bytes"] == list(name(ids[1]).encode())
     assert [t["token"] for t in chat[0]["top_logprobs"]] == [name(ids[1]), "</s>"]
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+MAX_SEQS, BUDGET, PAGES, WAITING = 4, 32, 96, 24
+LIMITS = dict(max_body_bytes=64 << 10, max_prompt_tokens=300)
+TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
+PROMPTS = ["import os\n", "def parse(text):\n", "class Queue:\n    def", "for i in range(", "# the main loop\n",
+           "x = [", "with open(path) as f:\n", "return self."]
+
+
+@dataclasses.dataclass
+class Served:
+    url: str
+    chat_url: str  # the same engine behind a tokenizer with a chat template
+    engine: object
+    model: object
+    client: openai.OpenAI
+
+    def post(self, path: str, body, *, url: str | None = None, **kwargs) -> httpx.Response:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return httpx.post((url or self.url) + path, content=content, timeout=120,
+                          headers={"content-type": "application/json"}, **kwargs)
+
+
+def _start_uvicorn(app) -> tuple[uvicorn.Server, threading.Thread, str]:
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def served(stdlib_llama, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chat_tokenizer")
+    shutil.copy(CHECKPOINT / "tokenizer.json", folder)
+    config = json.loads((CHECKPOINT / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    engine = Engine(stdlib_llama, EngineConfig(max_num_seqs=MAX_SEQS, max_num_batched_tokens=BUDGET, num_pages=PAGES,
+                                               max_waiting=WAITING), log=lambda text: None)
+    engine.start()
+    app = create_app(engine, served_name="stdlib-llama", limits=Limits(**LIMITS))
+    chat_app = create_app(engine, served_name="stdlib-llama", tokenizer=Tokenizer(folder), limits=Limits(**LIMITS))
+    servers = [_start_uvicorn(app), _start_uvicorn(chat_app)]
+    try:
+        health = httpx.get(servers[0][2] + "/health", timeout=10)
+        assert health.status_code in (200, 503)
+        engine.wait_ready(900)
+        client = openai.OpenAI(base_url=servers[0][2] + "/v1", api_key="none", timeout=300, max_retries=0)
+        yield Served(servers[0][2], servers[1][2], engine, stdlib_llama, client)
+    finally:
+        for server, thread, _ in servers:
+            server.should_exit = True
+            thread.join(30)
+        engine.stop()
+
+
+def _idle(engine, timeout: float = 60) -> dict:
+    """The engine's metrics once no request runs or waits (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = engine.metrics()
+        if metrics["running"] == 0 and metrics["waiting"] == 0:
+            return metrics
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.02)
+
+
+def _no_pages_leaked(engine) -> None:
+    metrics = _idle(engine)
+    assert metrics["pages_used"] == 0, metrics
+
+
+def _reference(model, prompt: str, max_tokens: int) -> list[int]:
+    """zipjax.generate's greedy tokens for the prompt, through the first end token (which usage counts)."""
+    ids = model.tokenizer.encode(prompt)
+    new = np.asarray(zipjax.generate(model, [ids], max_tokens)[0, len(ids):]).tolist()
+    end = next((i for i, t in enumerate(new) if t in model.config.eos_token_ids), None)
+    return new if end is None else new[:end + 1]
+
+
+def _ids(logprobs) -> list[int]:
+    return [int(token.removeprefix("token_id:")) for token in logprobs.tokens]
+
+
+def test_greedy_text_equals_generate_streamed_and_not(served):
+    for prompt in PROMPTS[:3]:
+        expected = _reference(served.model, prompt, 24)
+        text = served.model.tokenizer.decode([t for t in expected if t not in served.model.config.eos_token_ids])
+        out = served.client.completions.create(model="stdlib-llama", prompt=prompt, max_tokens=24, temperature=0,
+                                               logprobs=0, extra_body={"return_tokens_as_token_ids": True})
+        choice = out.choices[0]
+        assert _ids(choice.logprobs) == expected and choice.text == text
+        assert choice.finish_reason == ("stop" if len(expected) < 24 else "length")
+        prompt_len = len(served.model.tokenizer.encode(prompt))
+        assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (prompt_len, len(expected))
+        chunks = list(served.client.completions.create(prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                                                       model="stdlib-llama", stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected)
+    _no_pages_leaked(served.engine)
+
+
+def _complete(client, prompt: str, seed: int | None, stream: bool) -> str:
+    settings = dict(temperature=0.9, top_p=0.95, seed=seed, extra_body={"top_k": 50}) if seed is not None else \
+        dict(temperature=0)
+    out = client.completions.create(model="stdlib-llama", prompt=prompt, max_tokens=20, stream=stream, **settings)
+    return "".join(c.choices[0].text for c in out) if stream else out.choices[0].text
+
+
+def test_16_concurrent_streams_each_equal_their_single_request_output(served):
+    jobs = [(PROMPTS[i % len(PROMPTS)], None if i % 2 == 0 else 100 + i) for i in range(16)]
+    alone = [_complete(served.client, prompt, seed, stream=False) for prompt, seed in jobs]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda job: _complete(served.client, *job, stream=True), jobs))
+    assert together == alone
+    assert alone[1] != alone[3] or jobs[1][0] != jobs[3][0]
+    _no_pages_leaked(served.engine)
+
+
+def test_n_choices_are_seeded_seed_plus_j(served):
+    out = served.client.completions.create(model="stdlib-llama", prompt=["x = ", "def "], n=3, seed=7, max_tokens=8,
+                                           temperature=1.0)
+    assert [c.index for c in out.choices] == list(range(6))
+    for c in out.choices:
+        prompt = ["x = ", "def "][c.index // 3]
+        single = served.client.completions.create(model="stdlib-llama", prompt=prompt, seed=7 + c.index % 3,
+                                                  max_tokens=8, temperature=1.0)
+        assert c.text == single.choices[0].text
+    assert out.usage.prompt_tokens == sum(len(served.model.tokenizer.encode(p)) for p in ["x = ", "def "])
+
+
+def test_echo_logprobs_score_prompts_as_lm_eval_reads_them(served):
+    """lm-eval's local-completions loglikelihood request: token-id prompts, echo, logprobs=1, max_tokens=1."""
+    tokenizer = served.model.tokenizer
+    prompts = [tokenizer.encode("import numpy as np\n"), tokenizer.encode("def f(x):\n    return x")]
+    body = {"model": "stdlib-llama", "prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1,
+            "seed": 1234, "echo": True}
+    response = served.post("/v1/completions", body)
+    assert response.status_code == 200, response.text
+    choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+    scored = served.post("/v1/completions", {**body, "max_tokens": 0}).json()["choices"]
+    for ids, choice, score in zip(prompts, choices, scored, strict=True):
+        logprobs = choice["logprobs"]
+        assert len(logprobs["tokens"]) == len(ids) + 1 and logprobs["token_logprobs"][0] is None
+        reference = jax.nn.log_softmax(served.model.logits(np.asarray([ids]))[0], axis=-1)
+        expected = [float(reference[i - 1, ids[i]]) for i in range(1, len(ids))]
+        np.testing.assert_allclose(logprobs["token_logprobs"][1:-1], expected, atol=2e-4)
+        for top, value in zip(logprobs["top_logprobs"][1:-1], logprobs["token_logprobs"][1:-1], strict=True):
+            assert isinstance(top, dict) and 1 <= len(top) <= 2 and max(top.values()) >= value - 1e-6
+        assert logprobs["text_offset"] == sorted(logprobs["text_offset"]) and logprobs["text_offset"][0] == 0
+        assert choice["text"].startswith(tokenizer.decode(ids))
+        assert score["logprobs"]["token_logprobs"] == logprobs["token_logprobs"][:-1]
+        assert score["finish_reason"] == "length" and score["text"] == tokenizer.decode(ids)
+    assert response.json()["usage"]["completion_tokens"] == 2
+
+
+def test_stop_strings_end_the_choice_and_free_its_pages(served):
+    full = _complete(served.client, PROMPTS[1], None, stream=False)
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    assert stop.strip(), full
+    for stream in (False, True):
+        out = served.client.completions.create(model="stdlib-llama", prompt=PROMPTS[1], max_tokens=20,
+                                               temperature=0, stop=[stop], stream=stream)
+        chunks = list(out) if stream else [out]
+        text = "".join(c.choices[0].text for c in chunks)
+        assert text == full[:full.index(stop)] and chunks[-1].choices[0].finish_reason == "stop"
+    _no_pages_leaked(served.engine)

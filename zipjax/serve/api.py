@@ -72,7 +72,6 @@ class Choice:
     prompt: Prompt
     output: ChoiceOutput
     timer: ChoiceTimer
-    score_only: bool = False  # max_tokens 0: the prompt's logprobs only; the engine's token is dropped
     stream: RequestStream | None = None
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     cached_tokens: int = 0
@@ -175,13 +174,11 @@ class OpenAIServer:
         if len(prompts) * body.n > self.limits.max_choices:
             raise ApiError(413, f"this request asks for {len(prompts) * body.n} choices (prompts x n), more than "
                                 f"this server's limit of {self.limits.max_choices}", param="n")
-        prompt_logprobs = echo and logprobs is not None
-        score_only = max_tokens == 0
-        generated = max(max_tokens, 1 if prompt_logprobs else 0)
+        prompt_logprobs = echo and logprobs is not None  # max_tokens 0 with them: score the prompt only
         for i, prompt in enumerate(prompts):
-            self.check_prompt(prompt.ids, generated, "prompt" if len(prompts) == 1 else f"prompt.{i}")
+            self.check_prompt(prompt.ids, max_tokens, "prompt" if len(prompts) == 1 else f"prompt.{i}")
         stop = self.stop_strings(body)
-        params = [self.sampling(body, generated, logprobs, prompt_logprobs, j) for j in range(body.n)]
+        params = [self.sampling(body, max_tokens, logprobs, prompt_logprobs, j) for j in range(body.n)]
         expert = self.expert_for(body.model)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         job = Job(kind, body.request_id or f"{prefix}-{uuid.uuid4().hex}", body.model or self.served_name,
@@ -192,8 +189,7 @@ class OpenAIServer:
             for _ in range(body.n):
                 output = ChoiceOutput(self.tokenizer, stop, include_stop=body.include_stop_str_in_output,
                                       streaming=bool(body.stream))
-                job.choices.append(Choice(len(job.choices), prompt, output, self.metrics.timer(arrival),
-                                          score_only=score_only))
+                job.choices.append(Choice(len(job.choices), prompt, output, self.metrics.timer(arrival)))
         self.submit(job, params, expert)
         self.metrics.prompt_tokens += sum(len(p.ids) for p in prompts)
         return job
@@ -202,9 +198,6 @@ class OpenAIServer:
         n = len(params)
         try:
             for choice in job.choices:
-                if choice.score_only and not params[0].prompt_logprobs:
-                    choice.output.finish_reason = "length"  # nothing to compute
-                    continue
                 request = EngineRequest(f"{job.request_id}-{choice.index}", tuple(choice.prompt.ids),
                                         params[choice.index % n], expert)
                 choice.stream = self.engine.submit(request)
@@ -213,9 +206,11 @@ class OpenAIServer:
                 if choice.stream is not None:
                     choice.stream.cancel()
             if isinstance(e, EngineFull):
-                raise ApiError(503, f"the server is at capacity ({e}); retry later", code="server_full") from None
-            if isinstance(e, ZipjaxError):
+                raise ApiError(503, f"the server is at capacity ({e})", code="server_full") from None
+            if isinstance(e, ZipjaxError) and self.engine.error is None and "stopping" not in str(e):
                 raise ApiError(400, str(e)) from None
+            if isinstance(e, ZipjaxError):  # the engine stopped or failed: not the request's fault
+                raise ApiError(503, f"the engine is not serving: {self.engine.error or e}") from None
             raise
 
     @staticmethod
@@ -228,11 +223,8 @@ class OpenAIServer:
                     if update.prompt_logprobs is not None:
                         choice.prompt_logprobs = update.prompt_logprobs
                     choice.cached_tokens = max(choice.cached_tokens, update.num_cached_tokens)
-                    if choice.score_only:
-                        choice.output.finish_reason = "length"
-                    else:
-                        choice.timer.tokens(len(update.token_ids))
-                        choice.output.add(update)
+                    choice.timer.tokens(len(update.token_ids))
+                    choice.output.add(update)
                     notify(choice, None)
                     if choice.output.finished:
                         break
@@ -528,9 +520,10 @@ def create_app(engine, *, served_name: str, tokenizer=None, limits: Limits | Non
 
     @app.get("/health")
     async def health() -> Response:
-        if engine.ready:
+        if engine.ready and engine.error is None:
             return Response(status_code=200)
-        error = ApiError(503, "the engine is still compiling its programs", code="warming_up")
+        error = ApiError(503, "the engine failed" if engine.error is not None else
+                         "the engine is still compiling its programs", code="not_ready")
         return JSONResponse(error.body(), status_code=503)
 
     app.get("/v1/models")(server.models)
