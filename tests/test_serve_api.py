@@ -21,6 +21,7 @@ import uvicorn
 from pydantic import ValidationError
 
 import zipjax
+from zipjax.cli import main as zipjax_main
 from zipjax.serve.api import Limits, create_app
 from zipjax.serve.cli import bind
 from zipjax.serve.engine import Engine, EngineConfig
@@ -319,3 +320,134 @@ def test_stop_strings_end_the_choice_and_free_its_pages(served):
         text = "".join(c.choices[0].text for c in chunks)
         assert text == full[:full.index(stop)] and chunks[-1].choices[0].finish_reason == "stop"
     _no_pages_leaked(served.engine)
+
+
+def _error(response: httpx.Response, status: int, *words: str) -> dict:
+    assert response.status_code == status, (response.status_code, response.text)
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert all(word in error["message"] for word in words), error
+    return error
+
+
+def test_every_class_of_bad_request_gets_its_status_and_openais_error_body(served):
+    ok = {"model": "stdlib-llama", "prompt": "x", "max_tokens": 2}
+    _error(served.post("/v1/completions", b'{"prompt": "x",'), 400, "not valid JSON")
+    _error(served.post("/v1/completions", b"[1, 2]"), 400, "JSON object")
+    assert _error(served.post("/v1/completions", {**ok, "max_tokens": "2"}), 400)["param"] == "max_tokens"
+    assert _error(served.post("/v1/completions", {**ok, "model": "gpt-4"}), 404, "gpt-4")["param"] == "model"
+    _error(served.post("/v1/completions", {**ok, "max_tokens": 511}), 400, "maximum context length is 512")
+    _error(served.post("/v1/completions", {**ok, "prompt": [5000]}), 400, "outside the vocabulary")
+    _error(served.post("/v1/completions", {**ok, "prompt": []}), 400, "empty")
+    _error(served.post("/v1/completions", {**ok, "presence_penalty": 1.5}), 400, "presence_penalty")
+    _error(served.post("/v1/completions", {**ok, "seed": -1}), 400, "seed")
+    _error(served.post("/v1/completions", {**ok, "temperature": 1e-9}), 400, "temperature")
+    _error(served.post("/v1/completions", {**ok, "stop": [""]}), 400, "stop")
+    _error(served.post("/v1/completions", {**ok, "prompt": "y" * (70 << 10)}), 413, "larger than")
+    _error(served.post("/v1/completions", {**ok, "prompt": [5] * 301}), 413, "limit of 300")
+    _error(served.post("/v1/completions", {**ok, "n": 300}), 413, "choices")
+    _error(served.post("/v1/nothing", ok), 404)
+    _error(httpx.get(served.url + "/v1/completions", timeout=10), 405)
+    no_template = _error(served.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}), 400,
+                         "stdlib-llama", "chat template")
+    assert no_template["param"] == "messages"
+    full = _error(served.post("/v1/completions", {**ok, "n": WAITING + MAX_SEQS + 4, "max_tokens": 1}), 503,
+                  "capacity")
+    assert full["type"] == "service_unavailable"
+    with pytest.raises(openai.BadRequestError):
+        served.client.completions.create(model="stdlib-llama", prompt="x", max_tokens=2, extra_body={"top_k": -5})
+    assert served.post("/v1/completions", ok).status_code == 200  # the server outlives all of it
+    _no_pages_leaked(served.engine)
+    assert 'zipjax_http_errors_total{status="413"} 3' in httpx.get(served.url + "/metrics", timeout=10).text
+
+
+def test_models_tokenizer_endpoints_and_metrics(served):
+    assert httpx.get(served.url + "/health", timeout=10).status_code == 200
+    models = served.client.models.list().data
+    assert [m.id for m in models] == ["stdlib-llama"] and models[0].max_model_len == 512
+    tokenizer = served.model.tokenizer
+    tokens = served.post("/tokenize", {"prompt": "import os", "return_token_strs": True}).json()
+    assert tokens["tokens"] == tokenizer.encode("import os") and tokens["count"] == len(tokens["tokens"])
+    assert tokens["max_model_len"] == 512 and tokens["token_strs"][0] == "<s>"
+    assert served.post("/tokenize", {"prompt": "</s>", "add_special_tokens": False}).json()["tokens"] == [EOS]
+    assert served.post("/detokenize", {"tokens": tokens["tokens"]}).json() == {"prompt": "import os"}
+    _error(served.post("/detokenize", {"tokens": [-1]}), 400, "vocabulary")
+    info = httpx.get(served.url + "/tokenizer_info", timeout=10).json()
+    assert info["eos_token"] == "</s>" and info["bos_token"] == "<s>" and info["chat_template"] is None
+    served.client.completions.create(model="stdlib-llama", prompt="x", max_tokens=3, temperature=0)
+    text = httpx.get(served.url + "/metrics", timeout=10).text
+    for name in ("zipjax_num_requests_running", "zipjax_kv_pages_used", "zipjax_kv_pages_total",
+                 "zipjax_prefix_cache_hit_tokens_total", "zipjax_preemptions_total",
+                 'zipjax_time_to_first_token_seconds_bucket{le="+Inf"}', "zipjax_inter_token_latency_seconds_count"):
+        assert name in text, name
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert float(samples["zipjax_kv_pages_total"]) == served.engine.metrics()["pages_total"] >= PAGES - 1
+    assert float(samples["zipjax_kv_pages_used"]) == 0
+    assert float(samples["zipjax_time_to_first_token_seconds_count"]) >= 1
+
+
+def test_chat_uses_the_template_and_streams_deltas_with_the_role_first(served):
+    tokenizer = served.model.tokenizer
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "def add(a, b):"}]
+    chat = openai.OpenAI(base_url=served.chat_url + "/v1", api_key="none", timeout=300, max_retries=0)
+    ids = chat.post("/../tokenize", cast_to=object, body={"messages": messages})["tokens"]
+    assert tokenizer.decode(ids).startswith("system: be brief\nuser: def add(a, b):\nassistant:")
+    plain = served.client.completions.create(model="stdlib-llama", prompt=ids, max_tokens=12, temperature=0)
+    out = chat.chat.completions.create(model="stdlib-llama", messages=messages, max_completion_tokens=12,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    choice = out.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == plain.choices[0].text
+    assert len(choice.logprobs.content) == out.usage.completion_tokens and out.usage.prompt_tokens == len(ids)
+    assert all(len(item.top_logprobs) == 2 for item in choice.logprobs.content)
+    chunks = list(chat.chat.completions.create(model="stdlib-llama", messages=messages, max_tokens=12,
+                                               temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+    bad = httpx.post(served.chat_url + "/v1/chat/completions", timeout=30,
+                     json={"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]})
+    _error(bad, 400, "user")
+
+
+def _stream_lines(response: httpx.Response):
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            yield line[len("data: "):]
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_pages(served):
+    body = {"model": "stdlib-llama", "prompt": PROMPTS[2], "max_tokens": 400, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with httpx.Client(timeout=120) as client, client.stream("POST", served.url + "/v1/completions",
+                                                            json=body) as response:
+        lines = _stream_lines(response)
+        for _ in range(3):
+            assert json.loads(next(lines))["choices"][0]["finish_reason"] is None
+        assert served.engine.metrics()["pages_used"] > 0
+    _no_pages_leaked(served.engine)  # within steps, not after 400 tokens
+    assert served.engine.metrics()["generated_tokens"] > 0
+
+
+def test_an_error_during_a_stream_is_its_last_event(served):
+    """Two requests with the same request_id (vLLM's extension): the engine refuses the second's stream, and the
+    first runs on undisturbed."""
+    body = {"model": "stdlib-llama", "prompt": PROMPTS[0], "max_tokens": 450, "temperature": 0, "ignore_eos": True,
+            "request_id": "same"}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(served.post, "/v1/completions", body)
+        deadline = time.monotonic() + 60
+        while served.engine.metrics()["running"] == 0:
+            assert time.monotonic() < deadline and not first.done()
+            time.sleep(0.005)
+        with httpx.Client(timeout=120) as client, client.stream("POST", served.url + "/v1/completions",
+                                                                json={**body, "stream": True}) as second:
+            events = list(_stream_lines(second))
+        assert first.result().json()["usage"]["completion_tokens"] == 450
+    assert events[-1] == "[DONE]" and "already in flight" in json.loads(events[-2])["error"]["message"], events[-3:]
+    _no_pages_leaked(served.engine)
+
+
+def test_serve_refuses_a_port_in_use_before_loading(served):
+    port = int(served.url.rsplit(":", 1)[1])
+    assert zipjax_main(["serve", str(CHECKPOINT), "--port", str(port)]) == 2
+    assert zipjax_main(["serve", str(CHECKPOINT), "--kv-memory", "1GiB", "--kv-pages", "9"]) == 2

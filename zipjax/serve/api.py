@@ -472,8 +472,8 @@ class BodyLimit:
     """ASGI middleware: a request body over `limit` bytes is refused with 413 before any of it is parsed (by its
     Content-Length when it states one, else while it arrives); a POST without a content type is read as JSON."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, metrics: ServerMetrics | None = None):
+        self.app, self.limit, self.metrics = app, limit, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -504,6 +504,8 @@ class BodyLimit:
 
     async def refuse(self, scope, receive, send):
         error = ApiError(413, f"the request body is larger than this server's limit of {self.limit:,} bytes")
+        if self.metrics is not None:
+            self.metrics.errors[413] = self.metrics.errors.get(413, 0) + 1
         await JSONResponse(error.body(), status_code=413)(scope, receive, send)
 
 
@@ -515,7 +517,7 @@ def create_app(engine, *, served_name: str, tokenizer=None, limits: Limits | Non
     server = OpenAIServer(engine, served_name, tokenizer or engine.model.tokenizer, limits)
     app = FastAPI(title="zipjax serve", summary="OpenAI-compatible completions over a zipjax checkpoint")
     app.state.server = server
-    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes, metrics=server.metrics)
     _error_handlers(app, server)
 
     @app.get("/health")
