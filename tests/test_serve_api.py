@@ -255,6 +255,20 @@ def test_greedy_text_equals_generate_streamed_and_not(served):
     _no_pages_leaked(served.engine)
 
 
+def test_vllm_bench_serve_payload_streams_with_usage(served):
+    """The body `vllm bench serve` sends (openai-completions backend), read as it reads it."""
+    body = {"model": "stdlib-llama", "prompt": PROMPTS[3], "repetition_penalty": 1.0, "max_tokens": 16,
+            "logprobs": None, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    with httpx.Client(timeout=120) as client, client.stream("POST", served.url + "/v1/completions",
+                                                            json=body) as response:
+        events = list(_stream_lines(response))
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert all(c["usage"] is None for c in chunks[:-1]) and chunks[-1]["usage"]["completion_tokens"] == 16
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["text"]) >= 8  # tokens arrive as they come
+
+
 def _complete(client, prompt: str, seed: int | None, stream: bool) -> str:
     settings = dict(temperature=0.9, top_p=0.95, seed=seed, extra_body={"top_k": 50}) if seed is not None else \
         dict(temperature=0)
