@@ -7,7 +7,11 @@ import concurrent.futures
 import dataclasses
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -465,3 +469,49 @@ def test_serve_refuses_a_port_in_use_before_loading(served):
     port = int(served.url.rsplit(":", 1)[1])
     assert zipjax_main(["serve", str(CHECKPOINT), "--port", str(port)]) == 2
     assert zipjax_main(["serve", str(CHECKPOINT), "--kv-memory", "1GiB", "--kv-pages", "9"]) == 2
+
+
+def _serve_process() -> tuple[subprocess.Popen, str]:
+    """`zipjax serve` in a child on a free loopback port (small buckets: it compiles them, or reads them from the
+    compilation cache this process filled); its URL once /health answers 200."""
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    child = subprocess.Popen([sys.executable, "-m", "zipjax.cli", "serve", str(CHECKPOINT), "--port", "0",
+                              "--max-num-seqs", str(MAX_SEQS), "--max-num-batched-tokens", str(BUDGET),
+                              "--kv-pages", str(PAGES)], stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    for line in child.stderr:
+        seen.append(line)
+        if line.startswith("[serving stdlib-llama at http://"):
+            url = line.split(" at ")[1].split("/v1")[0]
+            break
+    else:
+        raise AssertionError(f"zipjax serve exited with {child.wait(10)}: {''.join(seen)[-2000:]}")
+    deadline = time.monotonic() + 600
+    while httpx.get(url + "/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline and child.poll() is None
+        time.sleep(0.2)
+    return child, url
+
+
+def test_the_serve_command_serves_and_stops_cleanly_on_sigint_and_sigterm(served):
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)):
+        child, url = _serve_process()
+        try:
+            assert url.startswith("http://127.0.0.1:")
+            body = {"prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0}
+            assert httpx.post(url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"] == \
+                served.post("/v1/completions", body).json()["choices"][0]["text"]
+            with httpx.Client(timeout=120) as client, client.stream(
+                    "POST", url + "/v1/completions", json={**body, "max_tokens": 400, "stream": True}) as response:
+                lines = _stream_lines(response)
+                next(lines)
+                child.send_signal(sig)  # mid-stream: the stream ends ("abort"), the server exits
+                events = list(lines)
+            assert child.wait(60) == code
+            assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
+            assert "Traceback" not in child.stderr.read()
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()

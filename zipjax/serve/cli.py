@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import socket
 import sys
 import threading
@@ -38,9 +39,12 @@ def _positive(text: str) -> int:
 
 
 def _port(text: str) -> int:
-    value = _positive(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"a port lies in [1, 65535], got {value}")
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port lies in [0, 65535] (0: any free port), got {value}")
     return value
 
 
@@ -73,7 +77,7 @@ def add_parser(commands) -> None:
     serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                        help="compute dtype (default: as stored)")
     serve.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: every interface)")
-    serve.add_argument("--port", type=_port, default=DEFAULT_PORT, help="TCP port")
+    serve.add_argument("--port", type=_port, default=DEFAULT_PORT, help="TCP port (0: any free port, shown at start)")
     serve.add_argument("--max-num-seqs", type=_positive, default=16, help="sequences in one engine step at most")
     serve.add_argument("--max-num-batched-tokens", type=_positive, default=256,
                        help="tokens in one engine step at most (decodes first, then chunked prefill)")
@@ -116,6 +120,8 @@ def run(args: argparse.Namespace) -> None:
     if not (args.checkpoint / "zipjax.json").is_file():
         raise ZipjaxError(f"{args.checkpoint} is not a zipjax checkpoint (no zipjax.json)")
     sock = bind(args.host, args.port)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # uvicorn takes it over while serving, and calls this after
     engine = None
     try:
         model = load(args.checkpoint, dtype=args.dtype)
@@ -130,6 +136,11 @@ def run(args: argparse.Namespace) -> None:
         if engine is not None:
             engine.stop()
         sock.close()
+
+
+def _terminate(signum, frame):
+    """SIGTERM outside uvicorn's watch (loading, compiling, after shutdown): exit through the cleanup."""
+    raise SystemExit(128 + signum)
 
 
 def _engine(model, args: argparse.Namespace):
