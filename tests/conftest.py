@@ -204,6 +204,7 @@ MARKS: dict[str, tuple[str, ...]] = {
         "test_minicache.py::test_decode_tokens_are_merged_at_the_second_layer_of_a_pair",
         "test_minicache.py::test_merged_cache_generates_counts_bytes_and_refuses_bad_configurations",
         "test_pod.py::test_generate_profile_flag_writes_a_trace",
+        "test_serve_api.py::test_experts_are_model_ids_and_each_request_runs_on_its_own",
         "test_sharding.py::test_zipvl_and_minicache_caches_are_split_and_generate_on_a_mesh",
         "test_zipar.py::test_adaptive_layout_and_pass_bounds",
         "test_zipar.py::test_pallas_kernel_path_gives_the_same_image",

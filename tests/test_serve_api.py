@@ -515,3 +515,50 @@ def test_the_serve_command_serves_and_stops_cleanly_on_sigint_and_sigterm(served
             if child.poll() is None:
                 child.kill()
                 child.wait()
+
+
+@pytest.fixture(scope="module")
+def served_experts(stdlib_llama):
+    """A second engine: stdlib-llama with an ME-Switch bank of two experts (perturbed copies, 2-bit deltas)."""
+    from zipjax import experts
+
+    rng = np.random.RandomState(0)
+    variants = {name: jax.tree.map(lambda x: np.asarray(x) + 0.02 * rng.standard_normal(x.shape).astype(np.float32),
+                                   stdlib_llama.params) for name in ("docs", "tests")}
+    model = experts.attach(stdlib_llama, experts.compress(stdlib_llama, variants, bits=2), check=False)
+    engine = Engine(model, EngineConfig(max_num_seqs=MAX_SEQS, max_num_batched_tokens=BUDGET, num_pages=PAGES),
+                    log=lambda text: None)
+    engine.start()
+    server, thread, url = _start_uvicorn(create_app(engine, served_name="stdlib-llama"))
+    try:
+        engine.wait_ready(900)
+        yield url, model
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        engine.stop()
+
+
+def test_experts_are_model_ids_and_each_request_runs_on_its_own(served_experts):
+    url, model = served_experts
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=300, max_retries=0)
+    models = client.models.list().data
+    assert [(m.id, m.parent) for m in models] == [("stdlib-llama", None), ("docs", "stdlib-llama"),
+                                                  ("tests", "stdlib-llama")]
+    ids = model.tokenizer.encode(PROMPTS[1])
+
+    def run(name: str) -> list[int]:
+        out = client.completions.create(model=name, prompt=ids, max_tokens=12, temperature=0, logprobs=0,
+                                        extra_body={"return_tokens_as_token_ids": True, "ignore_eos": True})
+        return _ids(out.choices[0].logprobs)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # one step mixes the three
+        outputs = dict(zip(("stdlib-llama", "docs", "tests"), pool.map(run, ("stdlib-llama", "docs", "tests")),
+                           strict=True))
+    for name, tokens in outputs.items():
+        expert = None if name == "stdlib-llama" else name
+        expected = np.asarray(zipjax.generate(model, [ids], 12, expert=expert, stop_tokens=())[0, len(ids):])
+        assert tokens == expected.tolist(), name
+    assert outputs["docs"] != outputs["stdlib-llama"] or outputs["tests"] != outputs["stdlib-llama"]
+    missing = httpx.post(url + "/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=30)
+    _error(missing, 404, "nope")
