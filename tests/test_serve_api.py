@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 import httpx
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import numpy as np
 import openai
@@ -562,3 +564,43 @@ def test_experts_are_model_ids_and_each_request_runs_on_its_own(served_experts):
     assert outputs["docs"] != outputs["stdlib-llama"] or outputs["tests"] != outputs["stdlib-llama"]
     missing = httpx.post(url + "/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=30)
     _error(missing, 404, "nope")
+
+
+_ANY_NUMBER = st.one_of(st.none(), st.booleans(), st.integers(-3, 6), st.floats(-2, 3), st.text(max_size=3))
+_BODIES = st.fixed_dictionaries({}, optional={
+    "model": st.sampled_from(["stdlib-llama", "other", ""]),
+    "prompt": st.one_of(st.text(max_size=40), st.lists(st.text(max_size=20), max_size=3),
+                        st.lists(st.integers(-3, 5000), max_size=20),
+                        st.lists(st.lists(st.integers(0, 4095), max_size=8), max_size=3), st.integers(), st.none()),
+    "max_tokens": _ANY_NUMBER, "temperature": _ANY_NUMBER, "top_p": _ANY_NUMBER, "top_k": _ANY_NUMBER,
+    "n": st.one_of(st.integers(-1, 3), st.text(max_size=2)), "seed": st.one_of(st.integers(-2, 1 << 40), st.none()),
+    "stop": st.one_of(st.none(), st.text(max_size=3), st.lists(st.text(max_size=3), max_size=3)),
+    "echo": st.one_of(st.booleans(), st.integers(0, 1)), "logprobs": st.one_of(st.none(), st.integers(-1, 25)),
+    "stream": st.booleans(), "frequency_penalty": _ANY_NUMBER, "stop_token_ids": st.lists(st.integers(-1, 5000),
+                                                                                           max_size=2),
+    "stream_options": st.one_of(st.none(), st.fixed_dictionaries({"include_usage": st.booleans()})),
+    "bogus": st.integers(),
+})
+
+
+@hypothesis.settings(max_examples=60, deadline=None, suppress_health_check=list(hypothesis.HealthCheck),
+                     derandomize=True)
+@hypothesis.given(body=_BODIES)
+def test_fuzzed_completion_bodies_get_an_answer_or_openais_error_body_never_a_crash(served, body):
+    """A bounded property-based fuzz of /v1/completions: every body gets a success or OpenAI's error body with a
+    status of its class, and the server stays up."""
+    with httpx.Client(timeout=120) as client, client.stream("POST", served.url + "/v1/completions",
+                                                            json=body) as response:
+        content = response.read().decode()
+    assert response.status_code in (200, 400, 404, 413, 503), (body, response.status_code, content[:500])
+    if response.status_code != 200:
+        assert set(json.loads(content)["error"]) == {"message", "type", "param", "code"}
+    elif body.get("stream"):
+        assert content.rstrip().endswith("data: [DONE]") and '"error"' not in content, content[-500:]
+    else:
+        assert json.loads(content)["usage"]["total_tokens"] >= 1
+
+
+def test_the_server_outlived_the_fuzz_and_leaked_no_page(served):
+    _no_pages_leaked(served.engine)
+    assert served.post("/v1/completions", {"prompt": "x", "max_tokens": 2}).status_code == 200
