@@ -604,3 +604,17 @@ def test_fuzzed_completion_bodies_get_an_answer_or_openais_error_body_never_a_cr
 def test_the_server_outlived_the_fuzz_and_leaked_no_page(served):
     _no_pages_leaked(served.engine)
     assert served.post("/v1/completions", {"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_streamed_choices_and_prefix_cache_hits_are_reported(served):
+    prompt = "import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n"
+    body = dict(model="stdlib-llama", prompt=prompt, max_tokens=10, temperature=1.0, seed=3, n=2)
+    whole = served.client.completions.create(**body)
+    again = served.client.completions.create(**body)
+    assert [c.text for c in again.choices] == [c.text for c in whole.choices]
+    assert again.usage.prompt_tokens_details.cached_tokens >= 16  # at least one full page came from the cache
+    chunks = list(served.client.completions.create(**body, stream=True))
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text and mine[-1].finish_reason == choice.finish_reason
+    _no_pages_leaked(served.engine)
