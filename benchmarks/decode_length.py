@@ -1,6 +1,7 @@
 """Length-bounded decode: does a decode step cost what the cache holds, or what it could hold?
 
     python benchmarks/decode_length.py                 # 512 live tokens in caches of 1,024 and 16,384 slots
+    python benchmarks/decode_length.py --out benchmarks/results   # the same, updating the tracked results
 
 A random LLaMA-shaped model (float32, 6 layers, hidden 512, 8 query / 2 KV heads of 64) decodes with 512 live
 tokens in the cache. Two attention paths are timed in the same run on the same weights:
@@ -10,21 +11,20 @@ tokens in the cache. Two attention paths are timed in the same run on the same w
 
 ms/token is the median time between tokens of `generate_stream` (prefill excluded; compile excluded by a warm-up).
 The target: bounded decode in the 16,384-slot cache within 1.2x of the 1,024-slot cache. The table is printed and
-the JSON written to benchmarks/results/decode_length_<backend>.json.
+the JSON written to decode_length_<backend>.json under `--out` (default benchmarks/results/local/, untracked).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import report
 
 import zipjax
 import zipjax.kv.dense
@@ -33,7 +33,6 @@ from zipjax.config import ModelConfig
 from zipjax.model import Model
 from zipjax.transformer import init_params
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CONFIG = ModelConfig(architecture="llama", vocab_size=4096, hidden_size=512, intermediate_size=1536, num_layers=6,
                      num_heads=8, num_kv_heads=2, head_dim=64, max_position_embeddings=16384)
 BOUNDED = zipjax.kv.dense.cache_attention
@@ -61,6 +60,7 @@ def main() -> None:
     parser.add_argument("--live", type=int, default=512, help="tokens in the cache while decoding")
     parser.add_argument("--caches", type=int, nargs="+", default=[1024, 16384])
     parser.add_argument("--steps", type=int, default=48)
+    report.add_out_argument(parser)
     args = parser.parse_args()
     model = Model(CONFIG, init_params(CONFIG, jax.random.key(0)))
     prompt = np.random.default_rng(0).integers(3, CONFIG.vocab_size, args.live - args.steps // 2).tolist()
@@ -76,15 +76,13 @@ def main() -> None:
     by = {(r["path"], r["cache_slots"]): r["ms_per_token"] for r in rows}
     small, large = min(args.caches), max(args.caches)
     summary = {path: by[(path, large)] / by[(path, small)] for path in ("bounded", "full")}
-    print(f"\n| path | {small} slots ms/token | {large} slots ms/token | ratio |\n|---|---|---|---|")
-    for path in ("bounded", "full"):
-        print(f"| {path} | {by[(path, small)]:.2f} | {by[(path, large)]:.2f} | {summary[path]:.2f}x |")
+    report.print_table(("path", f"{small} slots ms/token", f"{large} slots ms/token", "ratio"),
+                       [(path, f"{by[(path, small)]:.2f}", f"{by[(path, large)]:.2f}", f"{summary[path]:.2f}x")
+                        for path in ("bounded", "full")])
     backend = jax.default_backend()
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"decode_length_{backend}.json"
-    out.write_text(json.dumps({"backend": backend, "machine": platform.machine(), "jax": jax.__version__,
-                               "config": CONFIG.to_dict(), "rows": rows, "ratio_large_over_small": summary,
-                               "target": "bounded ratio <= 1.2"}, indent=2) + "\n")
+    out = report.write_json(args.out / f"decode_length_{backend}.json", {
+        "backend": backend, "machine": platform.machine(), "jax": jax.__version__, "config": CONFIG.to_dict(),
+        "rows": rows, "ratio_large_over_small": summary, "target": "bounded ratio <= 1.2"})
     print(f"wrote {out}")
 
 

@@ -3,6 +3,7 @@ LLaMA-2-7B-shaped model decoding, with the fraction of HBM bandwidth it reaches.
 
     python benchmarks/device_check.py            # on the lent machine: real shapes, about 5 minutes on an H200
     python benchmarks/device_check.py --quick    # small shapes (what the CPU runs, in interpret mode)
+    python benchmarks/device_check.py --out benchmarks/results   # update the tracked results
 
 Kernels (each against its jax.numpy reference on the same inputs, bf16; max abs error and median ms):
   flash prefill    zipjax.kernels.flash_attention, LLaMA-3-8B heads (32 / 8 KV, head_dim 128) over 8,192 tokens
@@ -15,13 +16,13 @@ prompt, 64 new tokens by `generate_stream`; decode ms/token (median), tokens/s, 
 read per step) / step time / the chip's peak HBM bandwidth (zipjax.aot.CHIPS).
 
 On a CPU the same code runs end to end at small shapes (kernels interpreted), so the script stays working between
-the rare device sessions. JSON goes to benchmarks/results/device_check_<device>.json, the table to stdout.
+the rare device sessions. JSON goes to device_check_<device>.json under `--out` (default benchmarks/results/local/,
+untracked), the table to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -31,6 +32,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import report
 from zipjax.kernels.common import platform as traced_platform
 from zipjax.kernels.flash_attention import flash_attention
 from zipjax.kernels.flash_attention import reference as flash_reference
@@ -43,7 +45,6 @@ from zipjax.config import ModelConfig
 from zipjax.model import Model
 from zipjax.transformer import init_params
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LLAMA2_7B = ModelConfig(architecture="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                         num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, max_position_embeddings=4096,
                         dtype="bfloat16")
@@ -153,6 +154,7 @@ def quantized_row(quick: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (the default on a CPU)")
+    report.add_out_argument(parser)
     args = parser.parse_args()
     quick = args.quick or traced_platform() == "cpu"
     device = jax.devices()[0]
@@ -161,11 +163,10 @@ def main() -> None:
     kernels = [*flash_cases(quick), zipar_case(quick), quantized_row(quick)]
     models = model_rows(quick)
     name = device.device_kind.lower().replace(" ", "-")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"device_check_{name}.json"
-    out.write_text(json.dumps({"device": device.device_kind, "platform": traced_platform(), "jax": jax.__version__,
-                               "python": platform.python_version(), "quick": quick, "kernels": kernels,
-                               "model": models, "seconds": time.perf_counter() - started}, indent=2) + "\n")
+    out = report.write_json(args.out / f"device_check_{name}.json", {
+        "device": device.device_kind, "platform": traced_platform(), "jax": jax.__version__,
+        "python": platform.python_version(), "quick": quick, "kernels": kernels, "model": models,
+        "seconds": time.perf_counter() - started})
     print(f"wrote {out} after {time.perf_counter() - started:.0f} s")
 
 

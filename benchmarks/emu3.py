@@ -2,19 +2,19 @@
 
     python benchmarks/emu3.py                    # tiny and small models
     python benchmarks/emu3.py --models small
+    python benchmarks/emu3.py --out benchmarks/results   # update the tracked results
 
 Both sides generate greedily with classifier-free guidance (scale 3, a negative prompt) under Emu3's layout
 constraint: zipjax with `generate_image` (batched CFG, one jitted loop), transformers with `generate` plus the
 documented `prefix_allowed_tokens_fn` and its CFG processor; the image tokens are compared. Reported per model: time
 per image token (generation only, prefill included), VQ-VAE decode time, and seconds per image (both). zipjax's
-first call, which compiles, is timed separately. The table is printed and the JSON written to
-benchmarks/results/emu3_<backend>.json.
+first call, which compiles, is timed separately. The table is printed and the JSON written to emu3_<backend>.json
+under `--out` (default benchmarks/results/local/, untracked).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import jax
+import report
 import torch
 from transformers import Emu3ForConditionalGeneration
 from zipjax.convert import convert
@@ -33,7 +34,6 @@ from zipjax.image import format_prompt, generate_image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the random-model builders
 from random_hf import TINY_TEXT, TINY_VQ, save_random_emu3
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "a watercolor painting of mountains at sunset with a lake in the foreground."
 NEGATIVE = "lowres, bad anatomy, text, error, cropped, worst quality, low quality, blurry."
 
@@ -123,7 +123,7 @@ def run_model(name: str, workdir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--out", type=Path, default=None)
+    report.add_out_argument(parser)
     args = parser.parse_args()
 
     backend = jax.default_backend()
@@ -141,15 +141,12 @@ def main() -> None:
 
     header = ("model", "LM params", "codes", "zipjax ms/token", "transformers ms/token", "speedup",
               "decode speedup", "zipjax s/image", "transformers s/image", "same tokens")
-    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for r in rows:
-        print(f"| {r['model']} | {r['lm_parameters'] / 1e6:.1f}M | {r['codes'][0]}x{r['codes'][1]} | "
-              f"{r['zipjax_ms_per_image_token']:.2f} | {r['transformers_ms_per_image_token']:.2f} | "
-              f"{r['generate_speedup']:.2f}x | {r['decode_speedup']:.2f}x | {r['zipjax_s_per_image']:.2f} | "
-              f"{r['transformers_s_per_image']:.2f} | {r['greedy_tokens_agreement']:.1%} |")
-    out = args.out or RESULTS / f"emu3_{backend}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    report.print_table(header, [
+        (r["model"], f"{r['lm_parameters'] / 1e6:.1f}M", f"{r['codes'][0]}x{r['codes'][1]}",
+         f"{r['zipjax_ms_per_image_token']:.2f}", f"{r['transformers_ms_per_image_token']:.2f}",
+         f"{r['generate_speedup']:.2f}x", f"{r['decode_speedup']:.2f}x", f"{r['zipjax_s_per_image']:.2f}",
+         f"{r['transformers_s_per_image']:.2f}", f"{r['greedy_tokens_agreement']:.1%}") for r in rows])
+    out = report.write_json(args.out / f"emu3_{backend}.json", {**meta, "results": rows})
     print(f"\nwrote {out}")
 
 

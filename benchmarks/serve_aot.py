@@ -1,0 +1,124 @@
+"""The serving step compiled ahead of time for TPU and H100 at real model shapes, and how many tokens of KV each
+chip's page pool holds by the compiler's own memory plan.
+
+    python -m benchmarks.serve_aot [--targets v5e:2x2 v6e:1x1 h100] [--model llama-3-8b] [--out DIR]
+
+For each target: the step (zipjax.serve.step.serve_step: paged attention over a page pool, chunked prefill and
+decode rows in one flat batch, each row's sampling) is compiled for its busiest shape (max_num_seqs decode rows and
+a full prefill token budget) with parameters and pool placed by the library's sharding rules (pool pages split by
+KV head over the "model" axis, by head_dim where the axis does not divide the KV heads). A first compile with a
+small pool measures what the program needs besides the pool (parameters, temporaries); the pool is then sized to
+fill the rest of HBM (`--hbm-share` of it) and compiled again: its `fits` and the page count give the capacity row.
+Nothing runs; no accelerator is needed (zipjax.aot). serve_aot.json goes to `--out DIR` (benchmarks/report.py:
+default the untracked benchmarks/results/local/; `--out benchmarks/results` refreshes the tracked table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from benchmarks import report
+from zipjax import aot
+from zipjax.config import PUBLISHED, ModelConfig
+from zipjax.serve.paged import Pool, StepLayout
+from zipjax.serve.step import StepBatch, serve_step
+from zipjax.sharding import tree_shardings
+from zipjax.transformer import abstract_params, param_logical_axes
+
+MESHES = {"v5e:2x2": 4, "v6e:1x1": 1, "v5e:4x4": 16, "h100": 1, "h200": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The serving geometry a step is compiled for."""
+
+    max_num_seqs: int = 64
+    block_size: int = 64
+    prefill_blocks: int = 8
+    page_size: int = 16
+    block_pages: int = 8
+    max_model_len: int = 8192
+
+    @property
+    def table_width(self) -> int:
+        width = -(-self.max_model_len // self.page_size)
+        return -(-width // self.block_pages) * self.block_pages
+
+
+def abstract_batch(shape: Shape, mesh) -> StepBatch:
+    d, n, q = shape.max_num_seqs, shape.prefill_blocks, shape.block_size
+    total, rows = d + n * q, d + n
+    rep = NamedSharding(mesh, PartitionSpec())
+    arr = lambda dims, dtype=jnp.int32: aot.array(dims, dtype, rep)
+    layout = StepLayout(arr((total,)), arr((d, shape.table_width)), arr((d,)), arr((n, shape.table_width)),
+                        arr((n, q)))
+    return StepBatch(arr((total,)), arr((total,)), layout, arr((rows,)), arr((rows,), jnp.float32), arr((rows,)),
+                     arr((rows,), jnp.float32), arr((rows,), jnp.uint32), arr((rows,)), arr((), jnp.bool_))
+
+
+def compile_step(config: ModelConfig, target: aot.Target, model_axis: int, shape: Shape, num_pages: int
+                 ) -> aot.Report:
+    mesh = aot.mesh(target, 1, model_axis)
+    params = abstract_params(config)
+    params = aot.abstract(params, tree_shardings(params, param_logical_axes(config), mesh))
+    pool = jax.eval_shape(lambda: Pool.init(config, num_pages, shape.page_size))
+    pool = aot.abstract(pool, tree_shardings(pool, pool.logical_axes(), mesh))
+    step = lambda p, pool, batch: serve_step(p, pool, batch, None, config=config, block_pages=shape.block_pages)
+    with jax.set_mesh(mesh):
+        _, report = aot.compile(step, params, pool, abstract_batch(shape, mesh), target=target,
+                                donate_argnums=(1,))
+    return report
+
+
+def capacity(config: ModelConfig, target_name: str, shape: Shape, hbm_share: float) -> dict:
+    """Compile twice (small pool, then the pool that fills the HBM left) and report the second."""
+    target = aot.target(target_name)
+    model_axis = MESHES[target_name]
+    probe_pages = 1024
+    start = time.perf_counter()
+    probe = compile_step(config, target, model_axis, shape, probe_pages)
+    page_bytes = Pool.page_bytes(config, shape.page_size) / model_axis  # per chip: pages split over "model"
+    pool_bytes = probe_pages * page_bytes
+    room = hbm_share * target.chip.hbm_bytes - (probe.total_bytes - pool_bytes)
+    num_pages = int(room // page_bytes)
+    report = compile_step(config, target, model_axis, shape, num_pages)
+    return {"target": target_name, "chips": len(target.devices), "model_axis": model_axis,
+            "shape": dataclasses.asdict(shape), "num_pages": num_pages, "tokens": (num_pages - 1) * shape.page_size,
+            "sequences_at_max_len": (num_pages - 1) // (shape.table_width or 1),
+            "pool_gib_per_chip": num_pages * page_bytes / aot.GIB, "report": report.as_dict(),
+            "seconds": time.perf_counter() - start}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--targets", nargs="+", default=["v5e:2x2", "v6e:1x1", "h100"], choices=sorted(MESHES))
+    parser.add_argument("--model", default="llama-3-8b", choices=sorted(PUBLISHED))
+    parser.add_argument("--hbm-share", type=float, default=0.9)
+    report.add_out_argument(parser)
+    args = parser.parse_args(argv)
+    config = dataclasses.replace(PUBLISHED[args.model], dtype="bfloat16")
+    rows = []
+    for i, name in enumerate(args.targets):
+        print(f"[{i + 1}/{len(args.targets)}] compiling the serving step for {name} ...", file=sys.stderr)
+        rows.append(capacity(config, name, Shape(), args.hbm_share))
+    report.print_table(
+        ["target", "chips", "pages", "KV tokens", "8k seqs", "pool GiB/chip", "total GiB/chip", "fits"],
+        [[r["target"], r["chips"], r["num_pages"], r["tokens"], r["sequences_at_max_len"],
+          f"{r['pool_gib_per_chip']:.2f}", f"{r['report']['total_bytes'] / aot.GIB:.2f}", r["report"]["fits"]]
+         for r in rows], title=f"serving step, {args.model} bf16, dense pages")
+    path = report.write_json(args.out / "serve_aot.json", {"model": args.model, "dtype": "bfloat16",
+                                                           "jax": jax.__version__, "rows": rows})
+    print(f"wrote {report.repo_path(path)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
