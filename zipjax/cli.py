@@ -35,6 +35,7 @@ from zipjax import kv
 from zipjax.checkpoint import load, verify
 from zipjax.errors import ZipjaxError
 from zipjax.generate import generate_stream
+from zipjax.serve import cli as serve_cli
 from zipjax.validate import read_bounded
 
 if TYPE_CHECKING:
@@ -273,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _convert_parsers(commands)
     _image_parsers(commands)
     _experts_parser(commands)
+    serve_cli.add_parser(commands)
     check = commands.add_parser("verify", help="check a zipjax checkpoint's files against their recorded checksums")
     check.add_argument("checkpoint", type=_path, help="zipjax checkpoint folder")
     return parser
@@ -594,7 +596,7 @@ def run_verify(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"generate": run_generate, "convert": run_convert, "export": run_export, "image": run_image,
-            "ask": run_ask, "verify": run_verify, "experts": run_experts}
+            "ask": run_ask, "verify": run_verify, "experts": run_experts, "serve": serve_cli.run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,9 +67,14 @@ class Tokenizer:
         """Token ids; `add_special_tokens=False` leaves out what the tokenizer adds itself (a BOS, say)."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens)
 
-    def decode(self, ids: list[int]) -> str:
-        """The text of `ids`, special tokens left out."""
-        return self._tok.decode(ids)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """The text of `ids`, special tokens left out unless `skip_special_tokens=False`."""
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def info(self) -> dict:
+        """The tokenizer's settings (special tokens as text, model_max_length, ...), its class and chat template:
+        what vLLM's /tokenizer_info reports and lm-eval's remote tokenizer reads."""
+        return self._tok.info()
 
     def chat(self, messages: str | Sequence[Mapping[str, str]], *, system: str | None = None) -> list[int]:
         """Token ids of a chat prompt, ready for the assistant's answer: `messages` is the user's one message or a
@@ -100,14 +105,34 @@ class _Transformers:
         is silenced."""
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens, verbose=False))
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def info(self) -> dict:
+        return settings_info(getattr(self._tok, "init_kwargs", {}), type(self._tok).__name__, self.chat_template)
 
     def chat_renderer(self, conversation: list[dict[str, str]]) -> Callable[[], str]:
         return lambda: self._tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
 
+# how this process loaded the tokenizer (paths, flags), and the whole added vocabulary: not the tokenizer's settings
+_LOCAL_KWARGS = ("added_tokens_decoder", "name_or_path", "is_local", "local_files_only", "trust_remote_code")
 CHAT_ROLES = ("system", "user", "assistant")
+
+
+def settings_info(settings: Mapping, tokenizer_class: str, chat_template) -> dict:
+    """A tokenizer's settings as JSON values (AddedTokens as their text; file names and how it was loaded left out),
+    with its class and chat template."""
+    info = {}
+    for key, value in settings.items():
+        if key.endswith("_file") or key in _LOCAL_KWARGS:
+            continue
+        value = getattr(value, "content", value)  # an AddedToken: its text
+        if value is None or isinstance(value, str | int | float | bool):
+            info[key] = value
+    info["tokenizer_class"] = tokenizer_class
+    info["chat_template"] = chat_template or None
+    return info
 
 
 def chat_messages(messages: str | Sequence[Mapping[str, str]], system: str | None = None) -> list[dict[str, str]]:

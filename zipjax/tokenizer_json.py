@@ -91,6 +91,7 @@ class JsonTokenizer:
         self._cleanup = (bool(config.get("clean_up_tokenization_spaces", False))
                          and type(self._backend.model).__name__ != "BPE")
         self.chat_template = _chat_template(folder, config)
+        self._settings = {k: v for k, v in config.items() if k not in ("added_tokens_decoder", "chat_template")}
 
     @property
     def eos_token_id(self) -> int | None:
@@ -107,9 +108,16 @@ class JsonTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
-    def decode(self, ids: list[int]) -> str:
-        text = self._backend.decode([int(i) for i in ids], skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        text = self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         return clean_up_tokenization(text) if self._cleanup else text
+
+    def info(self) -> dict:
+        """tokenizer_config.json's settings with the special tokens as this reader resolved them."""
+        from zipjax.tokenizer import settings_info
+
+        settings = {**self._settings, **{name: str(token) for name, token in self.named.items() if token is not None}}
+        return settings_info(settings, self._settings.get("tokenizer_class", "TokenizersBackend"), self.chat_template)
 
     def chat_renderer(self, conversation: list[dict[str, str]]) -> Callable[[], str]:
         """A function rendering the chat template for `conversation` with the generation prompt, as
