@@ -11,6 +11,9 @@ Kernels (each against its jax.numpy reference on the same inputs, bf16; max abs 
   zipar            zipjax.kernels.zipar_attention, an Emu3 90x90 ZipAR pass with guidance (13 queries, 8,320 slots)
   quantized        the packed-code decode attention, through zipjax.generate with ZipCache(kernel=True) against
                    the jnp path of the same cache (tokens compared, decode ms/token)
+Serving: zipjax.serve's engine (continuous batching over the paged pool) on the same model, 16 requests of 512
+prompt tokens x 64 new tokens at once, against static `zipjax.generate` at batch 16 over the same prompts (equal
+work): output tok/s of each and whether the greedy tokens are equal.
 Model: random LLaMA-2-7B-shaped weights in bf16 (32 layers, hidden 4096, 32 heads), batch 1 and 8, a 512-token
 prompt, 64 new tokens by `generate_stream`; decode ms/token (median), tokens/s, and MBU = (weight bytes + KV bytes
 read per step) / step time / the chip's peak HBM bandwidth (zipjax.aot.CHIPS).
@@ -151,6 +154,36 @@ def quantized_row(quick: bool) -> dict:
     return row
 
 
+def serving_row(quick: bool) -> dict:
+    from zipjax.serve.engine import Engine, EngineConfig
+    from zipjax.serve.requests import Request, SamplingParams
+
+    config = TINY if quick else LLAMA2_7B
+    model = Model(config, init_params(config, jax.random.key(0)))
+    batch, prompt_len, new_tokens = (4, 64, 16) if quick else (16, 512, 64)
+    prompts = np.random.default_rng(7).integers(3, config.vocab_size, (batch, prompt_len)).tolist()
+    zipjax.generate(model, prompts, new_tokens, stop_tokens=())  # compile
+    start = time.perf_counter()
+    static = zipjax.generate(model, prompts, new_tokens, stop_tokens=())[:, prompt_len:]
+    static_s = time.perf_counter() - start
+    length = prompt_len + new_tokens
+    engine = Engine(model, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=2 * 128, block_size=128,
+                                        max_model_len=length, num_pages=batch * -(-length // 16) + 1))
+    engine.start()
+    engine.wait_ready(900)
+    start = time.perf_counter()
+    streams = [engine.submit(Request(str(i), tuple(p), SamplingParams(max_tokens=new_tokens, ignore_eos=True)))
+               for i, p in enumerate(prompts)]
+    served = np.asarray([[t for u in s for t in u.token_ids] for s in streams])
+    served_s = time.perf_counter() - start
+    engine.stop()
+    row = {"serving": f"{batch} x ({prompt_len} + {new_tokens})", "engine_tok_s": batch * new_tokens / served_s,
+           "static_tok_s": batch * new_tokens / static_s, "tokens_equal": float((served == static).mean())}
+    print(f"serving        engine {row['engine_tok_s']:8.1f} tok/s  static generate {row['static_tok_s']:8.1f} "
+          f"tok/s  tokens equal {row['tokens_equal']:.3f}", flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (the default on a CPU)")
@@ -162,10 +195,12 @@ def main() -> None:
     started = time.perf_counter()
     kernels = [*flash_cases(quick), zipar_case(quick), quantized_row(quick)]
     models = model_rows(quick)
+    serving = serving_row(quick)
     name = device.device_kind.lower().replace(" ", "-")
     out = report.write_json(args.out / f"device_check_{name}.json", {
         "device": device.device_kind, "platform": traced_platform(), "jax": jax.__version__,
         "python": platform.python_version(), "quick": quick, "kernels": kernels, "model": models,
+        "serving": serving,
         "seconds": time.perf_counter() - started})
     print(f"wrote {out} after {time.perf_counter() - started:.0f} s")
 

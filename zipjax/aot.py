@@ -31,6 +31,7 @@ rooflines are in `CHIPS` (vendor spec sheets).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -207,7 +208,7 @@ def compile(fn: Callable, *args, target: Target, **jit_kwargs) -> tuple[jax.stag
     the target's devices. `jit_kwargs` go to jax.jit (static_argnames, donate_argnames, out_shardings, ...)."""
     start = time.perf_counter()
     # kernels choose their path by the traced-for platform; Pallas' TPU lowering reads the default device's kind
-    with compiling_for(target.kind), jax.default_device(target.devices[0]):
+    with compiling_for(target.kind), jax.default_device(target.devices[0]), _not_persisted():
         lowered = jax.jit(fn, **jit_kwargs).trace(*args).lower()
         compiled = lowered.compile()
     seconds = time.perf_counter() - start
@@ -221,6 +222,18 @@ def compile(fn: Callable, *args, target: Target, **jit_kwargs) -> tuple[jax.stag
         flops=None if not cost else float(cost.get("flops", 0.0)),
         bytes_accessed=None if not cost else float(cost.get("bytes accessed", 0.0)),
         collectives=collectives(compiled.as_text()), compile_seconds=seconds)
+
+
+@contextlib.contextmanager
+def _not_persisted():
+    """Keep ahead-of-time executables out of the persistent compilation cache: only the chip they target could load
+    them (a later run's read of one fails with a warning), and they are large."""
+    threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
 
 
 def _first_line(error: Exception) -> str:

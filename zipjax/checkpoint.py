@@ -275,10 +275,12 @@ def _restore_version_1(directory: Path, config: ModelConfig, abstract: Params, m
     """A version-1 checkpoint ([embed, heads, head_dim] projections) read into its own layout, then turned
     heads-first on the devices (with a mesh, each shard is read where it belongs and moved locally)."""
     old = _map_qkv(abstract, _swap_leading)
-    old_axes = _map_qkv(param_logical_axes(config), _swap_leading)
-    restored = _restore(directory, old, None if mesh is None else tree_shardings(old, old_axes, mesh), what)
-    new_shardings = None if mesh is None else tree_shardings(abstract, param_logical_axes(config), mesh)
-    return jax.jit(lambda p: _map_qkv(p, _swap_leading), out_shardings=new_shardings)(restored)
+    if mesh is None:  # the logical axes (another trace of the model) only place shards
+        return jax.jit(lambda p: _map_qkv(p, _swap_leading))(_restore(directory, old, None, what))
+    axes = param_logical_axes(config)
+    restored = _restore(directory, old, tree_shardings(old, _map_qkv(axes, _swap_leading), mesh), what)
+    return jax.jit(lambda p: _map_qkv(p, _swap_leading),
+                   out_shardings=tree_shardings(abstract, axes, mesh))(restored)
 
 
 def _dtype_name(dtype) -> str:

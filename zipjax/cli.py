@@ -27,20 +27,20 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 
-from zipjax import kv, zipar
+from zipjax import kv
 from zipjax.checkpoint import load, verify
-from zipjax.convert import convert
-from zipjax.convert.export import export_hf
-from zipjax.emu3.png import check_writable, read_image, write_png
-from zipjax.emu3.understand import ask
 from zipjax.errors import ZipjaxError
 from zipjax.generate import generate_stream
-from zipjax.image import Decoder, Sequential, generate_image
 from zipjax.serve import bench_cli
+from zipjax.serve import cli as serve_cli
 from zipjax.validate import read_bounded
+
+if TYPE_CHECKING:
+    from zipjax.image import Decoder
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "stdlib-llama"
 MAX_TEXT_BYTES = 256 << 20  # a prompts file or a calibration text: regular files of at most this, read at once
@@ -275,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     _convert_parsers(commands)
     _image_parsers(commands)
     _experts_parser(commands)
+    serve_cli.add_parser(commands)
     bench_cli.add_parser(commands)
     check = commands.add_parser("verify", help="check a zipjax checkpoint's files against their recorded checksums")
     check.add_argument("checkpoint", type=_path, help="zipjax checkpoint folder")
@@ -457,6 +458,8 @@ def _answer_batch(model, args: argparse.Namespace, items: list[dict], settings: 
 
 
 def run_convert(args: argparse.Namespace) -> None:
+    from zipjax.convert import convert  # the commands' own modules load with them: `generate` starts sooner
+
     dst = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
                   vision_tokenizer=args.vision_tokenizer)
     print(f"converted {args.src} -> {dst}")
@@ -465,6 +468,9 @@ def run_convert(args: argparse.Namespace) -> None:
 def image_decoder(args: argparse.Namespace) -> Decoder:
     """The decoder the image command's --zipar-window / --zipar-min-window / --sjd-window name (as --kv names a
     KV method); one token per pass when none does."""
+    from zipjax import zipar
+    from zipjax.image import Sequential
+
     if args.sjd_window is not None and args.zipar_window is not None:
         raise ZipjaxError("--sjd-window (Speculative Jacobi Decoding) and --zipar-window are two decoders; give one")
     if args.sjd_window is not None:
@@ -477,6 +483,9 @@ def image_decoder(args: argparse.Namespace) -> Decoder:
 
 
 def run_image(args: argparse.Namespace) -> None:
+    from zipjax.emu3.png import check_writable, write_png
+    from zipjax.image import generate_image
+
     prompt = _text(args.prompt, "prompt")
     negative = _text(args.negative_prompt, "negative prompt") if args.negative_prompt is not None else None
     decoder = image_decoder(args)
@@ -494,6 +503,9 @@ def run_image(args: argparse.Namespace) -> None:
 
 
 def run_ask(args: argparse.Namespace) -> None:
+    from zipjax.emu3.png import read_image
+    from zipjax.emu3.understand import ask
+
     question = _text(args.question, "question")
     image = read_image(args.image)  # a bad image fails before the model loads
     model = load(args.checkpoint, dtype=args.dtype)
@@ -505,6 +517,8 @@ def run_ask(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
+    from zipjax.convert.export import export_hf
+
     dst = export_hf(args.src, args.dst, overwrite=args.overwrite)
     print(f"exported {args.src} -> {dst}")
 
@@ -584,7 +598,8 @@ def run_verify(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"generate": run_generate, "convert": run_convert, "export": run_export, "image": run_image,
-            "ask": run_ask, "verify": run_verify, "experts": run_experts, "bench-serve": bench_cli.run}
+            "ask": run_ask, "verify": run_verify, "experts": run_experts, "serve": serve_cli.run,
+            "bench-serve": bench_cli.run}
 
 
 def main(argv: list[str] | None = None) -> int:

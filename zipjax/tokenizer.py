@@ -1,7 +1,10 @@
-"""Text <-> token ids for a checkpoint folder, through transformers' AutoTokenizer (offline, files only).
+"""Text <-> token ids for a checkpoint folder, exactly as transformers' AutoTokenizer gives them (offline, files only).
 
-Using the same tokenizer class as transformers keeps special-token handling (BOS insertion, chat templates)
-identical to the reference, which the parity tests rely on. Code in a model folder never runs: tokenizers load with
+Where transformers would use the folder's tokenizer.json as it is (zipjax.tokenizer_json says so from the files), the
+`tokenizers` library reads it directly: milliseconds, where importing transformers costs seconds. Any other folder
+(a SentencePiece tokenizer.model, a tokenizer class that rebuilds the vocabulary, a model config beside it) loads
+through transformers' AutoTokenizer, so special-token handling (BOS insertion, chat templates) stays identical to the
+reference either way, which the parity tests check. Code in a model folder never runs: tokenizers load with
 `trust_remote_code=False` (transformers then never prompts), and a tokenizer that only custom code could build is
 refused by name. Chat templates come from the checkpoint too: they render in a forked child under time, memory
 and output limits (`render_bounded`), and their errors are one line.
@@ -20,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from zipjax.errors import ZipjaxError
+from zipjax.tokenizer_json import JsonTokenizer
 
 # Files a Hugging Face tokenizer may consist of; converters copy whichever exist.
 TOKENIZER_FILES = (
@@ -49,7 +53,7 @@ class Tokenizer:
     def __init__(self, folder: Path):
         if not any((folder / name).exists() for name in TOKENIZER_FILES):
             raise ZipjaxError(f"{folder} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...)")
-        self._tok = load_tokenizer(folder)
+        self._tok = JsonTokenizer(folder) if JsonTokenizer.accepts(folder) else _Transformers(folder)
 
     @property
     def eos_token_id(self) -> int | None:
@@ -57,15 +61,20 @@ class Tokenizer:
 
     @property
     def has_chat_template(self) -> bool:
-        return bool(getattr(self._tok, "chat_template", None))
+        return bool(self._tok.chat_template)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids; `add_special_tokens=False` leaves out what the tokenizer adds itself (a BOS, say). zipjax checks
-        lengths against the model itself, so transformers' warning about the tokenizer's own maximum is silenced."""
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens, verbose=False))
+        """Token ids; `add_special_tokens=False` leaves out what the tokenizer adds itself (a BOS, say)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens)
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """The text of `ids`, special tokens left out unless `skip_special_tokens=False`."""
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def info(self) -> dict:
+        """The tokenizer's settings (special tokens as text, model_max_length, ...), its class and chat template:
+        what vLLM's /tokenizer_info reports and lm-eval's remote tokenizer reads."""
+        return self._tok.info()
 
     def chat(self, messages: str | Sequence[Mapping[str, str]], *, system: str | None = None) -> list[int]:
         """Token ids of a chat prompt, ready for the assistant's answer: `messages` is the user's one message or a
@@ -76,12 +85,54 @@ class Tokenizer:
         if not self.has_chat_template:
             raise ZipjaxError("this checkpoint's tokenizer has no chat template")
         conversation = chat_messages(messages, system)
-        text = render_bounded(lambda: self._tok.apply_chat_template(conversation, add_generation_prompt=True,
-                                                                    tokenize=False))
-        return list(self._tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+        text = render_bounded(self._tok.chat_renderer(conversation))
+        return self._tok.encode(text, add_special_tokens=False)
 
 
+class _Transformers:
+    """transformers' AutoTokenizer behind the interface JsonTokenizer has, for the folders that reader leaves."""
+
+    def __init__(self, folder: Path):
+        self._tok = load_tokenizer(folder)
+        self.chat_template = getattr(self._tok, "chat_template", None)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._tok.eos_token_id
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """zipjax checks lengths against the model itself, so transformers' warning about the tokenizer's own maximum
+        is silenced."""
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens, verbose=False))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def info(self) -> dict:
+        return settings_info(getattr(self._tok, "init_kwargs", {}), type(self._tok).__name__, self.chat_template)
+
+    def chat_renderer(self, conversation: list[dict[str, str]]) -> Callable[[], str]:
+        return lambda: self._tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+
+# how this process loaded the tokenizer (paths, flags), and the whole added vocabulary: not the tokenizer's settings
+_LOCAL_KWARGS = ("added_tokens_decoder", "name_or_path", "is_local", "local_files_only", "trust_remote_code")
 CHAT_ROLES = ("system", "user", "assistant")
+
+
+def settings_info(settings: Mapping, tokenizer_class: str, chat_template) -> dict:
+    """A tokenizer's settings as JSON values (AddedTokens as their text; file names and how it was loaded left out),
+    with its class and chat template."""
+    info = {}
+    for key, value in settings.items():
+        if key.endswith("_file") or key in _LOCAL_KWARGS:
+            continue
+        value = getattr(value, "content", value)  # an AddedToken: its text
+        if value is None or isinstance(value, str | int | float | bool):
+            info[key] = value
+    info["tokenizer_class"] = tokenizer_class
+    info["chat_template"] = chat_template or None
+    return info
 
 
 def chat_messages(messages: str | Sequence[Mapping[str, str]], system: str | None = None) -> list[dict[str, str]]:
