@@ -1,20 +1,29 @@
 """The serving benchmark's client (zipjax.serve.loadgen, `zipjax bench-serve`): vLLM's metric arithmetic on
 constructed timestamps against hand-computed values, the streamed-chunk accounting (TTFT, every inter-chunk gap,
-output tokens from `usage`), the seeded Poisson arrival schedule, the random prompts, and the command's errors."""
+output tokens from `usage`), the seeded Poisson arrival schedule, the random prompts, the command's errors; then runs
+against `zipjax serve`'s app on checkpoints/stdlib-llama behind uvicorn on a loopback port, in this process."""
 
 import dataclasses
 import io
+import json
 import math
+import threading
+import time
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import uvicorn
 
 from zipjax import cli
 from zipjax.errors import ZipjaxError
 from zipjax.serve import loadgen
+from zipjax.serve.api import create_app
+from zipjax.serve.cli import bind
+from zipjax.serve.engine import Engine, EngineConfig
 from zipjax.serve.loadgen import Prompt, RequestResult
+from zipjax.tokenizer import load_tokenizer
 
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 
@@ -204,8 +213,6 @@ def test_token_prompts_are_vllm_random_sequences():
 
 
 def test_text_prompts_encode_to_their_stated_length():
-    from zipjax.tokenizer import load_tokenizer
-
     tok = load_tokenizer(CHECKPOINTS / "stdlib-llama")
     prompts = loadgen.text_prompts(tok, 8, 24, 4, seed=0)
     assert all(isinstance(p.prompt, str) and p.prompt for p in prompts)
@@ -248,3 +255,57 @@ def test_progress_writes_a_line_per_tenth_off_a_terminal():
     progress.close()
     lines = out.getvalue().splitlines()
     assert len(lines) == 10 and lines[-1].startswith("run: 20/20 requests done, 1 failed, 38 tokens in ")
+
+# -- against a live server ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def live_server(stdlib_llama):
+    """`zipjax serve`'s app on checkpoints/stdlib-llama behind uvicorn on a loopback port, in this process."""
+    engine = Engine(stdlib_llama, EngineConfig(max_num_seqs=2, max_num_batched_tokens=32, num_pages=64),
+                    log=lambda text: None)
+    engine.start()
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, served_name="stdlib-llama"), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        engine.wait_ready(900)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        engine.stop()
+
+def test_a_run_against_zipjax_serve_measures_every_request(live_server):
+    tok = load_tokenizer(CHECKPOINTS / "stdlib-llama")
+    allowed = loadgen.allowed_token_ids(tok.vocab_size, tok.all_special_ids)
+    prompts = loadgen.token_prompts(4, 6, 4, allowed, seed=1)
+    run = loadgen.benchmark(live_server + "/v1", prompts, max_concurrency=2, progress=False, timeout=300)
+    m = run["metrics"]
+    assert run["model"] == "stdlib-llama" and run["url"] == live_server
+    assert (m["completed"], m["failed"], m["total_input_tokens"], m["total_output_tokens"]) == (4, 0, 24, 16)
+    assert m["max_concurrent_requests"] == 2  # the cap held, and was reached
+    assert m["short_outputs"] == 0 and m["usage_missing"] == 0  # ignore_eos and include_usage were honoured
+    assert m["output_throughput"] == pytest.approx(16 / m["duration_s"])
+    for r in run["requests"]:
+        assert r["success"] and r["output_tokens"] == 4 and r["error"] == ""
+        assert 0 < r["ttft_ms"] <= r["e2el_ms"]
+        assert 1 <= len(r["itl_ms"]) + 1 <= 5  # one chunk per token at most, plus a finish-only chunk
+        assert r["e2el_ms"] == pytest.approx(r["ttft_ms"] + sum(r["itl_ms"]), abs=0.01)
+
+def test_bench_serve_command_against_zipjax_serve(live_server, tmp_path, capsys):
+    out = tmp_path / "run.json"
+    argv = ["bench-serve", live_server, "--num-prompts", "4", "--input-len", "5", "--output-len", "3",
+            "--request-rate", "20", "--prompt-kind", "text", "--tokenizer", str(CHECKPOINTS / "stdlib-llama"),
+            "--goodput", "e2el:600000", "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr()
+    assert "Serving Benchmark Result" in printed.out and "Request goodput (req/s)" in printed.out
+    saved = json.loads(out.read_text())
+    assert saved["metrics"]["completed"] == 4 and saved["metrics"]["total_output_tokens"] == 12
+    assert saved["request_rate"] == 20 and saved["prompt_kind"] == "text"
+    assert saved["metrics"]["request_goodput"] == pytest.approx(4 / saved["metrics"]["duration_s"])
