@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from zipjax.errors import ZipjaxError
-from zipjax.tokenizer_json import JsonTokenizer
+from zipjax.tokenizer_json import JsonTokenizer, settings_info
 
 # Files a Hugging Face tokenizer may consist of; converters copy whichever exist.
 TOKENIZER_FILES = (
@@ -115,24 +115,7 @@ class _Transformers:
         return lambda: self._tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
 
-# how this process loaded the tokenizer (paths, flags), and the whole added vocabulary: not the tokenizer's settings
-_LOCAL_KWARGS = ("added_tokens_decoder", "name_or_path", "is_local", "local_files_only", "trust_remote_code")
 CHAT_ROLES = ("system", "user", "assistant")
-
-
-def settings_info(settings: Mapping, tokenizer_class: str, chat_template) -> dict:
-    """A tokenizer's settings as JSON values (AddedTokens as their text; file names and how it was loaded left out),
-    with its class and chat template."""
-    info = {}
-    for key, value in settings.items():
-        if key.endswith("_file") or key in _LOCAL_KWARGS:
-            continue
-        value = getattr(value, "content", value)  # an AddedToken: its text
-        if value is None or isinstance(value, str | int | float | bool):
-            info[key] = value
-    info["tokenizer_class"] = tokenizer_class
-    info["chat_template"] = chat_template or None
-    return info
 
 
 def chat_messages(messages: str | Sequence[Mapping[str, str]], system: str | None = None) -> list[dict[str, str]]:

@@ -22,7 +22,7 @@ the files alone; everything else goes to transformers (zipjax.tokenizer). What i
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +114,6 @@ class JsonTokenizer:
 
     def info(self) -> dict:
         """tokenizer_config.json's settings with the special tokens as this reader resolved them."""
-        from zipjax.tokenizer import settings_info
-
         settings = {**self._settings, **{name: str(token) for name, token in self.named.items() if token is not None}}
         return settings_info(settings, self._settings.get("tokenizer_class", "TokenizersBackend"), self.chat_template)
 
@@ -307,3 +305,22 @@ def _namespace_class(jinja2):
             jinja2.utils.Namespace.__setitem__(self, name, value)
 
     return TemplateNamespace
+
+# how a process loaded a tokenizer (paths, flags), and the whole added vocabulary: not the tokenizer's settings
+LOCAL_KWARGS = ("added_tokens_decoder", "name_or_path", "is_local", "local_files_only", "trust_remote_code")
+
+
+def settings_info(settings: Mapping, tokenizer_class: str, chat_template) -> dict:
+    """A tokenizer's settings as JSON values (AddedTokens as their text; file names and how it was loaded left out),
+    with its class and chat template."""
+    info = {}
+    for key, value in settings.items():
+        if key.endswith("_file") or key in LOCAL_KWARGS:
+            continue
+        value = getattr(value, "content", value)  # an AddedToken: its text
+        if value is None or isinstance(value, str | int | float | bool):
+            info[key] = value
+    info["tokenizer_class"] = tokenizer_class
+    info["chat_template"] = chat_template or None
+    return info
+
