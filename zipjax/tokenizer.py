@@ -74,7 +74,12 @@ class Tokenizer:
     def info(self) -> dict:
         """The tokenizer's settings (special tokens as text, model_max_length, ...), its class and chat template:
         what vLLM's /tokenizer_info reports and lm-eval's remote tokenizer reads."""
-        return self._tok.info()
+        return {**self._tok.info(), "vocab_size": self.vocab_size}
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the tokenizer knows, added tokens included."""
+        return self._tok.vocab_size
 
     def chat(self, messages: str | Sequence[Mapping[str, str]], *, system: str | None = None) -> list[int]:
         """Token ids of a chat prompt, ready for the assistant's answer: `messages` is the user's one message or a
@@ -107,6 +112,10 @@ class _Transformers:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
 
     def info(self) -> dict:
         return settings_info(getattr(self._tok, "init_kwargs", {}), type(self._tok).__name__, self.chat_template)

@@ -112,6 +112,10 @@ class JsonTokenizer:
         text = self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         return clean_up_tokenization(text) if self._cleanup else text
 
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
     def info(self) -> dict:
         """tokenizer_config.json's settings with the special tokens as this reader resolved them."""
         settings = {**self._settings, **{name: str(token) for name, token in self.named.items() if token is not None}}
