@@ -188,7 +188,10 @@ def test_a_full_queue_and_an_impossible_pool_are_refused(stdlib_llama):
     with pytest.raises(EngineFull, match="already waiting"):
         engine.submit(greedy(ids, 4, "q3"))
     with pytest.raises(ZipjaxError, match="cannot hold one sequence"):
-        Engine(stdlib_llama, EngineConfig(**{**SHAPES, "num_pages": 16}))
+        Engine(stdlib_llama, EngineConfig(**{**SHAPES, "num_pages": 16, "max_model_len": 512}))
+    said = []
+    capped = Engine(stdlib_llama, EngineConfig(**{**SHAPES, "num_pages": 16}), log=said.append)
+    assert capped.max_model_len == 15 * 8 and "max_model_len 120" in said[0]
     with pytest.raises(ZipjaxError, match="not both"):
         EngineConfig(num_pages=10, kv_memory=10**6)
     with pytest.raises(ZipjaxError, match="max_model_len"):

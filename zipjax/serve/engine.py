@@ -87,13 +87,7 @@ class Engine:
         if self.max_model_len > cfg.max_position_embeddings:
             raise ZipjaxError(f"max_model_len {self.max_model_len} exceeds the model's "
                               f"{cfg.max_position_embeddings} positions")
-        width = -(-self.max_model_len // config.page_size)
-        self.table_width = -(-width // config.block_pages) * config.block_pages
-        num_pages = self._num_pages()
-        if (num_pages - 1) * config.page_size < self.max_model_len:
-            raise ZipjaxError(f"a KV pool of {num_pages - 1} pages of {config.page_size} tokens cannot hold one "
-                              f"sequence of max_model_len {self.max_model_len}; give more pages or a shorter "
-                              "max_model_len")
+        num_pages = self._size_pool()
         self.pages = PageTable(num_pages, config.page_size, prefix_cache=config.prefix_cache)
         max_blocks = max(1, config.max_num_batched_tokens // config.block_size)
         self.scheduler = Scheduler(self.pages, max_num_seqs=config.max_num_seqs,
@@ -111,6 +105,28 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._sequences: dict[str, Sequence] = {}
         self.steps = self.generated_tokens = self.finished = 0
+
+    def _size_pool(self) -> int:
+        """The pool's page count; without a max_model_len given, the length is capped at what the pool holds."""
+        config = self.config
+        self.table_width = self._table_width()
+        num_pages = self._num_pages()
+        held = (num_pages - 1) * config.page_size
+        if held < self.max_model_len and config.max_model_len is None and held >= config.page_size:
+            self.log(f"[serve] max_model_len {held}: the KV pool holds {held} tokens, fewer than the model's "
+                     f"{self.max_model_len} positions (give --max-model-len, or more memory with --kv-memory)")
+            self.max_model_len = held
+            self.table_width = self._table_width()
+        if held < self.max_model_len:
+            raise ZipjaxError(f"a KV pool of {num_pages - 1} pages of {config.page_size} tokens cannot hold one "
+                              f"sequence of max_model_len {self.max_model_len}; give more pages or a shorter "
+                              "max_model_len")
+        return num_pages
+
+    def _table_width(self) -> int:
+        """Pages per page-table row: max_model_len's, rounded up to whole attention-loop blocks."""
+        width = -(-self.max_model_len // self.config.page_size)
+        return -(-width // self.config.block_pages) * self.config.block_pages
 
     def _num_pages(self) -> int:
         cfg, config = self.model.config, self.config
