@@ -78,6 +78,48 @@ def test_a_full_disk_during_export_is_one_line(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+def _with_file_size_limit(args: list[str], limit: int) -> subprocess.CompletedProcess:
+    """`zipjax ARGS` in a child whose files may not grow past `limit` bytes: a disk that fills midway through a
+    write the free-space check let through (SIGXFSZ ignored, so the write fails with EFBIG as on a full disk)."""
+    code = ("import resource, signal, sys\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\nfrom zipjax.cli import main\n"
+            f"sys.exit(main({args!r}))")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def stdlib_hf(tmp_path_factory) -> Path:
+    """The shipped checkpoint as a Hugging Face folder: 56 tensors, enough for orbax to have writes in flight on
+    several threads when one fails (a tiny model's few writes often finish before the failure is seen)."""
+    from zipjax.convert.export import export_hf
+
+    return export_hf(STDLIB, tmp_path_factory.mktemp("stdlib") / "hf", progress=False)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", ["convert", "experts compress", "export"])
+def test_a_disk_that_fills_during_the_write_is_one_line_and_keeps_the_old_folder(tiny_models, stdlib_hf, tmp_path,
+                                                                                 command):
+    """Whatever writes (orbax's threads, numpy's zip writer, safetensors), the user sees one line naming the
+    destination, no thread's traceback; the folder it was to replace is untouched and nothing else is left."""
+    tiny = tiny_models["llama_gqa"]
+    dst = tmp_path / "out"
+    args = {"convert": ["convert", str(stdlib_hf), str(dst), "--overwrite"],
+            "experts compress": ["experts", "compress", str(tiny.zj_dir), str(tiny.zj_dir), "--names", "a",
+                                 "--out", str(dst), "--overwrite"],
+            "export": ["export", str(tiny.zj_dir), str(dst), "--overwrite"]}[command]
+    assert main(args) == 0  # the old content, written without a limit
+    before = _tree(dst)
+    result = _with_file_size_limit(args, 20_000)
+    err = [line for line in result.stderr.splitlines() if "%|" not in line and line.strip()]
+    assert result.returncode == 2 and err == [f"error: File too large: {dst}"], result.stderr
+    assert _tree(dst) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder, no lock left
+
+
 def test_a_disk_too_full_for_the_write_is_refused_before_writing(tiny_models, tmp_path, monkeypatch, capsys):
     """A full disk is found before the write starts (inside orbax's threads it would fail with their tracebacks)."""
     import shutil as shutil_module
