@@ -4,11 +4,14 @@ and a method's settings are never coerced (True is not 1, 2.0 is not a bit width
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import zipjax
@@ -31,6 +34,39 @@ def test_a_cache_that_cannot_fit_is_refused_before_allocation(model):
     huge = zipjax.Model(dataclasses.replace(model.config, max_position_embeddings=2**24), model.params)
     with pytest.raises(zipjax.ZipjaxError, match="dense KV cache of 1 x 16000128 slots"):
         zipjax.generate(huge, [ids], 16_000_000)
+
+
+def test_an_image_decode_that_cannot_fit_is_refused_before_allocation(digits_emu3, monkeypatch):
+    """The decoders' caches (the scatter cache of ZipAR and SJD, SJD's drafts, the sequential cache, dense or
+    compressed) are estimated from shapes, with guidance doubling the sequences, and refused against free memory."""
+    from zipjax.image import Sequential
+    from zipjax.zipar import SJD, AdaptiveWindow, FixedWindow
+
+    model = dataclasses.replace(digits_emu3, config=dataclasses.replace(digits_emu3.config,
+                                                                        max_position_embeddings=2**24))
+    start = time.perf_counter()
+    with pytest.raises(zipjax.ZipjaxError, match=r"4000x4000 codes with FixedWindow .* GiB per device, more than"):
+        zipjax.generate_image(model, "7", size=(4000, 4000), decoder=FixedWindow(4))  # ~2 TB: no machine's
+    assert time.perf_counter() - start < 60
+    monkeypatch.setattr("zipjax.kv.methods.free_memory_bytes", lambda: 64 << 20)
+    for decoder in (Sequential(), Sequential(kv=kv.KIVI()), FixedWindow(4), AdaptiveWindow(4), SJD(8)):
+        needs = []
+        for cfg_scale in (3.0, 1.0):
+            with pytest.raises(zipjax.ZipjaxError, match=f"512x512 codes with {type(decoder).__name__}") as refused:
+                zipjax.generate_image(model, "7", size=(512, 512), decoder=decoder, cfg_scale=cfg_scale)
+            needs.append(float(re.search(r"needs ([0-9.]+) GiB", str(refused.value)).group(1)))
+            assert ("cfg_scale 1" in str(refused.value)) == (cfg_scale != 1.0)
+        assert 1.9 < needs[0] / needs[1] < 2.1, (decoder, needs)  # the unconditional half doubles the caches
+
+
+def test_asking_about_an_image_estimates_the_answer_cache(digits_emu3):
+    from zipjax.emu3.understand import ask
+
+    model = dataclasses.replace(digits_emu3, config=dataclasses.replace(digits_emu3.config,
+                                                                        max_position_embeddings=2**24))
+    image = np.zeros((16, 16, 3), np.uint8)
+    with pytest.raises(zipjax.ZipjaxError, match=r"dense KV cache of 1 x \d+ slots.* GiB per device, more than"):
+        ask(model, image, "which digit?", max_new_tokens=16_000_000)
 
 
 @pytest.mark.parametrize("method, field, value", [
