@@ -177,6 +177,7 @@ MARKS: dict[str, tuple[str, ...]] = {
         "test_hostile_runtime.py::test_a_closed_stdout_is_one_line",
         "test_hostile_runtime.py::test_a_full_disk_during_export_is_one_line",
         "test_hostile_runtime.py::test_a_disk_that_fills_during_the_write_is_one_line_and_keeps_the_old_folder",
+        "test_hostile_runtime.py::test_free_memory_counts_the_address_space_limit",
     ),
     "real_weights": ("test_smollm2.py",),
     # about 15 s or more each on 2 busy cores (the fast tier's --durations, 2026-12-05): end-to-end generation with

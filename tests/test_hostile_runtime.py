@@ -36,6 +36,22 @@ def test_a_cache_that_cannot_fit_is_refused_before_allocation(model):
         zipjax.generate(huge, [ids], 16_000_000)
 
 
+def test_free_memory_counts_the_address_space_limit():
+    """Under `ulimit -v` (RLIMIT_AS) the room left in the process's address space is what it can allocate, however
+    much the machine has free: a 3.5 GiB cache is refused by name, not tried (a RESOURCE_EXHAUSTED traceback)."""
+    code = ("import dataclasses, resource\nresource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))\n"
+            "import zipjax\nfrom zipjax.platform import free_memory_bytes\n"
+            f"model = zipjax.load({str(STDLIB)!r})\n"
+            "huge = zipjax.Model(dataclasses.replace(model.config, max_position_embeddings=2**24), model.params)\n"
+            "assert free_memory_bytes() < 4 << 30, free_memory_bytes()\n"
+            "try:\n    zipjax.generate(huge, [[5, 6, 7]], 2**20)\n"
+            "except zipjax.ZipjaxError as e:\n    print(e)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"the dense KV cache of 1 x \d+ slots.* more than the [0-3]\.\d\d GiB free; .*\n",
+                        result.stdout), result.stdout
+
+
 def test_an_image_decode_that_cannot_fit_is_refused_before_allocation(digits_emu3, monkeypatch):
     """The decoders' caches (the scatter cache of ZipAR and SJD, SJD's drafts, the sequential cache, dense or
     compressed) are estimated from shapes, with guidance doubling the sequences, and refused against free memory."""
