@@ -160,7 +160,7 @@ def decode_nbytes(decoder: Decoder, setup: ImageDecodeSetup) -> int:
     cache = jax.eval_shape(ScatterRecipe(config, batch, cache_len), jax.ShapeDtypeStruct((batch,), jnp.int32))
     drafts = setup.batch * (layout.num_tokens + window) * layout.codebook_size * 4  # float32
     queries = window or layout.height
-    weights = 0 if use_kernel(decoder.kernel) else batch * config.num_heads * queries * cache_len * 4
+    weights = 0 if use_kernel(getattr(decoder, "kernel", None)) else batch * config.num_heads * queries * cache_len * 4
     return (sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache)) + (drafts if window else 0)
             + attention_nbytes(config, batch, cache_len) + weights)
 
