@@ -75,6 +75,25 @@ def test_an_image_decode_that_cannot_fit_is_refused_before_allocation(digits_emu
         assert 1.9 < needs[0] / needs[1] < 2.1, (decoder, needs)  # the unconditional half doubles the caches
 
 
+def test_image_command_with_a_huge_size_is_one_line(tmp_path, capsys):
+    """`zipjax image --size` on a checkpoint whose config allows that many positions: refused by the estimate."""
+    import json
+    import shutil
+
+    folder = tmp_path / "emu3"
+    shutil.copytree(ROOT / "checkpoints" / "digits-emu3", folder)
+    (folder / "checksums.json").unlink()  # the manifest is edited below
+    manifest = json.loads((folder / "zipjax.json").read_text())
+    manifest["config"]["max_position_embeddings"] = 2**24
+    (folder / "zipjax.json").write_text(json.dumps(manifest))
+    args = ["image", "7", "--checkpoint", str(folder), "--size", "4000x4000", "--zipar-window", "4",
+            "--out", str(tmp_path / "x.png")]
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and re.match(r"error: decoding 1 image\(s\) of 4000x4000 codes .* GiB free", err[0]), err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_asking_about_an_image_estimates_the_answer_cache(digits_emu3):
     from zipjax.emu3.understand import ask
 
