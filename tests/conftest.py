@@ -179,6 +179,8 @@ MARKS: dict[str, tuple[str, ...]] = {
         "test_hostile_runtime.py::test_a_full_disk_during_export_is_one_line",
         "test_tokenizer_fast.py::test_the_generate_command_on_the_shipped_checkpoint_imports_no_transformers",
         "test_serve_api.py::test_the_serve_command_serves_and_stops_cleanly_on_sigint_and_sigterm",
+        "test_hostile_runtime.py::test_a_disk_that_fills_during_the_write_is_one_line_and_keeps_the_old_folder",
+        "test_hostile_runtime.py::test_free_memory_counts_the_address_space_limit",
     ),
     "real_weights": ("test_smollm2.py",),
     # about 15 s or more each on 2 busy cores (the fast tier's --durations, 2026-12-05): end-to-end generation with

@@ -7,16 +7,22 @@ substituted into valid inputs, so each example breaks one or a few fields of som
 """
 
 import contextlib
+import dataclasses
+import functools
 import io
 import json
 import math
+import shutil
 import struct
 import zlib
+from datetime import timedelta
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from zipjax.convert.hf_config import config_from_hf
 
@@ -259,3 +265,196 @@ def test_commands_on_arbitrary_paths_end_in_a_status_never_a_traceback(tmp_path_
         status = cli_main(argv)
     assert status in (0, 2), (argv, err.getvalue())
     assert "Traceback" not in err.getvalue()
+
+
+# ------------------------------------------------------------------ the surfaces added by the second hostile sweep
+# (KV method fields, serving's SamplingParams, the CLI's numeric flags, whole checkpoint manifests)
+
+BOUNDED = settings(FUZZ, deadline=timedelta(seconds=60))  # a generous per-example bound: a hang fails, not the suite
+
+field_values = st.one_of(
+    json_values, st.integers(-3, 300), st.sampled_from([1, 2, 3, 4, 8, 16, 32, 64, 128, 10**9, 2**40]),
+    st.floats(-2.0, 2.0), st.tuples(st.floats(allow_nan=True), st.floats(allow_nan=True)),
+    st.tuples(st.integers(-2, 80), st.integers(-2, 80)),
+)
+STRING_SETTINGS = ["probe", "exact", "code", "token", "head", "distinct", "printed"]
+
+
+def _typed(field) -> st.SearchStrategy:
+    """Values of a method field's annotated type, most of them in range, so that accepted methods are common."""
+    from zipjax import kv
+
+    ints = st.sampled_from([1, 2, 3, 4, 8, 16, 32, 64, 100, 128])
+    typed = {"int": ints, "int | None": st.one_of(st.none(), ints), "float": st.floats(0.01, 0.99),
+             "str": st.sampled_from(STRING_SETTINGS), "bool": st.booleans(),
+             "bool | None": st.sampled_from([None, False]),
+             "KIVI | Uniform | None": st.sampled_from([None, kv.KIVI(), kv.Uniform()])}
+    return typed.get(field.type, st.just(field.default))
+
+
+def _method_and_fields():
+    from zipjax import kv
+
+    def fields_of(name):
+        fields = {f.name: f for f in dataclasses.fields(kv.METHODS[name])}
+        return st.lists(st.sampled_from(sorted(fields)), min_size=1, max_size=2, unique=True).flatmap(
+            lambda chosen: st.fixed_dictionaries({f: st.one_of(_typed(fields[f]), field_values) for f in chosen})).map(
+            lambda values: (name, values))
+
+    return st.sampled_from(sorted(kv.METHODS)).flatmap(fields_of)
+
+
+@settings(BOUNDED, max_examples=25)
+@given(_method_and_fields())
+def test_kv_method_fields_name_the_field_or_make_a_working_cache(tiny, method_and_fields):
+    """Every registered KV method with one or two fields set to arbitrary values: refused by a ZipjaxError that
+    names a field it was given, or a method whose cache passes generate's checks (geometry, memory) and traces
+    through a prefill and the decode loop (jax.eval_shape: nothing is compiled or allocated)."""
+    from zipjax import kv
+    from zipjax.generate import _generate_loop, _Plan
+    from zipjax.kv.methods import CacheRecipe
+
+    name, fields = method_and_fields
+    assume(fields.get("kernel") is not True)  # the Pallas kernel, interpreted on a CPU, is slow to trace
+    try:
+        method = kv.METHODS[name](**fields)
+    except zipjax.ZipjaxError as error:
+        assert any(field in str(error) for field in fields), (name, fields, str(error))
+        return
+    plan = _accepted_or_refused(_Plan, tiny, [[3, 4, 5, 6, 7]], 3, 0.0, None, None, 0, None, None, method)
+    if plan is None:
+        return
+    starts = jax.ShapeDtypeStruct((plan.batch,), jnp.int32)
+    cache = jax.eval_shape(CacheRecipe(tiny.config, plan.batch, plan.cache_length, plan.kv, plan.bucket), starts)
+    tokens, _ = jax.eval_shape(functools.partial(_generate_loop, config=tiny.config, mode=plan.mode), tiny.params,
+                               plan.prompt, plan.starts, cache, jax.random.key(0), plan.knobs, jnp.int32(3))
+    assert tokens.shape[0] == 1 and tokens.dtype == jnp.int32
+
+
+@settings(BOUNDED, max_examples=150)
+@given(st.dictionaries(st.sampled_from(["max_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids",
+                                        "ignore_eos", "logprobs", "prompt_logprobs"]),
+                       st.one_of(field_values, st.lists(st.integers(-3, 2**40), max_size=3).map(tuple)),
+                       min_size=1, max_size=3))
+def test_serving_sampling_params_are_valid_or_name_the_field(fields):
+    from zipjax.serve.requests import SamplingParams
+
+    try:
+        params = SamplingParams(**fields)
+    except zipjax.ZipjaxError as error:
+        assert any(field in str(error) for field in fields), (fields, str(error))
+        return
+    valid_int = lambda v, lo: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+    assert valid_int(params.max_tokens, 0) and (params.top_k is None or valid_int(params.top_k, 1)), params
+    assert isinstance(params.temperature, int | float) and not isinstance(params.temperature, bool), params
+    assert math.isfinite(params.temperature) and params.temperature >= 0, params
+    assert params.top_p is None or (not isinstance(params.top_p, bool) and 0 < params.top_p <= 1), params
+    assert params.seed is None or valid_int(params.seed, 0), params
+    assert isinstance(params.stop_token_ids, tuple) and all(valid_int(t, 0) for t in params.stop_token_ids), params
+    assert isinstance(params.ignore_eos, bool) and isinstance(params.prompt_logprobs, bool), params
+    assert params.logprobs is None or valid_int(params.logprobs, 0), params
+
+
+NUMERIC_FLAGS = {"generate": ["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed"],
+                 "image": ["--temperature", "--top-k", "--top-p", "--seed", "--size", "--cfg-scale"],
+                 "ask": ["--max-new-tokens"]}
+numeric_texts = st.one_of(
+    st.text(max_size=10), st.integers(-(2**70), 2**70).map(str), st.floats(allow_nan=True).map(repr),
+    st.sampled_from(["nan", "-nan", "inf", "-inf", "1e309", "0", "-0", "0.0", "1", "-1", "1_000", " 7 ", "0x10",
+                     "4294967296", "9" * 5000, "8x8", "0x8", "8x0", "-8x8", "16X16", "x", "1e-320", "\u0663"]),
+)
+
+
+@pytest.fixture(scope="module")
+def small_png(tmp_path_factory) -> Path:
+    from zipjax.emu3.png import write_png
+
+    path = tmp_path_factory.mktemp("png") / "digit.png"
+    write_png(path, np.zeros((8, 8, 3), np.uint8))
+    return path
+
+
+@settings(BOUNDED, max_examples=60)
+@given(st.sampled_from(sorted(NUMERIC_FLAGS)).flatmap(lambda command: st.tuples(
+    st.just(command), st.dictionaries(st.sampled_from(NUMERIC_FLAGS[command]), numeric_texts, min_size=1,
+                                      max_size=3))))
+def test_numeric_flags_are_one_error_line_or_valid_settings(tmp_path_factory, small_png, command_and_flags):
+    """Arbitrary text for each numeric flag: the command ends with status 2 and one `error:` line (an unparsable
+    value, a setting out of range, or, with every value valid, the missing checkpoint it was pointed at), and the
+    values the parser accepts are valid settings or a ZipjaxError for the run's early check."""
+    command, flags = command_and_flags
+    folder = tmp_path_factory.mktemp("flags")
+    head = {"generate": ["generate", "a prompt"], "image": ["image", "a digit", "--out", str(folder / "x.png")],
+            "ask": ["ask", str(small_png), "which digit?"]}[command]
+    argv = [*head, "--checkpoint", str(folder / "missing"), *(part for f, v in flags.items() for part in (f"{f}={v}",))]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        status = cli_main(argv)
+    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error:"), (argv, err.getvalue())
+    try:
+        args = build_parser().parse_args(argv)
+    except zipjax.ZipjaxError:
+        return
+    if command == "ask":
+        assert args.max_new_tokens is None or args.max_new_tokens >= 1
+        return
+    checked = _accepted_or_refused(check_settings, args.temperature, args.top_k, args.top_p, args.seed)
+    if checked is not None:
+        t, _k, p, s = checked
+        assert math.isfinite(t) and t >= 0 and (p is None or 0 < p <= 1) and 0 <= s < 2**32
+    assert args.max_new_tokens >= 1 if command == "generate" else (args.size is None or min(args.size) >= 1)
+
+
+def _checkpoint_copy(tmp_path_factory, name: str) -> Path:
+    """A shipped checkpoint without its checksum record (a mutated manifest would otherwise only ever be refused as
+    damaged), so that every mutation reaches the manifest's reader and, when it is accepted, the parameters."""
+    copy = tmp_path_factory.mktemp("manifest") / name
+    shutil.copytree(ROOT / "checkpoints" / name, copy)
+    (copy / "checksums.json").unlink()
+    return copy
+
+
+@pytest.fixture(scope="module")
+def manifest_copies(tmp_path_factory) -> dict[str, Path]:
+    return {name: _checkpoint_copy(tmp_path_factory, name) for name in ("stdlib-llama", "digits-emu3")}
+
+
+def _nested(base: dict):
+    """`base` with values replaced (or deleted) at the top level, inside `config` / `emu3`, or one level below."""
+    paths = [(k,) for k in base] + [(k, sub) for k in ("config", "emu3") if k in base for sub in base[k]]
+    paths += [("emu3", part, sub) for part in ("vq_config", "vocab") if part in base.get("emu3", {})
+              for sub in base["emu3"][part]]
+    return st.dictionaries(st.sampled_from(paths), st.one_of(json_values, st.just(KeyError)), min_size=1,
+                           max_size=3).map(lambda changes: _apply_nested(base, changes))
+
+
+def _apply_nested(base: dict, changes: dict) -> dict:
+    out = json.loads(json.dumps(base))
+    for path, value in changes.items():
+        node = out
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        if value is KeyError:
+            node.pop(path[-1], None)
+        else:
+            node[path[-1]] = value
+    return out
+
+
+@settings(BOUNDED, max_examples=25)
+@given(st.sampled_from(["stdlib-llama", "digits-emu3"]).flatmap(lambda name: st.tuples(
+    st.just(name), st.one_of(
+        _nested(json.loads((ROOT / "checkpoints" / name / "zipjax.json").read_text())).map(json.dumps),
+        st.tuples(st.integers(0, 4000), st.binary(min_size=1, max_size=8)).map(
+            lambda cut: _flip((ROOT / "checkpoints" / name / "zipjax.json").read_bytes(), *cut).decode("latin-1")),
+        st.integers(0, 2000).map(lambda n: (ROOT / "checkpoints" / name / "zipjax.json").read_text()[:n])))))
+def test_checkpoint_manifests_load_or_are_refused(manifest_copies, name_and_text):
+    """Whole zipjax.json files, mutated at any level (format, version, config, the Emu3 record), truncated or with
+    bytes overwritten: `load` returns a model or raises ZipjaxError, never another exception."""
+    name, text = name_and_text
+    folder = manifest_copies[name]
+    (folder / "zipjax.json").write_text(text, encoding="latin-1")
+    model = _accepted_or_refused(zipjax.load, folder)
+    assert model is None or isinstance(model, zipjax.Model)

@@ -103,7 +103,7 @@ def _write(path: Path | str, config: ModelConfig, params: Params, *, files: list
         only_this_process = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                                                active_processes={jax.process_index()})
         checkpointer = ocp.StandardCheckpointer(multiprocessing_options=only_this_process)
-        with interrupts_deferred(), os_errors_of_writers(path):  # orbax's writer threads cannot be stopped midway
+        with interrupts_deferred(), os_errors_of_writers(path, staging):  # orbax's threads cannot be stopped midway
             try:
                 checkpointer.save(staging / PARAMS_DIR, params)
                 if vision is not None:

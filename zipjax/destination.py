@@ -39,6 +39,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,11 +165,16 @@ class Destination:
         return self.staging
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        staging = self.staging
         try:
-            if self.staging is not None and self.staging.exists():
-                shutil.rmtree(self.staging, ignore_errors=True)
+            if staging is not None and staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
         finally:
             self._unlock()
+        if isinstance(exc, OSError) and staging is not None:
+            named = _named_for_user(exc, staging, self.path)
+            if named is not exc:
+                raise named from None
 
     def commit(self) -> Path:
         """Put the staged folder in place of the destination, atomically where the filesystem allows."""
@@ -252,6 +258,18 @@ class Destination:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def _named_for_user(error: OSError, staging: Path, dst: Path) -> OSError:
+    """A write error names the user's destination: one that names no file (numpy's and zipfile's writes, say) is
+    about `dst`; one that names a file in the hidden staging folder, about that file's place in `dst`."""
+    if error.filename is None:
+        return OSError(error.errno, error.strerror, str(dst)) if error.errno else error
+    try:
+        inside = Path(os.fsdecode(error.filename)).relative_to(staging)
+    except (TypeError, ValueError):
+        return error
+    return OSError(error.errno, error.strerror, str(dst / inside)) if error.errno else error
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE). False where the system cannot."""
     if not sys.platform.startswith("linux"):
@@ -297,16 +315,28 @@ _OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'|\(os error (\d+)\)")
 
 
 @contextlib.contextmanager
-def os_errors_of_writers(path: Path) -> Iterator[None]:
+def os_errors_of_writers(path: Path, staging: Path | None = None) -> Iterator[None]:
     """The operating system's write errors (a full disk, a file-size limit, a read-only folder) that orbax and
     safetensors raise as their own exception types, with the error number only in the text, come out of this block
     as the OSError they are, so the command line reports them in one line like any other. Anything else passes
-    through unchanged. orbax's threads also log the failure on the way: muted here, the OSError says it."""
+    through unchanged. orbax's threads also log the failure on the way: muted here, the OSError says it.
+
+    When a write fails midway, orbax returns while tensorstore's threads still finish (or fail) the writes in
+    flight, each then reporting to orbax's closed event loop ("Event loop is closed", printed as an unraisable
+    exception) and possibly writing into `staging` after it was removed. So on failure this waits until the
+    writers have settled (`settle`), with those reports muted, before the error leaves the block and the staging
+    folder is removed."""
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.CRITICAL)
     try:
-        yield
+        with _orphan_reports_muted() as reports:
+            try:
+                yield
+            except Exception:
+                if staging is not None:
+                    settle(staging, reports)
+                raise
     except Exception as e:
         match = _OS_ERROR_CODE.search(str(e))
         if match is None:
@@ -315,6 +345,61 @@ def os_errors_of_writers(path: Path) -> Iterator[None]:
         raise OSError(code, os.strerror(code), str(path)) from None
     finally:
         absl.setLevel(level)
+
+
+def _is_orphan_report(unraisable) -> bool:
+    """A background thread's callback that found its asyncio event loop closed: the write it belonged to was
+    abandoned by a failure that is reported on its own."""
+    error = unraisable.exc_value
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+@contextlib.contextmanager
+def _orphan_reports_muted() -> Iterator[list[float]]:
+    """Within the block, orphan reports (`_is_orphan_report`) are counted (the list of their times) instead of
+    printed; every other unraisable exception goes to the hook that was in place."""
+    previous = sys.unraisablehook
+    reports: list[float] = []
+
+    def hook(unraisable) -> None:
+        if _is_orphan_report(unraisable):
+            reports.append(time.monotonic())
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield reports
+    finally:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
+
+
+def _tree_state(folder: Path) -> tuple:
+    """Every file under `folder` with its size and modification time: changes while something writes there."""
+    state = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                info = os.lstat(os.path.join(root, name))
+                state.append((root, name, info.st_size, info.st_mtime_ns))
+    return tuple(sorted(state))
+
+
+def settle(folder: Path, reports: list, *, quiet: float = 0.5, limit: float = 60.0) -> bool:
+    """Wait until nothing has changed under `folder` and no orphan report arrived for `quiet` seconds (writer
+    threads of a failed write finishing), at most `limit` seconds. True if it settled."""
+    deadline = time.monotonic() + limit
+    last = (_tree_state(folder), len(reports))
+    calm_since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = (_tree_state(folder), len(reports))
+        if now != last:
+            last, calm_since = now, time.monotonic()
+        elif time.monotonic() - calm_since >= quiet:
+            return True
+    return False
 
 
 def check_free_space(folder: Path, need: int, what: str) -> None:

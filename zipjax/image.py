@@ -34,11 +34,14 @@ from zipjax.emu3.decoding import Decoder, ImageDecodeSetup, ImageInputs, ImageKn
 from zipjax.emu3.model import Emu3Model
 from zipjax.emu3.sequential import Sequential
 from zipjax.errors import ZipjaxError
+from zipjax.kv.methods import attention_nbytes, cache_nbytes, check_cache, check_free_memory
+from zipjax.platform import use_kernel
 from zipjax.sampling import SamplingMode, check_settings
-from zipjax.shapes import left_pad, prompt_bucket
+from zipjax.shapes import cache_length, left_pad, prompt_bucket
 from zipjax.sharding import mesh_context, place
 from zipjax.validate import number
 from zipjax.zipar import SJD, AdaptiveWindow, FixedWindow
+from zipjax.zipar.cache import ScatterRecipe
 
 __all__ = ["DEFAULT_NEGATIVE_PROMPT", "SJD", "AdaptiveWindow", "Decoder", "FixedWindow", "ImageResult", "Sequential",
            "format_prompt", "generate_image", "token_grid"]
@@ -140,6 +143,39 @@ def formatted_prompts(model: Emu3Model, prompt, negative_prompt, rows: int, cols
     return cond, [format_prompt(model, negative_prompt, rows, cols)] * len(cond) if guided else []
 
 
+def decode_nbytes(decoder: Decoder, setup: ImageDecodeSetup) -> int:
+    """Bytes a decoder needs at once, from shapes alone (jax.eval_shape: nothing is allocated): the KV cache of every
+    sequence (twice the images with classifier-free guidance), written at scattered slots with a bitmap for ZipAR
+    and SJD; SJD's distribution of every drafted token; attention's working set (one layer read in float32, and
+    without the kernel the weights of a pass's queries: at most one per row for ZipAR, the window for SJD). The VQ
+    decode, after the cache is gone, is not counted."""
+    layout, batch, config = setup.layout, setup.cache_batch, setup.config
+    if isinstance(decoder, Sequential):
+        cache_len = cache_length(setup.bucket + layout.num_tokens)
+        check_cache(decoder.kv, config, batch, cache_len, setup.bucket)
+        return (cache_nbytes(decoder.kv, config, batch, cache_len, setup.bucket)
+                + attention_nbytes(config, batch, cache_len))
+    window = min(decoder.window, layout.num_tokens) if isinstance(decoder, SJD) else 0  # longer: SJD refuses it
+    cache_len = cache_length(setup.bucket + layout.num_tokens + window + 1)
+    cache = jax.eval_shape(ScatterRecipe(config, batch, cache_len), jax.ShapeDtypeStruct((batch,), jnp.int32))
+    drafts = setup.batch * (layout.num_tokens + window) * layout.codebook_size * 4  # float32
+    queries = window or layout.height
+    weights = 0 if use_kernel(getattr(decoder, "kernel", None)) else batch * config.num_heads * queries * cache_len * 4
+    return (sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache)) + (drafts if window else 0)
+            + attention_nbytes(config, batch, cache_len) + weights)
+
+
+def check_decode_memory(model: Emu3Model, decoder: Decoder, setup: ImageDecodeSetup) -> None:
+    """Refuse, before anything is allocated, a decode that cannot fit a device's free memory (`decode_nbytes`, its
+    share per device on a mesh): a huge --size on a config that allows that many positions, say."""
+    need = decode_nbytes(decoder, setup) / (model.mesh.size if model.mesh is not None else 1)
+    layout = setup.layout
+    check_free_memory(need, f"decoding {setup.batch} image(s) of {layout.height}x{layout.width} codes with "
+                            f"{type(decoder).__name__} ({setup.cache_batch} sequences)",
+                      "ask for a smaller size or fewer images" + (", or turn guidance off (cfg_scale 1)"
+                                                                   if setup.guided else ""))
+
+
 def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]], *,
                    decoder: Decoder = DEFAULT_DECODER, size: tuple[int, int] | None = None, cfg_scale: float = 3.0,
                    negative_prompt: str | Sequence[int] | None = None, temperature: float = 1.0,
@@ -183,6 +219,7 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
     mode = SamplingMode(greedy=temperature == 0, top_p=top_p is not None and top_p < 1,
                         static_top_k=None if top_k is None else min(int(top_k), vocab.codebook_size))
     setup = ImageDecodeSetup(cfg, layout, batch, guided=bool(uncond), mode=mode, bucket=padded.shape[1])
+    check_decode_memory(model, decoder, setup)
     knobs = ImageKnobs(cfg_scale=jnp.float32(cfg_scale), temperature=jnp.float32(temperature or 1.0),
                        top_k=jnp.int32(top_k or 0), top_p=jnp.float32(top_p or 1.0))
     inputs = ImageInputs(prompt=place(padded, model.mesh, PartitionSpec("data", None)),

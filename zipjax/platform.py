@@ -20,7 +20,7 @@ stderr that no setting silences); zipjax imports jax with that file descriptor m
 keep their one-line error promise.
 
 A leaf: imports os, sys, contextvars and pathlib only (it must run before jax is imported; `platform` imports jax
-when first called).
+when first called, `host_free_bytes` resource).
 """
 
 from __future__ import annotations
@@ -159,14 +159,63 @@ _NOTICES: set[str] = set()  # notices already printed by this process
 
 
 def free_memory_bytes() -> int | None:
-    """Memory free for new arrays on the default device: its allocator's limit less what is in use on a TPU or GPU,
-    the machine's available physical memory on a CPU; None where neither can be read."""
+    """Memory free for new arrays on the default device: its allocator's limit less what is in use on a TPU or GPU;
+    on a CPU, the least of what the machine can still give (`host_free_bytes`); None where nothing can be read."""
     import jax
 
     stats = jax.local_devices()[0].memory_stats()  # this process's own device (a pod has others)
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return host_free_bytes()
+
+
+def host_free_bytes() -> int | None:
+    """What this process can still allocate on the host: the least of the machine's available memory (page cache
+    that can be dropped included), the room left under its container's memory limit (cgroup v2 or v1) and under
+    its own address-space limit (RLIMIT_AS, `ulimit -v`). None where none of them can be read."""
+    found = [_meminfo("MemAvailable"), _cgroup_room(), _address_space_room()]
+    if found[0] is None:
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            found[0] = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    known = [value for value in found if value is not None]
+    return max(0, min(known)) if known else None
+
+
+def _read_int(path: str) -> int | None:
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None  # absent, or "max" (no limit)
+
+
+def _meminfo(field: str, path: str = "/proc/meminfo") -> int | None:
+    """A field of /proc/meminfo (or /proc/self/status) in bytes."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_room() -> int | None:
+    v1 = "/sys/fs/cgroup/memory/memory."
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         (f"{v1}limit_in_bytes", f"{v1}usage_in_bytes")):
+        cap, used = _read_int(limit), _read_int(usage)
+        if cap is not None and used is not None and cap < 1 << 60:  # v1 writes "no limit" as a huge number
+            return cap - used
+    return None
+
+
+def _address_space_room() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on a POSIX system
         return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    size = _meminfo("VmSize", "/proc/self/status")
+    if soft == resource.RLIM_INFINITY or size is None:
+        return None
+    return soft - size

@@ -61,18 +61,30 @@ def as_method(kv) -> Method | None:
                       f"see zipjax.kv.METHODS), got {kv!r}")
 
 
+def _pair(read):
+    """The reader of a field annotated `tuple[T, T]`: a tuple of two values that `read` accepts (a list is not
+    hashable, and methods are keys of compilation caches)."""
+    def read_pair(value, name: str):
+        if not isinstance(value, tuple) or len(value) != 2:
+            raise ZipjaxError(f"{name} has the wrong type: it must be a tuple of two values, got {value!r:.60}")
+        return tuple(read(v, name) for v in value)
+    return read_pair
+
+
 # a method's field annotation -> the reader that checks a value of it (zipjax.validate): True is not 1, "2" is not 2,
 # 2.0 is not a bit width
 _FIELD_READERS = {
     "int": integer, "float": number, "bool": boolean, "str": string,
     "int | None": lambda value, name: optional(integer, value, name),
     "bool | None": lambda value, name: optional(boolean, value, name),
+    "tuple[float, float]": _pair(number),
+    "tuple[int, int] | None": lambda value, name: optional(_pair(integer), value, name),
 }
 
 
 def check_field_types(method) -> None:
     """Every field of a method's dataclass holds a value of its annotated type: nothing is coerced silently. Fields
-    of other types (tuples, nested methods) are checked by the method itself."""
+    of other types (nested methods) are checked by the method itself."""
     for field in dataclasses.fields(method):
         read = _FIELD_READERS.get(field.type if isinstance(field.type, str) else getattr(field.type, "__name__", ""))
         if read is not None:

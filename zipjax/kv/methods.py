@@ -33,8 +33,8 @@ from zipjax.kv.zipvl import ZipVL
 from zipjax.platform import free_memory_bytes
 from zipjax.sharding import jit_initializer
 
-__all__ = ["METHODS", "CacheRecipe", "as_method", "cache_initializer", "cache_nbytes", "check_cache", "check_memory",
-           "init_cache", "method_from_name", "min_decode_slots"]
+__all__ = ["METHODS", "CacheRecipe", "as_method", "attention_nbytes", "cache_initializer", "cache_nbytes",
+           "check_cache", "check_free_memory", "check_memory", "init_cache", "method_from_name", "min_decode_slots"]
 
 METHODS: dict[str, type[Method]] = {method.name: method for method in (ZipCache, KIVI, Uniform, ZipVL, MiniCache)}
 
@@ -101,9 +101,22 @@ def check_memory(kv: Method | None, config: ModelConfig, batch: int, max_len: in
                  devices: int = 1) -> None:
     """Refuse, before anything is allocated, a cache that cannot fit the free memory of a device (its share on a
     mesh of `devices`): a model allowing millions of positions, say, or a KIVI residual of a billion tokens."""
-    need = cache_nbytes(kv, config, batch, max_len, prefill_len) / devices
+    need = (cache_nbytes(kv, config, batch, max_len, prefill_len) + attention_nbytes(config, batch, max_len)) / devices
+    name = "the dense KV cache" if kv is None else f"the {kv.name} KV cache"
+    check_free_memory(need, f"{name} of {batch} x {max_len} slots, with attention's working set,",
+                      "ask for fewer tokens or sequences")
+
+
+def attention_nbytes(config: ModelConfig, batch: int, max_len: int) -> int:
+    """What attention reads at once besides the cache: one layer's keys and values of every slot in float32 (a
+    compressed cache dequantizes them, a bfloat16 one is cast)."""
+    return 2 * batch * config.num_kv_heads * max_len * config.head_dim * 4
+
+
+def check_free_memory(need: float, what: str, advice: str) -> None:
+    """Refuse `need` bytes per device (an estimate from shapes: nothing is allocated yet) that the device's free
+    memory (zipjax.platform.free_memory_bytes) cannot hold, in one line naming `what` and the `advice`."""
     free = free_memory_bytes()
     if free is not None and need > free:
-        name = "the dense KV cache" if kv is None else f"the {kv.name} KV cache"
-        raise ZipjaxError(f"{name} of {batch} x {max_len} slots needs {need / 2**30:.2f} GiB per device, more than "
-                          f"the {free / 2**30:.2f} GiB free; ask for fewer tokens or sequences")
+        raise ZipjaxError(f"{what} needs {need / 2**30:.2f} GiB per device, more than the {free / 2**30:.2f} GiB "
+                          f"free; {advice}")

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 
 from zipjax.errors import ZipjaxError
 from zipjax.sampling import MAX_SEED, MIN_TEMPERATURE
-from zipjax.validate import integer, number, optional
+from zipjax.validate import boolean, integer, number, optional
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on logprobs / top_logprobs
 FINISH_REASONS = ("stop", "length", "abort")
@@ -50,8 +50,13 @@ class SamplingParams:
         optional(integer, self.top_k, "top_k", lo=1)
         optional(number, self.top_p, "top_p", lo=0, hi=1, lo_open=True)
         optional(integer, self.seed, "seed", lo=0, hi=MAX_SEED)
+        if not isinstance(self.stop_token_ids, tuple | list):
+            raise ZipjaxError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r:.60}")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))  # hashable, as annotated
         for token in self.stop_token_ids:
             integer(token, "stop_token_ids", lo=0)
+        boolean(self.ignore_eos, "ignore_eos")
+        boolean(self.prompt_logprobs, "prompt_logprobs")
         optional(integer, self.logprobs, "logprobs", lo=0, hi=MAX_TOP_LOGPROBS)
         if self.prompt_logprobs and self.logprobs is None:
             raise ZipjaxError("prompt_logprobs needs logprobs (the number of alternatives to report, 0 or more)")
