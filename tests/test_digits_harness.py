@@ -11,8 +11,8 @@ import pytest
 import zipjax
 from zipjax import zipar
 from zipjax.emu3.vq_config import PaletteConfig
+from zipjax.harness.digits_quality import DigitClassifier
 from zipjax.image import Sequential
-from zipjax.zipar.quality import DigitClassifier
 
 DIGITS = Path(__file__).resolve().parent.parent / "checkpoints" / "digits-emu3"
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

@@ -16,8 +16,8 @@ from conftest import teacher_forced
 import zipjax
 from zipjax import kv
 from zipjax.errors import ZipjaxError
+from zipjax.harness.kv_analysis import prompt_queries_keys
 from zipjax.kv import QuantizedKVCache
-from zipjax.kv.analysis import prompt_queries_keys
 from zipjax.kv.codec import dequantize, fake_quantize, pack, quantize, unpack
 from zipjax.kv.dense import KVCache
 from zipjax.kv.ratio import granularity_ratio, paper_ratio

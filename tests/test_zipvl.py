@@ -11,8 +11,8 @@ import pytest
 
 import zipjax
 from zipjax import kv
+from zipjax.harness.kv_analysis import prompt_queries_keys
 from zipjax.kv import QuantizedKVCache
-from zipjax.kv.analysis import prompt_queries_keys
 from zipjax.kv.saliency import prompt_statistics
 from zipjax.kv.zipvl import (
     _compact_attention,

@@ -548,7 +548,8 @@ def run_router(args: argparse.Namespace) -> None:
     """`zipjax experts router BASE BANK --text NAME=FILE ...`: a router for the bank, trained on the base's features
     of each expert's text, stored in the bank's folder (where `--expert auto` looks first)."""
     from zipjax import experts
-    from zipjax.experts.router import ARRAYS, MANIFEST, train_from_texts
+    from zipjax.experts.router import ARRAYS, MANIFEST
+    from zipjax.harness.router_training import train_from_texts  # harness code, loaded by this command only
 
     texts = {}
     for item in args.text:
