@@ -339,7 +339,8 @@ def test_every_registered_kv_method_implements_the_protocol():
         else:
             with pytest.raises(ZipjaxError, match=f"{cls.__name__} has no Pallas kernel"):
                 kv.method_from_name(name, kernel=True)
-        small = kv.method_from_name(name, **({"window": 8} if "window" in inspect.signature(cls).parameters else {}))
+        small = kv.method_from_name(name, **({"buffer_len": 8} if "buffer_len" in inspect.signature(cls).parameters
+                                             else {}))
         assert isinstance(small.decode_slots, int) and small.decode_slots >= 0
         small.check(config, 2, 64, 16)
         cache = jax.eval_shape(lambda m=small: m.make_cache(config, 2, 64, 16))

@@ -37,7 +37,7 @@ from zipjax.errors import ZipjaxError
 from zipjax.sampling import SamplingMode, check_settings
 from zipjax.shapes import left_pad, prompt_bucket
 from zipjax.sharding import mesh_context, place
-from zipjax.validate import number
+from zipjax.validate import integer, number
 from zipjax.zipar import SJD, AdaptiveWindow, FixedWindow
 
 __all__ = ["DEFAULT_NEGATIVE_PROMPT", "SJD", "AdaptiveWindow", "Decoder", "FixedWindow", "ImageResult", "Sequential",
@@ -82,7 +82,7 @@ def deprecated_decoder(decoder: Decoder, old: dict) -> Decoder:
     if kv is not None and (window is not None or sjd is not None):
         raise ZipjaxError("a quantized KV cache (kv=...) takes one token per pass; ZipAR and SJD passes write several "
                           "tokens at scattered slots, which it does not support yet: use Sequential(kv=...)")
-    adaptive = AdaptiveWindow(min_window, kernel)  # validated whatever the order, as before
+    adaptive = AdaptiveWindow(integer(min_window, "zipar_min_window", lo=1), kernel)  # validated whatever the order
     if sjd is not None:
         return SJD(sjd, kernel)
     if window is None:
