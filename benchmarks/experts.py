@@ -46,8 +46,9 @@ import report
 
 from zipjax import experts
 from zipjax.config import ModelConfig
-from zipjax.experts import domains, finetune
-from zipjax.experts import router as routing
+from zipjax.harness import finetune
+from zipjax.harness import router_training as routing
+from zipjax.harness import text_domains as domains
 from zipjax.transformer import param_count
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -55,7 +55,7 @@ from zipjax.convert.smollm2 import fetch_and_convert
 
 import zipjax
 from zipjax import kv
-from zipjax.kv.analysis import prompt_queries_keys, prompt_states
+from zipjax.harness.kv_analysis import prompt_queries_keys, prompt_states
 from zipjax.kv.saliency import prompt_saliency
 from zipjax.kv.slerp import memory_bytes
 from zipjax.transformer import Transformer

@@ -38,10 +38,10 @@ from zipjax.config import ModelConfig, RopeConfig
 from zipjax.emu3.model import Emu3Model, Emu3Vision
 from zipjax.emu3.vocab import Emu3Vocab
 from zipjax.emu3.vq_config import PaletteConfig
+from zipjax.harness.digits_quality import DigitClassifier
 from zipjax.image import Decoder, Sequential
 from zipjax.platform import use_kernel
 from zipjax.transformer import init_params, param_count
-from zipjax.zipar.quality import DigitClassifier
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "checkpoints" / "digits-emu3"

@@ -36,8 +36,8 @@ from zipjax.config import ModelConfig, RopeConfig
 from zipjax.emu3.model import Emu3Vision
 from zipjax.emu3.vocab import Emu3Vocab
 from zipjax.emu3.vq_config import PaletteConfig
+from zipjax.harness.digits_quality import DigitClassifier
 from zipjax.transformer import Transformer, init_params, param_count
-from zipjax.zipar.quality import DigitClassifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the random-model builders
 from random_hf import build_tokenizer

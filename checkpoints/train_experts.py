@@ -3,9 +3,9 @@
     python checkpoints/train_experts.py                  # checkpoints/stdlib-experts (about 25 minutes, 2 cores)
     python checkpoints/train_experts.py --model smollm2  # ~/.cache/zipjax/experts/smollm2 (benchmark; not committed)
 
-No family of fine-tunes ships offline, so zipjax makes its own (zipjax.experts.domains): a `prose` expert on the
+No family of fine-tunes ships offline, so zipjax makes its own (zipjax.harness.text_domains): a `prose` expert on the
 pydoc topics, a `c` expert on the CPython headers, a `tests` expert on the standard library's test package. Each is a
-full fine-tune of the base (zipjax.experts.finetune, optax AdamW, the tied embedding frozen so the delta covers the
+full fine-tune of the base (zipjax.harness.finetune, optax AdamW, the tied embedding frozen so the delta covers the
 transformer blocks and norms only) from the same seed; everything below is deterministic given the interpreter's
 files.
 
@@ -14,7 +14,8 @@ Written to the output folder:
   reference "full expert" is base + this delta);
 - ``heldout.npz``: the held-out evaluation windows per domain (so tests need neither the interpreter's files nor
   the tokenizer run);
-- ``router.json`` + ``router.npz``: the expert="auto" router (zipjax.experts.router) trained on training windows;
+- ``router.json`` + ``router.npz``: the expert="auto" router (zipjax.harness.router_training) trained on
+  training windows;
 - ``bank/``: the compressed bank (zipjax.experts.compress, 2 bits, 2% salient input channels, activation-error
   saliency on training windows) when that API is importable;
 - ``metrics.json`` and ``README.md``: held-out perplexity of the base, each expert and the compressed experts on
@@ -35,9 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zipjax.experts import domains, finetune
-from zipjax.experts import router as routing
 from zipjax.experts.fingerprint import fingerprint
+from zipjax.harness import finetune
+from zipjax.harness import router_training as routing
+from zipjax.harness import text_domains as domains
 
 HERE = Path(__file__).parent
 PRESETS = {
@@ -217,7 +219,7 @@ def readme(m: dict) -> str:
     return f"""# {m['model']} experts (ME-Switch fixture)
 
 Three experts fully fine-tuned from the {m['model']} base (fingerprint `{m['base_fingerprint'][:16]}...`), one per
-offline domain (zipjax.experts.domains), stored as float16 deltas from the base. Re-create with
+offline domain (zipjax.harness.text_domains), stored as float16 deltas from the base. Re-create with
 `python checkpoints/train_experts.py{'' if m['model'] == 'stdlib' else ' --model ' + m['model']}`
 (Python {m['python']}, jax {m['jax']}).
 

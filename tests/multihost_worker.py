@@ -54,7 +54,7 @@ def run(work: Path, parts: set[str]) -> dict:
         "stream": lambda: [s.tolist() for s in zipjax.generate_stream(model, prompts, 6)],
         "logits": lambda: np.round(np.asarray(model.logits(np.array([prompts[0][:8]] * 2)))[:, -1, :16], 4).tolist(),
     }
-    methods = dict(zip(CACHES, (kv.ZipCache(window=8), kv.KIVI(group=8, residual=16), kv.ZipVL(window=8),
+    methods = dict(zip(CACHES, (kv.ZipCache(buffer_len=8), kv.KIVI(group=8, residual=16), kv.ZipVL(buffer_len=8),
                                 kv.MiniCache()), strict=True))
     out |= {name: make() for name, make in text.items() if name in parts}
     out |= {name: zipjax.generate(model, prompts, 8, kv=methods[name]).tolist() for name in CACHES if name in parts}

@@ -11,8 +11,8 @@ import pytest
 import zipjax
 from zipjax import zipar
 from zipjax.emu3.vq_config import PaletteConfig
+from zipjax.harness.digits_quality import DigitClassifier
 from zipjax.image import Sequential
-from zipjax.zipar.quality import DigitClassifier
 
 DIGITS = Path(__file__).resolve().parent.parent / "checkpoints" / "digits-emu3"
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -64,7 +64,7 @@ def test_digits_with_a_quantized_kv_cache(harness):
     labels = np.arange(20) % 10
     prompts = [f"a handwritten digit {NAMES[c]}" for c in labels]
     common = dict(size=(16, 16), cfg_scale=3.0, negative_prompt="a handwritten digit", top_k=None, seed=0)
-    result = zipjax.generate_image(model, prompts, decoder=Sequential(kv=zipjax.kv.ZipCache(window=17)), **common)
+    result = zipjax.generate_image(model, prompts, decoder=Sequential(kv=zipjax.kv.ZipCache(buffer_len=17)), **common)
     accuracy = classifier.accuracy(result.images[..., 0], labels)
     print(f"ZipCache 4/2-bit: accuracy {accuracy:.2f} on 20 digits")
     assert accuracy >= 0.3

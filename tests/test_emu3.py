@@ -197,7 +197,7 @@ def test_cli_image_and_ask(emu3, tmp_path, capsys):
                      "--zipar-window", "adaptive", "--zipar-min-window", "50"]) == 0
     assert "(8x12 pixels, HxW as --size; 24 forward passes" in capsys.readouterr().err
     for flags, message in ((["--zipar-window", "2", "--sjd-window", "4"], "two decoders; give one"),
-                           (["--sjd-window", "1"], "SJD window must be >= 2")):
+                           (["--sjd-window", "1"], "SJD jacobi_window must be >= 2")):
         assert cli_main(["image", "--checkpoint", str(root / "zj"), "a cat", "--out", str(tmp_path / "no.png"),
                          *flags]) == 2
         err = capsys.readouterr().err

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import zipjax
-from zipjax.experts import finetune
+from zipjax.harness import finetune
 
 FIXTURE = Path(__file__).parent.parent / "checkpoints" / "stdlib-experts"
 DOMAINS = ("prose", "c", "tests")

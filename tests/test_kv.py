@@ -16,8 +16,8 @@ from conftest import teacher_forced
 import zipjax
 from zipjax import kv
 from zipjax.errors import ZipjaxError
+from zipjax.harness.kv_analysis import prompt_queries_keys
 from zipjax.kv import QuantizedKVCache
-from zipjax.kv.analysis import prompt_queries_keys
 from zipjax.kv.codec import dequantize, fake_quantize, pack, quantize, unpack
 from zipjax.kv.dense import KVCache
 from zipjax.kv.ratio import granularity_ratio, paper_ratio
@@ -159,7 +159,7 @@ def test_bad_configurations_are_refused_when_built(trained):
     with pytest.raises(ZipjaxError, match="head_dim 6"):
         QuantizedKVCache.init(odd, kv.ZipCache(), 1, 256, 16)
     with pytest.raises(ZipjaxError, match="window"):
-        zipjax.generate(trained, [[5, 6, 7]], 8, cache_length=64, kv=kv.ZipCache(window=128))
+        zipjax.generate(trained, [[5, 6, 7]], 8, cache_length=64, kv=kv.ZipCache(buffer_len=128))
     with pytest.raises(ZipjaxError, match="kv must be"):
         zipjax.generate(trained, [[5, 6, 7]], 8, kv="zipcache")
 
@@ -177,7 +177,7 @@ def test_full_precision_window_is_exact(trained, forced):
     """While every decode token is still in the buffer, only the prompt is quantized: at 8 bits the logits stay
     close to the dense cache, and steps are reproducible."""
     ids, starts, dense = forced
-    cache = QuantizedKVCache.init(trained.config, kv.Uniform(bits=8, window=40), 2, 104, 64, starts)
+    cache = QuantizedKVCache.init(trained.config, kv.Uniform(bits=8, buffer_len=40), 2, 104, 64, starts)
     ours, cache = teacher_forced(trained, cache, ids, 64)
     err = np.abs(ours - dense).max()
     print(f"8-bit prompt, full-precision window: max logit error {err:.2e}")
@@ -185,8 +185,8 @@ def test_full_precision_window_is_exact(trained, forced):
     assert int(cache.blocks) == 1 and int(cache.buffered) == 39
 
 
-@pytest.mark.parametrize("method", [kv.ZipCache(high_bits=8, low_bits=8, window=8),
-                                    kv.Uniform(bits=8, group=16, window=8)], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("method", [kv.ZipCache(high_bits=8, low_bits=8, buffer_len=8),
+                                    kv.Uniform(bits=8, group=16, buffer_len=8)], ids=lambda m: type(m).__name__)
 def test_streaming_8_bit_caches_track_the_dense_cache(trained, forced, method):
     ids, starts, dense = forced
     cache = QuantizedKVCache.init(trained.config, method, 2, 104, 64, starts)
@@ -197,7 +197,7 @@ def test_streaming_8_bit_caches_track_the_dense_cache(trained, forced, method):
     assert int(cache.blocks) == 1 + (39 - 1) // 8 and int(cache.buffered) == 39 - 8 * ((39 - 1) // 8)
 
 
-@pytest.mark.parametrize("method", [kv.ZipCache(window=8)], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("method", [kv.ZipCache(buffer_len=8)], ids=lambda m: type(m).__name__)
 def test_pallas_decode_attention_equals_the_jnp_path(trained, forced, method):
     """The cache with kernel=True (Pallas over packed codes, interpreted on CPU) gives the jnp path's logits and
     the same cache, through prefill and several flushes: 2-bit codes, mixed precision, left padding."""
@@ -218,7 +218,7 @@ def test_every_compressed_slot_is_stored_exactly_once(trained, forced):
     """After prefill and several flushes each (sequence, KV head) holds each real slot once, across both subsets
     and the buffer, and no padding slot."""
     ids, starts, _ = forced
-    cache = QuantizedKVCache.init(trained.config, kv.ZipCache(window=8), 2, 104, 64, starts)
+    cache = QuantizedKVCache.init(trained.config, kv.ZipCache(buffer_len=8), 2, 104, 64, starts)
     _, cache = teacher_forced(trained, cache, ids, 64)
     compressed = 64 + 8 * (int(cache.blocks) - 1)
     layer = cache.layers[1]
@@ -264,9 +264,10 @@ def test_generate_with_a_quantized_cache(trained):
     generates end to end in the CLI test below: a whole interpreted-kernel generate loop costs a minute to compile.)"""
     prompts = [trained.tokenizer.encode("def fibonacci(n):"), trained.tokenizer.encode("import os\n")]
     dense = zipjax.generate(trained, prompts, 40, stop_tokens=())
-    eight = zipjax.generate(trained, prompts, 40, stop_tokens=(), kv=kv.ZipCache(high_bits=8, low_bits=8, window=16))
+    eight = zipjax.generate(trained, prompts, 40, stop_tokens=(),
+                            kv=kv.ZipCache(high_bits=8, low_bits=8, buffer_len=16))
     np.testing.assert_array_equal(eight, dense)
-    for method in (kv.ZipCache(window=16), kv.KIVI(group=16, residual=16), kv.Uniform(bits=2, window=16)):
+    for method in (kv.ZipCache(buffer_len=16), kv.KIVI(group=16, residual=16), kv.Uniform(bits=2, buffer_len=16)):
         out = zipjax.generate(trained, prompts, 40, stop_tokens=(), kv=method)
         assert out.shape == dense.shape
         if not isinstance(method, kv.Uniform):  # the streaming loop is the same for every cache: two suffice

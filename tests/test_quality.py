@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from zipjax.zipar.quality import DigitClassifier, frechet_distance
+from zipjax.harness.digits_quality import DigitClassifier, frechet_distance
 
 
 def test_frechet_distance_matches_the_matrix_square_root_formula():

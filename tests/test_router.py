@@ -2,8 +2,9 @@
 
 The fixture ships the router trained by checkpoints/train_experts.py on training windows of the three domains; here
 it classifies the shipped held-out windows (documents never trained on) by their first 64 tokens, and its accuracy
-must beat chance (1/3) by a wide margin. The head is also fitted here on synthetic features (fast, no model), and
-save/load, the base check and expert="auto" through attach/generate are exercised.
+must beat chance (1/3) by a wide margin. The head is also fitted here (zipjax.harness.router_training) on
+synthetic features (fast, no model), and save/load, the base check and expert="auto" through attach/generate are
+exercised.
 """
 
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 import zipjax
 from zipjax.experts import router as routing
+from zipjax.harness import router_training
 
 FIXTURE = Path(__file__).parent.parent / "checkpoints" / "stdlib-experts"
 PREFIX = 64
@@ -47,7 +49,7 @@ def test_fit_separates_synthetic_classes():
     centers = rng.normal(size=(3, 16)) * 3
     labels = rng.integers(0, 3, 300)
     features = centers[labels] + rng.normal(size=(300, 16))
-    router = routing.fit(features, labels, ["a", "b", "c"], "f" * 64, steps=200)
+    router = router_training.fit(features, labels, ["a", "b", "c"], "f" * 64, steps=200)
     assert (router.predict_features(features) == labels).mean() > 0.95
 
 

@@ -88,7 +88,7 @@ def test_kv_heads_the_model_axis_does_not_divide_split_the_cache_by_sequence(sha
     cache = cache_initializer(sharded.config, 4, 64, sharded.mesh)(jnp.zeros((4,), jnp.int32))
     assert cache.k[0].sharding.spec == PartitionSpec("data", None, "model", None)
     assert cache.k[0].addressable_shards[0].data.shape == (2, 2, 16, 8)  # a quarter of the sequence per chip
-    quantized = cache_initializer(sharded.config, 4, 64, sharded.mesh, zipjax.kv.ZipCache(window=8), 16)(
+    quantized = cache_initializer(sharded.config, 4, 64, sharded.mesh, zipjax.kv.ZipCache(buffer_len=8), 16)(
         jnp.zeros((4,), jnp.int32))
     assert quantized.layers[0].k_buf.sharding.spec == PartitionSpec("data", None, "model", None)
 
@@ -132,7 +132,7 @@ def test_quantized_cache_is_split_and_generates_on_a_mesh(sharded_pair):
     from zipjax.kv.methods import cache_initializer
 
     single, sharded = sharded_pair["divisible"]
-    spec = zipjax.kv.ZipCache(window=8)
+    spec = zipjax.kv.ZipCache(buffer_len=8)
     cache = cache_initializer(sharded.config, 4, 64, sharded.mesh, spec, 16)(jnp.zeros((4,), jnp.int32))
     store = cache.layers[0].stores[1]
     assert store.k_codes.sharding.spec == PartitionSpec("data", "model", None, None)
@@ -140,13 +140,14 @@ def test_quantized_cache_is_split_and_generates_on_a_mesh(sharded_pair):
     assert cache.layers[0].k_buf.sharding.spec == PartitionSpec("data", "model", None, None)
     ids = random_ids(4, 13, seed=7)
     prompts = [ids[0, :5].tolist(), ids[1].tolist(), ids[2, :9].tolist(), ids[3, :2].tolist()]
-    method = zipjax.kv.ZipCache(window=8)
+    method = zipjax.kv.ZipCache(buffer_len=8)
     np.testing.assert_array_equal(zipjax.generate(sharded, prompts, 20, stop_tokens=(), kv=method),
                                   zipjax.generate(single, prompts, 20, stop_tokens=(), kv=method))
 
 
-@pytest.mark.parametrize("method", [zipjax.kv.ZipVL(window=8), zipjax.kv.MiniCache(start_layer=0, inner=zipjax.kv.KIVI(
-    bits=4, group=8))], ids=["ZipVL", "MiniCache"])
+@pytest.mark.parametrize("method", [zipjax.kv.ZipVL(buffer_len=8),
+                                    zipjax.kv.MiniCache(start_layer=0, inner=zipjax.kv.KIVI(bits=4, group=8))],
+                         ids=["ZipVL", "MiniCache"])
 def test_zipvl_and_minicache_caches_are_split_and_generate_on_a_mesh(sharded_pair, method):
     """Every per-token leaf is split by batch and (where it has one per head) KV head; bytes held equal the arrays;
     generation on the mesh reproduces one device."""

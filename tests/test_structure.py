@@ -1,5 +1,6 @@
 """The package's shape: every module imports alone, imports only go downward (no cycle), kernels import nothing of
-zipjax but their own leaf, no library function is over 60 lines, and the only top-level import name is `zipjax`.
+zipjax but their own leaf, no library function is over 60 lines, the only top-level import name is `zipjax`, every
+package folder is installed, and the library never imports the harness wing (zipjax.harness).
 
 Imports are read from the source (module level and inside functions alike), so a cycle hidden in a function body
 counts too.
@@ -8,6 +9,7 @@ counts too.
 import ast
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,14 @@ def _graph() -> dict[str, set[str]]:
 def test_the_source_folders_are_the_installed_packages():
     assert "zipjax.kernels.common" in MODULES and "zipjax.convert.gguf" in MODULES
     assert len(MODULES) > 40
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml's [tool.setuptools] packages list names every folder of the source that holds an __init__.py
+    (a package left out is missing from the wheel while the editable install still finds it)."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    assert folders == listed, f"not installed: {sorted(folders - listed)}; no such folder: {sorted(listed - folders)}"
 
 
 def test_import_graph_has_no_cycle():
@@ -329,10 +339,54 @@ def test_every_registered_kv_method_implements_the_protocol():
         else:
             with pytest.raises(ZipjaxError, match=f"{cls.__name__} has no Pallas kernel"):
                 kv.method_from_name(name, kernel=True)
-        small = kv.method_from_name(name, **({"window": 8} if "window" in inspect.signature(cls).parameters else {}))
+        small = kv.method_from_name(name, **({"buffer_len": 8} if "buffer_len" in inspect.signature(cls).parameters
+                                             else {}))
         assert isinstance(small.decode_slots, int) and small.decode_slots >= 0
         small.check(config, 2, 64, 16)
         cache = jax.eval_shape(lambda m=small: m.make_cache(config, 2, 64, 16))
         assert isinstance(cache, Cache) and cache.max_len == 64, name
     with pytest.raises(ZipjaxError, match="no KV method named 'zipcash'"):
         kv.method_from_name("zipcash")
+
+
+# Harness modules the library may name, and where: the `zipjax experts router` command trains a router with
+# zipjax.harness.router_training inside its run function; zipjax.experts.finetune is the deprecated alias (one
+# release) of zipjax.harness.finetune, which the README named.
+HARNESS_USES = {"zipjax.cli": {"zipjax.harness.router_training"},
+                "zipjax.experts.finetune": {"zipjax.harness.finetune"}}
+
+
+def _harness(name: str) -> bool:
+    return _in_package(name, "zipjax.harness")
+
+
+def test_the_library_imports_nothing_of_the_harness():
+    """No module outside zipjax.harness imports it, module level or inside a function, beyond HARNESS_USES; the CLI's
+    uses sit inside `run_*` functions (loaded when that command runs), and no library module reaches the deprecated
+    alias. The harness itself imports the library."""
+    graph = _graph()
+    for name, deps in graph.items():
+        if not _harness(name):
+            used = {d for d in deps if _harness(d)}
+            assert used <= HARNESS_USES.get(name, set()), f"{name} imports {sorted(used)}"
+    assert not [name for name, deps in graph.items() if "zipjax.experts.finetune" in deps], "the alias is unused"
+    cli = ast.parse(MODULES["zipjax.cli"].read_text())
+    for node in cli.body:  # module level: no harness import
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            assert not any(_harness(n or "") for n in names), ast.unparse(node)
+    for function in (n for n in ast.walk(cli) if isinstance(n, ast.FunctionDef)):
+        if any(isinstance(n, ast.ImportFrom) and _harness(n.module or "") for n in ast.walk(function)):
+            assert function.name.startswith("run_"), function.name
+    harness = [name for name in MODULES if _harness(name) and name != "zipjax.harness"]
+    assert len(harness) >= 5 and all(any(not _harness(d) for d in graph[name]) for name in harness), harness
+    assert graph["zipjax.harness"] == set(), "the wing's __init__ imports none of its modules"
+
+
+def test_importing_the_library_loads_no_harness_module():
+    """In a fresh interpreter, the library's packages and the CLI load nothing of zipjax.harness."""
+    code = ("import sys, zipjax.cli, zipjax.experts, zipjax.experts.router, zipjax.image, zipjax.kv, zipjax.zipar; "
+            "print(*sorted(m for m in sys.modules if m.startswith(('zipjax.harness', 'zipjax.experts.finetune'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == []

@@ -38,7 +38,7 @@ def _simulate(schedule) -> None:
     predecessor; nothing is fed before it exists; the query for (i, j) sees exactly the first min((i - r) * s + j, W)
     tokens of each row r <= i (the row above: j + s, the window) plus the EOLs above it (without EOL: the last slot
     of each row above, which holds a proxy until the real token is refreshed in)."""
-    rows, cols, s, eol = schedule.rows, schedule.cols, schedule.window, schedule.eol
+    rows, cols, s, eol = schedule.rows, schedule.cols, schedule.lag, schedule.eol
     width = cols + eol
     exists = {0} | ({i * width + cols for i in range(rows)} if eol else set())  # the prefill's token, EOLs
     holds = {}  # cache slot -> index of the token whose value it holds (a proxy holds another token's value)
@@ -137,7 +137,7 @@ def test_parallel_decoding_layout(emu3, window):
 
 def test_fixed_window_must_be_a_positive_integer():
     for bad in (0, -3, 2.5, "adaptive-ish", True):
-        with pytest.raises(zipjax.ZipjaxError, match="FixedWindow window"):
+        with pytest.raises(zipjax.ZipjaxError, match="FixedWindow lag"):
             FixedWindow(bad)
 
 
@@ -265,7 +265,7 @@ def test_speculative_jacobi_decoding_peer(emu3):
     body = sampled.tokens[:, : 4 * 7].reshape(2, 4, 7)
     assert np.all(body[..., -1] == emu3.vocab.eol)
     assert np.all((body[..., :-1] >= emu3.vocab.visual_offset) & (body[..., :-1] < emu3.vocab.visual_offset + 64))
-    with pytest.raises(zipjax.ZipjaxError, match="SJD window"):
+    with pytest.raises(zipjax.ZipjaxError, match="SJD jacobi_window"):
         SJD(1)
 
 
@@ -283,18 +283,19 @@ def test_decoders_validate_themselves(emu3):
     from zipjax.image import Sequential
 
     cases = [(lambda: FixedWindow(4, kernel="yes"), "FixedWindow kernel"),
-             (lambda: AdaptiveWindow(0), "AdaptiveWindow min_window must be a positive integer"),
-             (lambda: AdaptiveWindow(2.5), "AdaptiveWindow min_window has the wrong type"),
+             (lambda: AdaptiveWindow(0), "AdaptiveWindow min_lag must be a positive integer"),
+             (lambda: AdaptiveWindow(2.5), "AdaptiveWindow min_lag has the wrong type"),
              (lambda: AdaptiveWindow(4, kernel=1), "AdaptiveWindow kernel"),
-             (lambda: SJD(1), "SJD window must be >= 2"), (lambda: SJD(None), "SJD window has the wrong type"),
+             (lambda: SJD(1), "SJD jacobi_window must be >= 2"),
+             (lambda: SJD(None), "SJD jacobi_window has the wrong type"),
              (lambda: SJD(4, kernel="auto"), "SJD kernel"), (lambda: Sequential(kv="zipcache"), "kv must be None"),
              (lambda: generate_image(emu3, "a cat", size=(8, 8), decoder=4), "decoder must be a decoder object")]
     for make, message in cases:
         with pytest.raises(zipjax.ZipjaxError, match=message) as error:
             make()
         assert "\n" not in str(error.value)
-    assert FixedWindow(np.int64(3)) == FixedWindow(3) and isinstance(FixedWindow(np.int64(3)).window, int)
-    assert AdaptiveWindow().min_window == 4 and FixedWindow(3).kernel is None
+    assert FixedWindow(np.int64(3)) == FixedWindow(3) and isinstance(FixedWindow(np.int64(3)).lag, int)
+    assert AdaptiveWindow().min_lag == 4 and FixedWindow(3).kernel is None
 
 
 def test_deprecated_arguments_still_choose_the_decoder(emu3):

@@ -11,8 +11,8 @@ import pytest
 
 import zipjax
 from zipjax import kv
+from zipjax.harness.kv_analysis import prompt_queries_keys
 from zipjax.kv import QuantizedKVCache
-from zipjax.kv.analysis import prompt_queries_keys
 from zipjax.kv.saliency import prompt_statistics
 from zipjax.kv.zipvl import (
     _compact_attention,
@@ -122,7 +122,7 @@ def _prompt_cache(trained, method, length=64):
 
 
 def test_eviction_keeps_p_tokens_per_head_within_the_static_room(trained):
-    method = kv.ZipVL(tau=0.9, evict=True, ratio_range=(0.1, 0.5), window=8)
+    method = kv.ZipVL(tau=0.9, evict=True, ratio_range=(0.1, 0.5), buffer_len=8)
     cache, _ = _prompt_cache(trained, method)
     assert {seg.subset for seg in cache.geometry.segments()} == {0}  # no low-bit store
     kept = [np.asarray((layer.stores[0].slots >= 0).sum(axis=-1)) for layer in cache.layers]  # [batch, kv_heads]
@@ -133,7 +133,7 @@ def test_eviction_keeps_p_tokens_per_head_within_the_static_room(trained):
 
 
 def test_mixed_precision_stores_every_token_once(trained):
-    cache, starts = _prompt_cache(trained, kv.ZipVL(window=8))
+    cache, starts = _prompt_cache(trained, kv.ZipVL(buffer_len=8))
     for layer in cache.layers:
         prompt = [st for st, seg in zip(layer.stores, cache.geometry.segments(), strict=True) if seg.first_block == 0]
         slots = np.concatenate([np.asarray(st.slots) for st in prompt], axis=2)
@@ -146,7 +146,7 @@ def test_mixed_precision_stores_every_token_once(trained):
 def test_generate_with_zipvl_and_bad_configurations(trained):
     prompts = [trained.tokenizer.encode("def fibonacci(n):"), trained.tokenizer.encode("import os\n")]
     # the default ZipVL generates on a mesh in tests/test_sharding.py; here eviction with the kernel, and dense prefill
-    for method in (kv.ZipVL(window=16, evict=True, kernel=True), kv.ZipVL(window=16, sparse_prefill=False)):
+    for method in (kv.ZipVL(buffer_len=16, evict=True, kernel=True), kv.ZipVL(buffer_len=16, sparse_prefill=False)):
         out = zipjax.generate(trained, prompts, 24, stop_tokens=(), kv=method)
         assert out.shape == (2, out.shape[1]) and (out[:, -24:] >= 0).all()
     for bad, match in [(dict(tau=0), "tau"), (dict(tau=1.5), "tau"), (dict(ratio_range=(0.6, 0.2)), "ratio_range"),
@@ -158,8 +158,8 @@ def test_generate_with_zipvl_and_bad_configurations(trained):
 def test_one_important_set_per_layer_shared_by_heads_unless_per_head(trained):
     """Algorithm 1 indexes a layer's Q, K and V with one T: every KV head of a layer stores the same important
     slots; `per_head=True` lets the heads choose (with the same count p)."""
-    shared, _ = _prompt_cache(trained, kv.ZipVL(window=8))
-    own, _ = _prompt_cache(trained, kv.ZipVL(window=8, per_head=True))
+    shared, _ = _prompt_cache(trained, kv.ZipVL(buffer_len=8))
+    own, _ = _prompt_cache(trained, kv.ZipVL(buffer_len=8, per_head=True))
     differ = 0
     for layer_shared, layer_own in zip(shared.layers, own.layers, strict=True):
         slots = np.sort(np.asarray(layer_shared.stores[0].slots), axis=-1)  # [batch, kv_heads, room]
@@ -183,7 +183,7 @@ def test_probes_are_64_recent_and_64_random_queries():
 
 
 def test_stored_bytes_count_the_clipped_p_not_the_room(trained):
-    cache, _ = _prompt_cache(trained, kv.ZipVL(tau=0.9, evict=True, ratio_range=(0.1, 0.5), window=8))
+    cache, _ = _prompt_cache(trained, kv.ZipVL(tau=0.9, evict=True, ratio_range=(0.1, 0.5), buffer_len=8))
     unused = 0
     for layer in cache.layers:
         for store in layer.stores:
@@ -202,8 +202,8 @@ def test_sparse_prefill_over_a_dense_cache(trained):
     positions = jnp.maximum(jnp.arange(length)[None] - starts[:, None], 0)
     run = lambda method: trained.apply(ids, positions, kv.init_cache(method, trained.config, 2, length + 32, length,
                                                                      starts))
-    sparse_dense, cache = run(kv.ZipVL(window=8, compress=False))
-    sparse_quantized, _ = run(kv.ZipVL(window=8))
+    sparse_dense, cache = run(kv.ZipVL(buffer_len=8, compress=False))
+    sparse_quantized, _ = run(kv.ZipVL(buffer_len=8))
     np.testing.assert_allclose(np.asarray(sparse_dense), np.asarray(sparse_quantized), atol=1e-4)
     _, dense = trained.apply(ids, positions, kv.KVCache.init(trained.config, 2, length + 32, starts))
     np.testing.assert_allclose(np.asarray(cache.inner.k[0]), np.asarray(dense.k[0]), atol=1e-5)  # layer 0
@@ -220,10 +220,11 @@ def test_zipvl_says_which_cache_it_makes():
 
     config = ModelConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128, dtype="float32")
-    dense = kv.ZipVL(compress=False, window=8)
-    assert dense.decode_slots == 0 and kv.ZipVL(window=8).decode_slots == 8
+    dense = kv.ZipVL(compress=False, buffer_len=8)
+    assert dense.decode_slots == 0 and kv.ZipVL(buffer_len=8).decode_slots == 8
     assert isinstance(jax.eval_shape(lambda: kv.init_cache(dense, config, 2, 40, 32)), SparsePrefillKVCache)
-    assert isinstance(jax.eval_shape(lambda: kv.init_cache(kv.ZipVL(window=8), config, 2, 40, 32)), QuantizedKVCache)
+    quantized = jax.eval_shape(lambda: kv.init_cache(kv.ZipVL(buffer_len=8), config, 2, 40, 32))
+    assert isinstance(quantized, QuantizedKVCache)
     with pytest.raises(zipjax.ZipjaxError, match="full-precision window"):
-        kv.ZipVL(window=16).check(config, 2, 40, 32)
+        kv.ZipVL(buffer_len=16).check(config, 2, 40, 32)
     dense.check(config, 2, 40, 32)  # a dense cache has no window to fit

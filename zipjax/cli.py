@@ -110,7 +110,7 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
-def _window(text: str) -> int | str:
+def _zipar_window(text: str) -> int | str:
     return text if text == "adaptive" else _positive_int(text)
 
 
@@ -227,7 +227,7 @@ def _image_parsers(commands) -> None:
     image.add_argument("--top-k", type=_positive_int, default=2048, help="sample among the k most likely codes")
     image.add_argument("--top-p", type=_number, default=None, help="sample within this probability mass")
     image.add_argument("--seed", type=_integer, default=0, help="the random seed of sampling")
-    image.add_argument("--zipar-window", type=_window, default=None,
+    image.add_argument("--zipar-window", type=_zipar_window, default=None,
                        help="ZipAR parallel decoding: start a row once the row above is this many tokens ahead, "
                             "or 'adaptive' (draft a row's first token early, verify it as context grows)")
     image.add_argument("--zipar-min-window", type=_positive_int, default=4,
@@ -564,7 +564,8 @@ def run_router(args: argparse.Namespace) -> None:
     """`zipjax experts router BASE BANK --text NAME=FILE ...`: a router for the bank, trained on the base's features
     of each expert's text, stored in the bank's folder (where `--expert auto` looks first)."""
     from zipjax import experts
-    from zipjax.experts.router import ARRAYS, MANIFEST, train_from_texts
+    from zipjax.experts.router import ARRAYS, MANIFEST
+    from zipjax.harness.router_training import train_from_texts  # harness code, loaded by this command only
 
     texts = {}
     for item in args.text:

@@ -39,7 +39,7 @@ from zipjax.platform import use_kernel
 from zipjax.sampling import SamplingMode, check_settings
 from zipjax.shapes import cache_length, left_pad, prompt_bucket
 from zipjax.sharding import mesh_context, place
-from zipjax.validate import number
+from zipjax.validate import integer, number
 from zipjax.zipar import SJD, AdaptiveWindow, FixedWindow
 from zipjax.zipar.cache import ScatterRecipe
 
@@ -85,7 +85,7 @@ def deprecated_decoder(decoder: Decoder, old: dict) -> Decoder:
     if kv is not None and (window is not None or sjd is not None):
         raise ZipjaxError("a quantized KV cache (kv=...) takes one token per pass; ZipAR and SJD passes write several "
                           "tokens at scattered slots, which it does not support yet: use Sequential(kv=...)")
-    adaptive = AdaptiveWindow(min_window, kernel)  # validated whatever the order, as before
+    adaptive = AdaptiveWindow(integer(min_window, "zipar_min_window", lo=1), kernel)  # validated whatever the order
     if sjd is not None:
         return SJD(sjd, kernel)
     if window is None:

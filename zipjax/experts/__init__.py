@@ -8,8 +8,9 @@
 Modules: quantize (bit planes, quantizers, saliency), bank (the ExpertBank pytree, sites, byte accounting),
 compress, bankfile and store (write / read a bank folder), delta (the mixed-batch delta term: dense, grouped,
 kernel; `ExpertDeltas`, the model's zipjax.deltas.WeightDeltas), serve (attach, the `Experts` / `MergedExperts`
-sources a Model carries in `model.deltas`), fingerprint (the base check); domains, finetune and router build and
-route the experts themselves. The model and generate import nothing of this package: attach gives the base Model a
+sources a Model carries in `model.deltas`), fingerprint (the base check), forward (the cache-less forward with plain
+causal attention) and router (expert="auto"). Making experts (text domains, fine-tuning, training the router) is
+harness code: zipjax.harness. The model and generate import nothing of this package: attach gives the base Model a
 delta source, and the transformer calls the deltas through the zipjax.deltas contract.
 """
 

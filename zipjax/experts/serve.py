@@ -67,8 +67,8 @@ def route(model: Model, router: Router | None, prompts) -> list[str]:
     """expert="auto": the router's choice per prompt (token id lists or arrays), from `model`'s base features. The
     router's base fingerprint is checked once, by attach, not on every call."""
     if router is None:
-        raise ZipjaxError("expert='auto' needs a router, and this bank has none (train one with "
-                          "zipjax.experts.router and pass it to attach(..., router=...))")
+        raise ZipjaxError("expert='auto' needs a router, and this bank has none (train one with `zipjax experts "
+                          "router` or zipjax.harness.router_training and pass it to attach(..., router=...))")
     if prompts is None:
         raise ZipjaxError("expert='auto' needs the prompts to route")
     from zipjax.experts.router import pooled_features

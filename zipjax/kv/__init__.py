@@ -11,7 +11,8 @@ named after it. Modules, each importing only those listed before it: codec (quan
 (algorithms), method (the protocol and shared checks), dense, quantizing (what the quantized cache reads of a method,
 its geometry), quantized, sparse (the caches), the methods: zipcache, kivi (with KIVICache), uniform, zipvl (with its
 important tokens and sparse prefill), minicache (with MergedKVCache); methods (the registry by name and the factory
-from a `kv=` argument to its cache), analysis (per-layer states for studies and tests).
+from a `kv=` argument to its cache). The per-layer states for saliency studies are harness code
+(zipjax.harness.kv_analysis).
 """
 
 from zipjax.kv.dense import KVCache

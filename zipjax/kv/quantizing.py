@@ -4,7 +4,7 @@
 codec, the length of the full-precision buffer, how a block is split and ranked, and how the prompt attends; subset 0
 holds the salient tokens. It also gives them the `Method` answers they share (`check` through `geometry`,
 `decode_slots` = the buffer, `uses_kernel`). `MixedPrecision` holds the fields ZipCache and ZipVL share (two bit
-widths, the saliency source, probes, the streaming window, the kernel flag) and validates them once.
+widths, the saliency source, probes, the streaming buffer_len, the kernel flag) and validates them once.
 
 Imports: errors, config, attention, platform, codec, method.
 """
@@ -106,14 +106,16 @@ def buffer_score(mass: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MixedPrecision(QuantMethod):
     """The fields ZipCache and ZipVL share: salient tokens at `high_bits`, the rest at `low_bits`, saliency from
-    `saliency` ("probe": recent + random probe queries, or "exact": the full attention matrix), `window` new tokens
-    kept in full precision before they are ranked and compressed, `seed` for the random probes."""
+    `saliency` ("probe": recent + random probe queries, or "exact": the full attention matrix), `buffer_len` new
+    tokens kept in full precision before they are ranked and compressed together (ZipCache's streaming window; ZipVL
+    re-selects its important tokens per such block), `seed` for the random probes. `window=` is the deprecated name
+    of `buffer_len` (one release)."""
 
     high_bits: int = 4
     low_bits: int = 2
     saliency: str = "probe"
     probe_ratio: float = 0.1
-    window: int = 100
+    buffer_len: int = 100
     seed: int = 0
     kernel: bool | None = None
 
@@ -128,15 +130,11 @@ class MixedPrecision(QuantMethod):
             raise ZipjaxError(f"saliency must be 'probe' or 'exact', got {self.saliency!r}")
         if not 0 < self.probe_ratio <= 1:
             raise ZipjaxError(f"probe_ratio must lie in (0, 1], got {self.probe_ratio}")
-        check_positive("window", self.window)
+        check_positive("buffer_len", self.buffer_len)
 
     @property
     def codec(self) -> Codec:
         return Codec("channel", "cst")
-
-    @property
-    def buffer_len(self) -> int:
-        return self.window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,8 +198,8 @@ def geometry(config: ModelConfig, method: QuantMethod, batch: int, max_len: int,
     buffer_len = method.buffer_len
     if buffer_len > max_len - prefill_len and max_len > prefill_len:
         raise ZipjaxError(
-            f"the full-precision window ({buffer_len} tokens) is longer than the cache's decode part "
-            f"({max_len - prefill_len} slots after a {prefill_len}-token prompt); use a smaller window"
+            f"the full-precision window (buffer_len={buffer_len} tokens) is longer than the cache's decode part "
+            f"({max_len - prefill_len} slots after a {prefill_len}-token prompt); use a smaller buffer_len"
         )
     return Geometry(max_len=max_len, prefill_len=prefill_len, buffer_len=buffer_len, head_dim=config.head_dim,
                     bits=method.subset_bits, first=method.split(prefill_len), rest=method.split(buffer_len))

@@ -1,5 +1,6 @@
 """Uniform quantization: keys and values token-wise (or group-wise) at `bits`, the baseline the mixed-precision methods
-are measured against, cached by QuantizedKVCache with ZipCache's streaming buffer of `window` full-precision tokens.
+are measured against, cached by QuantizedKVCache with ZipCache's streaming buffer of `buffer_len` full-precision tokens
+(`window=`, its deprecated name, works for one release).
 
     zipjax.generate(model, ids, n, kv=Uniform(bits=4))
 
@@ -17,19 +18,21 @@ from typing import ClassVar
 import jax
 
 from zipjax.config import ModelConfig
+from zipjax.deprecation import renamed_fields
 from zipjax.kv.codec import Codec
 from zipjax.kv.method import check_bits, check_field_types, check_group, check_positive, refuse_kernel
 from zipjax.kv.quantized import QuantizedKVCache
 from zipjax.kv.quantizing import QuantMethod
 
 
+@renamed_fields(window="buffer_len")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Uniform(QuantMethod):
     name: ClassVar[str] = "uniform"
     has_kernel: ClassVar[bool] = False
     bits: int = 4
     group: int | None = None
-    window: int = 100
+    buffer_len: int = 100
     kernel: bool | None = None
 
     def __post_init__(self):
@@ -37,7 +40,7 @@ class Uniform(QuantMethod):
         refuse_kernel("Uniform", self.kernel, "its keys are token-wise; the kernel reads channel-wise keys")
         check_bits("bits", self.bits)
         check_group(self.group)
-        check_positive("window", self.window)
+        check_positive("buffer_len", self.buffer_len)
 
     def make_cache(self, config: ModelConfig, batch: int, max_len: int, prefill_len: int,
                    starts: jax.Array | None = None, dtype=None) -> QuantizedKVCache:
@@ -46,7 +49,3 @@ class Uniform(QuantMethod):
     @property
     def codec(self) -> Codec:
         return Codec("token", "token", self.group)
-
-    @property
-    def buffer_len(self) -> int:
-        return self.window

@@ -3,10 +3,10 @@
     zipjax.generate(model, ids, n, kv=ZipCache(high_bits=4, low_bits=2, saliency_ratio=0.6))
 
 Saliency is the normalized attention score (zipjax.kv.saliency, probe-approximated by default); keys are quantized
-channel-wise, values channel-separable token-wise (CST). New tokens stay in full precision until `window` of them have
-been generated, then are ranked by the attention each received while buffered and compressed (streaming, paper
-§5.1). A block of n tokens keeps n - int((1 - saliency_ratio) n) salient, as the official code. Decode attention
-runs the Pallas kernel over the packed codes on TPU / GPU (`kernel=None`).
+channel-wise, values channel-separable token-wise (CST). New tokens stay in full precision until `buffer_len` of them
+have been generated, then are ranked by the attention each received while buffered and compressed (streaming, paper
+§5.1). A block of n tokens keeps n - int((1 - saliency_ratio) n) salient, as the official code. Decode attention runs
+the Pallas kernel over the packed codes on TPU / GPU (`kernel=None`).
 
 Imports: method, quantizing, quantized, saliency.
 """
@@ -20,15 +20,17 @@ import jax
 import jax.numpy as jnp
 
 from zipjax.config import ModelConfig
+from zipjax.deprecation import renamed_fields
 from zipjax.errors import ZipjaxError
 from zipjax.kv.quantized import QuantizedKVCache
 from zipjax.kv.quantizing import MixedPrecision, Ranking, buffer_score
 from zipjax.kv.saliency import NORMALIZATIONS, prompt_saliency
 
 
+@renamed_fields(window="buffer_len")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ZipCache(MixedPrecision):
-    """ZipCache's mixed-precision cache; the shared fields (bits, saliency, probes, window, seed, kernel) are
+    """ZipCache's mixed-precision cache; the shared fields (bits, saliency, probes, buffer_len, seed, kernel) are
     `MixedPrecision`'s. `normalize`: the official code's normalizer ("code", measured better than "probe":
     benchmarks/kvcache.py)."""
 

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from zipjax.attention import grouped_attention, grouped_scores, grouped_values, masked_softmax
 from zipjax.cache import Cache
 from zipjax.config import ModelConfig
+from zipjax.deprecation import renamed_fields
 from zipjax.errors import ZipjaxError
 from zipjax.kv.method import check_block_sizes, check_positive
 from zipjax.kv.quantized import QuantizedKVCache
@@ -140,12 +141,13 @@ def attention_flops(length: int, size: int, heads: int, head_dim: int) -> tuple[
     return 4 * heads * head_dim * length**2, 4 * heads * head_dim * size**2
 
 
+@renamed_fields(window="buffer_len")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ZipVL(MixedPrecision):
-    """ZipVL: per layer (and per compressed window) the important tokens are the fewest holding `tau` of the probe
-    attention mass, ranked by normalized score; prompt attention runs only among them (sparse prefill); the cache
-    keeps them at `high_bits` and the rest at `low_bits` (v1), or drops the rest (v2, `evict=True`). The shared
-    fields (bits, saliency, probe_ratio, window, seed, kernel) are `MixedPrecision`'s.
+    """ZipVL: per layer (and per compressed block of `buffer_len` decode tokens) the important tokens are the fewest
+    holding `tau` of the probe attention mass, ranked by normalized score; prompt attention runs only among them
+    (sparse prefill); the cache keeps them at `high_bits` and the rest at `low_bits` (v1), or drops the rest (v2,
+    `evict=True`). The shared fields (bits, saliency, probe_ratio, buffer_len, seed, kernel) are `MixedPrecision`'s.
 
     As the paper: one important set T per layer, shared by its heads (Algorithm 1; `per_head=True` ranks each KV
     head by its own score, with the same count p), and the probes are the 64 most recent and 64 random queries

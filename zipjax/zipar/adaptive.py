@@ -1,7 +1,7 @@
 """Adaptive-window ZipAR (the paper's v3): start a row early on a drafted first token, verify it as context grows.
 
 Fixed-window ZipAR starts row i once row i-1 is s tokens ahead, for every image alike. The adaptive variant drafts
-the first token of row i as soon as row i-1 has `min_window` tokens, x ~ p_old, then re-verifies it in every later
+the first token of row i as soon as row i-1 has `min_lag` tokens, x ~ p_old, then re-verifies it in every later
 pass with the extra context row i-1 gained meanwhile: the query at the EOL closing row i-1 is fed again and gives
 p_new; the draft is kept with probability min(1, p_new(x) / p_old(x)), else replaced by a draw from the residual
 max(0, p_new - p_old), which becomes the new draft, verified in later passes against that residual (the distribution
@@ -13,11 +13,11 @@ one jitted loop of static shape: one query slot per row that can be active, padd
 
 Per pass, a row contributes at most one query:
   active     started, not complete: feed its newest token, sample the next
-  draft      not started, row above has >= min_window tokens: feed the EOL above, draw a draft for (i, 0)
+  draft      not started, row above has >= min_lag tokens: feed the EOL above, draw a draft for (i, 0)
   verify     draft pending: feed the EOL above again, accept or resample
   refresh    complete, last token not yet in the cache: feed it (logits unused)
-With min_window >= W every row starts only once the row above is complete, which is sequential decoding (tested;
-a min_window past W counts as W, since a row never has more than W tokens).
+With min_lag >= W every row starts only once the row above is complete, which is sequential decoding (tested;
+a min_lag past W counts as W, since a row never has more than W tokens).
 A pass is four steps: plan the queries (which rows act, and how), the forward pass, decide each query's token
 (sample, or verify a draft), commit what was decided.
 """
@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import struct
 from tqdm import tqdm
 
+from zipjax.deprecation import renamed_fields
 from zipjax.emu3.decoding import (
     DecodeResult,
     ImageDecodeSetup,
@@ -88,12 +89,12 @@ class Decision(NamedTuple):
     old: jax.Array  # float32 [batch, queries, codebook]: the pending draft's distribution
 
 
-def query_slots(cols: int, min_window: int, rows: int) -> int:
-    """Static bound on rows with a query in one pass: the rows in flight are at least min_window + 1 apart."""
-    return min(rows, math.ceil(cols / (min_window + 1)) + 3)
+def query_slots(cols: int, min_lag: int, rows: int) -> int:
+    """Static bound on rows with a query in one pass: the rows in flight are at least min_lag + 1 apart."""
+    return min(rows, math.ceil(cols / (min_lag + 1)) + 3)
 
 
-def _plan_queries(s: AdaptiveState, setup: ImageDecodeSetup, min_window: int, queries: int
+def _plan_queries(s: AdaptiveState, setup: ImageDecodeSetup, min_lag: int, queries: int
                   ) -> tuple[Queries, jax.Array]:
     """Which rows act in this pass and how; returns the queries and whether more rows wanted one than fit."""
     cols, width = setup.layout.width, setup.layout.width + 1
@@ -102,7 +103,7 @@ def _plan_queries(s: AdaptiveState, setup: ImageDecodeSetup, min_window: int, qu
     above = jnp.concatenate([jnp.full((setup.batch, 1), cols, jnp.int32), count[:, :-1]], axis=1)  # row 0: none
     action = jnp.zeros_like(count)
     action = jnp.where(started & (count < cols), ACTIVE, action)
-    action = jnp.where(~started & ~s.pending & (row_ids > 0) & (above >= min_window), DRAFT, action)
+    action = jnp.where(~started & ~s.pending & (row_ids > 0) & (above >= min_lag), DRAFT, action)
     action = jnp.where(s.pending, VERIFY, action)
     action = jnp.where((count == cols) & ~s.refreshed, REFRESH, action)
     # feed: the newest token of the row (active), the EOL above (draft/verify), the last token (refresh)
@@ -197,15 +198,15 @@ def _initial_state(tokens: jax.Array, cache: ScatterKVCache, *, setup: ImageDeco
                          overflow=jnp.zeros((), bool), cache=cache)
 
 
-@functools.partial(jax.jit, static_argnames=("setup", "min_window", "queries"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("setup", "min_lag", "queries"), donate_argnames=("state",))
 def adaptive_until(params: Params, state: AdaptiveState, stop: jax.Array, inputs: ImageInputs, *,
-                   setup: ImageDecodeSetup, min_window: int, queries: int) -> AdaptiveState:
+                   setup: ImageDecodeSetup, min_lag: int, queries: int) -> AdaptiveState:
     """Run passes until every image is complete or `stop` passes have run in this call."""
     head = output_head(params, setup.config, setup.layout.vocab_range)
 
     def one_pass(carry):
         s, done = carry
-        q, overflow = _plan_queries(s, setup, min_window, queries)
+        q, overflow = _plan_queries(s, setup, min_lag, queries)
         visual, cache = _forward(params, s, q, inputs, setup, head)
         decision = _decide(s, q, visual, inputs, setup)
         return _commit(s, q, decision, cache, overflow, setup), done + 1
@@ -219,16 +220,18 @@ def adaptive_until(params: Params, state: AdaptiveState, stop: jax.Array, inputs
     return state
 
 
+@renamed_fields(min_window="min_lag")
 @dataclasses.dataclass(frozen=True)
 class AdaptiveWindow:
-    """Adaptive ZipAR: a row's first token is drafted once the row above has `min_window` tokens (at most the image's
-    width: then row after row), and verified as that row grows; `kernel` as in FixedWindow."""
+    """Adaptive ZipAR: a row's first token is drafted once the row above has `min_lag` tokens (at most the image's
+    width: then row after row), and verified as that row grows; `kernel` as in FixedWindow. `min_window=` is the
+    deprecated name of `min_lag` (one release)."""
 
-    min_window: int = 4
+    min_lag: int = 4
     kernel: bool | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "min_window", integer(self.min_window, "AdaptiveWindow min_window", lo=1))
+        object.__setattr__(self, "min_lag", integer(self.min_lag, "AdaptiveWindow min_lag", lo=1))
         optional(boolean, self.kernel, "AdaptiveWindow kernel")
 
     def run(self, model, setup: ImageDecodeSetup, inputs: ImageInputs, progress: bool) -> DecodeResult:
@@ -240,18 +243,18 @@ class AdaptiveWindow:
         tokens, cache = prefilled(model, setup, inputs, cache_length(setup.bucket + layout.num_tokens + 1),
                                   self.kernel)
         state = _initial_state(tokens, cache, setup=setup)
-        min_window = min(self.min_window, cols)
-        queries = query_slots(cols, min_window, rows)
+        min_lag = min(self.min_lag, cols)
+        queries = query_slots(cols, min_lag, rows)
         chunk, budget = max(8, cols), rows * cols
         done_rows, passes = 0, 0
-        with tqdm(total=rows, desc=f"adaptive ZipAR (min window {min_window})", unit="row",
+        with tqdm(total=rows, desc=f"adaptive ZipAR (min lag {min_lag})", unit="row",
                   disable=not progress) as bar:
             while done_rows < rows:
                 if passes >= budget:
                     raise ZipjaxError(f"internal error: adaptive ZipAR ran {passes} passes without finishing a "
                                       f"{rows}x{cols}-code image")
                 state = adaptive_until(model.params, state, jnp.int32(chunk), inputs, setup=setup,
-                                       min_window=min_window, queries=queries)
+                                       min_lag=min_lag, queries=queries)
                 passes += chunk
                 done_rows = int(to_host(jnp.min(jnp.sum(state.count == cols, axis=1))))
                 bar.update(done_rows - bar.n)

@@ -18,6 +18,7 @@ import numpy as np
 from flax import struct
 from tqdm import tqdm
 
+from zipjax.deprecation import renamed_fields
 from zipjax.emu3.decoding import (
     DecodeResult,
     ImageDecodeSetup,
@@ -80,29 +81,31 @@ def zipar_until(params: Params, state: ZipARState, schedule: DeviceSchedule, sto
     return jax.lax.while_loop(lambda s: s.passes < stop, one_pass, state)
 
 
+@renamed_fields(window="lag")
 @dataclasses.dataclass(frozen=True)
 class FixedWindow:
-    """ZipAR: a row starts once the row above is `window` tokens ahead (a window of the image's width or more decodes
-    row after row). `kernel`: the attention as the Pallas kernel (True; interpreted on a CPU), in jax.numpy (False),
-    or the kernel where the platform is a TPU or GPU (None; see zipjax.platform)."""
+    """ZipAR: a row starts once the row above is `lag` tokens ahead (the paper's window size s; a lag of the image's
+    width or more decodes row after row). `kernel`: the attention as the Pallas kernel (True; interpreted on a CPU),
+    in jax.numpy (False), or the kernel where the platform is a TPU or GPU (None; see zipjax.platform). `window=` is
+    the deprecated name of `lag` (one release)."""
 
-    window: int
+    lag: int
     kernel: bool | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "window", integer(self.window, "FixedWindow window", lo=1))
+        object.__setattr__(self, "lag", integer(self.lag, "FixedWindow lag", lo=1))
         optional(boolean, self.kernel, "FixedWindow kernel")
 
     def run(self, model, setup: ImageDecodeSetup, inputs: ImageInputs, progress: bool) -> DecodeResult:
         """Prefill, then every decode pass of the fixed-window schedule (in chunks, for the progress bar)."""
         layout = setup.layout
-        schedule = fixed_window(layout.height, layout.width, self.window, eol=True)
+        schedule = fixed_window(layout.height, layout.width, self.lag, eol=True)
         cache_len = cache_length(setup.bucket + layout.num_tokens + 1)  # + 1: the padding queries' slot
         tokens, cache = prefilled(model, setup, inputs, cache_len, self.kernel)
         state = ZipARState(passes=jnp.zeros((), jnp.int32), tokens=tokens, cache=cache)
         device_schedule = DeviceSchedule.of(schedule)
         decode_passes = schedule.num_passes - 1
         stops = sorted({round(decode_passes * (r + 1) / layout.height) for r in range(layout.height)})
-        for stop in tqdm(stops, desc=f"ZipAR passes (window {schedule.window})", unit="chunk", disable=not progress):
+        for stop in tqdm(stops, desc=f"ZipAR passes (lag {schedule.lag})", unit="chunk", disable=not progress):
             state = zipar_until(model.params, state, device_schedule, jnp.int32(stop), inputs, setup=setup)
         return DecodeResult(tokens=to_host(state.tokens), passes=np.full(setup.batch, schedule.num_passes))

@@ -1,7 +1,7 @@
-"""ZipAR's fixed-window decoding schedule, computed on the host once per (rows, columns, window).
+"""ZipAR's fixed-window decoding schedule, computed on the host once per (rows, columns, lag).
 
-ZipAR (He et al., 2024) decodes an image "next-set": row i starts as soon as row i-1 is `window` tokens ahead, so
-with lag s token (i, j) is sampled in pass 1 + i*s + j (pass 1 is the prefill) and an image costs
+ZipAR (He et al., 2024) decodes an image "next-set": row i starts as soon as row i-1 is `lag` tokens ahead (the
+paper's window size s), so token (i, j) is sampled in pass 1 + i*s + j (pass 1 is the prefill) and an image costs
 (H - 1) * s + W passes instead of one per token. A pass feeds, for every token it samples, the token just before
 it in raster order:
 
@@ -33,7 +33,7 @@ from zipjax.errors import ZipjaxError
 class Schedule:
     rows: int
     cols: int
-    window: int
+    lag: int  # a row starts once the row above is `lag` tokens ahead (capped at cols)
     eol: bool
     source: np.ndarray  # int32 [decode passes, q]: image token fed by each query (-1: padding)
     slot: np.ndarray  # int32 [decode passes, q]: its raster index (differs from source only for proxies)
@@ -56,18 +56,18 @@ class Schedule:
         return row * (self.cols + self.eol) + col
 
 
-def passes(rows: int, cols: int, window: int) -> int:
-    """Forward passes of fixed-window ZipAR, prefill included: (H - 1) * s + W, with s capped at W."""
-    return (rows - 1) * min(window, cols) + cols
+def passes(rows: int, cols: int, lag: int) -> int:
+    """Forward passes of fixed-window ZipAR, prefill included: (H - 1) * s + W, with the lag s capped at W."""
+    return (rows - 1) * min(lag, cols) + cols
 
 
 @functools.lru_cache(maxsize=64)
-def fixed_window(rows: int, cols: int, window: int, eol: bool = True) -> Schedule:
-    """The schedule for an image of rows x cols tokens with lag `window` (s >= W is sequential row by row)."""
-    for name, value in (("rows", rows), ("cols", cols), ("window", window)):
+def fixed_window(rows: int, cols: int, lag: int, eol: bool = True) -> Schedule:
+    """The schedule for an image of rows x cols tokens with lag s = `lag` (s >= W is sequential row by row)."""
+    for name, value in (("rows", rows), ("cols", cols), ("lag", lag)):
         if not isinstance(value, int) or value < 1:
             raise ZipjaxError(f"ZipAR needs a positive integer {name}, got {value!r}")
-    s = min(window, cols)
+    s = min(lag, cols)
     width = cols + eol
     index = lambda i, j: i * width + j
     total = passes(rows, cols, s)
@@ -105,8 +105,8 @@ def _one_per_slot(feeds: list[tuple[int, int, int]]) -> list[tuple[int, int, int
     return [by_slot[k] for k in sorted(by_slot)]
 
 
-def max_tokens_per_pass(rows: int, cols: int, window: int) -> int:
+def max_tokens_per_pass(rows: int, cols: int, lag: int) -> int:
     """The most tokens sampled in one pass: about ceil(W / s) in steady state."""
-    s = min(window, cols)
+    s = min(lag, cols)
     return max(min(rows - 1, (t - 1) // s) - max(0, math.ceil((t - cols) / s)) + 1
                for t in range(1, passes(rows, cols, s) + 1))

@@ -1,13 +1,13 @@
 """Speculative Jacobi Decoding (Teng et al., ICLR 2025), ZipAR's training-free peer, in the same pipeline.
 
-SJD keeps a window of drafted future tokens in raster order and, in every pass, feeds the newest committed token
-plus the drafts. Each pass yields a distribution for every window position. The drafts are verified left to right
-with the speculative acceptance rule (kept with probability min(1, p_new / p_old), else replaced by a draw from the
-residual, which ends the pass); if every draft is kept, one more token is drawn from the last distribution. The
-positions after the committed ones are re-drafted from this pass's distributions (the Jacobi step) and the window
-is topped up with uniformly random visual tokens (p_old uniform). End-of-line positions hold EOL and always pass.
-Every committed token is an exact draw from the model's distribution given the tokens before it, as in sequential
-decoding; only the number of passes changes.
+SJD keeps a Jacobi window (`SJD.jacobi_window`; `window` in this module) of drafted future tokens in raster order and,
+in every pass, feeds the newest committed token plus the drafts. Each pass yields a distribution for every window
+position. The drafts are verified left to right with the speculative acceptance rule (kept with probability
+min(1, p_new / p_old), else replaced by a draw from the residual, which ends the pass); if every draft is kept, one
+more token is drawn from the last distribution. The positions after the committed ones are re-drafted from this pass's
+distributions (the Jacobi step) and the window is topped up with uniformly random visual tokens (p_old uniform).
+End-of-line positions hold EOL and always pass. Every committed token is an exact draw from the model's distribution
+given the tokens before it, as in sequential decoding; only the number of passes changes.
 
 Sequences advance at their own pace: each has its own cursor and writes its window into a `ScatterKVCache` at
 cursor-relative slots; stale drafts beyond a cursor are overwritten by the next window before anything attends to
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import struct
 from tqdm import tqdm
 
+from zipjax.deprecation import renamed_fields
 from zipjax.emu3.decoding import (
     DecodeResult,
     ImageDecodeSetup,
@@ -170,22 +171,24 @@ def sjd_until(params: Params, state: SJDState, stop: jax.Array, inputs: ImageInp
     return state
 
 
+@renamed_fields(window="jacobi_window")
 @dataclasses.dataclass(frozen=True)
 class SJD:
-    """Speculative Jacobi Decoding over a window of `window` (>= 2) drafted tokens; `kernel` as in FixedWindow."""
+    """Speculative Jacobi Decoding over a Jacobi window of `jacobi_window` (>= 2) tokens: the positions each pass
+    feeds, predicts and verifies; `kernel` as in FixedWindow. `window=` is the deprecated name (one release)."""
 
-    window: int
+    jacobi_window: int
     kernel: bool | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "window", integer(self.window, "SJD window", lo=2))
+        object.__setattr__(self, "jacobi_window", integer(self.jacobi_window, "SJD jacobi_window", lo=2))
         optional(boolean, self.kernel, "SJD kernel")
 
     def run(self, model, setup: ImageDecodeSetup, inputs: ImageInputs, progress: bool) -> DecodeResult:
         """Prefill, then SJD passes until every image is complete."""
-        window, total = self.window, setup.layout.num_tokens
+        window, total = self.jacobi_window, setup.layout.num_tokens
         if window > total:
-            raise ZipjaxError(f"SJD window {window} is longer than the image's {total} tokens")
+            raise ZipjaxError(f"SJD jacobi_window {window} is longer than the image's {total} tokens")
         first, cache = prefilled(model, setup, inputs, cache_length(setup.bucket + total + window + 1), self.kernel)
         state = _initial_state(first, cache, inputs.key, setup=setup, window=window)
         done = 0

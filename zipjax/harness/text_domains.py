@@ -1,4 +1,4 @@
-"""Offline text domains for training and evaluating expert models: text every Python installation ships.
+"""Harness: offline text domains for training and evaluating expert models: text every Python installation ships.
 
 ME-Switch evaluates experts fine-tuned from one base on distinct domains (instruction, math, code). No package here
 ships a family of fine-tunes, so zipjax makes its own experts on three domains the interpreter itself carries, which

@@ -1,5 +1,5 @@
-"""Analysis helpers: the per-layer queries, keys and values a prompt produces, for saliency studies, tests and
-benchmarks (un-jitted; nothing in the serving path uses this). Imports: the transformer and the dense cache."""
+"""Harness: the per-layer queries, keys and values a prompt produces, for saliency studies, tests and
+benchmarks (un-jitted; nothing in the library uses this). Imports: the transformer and the dense cache."""
 
 from __future__ import annotations
 
