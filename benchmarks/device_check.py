@@ -145,8 +145,8 @@ def model_rows(quick: bool) -> list[dict]:
 
 def quantized_row(quick: bool) -> dict:
     model = zipjax.load(Path(__file__).resolve().parents[1] / "checkpoints" / "stdlib-llama")
-    jnp_ms, jnp_tokens = decode_rate(model, 4, 64, 24, kv.ZipCache(window=8))
-    kernel_ms, kernel_tokens = decode_rate(model, 4, 64, 24, kv.ZipCache(window=8, kernel=True))
+    jnp_ms, jnp_tokens = decode_rate(model, 4, 64, 24, kv.ZipCache(buffer_len=8))
+    kernel_ms, kernel_tokens = decode_rate(model, 4, 64, 24, kv.ZipCache(buffer_len=8, kernel=True))
     row = {"kernel": "quantized (ZipCache 4/2)", "tokens_equal": bool((jnp_tokens == kernel_tokens).all()),
            "kernel_ms": kernel_ms, "reference_ms": jnp_ms}
     print(f"quantized      tokens equal {row['tokens_equal']}  kernel {kernel_ms:8.2f} ms/step  "

@@ -50,11 +50,11 @@ NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 
 def method_name(decoder: Decoder) -> str:
     if isinstance(decoder, zipar.SJD):
-        return f"SJD w={decoder.window}"
+        return f"SJD w={decoder.jacobi_window}"
     if isinstance(decoder, zipar.AdaptiveWindow):
-        return f"ZipAR adaptive m={decoder.min_window}"
+        return f"ZipAR adaptive m={decoder.min_lag}"
     if isinstance(decoder, zipar.FixedWindow):
-        return f"ZipAR s={decoder.window}"
+        return f"ZipAR s={decoder.lag}"
     return "sequential"
 
 

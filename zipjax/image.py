@@ -155,7 +155,7 @@ def decode_nbytes(decoder: Decoder, setup: ImageDecodeSetup) -> int:
         check_cache(decoder.kv, config, batch, cache_len, setup.bucket)
         return (cache_nbytes(decoder.kv, config, batch, cache_len, setup.bucket)
                 + attention_nbytes(config, batch, cache_len))
-    window = min(decoder.window, layout.num_tokens) if isinstance(decoder, SJD) else 0  # longer: SJD refuses it
+    window = min(decoder.jacobi_window, layout.num_tokens) if isinstance(decoder, SJD) else 0  # longer: SJD refuses it
     cache_len = cache_length(setup.bucket + layout.num_tokens + window + 1)
     cache = jax.eval_shape(ScatterRecipe(config, batch, cache_len), jax.ShapeDtypeStruct((batch,), jnp.int32))
     drafts = setup.batch * (layout.num_tokens + window) * layout.codebook_size * 4  # float32
