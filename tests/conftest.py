@@ -186,6 +186,12 @@ MARKS: dict[str, tuple[str, ...]] = {
     # about 15 s or more each on 2 busy cores (the fast tier's --durations, 2026-12-05): end-to-end generation with
     # every KV method, image decoding, experts; besides the tests marked slow where they are written
     "slow": (
+        "test_serve_engine.py::test_a_small_pool_preempts_and_outputs_do_not_change",
+        "test_serve_engine.py::test_prefix_cache_hits_and_outputs_equal_a_run_without_it",
+        "test_serve_engine.py::test_cancelling_frees_the_pages",
+        "test_serve_engine.py::test_seeded_sampling_is_the_same_alone_and_under_load",
+        "test_serve_api.py::test_fuzzed_completion_bodies_get_an_answer_or_openais_error_body_never_a_crash",
+        "test_serve_api.py::test_16_concurrent_streams_each_equal_their_single_request_output",
         "test_attention.py::test_causal_attention_is_differentiable_with_the_dense_gradient",
         "test_default_checkpoint.py::test_heldout_perplexity_is_reproduced",
         "test_digits_harness.py::test_digits_with_a_quantized_kv_cache",

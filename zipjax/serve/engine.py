@@ -80,6 +80,8 @@ class Engine:
                               "(packed pages) is not served yet")
         if getattr(model.deltas, "merged", False) or type(model.deltas).__name__ == "MergedExperts":
             raise ZipjaxError("merged experts serve a batch of one expert only; attach the bank without merged=")
+        if model.mesh is not None:
+            raise ZipjaxError("the serving engine runs on one device; a model placed on a mesh is not served yet")
         self.model, self.config = model, config
         self.log = log if log is not None else (lambda text: print(text, file=sys.stderr))
         cfg = model.config
