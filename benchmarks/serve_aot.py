@@ -25,12 +25,12 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from benchmarks import report
+from benchmarks.pod.points import abstract_model
 from zipjax import aot
 from zipjax.config import PUBLISHED, ModelConfig
 from zipjax.serve.paged import Pool, StepLayout
 from zipjax.serve.step import StepBatch, serve_step
 from zipjax.sharding import tree_shardings
-from zipjax.transformer import abstract_params, param_logical_axes
 
 MESHES = {"v5e:2x2": 4, "v6e:1x1": 1, "v5e:4x4": 16, "h100": 1, "h200": 1}
 
@@ -66,8 +66,7 @@ def abstract_batch(shape: Shape, mesh) -> StepBatch:
 def compile_step(config: ModelConfig, target: aot.Target, model_axis: int, shape: Shape, num_pages: int
                  ) -> aot.Report:
     mesh = aot.mesh(target, 1, model_axis)
-    params = abstract_params(config)
-    params = aot.abstract(params, tree_shardings(params, param_logical_axes(config), mesh))
+    params, _ = abstract_model(config, mesh)
     pool = jax.eval_shape(lambda: Pool.init(config, num_pages, shape.page_size))
     pool = aot.abstract(pool, tree_shardings(pool, pool.logical_axes(), mesh))
     step = lambda p, pool, batch: serve_step(p, pool, batch, None, config=config, block_pages=shape.block_pages)

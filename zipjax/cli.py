@@ -32,6 +32,10 @@ from typing import TYPE_CHECKING
 import jax
 
 from zipjax import kv
+from zipjax.arguments import integer as _integer
+from zipjax.arguments import number as _number
+from zipjax.arguments import path as _path
+from zipjax.arguments import positive_int as _positive_int
 from zipjax.checkpoint import load, verify
 from zipjax.errors import ZipjaxError
 from zipjax.generate import generate_stream
@@ -77,37 +81,6 @@ def default_checkpoint() -> Path:
             "(it ships in the repository: install zipjax from a clone with `pip install -e .`)"
         )
     return path
-
-
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
-def _path(text: str) -> Path:
-    """A path argument the operating system can take. An empty one (an unset shell variable, say) is refused here,
-    as zipjax.destination refuses it in the API: `Path("")` would silently be the current folder."""
-    if text.strip() == "":
-        raise argparse.ArgumentTypeError("the path is empty")
-    if "\x00" in text:
-        raise argparse.ArgumentTypeError("a path cannot contain a NUL byte")
-    return Path(text)
 
 
 def _zipar_window(text: str) -> int | str:

@@ -21,27 +21,8 @@ import math
 import sys
 from pathlib import Path
 
+from zipjax.arguments import non_negative_int, positive_int
 from zipjax.errors import ZipjaxError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def _rate(text: str) -> float:
@@ -83,15 +64,15 @@ def add_parser(commands) -> None:
                                                     "metrics (TTFT, TPOT, ITL, E2E latency, throughput, goodput)")
     bench.add_argument("url", help="the server's root, e.g. http://127.0.0.1:8000")
     bench.add_argument("--model", default=None, help="model name to request (default: the first of /v1/models)")
-    bench.add_argument("--num-prompts", type=_positive_int, default=16, help="requests to send")
+    bench.add_argument("--num-prompts", type=positive_int, default=16, help="requests to send")
     bench.add_argument("--request-rate", type=_rate, default=math.inf,
                        help="requests per second, arriving as a seeded Poisson process; inf sends all at once")
     bench.add_argument("--burstiness", type=_positive_number, default=1.0,
                        help="gamma shape of the arrival gaps: 1 is Poisson, <1 burstier, >1 more even")
-    bench.add_argument("--max-concurrency", type=_positive_int, default=None, help="requests in flight at most")
-    bench.add_argument("--input-len", type=_positive_int, default=32, help="prompt tokens per request")
-    bench.add_argument("--output-len", type=_positive_int, default=64, help="tokens generated per request")
-    bench.add_argument("--seed", type=_seed, default=0, help="seeds the prompts and the arrival times")
+    bench.add_argument("--max-concurrency", type=positive_int, default=None, help="requests in flight at most")
+    bench.add_argument("--input-len", type=positive_int, default=32, help="prompt tokens per request")
+    bench.add_argument("--output-len", type=positive_int, default=64, help="tokens generated per request")
+    bench.add_argument("--seed", type=non_negative_int, default=0, help="seeds the prompts and the arrival times")
     bench.add_argument("--prompt-kind", choices=("tokens", "text"), default="tokens",
                        help="send random token ids, or those ids decoded to text (needs --tokenizer)")
     bench.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",

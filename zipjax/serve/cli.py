@@ -18,8 +18,8 @@ import signal
 import socket
 import sys
 import threading
-from pathlib import Path
 
+from zipjax.arguments import integer, path, positive_int
 from zipjax.errors import ZipjaxError
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: serving beyond this machine is the user's explicit choice
@@ -28,21 +28,8 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 
           "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    value = integer(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"a port lies in [0, 65535] (0: any free port), got {value}")
     return value
@@ -59,36 +46,30 @@ def _bytes(text: str) -> int:
     return value
 
 
-def _folder(text: str) -> Path:
-    if text.strip() == "" or "\x00" in text:
-        raise argparse.ArgumentTypeError("the path is empty or holds a NUL byte")
-    return Path(text)
-
-
 def add_parser(commands) -> None:
     """Registers `serve` on the `zipjax` command's subparsers."""
     serve = commands.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
-    serve.add_argument("checkpoint", type=_folder, help="zipjax checkpoint folder")
+    serve.add_argument("checkpoint", type=path, help="zipjax checkpoint folder")
     serve.add_argument("--served-model-name", default=None,
                        help="the model id clients ask for (default: the checkpoint's folder name)")
     serve.add_argument("--kv", choices=("dense",), default="dense", help="KV cache pages: dense")
-    serve.add_argument("--experts", type=_folder, default=None, metavar="BANK",
+    serve.add_argument("--experts", type=path, default=None, metavar="BANK",
                        help="an ME-Switch expert bank built on this checkpoint: each expert is a model id")
     serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                        help="compute dtype (default: as stored)")
     serve.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=_port, default=DEFAULT_PORT, help="TCP port (0: any free port, shown at start)")
-    serve.add_argument("--max-num-seqs", type=_positive, default=16, help="sequences in one engine step at most")
-    serve.add_argument("--max-num-batched-tokens", type=_positive, default=256,
+    serve.add_argument("--max-num-seqs", type=positive_int, default=16, help="sequences in one engine step at most")
+    serve.add_argument("--max-num-batched-tokens", type=positive_int, default=256,
                        help="tokens in one engine step at most (decodes first, then chunked prefill)")
-    serve.add_argument("--page-size", type=_positive, default=16, help="tokens per KV cache page")
+    serve.add_argument("--page-size", type=positive_int, default=16, help="tokens per KV cache page")
     pool = serve.add_mutually_exclusive_group()
     pool.add_argument("--kv-memory", type=_bytes, default=None, metavar="SIZE",
                       help="memory for the KV page pool, e.g. 4GiB (default: the engine's choice)")
-    pool.add_argument("--kv-pages", type=_positive, default=None, help="pages in the KV pool")
-    serve.add_argument("--max-model-len", type=_positive, default=None,
+    pool.add_argument("--kv-pages", type=positive_int, default=None, help="pages in the KV pool")
+    serve.add_argument("--max-model-len", type=positive_int, default=None,
                        help="prompt plus completion tokens at most (default: the model's positions)")
-    serve.add_argument("--max-waiting", type=_positive, default=256,
+    serve.add_argument("--max-waiting", type=positive_int, default=256,
                        help="requests that may wait for a slot; beyond them a request gets 503 at once")
     serve.add_argument("--no-prefix-cache", action="store_true", help="do not reuse the KV pages of shared prefixes")
     serve.add_argument("--max-body-bytes", type=_bytes, default=4 << 20, metavar="SIZE",

@@ -78,8 +78,11 @@ class Engine:
         if kv is not None:
             raise ZipjaxError(f"the serving engine keeps a dense paged KV cache; --kv {getattr(kv, 'name', kv)} "
                               "(packed pages) is not served yet")
-        if getattr(model.deltas, "merged", False) or type(model.deltas).__name__ == "MergedExperts":
-            raise ZipjaxError("merged experts serve a batch of one expert only; attach the bank without merged=")
+        if model.deltas is not None:
+            from zipjax.experts.serve import MergedExperts
+
+            if isinstance(model.deltas, MergedExperts):
+                raise ZipjaxError("merged experts serve a batch of one expert only; attach the bank without merged=")
         if model.mesh is not None:
             raise ZipjaxError("the serving engine runs on one device; a model placed on a mesh is not served yet")
         self.model, self.config = model, config
