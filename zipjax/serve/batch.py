@@ -7,6 +7,8 @@ greedy and its token is ignored.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from zipjax.serve.paged import StepLayout
@@ -15,7 +17,8 @@ from zipjax.serve.step import StepBatch
 
 
 def build_batch(plan: Plan, scheduler: Scheduler, table_width: int) -> tuple[StepBatch, list[str | None]]:
-    """The step's arrays and the expert of each of its flat tokens (None: the base model, or padding)."""
+    """The step's arrays and the expert of each of its flat tokens (None: the base model, or padding). With a
+    compressed cache the layout also carries each row's packed pages and where its dense pages start."""
     block, page_size = scheduler.block_size, scheduler.pages.page_size
     d, n = plan.decode_rows, plan.prefill_blocks
     total = d + n * block
@@ -29,13 +32,14 @@ def build_batch(plan: Plan, scheduler: Scheduler, table_width: int) -> tuple[Ste
 
     def place(index: int, sequence, position: int) -> None:
         tokens[index], positions[index] = sequence.tokens[position], position
-        slots[index] = sequence.pages[position // page_size] * page_size + position % page_size
+        page = sequence.pages[position // page_size - len(sequence.packed)]
+        slots[index] = page * page_size + position % page_size
         experts[index] = sequence.request.expert
 
     for i, sequence in enumerate(plan.decode):
         place(i, sequence, sequence.num_computed)
         decode_positions[i], rows[i], owners[i] = sequence.num_computed, i, sequence
-    prefill_tables, b = [], 0
+    prefill_sequences, b = [], 0
     for chunk in plan.prefill:
         for first in range(chunk.start, chunk.start + chunk.count, block):
             count = min(block, chunk.start + chunk.count - first)
@@ -43,13 +47,22 @@ def build_batch(plan: Plan, scheduler: Scheduler, table_width: int) -> tuple[Ste
                 place(d + b * block + j, chunk.sequence, first + j)
             prefill_positions[b, :count] = np.arange(first, first + count)
             rows[d + b], owners[d + b] = d + b * block + count - 1, chunk.sequence
-            prefill_tables.append(chunk.sequence.pages)
+            prefill_sequences.append(chunk.sequence)
             b += 1
     for b_pad in range(b, n):
         rows[d + b_pad] = d + b_pad * block
     layout = StepLayout(slots, page_rows([s.pages for s in plan.decode], table_width, d), decode_positions,
-                        page_rows(prefill_tables, table_width, n), prefill_positions)
+                        page_rows([s.pages for s in prefill_sequences], table_width, n), prefill_positions)
+    if scheduler.packed is not None:
+        layout = dataclasses.replace(layout, **_packed_tables("decode", plan.decode, table_width, d),
+                                     **_packed_tables("prefill", prefill_sequences, table_width, n))
     return _with_sampling(tokens, positions, layout, rows, owners), experts
+
+
+def _packed_tables(segment: str, sequences: list, width: int, rows: int) -> dict[str, np.ndarray]:
+    first = np.zeros((rows,), np.int32)
+    first[:len(sequences)] = [len(s.packed) for s in sequences]
+    return {f"{segment}_packed": page_rows([s.packed for s in sequences], width, rows), f"{segment}_first": first}
 
 
 def _with_sampling(tokens, positions, layout: StepLayout, rows: np.ndarray, owners: list) -> StepBatch:

@@ -22,19 +22,23 @@ import threading
 import time
 
 import jax
+import numpy as np
 
 from zipjax.errors import ZipjaxError
+from zipjax.kv.method import as_method
 from zipjax.model import Model
 from zipjax.platform import free_memory_bytes
 from zipjax.serve.batch import build_batch
+from zipjax.serve.packed import PackedPool, page_codec
 from zipjax.serve.paged import Pool
 from zipjax.serve.pages import PageTable
 from zipjax.serve.requests import Request, RequestStream, TokenLogprob, Update
 from zipjax.serve.scheduler import Plan, Scheduler, Sequence, buckets
 from zipjax.serve.scoring import prompt_logprobs
-from zipjax.serve.step import StepOutput, serve_step
+from zipjax.serve.step import StepOutput, pack_pages, serve_step
 from zipjax.validate import integer, optional
 
+PACK_PAGES = 16  # dense pages packed per call of the compiled pack step
 DEFAULT_POOL_SHARE = 0.4  # of the device's free memory, when neither num_pages nor kv_memory is given
 
 
@@ -58,12 +62,14 @@ class EngineConfig:
     max_waiting: int = 256
     block_size: int = 32
     block_pages: int = 8  # pages read per iteration of the attention loop
+    dense_pages: int | None = None  # a compressed cache's dense pool (default: see Engine._dense_pages)
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "max_waiting", "block_size",
                      "block_pages"):
             integer(getattr(self, name), name, lo=1)
         optional(integer, self.num_pages, "num_pages", lo=2)
+        optional(integer, self.dense_pages, "dense_pages", lo=2)
         optional(integer, self.kv_memory, "kv_memory", lo=1)
         optional(integer, self.max_model_len, "max_model_len", lo=1)
         if self.num_pages is not None and self.kv_memory is not None:
@@ -74,10 +80,12 @@ class EngineConfig:
 
 
 class Engine:
+    """`kv`: None for dense pages, or a zipjax.kv method served on packed pages (ZipCache, KIVI, Uniform): then
+    `num_pages` / `kv_memory` size the packed pool, and a small dense pool (`dense_pages`) holds prompts being
+    computed and each sequence's newest tokens."""
+
     def __init__(self, model: Model, config: EngineConfig = EngineConfig(), *, kv=None, log=None):
-        if kv is not None:
-            raise ZipjaxError(f"the serving engine keeps a dense paged KV cache; --kv {getattr(kv, 'name', kv)} "
-                              "(packed pages) is not served yet")
+        self.spec = None if as_method(kv) is None else page_codec(kv, model.config, config.page_size)
         if model.deltas is not None:
             from zipjax.experts.serve import MergedExperts
 
@@ -93,13 +101,19 @@ class Engine:
             raise ZipjaxError(f"max_model_len {self.max_model_len} exceeds the model's "
                               f"{cfg.max_position_embeddings} positions")
         num_pages = self._size_pool()
-        self.pages = PageTable(num_pages, config.page_size, prefix_cache=config.prefix_cache)
+        self.packed_pages = None
+        if self.spec is None:
+            self.pages = PageTable(num_pages, config.page_size, prefix_cache=config.prefix_cache)
+        else:
+            self.pages = PageTable(self._dense_pages(), config.page_size, prefix_cache=False)
+            self.packed_pages = PageTable(num_pages, config.page_size, prefix_cache=config.prefix_cache)
         max_blocks = max(1, config.max_num_batched_tokens // config.block_size)
         self.scheduler = Scheduler(self.pages, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    block_size=config.block_size,
                                    decode_buckets=buckets(config.max_num_seqs, factor=4, first=4),
-                                   prefill_buckets=buckets(max_blocks))
+                                   prefill_buckets=buckets(max_blocks), packed=self.packed_pages,
+                                   lag=0 if self.spec is None else self.spec.lag)
         self.pool: Pool | None = None
         self.expert_names: tuple[str, ...] = tuple(getattr(getattr(model.deltas, "bank", None), "names", ()))
         self.ready = False
@@ -134,17 +148,30 @@ class Engine:
         return -(-width // self.config.block_pages) * self.config.block_pages
 
     def _num_pages(self) -> int:
+        """Pages of the pool (a compressed cache: of its packed pool, after the dense pool's bytes)."""
         cfg, config = self.model.config, self.config
         if config.num_pages is not None:
             return config.num_pages
-        page_bytes = Pool.page_bytes(cfg, config.page_size)
+        page_bytes, reserved = Pool.page_bytes(cfg, config.page_size), 0
+        if self.spec is not None:
+            page_bytes = PackedPool.page_bytes(cfg, self.spec)
+            reserved = self._dense_pages() * Pool.page_bytes(cfg, config.page_size, ranked=self.spec.ranked)
         if config.kv_memory is not None:
-            return max(2, config.kv_memory // page_bytes)
+            return max(2, (config.kv_memory - reserved) // page_bytes)
         wanted = config.max_num_seqs * self.table_width + 1
         free = free_memory_bytes()
         if free is not None:
-            wanted = min(wanted, int(free * DEFAULT_POOL_SHARE) // page_bytes)
+            wanted = min(wanted, (int(free * DEFAULT_POOL_SHARE) - reserved) // page_bytes)
         return max(2, wanted)
+
+    def _dense_pages(self) -> int:
+        """A compressed cache's dense pool: each running sequence's unpacked tail (KIVI's residual, the page being
+        filled, the next), and one prompt of max_model_len being computed."""
+        config = self.config
+        if config.dense_pages is not None:
+            return config.dense_pages
+        tail = -(-self.spec.lag // config.page_size) + 2
+        return config.max_num_seqs * tail + self.table_width + 1
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
@@ -156,7 +183,9 @@ class Engine:
         """Allocate the pool and start the step thread (it compiles every shape first; `ready` turns True after)."""
         if self._thread is not None:
             raise ZipjaxError("the engine is already started")
-        self.pool = Pool.init(self.model.config, self.pages.num_pages, self.config.page_size)
+        packed = 0 if self.packed_pages is None else self.packed_pages.num_pages
+        self.pool = Pool.init(self.model.config, self.pages.num_pages, self.config.page_size, spec=self.spec,
+                              num_packed=packed)
         self._thread = threading.Thread(target=self._run, name="zipjax-engine", daemon=True)
         self._thread.start()
 
@@ -215,8 +244,11 @@ class Engine:
 
     def metrics(self) -> dict[str, int]:
         counts = self.pages.counts()
+        if self.packed_pages is not None:
+            counts.update({f"packed_{name}": count for name, count in self.packed_pages.counts().items()})
+        prefix = self.scheduler.prefix
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + len(self._inbox),
-                **counts, "prefix_hit_tokens": self.pages.hit_tokens, "prefix_query_tokens": self.pages.query_tokens,
+                **counts, "prefix_hit_tokens": prefix.hit_tokens, "prefix_query_tokens": prefix.query_tokens,
                 "preemptions": self.scheduler.preemptions, "steps": self.steps,
                 "generated_tokens": self.generated_tokens, "finished_requests": self.finished}
 
@@ -237,6 +269,8 @@ class Engine:
 
     def _warm_up(self) -> None:
         shapes = self.shapes
+        if self.spec is not None:
+            self._pack([])
         for i, (d, n) in enumerate(shapes):
             start = time.perf_counter()
             self._step(Plan([], [], d, n))
@@ -266,7 +300,7 @@ class Engine:
         params = request.params
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         eos = () if params.ignore_eos else tuple(self.model.config.eos_token_ids)
-        salt = f"dense|{request.expert}".encode()
+        salt = f"{'dense' if self.spec is None else self.spec.name}|{request.expert}".encode()
         sequence = Sequence(request, stream, seed, frozenset((*eos, *params.stop_token_ids)), salt,
                             list(request.prompt_ids), len(request.prompt_ids))
         if request.request_id in self._sequences:
@@ -300,13 +334,24 @@ class Engine:
                 item.push(Update((), finish_reason="abort"))
 
     def _step(self, plan: Plan) -> StepOutput:
+        if plan.convert:
+            self._pack(plan.convert)
         batch, experts = build_batch(plan, self.scheduler, self.table_width)
         params, deltas = self.model.batch_inputs(experts if self.model.deltas is not None else None,
                                                  batch.tokens.shape[0])
         self.pool, out = serve_step(params, self.pool, batch, deltas, config=self.model.config,
-                                    block_pages=self.config.block_pages)
+                                    block_pages=self.config.block_pages, spec=self.spec)
+        self.pages.release(plan.freed)
         self.steps += 1
         return jax.device_get(out)
+
+    def _pack(self, pairs: list[tuple[int, int]]) -> None:
+        """Pack (dense, packed) page pairs, PACK_PAGES per call of the compiled pack step ((0, 0) pads)."""
+        for i in range(0, max(len(pairs), 1), PACK_PAGES):
+            part = pairs[i:i + PACK_PAGES]
+            ids = np.zeros((2, PACK_PAGES), np.int32)
+            ids[:, :len(part)] = np.asarray(part, np.int32).reshape(-1, 2).T
+            self.pool = pack_pages(self.pool, ids[0], ids[1], spec=self.spec)
 
     def _report(self, plan: Plan, out: StepOutput) -> None:
         """Record what the step computed, append each sampled token, push updates, finish what is done."""

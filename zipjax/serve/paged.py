@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec
 from zipjax.cache import replace_at
 from zipjax.config import ModelConfig
 from zipjax.kernels.common import (
+    SoftmaxState,
     empty_state,
     group_queries,
     grouped_scores,
@@ -38,6 +39,7 @@ from zipjax.kernels.common import (
     online_softmax_step,
     ungroup,
 )
+from zipjax.serve.packed import PackedPool, PageCodec, packed_state
 
 NULL_PAGE = 0  # written by padding tokens, never allocated, never visible
 
@@ -45,27 +47,40 @@ NULL_PAGE = 0  # written by padding tokens, never allocated, never visible
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Pool:
-    """Every layer's pages: k, v per layer [num_pages, page_size, kv_heads, head_dim]."""
+    """Every layer's pages: k, v per layer [num_pages, page_size, kv_heads, head_dim]. Serving a compressed cache
+    adds the packed pages (zipjax.serve.packed) and, for a ranked method, the attention mass each dense-page token
+    received from the queries of its page, float32 per layer [num_pages, page_size, kv_heads]."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
+    packed: PackedPool | None = None
+    mass: tuple[jax.Array, ...] | None = None
 
     @classmethod
-    def init(cls, config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype | None = None) -> Pool:
+    def init(cls, config: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype | None = None,
+             spec: PageCodec | None = None, num_packed: int = 0) -> Pool:
         shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
         dtype = dtype or config.jnp_dtype
+        packed = mass = None
+        if spec is not None:
+            packed = PackedPool.init(config, spec, num_packed)
+            if spec.ranked:
+                mass = tuple(jnp.zeros(shape[:3], jnp.float32) for _ in range(config.num_layers))
         return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-                   v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)))
+                   v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)), packed=packed, mass=mass)
 
     @staticmethod
-    def page_bytes(config: ModelConfig, page_size: int, dtype: jnp.dtype | None = None) -> int:
-        """Bytes one page takes over all layers, K and V."""
+    def page_bytes(config: ModelConfig, page_size: int, dtype: jnp.dtype | None = None, ranked: bool = False) -> int:
+        """Bytes one dense page takes over all layers, K and V (and the attention mass of a ranked method)."""
         itemsize = jnp.dtype(dtype or config.jnp_dtype).itemsize
-        return 2 * config.num_layers * page_size * config.num_kv_heads * config.head_dim * itemsize
+        per_token = 2 * config.num_kv_heads * config.head_dim * itemsize + (4 * config.num_kv_heads if ranked else 0)
+        return config.num_layers * page_size * per_token
 
     def logical_axes(self) -> Pool:
         spec = PartitionSpec(None, None, "kv_heads", "head_dim")
-        return Pool(k=(spec,) * len(self.k), v=(spec,) * len(self.v))
+        mass = None if self.mass is None else (PartitionSpec(None, None, "kv_heads"),) * len(self.mass)
+        packed = None if self.packed is None else self.packed.logical_axes()
+        return Pool(k=(spec,) * len(self.k), v=(spec,) * len(self.v), packed=packed, mass=mass)
 
 
 @jax.tree_util.register_dataclass
@@ -78,6 +93,12 @@ class StepLayout:
     decode_positions: jax.Array  # int32 [D]: position of the row's token; -1 for a padding row
     prefill_pages: jax.Array  # int32 [N, P]: page table of each prefill block's sequence
     prefill_positions: jax.Array  # int32 [N, Q]: position of each block token; -1 for padding
+    # a compressed cache only: the packed pages of logical pages 0 .. first - 1; the dense tables above then hold
+    # logical pages first, first + 1, ...
+    decode_packed: jax.Array | None = None  # int32 [D, P]
+    decode_first: jax.Array | None = None  # int32 [D]
+    prefill_packed: jax.Array | None = None  # int32 [N, P]
+    prefill_first: jax.Array | None = None  # int32 [N]
 
     @property
     def num_decode(self) -> int:
@@ -88,11 +109,12 @@ class StepLayout:
 @dataclasses.dataclass(frozen=True)
 class PagedCache:
     """The `zipjax.cache.Cache` of one engine step: the pool and the step's layout. `block_pages` pages are read per
-    iteration of the attention loop."""
+    iteration of the attention loop; `spec` is the packed page format of a compressed cache (None: dense)."""
 
     pool: Pool
     layout: StepLayout
     block_pages: int = dataclasses.field(metadata={"static": True}, default=8)
+    spec: PageCodec | None = dataclasses.field(metadata={"static": True}, default=None)
     accepts_chunks: ClassVar[bool] = True
 
     @property
@@ -113,7 +135,7 @@ class PagedCache:
 
     def logical_axes(self) -> PagedCache:
         layout = jax.tree.map(lambda _: PartitionSpec(), self.layout)
-        return PagedCache(self.pool.logical_axes(), layout, self.block_pages)
+        return PagedCache(self.pool.logical_axes(), layout, self.block_pages, self.spec)
 
     def advance(self, num_tokens: int) -> PagedCache:
         return self
@@ -121,27 +143,42 @@ class PagedCache:
     def attend(self, layer: int, q: jax.Array, k_new: jax.Array, v_new: jax.Array,
                sliding_window: int | None) -> tuple[jax.Array, PagedCache]:
         """q [T, 1, heads, head_dim]; k_new, v_new [T, 1, kv_heads, head_dim] -> out [T, 1, heads, head_dim]."""
-        k_pool, v_pool = (_write(pool[layer], new[:, 0], self.layout.slots)
-                          for pool, new in ((self.pool.k, k_new), (self.pool.v, v_new)))
-        d = self.layout.num_decode
+        pool, layout = self.pool, self.layout
+        k_pool, v_pool = (_write(pages[layer], new[:, 0], layout.slots)
+                          for pages, new in ((pool.k, k_new), (pool.v, v_new)))
+        mass = None if pool.mass is None else _write(pool.mass[layer], jnp.zeros(k_new.shape[:1] + k_new.shape[2:3]),
+                                                     layout.slots)
+        d = layout.num_decode
         heads, head_dim = q.shape[2], q.shape[3]
-        n, block = self.layout.prefill_positions.shape
-        parts = []
+        n, block = layout.prefill_positions.shape
+        segments = []
         if d:
-            parts.append(paged_attention(q[:d].reshape(d, 1, heads, head_dim), k_pool, v_pool,
-                                         self.layout.decode_pages, self.layout.decode_positions[:, None],
-                                         sliding_window, self.block_pages).reshape(d, 1, heads, head_dim))
+            segments.append((q[:d].reshape(d, 1, heads, head_dim), layout.decode_pages,
+                             layout.decode_positions[:, None], layout.decode_packed, layout.decode_first))
         if n:
-            parts.append(paged_attention(q[d:].reshape(n, block, heads, head_dim), k_pool, v_pool,
-                                         self.layout.prefill_pages, self.layout.prefill_positions, sliding_window,
-                                         self.block_pages).reshape(n * block, 1, heads, head_dim))
+            segments.append((q[d:].reshape(n, block, heads, head_dim), layout.prefill_pages, layout.prefill_positions,
+                             layout.prefill_packed, layout.prefill_first))
+        parts = []
+        for qs, table, positions, packed_table, first in segments:
+            qg = group_queries(qs, k_pool.shape[2])  # [rows, kv_heads, group, qn, head_dim]
+            state = empty_state(qg.shape[:4], head_dim)
+            if self.spec is not None:
+                stores = pool.packed.stores[layer]
+                v_scale = None if pool.packed.v_scale is None else pool.packed.v_scale[layer]
+                state = packed_state(qg, stores, v_scale, self.spec, packed_table, first, positions, sliding_window,
+                                     self.block_pages, state)
+            state = paged_state(qg, k_pool, v_pool, table, positions, first, sliding_window, self.block_pages, state)
+            if mass is not None:
+                mass = add_page_mass(mass, qg, k_pool, table, positions, first, sliding_window, state)
+            parts.append(ungroup(normalise(state)).astype(q.dtype).reshape(-1, 1, heads, head_dim))
         out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
-        pool = Pool(k=replace_at(self.pool.k, layer, k_pool), v=replace_at(self.pool.v, layer, v_pool))
+        pool = dataclasses.replace(pool, k=replace_at(pool.k, layer, k_pool), v=replace_at(pool.v, layer, v_pool),
+                                   mass=None if mass is None else replace_at(pool.mass, layer, mass))
         return out, dataclasses.replace(self, pool=pool)
 
 
 def _write(pages: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """pages [num_pages, page_size, kv_heads, head_dim] with new [T, kv_heads, head_dim] written at flat slots [T]."""
+    """pages [num_pages, page_size, ...] with new [T, ...] written at flat slots [T]."""
     num_pages, page_size = pages.shape[:2]
     flat = pages.reshape(num_pages * page_size, *pages.shape[2:])
     return flat.at[slots].set(new.astype(pages.dtype)).reshape(pages.shape)
@@ -149,31 +186,65 @@ def _write(pages: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
                     positions: jax.Array, sliding_window: int | None, block_pages: int) -> jax.Array:
-    """Causal attention of n query rows over their sequences' pages, in plain jax.numpy (the CPU path).
+    """Causal attention of n query rows over their sequences' dense pages, in plain jax.numpy (the CPU path).
 
     q [n, qn, heads, head_dim]: row r's queries at positions[r] (int32 [n, qn], -1: padding, sees nothing);
     k_pages, v_pages [num_pages, page_size, kv_heads, head_dim]; page_table int32 [n, P], P a multiple of
-    block_pages. Keys are read `block_pages` pages at a time up to the furthest position any row needs, so a step
-    reads the filled extent of its sequences, never the whole table. Returns [n, qn, heads, head_dim] in q's dtype."""
-    n, qn, heads, head_dim = q.shape
-    page_size, kv_heads = k_pages.shape[1], k_pages.shape[2]
+    block_pages. Returns [n, qn, heads, head_dim] in q's dtype."""
+    qg = group_queries(q, k_pages.shape[2])  # [n, kv_heads, group, qn, head_dim]
+    state = paged_state(qg, k_pages, v_pages, page_table, positions, None, sliding_window, block_pages,
+                        empty_state(qg.shape[:4], q.shape[-1]))
+    return ungroup(normalise(state)).astype(q.dtype)
+
+
+def paged_state(qg: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array, positions: jax.Array,
+                first: jax.Array | None, sliding_window: int | None, block_pages: int,
+                state: SoftmaxState) -> SoftmaxState:
+    """Fold n query rows' dense pages into their online-softmax state: qg [n, kv_heads, group, qn, head_dim] at
+    positions int32 [n, qn]; page_table int32 [n, P] holds logical pages first[r], first[r] + 1, ... (first int32
+    [n], None: 0). Keys are read `block_pages` pages at a time up to the furthest position any row needs, so a
+    step reads the filled extent of its sequences, never the whole table."""
+    n = positions.shape[0]
+    page_size, kv_heads, head_dim = k_pages.shape[1:]
     block_keys = block_pages * page_size
-    qg = group_queries(q, kv_heads)  # [n, kv_heads, group, qn, head_dim]
-    num_blocks = (jnp.max(positions) + block_keys) // block_keys  # blocks holding any visible key
+    offset = jnp.zeros((n,), jnp.int32) if first is None else first * page_size  # [n]: position of table slot 0
+    num_blocks = (jnp.max(positions - offset[:, None]) + block_keys) // block_keys  # blocks holding a visible key
 
     def step(j, state):
         pages = jax.lax.dynamic_slice_in_dim(page_table, j * block_pages, block_pages, axis=1)  # [n, bp]
 
         def read(pool):  # -> [n, kv_heads, block_keys, head_dim]
-            return pool[pages].reshape(n, block_keys, kv_heads, head_dim).transpose(0, 2, 1, 3).astype(q.dtype)
+            return pool[pages].reshape(n, block_keys, kv_heads, head_dim).transpose(0, 2, 1, 3).astype(qg.dtype)
 
-        key_pos = j * block_keys + jnp.arange(block_keys, dtype=jnp.int32)
-        delta = positions[:, :, None] - key_pos[None, None, :]  # [n, qn, block_keys]
+        key_pos = offset[:, None] + j * block_keys + jnp.arange(block_keys, dtype=jnp.int32)  # [n, block_keys]
+        delta = positions[:, :, None] - key_pos[:, None, :]  # [n, qn, block_keys]
         visible = delta >= 0
         if sliding_window is not None:
             visible &= delta < sliding_window
         return online_softmax_step(state, grouped_scores(qg, read(k_pages)), visible[:, None, None], read(v_pages),
                                    values=grouped_values)
 
-    state = jax.lax.fori_loop(0, num_blocks, step, empty_state((n, kv_heads, heads // kv_heads, qn), head_dim))
-    return ungroup(normalise(state)).astype(q.dtype)
+    return jax.lax.fori_loop(0, num_blocks, step, state)
+
+
+def add_page_mass(mass: jax.Array, qg: jax.Array, k_pages: jax.Array, page_table: jax.Array, positions: jax.Array,
+                  first: jax.Array, sliding_window: int | None, state: SoftmaxState) -> jax.Array:
+    """Add to each dense-page token the attention probability the queries of its own page give it (summed over
+    the query heads of its KV head): the page-local saliency of zipjax.serve.packed. mass float32 [num_pages,
+    page_size, kv_heads]; state: the queries' final softmax state over everything they see."""
+    page_size, kv_heads = k_pages.shape[1:3]
+    logical = jnp.maximum(positions, 0) // page_size  # [n, qn]: each query's own page
+    index = jnp.clip(logical - first[:, None], 0, page_table.shape[1] - 1)
+    pages = jnp.where(positions >= 0, jnp.take_along_axis(page_table, index, axis=1), NULL_PAGE)  # [n, qn]
+    keys = k_pages[pages].astype(qg.dtype)  # [n, qn, page_size, kv_heads, head_dim]
+    scores = jnp.einsum("nkgqd,nqskd->nkgqs", qg, keys, preferred_element_type=jnp.float32) * qg.shape[-1] ** -0.5
+    key_pos = logical[:, :, None] * page_size + jnp.arange(page_size)  # [n, qn, page_size]
+    delta = positions[:, :, None] - key_pos
+    visible = (delta >= 0) & (positions[:, :, None] >= 0)
+    if sliding_window is not None:
+        visible &= delta < sliding_window
+    lse = state.max + jnp.log(jnp.maximum(state.denom, 1e-30))  # [n, kv_heads, group, qn, 1]
+    probs = jnp.where(visible[:, None, None], jnp.exp(scores - lse), 0.0).sum(axis=2)  # [n, kv_heads, qn, page_size]
+    flat = mass.reshape(-1, kv_heads)
+    slots = (pages[:, :, None] * page_size + jnp.arange(page_size)).reshape(-1)  # [n * qn * page_size]
+    return flat.at[slots].add(probs.transpose(0, 2, 3, 1).reshape(-1, kv_heads)).reshape(mass.shape)

@@ -91,6 +91,12 @@ class PageTable:
             pages.append(page)
         return pages
 
+    def forget(self, page: int) -> None:
+        """Drop the page's prefix key (its contents will not be what the key says)."""
+        key = self.key_of.pop(page, None)
+        if key is not None:
+            del self.by_key[key]
+
     def register(self, page: int, key: bytes) -> None:
         """Record that `page` (full, held by a sequence) is the page keyed `key`; a key already cached keeps its
         first page (this one is then freed normally when released)."""

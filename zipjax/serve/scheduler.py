@@ -37,8 +37,9 @@ class Sequence:
     salt: bytes
     tokens: list[int]
     prompt_len: int
-    pages: list[int] = dataclasses.field(default_factory=list)
-    keys: list[bytes] = dataclasses.field(default_factory=list)  # prefix keys of pages[:len(keys)] (full pages)
+    pages: list[int] = dataclasses.field(default_factory=list)  # dense pages of logical pages len(packed), ...
+    keys: list[bytes] = dataclasses.field(default_factory=list)  # prefix keys of the first len(keys) logical pages
+    packed: list[int] = dataclasses.field(default_factory=list)  # packed pages of logical pages 0, 1, ...
     num_computed: int = 0  # tokens whose K/V are in the pages
     cached_tokens: int = 0  # prompt tokens the prefix cache served at first admission
     started: bool = False  # sent its first update
@@ -71,6 +72,8 @@ class Plan:
     prefill: list[Chunk]
     decode_rows: int  # bucket
     prefill_blocks: int  # bucket
+    convert: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (dense, packed) pages to pack first
+    freed: list[int] = dataclasses.field(default_factory=list)  # dense pages to release after the step
 
 
 def buckets(limit: int, factor: int = 2, first: int = 1) -> tuple[int, ...]:
@@ -87,9 +90,16 @@ def bucket_for(count: int, sizes: tuple[int, ...]) -> int:
 
 
 class Scheduler:
+    """`pages` holds every new token's K/V; with `packed` (a compressed cache) a decoding sequence's full dense
+    pages move into packed pages once `lag` newer tokens follow them (zipjax.serve.packed), and the prefix cache
+    keeps packed pages only."""
+
     def __init__(self, pages: PageTable, *, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
-                 decode_buckets: tuple[int, ...], prefill_buckets: tuple[int, ...]):
-        self.pages = pages
+                 decode_buckets: tuple[int, ...], prefill_buckets: tuple[int, ...], packed: PageTable | None = None,
+                 lag: int = 0):
+        self.pages, self.packed, self.lag = pages, packed, lag
+        self.prefix = packed if packed is not None else pages
+        self._convert: list[tuple[Sequence, int, int]] = []
         self.max_num_seqs, self.budget, self.block_size = max_num_seqs, max_num_batched_tokens, block_size
         self.decode_buckets, self.prefill_buckets = decode_buckets, prefill_buckets
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -101,6 +111,13 @@ class Scheduler:
 
     def schedule(self) -> Plan | None:
         """The next step's plan, or None when nothing can run."""
+        self._convert = []
+        try:
+            return self._plan()
+        finally:
+            self._convert = []  # planned conversions are the plan's now: a later release must not drop them
+
+    def _plan(self) -> Plan | None:
         decode = self._decodes()
         budget = self.budget - len(decode)
         max_blocks = self.prefill_buckets[-1]
@@ -114,18 +131,19 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(sequence)
             budget, max_blocks = self._chunk(sequence, budget, max_blocks, prefill)
+        convert = [(d, p) for _, d, p in self._convert]  # only decoding sequences convert
         if not decode and not prefill:
             return None
         blocks = sum(-(-c.count // self.block_size) for c in prefill)
         return Plan(decode, prefill, bucket_for(len(decode), self.decode_buckets),
-                    bucket_for(blocks, self.prefill_buckets))
+                    bucket_for(blocks, self.prefill_buckets), convert, [d for d, _ in convert])
 
     def _decodes(self) -> list[Sequence]:
         decode = []
         for sequence in list(self.running):
             if sequence not in self.running or sequence.pending != 1:
                 continue  # preempted while making room for an earlier one, or still in its prompt
-            while not self._reserve(sequence, sequence.num_computed + 1):
+            while not (self._pack(sequence) and self._reserve(sequence, sequence.num_computed + 1)):
                 victim = self.running[-1]
                 self.preempt(victim)
                 if victim is sequence:
@@ -136,8 +154,8 @@ class Scheduler:
 
     def _chunk(self, sequence: Sequence, budget: int, max_blocks: int, out: list[Chunk]) -> tuple[int, int]:
         count = min(sequence.pending, budget, max_blocks * self.block_size)
-        count = min(count, (len(sequence.pages) + self.pages.available()) * self.pages.page_size
-                    - sequence.num_computed)
+        count = min(count, (len(sequence.packed) + len(sequence.pages) + self.pages.available())
+                    * self.pages.page_size - sequence.num_computed)
         if count <= 0 or not self._reserve(sequence, sequence.num_computed + count):
             return budget, max_blocks
         out.append(Chunk(sequence, sequence.num_computed, count))
@@ -145,7 +163,7 @@ class Scheduler:
 
     def _reserve(self, sequence: Sequence, length: int) -> bool:
         """Pages for the sequence's first `length` tokens; False (nothing taken) when the pool cannot give them."""
-        needed = -(-length // self.pages.page_size) - len(sequence.pages)
+        needed = -(-length // self.pages.page_size) - len(sequence.packed) - len(sequence.pages)
         if needed > self.pages.available():
             return False
         sequence.pages.extend(self.pages.allocate() for _ in range(max(needed, 0)))
@@ -158,17 +176,38 @@ class Scheduler:
         for i in range((len(sequence.tokens) - 1) // size):
             parent = page_key(parent, sequence.tokens[i * size:(i + 1) * size], sequence.salt)
             keys.append(parent)
-        matched = self.pages.match(keys)
+        matched = self.prefix.match(keys)
         if not sequence.started:
-            self.pages.query_tokens += sequence.prompt_len
-            self.pages.hit_tokens += len(matched) * size
+            self.prefix.query_tokens += sequence.prompt_len
+            self.prefix.hit_tokens += len(matched) * size
             sequence.cached_tokens = len(matched) * size
-        sequence.pages, sequence.keys = matched, keys[:len(matched)]
+        if self.packed is not None:
+            sequence.packed, sequence.pages = matched, []
+        else:
+            sequence.pages = matched
+        sequence.keys = keys[:len(matched)]
         sequence.num_computed = len(matched) * size
         if self.pages.available() == 0 and sequence.pending > 0:
-            self.pages.release(sequence.pages)
-            sequence.pages, sequence.keys, sequence.num_computed = [], [], 0
+            self.release(sequence)
+            sequence.num_computed = 0
             return False
+        return True
+
+    def _pack(self, sequence: Sequence) -> bool:
+        """Move the decoding sequence's due dense pages into packed pages (done by the engine before the step);
+        False when the packed pool has no page for one."""
+        size = self.pages.page_size
+        while self.packed is not None and (len(sequence.packed) + 1) * size + self.lag <= sequence.num_computed:
+            page = self.packed.allocate()
+            if page is None:
+                return False
+            i = len(sequence.packed)
+            if len(sequence.keys) == i:
+                parent = sequence.keys[-1] if sequence.keys else b""
+                sequence.keys.append(page_key(parent, sequence.tokens[i * size:(i + 1) * size], sequence.salt))
+                self.packed.register(page, sequence.keys[i])
+            self._convert.append((sequence, sequence.pages.pop(0), page))
+            sequence.packed.append(page)
         return True
 
     def preempt(self, sequence: Sequence) -> None:
@@ -179,13 +218,24 @@ class Scheduler:
         self.preemptions += 1
 
     def release(self, sequence: Sequence) -> None:
+        """Give back the sequence's pages; a conversion planned for it in the step being planned is dropped (its
+        dense page is released, its packed page forgets its prefix key)."""
         self.pages.release(sequence.pages)
-        sequence.pages, sequence.keys = [], []
+        if self.packed is not None:
+            dropped = [(s, d, p) for s, d, p in self._convert if s is sequence]
+            self._convert = [c for c in self._convert if c[0] is not sequence]
+            self.pages.release([d for _, d, _ in dropped])
+            for _, _, page in dropped:  # never written: not a prefix page
+                self.packed.forget(page)
+            self.packed.release(sequence.packed)
+        sequence.pages, sequence.keys, sequence.packed = [], [], []
 
     def computed(self, sequence: Sequence, count: int) -> None:
         """`count` more tokens of the sequence are in its pages: record the full pages for the prefix cache."""
         sequence.num_computed += count
         size = self.pages.page_size
+        if self.packed is not None:
+            return  # a compressed cache shares packed pages only (keyed when packed)
         for i in range(len(sequence.keys), sequence.num_computed // size):
             parent = sequence.keys[-1] if sequence.keys else b""
             key = page_key(parent, sequence.tokens[i * size:(i + 1) * size], sequence.salt)

@@ -13,6 +13,7 @@ asks for it (`lax.cond`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -22,6 +23,7 @@ from flax import struct
 from zipjax.config import ModelConfig
 from zipjax.deltas import WeightDeltas
 from zipjax.sampling import filter_logits
+from zipjax.serve.packed import PackedPool, PageCodec, compress_layer
 from zipjax.serve.paged import PagedCache, Pool, StepLayout
 from zipjax.serve.requests import MAX_TOP_LOGPROBS
 from zipjax.transformer import Params, Transformer
@@ -51,15 +53,31 @@ class StepOutput:
     top_logprobs: jax.Array  # float32 [R, MAX_TOP_LOGPROBS]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "block_pages"), donate_argnames=("pool",))
+@functools.partial(jax.jit, static_argnames=("config", "block_pages", "spec"), donate_argnames=("pool",))
 def serve_step(params: Params, pool: Pool, batch: StepBatch, deltas: WeightDeltas | None, *, config: ModelConfig,
-               block_pages: int) -> tuple[Pool, StepOutput]:
+               block_pages: int, spec: PageCodec | None = None) -> tuple[Pool, StepOutput]:
     """The model over the step's tokens ([T, 1]: each token its own row), the chosen tokens of the sampled rows."""
-    cache = PagedCache(pool, batch.layout, block_pages)
+    cache = PagedCache(pool, batch.layout, block_pages, spec)
     logits, cache = Transformer(config).apply({"params": params}, batch.tokens[:, None], batch.positions[:, None],
                                               cache, deltas=deltas, rows=batch.rows)
     logits = logits[:, 0]  # [R, vocab]
     return cache.pool, choose(logits, batch)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("pool",))
+def pack_pages(pool: Pool, dense_ids: jax.Array, packed_ids: jax.Array, *, spec: PageCodec) -> Pool:
+    """Every layer's dense pages dense_ids int32 [C] packed into packed_ids int32 [C] (zipjax.serve.packed); the
+    engine runs it before a step that reads them packed."""
+    stores, scales = [], []
+    for layer in range(len(pool.k)):
+        mass = None if pool.mass is None else pool.mass[layer]
+        v_scale = None if pool.packed.v_scale is None else pool.packed.v_scale[layer]
+        layer_stores, scale = compress_layer(spec, pool.k[layer], pool.v[layer], mass, pool.packed.stores[layer],
+                                             v_scale, dense_ids, packed_ids)
+        stores.append(layer_stores)
+        scales.append(scale)
+    packed = PackedPool(tuple(stores), None if pool.packed.v_scale is None else tuple(scales))
+    return dataclasses.replace(pool, packed=packed)
 
 
 def choose(logits: jax.Array, batch: StepBatch) -> StepOutput:
