@@ -24,6 +24,7 @@ from zipjax.errors import ZipjaxError
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: serving beyond this machine is the user's explicit choice
 DEFAULT_PORT = 8000
+SERVED_KV = ("zipcache", "kivi", "uniform")  # methods with a packed page format (zipjax.serve.packed)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
 
@@ -52,7 +53,10 @@ def add_parser(commands) -> None:
     serve.add_argument("checkpoint", type=path, help="zipjax checkpoint folder")
     serve.add_argument("--served-model-name", default=None,
                        help="the model id clients ask for (default: the checkpoint's folder name)")
-    serve.add_argument("--kv", choices=("dense",), default="dense", help="KV cache pages: dense")
+    serve.add_argument("--kv", choices=("dense", *SERVED_KV), default="dense",
+                       help="KV cache pages: dense (default), or packed pages of a zipjax.kv method with its defaults: "
+                            "zipcache (4/2-bit mixed precision, 60%% salient, ranked per page), kivi (2-bit, "
+                            "128-token residual), uniform (4-bit token-wise); zipvl and minicache are not served")
     serve.add_argument("--experts", type=path, default=None, metavar="BANK",
                        help="an ME-Switch expert bank built on this checkpoint: each expert is a model id")
     serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -62,11 +66,14 @@ def add_parser(commands) -> None:
     serve.add_argument("--max-num-seqs", type=positive_int, default=16, help="sequences in one engine step at most")
     serve.add_argument("--max-num-batched-tokens", type=positive_int, default=256,
                        help="tokens in one engine step at most (decodes first, then chunked prefill)")
-    serve.add_argument("--page-size", type=positive_int, default=16, help="tokens per KV cache page")
+    serve.add_argument("--page-size", type=positive_int, default=None,
+                       help="tokens per KV cache page (default: 16; 64 for packed pages, whose per-page statistics "
+                            "cost less on longer pages)")
     pool = serve.add_mutually_exclusive_group()
     pool.add_argument("--kv-memory", type=_bytes, default=None, metavar="SIZE",
                       help="memory for the KV page pool, e.g. 4GiB (default: the engine's choice)")
-    pool.add_argument("--kv-pages", type=positive_int, default=None, help="pages in the KV pool")
+    pool.add_argument("--kv-pages", type=positive_int, default=None,
+                      help="pages in the KV pool (with --kv zipcache / kivi / uniform: packed pages)")
     serve.add_argument("--max-model-len", type=positive_int, default=None,
                        help="prompt plus completion tokens at most (default: the model's positions)")
     serve.add_argument("--max-waiting", type=positive_int, default=256,
@@ -128,10 +135,14 @@ def _engine(model, args: argparse.Namespace):
     from zipjax.serve.engine import Engine, EngineConfig
 
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          page_size=args.page_size, num_pages=args.kv_pages, kv_memory=args.kv_memory,
+                          page_size=args.page_size or (16 if args.kv == "dense" else 64),
+                          num_pages=args.kv_pages, kv_memory=args.kv_memory,
                           max_model_len=args.max_model_len, prefix_cache=not args.no_prefix_cache,
                           max_waiting=args.max_waiting)
-    return Engine(model, config)
+    from zipjax import kv
+
+    method = None if args.kv == "dense" else kv.method_from_name(args.kv)
+    return Engine(model, config, kv=method)
 
 
 def _serve(engine, args: argparse.Namespace, sock: socket.socket) -> None:

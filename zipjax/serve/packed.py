@@ -11,7 +11,7 @@ Page format, per layer and subset s (ZipCache: s = 0 salient at high bits, s = 1
 uniform: one subset), the codec's `Store` with the page as its batch axis:
 
     K, V codes       uint8   [pages, kv_heads, n_s, head_dim * bits_s / 8]   packed, n_s = method.split(page_size)[s]
-    slots            int16   [pages, kv_heads, n_s]                          offset of each token within its page
+    slots            uint8   [pages, kv_heads, n_s]                          offset of each token within its page
     K (step, min)    float16 [pages, kv_heads, runs, head_dim]               channel-wise keys (per page and subset,
                                                                               KIVI: per run of `group` tokens)
                      or      [pages, kv_heads, n_s, groups]                  token-wise keys (uniform)
@@ -99,7 +99,7 @@ class PackedPool:
     @classmethod
     def init(cls, config: ModelConfig, spec: PageCodec, num_pages: int) -> PackedPool:
         h, d = config.num_kv_heads, config.head_dim
-        slot_dtype = jnp.int16
+        slot_dtype = jnp.uint8 if spec.page_size <= 256 else jnp.int16
 
         def layer() -> tuple[Store, ...]:
             stores = []
