@@ -464,7 +464,7 @@ def _segment_attention(q: jax.Array, segment: PackedSegment, q_slot: jax.Array, 
                        block: int, group: int | None, sliding_window: int | None, backend: str, interpret,
                        blocks: Blocks) -> SoftmaxState:
     """`segment_attention`, its backend and interpret resolved and its inputs checked."""
-    batch, kv_heads, heads_per_kv, d = q.shape
+    _, _, heads_per_kv, d = q.shape
     k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, slots = segment
     t = choose_tiling(backend, bits, d, group or d, block, k_codes.shape[2], heads_per_kv, v_scale is not None,
                       compiled=not interpret, tile=blocks.tile)
