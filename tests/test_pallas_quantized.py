@@ -331,3 +331,18 @@ def test_multi_query_wrong_inputs_are_named(change, message, kernel):
     args = change(*multi_query_case(0, 4, 4, 3))
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         multi_query(*args, bits=4, block=8, kernel=kernel)
+
+
+def test_merge_lse_weighs_parts_that_saw_nothing_zero():
+    """A part whose queries saw no key (out 0, lse MASK_VALUE) changes nothing; all parts empty give 0, finite."""
+    from zipjax.kernels.common import MASK_VALUE
+    from zipjax.kernels.quantized_multi_query import merge_lse
+
+    out = jax.random.normal(jax.random.key(0), (2, 3, 4, 8))
+    lse = jax.random.normal(jax.random.key(1), (2, 3, 4))
+    empty = (jnp.zeros_like(out), jnp.full_like(lse, MASK_VALUE))
+    merged, merged_lse = merge_lse([(out, lse), empty])
+    np.testing.assert_allclose(merged, out, rtol=1e-6)
+    np.testing.assert_allclose(merged_lse, lse, rtol=1e-6)
+    nothing, nothing_lse = merge_lse([empty, empty])
+    assert float(jnp.abs(nothing).max()) == 0 and bool(jnp.all(jnp.isfinite(nothing_lse)))
