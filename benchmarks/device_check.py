@@ -11,6 +11,8 @@ Kernels (each against its jax.numpy reference on the same inputs, bf16; max abs 
   zipar            zipjax.kernels.zipar_attention, an Emu3 90x90 ZipAR pass with guidance (13 queries, 8,320 slots)
   quantized        the packed-code decode attention, through zipjax.generate with ZipCache(kernel=True) against
                    the jnp path of the same cache (tokens compared, decode ms/token)
+  quantized multi  zipjax.kernels.quantized_multi_query, an Emu3 90x90 ZipAR pass with guidance (13 queries) over
+                   88 compressed rows of 91 tokens at 4 bits (ZipCache layout), kernel=True against kernel=False
 Serving: zipjax.serve's engine (continuous batching over the paged pool) on the same model, 16 requests of 512
 prompt tokens x 64 new tokens at once, against static `zipjax.generate` at batch 16 over the same prompts (equal
 work): output tok/s of each and whether the greedy tokens are equal.
@@ -39,12 +41,15 @@ import report
 from zipjax.kernels.common import platform as traced_platform
 from zipjax.kernels.flash_attention import flash_attention
 from zipjax.kernels.flash_attention import reference as flash_reference
+from zipjax.kernels.quantized_attention import PackedSegment
+from zipjax.kernels.quantized_multi_query import multi_query
 from zipjax.kernels.zipar_attention import reference as zipar_reference
 from zipjax.kernels.zipar_attention import zipar_attention
 
 import zipjax
 from zipjax import aot, kv
 from zipjax.config import ModelConfig
+from zipjax.kv.codec import channel_scale, grouped, pack, quantize
 from zipjax.model import Model
 from zipjax.transformer import init_params
 
@@ -103,6 +108,35 @@ def zipar_case(quick: bool) -> dict:
     written = jnp.broadcast_to(written, (batch, slots))
     args = (q, k, v, q_slots, written, jnp.zeros((batch,), jnp.int32))
     return compare("zipar", zipar_attention, zipar_reference, args)
+
+
+def packed_segment(seed: int, batch: int, kv_heads: int, blocks: int, block: int, head_dim: int,
+                   bits: int) -> PackedSegment:
+    """A ZipCache-layout segment (channel-wise keys per block, token-wise values, CST scale) of random K and V,
+    quantized by zipjax.kv.codec; slot s holds token s."""
+    key_k, key_v = jax.random.split(jax.random.key(seed))
+    shape = (batch, kv_heads, blocks, block, head_dim)
+    k, v = jax.random.normal(key_k, shape), jax.random.normal(key_v, shape)
+    k_codes, k_step, k_min = quantize(k, bits, axis=3)
+    v_scale = channel_scale(v, axis=3)
+    v_codes, v_step, v_min = quantize(grouped(v / v_scale.astype(jnp.float32), head_dim), bits, axis=-1)
+    tokens = (batch, kv_heads, blocks * block)
+    slots = jnp.broadcast_to(jnp.arange(blocks * block, dtype=jnp.int16), tokens)
+    return PackedSegment(pack(k_codes.reshape(*tokens, head_dim), bits), k_step[:, :, :, 0], k_min[:, :, :, 0],
+                         pack(v_codes.reshape(*tokens, head_dim), bits), v_step[..., 0].reshape(*tokens, 1),
+                         v_min[..., 0].reshape(*tokens, 1), v_scale[:, :, :, 0], slots)
+
+
+def quantized_multi_case(quick: bool) -> dict:
+    batch, queries, heads, kv_heads, head_dim, blocks, block = (2, 5, 8, 2, 32, 4, 60) if quick else \
+        (2, 13, 32, 8, 128, 88, 91)
+    segment = packed_segment(2, batch, kv_heads, blocks, block, head_dim, bits=4)
+    q = jax.random.normal(jax.random.key(3), (batch, queries, heads, head_dim), jnp.float32 if quick else jnp.bfloat16)
+    length = blocks * block
+    q_slots = jnp.broadcast_to(jnp.linspace(length // 2, length + 90, queries).astype(jnp.int32), (batch, queries))
+    args = (q, segment, q_slots, jnp.zeros((batch,), jnp.int32))
+    attend = lambda kernel: lambda *a: multi_query(*a, bits=4, block=block, kernel=kernel)[0]
+    return compare("quantized multi", attend(True), attend(False), args)
 
 
 def decode_rate(model: Model, batch: int, prompt_len: int, new_tokens: int, method=None) -> tuple[float, np.ndarray]:
@@ -193,7 +227,7 @@ def main() -> None:
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({traced_platform()}), jax {jax.__version__}, quick={quick}", flush=True)
     started = time.perf_counter()
-    kernels = [*flash_cases(quick), zipar_case(quick), quantized_row(quick)]
+    kernels = [*flash_cases(quick), zipar_case(quick), quantized_row(quick), quantized_multi_case(quick)]
     models = model_rows(quick)
     serving = serving_row(quick)
     name = device.device_kind.lower().replace(" ", "-")

@@ -5,6 +5,8 @@ common               the leaf the kernels and the library share: mask value, gro
                      layout, and the wrapper convention's backend rule (imports jax and zipjax.platform only)
 flash_attention      prefill and decode attention over a slot-addressed cache, reading only the visible key blocks
 quantized_attention  decode attention over packed 2/4/8-bit KV codes (a `PackedSegment`), partial states merged
+quantized_multi_query  the same kernel with several queries per sequence (ZipAR's rows, SJD's drafts), each query's
+                     own visible slots; (out, lse) per query for merging with a dense band (`merge_lse`)
 zipar_attention      ZipAR's parallel-decoding attention (several queries per sequence, written-slot raster mask)
 delta_matmul         ME-Switch's grouped dequantize-matmul: each row times its own expert's packed low-bit delta
 

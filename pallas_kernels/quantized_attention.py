@@ -122,6 +122,7 @@ class Tiling:
     rows: int  # query rows per program: G, padded to a power of two on GPU
     cst: bool  # a CST channel scale per block multiplies the values
     precision: lax.Precision | lax.DotAlgorithmPreset  # float32-exact: fp32 (Mosaic), 3-pass TF32 (Triton)
+    per_row: bool = False  # each query row has its own slot bounds (zipjax.kernels.quantized_multi_query)
 
     @property
     def width(self) -> int:
@@ -176,11 +177,11 @@ class Tiling:
 
 
 def choose_tiling(backend: str, bits: int, head_dim: int, group: int, block: int, length: int, heads_per_kv: int,
-                  cst: bool, compiled: bool, tile: int | None = None) -> Tiling:
+                  cst: bool, compiled: bool, tile: int | None = None, per_row: bool = False) -> Tiling:
     """TPU: a multiple of 128 tokens near the block size, at most 512 (a tile meets fewer blocks, so fewer key
     passes), or the whole segment when it is shorter than 128. GPU: 128 tokens, or the largest power of two that
     fits in the segment; the G query rows padded to a power of two. `tile` (from `Blocks`) overrides the tokens per
-    program."""
+    program. `per_row`: the rows are several queries', each with its own visible slots."""
     if tile is not None:
         _check_tile(backend, tile, length, compiled)
     if backend == "tpu":
@@ -191,7 +192,7 @@ def choose_tiling(backend: str, bits: int, head_dim: int, group: int, block: int
         tile = tile or min(GPU_TILE, 1 << (length.bit_length() - 1))
         rows = 1 << (heads_per_kv - 1).bit_length()
         precision = lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if compiled else lax.Precision.HIGHEST
-    return Tiling(backend, bits, head_dim, group, block, length, tile, rows, cst, precision)
+    return Tiling(backend, bits, head_dim, group, block, length, tile, rows, cst, precision, per_row)
 
 
 def _check_tile(backend: str, tile: int, length: int, compiled: bool) -> None:
@@ -278,14 +279,19 @@ def _plane_values(j: int, plane, p, passes, side_ref, cs_ref, t: Tiling) -> jax.
     return part
 
 
-def _tile_tokens(i: jax.Array, side_ref, t: Tiling):
-    """Which tokens of tile i the query sees ([1, tile] bool), the blocks the tile meets (clamped indices, for the
-    statistics rows) and each one's tokens ([1, tile] bool)."""
+def _tile_tokens(i: jax.Array, side_ref, row_refs, t: Tiling):
+    """Which tokens of tile i the query sees ([1, tile] bool; per row, [rows, tile]), the blocks the tile meets
+    (clamped indices, for the statistics rows) and each one's tokens ([1, tile] bool). row_refs: with `per_row`,
+    the tile's slots [1, tile] int32 and the rows' lowest and highest visible slot [rows, 1] int32 (lowest >= 0)."""
     # on GPU the last window is shifted back inside the segment (see the module docstring)
     start = jnp.minimum(i * t.tile, t.length - t.tile) if t.backend == "gpu" else i * t.tile
     position = start + lax.broadcasted_iota(jnp.int32, (1, t.tile), 1)  # token index in the segment
     owned = (position >= i * t.tile) & (position < t.length)
     visible = owned & (side_ref[pl.ds(0, 1), :] != 0)  # 1.0 or its bits
+    if t.per_row:
+        slots_ref, lowest_ref, highest_ref = row_refs
+        slot = jnp.where(visible, slots_ref[...], -1)  # [1, tile]; -1: below every row's lowest slot
+        visible = (slot >= lowest_ref[...]) & (slot <= highest_ref[...])  # [rows, tile]
     first = lax.div(i * t.tile, t.block)  # the first block the tile meets
     blocks = [jnp.minimum(first + k, t.blocks - 1) for k in range(t.window)]
     members = [(position >= (first + k) * t.block) & (position < (first + k + 1) * t.block) for k in range(t.window)]
@@ -311,17 +317,20 @@ def _decoded(side_ref, stat_refs, scratch, t: Tiling):
 
 def _kernel(q_ref, kc_ref, vc_ref, side_ref, *refs, t: Tiling):
     """One (sequence, KV head, tile). q_ref [rows, d] float32; kc_ref, vc_ref uint8 [width, tile] or [tile, width];
-    side_ref [1 + 2 groups, tile]; then in `refs`: the key step, key min (and CST scale) refs [blocks, d]; m, l
+    side_ref [1 + 2 groups, tile]; then in `refs`: the key step, key min (and CST scale) refs [blocks, d]; with
+    `per_row`, the tile's slots and the rows' bounds (`_tile_tokens`); m, l
     [rows, 1] and acc [rows, d], the tile's state (GPU) or the running state over the tiles of the KV head (TPU:
     the output block stays in VMEM along the sequential tile axis); on TPU, the scratch of `_decoded`.
 
     This is the online-softmax step of zipjax.kernels.common (same mask value, same empty state, same rescale)
     written out, because acc is updated plane by plane in column slices (nothing is concatenated in a kernel)."""
-    stat_refs, (m_ref, l_ref, acc_ref), scratch = refs[:t.stats], refs[t.stats:t.stats + 3], refs[t.stats + 3:]
+    inputs = t.stats + (3 if t.per_row else 0)
+    stat_refs, row_refs = refs[:t.stats], refs[t.stats:inputs]
+    (m_ref, l_ref, acc_ref), scratch = refs[inputs:inputs + 3], refs[inputs + 3:]
     side_ref, stat_refs = _decoded(side_ref, stat_refs, scratch, t)
     ks_ref, km_ref, cs_ref = (*stat_refs, None)[:3]
     i = pl.program_id(2)
-    visible, blocks, members = _tile_tokens(i, side_ref, t)
+    visible, blocks, members = _tile_tokens(i, side_ref, row_refs, t)
     scores = _key_scores(q_ref, _planes(kc_ref, t), ks_ref, km_ref, blocks, members, t)
     scores = jnp.where(visible, scores, MASK_VALUE)
     m = scores.max(axis=1, keepdims=True)  # [rows, 1]
@@ -361,20 +370,25 @@ def _loadable(x: jax.Array, backend: str) -> jax.Array:
 
 
 def _in_specs(t: Tiling, side_rows: int, block_stats: int) -> list[pl.BlockSpec]:
-    """Query, key codes, value codes, side data, then the per-block statistics (whole, once per KV head)."""
+    """Query, key codes, value codes, side data, then the per-block statistics (whole, once per KV head); with
+    `per_row`, the slots [1, tile] of the tile and the rows' two bounds [rows, 1] (once per sequence)."""
     if t.backend == "gpu":  # element offsets: windows clamped inside the segment
         start = lambda i: jnp.minimum(i * t.tile, t.length - t.tile)
         window = lambda rows, cols: (None, None, pl.Element(rows), pl.Element(cols))
         codes = pl.BlockSpec(window(t.tile, t.width), lambda b, h, i: (b, h, start(i), 0))
-        side = pl.BlockSpec(window(side_rows, t.tile), lambda b, h, i: (b, h, 0, start(i)))
+        side, slots = (pl.BlockSpec(window(rows, t.tile), lambda b, h, i: (b, h, 0, start(i)))
+                       for rows in (side_rows, 1))
     else:
         if t.channels_major:
             codes = pl.BlockSpec((None, None, t.width, t.tile), lambda b, h, i: (b, h, 0, i))
         else:
             codes = pl.BlockSpec((None, None, t.tile, t.width), lambda b, h, i: (b, h, i, 0))
-        side = pl.BlockSpec((None, None, side_rows, t.tile), lambda b, h, i: (b, h, 0, i))
+        side, slots = (pl.BlockSpec((None, None, rows, t.tile), lambda b, h, i: (b, h, 0, i))
+                       for rows in (side_rows, 1))
     per_head = lambda rows: pl.BlockSpec((None, None, rows, t.head_dim), lambda b, h, i: (b, h, 0, 0))
-    return [per_head(t.rows), codes, codes, side] + [per_head(t.blocks)] * block_stats
+    bounds = pl.BlockSpec((None, t.rows, 1), lambda b, h, i: (b, 0, 0))
+    rows = [slots, bounds, bounds] if t.per_row else []
+    return [per_head(t.rows), codes, codes, side] + [per_head(t.blocks)] * block_stats + rows
 
 
 def _cost(t: Tiling, batch: int, kv_heads: int, inputs: list[jax.Array]) -> pl.CostEstimate:
@@ -450,7 +464,7 @@ def _segment_attention(q: jax.Array, segment: PackedSegment, q_slot: jax.Array, 
                        block: int, group: int | None, sliding_window: int | None, backend: str, interpret,
                        blocks: Blocks) -> SoftmaxState:
     """`segment_attention`, its backend and interpret resolved and its inputs checked."""
-    batch, kv_heads, heads_per_kv, d = q.shape
+    _, _, heads_per_kv, d = q.shape
     k_codes, k_step, k_min, v_codes, v_step, v_min, v_scale, slots = segment
     t = choose_tiling(backend, bits, d, group or d, block, k_codes.shape[2], heads_per_kv, v_scale is not None,
                       compiled=not interpret, tile=blocks.tile)
@@ -459,8 +473,20 @@ def _segment_attention(q: jax.Array, segment: PackedSegment, q_slot: jax.Array, 
     block_stats = [loadable(x) for x in (k_step, k_min, v_scale) if x is not None]  # [b, h, blocks, d]
     rows = ((0, 0), (0, 0), (0, t.rows - heads_per_kv), (0, 0))
     queries = jnp.pad(q.astype(jnp.float32) * d**-0.5, rows)  # [batch, kv_heads, rows, d]
+    state = _run_kernel(t, queries, k_codes, v_codes, side, block_stats, (), interpret)
+    return SoftmaxState(state.max[..., :heads_per_kv], state.denom[..., :heads_per_kv],
+                        state.acc[..., :heads_per_kv, :])
+
+
+def _run_kernel(t: Tiling, queries: jax.Array, k_codes: jax.Array, v_codes: jax.Array, side: jax.Array,
+                block_stats: list[jax.Array], row_inputs: tuple[jax.Array, ...], interpret) -> SoftmaxState:
+    """The pallas_call over a prepared segment: queries float32 [batch, kv_heads, t.rows, d] (scaled, padded), codes
+    as the cache stores them, the side rows and per-block statistics as the kernel loads them, and with `per_row`
+    the slots int32 [batch, kv_heads, 1, tokens] and the rows' bounds int32 [batch, t.rows, 1] (lowest, highest).
+    Returns the states of all t.rows rows (padding included)."""
+    batch, kv_heads, _, d = queries.shape
     k_view, v_view = (jnp.swapaxes(c, 2, 3) if t.channels_major else c for c in (k_codes, v_codes))
-    inputs = [queries, k_view, v_view, side, *block_stats]
+    inputs = [queries, k_view, v_view, side, *block_stats, *row_inputs]
     tile_state = lambda width: pl.BlockSpec((None, None, None, t.rows, width),
                                             lambda b, h, i: (b, h, 0 if t.accumulates else i, 0, 0))
     state = lambda width: jax.ShapeDtypeStruct((batch, kv_heads, t.states, t.rows, width), jnp.float32)
@@ -476,7 +502,7 @@ def _segment_attention(q: jax.Array, segment: PackedSegment, q_slot: jax.Array, 
         interpret=interpret,
         name="segment_attention",
     )(*inputs)
-    return SoftmaxState(m[..., :heads_per_kv, 0], total[..., :heads_per_kv, 0], acc[..., :heads_per_kv, :])
+    return SoftmaxState(m[..., 0], total[..., 0], acc)
 
 
 def segment_attention(q: jax.Array, segment: PackedSegment, q_slot: jax.Array, starts: jax.Array, *, bits: int,

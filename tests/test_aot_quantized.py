@@ -7,6 +7,12 @@ own memory plan. Shapes are real models' decode shapes: LLaMA-2-7B (32 KV heads,
 Mistral-7B (8 KV heads, G=4, d=128), SmolLM2-135M (3 KV heads, G=3, d=64), bf16 queries, float16 scales, in the
 ZipCache layout (token-wise values, CST channel scale) and the KIVI layout (groups of 32 channels, no CST), over a
 prompt segment (0.6 * 4096 salient tokens, one block) or streaming blocks of 60 tokens.
+
+The kernel for several queries per sequence (zipjax.kernels.quantized_multi_query, through `multi_query`, the
+library's call, kernel=None) at Emu3-Gen 90x90 with classifier-free guidance (batch 2; 32 query heads on 8 KV heads,
+d = 128): a ZipAR pass of the fixed window 7 (13 queries), of the adaptive decoder (21) and SJD's window of 16 over
+the compressed rows of the image (ZipCache layout: 88 rows of 91 tokens, one 4-bit block a row; KIVI layout: 8192
+tokens at 2 bits in blocks of 32).
 """
 
 import re
@@ -15,8 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from zipjax.kernels.quantized_attention import PackedSegment, combine, segment_attention
+from zipjax.kernels.quantized_multi_query import multi_query
 
 from zipjax import aot
+from zipjax.zipar.adaptive import query_slots
+from zipjax.zipar.schedule import fixed_window
 
 MODELS = {"llama2-7b": (32, 1, 128), "llama3-8b": (8, 4, 128), "smollm2-135m": (3, 3, 64)}  # kv_heads, G, d
 LAYOUTS = {"zipcache": (None, True), "kivi": (32, False)}  # value group, CST scale
@@ -182,3 +191,52 @@ def test_kernel_per_shard_compiles_for_a_mesh(target_name):
           f"{largest_float_buffer(hlo)} elements, collectives {report.collectives}")
     assert CUSTOM_CALLS[target.kind] in hlo
     assert largest_float_buffer(hlo) < 8 * kv_heads * SALIENT * d // (data * model) / 16
+
+
+EMU3_GEN = (8, 4, 128)  # kv_heads, G, d: Emu3-Gen 8B's 32 query heads on 8 KV heads
+EMU3_PASSES = {"zipar_window7": fixed_window(90, 90, 7).queries_per_pass, "zipar_adaptive": query_slots(90, 4, 90),
+               "sjd16": 16}  # queries per pass at 90x90
+# bits, blocks, block, value group, CST scale
+EMU3_SEGMENTS = {"zipcache": (4, 88, 91, None, True), "kivi": (2, 256, 32, 32, False)}
+
+
+@pytest.mark.parametrize("target_name, decoder, layout", [
+    ("v5e:1x1", "zipar_window7", "zipcache"), ("v5e:1x1", "sjd16", "kivi"),
+    ("v6e:1x1", "zipar_adaptive", "zipcache"), ("v6e:1x1", "zipar_window7", "kivi"),
+    ("h100", "zipar_window7", "zipcache"), ("h100", "sjd16", "zipcache"),
+])
+def test_multi_query_compiles_for_emu3_90x90_with_guidance(target_name, decoder, layout, record_property):
+    """multi_query(kernel=None) compiled for the chip picks the kernel (Mosaic's or Triton's custom call in the
+    program); it fits; its temporaries stay below a bf16 copy of the segment's K and V. On TPU no float array is an
+    eighth the size of a dequantized copy (the largest is the wrapper's float16 side rows, 1 + 2 groups a token:
+    visibility, value steps and mins), and the bytes the kernel reads by its CostEstimate are at most 40% of that
+    bf16 copy. On GPU the temporaries are the per-tile partial states (one per 128 tokens, Q * G rows padded to a
+    power of two)."""
+    target = aot.target(target_name)
+    chip = aot.on_chip(target)
+    (kv_heads, heads_per_kv, d), queries, batch = EMU3_GEN, EMU3_PASSES[decoder], 2
+    bits, blocks, block, group, cst = EMU3_SEGMENTS[layout]
+    tokens, per_block = (batch, kv_heads, blocks * block), (batch, kv_heads, blocks, d)
+    codes = aot.array((*tokens, d * bits // 8), jnp.uint8, chip)
+    value_scale = aot.array((*tokens, d // (group or d)), jnp.float16, chip)
+    stat = aot.array(per_block, jnp.float16, chip)
+    segment = PackedSegment(codes, stat, stat, codes, value_scale, value_scale, stat if cst else None,
+                            aot.array(tokens, jnp.int16, chip))
+    args = (aot.array((batch, queries, kv_heads * heads_per_kv, d), jnp.bfloat16, chip), segment,
+            aot.array((batch, queries), jnp.int32, chip), aot.array((batch,), jnp.int32, chip))
+    attend = lambda q, segment, q_slots, starts: multi_query(q, segment, q_slots, starts, bits=bits, block=block,
+                                                              group=group)
+    compiled, report = aot.compile(attend, *args, target=target)
+    hlo = compiled.as_text()
+    bf16_copy = 2 * batch * kv_heads * blocks * block * d * 2
+    kernel_bytes = sum(int(n) for n in re.findall(r'"bytes_accessed":"(\d+)"', hlo))
+    record_property("temp_bytes", report.temp_bytes)
+    record_property("compile_seconds", round(report.compile_seconds, 2))
+    print(f"{target_name} {decoder} ({queries} queries) {layout} {bits}-bit {blocks}x{block}: compiled in "
+          f"{report.compile_seconds:.1f}s, temp {report.temp_bytes} bytes, arguments {report.argument_bytes}, output "
+          f"{report.output_bytes}, kernel reads {kernel_bytes} (a bf16 K/V copy: {bf16_copy})")
+    assert CUSTOM_CALLS[target.kind] in hlo
+    assert report.fits and report.temp_bytes < bf16_copy
+    if target.kind == "tpu":
+        assert 0 < kernel_bytes <= 0.4 * bf16_copy
+        assert largest_float_buffer(hlo) < batch * kv_heads * blocks * block * d / 8  # the side rows: 1 + 2 groups

@@ -212,3 +212,137 @@ def test_kernel_per_shard_of_a_mesh_matches_the_reference(model):
         state = attend.lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
     assert state[0].shape == (2, 2, 1, 3)  # one state per (sequence, KV head): the shards' combined, or its own
     np.testing.assert_allclose(merge([state]), ref, atol=2e-5)
+
+
+# Several queries per sequence (zipjax.kernels.quantized_multi_query): ZipAR's rows and SJD's drafts, each at its own
+# slot; out and log-sum-exp per query and head against the jnp reference, both kernel forms interpreted.
+
+def multi_query_case(seed: int, bits: int, heads: int, queries: int, **shape):
+    """A segment of 2 KV heads (empty slots at one head's end) and `queries` queries per sequence at scattered slots:
+    the second sequence starts at slot 5 and its first query (slot 3) sees nothing."""
+    seg, slots = make_segment(seed, bits, **shape)
+    length = slots.shape[-1]
+    q = jax.random.normal(jax.random.key(seed + 1), (2, queries, heads, shape.get("d", 16)))
+    q_slots = jnp.stack([jnp.linspace(2, length + 3, queries), jnp.linspace(3, length - 1, queries)]).astype(jnp.int32)
+    return q, PackedSegment(*seg.values(), slots), q_slots, jnp.array([0, 5], jnp.int32)
+
+
+def multi_query_error(backend, bits, heads, queries, group=None, sliding_window=None, **shape) -> float:
+    from zipjax.kernels.quantized_multi_query import multi_query_attention, reference, state_output
+
+    args = multi_query_case(bits + heads, bits, heads, queries, group=group, **shape)
+    settings = dict(bits=bits, block=shape.get("block", 8), group=group, sliding_window=sliding_window)
+    out, lse = state_output(multi_query_attention(*args, backend=backend, interpret=True, **settings), queries)
+    ref_out, ref_lse = jax.jit(reference, static_argnames=tuple(settings))(*args, **settings)
+    assert out.shape == ref_out.shape == (*args[0].shape[:3], args[0].shape[3]) and lse.shape == out.shape[:3]
+    assert float(ref_lse[1, 0].max()) < -1e30 and float(jnp.abs(out[1, 0]).max()) == 0  # sees nothing: weighs 0
+    seen = ref_lse > -1e30
+    err = max(float(jnp.abs(out - ref_out).max()), float(jnp.abs(jnp.where(seen, lse - ref_lse, 0)).max()))
+    print(f"multi-query {backend} bits={bits} heads={heads} Q={queries} group={group} window={sliding_window} "
+          f"{shape}: max abs error {err:.2e}")
+    return err
+
+
+@pytest.mark.parametrize("backend, bits, heads, queries, group, cst, window", [
+    ("tpu", 4, 8, 5, None, True, None), ("tpu", 2, 2, 3, 8, False, 7), ("tpu", 8, 6, 4, 8, True, None),
+    ("gpu", 4, 8, 5, 8, True, None), ("gpu", 2, 6, 3, None, False, 7)])
+def test_multi_query_kernel_matches_reference(backend, bits, heads, queries, group, cst, window):
+    """G = 1, 3, 4 query heads per KV head, 3 to 5 queries per sequence (rows Q * G, padded to a power of two on
+    GPU), a sliding window, empty slots, a sequence start and a query before it."""
+    assert multi_query_error(backend, bits, heads, queries, group, window, cst=cst) < 2e-5
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_multi_query_tiles_cross_blocks(backend):
+    """Five streaming blocks of 60 tokens, d = 32, 13 queries at G = 2 (a ZipAR window's rows): several tiles, each
+    meeting several blocks, a partial last one."""
+    assert multi_query_error(backend, 4, 4, 13, 16, blocks=5, block=60, d=32, cst=True) < 2e-5
+
+
+def test_multi_query_with_one_query_is_the_decode_kernel():
+    """Q = 1 with every query at the same slot equals the one-query kernel `segment_attention`, merged."""
+    from zipjax.kernels.quantized_multi_query import multi_query_attention, state_output
+
+    q, segment, _, starts = multi_query_case(3, 4, 6, 1)
+    q_slot = jnp.int32(17)
+    state = multi_query_attention(q, segment, jnp.full((2, 1), q_slot), starts, bits=4, block=8, interpret=True)
+    decode = merge([segment_attention(q[:, 0].reshape(2, 2, 3, 16), segment, q_slot, starts, bits=4, block=8,
+                                      interpret=True)])
+    np.testing.assert_allclose(state_output(state, 1)[0][:, 0], decode.reshape(2, 6, 16), atol=1e-6)
+
+
+def test_multi_query_merged_with_a_dense_band_is_attention_over_both():
+    """The compressed rows by the kernel, the active band (dense keys at slots after them) in jnp, merged by
+    `merge_lse` = one softmax over both sets of keys."""
+    from zipjax.kernels.quantized_multi_query import merge_lse, multi_query
+
+    q, segment, q_slots, starts = multi_query_case(5, 4, 4, 3)
+    q_slots = q_slots + 6  # queries inside the band
+    k_seg, v_seg = dequantize_segment(segment, bits=4, block=8)
+    band = 8
+    k_band, v_band = (jax.random.normal(jax.random.key(i), (2, 2, band, 16)) for i in (11, 12))
+    band_slots = jnp.broadcast_to(24 + jnp.arange(band), (2, 2, band))
+    parts = [multi_query(q, segment, q_slots, starts, bits=4, block=8, kernel=True)]
+
+    def attend(k, v, slots):
+        visible = (slots[:, :, None, :] >= jnp.maximum(starts, 0)[:, None, None, None]) & (slots[:, :, None, :] >= 0)
+        visible &= slots[:, :, None, :] <= q_slots[:, None, :, None]  # [batch, kv_heads, queries, keys]
+        scores = jnp.einsum("bqkgd,bksd->bkgqs", q.reshape(2, 3, 2, 2, 16), k) / 4.0
+        scores = jnp.where(visible[:, :, None], scores, -1e30)
+        top = scores.max(-1, keepdims=True)
+        p = jnp.where(visible[:, :, None], jnp.exp(scores - top), 0.0)
+        out = jnp.einsum("bkgqs,bksd->bqkgd", p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30), v)
+        lse = (top + jnp.log(jnp.maximum(p.sum(-1, keepdims=True), 1e-30)))[..., 0].transpose(0, 3, 1, 2)
+        return out.reshape(2, 3, 4, 16), jnp.where(lse > -1e29, lse, -1e30).reshape(2, 3, 4)
+
+    parts.append(attend(k_band, v_band, band_slots))
+    out, _ = merge_lse(parts)
+    expected, _ = attend(jnp.concatenate([k_seg, k_band], 2), jnp.concatenate([v_seg, v_band], 2),
+                         jnp.concatenate([segment.slots, band_slots], 2))
+    np.testing.assert_allclose(out, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("platform, kernel, runs_kernel", [
+    ("cpu", None, False), ("cpu", False, False), ("cpu", True, True), ("tpu", None, True), ("tpu", False, False),
+    ("gpu", None, True)])
+def test_multi_query_follows_the_kernel_policy(platform, kernel, runs_kernel):
+    """`multi_query(kernel=...)` by zipjax.platform.use_kernel: the kernel on TPU / GPU (or forced), jnp on a CPU
+    (or forced). Traced only."""
+    from zipjax.kernels.quantized_multi_query import multi_query
+
+    args = multi_query_case(0, 4, 4, 3)
+    with contextlib.nullcontext() if platform == "cpu" else compiling_for(platform):
+        jaxpr = jax.make_jaxpr(lambda *a: multi_query(*a, bits=4, block=8, kernel=kernel))(*args)
+    assert (_pallas_call(jaxpr.jaxpr) is not None) is runs_kernel
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda q, s, qs, st: (q[0], s, qs, st), "q must be float [batch, queries, heads, head_dim]"),
+    (lambda q, s, qs, st: (q[:, :, :3], s, qs, st), "q's 3 heads must be a multiple of the segment's KV heads"),
+    (lambda q, s, qs, st: (q, s, qs[:, :2], st), "q_slots must be int of shape (2, 3)"),
+    (lambda q, s, qs, st: (q, s, qs.astype(jnp.float32), st), "q_slots must be int"),
+    (lambda q, s, qs, st: (q, s._replace(k_step=s.k_step[:, :, :2]), qs, st), "k_step must be float of shape"),
+    (lambda q, s, qs, st: (q, s, qs, st[:1]), "starts must be int of shape (2,)"),
+])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_multi_query_wrong_inputs_are_named(change, message, kernel):
+    from zipjax.kernels.quantized_multi_query import multi_query
+
+    args = change(*multi_query_case(0, 4, 4, 3))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        multi_query(*args, bits=4, block=8, kernel=kernel)
+
+
+def test_merge_lse_weighs_parts_that_saw_nothing_zero():
+    """A part whose queries saw no key (out 0, lse MASK_VALUE) changes nothing; all parts empty give 0, finite."""
+    from zipjax.kernels.common import MASK_VALUE
+    from zipjax.kernels.quantized_multi_query import merge_lse
+
+    out = jax.random.normal(jax.random.key(0), (2, 3, 4, 8))
+    lse = jax.random.normal(jax.random.key(1), (2, 3, 4))
+    empty = (jnp.zeros_like(out), jnp.full_like(lse, MASK_VALUE))
+    merged, merged_lse = merge_lse([(out, lse), empty])
+    np.testing.assert_allclose(merged, out, rtol=1e-6)
+    np.testing.assert_allclose(merged_lse, lse, rtol=1e-6)
+    nothing, nothing_lse = merge_lse([empty, empty])
+    assert float(jnp.abs(nothing).max()) == 0 and bool(jnp.all(jnp.isfinite(nothing_lse)))
