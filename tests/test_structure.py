@@ -230,6 +230,7 @@ KERNEL_ENTRY_POINTS = {
     "zipjax.kernels.flash_attention": ("flash_attention", "flash_attention_state", "flash_prefill", "flash_decode"),
     "zipjax.kernels.zipar_attention": ("zipar_attention",),
     "zipjax.kernels.quantized_attention": ("segment_attention",),
+    "zipjax.kernels.quantized_multi_query": ("multi_query_attention",),
     "zipjax.kernels.delta_matmul": ("delta_matmul",),
 }
 
