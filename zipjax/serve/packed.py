@@ -119,9 +119,9 @@ class PackedPool:
         return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
 
     def logical_axes(self) -> PackedPool:
-        spec = PartitionSpec(None, "kv_heads", None, None)
-        stores = jax.tree.map(lambda _: spec, self.stores)
-        return PackedPool(stores, None if self.v_scale is None else (spec,) * len(self.v_scale))
+        """Pages split by KV head (axis 1 of every leaf), like the dense pool."""
+        by_head = lambda x: PartitionSpec(None, "kv_heads", *([None] * (x.ndim - 2)))
+        return jax.tree.map(by_head, self)
 
 
 def _key_runs(codec: Codec, n: int) -> int:
