@@ -263,15 +263,21 @@ class MergedKVCache:
             out.append(row)
         return out
 
+    def retained_unused(self) -> int:
+        """Unused slots of the retained-token rooms, summed over pairs, keys and values, and sequences (host-side)."""
+        return sum(int((np.asarray(pair[f"{name}_ids"]) >= self.prefill_len).sum())
+                   for pair in self.pairs for name in ("k", "v"))
+
+    def retained_slot_nbytes(self) -> int:
+        """Bytes of one (sequence, slot) of a retained-token room: its id and both layers' exact states."""
+        if not self.pairs or self.pairs[0]["k_ids"].size == 0:
+            return 0
+        ids, kept = self.pairs[0]["k_ids"], self.pairs[0]["k_kept"]
+        return ids.dtype.itemsize + kept.nbytes // ids.size
+
     def stored_nbytes(self) -> int:
-        """Like `nbytes`, without the unused slots of the retained-token room (host-side, concrete caches)."""
-        unused = 0
-        for pair in self.pairs:
-            for name in ("k", "v"):
-                ids, kept = pair[f"{name}_ids"], pair[f"{name}_kept"]
-                per_slot = ids.dtype.itemsize + kept.nbytes // max(ids.size, 1)
-                unused += int((np.asarray(ids) >= self.prefill_len).sum()) * per_slot
-        return self.nbytes() - unused
+        """Like `nbytes`, without the unused slots of the retained-token rooms (host-side, concrete caches)."""
+        return self.nbytes() - self.retained_unused() * self.retained_slot_nbytes()
 
     def logical_axes(self) -> MergedKVCache:
         per_head = PartitionSpec("batch", "kv_heads")
