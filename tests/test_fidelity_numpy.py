@@ -12,6 +12,7 @@ import pytest
 
 from zipjax import kv
 from zipjax.config import ModelConfig
+from zipjax.errors import ZipjaxError
 from zipjax.harness.kv_analysis import prompt_queries_keys, prompt_states
 from zipjax.kv import QuantizedKVCache
 from zipjax.kv.minicache import MergedKVCache
@@ -243,3 +244,23 @@ def test_minicache_threshold_on_the_shipped_model(stdlib_llama, prompt):
     print(f"shipped model, pair {pair}, room {room}:", report)
     unused = 2 * room - report["k_retained"][0] - report["v_retained"][0]
     assert cache.nbytes() - cache.stored_nbytes() == unused * cache.retained_slot_nbytes()
+
+
+def test_zipvl_storage_room_unclipped_by_default_and_the_explicit_clip_kept():
+    """No clip (the paper): room for the whole block in each store, p >= 1. An explicit ratio_range still clips
+    exactly as before: (0.2, 0.6) of 512 tokens is room for 308 important and 512 - 103 others."""
+    assert kv.ZipVL().clip_count(512) == (1, 512) and kv.ZipVL().split(512) == (512, 511)
+    assert kv.ZipVL(evict=True).split(100) == (100, 0)
+    clipped = kv.ZipVL(ratio_range=(0.2, 0.6))
+    assert clipped.clip_count(512) == (103, 308) and clipped.split(512) == (308, 409)
+    for bad in ((0.6, 0.2), (0.2,), "wide", (True, 0.5)):
+        with pytest.raises(ZipjaxError, match="ratio_range"):
+            kv.ZipVL(ratio_range=bad)
+    with pytest.raises(ZipjaxError, match="decode_rank"):
+        kv.ZipVL(decode_rank="all")
+    with pytest.raises(ZipjaxError, match="retain_by"):
+        kv.MiniCache(retain_by="top")
+    with pytest.raises(ZipjaxError, match="capacity"):
+        kv.MiniCache(capacity=1.5)
+    assert kv.MiniCache(gamma=0.05, capacity=0.1).retained(512) == 52 and kv.MiniCache().retained(512) == 26
+    assert kv.MiniCache(gamma=0.05, capacity=0.1, retain_by="count").retained(512) == 26
