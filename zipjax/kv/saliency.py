@@ -64,10 +64,12 @@ def probe_counts(length: int, probe_ratio: float) -> tuple[int, int]:
 
 
 def probe_slots(starts: jax.Array, length: int, probe_ratio: float, key: jax.Array,
-                probes: tuple[int, int] | None = None) -> jax.Array:
-    """int32 [batch, n_probes]: the last n_recent slots plus n_random drawn uniformly (with replacement, as
-    ZipCache's code) among each sequence's earlier real tokens (slots >= its start). (n_recent, n_random) is
-    `probes` (fixed counts, ZipVL's 64 + 64, clipped to the prompt) or `probe_counts(length, probe_ratio)`."""
+                probes: tuple[int, int] | None = None, replace: bool = True) -> jax.Array:
+    """int32 [batch, n_probes]: the last n_recent slots plus n_random drawn uniformly among each sequence's earlier
+    real tokens (slots >= its start): with replacement (`replace`, as ZipCache's code) or without (ZipVL). Without
+    replacement, a sequence with fewer earlier real tokens than n_random gets the rest as padding slots (start - 1),
+    whose rows see no key and add nothing. (n_recent, n_random) is `probes` (fixed counts, ZipVL's 64 + 64, clipped
+    to the prompt) or `probe_counts(length, probe_ratio)`."""
     if probes is None:
         n_recent, n_random = probe_counts(length, probe_ratio)
     else:
@@ -77,10 +79,23 @@ def probe_slots(starts: jax.Array, length: int, probe_ratio: float, key: jax.Arr
     recent = jnp.broadcast_to(recent, (starts.shape[0], n_recent))
     if n_random <= 0:
         return recent
+    if not replace:
+        return jnp.concatenate([_distinct_slots(starts, length - n_recent, n_random, key), recent], axis=1)
     u = jax.random.uniform(key, (starts.shape[0], n_random))
     span = jnp.maximum(length - n_recent - starts, 1).astype(jnp.float32)
     rand = jnp.minimum(starts[:, None] + jnp.floor(u * span[:, None]).astype(jnp.int32), length - 1)
     return jnp.concatenate([rand, recent], axis=1)
+
+
+def _distinct_slots(starts: jax.Array, end: int, count: int, key: jax.Array) -> jax.Array:
+    """int32 [batch, count]: `count` distinct slots drawn uniformly from [start, end) per sequence (a random
+    permutation's first `count`), in slot order; past a sequence's end - start real slots, padding slot start - 1."""
+    slots = jnp.arange(end, dtype=jnp.int32)
+    real = slots[None, :] >= starts[:, None]  # [batch, end]
+    u = jax.random.uniform(key, (starts.shape[0], end))
+    _, chosen = jax.lax.top_k(jnp.where(real, u, -1.0), count)  # real slots first, in random order
+    ok = jnp.take_along_axis(real, chosen, axis=1)
+    return jnp.sort(jnp.where(ok, chosen, starts[:, None] - 1), axis=1).astype(jnp.int32)
 
 
 def prompt_saliency(q: jax.Array, k: jax.Array, starts: jax.Array, *, method: str, probe_ratio: float,
@@ -94,12 +109,12 @@ def prompt_saliency(q: jax.Array, k: jax.Array, starts: jax.Array, *, method: st
 
 
 def prompt_statistics(q: jax.Array, k: jax.Array, starts: jax.Array, *, method: str, probe_ratio: float,
-                      normalize: str, key: jax.Array, probes: tuple[int, int] | None = None
+                      normalize: str, key: jax.Array, probes: tuple[int, int] | None = None, replace: bool = True
                       ) -> tuple[jax.Array, jax.Array]:
     """(mass, score) float32 [batch, kv_heads, length]: the attention mass each prompt key receives from the probe
     rows (every row for "exact"), summed over each KV head's query heads, and the normalized score of
     `prompt_saliency` (-inf for padding; "exact" normalizes by the full causal count). `probes`: fixed
-    (recent, random) probe counts instead of `probe_ratio`."""
+    (recent, random) probe counts instead of `probe_ratio`; `replace`: how the random probes are drawn."""
     batch, length = q.shape[:2]
     k_slots = jnp.arange(length, dtype=jnp.int32)
     k_valid = k_slots[None, :] >= starts[:, None]  # [batch, length]
@@ -109,7 +124,7 @@ def prompt_statistics(q: jax.Array, k: jax.Array, starts: jax.Array, *, method: 
         probs = attention_probs(q, k, q_slots, k_slots, k_valid)
         normalize = "code"
     else:
-        q_slots = probe_slots(starts, length, probe_ratio, key, probes)
+        q_slots = probe_slots(starts, length, probe_ratio, key, probes, replace)
         q_probe = jnp.take_along_axis(q, q_slots[:, :, None, None], axis=1)
         probs = attention_probs(q_probe, k, q_slots, k_slots, k_valid)
     mass = probs.sum(axis=(2, 3))

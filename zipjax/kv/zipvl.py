@@ -15,9 +15,16 @@ tokens of each (sequence, KV head) are gathered into a block of P rows, P the sm
 (multiples of length / buckets) that holds the batch's largest p, chosen with `lax.switch`, so only that branch
 runs and the attention FLOPs are (P / length)^2 of dense: 1 - rho^2 saved. Rows past a sequence's own p are masked.
 
+Decoding (Algorithm 1): when `buffer_len` (100) new tokens have accumulated, the block is re-selected from the
+attention of the current query, a = Softmax(q K^T)[-100:], the newest token's row over the whole cache restricted to
+the window: p from Eq. 6 over a, T the top p of a (with one query row, Eq. 8's normalized score is a itself).
+`decode_rank="window"` instead ranks by every query of the window (mass over the rows that saw each token).
+
 Choices where the paper is silent: a query that is not important gets a zero attention output (only its residual
-stream carries it on; a reviewer's "padded out"); the prompt's last token is always important, since its query
-predicts the first new token; heads are summed for p (one p per sequence and layer).
+stream carries it on; a reviewer's "padded out"); the prompt's last token is always important (`keep_last`), since
+its query predicts the first new token and would otherwise get a zero attention output; heads are summed for p (one
+p per sequence and layer); the random probes are drawn without replacement (ZipCache's code draws with replacement,
+which repeats some: an audit counted 54-59 distinct of 64 on the shipped model).
 
 The method `ZipVL` says which cache runs it: QuantizedKVCache (important tokens at high bits, the rest at low bits or
 dropped), or, with `compress=False`, SparsePrefillKVCache (sparse prefill over a dense cache).
@@ -44,6 +51,20 @@ from zipjax.kv.quantized import QuantizedKVCache
 from zipjax.kv.quantizing import MixedPrecision, Ranking, buffer_score
 from zipjax.kv.saliency import prompt_statistics
 from zipjax.kv.sparse import SparsePrefillKVCache
+
+DECODE_RANKS = ("query", "window")
+
+
+def check_ratio_range(ratio_range: tuple[float, float] | None) -> None:
+    if ratio_range is None:
+        return
+    if (not isinstance(ratio_range, tuple | list) or len(ratio_range) != 2
+            or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in ratio_range)):
+        raise ZipjaxError(f"ratio_range must be None (no clip, the paper) or (low, high) fractions, got "
+                          f"{ratio_range!r}")
+    low, high = ratio_range
+    if not 0 <= low <= high <= 1 or high == 0:
+        raise ZipjaxError(f"ratio_range must be (low, high) with 0 <= low <= high <= 1, high > 0; got {ratio_range}")
 
 
 def important_count(mass: jax.Array, tau: float) -> jax.Array:
@@ -155,14 +176,23 @@ class ZipVL(MixedPrecision):
     only sparsifies the prefill (the paper's Video-MME setting); `sparse_prefill=False` only compresses (its GSM8k
     setting).
 
-    Static shapes: the cache has room for ceil(max_ratio n) important tokens per block of n and, in v1, for the
-    n - ceil(min_ratio n) others, so p is clipped into `ratio_range` for storage (sparse prefill uses p itself);
-    `QuantizedKVCache.stored_nbytes()` counts the tokens actually stored (clipped p), not the room."""
+    Storage follows the paper: p tokens at `high_bits`, the other n - p at `low_bits` (or dropped), whatever p is
+    (`ratio_range=None`). Static shapes: the stores have room for the whole block in each subset, and
+    `QuantizedKVCache.stored_nbytes()` counts the tokens actually stored, not the room. `ratio_range=(low, high)`
+    is an option the paper does not have: it clips p into [ceil(low n), ceil(high n)] for storage only (sparse
+    prefill uses p itself), so the stores are allocated for at most ceil(high n) important and n - ceil(low n) other
+    tokens (a smaller allocation when memory is reserved up front, at the cost of moving important tokens to low
+    bits, or dropping them, whenever p exceeds the room). Earlier releases clipped into (0.2, 0.6) by default.
+
+    `decode_rank`: "query" (the paper) re-selects each decode block by the current query's attention; "window" by
+    the attention of every query of the block. `keep_last=False` lets the prompt's last token fall outside T."""
 
     name: ClassVar[str] = "zipvl"
     tau: float = 0.975
     evict: bool = False
-    ratio_range: tuple[float, float] = (0.2, 0.6)
+    ratio_range: tuple[float, float] | None = None
+    decode_rank: str = "query"
+    keep_last: bool = True
     sparse_prefill: bool = True
     compress: bool = True
     per_head: bool = False
@@ -173,10 +203,9 @@ class ZipVL(MixedPrecision):
         super().__post_init__()
         if not 0 < self.tau <= 1:
             raise ZipjaxError(f"tau must lie in (0, 1], got {self.tau}")
-        low, high = self.ratio_range
-        if not 0 <= low <= high <= 1 or high == 0:
-            raise ZipjaxError(f"ratio_range must be (low, high) with 0 <= low <= high <= 1, high > 0; got "
-                              f"{self.ratio_range}")
+        check_ratio_range(self.ratio_range)
+        if self.decode_rank not in DECODE_RANKS:
+            raise ZipjaxError(f"decode_rank must be one of {DECODE_RANKS}, got {self.decode_rank!r}")
         check_positive("buckets", self.buckets)
         if self.probes is not None and (len(self.probes) != 2 or min(self.probes) < 0 or self.probes[0] < 1):
             raise ZipjaxError(f"probes must be (recent >= 1, random >= 0) query counts or None, got {self.probes!r}")
@@ -203,13 +232,15 @@ class ZipVL(MixedPrecision):
         return self.high_bits, self.high_bits if self.evict else self.low_bits
 
     def clip_count(self, n: int) -> tuple[int, int]:
-        """The static (lowest, highest) salient count of a block of n tokens."""
+        """The static (lowest, highest) salient count of a block of n tokens: (1, n) without a clip (p >= 1)."""
+        if self.ratio_range is None:
+            return min(n, 1), n
         low, high = self.ratio_range
         return min(n, math.ceil(low * n - 1e-9)), max(1, min(n, math.ceil(high * n - 1e-9)))
 
     def split(self, n: int) -> tuple[int, int]:
-        """Room for up to ceil(max_ratio n) salient tokens and for the rest of the block once at least
-        ceil(min_ratio n) are salient (none when evicting)."""
+        """Room for up to the highest salient count and for the rest of the block once at least the lowest count is
+        salient (none when evicting); see `clip_count`."""
         lowest, highest = self.clip_count(n)
         return highest, 0 if self.evict else n - lowest
 
@@ -226,11 +257,17 @@ class ZipVL(MixedPrecision):
     def rank_prompt(self, q, k, starts, layer):
         key = jax.random.fold_in(jax.random.key(self.seed), layer)
         mass, score = prompt_statistics(q, k, starts, method=self.saliency, probe_ratio=self.probe_ratio,
-                                        normalize="probe", key=key, probes=self.probes)
-        return self._ranking(important_order(self._shared(score)), mass)
+                                        normalize="probe", key=key, probes=self.probes, replace=False)
+        return self._ranking(important_order(self._shared(score), self.keep_last), mass)
+
+    def buffer_mass(self, mass, probs):
+        """"query": the buffer's mass is the latest query's attention alone (Algorithm 1's a = Softmax(q K^T)[-100:]
+        at the step that fills the window); "window": summed over every query of the window."""
+        return probs if self.decode_rank == "query" else mass + probs
 
     def rank_buffer(self, mass):
-        return self._ranking(jnp.argsort(-self._shared(buffer_score(mass)), axis=-1, stable=True), mass)
+        score = mass if self.decode_rank == "query" else buffer_score(mass)  # one row: Eq. 8's nnz is 1
+        return self._ranking(jnp.argsort(-self._shared(score), axis=-1, stable=True), mass)
 
     def prefill_attention(self, q, k, v, ranking, starts, sliding_window):
         if not self.sparse_prefill:
