@@ -28,8 +28,8 @@ from zipjax.config import ModelConfig
 from zipjax.emu3.decoding import ImageDecodeSetup, ImageInputs, initial_tokens, prefill
 from zipjax.errors import ZipjaxError
 from zipjax.kernels.zipar_attention import reference, zipar_attention
-from zipjax.platform import use_kernel
 from zipjax.kv.method import Method
+from zipjax.platform import use_kernel
 from zipjax.sharding import jit_initializer, place
 from zipjax.zipar.compressed import BandKVCache, BandRecipe
 

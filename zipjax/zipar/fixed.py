@@ -19,7 +19,6 @@ from flax import struct
 from tqdm import tqdm
 
 from zipjax.deprecation import renamed_fields
-from zipjax.kv.method import Method, as_method
 from zipjax.emu3.decoding import (
     DecodeResult,
     ImageDecodeSetup,
@@ -28,6 +27,7 @@ from zipjax.emu3.decoding import (
     sample_codes,
     visual_logprobs,
 )
+from zipjax.kv.method import Method, as_method
 from zipjax.shapes import cache_length
 from zipjax.sharding import to_host
 from zipjax.transformer import Params, Transformer, output_head
@@ -101,13 +101,18 @@ class FixedWindow:
         optional(boolean, self.kernel, "FixedWindow kernel")
         check_method(as_method(self.kv), "FixedWindow", self.kernel)
 
+    def band(self, setup: ImageDecodeSetup) -> int:
+        """Full-precision entries of the compressed cache (0 without `kv`): what the schedule keeps in flight."""
+        layout = setup.layout
+        schedule = fixed_window(layout.height, layout.width, self.lag, eol=True)
+        return 0 if self.kv is None else band_length(schedule, self.kv.buffer_len)
+
     def run(self, model, setup: ImageDecodeSetup, inputs: ImageInputs, progress: bool) -> DecodeResult:
         """Prefill, then every decode pass of the fixed-window schedule (in chunks, for the progress bar)."""
         layout = setup.layout
         schedule = fixed_window(layout.height, layout.width, self.lag, eol=True)
         cache_len = cache_length(setup.bucket + layout.num_tokens + 1)  # + 1: the padding queries' slot
-        band = 0 if self.kv is None else band_length(schedule, self.kv.buffer_len)
-        tokens, cache = prefilled(model, setup, inputs, cache_len, self.kernel, self.kv, band)
+        tokens, cache = prefilled(model, setup, inputs, cache_len, self.kernel, self.kv, self.band(setup))
         state = ZipARState(passes=jnp.zeros((), jnp.int32), tokens=tokens, cache=cache)
         device_schedule = DeviceSchedule.of(schedule)
         decode_passes = schedule.num_passes - 1
