@@ -5,14 +5,16 @@
     result.num_forward_passes   # 8190 for a 90x90-code image (prefill counted as one)
     zipjax.generate_image(model, "a cat", decoder=zipar.FixedWindow(7))       # ZipAR: 89 * 7 + 90 = 713 passes
     zipjax.generate_image(model, "a cat", decoder=Sequential(kv=zipjax.kv.ZipCache()))
+    zipjax.generate_image(model, "a cat", decoder=zipar.FixedWindow(7, kv=zipjax.kv.ZipCache()))  # both
+    result.kv_nbytes            # bytes of the KV cache the decode held (from shapes)
 
 The prompt is BOS + text + `<|image start|>` + "h*w" + `<|image token|>` (h, w in codes); the negative prompt is
 formatted the same way, and both run as one left-padded batch. `generate_image` validates the arguments, builds the
 static setup and traced inputs of zipjax.emu3.decoding, and hands them to the decoder, an object that holds its own
 settings (validated when it is made) and knows how to run: `Sequential` (one token per pass, any KV cache;
 zipjax.emu3.sequential), ZipAR's `FixedWindow` and `AdaptiveWindow`, and Speculative Jacobi Decoding's `SJD`
-(zipjax.zipar). After the image tokens come end-of-frame, end-of-image and EOS; the codes go through the VQ-VAE
-decoder.
+(zipjax.zipar; the dense cache, or ZipCache / Uniform through zipjax.zipar.compressed's band cache). After the image
+tokens come end-of-frame, end-of-image and EOS; the codes go through the VQ-VAE decoder.
 
 This module sits above both zipjax.emu3 (the model and the decoding contract) and zipjax.zipar (the parallel
 decoders); neither imports it.
@@ -41,7 +43,7 @@ from zipjax.shapes import cache_length, left_pad, prompt_bucket
 from zipjax.sharding import mesh_context, place
 from zipjax.validate import integer, number
 from zipjax.zipar import SJD, AdaptiveWindow, FixedWindow
-from zipjax.zipar.cache import ScatterRecipe
+from zipjax.zipar.cache import ScatterRecipe, band_recipe
 
 __all__ = ["DEFAULT_NEGATIVE_PROMPT", "SJD", "AdaptiveWindow", "Decoder", "FixedWindow", "ImageResult", "Sequential",
            "format_prompt", "generate_image", "token_grid"]
@@ -58,6 +60,7 @@ class ImageResult:
     codes: np.ndarray  # int32 [batch, h, w]
     num_forward_passes: int  # model calls for the whole batch, prefill counted as one
     prompt_ids: list[list[int]]
+    kv_nbytes: int = 0  # bytes of the KV cache held while decoding (every sequence, guidance's included; shapes)
 
 
 DEFAULT_DECODER = Sequential()  # one token per pass, dense KV cache
@@ -83,8 +86,9 @@ def deprecated_decoder(decoder: Decoder, old: dict) -> Decoder:
     if sjd is not None and window is not None:
         raise ZipjaxError("sjd_window (Speculative Jacobi Decoding) must be an integer >= 2, and excludes ZipAR")
     if kv is not None and (window is not None or sjd is not None):
-        raise ZipjaxError("a quantized KV cache (kv=...) takes one token per pass; ZipAR and SJD passes write several "
-                          "tokens at scattered slots, which it does not support yet: use Sequential(kv=...)")
+        raise ZipjaxError("the deprecated kv= argument chooses Sequential, one token per pass; for ZipAR or SJD over a "
+                          "compressed cache pass decoder=zipar.FixedWindow(s, kv=...), AdaptiveWindow(m, kv=...) or "
+                          "SJD(w, kv=...)")
     adaptive = AdaptiveWindow(integer(min_window, "zipar_min_window", lo=1), kernel)  # validated whatever the order
     if sjd is not None:
         return SJD(sjd, kernel)
@@ -145,24 +149,38 @@ def formatted_prompts(model: Emu3Model, prompt, negative_prompt, rows: int, cols
 
 def decode_nbytes(decoder: Decoder, setup: ImageDecodeSetup) -> int:
     """Bytes a decoder needs at once, from shapes alone (jax.eval_shape: nothing is allocated): the KV cache of every
-    sequence (twice the images with classifier-free guidance), written at scattered slots with a bitmap for ZipAR
-    and SJD; SJD's distribution of every drafted token; attention's working set (one layer read in float32, and
-    without the kernel the weights of a pass's queries: at most one per row for ZipAR, the window for SJD). The VQ
-    decode, after the cache is gone, is not counted."""
+    sequence (`kv_nbytes`); SJD's distribution of every drafted token; attention's working set (one layer read in
+    float32, and without the kernel the weights of a pass's queries: at most one per row for ZipAR, the window for
+    SJD). The VQ decode, after the cache is gone, is not counted."""
+    layout, batch, config = setup.layout, setup.cache_batch, setup.config
+    if isinstance(decoder, Sequential):
+        cache_len = cache_length(setup.bucket + layout.num_tokens)
+        return kv_nbytes(decoder, setup) + attention_nbytes(config, batch, cache_len)
+    window = min(decoder.jacobi_window, layout.num_tokens) if isinstance(decoder, SJD) else 0  # longer: SJD refuses it
+    cache_len = cache_length(setup.bucket + layout.num_tokens + window + 1)
+    drafts = setup.batch * (layout.num_tokens + window) * layout.codebook_size * 4  # float32
+    queries = window or layout.height
+    weights = 0 if use_kernel(getattr(decoder, "kernel", None)) else batch * config.num_heads * queries * cache_len * 4
+    return (kv_nbytes(decoder, setup) + (drafts if window else 0) + attention_nbytes(config, batch, cache_len)
+            + weights)
+
+
+def kv_nbytes(decoder: Decoder, setup: ImageDecodeSetup) -> int:
+    """Bytes of the KV cache a decoder holds, from shapes (every array is allocated when decoding starts): the
+    sequential cache of its method, the scatter cache with its written bitmap, or the compressed band cache (stores,
+    the full-precision band, bookkeeping). Checks the cache's geometry at the call site."""
     layout, batch, config = setup.layout, setup.cache_batch, setup.config
     if isinstance(decoder, Sequential):
         cache_len = cache_length(setup.bucket + layout.num_tokens)
         check_cache(decoder.kv, config, batch, cache_len, setup.bucket)
-        return (cache_nbytes(decoder.kv, config, batch, cache_len, setup.bucket)
-                + attention_nbytes(config, batch, cache_len))
-    window = min(decoder.jacobi_window, layout.num_tokens) if isinstance(decoder, SJD) else 0  # longer: SJD refuses it
+        return cache_nbytes(decoder.kv, config, batch, cache_len, setup.bucket)
+    window = min(decoder.jacobi_window, layout.num_tokens) if isinstance(decoder, SJD) else 0
     cache_len = cache_length(setup.bucket + layout.num_tokens + window + 1)
-    cache = jax.eval_shape(ScatterRecipe(config, batch, cache_len), jax.ShapeDtypeStruct((batch,), jnp.int32))
-    drafts = setup.batch * (layout.num_tokens + window) * layout.codebook_size * 4  # float32
-    queries = window or layout.height
-    weights = 0 if use_kernel(getattr(decoder, "kernel", None)) else batch * config.num_heads * queries * cache_len * 4
-    return (sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache)) + (drafts if window else 0)
-            + attention_nbytes(config, batch, cache_len) + weights)
+    kv = getattr(decoder, "kv", None)
+    recipe = ScatterRecipe(config, batch, cache_len) if kv is None else band_recipe(setup, kv, cache_len,
+                                                                                     decoder.band(setup))
+    cache = jax.eval_shape(recipe, jax.ShapeDtypeStruct((batch,), jnp.int32))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
 
 
 def check_decode_memory(model: Emu3Model, decoder: Decoder, setup: ImageDecodeSetup) -> None:
@@ -231,4 +249,5 @@ def generate_image(model: Emu3Model, prompt: str | Sequence[int] | Sequence[str]
     codes = vocab.tokens_to_codes(result.tokens, rows, cols)
     return ImageResult(images=model.to_uint8(model.decode_codes(codes)),
                        tokens=np.concatenate([result.tokens, tail], axis=1), codes=codes,
-                       num_forward_passes=int(result.passes.max()), prompt_ids=cond)
+                       num_forward_passes=int(result.passes.max()), prompt_ids=cond,
+                       kv_nbytes=kv_nbytes(decoder, setup))

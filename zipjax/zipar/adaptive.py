@@ -45,12 +45,14 @@ from zipjax.emu3.decoding import (
     visual_logprobs,
 )
 from zipjax.errors import ZipjaxError
+from zipjax.kv.method import Method, as_method
 from zipjax.shapes import cache_length
 from zipjax.sharding import to_host
 from zipjax.transformer import Params, Transformer, output_head
 from zipjax.validate import boolean, integer, optional
 from zipjax.zipar.acceptance import accept_or_redraw
 from zipjax.zipar.cache import ScatterKVCache, prefilled
+from zipjax.zipar.compressed import BandKVCache, check_band, check_method
 
 ACTIVE, DRAFT, VERIFY, REFRESH = 1, 2, 3, 4
 
@@ -66,7 +68,7 @@ class AdaptiveState:
     attempts: jax.Array  # int32 [batch, rows]: verifications so far (keys each draw apart)
     refreshed: jax.Array  # bool [batch, rows]: a complete row's last token is in the cache
     overflow: jax.Array  # bool []: more rows wanted a query than the static slots allow (a bug if ever set)
-    cache: ScatterKVCache
+    cache: ScatterKVCache | BandKVCache
 
 
 class Queries(NamedTuple):
@@ -119,7 +121,7 @@ def _plan_queries(s: AdaptiveState, setup: ImageDecodeSetup, min_lag: int, queri
 
 
 def _forward(params: Params, s: AdaptiveState, q: Queries, inputs: ImageInputs, setup: ImageDecodeSetup,
-             head: jax.Array) -> tuple[jax.Array, ScatterKVCache]:
+             head: jax.Array) -> tuple[jax.Array, ScatterKVCache | BandKVCache]:
     """The pass's forward: guided visual log-probabilities [batch, queries, codebook] and the updated cache."""
     fed = for_guidance(jnp.take_along_axis(s.tokens, q.source, axis=1), setup.cache_batch)
     slots = for_guidance(setup.bucket + q.source, setup.cache_batch)
@@ -163,7 +165,7 @@ def _decide(s: AdaptiveState, q: Queries, visual: jax.Array, inputs: ImageInputs
     return Decision(target, code, commit, drawn_from, old)
 
 
-def _commit(s: AdaptiveState, q: Queries, d: Decision, cache: ScatterKVCache, overflow: jax.Array,
+def _commit(s: AdaptiveState, q: Queries, d: Decision, cache: ScatterKVCache | BandKVCache, overflow: jax.Array,
             setup: ImageDecodeSetup) -> AdaptiveState:
     """Write committed tokens, advance row counts, keep uncommitted drafts pending with their distribution."""
     layout = setup.layout
@@ -187,7 +189,7 @@ def _commit(s: AdaptiveState, q: Queries, d: Decision, cache: ScatterKVCache, ov
 
 
 @functools.partial(jax.jit, static_argnames=("setup",))
-def _initial_state(tokens: jax.Array, cache: ScatterKVCache, *, setup: ImageDecodeSetup) -> AdaptiveState:
+def _initial_state(tokens: jax.Array, cache: ScatterKVCache | BandKVCache, *, setup: ImageDecodeSetup) -> AdaptiveState:
     """After the prefill: row 0 holds its first token, nothing is drafted yet."""
     batch, rows, codebook = setup.batch, setup.layout.height, setup.layout.codebook_size
     zeros = lambda dtype, *shape: jnp.zeros((batch, *shape), dtype)
@@ -224,15 +226,24 @@ def adaptive_until(params: Params, state: AdaptiveState, stop: jax.Array, inputs
 @dataclasses.dataclass(frozen=True)
 class AdaptiveWindow:
     """Adaptive ZipAR: a row's first token is drafted once the row above has `min_lag` tokens (at most the image's
-    width: then row after row), and verified as that row grows; `kernel` as in FixedWindow. `min_window=` is the
-    deprecated name of `min_lag` (one release)."""
+    width: then row after row), and verified as that row grows; `kernel` and `kv` as in FixedWindow. `min_window=`
+    is the deprecated name of `min_lag` (one release)."""
 
     min_lag: int = 4
     kernel: bool | None = None
+    kv: Method | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "min_lag", integer(self.min_lag, "AdaptiveWindow min_lag", lo=1))
         optional(boolean, self.kernel, "AdaptiveWindow kernel")
+        check_method(as_method(self.kv), "AdaptiveWindow", self.kernel)
+
+    def band(self, setup: ImageDecodeSetup) -> int:
+        """Full-precision entries of the compressed cache (0 without `kv`): the rows that can be in flight, plus a
+        block."""
+        cols, rows = setup.layout.width, setup.layout.height
+        queries = query_slots(cols, min(self.min_lag, cols), rows)
+        return 0 if self.kv is None else (queries + 1) * (cols + 1) + self.kv.buffer_len
 
     def run(self, model, setup: ImageDecodeSetup, inputs: ImageInputs, progress: bool) -> DecodeResult:
         """Prefill, then adaptive passes until every image is complete. Every pass commits a token (the first
@@ -240,11 +251,11 @@ class AdaptiveWindow:
         passes; past that budget the loop stops with an error instead of spinning."""
         layout = setup.layout
         rows, cols = layout.height, layout.width
-        tokens, cache = prefilled(model, setup, inputs, cache_length(setup.bucket + layout.num_tokens + 1),
-                                  self.kernel)
-        state = _initial_state(tokens, cache, setup=setup)
         min_lag = min(self.min_lag, cols)
         queries = query_slots(cols, min_lag, rows)
+        tokens, cache = prefilled(model, setup, inputs, cache_length(setup.bucket + layout.num_tokens + 1),
+                                  self.kernel, self.kv, self.band(setup))
+        state = _initial_state(tokens, cache, setup=setup)
         chunk, budget = max(8, cols), rows * cols
         done_rows, passes = 0, 0
         with tqdm(total=rows, desc=f"adaptive ZipAR (min lag {min_lag})", unit="row",
@@ -260,4 +271,5 @@ class AdaptiveWindow:
                 bar.update(done_rows - bar.n)
         if bool(to_host(state.overflow)):
             raise ZipjaxError("internal error: adaptive ZipAR had more rows in flight than query slots")
+        check_band(state.cache)
         return DecodeResult(tokens=to_host(state.tokens), passes=to_host(state.passes))

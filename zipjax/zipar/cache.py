@@ -10,7 +10,8 @@ attention is `zipjax.kernels.zipar_attention`: its Pallas kernel or its jnp refe
 (None, True or False) resolves through `zipjax.platform.use_kernel` when the pass is traced.
 
 It implements the `zipjax.cache.Cache` contract, so the unchanged `Transformer` runs on it. `prefilled` starts every
-parallel decoder the same way: an empty cache, the prompt written at slots 0 .. bucket - 1, the first image token.
+parallel decoder the same way: an empty cache, the prompt written at slots 0 .. bucket - 1, the first image token;
+with a compressed method (`kv=`) the cache is zipjax.zipar.compressed's band cache instead, with the same interface.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from zipjax.config import ModelConfig
 from zipjax.emu3.decoding import ImageDecodeSetup, ImageInputs, initial_tokens, prefill
 from zipjax.errors import ZipjaxError
 from zipjax.kernels.zipar_attention import reference, zipar_attention
+from zipjax.kv.method import Method
 from zipjax.platform import use_kernel
 from zipjax.sharding import jit_initializer, place
+from zipjax.zipar.compressed import BandKVCache, BandRecipe
 
 
 @jax.tree_util.register_dataclass
@@ -62,9 +65,10 @@ class ScatterKVCache:
     def max_len(self) -> int:
         return self.k[0].shape[2]
 
-    def at(self, slots: jax.Array, valid: jax.Array) -> ScatterKVCache:
+    def at(self, slots: jax.Array, valid: jax.Array, settled: jax.Array | None = None) -> ScatterKVCache:
         """The cache ready for a pass whose tokens go to `slots` ([q] shared by the batch, or [batch, q]); entries
-        with valid False are padding."""
+        with valid False are padding. `settled` (which slots a later pass may rewrite) matters to the compressed
+        band cache only (zipjax.zipar.compressed)."""
         shape = (self.batch, slots.shape[-1])
         slots, valid = jnp.broadcast_to(slots, shape), jnp.broadcast_to(valid, shape)
         slots = jnp.where(valid, slots, self.max_len - 1).astype(jnp.int32)
@@ -125,13 +129,26 @@ class ScatterRecipe:
         return ScatterKVCache.init(self.config, self.batch, self.max_len, starts, self.kernel)
 
 
-def prefilled(model, setup: ImageDecodeSetup, inputs: ImageInputs, cache_len: int,
-              kernel: bool | None = None) -> tuple[jax.Array, ScatterKVCache]:
+def prefilled(model, setup: ImageDecodeSetup, inputs: ImageInputs, cache_len: int, kernel: bool | None = None,
+              kv: Method | None = None, band: int = 0, rewrites: bool = False
+              ) -> tuple[jax.Array, ScatterKVCache | BandKVCache]:
     """A scatter cache of `cache_len` slots holding the prompt, and the image-token buffer int32 [batch,
-    num_tokens] with the first token (from the prompt's last logits) and every EOL in place."""
-    recipe = ScatterRecipe(setup.config, setup.cache_batch, cache_len, kernel)
+    num_tokens] with the first token (from the prompt's last logits) and every EOL in place. With `kv` (a method
+    zipjax.zipar.compressed takes) the cache is the band cache: the prompt compressed, a ring of `band`
+    full-precision entries (`rewrites`: a pass may rewrite a slot with another token, SJD)."""
+    recipe = (ScatterRecipe(setup.config, setup.cache_batch, cache_len, kernel) if kv is None else
+              band_recipe(setup, kv, cache_len, band, rewrites))
     cache = jit_initializer(recipe, model.mesh)(inputs.starts)
     cache = cache.at(jnp.arange(setup.bucket, dtype=jnp.int32), jnp.ones((setup.bucket,), bool))
     code, cache = prefill(model.params, inputs, cache, setup=setup)
     tokens = place(initial_tokens(setup.batch, setup.layout), model.mesh, PartitionSpec("data", None))
     return tokens.at[:, 0].set(code + setup.layout.visual_offset), cache
+
+
+def band_recipe(setup: ImageDecodeSetup, kv: Method, cache_len: int, band: int, rewrites: bool = False
+                ) -> BandRecipe:
+    """The band cache of a parallel decode: blocks cover the image's slots, the ring at most the slots after the
+    prompt."""
+    span = setup.bucket + setup.layout.num_tokens + 1
+    return BandRecipe(setup.config, kv, setup.cache_batch, cache_len, span, setup.bucket,
+                      max(1, min(band, cache_len - setup.bucket)), rewrites)

@@ -27,19 +27,21 @@ from zipjax.emu3.decoding import (
     sample_codes,
     visual_logprobs,
 )
+from zipjax.kv.method import Method, as_method
 from zipjax.shapes import cache_length
 from zipjax.sharding import to_host
 from zipjax.transformer import Params, Transformer, output_head
 from zipjax.validate import boolean, integer, optional
 from zipjax.zipar.cache import ScatterKVCache, prefilled
-from zipjax.zipar.schedule import Schedule, fixed_window
+from zipjax.zipar.compressed import BandKVCache, check_band, check_method
+from zipjax.zipar.schedule import Schedule, band_length, fixed_window
 
 
 @struct.dataclass
 class ZipARState:
     passes: jax.Array  # int32 []: decode passes done (the prefill not counted)
     tokens: jax.Array  # int32 [batch, num_tokens]: image tokens, EOLs in place from the start
-    cache: ScatterKVCache
+    cache: ScatterKVCache | BandKVCache
 
 
 @struct.dataclass
@@ -86,26 +88,36 @@ def zipar_until(params: Params, state: ZipARState, schedule: DeviceSchedule, sto
 class FixedWindow:
     """ZipAR: a row starts once the row above is `lag` tokens ahead (the paper's window size s; a lag of the image's
     width or more decodes row after row). `kernel`: the attention as the Pallas kernel (True; interpreted on a CPU),
-    in jax.numpy (False), or the kernel where the platform is a TPU or GPU (None; see zipjax.platform). `window=` is
-    the deprecated name of `lag` (one release)."""
+    in jax.numpy (False), or the kernel where the platform is a TPU or GPU (None; see zipjax.platform). `kv`: a
+    compressed cache method (zipjax.kv.ZipCache(...), Uniform(...); zipjax.zipar.compressed) or None for the dense
+    cache. `window=` is the deprecated name of `lag` (one release)."""
 
     lag: int
     kernel: bool | None = None
+    kv: Method | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "lag", integer(self.lag, "FixedWindow lag", lo=1))
         optional(boolean, self.kernel, "FixedWindow kernel")
+        check_method(as_method(self.kv), "FixedWindow", self.kernel)
+
+    def band(self, setup: ImageDecodeSetup) -> int:
+        """Full-precision entries of the compressed cache (0 without `kv`): what the schedule keeps in flight."""
+        layout = setup.layout
+        schedule = fixed_window(layout.height, layout.width, self.lag, eol=True)
+        return 0 if self.kv is None else band_length(schedule, self.kv.buffer_len)
 
     def run(self, model, setup: ImageDecodeSetup, inputs: ImageInputs, progress: bool) -> DecodeResult:
         """Prefill, then every decode pass of the fixed-window schedule (in chunks, for the progress bar)."""
         layout = setup.layout
         schedule = fixed_window(layout.height, layout.width, self.lag, eol=True)
         cache_len = cache_length(setup.bucket + layout.num_tokens + 1)  # + 1: the padding queries' slot
-        tokens, cache = prefilled(model, setup, inputs, cache_len, self.kernel)
+        tokens, cache = prefilled(model, setup, inputs, cache_len, self.kernel, self.kv, self.band(setup))
         state = ZipARState(passes=jnp.zeros((), jnp.int32), tokens=tokens, cache=cache)
         device_schedule = DeviceSchedule.of(schedule)
         decode_passes = schedule.num_passes - 1
         stops = sorted({round(decode_passes * (r + 1) / layout.height) for r in range(layout.height)})
         for stop in tqdm(stops, desc=f"ZipAR passes (lag {schedule.lag})", unit="chunk", disable=not progress):
             state = zipar_until(model.params, state, device_schedule, jnp.int32(stop), inputs, setup=setup)
+        check_band(state.cache)
         return DecodeResult(tokens=to_host(state.tokens), passes=np.full(setup.batch, schedule.num_passes))

@@ -110,3 +110,20 @@ def max_tokens_per_pass(rows: int, cols: int, lag: int) -> int:
     s = min(lag, cols)
     return max(min(rows - 1, (t - 1) // s) - max(0, math.ceil((t - cols) / s)) + 1
                for t in range(1, passes(rows, cols, s) + 1))
+
+
+def band_length(schedule: Schedule, block: int) -> int:
+    """Full-precision entries a compressed cache needs for this schedule (zipjax.zipar.compressed): in every pass,
+    from the first slot of the block holding the first unwritten image token (before the pass) to the last slot the
+    pass writes, image-relative."""
+    written = np.zeros(schedule.num_tokens + 1, bool)
+    frontier, need = 0, 1
+    for slots, sources in zip(schedule.slot, schedule.source, strict=True):
+        fed = slots[sources >= 0]
+        if not len(fed):
+            continue
+        need = max(need, int(fed.max()) - (frontier // block) * block + 1)
+        written[fed] = True
+        while written[frontier]:
+            frontier += 1
+    return need

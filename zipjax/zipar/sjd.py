@@ -36,12 +36,14 @@ from zipjax.emu3.decoding import (
     visual_logprobs,
 )
 from zipjax.errors import ZipjaxError
+from zipjax.kv.method import Method, as_method
 from zipjax.shapes import cache_length
 from zipjax.sharding import to_host
 from zipjax.transformer import Params, Transformer, output_head
 from zipjax.validate import boolean, integer, optional
 from zipjax.zipar.acceptance import accept_or_resample
 from zipjax.zipar.cache import ScatterKVCache, prefilled
+from zipjax.zipar.compressed import BandKVCache, check_band, check_method
 
 
 @struct.dataclass
@@ -50,7 +52,7 @@ class SJDState:
     cursor: jax.Array  # int32 [batch]: image tokens committed (the next one to decide)
     tokens: jax.Array  # int32 [batch, num_tokens + window]: committed tokens, then the drafts after the cursor
     p_old: jax.Array  # float32 [batch, num_tokens + window, codebook]: each draft's distribution
-    cache: ScatterKVCache
+    cache: ScatterKVCache | BandKVCache
     step: jax.Array  # int32 []: passes run (keys)
 
 
@@ -63,7 +65,7 @@ class Verdict(NamedTuple):
 
 
 def _forward(params: Params, s: SJDState, inputs: ImageInputs, setup: ImageDecodeSetup, window: int,
-             head: jax.Array) -> tuple[jax.Array, ScatterKVCache]:
+             head: jax.Array) -> tuple[jax.Array, ScatterKVCache | BandKVCache]:
     """Feed the newest committed token and the drafts after it; the sampling distribution of every window
     position, float32 [batch, window, codebook], and the updated cache."""
     total = setup.layout.num_tokens
@@ -72,7 +74,8 @@ def _forward(params: Params, s: SJDState, inputs: ImageInputs, setup: ImageDecod
     fed = jnp.take_along_axis(s.tokens, jnp.clip(source, 0, total - 1), axis=1)
     slots = for_guidance(setup.bucket + source, setup.cache_batch)
     positions = jnp.maximum(slots - s.cache.starts[:, None], 0)
-    cache = s.cache.at(slots, for_guidance(valid, setup.cache_batch))
+    settled = for_guidance(setup.bucket + s.cursor, setup.cache_batch)  # drafts from the cursor on are rewritten
+    cache = s.cache.at(slots, for_guidance(valid, setup.cache_batch), settled)
     logits, cache = Transformer(setup.config).apply({"params": params}, for_guidance(fed, setup.cache_batch),
                                                     positions, cache, head=head)
     return sampling_probs(visual_logprobs(logits, inputs.knobs, setup.batch), inputs.knobs, setup.mode), cache
@@ -102,7 +105,7 @@ def _verify(s: SJDState, p_new: jax.Array, keys: jax.Array, setup: ImageDecodeSe
                    redraft=jnp.where(eol, layout.eol, redraft + layout.visual_offset))
 
 
-def _commit(s: SJDState, p_new: jax.Array, verdict: Verdict, cache: ScatterKVCache, key: jax.Array,
+def _commit(s: SJDState, p_new: jax.Array, verdict: Verdict, cache: ScatterKVCache | BandKVCache, key: jax.Array,
             setup: ImageDecodeSetup, window: int) -> SJDState:
     """Commit the accepted prefix and the first decided-but-rejected (or the final fresh) token; re-draft every
     later position; give positions past this pass's outputs (the next window reaches window - 1 of them) uniformly
@@ -132,7 +135,7 @@ def _commit(s: SJDState, p_new: jax.Array, verdict: Verdict, cache: ScatterKVCac
 
 
 @functools.partial(jax.jit, static_argnames=("setup", "window"))
-def _initial_state(first: jax.Array, cache: ScatterKVCache, key: jax.Array, *, setup: ImageDecodeSetup,
+def _initial_state(first: jax.Array, cache: ScatterKVCache | BandKVCache, key: jax.Array, *, setup: ImageDecodeSetup,
                    window: int) -> SJDState:
     """Token 0 from the prefill, then uniform random drafts (EOLs where the layout has them) for the first window
     and beyond; every draft's distribution uniform."""
@@ -175,21 +178,29 @@ def sjd_until(params: Params, state: SJDState, stop: jax.Array, inputs: ImageInp
 @dataclasses.dataclass(frozen=True)
 class SJD:
     """Speculative Jacobi Decoding over a Jacobi window of `jacobi_window` (>= 2) tokens: the positions each pass
-    feeds, predicts and verifies; `kernel` as in FixedWindow. `window=` is the deprecated name (one release)."""
+    feeds, predicts and verifies; `kernel` and `kv` as in FixedWindow (over a compressed cache, drafted slots stay
+    in full precision until committed). `window=` is the deprecated name (one release)."""
 
     jacobi_window: int
     kernel: bool | None = None
+    kv: Method | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "jacobi_window", integer(self.jacobi_window, "SJD jacobi_window", lo=2))
         optional(boolean, self.kernel, "SJD kernel")
+        check_method(as_method(self.kv), "SJD", self.kernel)
+
+    def band(self, setup: ImageDecodeSetup) -> int:
+        """Full-precision entries of the compressed cache (0 without `kv`): two windows and a block."""
+        return 0 if self.kv is None else 2 * self.jacobi_window + self.kv.buffer_len + 2
 
     def run(self, model, setup: ImageDecodeSetup, inputs: ImageInputs, progress: bool) -> DecodeResult:
         """Prefill, then SJD passes until every image is complete."""
         window, total = self.jacobi_window, setup.layout.num_tokens
         if window > total:
             raise ZipjaxError(f"SJD jacobi_window {window} is longer than the image's {total} tokens")
-        first, cache = prefilled(model, setup, inputs, cache_length(setup.bucket + total + window + 1), self.kernel)
+        first, cache = prefilled(model, setup, inputs, cache_length(setup.bucket + total + window + 1), self.kernel,
+                                 self.kv, self.band(setup), rewrites=True)
         state = _initial_state(first, cache, inputs.key, setup=setup, window=window)
         done = 0
         with tqdm(total=total, desc=f"SJD (window {window})", unit="token", disable=not progress) as bar:
@@ -197,4 +208,5 @@ class SJD:
                 state = sjd_until(model.params, state, jnp.int32(64), inputs, setup=setup, window=window)
                 done = int(to_host(jnp.min(state.cursor)))
                 bar.update(done - bar.n)
+        check_band(state.cache)
         return DecodeResult(tokens=to_host(state.tokens)[:, :total], passes=to_host(state.passes))

@@ -1,0 +1,145 @@
+"""ZipAR, adaptive ZipAR and SJD over a compressed KV cache (zipjax.zipar.compressed): the band cache fed in ZipAR's
+whole-row order holds exactly what the sequential cache holds, a whole-row window reproduces sequential decoding over
+the same compressed cache token for token, passes do not depend on the cache, bad combinations are refused by name
+before any compute. On the shipped digits model (16x16 codes)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import zipjax
+from zipjax import zipar
+from zipjax.image import Sequential
+from zipjax.kv.quantized import QuantizedKVCache
+from zipjax.zipar.compressed import BandKVCache
+
+COMMON = dict(size=(16, 16), cfg_scale=3.0, negative_prompt="a handwritten digit", top_k=None, seed=0)
+PROMPTS = ["a handwritten digit seven", "a handwritten digit two"]
+
+
+def _row_order(tokens: int, cols: int) -> list[list[int]]:
+    """The passes of ZipAR with a whole-row window over image slots 0 .. tokens - 1: one token per pass, except a
+    row's last token and its end-of-line, fed together."""
+    passes, t = [], 0
+    while t < tokens:
+        n = 2 if t % (cols + 1) == cols - 1 and t + 1 < tokens else 1
+        passes.append(list(range(t, t + n)))
+        t += n
+    return passes
+
+
+@jax.jit
+def _sequential_step(cache, q, k, v):
+    out, cache = cache.attend(0, q, k, v, None)
+    return out, cache.advance(q.shape[1])
+
+
+@jax.jit
+def _band_step(cache, slots, q, k, v):
+    out, cache = cache.at(slots, jnp.ones(slots.shape, bool)).attend(0, q, k, v, None)
+    return out, cache.advance(q.shape[1])
+
+
+@pytest.mark.parametrize("kv", [zipjax.kv.ZipCache(buffer_len=16),
+                                zipjax.kv.ZipCache(buffer_len=10, high_bits=8, low_bits=2, saliency_ratio=0.3),
+                                zipjax.kv.Uniform(bits=4, buffer_len=16)],
+                         ids=["zipcache-16", "zipcache-8-2-10", "uniform-16"])
+def test_band_cache_in_row_order_holds_what_the_sequential_cache_holds(digits_emu3, kv):
+    """Random queries, keys and values through one layer: the sequential cache token by token, the band cache in
+    whole-row passes (a block ending at a row's last token is compressed in the pass that also feeds the row's EOL,
+    which must already read it compressed). Same stores, code for code and slot for slot; same outputs up to float
+    rounding. buffer_len 16 ends the first block at the first row's last token, 10 ends blocks anywhere."""
+    config = digits_emu3.config
+    prompt, cols, tokens = 16, 16, 4 * 17 - 1
+    b, h, heads, d = 2, config.num_kv_heads, config.num_heads, config.head_dim
+    starts = jnp.array([3, 0], jnp.int32)
+    keys = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(keys[0], (b, prompt + tokens, heads, d))
+    k, v = (jax.random.normal(key, (b, prompt + tokens, h, d)) for key in keys[1:])
+    sequential = QuantizedKVCache.init(config, kv, b, prompt + tokens + 2, prompt, starts)
+    band = BandKVCache.init(config, kv, b, 256, prompt + tokens + 2, prompt, 40, starts)
+    _, sequential = _sequential_step(sequential, q[:, :prompt], k[:, :prompt], v[:, :prompt])
+    _, band = _band_step(band, jnp.arange(prompt), q[:, :prompt], k[:, :prompt], v[:, :prompt])
+    expected = {}
+    for s in range(prompt, prompt + tokens):
+        out, sequential = _sequential_step(sequential, q[:, s:s + 1], k[:, s:s + 1], v[:, s:s + 1])
+        expected[s] = out[:, 0]
+    for fed in _row_order(tokens, cols):
+        at = slice(prompt + fed[0], prompt + fed[-1] + 1)
+        out, band = _band_step(band, jnp.arange(at.start, at.stop), q[:, at], k[:, at], v[:, at])
+        for i in range(len(fed)):
+            np.testing.assert_allclose(out[:, i], expected[at.start + i], atol=2e-6)
+    assert not bool(band.overflow)
+    assert [int(x) + 1 for x in band.blocks] == [int(sequential.blocks)] * b
+    for ours, theirs in zip(band.layers[0].stores, sequential.layers[0].stores, strict=True):
+        for name, array in theirs.arrays().items():
+            assert bool((getattr(ours, name) == array).all()), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv,temperature", [(zipjax.kv.Uniform(bits=4, buffer_len=16), 1.0),
+                                            (zipjax.kv.ZipCache(buffer_len=16, saliency_ratio=1.0), 0.0)],
+                         ids=["uniform-sampled", "zipcache-greedy"])
+def test_window_of_a_row_reproduces_sequential_decoding_over_the_same_cache(digits_emu3, kv, temperature):
+    """ZipAR with a lag of the image's width and adaptive ZipAR with a row-wide minimum equal sequential decoding
+    over the same compressed cache, token for token; ZipAR's pass count is its formula whatever the cache.
+    (ZipCache is run with every token salient: with a mixed split, which tokens of near-equal attention go to high
+    bits follows float rounding, which differs between any two implementations; the test above checks the
+    mixed-precision stores code for code.)"""
+    args = dict(COMMON, temperature=temperature)
+    sequential = zipjax.generate_image(digits_emu3, PROMPTS, decoder=Sequential(kv=kv), **args)
+    row = zipjax.generate_image(digits_emu3, PROMPTS, decoder=zipar.FixedWindow(16, kv=kv), **args)
+    np.testing.assert_array_equal(row.tokens, sequential.tokens)
+    assert row.num_forward_passes == zipar.passes(16, 16, 16)
+    assert 0 < row.kv_nbytes < zipjax.generate_image(digits_emu3, PROMPTS[:1], decoder=zipar.FixedWindow(16),
+                                                     **args).kv_nbytes * 2
+    adaptive = zipjax.generate_image(digits_emu3, PROMPTS, decoder=zipar.AdaptiveWindow(16, kv=kv), **args)
+    np.testing.assert_array_equal(adaptive.tokens, sequential.tokens)
+
+
+def _valid_layout(result, rows: int = 16, cols: int = 16) -> None:
+    grid = result.tokens[:, :rows * (cols + 1)].reshape(len(result.tokens), rows, cols + 1)
+    assert (grid[:, :, cols] == grid[0, 0, cols]).all()
+    assert result.codes.min() >= 0 and result.images.shape[1:3] == (16, 16)
+
+
+@pytest.mark.slow
+def test_parallel_decoders_over_zipcache_keep_their_passes_and_layout(digits_emu3):
+    """ZipAR s=4, adaptive ZipAR and SJD over ZipCache 4/2: valid images, the fixed schedule's pass count, the band
+    never overrun (checked after every decode), fewer KV bytes than the dense scatter cache."""
+    kv = zipjax.kv.ZipCache(buffer_len=16)
+    fixed = zipjax.generate_image(digits_emu3, PROMPTS, decoder=zipar.FixedWindow(4, kv=kv), **COMMON)
+    dense = zipjax.generate_image(digits_emu3, PROMPTS, decoder=zipar.FixedWindow(4), **COMMON)
+    assert fixed.num_forward_passes == dense.num_forward_passes == zipar.passes(16, 16, 4)
+    assert fixed.kv_nbytes < dense.kv_nbytes
+    _valid_layout(fixed)
+    for decoder in (zipar.AdaptiveWindow(2, kv=kv), zipar.SJD(8, kv=kv)):
+        result = zipjax.generate_image(digits_emu3, PROMPTS, decoder=decoder, **COMMON)
+        _valid_layout(result)
+        assert result.num_forward_passes < 16 * 17
+
+
+def test_bad_combinations_are_refused_by_name_before_any_compute(digits_emu3):
+    for kv, name in ((zipjax.kv.KIVI(), "kivi"), (zipjax.kv.ZipVL(), "zipvl"), (zipjax.kv.MiniCache(), "minicache")):
+        for make in (lambda kv: zipar.FixedWindow(4, kv=kv), lambda kv: zipar.AdaptiveWindow(2, kv=kv),
+                     lambda kv: zipar.SJD(8, kv=kv)):
+            with pytest.raises(zipjax.ZipjaxError, match=f"cannot decode over a {name} KV cache"):
+                make(kv)
+    with pytest.raises(zipjax.ZipjaxError, match=r"attends in jax\.numpy"):
+        zipar.FixedWindow(4, kernel=True, kv=zipjax.kv.ZipCache())
+    with pytest.raises(zipjax.ZipjaxError, match=r"attends in jax\.numpy"):
+        zipar.SJD(4, kv=zipjax.kv.ZipCache(kernel=True))
+    with pytest.raises(zipjax.ZipjaxError, match=r"kv must be None or a zipjax\.kv method"):
+        zipar.FixedWindow(4, kv="zipcache")
+    # a block longer than the image's slots: refused where the geometry is checked, before the prefill
+    with pytest.raises(zipjax.ZipjaxError, match="buffer_len=400"):
+        zipjax.generate_image(digits_emu3, PROMPTS[:1], decoder=zipar.FixedWindow(4, kv=zipjax.kv.ZipCache(
+            buffer_len=400)), **COMMON)
+
+
+def test_band_of_the_fixed_schedule():
+    """The ring a whole-row window needs is about a block and a row; a lag of 1 keeps every row in flight."""
+    whole = zipar.schedule.band_length(zipar.fixed_window(16, 16, 16), 16)
+    assert 16 <= whole <= 16 + 2 * 17
+    assert zipar.schedule.band_length(zipar.fixed_window(16, 16, 1), 16) > 8 * 17
