@@ -26,9 +26,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import report
 
 import zipjax
-from benchmarks import report
 from zipjax import kv
 from zipjax.emu3.understand import question_prompt, zipvl_report
 from zipjax.harness.digits_quality import QUESTION, ask_accuracy, grey_rgb, heldout_digits

@@ -19,9 +19,10 @@ DIGITS = Path(__file__).resolve().parent.parent / "checkpoints" / "digits-emu3"
 CACHES = {"dense": None, "zipvl": kv.ZipVL(), "zipcache": kv.ZipCache(), "kivi": kv.KIVI(bits=2),
           "uniform": kv.Uniform(bits=4), "minicache": kv.MiniCache()}
 HELDOUT = 100  # the first 100 held-out digits (never trained on), fixed by heldout.npz
-# measured with the shipped model: 0.XX on these 100 digits (0.XX on all 359, see the model card)
-ACCURACY_BOUND = 0.5
-CACHE_BOUND = {"dense": 0.5, "zipvl": 0.5, "zipcache": 0.5, "kivi": 0.5, "uniform": 0.5, "minicache": 0.5}
+# measured with the shipped model (greedy, so exact): 0.75 on these 100 digits (0.79 on all 359, see the model card)
+ACCURACY_BOUND = 0.6
+# measured on the first 16 of them: 0.50 with every cache but ZipVL (0.44); chance is 0.1
+CACHE_BOUND = 0.4
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_ask_with_each_cache(digits_emu3, heldout, name):
     right = np.mean([a.strip() == NAMES[c] for a, c in zip(answers, labels[:16], strict=True)])
     print(f"{name}: {right:.2f} of 16 held-out digits")
     assert isinstance(single, str) and single == answers[0]  # one image, or the first of a batch: the same answer
-    assert all(a.strip() in NAMES for a in answers) and right >= CACHE_BOUND[name]
+    assert all(a.strip() in NAMES for a in answers) and right >= CACHE_BOUND
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +96,15 @@ def test_bad_combinations_are_refused_by_name_before_any_compute(digits_emu3, he
 
 
 def test_cli_ask_takes_a_kv_cache_and_prints_zipvls_report(heldout, tmp_path, capsys):
-    codes, labels = heldout
+    codes, _ = heldout
     png = write_png(tmp_path / "digit.png", grey_rgb(codes[0]))
     args = ["ask", str(png), QUESTION, "--checkpoint", str(DIGITS), "--max-new-tokens", "4"]
     assert cli_main([*args, "--kv", "zipvl"]) == 0
     out, err = capsys.readouterr()
-    assert out.strip() == NAMES[labels[0]]
+    assert out.strip() in NAMES  # this digit (a five) is one the model gets wrong with ZipVL: "three"
     assert "ZipVL's important tokens per layer" in err and "image ratio" in err
     assert cli_main([*args, "--kv", "kivi"]) == 0
-    assert capsys.readouterr().out.strip() == NAMES[labels[0]]
+    assert capsys.readouterr().out.strip() == ask(zipjax.load(DIGITS), grey_rgb(codes[0]), QUESTION,
+                                                  kv=kv.KIVI(bits=2), max_new_tokens=4).strip()
     assert cli_main([*args, "--kv", "nothing"]) == 2
     assert "--kv: invalid choice: 'nothing'" in capsys.readouterr().err
