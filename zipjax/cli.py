@@ -126,10 +126,7 @@ def _generate_parser(commands) -> None:
     gen.add_argument("--seed", type=_integer, default=0, help="the random seed of sampling")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
-    gen.add_argument("--kv", choices=("dense", *kv.METHODS), default="dense",
-                     help="KV cache: dense (default), or a zipjax.kv method with its defaults: zipcache (4/2-bit "
-                          "mixed precision, 60%% salient), kivi (2-bit), uniform (4-bit token-wise), zipvl (sparse "
-                          "prefill, 4/2-bit important tokens), minicache (cross-layer merge)")
+    _kv_argument(gen)
     kernels = ", ".join(name for name, method in kv.METHODS.items() if method.has_kernel)
     gen.add_argument("--kv-kernel", action="store_true",
                      help=f"decode attention over the packed codes with the Pallas kernel, also on CPU ({kernels})")
@@ -145,6 +142,13 @@ def _generate_parser(commands) -> None:
                      help="how expert deltas are applied: 'kernel' (the Pallas kernel), 'dense' or 'grouped' (the "
                      "jax.numpy paths), 'merged' (W_base + delta built per expert; one expert per run); default: "
                      "the kernel on TPU/GPU, dense on CPU")
+
+
+def _kv_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv", choices=("dense", *kv.METHODS), default="dense",
+                        help="KV cache: dense (default), or a zipjax.kv method with its defaults: zipcache (4/2-bit "
+                             "mixed precision, 60%% salient), kivi (2-bit), uniform (4-bit token-wise), zipvl (sparse "
+                             "prefill, 4/2-bit important tokens), minicache (cross-layer merge)")
 
 
 def _experts_parser(commands) -> None:
@@ -217,6 +221,7 @@ def _image_parsers(commands) -> None:
     question.add_argument("--checkpoint", type=_path, required=True, help="a converted Emu3 checkpoint folder")
     question.add_argument("--max-new-tokens", type=_positive_int, default=None,
                           help="tokens of the answer at most (default: 256, or what the model's positions leave)")
+    _kv_argument(question)
     question.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                           help="compute dtype (default: as stored)")
 
@@ -483,10 +488,16 @@ def run_ask(args: argparse.Namespace) -> None:
     image = read_image(args.image)  # a bad image fails before the model loads
     model = load(args.checkpoint, dtype=args.dtype)
     start = time.perf_counter()
-    answer = ask(model, image, question, max_new_tokens=args.max_new_tokens)
+    method = None if args.kv == "dense" else kv.method_from_name(args.kv)
+    answer = ask(model, image, question, kv=method, max_new_tokens=args.max_new_tokens)
     print(answer)
     print(f"[answered in {time.perf_counter() - start:.1f}s, compile included"
           f"{'; the answer is empty' if not answer.strip() else ''}]", file=sys.stderr)
+    if args.kv == "zipvl":
+        from zipjax.emu3.understand import format_report, zipvl_report
+
+        print(f"[ZipVL's important tokens per layer, image versus text]\n"
+              f"{format_report(zipvl_report(model, image, question, method))}", file=sys.stderr)
 
 
 def run_export(args: argparse.Namespace) -> None:
