@@ -230,6 +230,7 @@ MARKS: dict[str, tuple[str, ...]] = {
 # long-running files (multihost, AOT) to the end.
 LONGEST_FIRST: tuple[str, ...] = (
     "test_kv.py", "test_zipar.py", "test_zipvl.py", "test_hostile.py", "test_sharding.py", "test_multihost.py",
+    "test_zipar_kv.py", "test_fidelity_numpy.py", "test_ask_kv.py", "test_serve_packed.py",
     "test_emu3.py", "test_pallas_quantized.py", "test_aot.py", "test_pod.py", "test_experts.py", "test_generate.py",
     "test_smollm2.py", "test_structure.py",
 )
