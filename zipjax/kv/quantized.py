@@ -68,6 +68,19 @@ class LayerKV:
     mass: jax.Array
 
 
+def empty_layer(config: ModelConfig, method: QuantMethod, geo: Geometry, batch: int, buffer_len: int,
+                dtype) -> LayerKV:
+    """One layer's empty stores, CST scales and a full-precision buffer of `buffer_len` tokens (the streaming
+    window here, ZipAR's band ring in zipjax.zipar.compressed)."""
+    b, h, d, codec = batch, config.num_kv_heads, config.head_dim, method.codec
+    stores = tuple(codec.empty_store(b, h, d, seg.bits, seg.capacity, seg.blocks, geo.slot_dtype)
+                   for seg in geo.segments())
+    return LayerKV(stores=stores,
+                   v_scale=jnp.ones((b, h, geo.num_blocks, d), jnp.float16) if codec.value_mode == "cst" else None,
+                   k_buf=jnp.zeros((b, h, buffer_len, d), dtype), v_buf=jnp.zeros((b, h, buffer_len, d), dtype),
+                   mass=jnp.zeros((b, h, buffer_len), jnp.float32))
+
+
 @struct.dataclass
 class QuantizedKVCache:
     layers: tuple[LayerKV, ...]
@@ -85,16 +98,7 @@ class QuantizedKVCache:
         """An empty cache that takes a prompt block of `prefill_len` slots, then decode tokens up to `max_len`."""
         geo = geometry(config, method, batch, max_len, prefill_len)
         dtype = dtype or config.jnp_dtype
-        b, h, d, nb, w = batch, config.num_kv_heads, config.head_dim, geo.num_blocks, geo.buffer_len
-        codec = method.codec
-
-        def layer() -> LayerKV:
-            stores = tuple(codec.empty_store(b, h, d, seg.bits, seg.capacity, seg.blocks, geo.slot_dtype)
-                           for seg in geo.segments())
-            return LayerKV(stores=stores,
-                           v_scale=jnp.ones((b, h, nb, d), jnp.float16) if codec.value_mode == "cst" else None,
-                           k_buf=jnp.zeros((b, h, w, d), dtype), v_buf=jnp.zeros((b, h, w, d), dtype),
-                           mass=jnp.zeros((b, h, w), jnp.float32))
+        layer = functools.partial(empty_layer, config, method, geo, batch, geo.buffer_len, dtype)
 
         starts = jnp.zeros((batch,), jnp.int32) if starts is None else jnp.asarray(starts, jnp.int32)
         zero = jnp.zeros((), jnp.int32)

@@ -34,6 +34,7 @@ the dequantized stores and the band under one softmax. Imports: the quantized ca
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar, NamedTuple
 
 import jax
@@ -46,7 +47,7 @@ from zipjax.cache import check_batch, replace_at
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.kv.method import Method
-from zipjax.kv.quantized import LayerKV, compress_block, dequantize_layer
+from zipjax.kv.quantized import LayerKV, compress_block, dequantize_layer, empty_layer
 from zipjax.kv.quantizing import Geometry, QuantMethod, Ranking, geometry
 
 # methods whose blocks can be compressed wherever a parallel decoder completes them (fixed split, ranking by the
@@ -114,16 +115,8 @@ class BandKVCache:
         """An empty cache of `max_len` slots (the scatter cache's), blocks for slots below `span` after a
         `prefill_len`-slot prompt, and a ring of `band` full-precision entries."""
         geo = geometry(config, method, batch, span, prefill_len)
-        b, h, d, nb = batch, config.num_kv_heads, config.head_dim, geo.num_blocks
-        codec, dtype = method.codec, config.jnp_dtype
-
-        def layer() -> LayerKV:
-            stores = tuple(codec.empty_store(b, h, d, seg.bits, seg.capacity, seg.blocks, geo.slot_dtype)
-                           for seg in geo.segments())
-            return LayerKV(stores=stores,
-                           v_scale=jnp.ones((b, h, nb, d), jnp.float16) if codec.value_mode == "cst" else None,
-                           k_buf=jnp.zeros((b, h, band, d), dtype), v_buf=jnp.zeros((b, h, band, d), dtype),
-                           mass=jnp.zeros((b, h, band), jnp.float32))
+        b = batch
+        layer = functools.partial(empty_layer, config, method, geo, batch, band, config.jnp_dtype)
 
         return cls(layers=tuple(layer() for _ in range(config.num_layers)), written=jnp.zeros((b, max_len), bool),
                    starts=jnp.asarray(starts, jnp.int32), slots=jnp.zeros((b, 1), jnp.int32),
