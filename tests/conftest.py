@@ -267,6 +267,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 NEVER_CACHED = 1e9  # seconds: a compile-time threshold no program reaches
 CACHE_OPTION = "zipjax_jax_cache"  # the folder, handed from the xdist controller to its workers
+CACHE_BYTES = 4 << 30  # a kept folder past this starts the next run empty
 
 
 def _compilation_cache(config: pytest.Config) -> str | None:
@@ -279,9 +280,18 @@ def _compilation_cache(config: pytest.Config) -> str | None:
     if chosen:
         return None if chosen == "off" else chosen
     if getattr(config, "cache", None) is not None:
-        return str(config.cache.mkdir("jax-compilation-cache"))
+        return _bounded(config.cache.mkdir("jax-compilation-cache"))
     config._zipjax_temporary_cache = tempfile.mkdtemp(prefix="zipjax-jax-cache-")
     return config._zipjax_temporary_cache
+
+
+def _bounded(folder: Path) -> str:
+    """The kept folder, emptied first once it holds more than CACHE_BYTES: the tests write it unbounded (no
+    eviction, see pytest_configure), and programs of code since changed pile up there from run to run."""
+    if sum(entry.stat().st_size for entry in folder.iterdir() if entry.is_file()) > CACHE_BYTES:
+        shutil.rmtree(folder)
+        folder.mkdir()
+    return str(folder)
 
 
 @pytest.hookimpl(trylast=True)  # after the cache provider set config.cache
@@ -292,6 +302,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if folder is not None:
         jax.config.update("jax_compilation_cache_dir", folder)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        # No size bound, so no eviction: with one, jax reads the size and access time of every entry in the folder
+        # on each write, and the suite writes thousands of small programs (each eager op is one), which made a
+        # write cost a third of a second by the end of a run (quadratic in the number of programs).
+        jax.config.update("jax_compilation_cache_max_size", -1)
 
 
 @pytest.hookimpl(optionalhook=True)
