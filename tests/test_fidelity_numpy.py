@@ -13,13 +13,21 @@ import pytest
 from zipjax import kv
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
-from zipjax.harness.kv_analysis import prompt_queries_keys, prompt_states
+from zipjax.harness.kv_analysis import prompt_states
 from zipjax.kv import QuantizedKVCache
 from zipjax.kv.minicache import MergedKVCache
 from zipjax.kv.quantized import dequantize_layer
 from zipjax.kv.saliency import probe_slots
 
 ROOT = Path(__file__).resolve().parents[1]
+# jitted whole: eagerly each jnp op (and each lax.cond, traced anew per call) is a compile of its own
+_probe_slots = jax.jit(probe_slots, static_argnums=(1, 2, 4), static_argnames="replace")
+_attend = jax.jit(lambda cache, q, k, v: cache.attend(0, q, k, v, None))
+
+
+def _normal(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    """float32 normal samples from numpy (jax.random.normal compiles for seconds on CPU)."""
+    return rng.standard_normal(shape, np.float32)
 
 
 def _config(layers: int) -> ModelConfig:
@@ -66,17 +74,24 @@ def prompt(stdlib_llama):
     return np.asarray([stdlib_llama.tokenizer.encode(text)[:96]], np.int32)
 
 
-def test_zipvl_p_and_T_per_layer_equal_numpy_with_the_default_settings(stdlib_llama, prompt):
+@pytest.fixture(scope="module")
+def states(stdlib_llama, prompt):
+    """Per layer, the prompt's (queries, keys, values): an un-jitted forward pass, run once for the module."""
+    return prompt_states(stdlib_llama, prompt)
+
+
+def test_zipvl_p_and_T_per_layer_equal_numpy_with_the_default_settings(states):
     """Per layer of the shipped model: zipjax's p (count), the stored p (no clip), and T equal the numpy rule; the
     random probes are 64 distinct earlier tokens plus the 64 most recent."""
     method = kv.ZipVL()
     assert method.ratio_range is None and method.probes == (64, 64) and method.decode_rank == "query"
     starts = jnp.zeros(1, jnp.int32)
     counts = []
-    for layer, (q, k) in enumerate(prompt_queries_keys(stdlib_llama, prompt)):
-        ranking = method.rank_prompt(q, k, starts, layer)
+    rank_prompt = jax.jit(method.rank_prompt)  # the layer traced: one program for the six layers
+    for layer, (q, k, _) in enumerate(states):
+        ranking = rank_prompt(q, k, starts, layer)
         key = jax.random.fold_in(jax.random.key(method.seed), layer)
-        probes = np.asarray(probe_slots(starts, 96, method.probe_ratio, key, method.probes, replace=False))[0]
+        probes = np.asarray(_probe_slots(starts, 96, method.probe_ratio, key, method.probes, replace=False))[0]
         assert len(set(probes.tolist())) == 96  # 64 recent + 32 random (all the earlier tokens), none repeated
         p, important = _zipvl_numpy(np.asarray(q[0], np.float64), np.asarray(k[0], np.float64), probes, method.tau)
         assert int(ranking.count[0]) == int(ranking.stored[0]) == p
@@ -87,7 +102,7 @@ def test_zipvl_p_and_T_per_layer_equal_numpy_with_the_default_settings(stdlib_ll
     assert max(counts) > 0.6 * 96  # the old (0.2, 0.6) clip would have bound here
 
 
-def test_zipvl_cache_stores_T_at_high_bits_and_the_rest_at_low_bits(stdlib_llama, prompt):
+def test_zipvl_cache_stores_T_at_high_bits_and_the_rest_at_low_bits(stdlib_llama, prompt, states):
     """With a dense prefill every layer sees the dense model's states, so the cache's stored sets can be checked
     against the numpy T of each layer: T in the 4-bit store, every other token in the 2-bit store."""
     method = kv.ZipVL(sparse_prefill=False, buffer_len=8)
@@ -95,9 +110,9 @@ def test_zipvl_cache_stores_T_at_high_bits_and_the_rest_at_low_bits(stdlib_llama
     cache = QuantizedKVCache.init(stdlib_llama.config, method, 1, n + 16, n)
     _, cache = stdlib_llama.apply(jnp.asarray(prompt), jnp.arange(n)[None], cache)
     segments = cache.geometry.segments()
-    for layer, (q, k) in enumerate(prompt_queries_keys(stdlib_llama, prompt)):
+    for layer, (q, k, _) in enumerate(states):
         key = jax.random.fold_in(jax.random.key(method.seed), layer)
-        probes = np.asarray(probe_slots(jnp.zeros(1, jnp.int32), n, 0.1, key, method.probes, replace=False))[0]
+        probes = np.asarray(_probe_slots(jnp.zeros(1, jnp.int32), n, 0.1, key, method.probes, replace=False))[0]
         _, important = _zipvl_numpy(np.asarray(q[0], np.float64), np.asarray(k[0], np.float64), probes, method.tau)
         held = {}
         for store, seg in zip(cache.layers[layer].stores, segments, strict=True):
@@ -123,21 +138,20 @@ def _decode_until_flush(method: kv.ZipVL, n: int = 24, buffer_len: int = 8):
     """A one-layer ZipVL cache fed random states: the prompt, then buffer_len + 1 decode tokens. Returns the cache
     after buffer_len tokens (the window full), the last query, and the cache after the next token (the flush)."""
     config = _config(1)
-    keys = jax.random.split(jax.random.key(7), 6)
+    rng = np.random.default_rng(7)
     cache = QuantizedKVCache.init(config, method, 1, n + 2 * buffer_len, n)
-    q = jax.random.normal(keys[0], (1, n, 4, 16))
-    _, cache = cache.attend(0, q, jax.random.normal(keys[1], (1, n, 2, 16)), jax.random.normal(keys[2], (1, n, 2, 16)),
-                            None)
+    q = _normal(rng, 1, n, 4, 16)
+    _, cache = _attend(cache, q, _normal(rng, 1, n, 2, 16), _normal(rng, 1, n, 2, 16))
     cache = cache.advance(n)
     steps = buffer_len + 1
-    qs = jax.random.normal(keys[3], (steps, 1, 1, 4, 16)) * 3.0
-    ks = jax.random.normal(keys[4], (steps, 1, 1, 2, 16))
-    vs = jax.random.normal(keys[5], (steps, 1, 1, 2, 16))
+    qs = _normal(rng, steps, 1, 1, 4, 16) * 3.0
+    ks = _normal(rng, steps, 1, 1, 2, 16)
+    vs = _normal(rng, steps, 1, 1, 2, 16)
     full = None
     for t in range(steps):
         if t == buffer_len:
             full = cache
-        _, cache = cache.attend(0, qs[t], ks[t], vs[t], None)
+        _, cache = _attend(cache, qs[t], ks[t], vs[t])
         cache = cache.advance(1)
     return full, qs[buffer_len - 1], cache
 
@@ -193,10 +207,10 @@ def _threshold_numpy(d: np.ndarray, start: int, gamma: float, room: int) -> tupl
 def test_minicache_retains_by_the_threshold_within_its_room_and_reports_overflow():
     config = _config(4)
     n = 64
-    keys = jax.random.split(jax.random.key(4), 4)
-    k0, v0 = (jax.random.normal(x, (2, n, 2, 16)) for x in keys[:2])
-    k1 = k0 + 0.6 * jax.random.normal(keys[2], k0.shape)  # related layers, so distances spread
-    v1 = v0 + 0.6 * jax.random.normal(keys[3], v0.shape)
+    rng = np.random.default_rng(4)
+    k0, v0 = _normal(rng, 2, n, 2, 16), _normal(rng, 2, n, 2, 16)
+    k1 = k0 + 0.6 * _normal(rng, *k0.shape)  # related layers, so distances spread
+    v1 = v0 + 0.6 * _normal(rng, *v0.shape)
     starts = jnp.array([0, 5], jnp.int32)
     q = jnp.zeros((2, n, 4, 16))
     for spec, gamma in ((kv.MiniCache(start_layer=2), 0.05), (kv.MiniCache(start_layer=2, gamma=0.5, capacity=0.1),
@@ -225,14 +239,13 @@ def test_minicache_retains_by_the_threshold_within_its_room_and_reports_overflow
     assert cache.retained_unused() == 0
 
 
-def test_minicache_threshold_on_the_shipped_model(stdlib_llama, prompt):
+def test_minicache_threshold_on_the_shipped_model(stdlib_llama, prompt, states):
     """The shipped model's merged pair (4, 5): the retained sets of keys and values equal Eq. 4 in numpy, and the
     stored bytes leave out the room the threshold did not use."""
     method = kv.MiniCache()
     n = prompt.shape[1]
     cache = MergedKVCache.init(stdlib_llama.config, method, 1, n + 4, n)
     _, cache = stdlib_llama.apply(jnp.asarray(prompt), jnp.arange(n)[None], cache)
-    states = prompt_states(stdlib_llama, prompt)
     (pair,) = method.pairs(stdlib_llama.config.num_layers)
     (report,) = cache.retention()
     room = method.retained(n)

@@ -42,6 +42,12 @@ def _tiny() -> ModelConfig:
                        dtype="float32")
 
 
+# jitted whole (one compile per shape, not one per jnp op): the by-hand test calls them on many shapes
+_quantize_key_blocks = jax.jit(quantize_key_blocks, static_argnums=(1, 2))
+_quantize = jax.jit(quantize, static_argnums=1, static_argnames="axis")
+_dequantize = jax.jit(dequantize)
+
+
 def _reference(q, keys, values, kq: int, vq: int, method: kv.KIVI) -> np.ndarray:
     """KIVI's decode attention written out: keys below kq quantized per run (the runs as they were quantized:
     from 0 in steps of R, each in runs of `group`), values below vq per token; the rest exact. q [batch, heads, d];
@@ -49,13 +55,13 @@ def _reference(q, keys, values, kq: int, vq: int, method: kv.KIVI) -> np.ndarray
     k = np.asarray(keys, np.float32).copy()
     for first in range(0, kq, method.residual):
         part = keys[:, :, first:first + method.residual]
-        codes, step, minimum = quantize_key_blocks(part, method.bits, method.group)
-        k[:, :, first:first + method.residual] = dequantize(codes, *(jnp.repeat(x, method.group, axis=2)
-                                                                      for x in (step, minimum)))
+        codes, step, minimum = _quantize_key_blocks(part, method.bits, method.group)
+        k[:, :, first:first + method.residual] = _dequantize(codes, *(jnp.repeat(x, method.group, axis=2)
+                                                                       for x in (step, minimum)))
     v = np.asarray(values, np.float32).copy()
     if vq:
-        codes, step, minimum = quantize(grouped(values[:, :, :vq], method.group), method.bits, axis=-1)
-        v[:, :, :vq] = np.asarray(dequantize(codes, step, minimum)).reshape(v[:, :, :vq].shape)
+        codes, step, minimum = _quantize(grouped(values[:, :, :vq], method.group), method.bits, axis=-1)
+        v[:, :, :vq] = np.asarray(_dequantize(codes, step, minimum)).reshape(v[:, :, :vq].shape)
     group = HEADS // KV_HEADS
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # [batch, heads, n, d]
     scores = np.einsum("bhd,bhnd->bhn", np.asarray(q), k) / np.sqrt(D)
@@ -69,14 +75,20 @@ def test_prefill_and_decode_residuals_by_hand():
     Every step's output equals KIVI's attention written out by hand."""
     method = kv.KIVI(bits=2, group=4, residual=8)
     n, steps = 21, 5
-    rng = jax.random.split(jax.random.key(0), 3)
-    keys = jax.random.normal(rng[0], (1, KV_HEADS, n + steps, D)) * jnp.linspace(0.5, 4, D)
-    values = jax.random.normal(rng[1], (1, KV_HEADS, n + steps, D))
-    queries = jax.random.normal(rng[2], (1, n + steps, HEADS, D))
+    # numpy arrays: jax.random.normal is a long compile on CPU, and each slice of a jax array one more
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: rng.standard_normal(shape, np.float32)
+    keys = normal(1, KV_HEADS, n + steps, D) * np.linspace(0.5, 4, D, dtype=np.float32)
+    values, queries = normal(1, KV_HEADS, n + steps, D), normal(1, n + steps, HEADS, D)
     cache = KIVICache.init(_tiny(), method, 1, n + steps, n)
     to_tokens = lambda x: x.transpose(0, 2, 1, 3)  # [batch, kv_heads, n, d] -> [batch, n, kv_heads, d]
-    _, cache = cache.attend(0, queries[:, :n], to_tokens(keys[:, :, :n]), to_tokens(values[:, :, :n]), None)
-    cache = cache.advance(n)
+
+    @jax.jit  # one program for the prompt and one for all decode steps, rather than one per jnp op
+    def attend(cache, q, k, v):
+        out, cache = cache.attend(0, q, to_tokens(k), to_tokens(v), None)
+        return out, cache.advance(q.shape[1])
+
+    _, cache = attend(cache, queries[:, :n], keys[:, :, :n], values[:, :, :n])
     store = cache.layers[0].store
     np.testing.assert_array_equal(np.asarray(store.slots[0, 0, :16]), list(range(13)) + [-1] * 3)
     assert not np.asarray(store.k_codes[0, :, 16:]).any()  # keys 16..20 are the residual: not quantized yet
@@ -85,9 +97,7 @@ def test_prefill_and_decode_residuals_by_hand():
     held = np.arange(n - 9, n)  # the newest R + 1 prompt tokens, at slot % 9
     np.testing.assert_array_equal(ring[:, :, held % 9], np.asarray(values[:, :, held]))
     for c in range(n, n + steps):
-        out, cache = cache.attend(0, queries[:, c:c + 1], to_tokens(keys[:, :, c:c + 1]),
-                                  to_tokens(values[:, :, c:c + 1]), None)
-        cache = cache.advance(1)
+        out, cache = attend(cache, queries[:, c:c + 1], keys[:, :, c:c + 1], values[:, :, c:c + 1])
         kq, vq = (c // 8) * 8, c - 8  # at attention time: keys below kq, values below c - R quantized
         expected = _reference(queries[:, c], keys[:, :, :c + 1], values[:, :, :c + 1], kq, vq, method)
         np.testing.assert_allclose(np.asarray(out[:, 0]), expected, atol=2e-5)
