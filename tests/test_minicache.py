@@ -15,9 +15,14 @@ from zipjax.kv.slerp import angle, memory_bytes, merge_pair, restore, slerp_dire
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _normal(rng: np.random.Generator, *shape: int) -> jax.Array:
+    """float32 normal samples drawn by numpy (jax.random.normal compiles for seconds on CPU, once per shape)."""
+    return jnp.asarray(rng.standard_normal(shape, np.float32))
+
+
 def _pair(seed=0, shape=(2, 10, 3, 16)):
-    a, b = jax.random.split(jax.random.key(seed))
-    return jax.random.normal(a, shape), jax.random.normal(b, shape) * 3.0
+    rng = np.random.default_rng(seed)
+    return _normal(rng, *shape), _normal(rng, *shape) * 3.0
 
 
 def test_endpoints_and_midpoint():
@@ -88,9 +93,8 @@ def _prefill_pair(spec, k0, v0, k1, v1, starts):
 
 
 def test_merged_cache_restores_identical_layers_and_retained_tokens_exactly():
-    key = jax.random.split(jax.random.key(0), 4)
-    shape = (2, 24, 2, 16)
-    k0, v0, k1, v1 = (jax.random.normal(x, shape) for x in key)
+    rng = np.random.default_rng(0)
+    k0, v0, k1, v1 = (_normal(rng, 2, 24, 2, 16) for _ in range(4))
     starts = jnp.array([0, 3], jnp.int32)
     # the fixed count (the earlier default; the threshold rule is checked in tests/test_fidelity_numpy.py)
     spec = zipjax.kv.MiniCache(start_layer=2, t=0.6, gamma=0.25, merge_dims="head", retain_by="count")
@@ -159,9 +163,8 @@ def test_pairs_are_l_minus_1_and_l_with_l_odd_from_the_start_layer():
 def test_whole_token_merge_uses_the_vector_across_heads():
     """The default merges a token's K (or V) over every KV head as one vector (the paper's X in R^{n x h}): one
     norm per token and layer, and the direction is the SLERP of the concatenated vectors."""
-    key = jax.random.split(jax.random.key(1), 4)
-    shape = (2, 24, 2, 16)
-    k0, v0, k1, v1 = (jax.random.normal(x, shape) for x in key)
+    rng = np.random.default_rng(1)
+    k0, v0, k1, v1 = (_normal(rng, 2, 24, 2, 16) for _ in range(4))
     cache = _prefill_pair(zipjax.kv.MiniCache(start_layer=2, gamma=0.0), k0, v0, k1, v1, jnp.zeros(2, jnp.int32))
     pair = cache.pairs[0]
     assert pair["k_norms"].shape == (2, 1, 24, 2)
@@ -183,14 +186,14 @@ def test_decode_tokens_are_merged_at_the_second_layer_of_a_pair():
     its exact new token, and later steps see the merged one (direction x the layer's norm)."""
     from zipjax.kv.minicache import MergedKVCache
 
-    key = jax.random.split(jax.random.key(2), 3)
+    rng = np.random.default_rng(2)
     n, heads = 8, 4
     cache = MergedKVCache.init(_cfg(), zipjax.kv.MiniCache(start_layer=2, gamma=0.0), 1, n + 4, n)
-    prompt = jax.random.normal(key[0], (1, n, 2, 16))
+    prompt = _normal(rng, 1, n, 2, 16)
     for layer in range(4):
         _, cache = cache.attend(layer, jnp.zeros((1, n, heads, 16)), prompt, prompt, None)
     cache = cache.advance(n)
-    new = jax.random.normal(key[1], (4, 1, 1, 2, 16))  # per layer: [batch, 1, kv_heads, head_dim]
+    new = _normal(rng, 4, 1, 1, 2, 16)  # per layer: [batch, 1, kv_heads, head_dim]
     for layer in range(4):
         _, cache = cache.attend(layer, jnp.zeros((1, 1, heads, 16)), new[layer], new[layer] * 2, None)
     cache = cache.advance(1)
@@ -202,7 +205,7 @@ def test_decode_tokens_are_merged_at_the_second_layer_of_a_pair():
                                np.asarray(slerp_direction(x0, x1, 0.6)), atol=1e-6)
     np.testing.assert_allclose(np.asarray(buf["k_norms"][0, 0, 0], np.float32),
                                [float(jnp.linalg.norm(x0)), float(jnp.linalg.norm(x1))], rtol=1e-3)
-    step = jax.random.normal(key[2], (1, 2, 1, 16))  # the next token of layer 2: [batch, kv_heads, 1, head_dim]
+    step = _normal(rng, 1, 2, 1, 16)  # the next token of layer 2: [batch, kv_heads, 1, head_dim]
     keys, _, update = cache._decode_states(2, step, step)
     restored = slerp_direction(x0, x1, 0.6) * jnp.linalg.norm(x0)
     np.testing.assert_allclose(np.asarray(keys[:, :, 0].reshape(1, 32)), np.asarray(restored), rtol=2e-3)
