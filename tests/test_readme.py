@@ -1,6 +1,7 @@
 """The README's task snippets run as written: every code block after a `<!-- readme:run -->` marker is executed,
 bash blocks as a shell script and python blocks in order in one namespace, from a folder that looks like the
-repository's root (links to checkpoints/ and zipjax/), so nothing is written into the clone."""
+repository's root (links to checkpoints/ and zipjax/), so nothing is written into the clone. The commands share
+this process's compilation cache, so a python block after a command with the same programs reads them."""
 
 import os
 import re
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +39,9 @@ def test_the_readme_marks_every_task():
 
 def test_the_readme_task_snippets_run(workdir, monkeypatch, capsys):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    if jax.config.jax_compilation_cache_dir:  # the commands write their programs where this process reads them:
+        env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,  # the python blocks that run
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # the same method or decoder load, not compile
     namespace: dict = {}
     monkeypatch.chdir(workdir)
     for language, code in snippets():
