@@ -31,6 +31,11 @@ from zipjax.kv.saliency import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _normal(seed: int, *shape: int) -> jax.Array:
+    """float32 normal samples drawn by numpy (jax.random.normal compiles for seconds on CPU, once per shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
 @pytest.fixture(scope="module")
 def trained(stdlib_llama):
     return stdlib_llama
@@ -38,7 +43,7 @@ def trained(stdlib_llama):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_pack_unpack_round_trip(bits):
-    codes = jax.random.randint(jax.random.key(bits), (3, 5, 64), 0, 1 << bits).astype(jnp.uint8)
+    codes = jnp.asarray(np.random.default_rng(bits).integers(0, 1 << bits, (3, 5, 64)), jnp.uint8)
     packed = pack(codes, bits)
     assert packed.shape == (3, 5, 64 * bits // 8) and packed.dtype == jnp.uint8
     np.testing.assert_array_equal(unpack(packed, bits), codes)
@@ -47,7 +52,7 @@ def test_pack_unpack_round_trip(bits):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("axis", [-1, -2])
 def test_quantization_error_is_at_most_half_a_step(bits, axis):
-    x = jax.random.normal(jax.random.key(0), (4, 50, 64)) * jnp.linspace(0.1, 30, 64)
+    x = _normal(0, 4, 50, 64) * jnp.linspace(0.1, 30, 64)
     codes, step, minimum = quantize(x, bits, axis=axis)
     assert step.dtype == minimum.dtype == jnp.float16
     err = jnp.abs(dequantize(codes, step, minimum) - x)
@@ -70,7 +75,7 @@ def test_padding_is_left_out_of_the_statistics():
 
 def test_error_ordering_with_planted_channel_outliers():
     """Values with 2% of channels 20x larger: small groups <= channel-separable << token-wise."""
-    x = jax.random.normal(jax.random.key(0), (8, 256, 128))
+    x = _normal(0, 8, 256, 128)
     x = x * jnp.ones(128).at[jnp.arange(0, 128, 50)].set(20.0)
     rms = {name: float(jnp.sqrt(jnp.mean((fake_quantize(x, 2, mode, group) - x) ** 2)))
            for name, mode, group in [("token", "token", None), ("group8", "token", 8), ("group32", "token", 32),
@@ -103,8 +108,7 @@ def test_normalized_score_by_hand():
 
 
 def test_attention_probs_are_causal_and_sum_to_one():
-    q = jax.random.normal(jax.random.key(1), (2, 6, 4, 8))
-    k = jax.random.normal(jax.random.key(2), (2, 6, 2, 8))
+    q, k = _normal(1, 2, 6, 4, 8), _normal(2, 2, 6, 2, 8)
     slots = jnp.arange(6)
     valid = slots[None] >= jnp.array([[0], [2]])
     probs = attention_probs(q, k, jnp.broadcast_to(slots, (2, 6)), slots, valid)  # [2, 2, 2, 6, 6]
