@@ -224,15 +224,16 @@ MARKS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# Test files, slowest first (seconds per file in the full run of 2026-12-05 on 2 cores, --junitxml). With
+# Test files, slowest first (seconds per file in the full run of 2026-12-05 on 2 cores, --junitxml; test_readme
+# (about 150 s, nine CLI processes) and test_minicache added from the 804-test run's --durations). With
 # `--dist loadfile --no-loadscope-reorder` xdist hands files out in collection order, so the long ones start at once
 # and short files fill the gaps; by default it hands them out by number of tests, which left the few-test,
 # long-running files (multihost, AOT) to the end.
 LONGEST_FIRST: tuple[str, ...] = (
     "test_kv.py", "test_zipar.py", "test_zipvl.py", "test_hostile.py", "test_sharding.py", "test_multihost.py",
-    "test_zipar_kv.py", "test_fidelity_numpy.py", "test_ask_kv.py", "test_serve_packed.py",
-    "test_emu3.py", "test_pallas_quantized.py", "test_aot.py", "test_pod.py", "test_experts.py", "test_generate.py",
-    "test_smollm2.py", "test_structure.py",
+    "test_readme.py", "test_zipar_kv.py", "test_fidelity_numpy.py", "test_ask_kv.py", "test_serve_packed.py",
+    "test_emu3.py", "test_pallas_quantized.py", "test_minicache.py", "test_aot.py", "test_pod.py", "test_experts.py",
+    "test_generate.py", "test_smollm2.py", "test_structure.py",
 )
 
 
