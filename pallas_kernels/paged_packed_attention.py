@@ -395,7 +395,7 @@ def _output(m: jax.Array, total: jax.Array, acc: jax.Array, queries: int) -> tup
     denom = (total * weight).sum(axis=2)
     out = (acc * weight[..., None]).sum(axis=2) / jnp.maximum(denom, TINY)[..., None]  # [n, kv_heads, rows, d]
     lse = jnp.where(denom > TINY, top + jnp.log(jnp.maximum(denom, TINY)), MASK_VALUE)
-    n, kv_heads, rows, d = out.shape
+    n, kv_heads, rows, _ = out.shape
     to_heads = lambda x: ungroup(x.reshape(n, kv_heads, queries, rows // queries, -1).transpose(0, 1, 3, 2, 4))
     return to_heads(out), to_heads(lse[..., None])[..., 0]
 

@@ -38,9 +38,11 @@ from jax.sharding import PartitionSpec
 
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
-from zipjax.kernels.common import SoftmaxState, grouped_scores, grouped_values, online_softmax_step
+from zipjax.kernels.common import MASK_VALUE, SoftmaxState, grouped_scores, grouped_values, online_softmax_step, ungroup
+from zipjax.kernels.paged_packed_attention import PagedSubset, paged_packed_attention
 from zipjax.kv.codec import Codec, Store, channel_scale
 from zipjax.kv.quantizing import buffer_score
+from zipjax.platform import platform, use_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,7 @@ class PageCodec:
     sizes: tuple[int, ...]  # tokens per subset per page (sum: page_size)
     ranked: bool  # subsets chosen by the page-local normalized score (else: in slot order)
     lag: int  # tokens that must follow a full page before it is packed
+    kernel: bool | None = None  # attention over packed pages: the paged Pallas kernel or jnp (`uses_kernel`)
 
     @property
     def page_size(self) -> int:
@@ -61,6 +64,13 @@ class PageCodec:
     @property
     def cst(self) -> bool:
         return self.codec.value_mode == "cst"
+
+    @property
+    def uses_kernel(self) -> bool:
+        """Whether `packed_state` runs zipjax.kernels.paged_packed_attention, for the platform being traced: by the
+        library's kernel policy (zipjax.platform.use_kernel: None the kernel where it compiles, jnp on a CPU; True
+        the kernel everywhere, interpreted on a CPU). The kernel has a TPU form only, so None keeps jnp on a GPU."""
+        return use_kernel(self.kernel) and (self.kernel is True or platform() == "tpu")
 
 
 def page_codec(method, config: ModelConfig, page_size: int) -> PageCodec:
@@ -85,7 +95,8 @@ def page_codec(method, config: ModelConfig, page_size: int) -> PageCodec:
                           "dense, zipcache, kivi or uniform")
     kept = tuple((n, b) for n, b in zip(sizes, bits, strict=True) if n)
     check_packing(config, tuple(b for _, b in kept), method.codec.group)
-    return PageCodec(repr(method), method.codec, tuple(b for _, b in kept), tuple(n for n, _ in kept), ranked, lag)
+    return PageCodec(repr(method), method.codec, tuple(b for _, b in kept), tuple(n for n, _ in kept), ranked, lag,
+                     getattr(method, "kernel", None))
 
 
 @jax.tree_util.register_dataclass
@@ -167,8 +178,11 @@ def packed_state(qg: jax.Array, stores: tuple[Store, ...], v_scale: jax.Array | 
     """Fold a row's packed pages into its online-softmax state.
 
     qg [n, kv_heads, group, qn, head_dim] (grouped queries); table int32 [n, P]: packed page ids of logical pages
-    0 .. count - 1 (count int32 [n]); positions int32 [n, qn] (-1: padding). Pages are read `block_pages` at a
-    time up to the longest row's count; each is dequantized (zipjax.kv.codec) and attended like a dense block."""
+    0 .. count - 1 (count int32 [n]); positions int32 [n, qn] (-1: padding). With `spec.uses_kernel` the Pallas
+    kernel reads the codes through the table (`kernel_state`); otherwise pages are read `block_pages` at a time up to
+    the longest row's count, each dequantized (zipjax.kv.codec) and attended like a dense block."""
+    if spec.uses_kernel:
+        return kernel_state(qg, stores, v_scale, spec, table, count, positions, sliding_window, state)
     num_blocks = (jnp.max(count) + block_pages - 1) // block_pages
 
     def step(j, state):
@@ -182,6 +196,24 @@ def packed_state(qg: jax.Array, stores: tuple[Store, ...], v_scale: jax.Array | 
                                    v.astype(qg.dtype), values=grouped_values)
 
     return jax.lax.fori_loop(0, num_blocks, step, state)
+
+
+def kernel_state(qg: jax.Array, stores: tuple[Store, ...], v_scale: jax.Array | None, spec: PageCodec,
+                 table: jax.Array, count: jax.Array, positions: jax.Array, sliding_window: int | None,
+                 state: SoftmaxState) -> SoftmaxState:
+    """`packed_state` by zipjax.kernels.paged_packed_attention: its (out, lse) folded into the state by log-sum-exp
+    (a row that saw nothing has lse MASK_VALUE and weighs nothing)."""
+    subsets = tuple(PagedSubset(s.k_codes, s.v_codes, s.slots, s.k_step, s.k_min, s.v_step, s.v_min) for s in stores)
+    out, lse = paged_packed_attention(ungroup(qg), subsets, v_scale, table, count, positions, bits=spec.bits,
+                                      page_size=spec.page_size, key_mode=spec.codec.key_mode,
+                                      key_block=spec.codec.key_block, group=spec.codec.group,
+                                      sliding_window=sliding_window)  # [n, qn, heads, d], [n, qn, heads]
+    n, kv_heads, group, qn, _ = qg.shape
+    grouped = lambda x: x.reshape(n, qn, kv_heads, group, -1).transpose(0, 2, 3, 1, 4)  # -> [n, kv, G, qn, -1]
+    top, seen = grouped(lse[..., None]), grouped((lse > MASK_VALUE / 2)[..., None].astype(jnp.float32))
+    new_max = jnp.maximum(state.max, top)
+    mine, theirs = jnp.exp(top - new_max) * seen, jnp.exp(state.max - new_max)
+    return SoftmaxState(new_max, theirs * state.denom + mine, theirs * state.acc + mine * grouped(out))
 
 
 def _dequantize(spec: PageCodec, stores: tuple[Store, ...], v_scale: jax.Array | None, pages: jax.Array,
