@@ -181,7 +181,7 @@ def packed_state(qg: jax.Array, stores: tuple[Store, ...], v_scale: jax.Array | 
     0 .. count - 1 (count int32 [n]); positions int32 [n, qn] (-1: padding). With `spec.uses_kernel` the Pallas
     kernel reads the codes through the table (`kernel_state`); otherwise pages are read `block_pages` at a time up to
     the longest row's count, each dequantized (zipjax.kv.codec) and attended like a dense block."""
-    if spec.uses_kernel:
+    if spec.uses_kernel and _kernel_shards(stores[0].k_codes.shape[1]) is not False:
         return kernel_state(qg, stores, v_scale, spec, table, count, positions, sliding_window, state)
     num_blocks = (jnp.max(count) + block_pages - 1) // block_pages
 
@@ -204,16 +204,34 @@ def kernel_state(qg: jax.Array, stores: tuple[Store, ...], v_scale: jax.Array | 
     """`packed_state` by zipjax.kernels.paged_packed_attention: its (out, lse) folded into the state by log-sum-exp
     (a row that saw nothing has lse MASK_VALUE and weighs nothing)."""
     subsets = tuple(PagedSubset(s.k_codes, s.v_codes, s.slots, s.k_step, s.k_min, s.v_step, s.v_min) for s in stores)
-    out, lse = paged_packed_attention(ungroup(qg), subsets, v_scale, table, count, positions, bits=spec.bits,
-                                      page_size=spec.page_size, key_mode=spec.codec.key_mode,
-                                      key_block=spec.codec.key_block, group=spec.codec.group,
-                                      sliding_window=sliding_window)  # [n, qn, heads, d], [n, qn, heads]
+    call = functools.partial(paged_packed_attention, bits=spec.bits, page_size=spec.page_size,
+                             key_mode=spec.codec.key_mode, key_block=spec.codec.key_block, group=spec.codec.group,
+                             sliding_window=sliding_window)
+    args = (ungroup(qg), subsets, v_scale, table, count, positions)
+    if _kernel_shards(qg.shape[1]):  # a Mosaic call is never partitioned automatically: one call per KV-head shard
+        pool, heads = PartitionSpec(None, "model"), PartitionSpec(None, None, "model")
+        replicated = PartitionSpec()
+        specs = (heads, jax.tree.map(lambda _: pool, subsets), None if v_scale is None else pool, replicated,
+                 replicated, replicated)
+        call = jax.shard_map(call, in_specs=specs, out_specs=(heads, heads), check_vma=False)
+    out, lse = call(*args)  # [n, qn, heads, d], [n, qn, heads]
     n, kv_heads, group, qn, _ = qg.shape
     grouped = lambda x: x.reshape(n, qn, kv_heads, group, -1).transpose(0, 2, 3, 1, 4)  # -> [n, kv, G, qn, -1]
     top, seen = grouped(lse[..., None]), grouped((lse > MASK_VALUE / 2)[..., None].astype(jnp.float32))
     new_max = jnp.maximum(state.max, top)
     mine, theirs = jnp.exp(top - new_max) * seen, jnp.exp(state.max - new_max)
     return SoftmaxState(new_max, theirs * state.denom + mine, theirs * state.acc + mine * grouped(out))
+
+
+def _kernel_shards(kv_heads: int) -> bool | None:
+    """How the kernel runs on the context mesh (`jax.set_mesh`): None without one or with a "model" axis of 1 (as
+    is), True when "model" divides the KV heads (per shard of the pool, split by KV head as `logical_axes` places
+    it), False otherwise (the pool is not split by head: `packed_state` takes the jnp path)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    model = 1 if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True)).get("model", 1)
+    if model == 1:
+        return None
+    return kv_heads % model == 0
 
 
 def _dequantize(spec: PageCodec, stores: tuple[Store, ...], v_scale: jax.Array | None, pages: jax.Array,
