@@ -46,11 +46,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plt
 from zipjax.kernels.common import MASK_VALUE, TINY, group_queries, resolve_backend, ungroup
 from zipjax.kernels.quantized_attention import decode_float16_bits
 
 BITS = (2, 4, 8)
-BACKENDS = ("tpu",)
+BACKENDS = ("tpu", "gpu")
 TPU_LANES = 128
 
 
@@ -92,7 +93,7 @@ class Tiling:
     sizes: tuple[int, ...]  # tokens per subset per page
     head_dim: int
     kv_heads: int
-    rows: int  # query rows per program: queries x G
+    rows: int  # query rows per program: queries x G (GPU: padded to a power of two)
     key_mode: str  # "channel" or "token"
     key_block: int | None  # channel-wise keys: tokens per statistic run (None: the whole subset)
     group: int  # channels per token-wise group
@@ -121,8 +122,13 @@ class Tiling:
         return -(-self.sizes[s] // self.key_block)
 
     def channels_major(self, s: int) -> bool:
-        """Codes read [width, n] (tokens on lanes) when a code row is narrower than a lane tile."""
-        return self.width(s) < TPU_LANES
+        """Codes read [width, n] (tokens on lanes, TPU) when a code row is narrower than a lane tile."""
+        return self.backend == "tpu" and self.width(s) < TPU_LANES
+
+    def lanes(self, s: int) -> int:
+        """Tokens of subset s a program holds per page: its size (TPU), rounded up to a power of two (Triton)."""
+        n = self.sizes[s]
+        return n if self.backend == "tpu" else 1 << (n - 1).bit_length()
 
     def plane_groups(self, s: int, j: int) -> range:
         """The token-wise groups whose channels meet plane j's channels [j * width, (j + 1) * width)."""
@@ -139,7 +145,7 @@ def check_inputs(q, subsets, v_scale, table, count, positions, *, bits, page_siz
                  key_block: int | None, group: int | None, backend: str) -> None:
     """ValueError naming the argument and its shape unless the pool, table and queries fit together."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend: the paged packed kernel has a TPU form only, got {backend!r}")
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if key_mode not in ("channel", "token"):
         raise ValueError(f"key_mode must be 'channel' or 'token', got {key_mode!r}")
     if jnp.ndim(q) != 4 or not jnp.issubdtype(jnp.result_type(q), jnp.floating):
@@ -196,7 +202,7 @@ def _dot(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
 def _subset_scores(q_ref, planes, stats, s: int, t: Tiling) -> jax.Array:
     """float32 [rows, n]: q . k of every token of subset s of the page (queries already scaled by d^-0.5)."""
     ks, km = stats[0], stats[1]
-    n, w, major = t.sizes[s], t.width(s), t.channels_major(s)
+    n, w, major = t.lanes(s), t.width(s), t.channels_major(s)
     scores = jnp.zeros((t.rows, n), jnp.float32)
     if t.key_mode == "channel":
         token = lax.broadcasted_iota(jnp.int32, (1, n), 1)
@@ -234,7 +240,7 @@ def _subset_values(acc_ref, planes, p, stats, scale_ref, s: int, t: Tiling) -> N
                 sums = jnp.where((column >= g * t.group) & (column < (g + 1) * t.group), sums, 0.0)
             part = part + sums
         if t.cst:
-            part = part * scale_ref[:, pl.ds(j * w, w)]
+            part = part * scale_ref[pl.ds(0, 1), pl.ds(j * w, w)]
         acc_ref[:, pl.ds(j * w, w)] += part
 
 
@@ -255,7 +261,48 @@ def _decode_stats(refs, scratch, t: Tiling):
     return stats, scale
 
 
-def _kernel(table_ref, count_ref, q_ref, pos_ref, *refs, t: Tiling):
+class _Page(NamedTuple):
+    """What `_fold_page` reads of one subset of a page: the loaded codes (uint8, [width, n] or [n, width]), each
+    token's slot [1, n] int32, and the statistics as refs (or `_Rows` readers) indexed [rows, columns]."""
+
+    k_codes: jax.Array
+    v_codes: jax.Array
+    slot_row: jax.Array
+    stats: tuple
+
+
+def _fold_page(q_ref, row_pos, logical, pages: list[_Page], scale_ref, m_ref, l_ref, acc_ref, t: Tiling) -> None:
+    """Fold one page (every subset) into the state refs m, l [rows, 1] and acc [rows, d]: the online-softmax step of
+    zipjax.kernels.common written out, acc updated plane by plane in column slices."""
+    scores, visible = [], []
+    for s, page in enumerate(pages):
+        delta = row_pos - (logical * t.page_size + page.slot_row)  # [rows, n]
+        seen = delta >= 0
+        if t.sliding_window is not None:
+            seen &= delta < t.sliding_window
+        visible.append(seen)
+        scores.append(jnp.where(seen, _subset_scores(q_ref, _planes(page.k_codes, t.bits[s]), page.stats, s, t),
+                                MASK_VALUE))
+    m_old = m_ref[...]
+    m = functools.reduce(jnp.maximum, [x.max(axis=1, keepdims=True) for x in scores], m_old)
+    rescale = jnp.exp(m_old - m)
+    acc_ref[...] = rescale * acc_ref[...]
+    total = rescale * l_ref[...]
+    for s, (x, seen) in enumerate(zip(scores, visible, strict=True)):
+        p = jnp.where(seen, jnp.exp(x - m), 0.0)
+        total = total + p.sum(axis=1, keepdims=True)
+        _subset_values(acc_ref, _planes(pages[s].v_codes, t.bits[s]), p, pages[s].stats, scale_ref, s, t)
+    l_ref[...] = total
+    m_ref[...] = m
+
+
+def _start_state(m_ref, l_ref, acc_ref, t: Tiling) -> None:
+    m_ref[...] = jnp.full((t.rows, 1), MASK_VALUE, jnp.float32)
+    l_ref[...] = jnp.zeros((t.rows, 1), jnp.float32)
+    acc_ref[...] = jnp.zeros((t.rows, t.head_dim), jnp.float32)
+
+
+def _tpu_kernel(table_ref, count_ref, q_ref, pos_ref, *refs, t: Tiling):
     """One (sequence, KV head, split, table slot). q_ref [rows, d] float32 (scaled); pos_ref [rows, 1] int32; per
     subset the page's codes, slots [kv_heads, n], statistics; the CST scale [1, d]; then the state m, l [rows, 1]
     and acc [rows, d] (resident over the sequential slot axis); then the float32 scratch of `_decode_stats`."""
@@ -267,38 +314,69 @@ def _kernel(table_ref, count_ref, q_ref, pos_ref, *refs, t: Tiling):
 
     @pl.when(slot == 0)
     def _start():
-        m_ref[...] = jnp.full((t.rows, 1), MASK_VALUE, jnp.float32)
-        l_ref[...] = jnp.zeros((t.rows, 1), jnp.float32)
-        acc_ref[...] = jnp.zeros((t.rows, t.head_dim), jnp.float32)
+        _start_state(m_ref, l_ref, acc_ref, t)
 
     @pl.when(logical < count_ref[b])
     def _page():
         stats, scale_ref = _decode_stats(refs, refs[inputs + 3:], t)
-        row_pos = pos_ref[...]  # [rows, 1]
-        scores, visible, code_planes = [], [], []
+        pages = []
         for s in range(len(t.sizes)):
             kc, vc, slots_ref = refs[s * t.per_subset:s * t.per_subset + 3]
             head = lax.broadcasted_iota(jnp.int32, (t.kv_heads, t.sizes[s]), 0) == h
             slot_row = jnp.sum(jnp.where(head, slots_ref[...].astype(jnp.int32), 0), axis=0, keepdims=True)
-            delta = row_pos - (logical * t.page_size + slot_row)  # [rows, n]
-            seen = delta >= 0
-            if t.sliding_window is not None:
-                seen &= delta < t.sliding_window
-            visible.append(seen)
-            scores.append(jnp.where(seen, _subset_scores(q_ref, _planes(kc[...], t.bits[s]), stats[s], s, t),
-                                    MASK_VALUE))
-            code_planes.append(vc)
-        m_old = m_ref[...]
-        m = functools.reduce(jnp.maximum, [x.max(axis=1, keepdims=True) for x in scores], m_old)
-        rescale = jnp.exp(m_old - m)
-        acc_ref[...] = rescale * acc_ref[...]
-        total = rescale * l_ref[...]
-        for s, (x, seen) in enumerate(zip(scores, visible, strict=True)):
-            p = jnp.where(seen, jnp.exp(x - m), 0.0)
-            total = total + p.sum(axis=1, keepdims=True)
-            _subset_values(acc_ref, _planes(code_planes[s][...], t.bits[s]), p, stats[s], scale_ref, s, t)
-        l_ref[...] = total
-        m_ref[...] = m
+            pages.append(_Page(kc[...], vc[...], slot_row, stats[s]))
+        _fold_page(q_ref, pos_ref[...], logical, pages, scale_ref, m_ref, l_ref, acc_ref, t)
+
+
+class _Rows:
+    """GPU: a [pages * kv_heads * rows_per, columns] view of a statistic read as the kernel indexes a per-page
+    block, `reader[pl.ds(row, 1), columns]`: rows of (page, KV head) `first` onward (`token_rows`: a column of the
+    page's `tokens` tokens, masked past `valid`, returned as a row [1, tokens]). float32."""
+
+    def __init__(self, ref, first, token_rows: bool = False, tokens: int = 0, valid: int = 0):
+        self.ref, self.first, self.token_rows, self.tokens, self.valid = ref, first, token_rows, tokens, valid
+
+    def __getitem__(self, index):
+        rows, columns = index
+        if not self.token_rows:
+            return self.ref[pl.ds(self.first + rows.start, rows.size), columns].astype(jnp.float32)
+        mask = (lax.broadcasted_iota(jnp.int32, (self.tokens, 1), 0) < self.valid)
+        column = plt.load(self.ref.at[pl.ds(self.first, self.tokens), pl.ds(rows.start, 1)], mask=mask, other=0)
+        return column.astype(jnp.float32).reshape(1, self.tokens)
+
+
+def _gpu_kernel(table_ref, count_ref, q_ref, pos_ref, *refs, t: Tiling):
+    """One (sequence, KV head, split): its table slots walked in a loop, each page's tokens loaded (masked past the
+    subset's size, rounded up to a power of two for Triton) from the flat pool views of `_gpu_views`; the state is
+    accumulated in the output refs m, l [rows, 1], acc [rows, d]."""
+    inputs = len(t.sizes) * t.per_subset + (1 if t.cst else 0)
+    m_ref, l_ref, acc_ref = refs[inputs:inputs + 3]
+    b, h, split = (pl.program_id(i) for i in range(3))
+    _start_state(m_ref, l_ref, acc_ref, t)
+    first = split * t.slots_per_split
+    last = jnp.minimum(count_ref[b], first + t.slots_per_split)
+
+    def body(logical, carry):
+        page = table_ref[b, logical]
+        pages = []
+        for s in range(len(t.sizes)):
+            kc, vc, slots_ref, ks, km, vs, vm = refs[s * t.per_subset:(s + 1) * t.per_subset]
+            n, lanes, base = t.sizes[s], t.lanes(s), (page * t.kv_heads + h) * t.sizes[s]
+            token = lax.broadcasted_iota(jnp.int32, (lanes, 1), 0)
+            codes = lambda ref, base=base, n=n, lanes=lanes, token=token, s=s: plt.load(
+                ref.at[pl.ds(base, lanes), :], mask=jnp.broadcast_to(token < n, (lanes, t.width(s))), other=0)
+            slots = plt.load(slots_ref.at[pl.ds(base, lanes)], mask=token[:, 0] < n, other=0).astype(jnp.int32)
+            slot_row = jnp.where(token[:, 0] < n, slots, 1 << 29).reshape(1, lanes)  # padding: past every query
+            runs = t.runs(s) if t.key_mode == "channel" else 0
+            key = [_Rows(x, (page * t.kv_heads + h) * runs) if runs else _Rows(x, base, True, lanes, n)
+                   for x in (ks, km)]
+            stats = (*key, *(_Rows(x, base, True, lanes, n) for x in (vs, vm)))
+            pages.append(_Page(codes(kc), codes(vc), slot_row, stats))
+        scale = _Rows(refs[inputs - 1], page * t.kv_heads + h) if t.cst else None
+        _fold_page(q_ref, pos_ref[...], logical, pages, scale, m_ref, l_ref, acc_ref, t)
+        return carry
+
+    lax.fori_loop(first, last, body, 0)
 
 
 def _specs(t: Tiling, subsets: tuple[PagedSubset, ...]) -> tuple[list, list, list]:
@@ -366,25 +444,73 @@ def _paged_packed_attention(q, subsets, v_scale, table, count, positions, *, bit
     used = queries * heads // kv_heads
     splits = min(blocks.splits or 1, table.shape[1])
     per_split = -(-table.shape[1] // splits)
-    t = Tiling(backend, tuple(bits), tuple(s.k_codes.shape[2] for s in subsets), d, kv_heads, used, key_mode,
+    rows = used if backend == "tpu" else 1 << (used - 1).bit_length()  # Triton: a power of two
+    t = Tiling(backend, tuple(bits), tuple(s.k_codes.shape[2] for s in subsets), d, kv_heads, rows, key_mode,
                key_block, group or d, v_scale is not None, sliding_window, splits, per_split)
     qg = group_queries(q.astype(jnp.float32) * d**-0.5, kv_heads)  # [n, kv_heads, G, queries, d]
     rows_q = qg.transpose(0, 1, 3, 2, 4).reshape(n, kv_heads, used, d)  # row q * G + g
-    row_pos = jnp.repeat(positions.astype(jnp.int32), heads // kv_heads, axis=1)[..., None]  # [n, rows, 1]
+    rows_q = jnp.pad(rows_q, ((0, 0), (0, 0), (0, rows - used), (0, 0)))
+    row_pos = jnp.repeat(positions.astype(jnp.int32), heads // kv_heads, axis=1)  # [n, used]
+    row_pos = jnp.pad(row_pos, ((0, 0), (0, rows - used)), constant_values=-1)[..., None]  # [n, rows, 1]
     table = jnp.pad(table.astype(jnp.int32), ((0, 0), (0, splits * per_split - table.shape[1])))
+    args = (table, count.astype(jnp.int32), rows_q, row_pos)
+    run = _run_tpu if backend == "tpu" else _run_gpu
+    m, total, acc = run(t, args, subsets, v_scale, interpret)
+    return _output(m[..., :used, 0], total[..., :used, 0], acc[..., :used, :], queries)
+
+
+def _run_tpu(t: Tiling, args: tuple, subsets: tuple[PagedSubset, ...], v_scale, interpret) -> list[jax.Array]:
+    """The Mosaic form: the table and counts scalar-prefetched, one grid step per table slot."""
+    n = args[0].shape[0]
     in_specs, out_specs, scratch = _specs(t, subsets)
-    shape = lambda width: jax.ShapeDtypeStruct((n, kv_heads, splits, used, width), jnp.float32)
-    m, total, acc = pl.pallas_call(
-        functools.partial(_kernel, t=t),
-        grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=(n, kv_heads, splits, per_split),
+    shape = lambda width: jax.ShapeDtypeStruct((n, t.kv_heads, t.splits, t.rows, width), jnp.float32)
+    return pl.pallas_call(
+        functools.partial(_tpu_kernel, t=t),
+        grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=(n, t.kv_heads, t.splits,
+                                                                            t.slots_per_split),
                                                in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch),
-        out_shape=[shape(1), shape(1), shape(d)],
+        out_shape=[shape(1), shape(1), shape(t.head_dim)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-        cost_estimate=_cost(t, n, per_split),
+        cost_estimate=_cost(t, n, t.slots_per_split),
         interpret=interpret,
         name="paged_packed_attention",
-    )(table, count.astype(jnp.int32), rows_q, row_pos, *_views(t, subsets, v_scale))
-    return _output(m[..., 0], total[..., 0], acc, queries)
+    )(*args, *_views(t, subsets, v_scale))
+
+
+def _gpu_views(t: Tiling, subsets: tuple[PagedSubset, ...], v_scale) -> list[jax.Array]:
+    """The pool flattened to rows (free reshapes of the row-major arrays): codes [pages * kv_heads * n, width],
+    slots [pages * kv_heads * n], statistics [pages * kv_heads * (runs or n), columns], CST scale [pages * kv_heads,
+    d]."""
+    rows = lambda x: x.reshape(-1, x.shape[-1])
+    views = []
+    for subset in subsets:
+        views += [rows(subset.k_codes), rows(subset.v_codes), subset.slots.reshape(-1),
+                  *(rows(x) for x in subset[3:])]
+    return views + ([rows(v_scale)] if t.cst else [])
+
+
+def _run_gpu(t: Tiling, args: tuple, subsets: tuple[PagedSubset, ...], v_scale, interpret) -> list[jax.Array]:
+    """The Triton form: one program per (sequence, KV head, split), the pool views whole (pointers: only the pages
+    the table names are loaded)."""
+    n = args[0].shape[0]
+    views = _gpu_views(t, subsets, v_scale)
+    whole = lambda x: pl.BlockSpec(x.shape, lambda b, h, s, zeros=(0,) * x.ndim: zeros)
+    in_specs = [whole(args[0]), whole(args[1]),
+                pl.BlockSpec((None, None, t.rows, t.head_dim), lambda b, h, s: (b, h, 0, 0)),
+                pl.BlockSpec((None, t.rows, 1), lambda b, h, s: (b, 0, 0))] + [whole(x) for x in views]
+    state = lambda width: pl.BlockSpec((None, None, None, t.rows, width), lambda b, h, s: (b, h, s, 0, 0))
+    shape = lambda width: jax.ShapeDtypeStruct((n, t.kv_heads, t.splits, t.rows, width), jnp.float32)
+    return pl.pallas_call(
+        functools.partial(_gpu_kernel, t=t),
+        grid=(n, t.kv_heads, t.splits),
+        in_specs=in_specs,
+        out_specs=[state(1), state(1), state(t.head_dim)],
+        out_shape=[shape(1), shape(1), shape(t.head_dim)],
+        compiler_params=plt.CompilerParams(num_warps=4, num_stages=2),
+        cost_estimate=_cost(t, n, t.slots_per_split),
+        interpret=interpret,
+        name="paged_packed_attention",
+    )(*args, *views)
 
 
 def _output(m: jax.Array, total: jax.Array, acc: jax.Array, queries: int) -> tuple[jax.Array, jax.Array]:

@@ -70,20 +70,22 @@ def reference(spec, stores, scale, q, table, count, positions, window):
     return ungroup(normalise(state)), ungroup(lse)[..., 0]
 
 
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize(("queries", "window", "splits"), [(1, None, None), (3, 40, None), (1, 30, 2)])
-def test_kernel_matches_the_jnp_path(method, queries, window, splits):
+def test_kernel_matches_the_jnp_path(method, queries, window, splits, backend):
     spec, stores, scale = packed_pool(METHODS[method])
     q, table, count, positions = rows(queries)
     want_out, want_lse = reference(spec, stores, scale, q, table, count, positions, window)
     out, lse = paged_packed_attention(q, subsets_of(stores), scale, table, count, positions, bits=spec.bits,
                                       page_size=PAGE, key_mode=spec.codec.key_mode, key_block=spec.codec.key_block,
-                                      group=spec.codec.group, sliding_window=window, blocks=Blocks(splits=splits))
+                                      group=spec.codec.group, sliding_window=window, blocks=Blocks(splits=splits),
+                                      backend=backend, interpret=True)
     seen = want_lse > MASK_VALUE / 2
     assert bool(jnp.any(seen)) and not bool(jnp.all(seen))  # row 1 and early queries see nothing
     out_error = float(jnp.abs(out - want_out).max())
     lse_error = float(jnp.abs(jnp.where(seen, lse - want_lse, 0.0)).max())
-    print(f"{method} queries={queries} window={window}: max |out| error {out_error:.2e}, lse {lse_error:.2e}")
+    print(f"{backend} {method} queries={queries} window={window}: max |out| error {out_error:.2e}, lse {lse_error:.2e}")
     assert out_error < 1e-5 and lse_error < 1e-5
     assert bool(jnp.all(jnp.where(seen, True, (lse == MASK_VALUE) & jnp.all(out == 0, axis=-1))))
 
