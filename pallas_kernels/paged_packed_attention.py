@@ -19,20 +19,25 @@ scale to the output columns. Codes are unpacked in registers plane by plane (`zi
 split-halves layout), as in zipjax.kernels.quantized_attention.
 
 TPU (Mosaic): the page table and the packed-page counts are scalar-prefetched; the grid is (sequence, KV head,
-split, table slot) with the page axis sequential, and each block's index map reads the page id from the table (a
+split, table slot) with the slot axis sequential, and each block's index map reads the page id from the table (a
 slot past the count repeats the last page, so nothing is copied for it, and its program does nothing). Codes and the
-per-token statistics are read with tokens on lanes (XLA's default HBM layout of a narrow uint8 / float16 array puts
-the token axis minor, so the views are bitcasts, as in quantized_attention); float16 statistics arrive as their
-uint16 bits and are decoded into float32 VMEM scratch (Mosaic loads no float16). The slots of a page are read for
-all KV heads ([kv_heads, n] uint8, the pool's own layout) and the program's row selected in registers.
-GPU: not lowered here (Triton needs power-of-two blocks and a ZipCache page splits 39 / 25); `check_inputs` refuses
-it by name and the serving path keeps jax.numpy there (zipjax.serve.packed's kernel policy).
+per-token statistics are read with tokens on lanes (the convention of quantized_attention for narrow uint8 rows);
+float16 statistics arrive as their uint16 bits and are decoded into float32 VMEM scratch (Mosaic loads no float16).
+The slots of a page are read for all KV heads ([kv_heads, n] uint8, the pool's own layout) and the program's row
+selected in registers. Known cost: XLA lays a pool array such as uint8 [pages, kv_heads, 39, 64] out page-minor on
+a TPU (its default for narrow rows, which avoids padding), and Mosaic reads row-major tiles, so a standalone call
+relayouts the pool it reads (tests/test_pallas_paged.py prints the temporaries); a lane-dense page format removes
+that.
+GPU (Triton): no scalar prefetch; one program per (sequence, KV head, split) walks its table slots up to the count
+in a loop, loading each page's rows by pointer from flat views of the pool (free reshapes), the subset's tokens
+rounded up to a power of two (ZipCache's 64-token page splits 39 / 25) and masked past its size; the state
+accumulates in the output block. Only the pages a table names are read: the H100 compile plans no pool copy.
 
 Entry point `paged_packed_attention(q, subsets, v_scale, table, count, positions, *, ..., backend=None,
 interpret=None, blocks=None)` returns (out float32 [n, qn, heads, d], lse float32 [n, qn, heads]): a row that sees
 nothing has out 0 and lse MASK_VALUE, and merges with the dense tail by log-sum-exp. Its jnp reference is
-zipjax.serve.packed's `packed_state` (tests/test_pallas_paged.py; compiled ahead of time for v5e there too).
-Imports: jax and the kernels' package only.
+zipjax.serve.packed's `packed_state` (tests/test_pallas_paged.py: both forms interpreted, and compiled ahead of time
+for a v5e and an H100). Imports: jax and the kernels' package only.
 """
 
 from __future__ import annotations

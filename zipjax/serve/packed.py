@@ -24,6 +24,10 @@ the queries inside it instead: every query adds the attention probability it giv
 dense pool's `mass`), and a full page is ranked by mass / (number of its queries that saw the token), the
 normalized score the offline cache uses for its streaming buffer. A packed page is then a function of the tokens up
 to its end only. Its quality cost against the whole-prompt ranking: benchmarks/kvcache.py --served.
+
+Attention over packed pages (`packed_state`) follows the library's kernel policy (the method's `kernel`): on a TPU
+or GPU the Pallas kernel zipjax.kernels.paged_packed_attention reads the codes through the page table (per KV-head
+shard of the context mesh), on a CPU jax.numpy dequantizes a few pages at a time.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from zipjax.kernels.common import MASK_VALUE, SoftmaxState, grouped_scores, grou
 from zipjax.kernels.paged_packed_attention import PagedSubset, paged_packed_attention
 from zipjax.kv.codec import Codec, Store, channel_scale
 from zipjax.kv.quantizing import buffer_score
-from zipjax.platform import platform, use_kernel
+from zipjax.platform import use_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +72,9 @@ class PageCodec:
     @property
     def uses_kernel(self) -> bool:
         """Whether `packed_state` runs zipjax.kernels.paged_packed_attention, for the platform being traced: by the
-        library's kernel policy (zipjax.platform.use_kernel: None the kernel where it compiles, jnp on a CPU; True
-        the kernel everywhere, interpreted on a CPU). The kernel has a TPU form only, so None keeps jnp on a GPU."""
-        return use_kernel(self.kernel) and (self.kernel is True or platform() == "tpu")
+        library's kernel policy (zipjax.platform.use_kernel: None the kernel on a TPU or GPU and jnp on a CPU; True
+        the kernel everywhere, interpreted on a CPU; False jnp)."""
+        return use_kernel(self.kernel)
 
 
 def page_codec(method, config: ModelConfig, page_size: int) -> PageCodec:
