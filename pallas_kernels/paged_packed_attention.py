@@ -58,6 +58,7 @@ from zipjax.kernels.quantized_attention import decode_float16_bits
 BITS = (2, 4, 8)
 BACKENDS = ("tpu", "gpu")
 TPU_LANES = 128
+GPU_ROW_BLOCK = 32  # query rows per Triton program at most (a prefill block's 64 queries x G would overflow SRAM)
 
 
 class PagedSubset(NamedTuple):
@@ -106,6 +107,7 @@ class Tiling:
     sliding_window: int | None
     splits: int
     slots_per_split: int  # table slots each split walks
+    row_blocks: int = 1  # programs sharing a sequence's query rows (GPU), t.rows each
 
     @property
     def page_size(self) -> int:
@@ -356,7 +358,7 @@ def _gpu_kernel(table_ref, count_ref, q_ref, pos_ref, *refs, t: Tiling):
     accumulated in the output refs m, l [rows, 1], acc [rows, d]."""
     inputs = len(t.sizes) * t.per_subset + (1 if t.cst else 0)
     m_ref, l_ref, acc_ref = refs[inputs:inputs + 3]
-    b, h, split = (pl.program_id(i) for i in range(3))
+    b, h, split = pl.program_id(0) // t.row_blocks, pl.program_id(1), pl.program_id(2)
     _start_state(m_ref, l_ref, acc_ref, t)
     first = split * t.slots_per_split
     last = jnp.minimum(count_ref[b], first + t.slots_per_split)
@@ -431,7 +433,7 @@ def _views(t: Tiling, subsets: tuple[PagedSubset, ...], v_scale: jax.Array | Non
 
 def _cost(t: Tiling, n: int, slots: int) -> pl.CostEstimate:
     """The contractions and reads of every page the table can name (an upper bound: slots past a count do nothing)."""
-    programs = n * t.kv_heads * t.splits * slots
+    programs = n * t.row_blocks * t.kv_heads * t.splits * slots
     flops = sum(2 * t.rows * size * t.head_dim * 2 * (t.runs(s) if t.key_mode == "channel" else t.groups)
                 for s, size in enumerate(t.sizes)) * programs
     per_page = sum(size * (2 * t.width(s) + 1 + 4 * t.groups) for s, size in enumerate(t.sizes)) + 4 * t.head_dim
@@ -449,9 +451,13 @@ def _paged_packed_attention(q, subsets, v_scale, table, count, positions, *, bit
     used = queries * heads // kv_heads
     splits = min(blocks.splits or 1, table.shape[1])
     per_split = -(-table.shape[1] // splits)
-    rows = used if backend == "tpu" else 1 << (used - 1).bit_length()  # Triton: a power of two
+    rows, row_blocks = used, 1
+    if backend == "gpu":  # Triton: a power of two, at most GPU_ROW_BLOCK per program
+        rows = min(1 << (used - 1).bit_length(), GPU_ROW_BLOCK)
+        row_blocks = -(-used // rows)
     t = Tiling(backend, tuple(bits), tuple(s.k_codes.shape[2] for s in subsets), d, kv_heads, rows, key_mode,
-               key_block, group or d, v_scale is not None, sliding_window, splits, per_split)
+               key_block, group or d, v_scale is not None, sliding_window, splits, per_split, row_blocks)
+    rows = rows * row_blocks
     qg = group_queries(q.astype(jnp.float32) * d**-0.5, kv_heads)  # [n, kv_heads, G, queries, d]
     rows_q = qg.transpose(0, 1, 3, 2, 4).reshape(n, kv_heads, used, d)  # row q * G + g
     rows_q = jnp.pad(rows_q, ((0, 0), (0, 0), (0, rows - used), (0, 0)))
@@ -500,14 +506,15 @@ def _run_gpu(t: Tiling, args: tuple, subsets: tuple[PagedSubset, ...], v_scale, 
     n = args[0].shape[0]
     views = _gpu_views(t, subsets, v_scale)
     whole = lambda x: pl.BlockSpec(x.shape, lambda b, h, s, zeros=(0,) * x.ndim: zeros)
+    rb = t.row_blocks  # grid axis 0: sequence * row_blocks + row block
     in_specs = [whole(args[0]), whole(args[1]),
-                pl.BlockSpec((None, None, t.rows, t.head_dim), lambda b, h, s: (b, h, 0, 0)),
-                pl.BlockSpec((None, t.rows, 1), lambda b, h, s: (b, 0, 0))] + [whole(x) for x in views]
-    state = lambda width: pl.BlockSpec((None, None, None, t.rows, width), lambda b, h, s: (b, h, s, 0, 0))
-    shape = lambda width: jax.ShapeDtypeStruct((n, t.kv_heads, t.splits, t.rows, width), jnp.float32)
+                pl.BlockSpec((None, None, t.rows, t.head_dim), lambda b, h, s: (b // rb, h, b % rb, 0)),
+                pl.BlockSpec((None, t.rows, 1), lambda b, h, s: (b // rb, b % rb, 0))] + [whole(x) for x in views]
+    state = lambda width: pl.BlockSpec((None, None, None, t.rows, width), lambda b, h, s: (b // rb, h, s, b % rb, 0))
+    shape = lambda width: jax.ShapeDtypeStruct((n, t.kv_heads, t.splits, t.rows * rb, width), jnp.float32)
     return pl.pallas_call(
         functools.partial(_gpu_kernel, t=t),
-        grid=(n, t.kv_heads, t.splits),
+        grid=(n * rb, t.kv_heads, t.splits),
         in_specs=in_specs,
         out_specs=[state(1), state(1), state(t.head_dim)],
         out_shape=[shape(1), shape(1), shape(t.head_dim)],

@@ -92,6 +92,19 @@ def test_kernel_matches_the_jnp_path(method, queries, window, splits, backend):
     assert bool(jnp.all(jnp.where(seen, True, (lse == MASK_VALUE) & jnp.all(out == 0, axis=-1))))
 
 
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_a_prefill_block_of_queries_matches_the_jnp_path(backend):
+    """10 queries x G = 4 per row: 40 rows, two row blocks of 32 in Triton's form."""
+    spec, stores, scale = packed_pool(METHODS["zipcache"])
+    q, table, count, positions = rows(10)
+    want_out, want_lse = reference(spec, stores, scale, q, table, count, positions, None)
+    out, lse = paged_packed_attention(q, subsets_of(stores), scale, table, count, positions, bits=spec.bits,
+                                      page_size=PAGE, key_mode="channel", backend=backend, interpret=True)
+    seen = want_lse > MASK_VALUE / 2
+    np.testing.assert_allclose(out, want_out, atol=1e-5)
+    np.testing.assert_allclose(jnp.where(seen, lse, 0.0), jnp.where(seen, want_lse, 0.0), atol=1e-5)
+
+
 def test_packed_state_follows_the_kernel_policy():
     """kernel=None: jnp on the CPU, the kernel traced for a TPU or a GPU; True: the kernel (interpreted here), folded
     into a running state exactly as the jnp path folds its pages; False: jnp everywhere."""
