@@ -149,7 +149,7 @@ def test_the_engine_step_through_the_kernel_gives_the_jnp_tokens(stdlib_llama):
     ids = prompt(stdlib_llama, "".join(TEXTS) * 2)
     outputs = []
     for kernel in (None, True):  # None: jnp on this CPU
-        engine = start(stdlib_llama, kv.ZipCache(kernel=kernel), max_num_seqs=1)
+        engine = start(stdlib_llama, kv.ZipCache(kernel=kernel), max_num_seqs=1, max_num_batched_tokens=16)
         try:
             outputs.append(tokens_of(engine.submit(greedy(ids, 12, "k"))))
             assert engine.metrics()["packed_pages_cached"] > 0
