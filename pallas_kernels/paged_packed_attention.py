@@ -25,9 +25,9 @@ per-token statistics are read with tokens on lanes (the convention of quantized_
 float16 statistics arrive as their uint16 bits and are decoded into float32 VMEM scratch (Mosaic loads no float16).
 The slots of a page are read for all KV heads ([kv_heads, n] uint8, the pool's own layout) and the program's row
 selected in registers. Known cost: XLA lays a pool array such as uint8 [pages, kv_heads, 39, 64] out page-minor on
-a TPU (its default for narrow rows, which avoids padding), and Mosaic reads row-major tiles, so a standalone call
-relayouts the pool it reads (tests/test_pallas_paged.py prints the temporaries); a lane-dense page format removes
-that.
+a TPU (its default for narrow rows, which avoids padding), and Mosaic reads row-major tiles, so a call relayouts
+the pool it reads (tests/test_pallas_paged.py prints the temporaries; the serving step copies every layer's codes),
+and zipjax.serve.packed runs this form only when asked (kernel=True) until a lane-dense page format removes that.
 GPU (Triton): no scalar prefetch; one program per (sequence, KV head, split) walks its table slots up to the count
 in a loop, loading each page's rows by pointer from flat views of the pool (free reshapes), the subset's tokens
 rounded up to a power of two (ZipCache's 64-token page splits 39 / 25) and masked past its size; the state

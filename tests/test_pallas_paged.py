@@ -106,14 +106,16 @@ def test_a_prefill_block_of_queries_matches_the_jnp_path(backend):
 
 
 def test_packed_state_follows_the_kernel_policy():
-    """kernel=None: jnp on the CPU, the kernel traced for a TPU or a GPU; True: the kernel (interpreted here), folded
-    into a running state exactly as the jnp path folds its pages; False: jnp everywhere."""
+    """kernel=None: the kernel traced for a GPU, jnp on the CPU and (until the pool is lane-dense) on a TPU; True:
+    the kernel everywhere (interpreted here), folded into a running state exactly as the jnp path folds its pages;
+    False: jnp everywhere."""
     spec, stores, scale = packed_pool(kv.ZipCache())
     assert spec.kernel is None and not spec.uses_kernel
     assert page_codec(kv.ZipCache(kernel=True), CONFIG, PAGE).uses_kernel
-    for platform, expected in (("tpu", True), ("gpu", True), ("cpu", False)):
+    for platform, expected in (("tpu", False), ("gpu", True), ("cpu", False)):
         with compiling_for(platform):
             assert spec.uses_kernel is expected
+            assert dataclasses.replace(spec, kernel=True).uses_kernel
             assert not dataclasses.replace(spec, kernel=False).uses_kernel
     q, table, count, positions = rows(2)
     qg = group_queries(q, CONFIG.num_kv_heads)

@@ -25,9 +25,10 @@ dense pool's `mass`), and a full page is ranked by mass / (number of its queries
 normalized score the offline cache uses for its streaming buffer. A packed page is then a function of the tokens up
 to its end only. Its quality cost against the whole-prompt ranking: benchmarks/kvcache.py --served.
 
-Attention over packed pages (`packed_state`) follows the library's kernel policy (the method's `kernel`): on a TPU
-or GPU the Pallas kernel zipjax.kernels.paged_packed_attention reads the codes through the page table (per KV-head
-shard of the context mesh), on a CPU jax.numpy dequantizes a few pages at a time.
+Attention over packed pages (`packed_state`) follows the method's `kernel`: the Pallas kernel
+zipjax.kernels.paged_packed_attention reads the codes through the page table (per KV-head shard of the context
+mesh) with kernel=True, and by default (None) on a GPU; otherwise jax.numpy dequantizes a few pages at a time (on a
+TPU by default too, see `PageCodec.uses_kernel`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from zipjax.kernels.common import MASK_VALUE, SoftmaxState, grouped_scores, grou
 from zipjax.kernels.paged_packed_attention import PagedSubset, paged_packed_attention
 from zipjax.kv.codec import Codec, Store, channel_scale
 from zipjax.kv.quantizing import buffer_score
-from zipjax.platform import use_kernel
+from zipjax.platform import platform, use_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +72,13 @@ class PageCodec:
 
     @property
     def uses_kernel(self) -> bool:
-        """Whether `packed_state` runs zipjax.kernels.paged_packed_attention, for the platform being traced: by the
-        library's kernel policy (zipjax.platform.use_kernel: None the kernel on a TPU or GPU and jnp on a CPU; True
-        the kernel everywhere, interpreted on a CPU; False jnp)."""
+        """Whether `packed_state` runs zipjax.kernels.paged_packed_attention, for the platform being traced: True
+        runs it everywhere (interpreted on a CPU), False never; None by the library's kernel policy
+        (zipjax.platform.use_kernel), except on a TPU: XLA lays the pool's narrow uint8 arrays out page-minor there
+        and the kernel's row-major tiles would relayout every layer's pool each step (measured in the kernel's
+        tests), so None keeps jax.numpy on a TPU until the page format is lane-dense."""
+        if self.kernel is None and platform() == "tpu":
+            return False
         return use_kernel(self.kernel)
 
 
