@@ -7,6 +7,8 @@ flash_attention      prefill and decode attention over a slot-addressed cache, r
 quantized_attention  decode attention over packed 2/4/8-bit KV codes (a `PackedSegment`), partial states merged
 quantized_multi_query  the same kernel with several queries per sequence (ZipAR's rows, SJD's drafts), each query's
                      own visible slots; (out, lse) per query for merging with a dense band (`merge_lse`)
+paged_packed_attention  decode attention over a serving pool's packed quantized pages (ZipCache, KIVI, uniform)
+                     read through a page table; (out, lse) for merging with the dense tail
 zipar_attention      ZipAR's parallel-decoding attention (several queries per sequence, written-slot raster mask)
 delta_matmul         ME-Switch's grouped dequantize-matmul: each row times its own expert's packed low-bit delta
 

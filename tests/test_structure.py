@@ -231,6 +231,7 @@ KERNEL_ENTRY_POINTS = {
     "zipjax.kernels.zipar_attention": ("zipar_attention",),
     "zipjax.kernels.quantized_attention": ("segment_attention",),
     "zipjax.kernels.quantized_multi_query": ("multi_query_attention",),
+    "zipjax.kernels.paged_packed_attention": ("paged_packed_attention",),
     "zipjax.kernels.delta_matmul": ("delta_matmul",),
 }
 

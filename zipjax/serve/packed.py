@@ -24,6 +24,11 @@ the queries inside it instead: every query adds the attention probability it giv
 dense pool's `mass`), and a full page is ranked by mass / (number of its queries that saw the token), the
 normalized score the offline cache uses for its streaming buffer. A packed page is then a function of the tokens up
 to its end only. Its quality cost against the whole-prompt ranking: benchmarks/kvcache.py --served.
+
+Attention over packed pages (`packed_state`) follows the method's `kernel`: the Pallas kernel
+zipjax.kernels.paged_packed_attention reads the codes through the page table (per KV-head shard of the context
+mesh) with kernel=True, and by default (None) on a GPU; otherwise jax.numpy dequantizes a few pages at a time (on a
+TPU by default too, see `PageCodec.uses_kernel`).
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from jax.sharding import PartitionSpec
 
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
-from zipjax.kernels.common import SoftmaxState, grouped_scores, grouped_values, online_softmax_step
+from zipjax.kernels.common import MASK_VALUE, SoftmaxState, grouped_scores, grouped_values, online_softmax_step, ungroup
+from zipjax.kernels.paged_packed_attention import PagedSubset, paged_packed_attention
 from zipjax.kv.codec import Codec, Store, channel_scale
 from zipjax.kv.quantizing import buffer_score
+from zipjax.platform import platform, use_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +60,7 @@ class PageCodec:
     sizes: tuple[int, ...]  # tokens per subset per page (sum: page_size)
     ranked: bool  # subsets chosen by the page-local normalized score (else: in slot order)
     lag: int  # tokens that must follow a full page before it is packed
+    kernel: bool | None = None  # attention over packed pages: the paged Pallas kernel or jnp (`uses_kernel`)
 
     @property
     def page_size(self) -> int:
@@ -61,6 +69,17 @@ class PageCodec:
     @property
     def cst(self) -> bool:
         return self.codec.value_mode == "cst"
+
+    @property
+    def uses_kernel(self) -> bool:
+        """Whether `packed_state` runs zipjax.kernels.paged_packed_attention, for the platform being traced: True
+        runs it everywhere (interpreted on a CPU), False never; None by the library's kernel policy
+        (zipjax.platform.use_kernel), except on a TPU: XLA lays the pool's narrow uint8 arrays out page-minor there
+        and the kernel's row-major tiles would relayout every layer's pool each step (measured in the kernel's
+        tests), so None keeps jax.numpy on a TPU until the page format is lane-dense."""
+        if self.kernel is None and platform() == "tpu":
+            return False
+        return use_kernel(self.kernel)
 
 
 def page_codec(method, config: ModelConfig, page_size: int) -> PageCodec:
@@ -85,7 +104,8 @@ def page_codec(method, config: ModelConfig, page_size: int) -> PageCodec:
                           "dense, zipcache, kivi or uniform")
     kept = tuple((n, b) for n, b in zip(sizes, bits, strict=True) if n)
     check_packing(config, tuple(b for _, b in kept), method.codec.group)
-    return PageCodec(repr(method), method.codec, tuple(b for _, b in kept), tuple(n for n, _ in kept), ranked, lag)
+    return PageCodec(repr(method), method.codec, tuple(b for _, b in kept), tuple(n for n, _ in kept), ranked, lag,
+                     getattr(method, "kernel", None))
 
 
 @jax.tree_util.register_dataclass
@@ -167,8 +187,11 @@ def packed_state(qg: jax.Array, stores: tuple[Store, ...], v_scale: jax.Array | 
     """Fold a row's packed pages into its online-softmax state.
 
     qg [n, kv_heads, group, qn, head_dim] (grouped queries); table int32 [n, P]: packed page ids of logical pages
-    0 .. count - 1 (count int32 [n]); positions int32 [n, qn] (-1: padding). Pages are read `block_pages` at a
-    time up to the longest row's count; each is dequantized (zipjax.kv.codec) and attended like a dense block."""
+    0 .. count - 1 (count int32 [n]); positions int32 [n, qn] (-1: padding). With `spec.uses_kernel` the Pallas
+    kernel reads the codes through the table (`kernel_state`); otherwise pages are read `block_pages` at a time up to
+    the longest row's count, each dequantized (zipjax.kv.codec) and attended like a dense block."""
+    if spec.uses_kernel and _kernel_shards(stores[0].k_codes.shape[1]) is not False:
+        return kernel_state(qg, stores, v_scale, spec, table, count, positions, sliding_window, state)
     num_blocks = (jnp.max(count) + block_pages - 1) // block_pages
 
     def step(j, state):
@@ -182,6 +205,42 @@ def packed_state(qg: jax.Array, stores: tuple[Store, ...], v_scale: jax.Array | 
                                    v.astype(qg.dtype), values=grouped_values)
 
     return jax.lax.fori_loop(0, num_blocks, step, state)
+
+
+def kernel_state(qg: jax.Array, stores: tuple[Store, ...], v_scale: jax.Array | None, spec: PageCodec,
+                 table: jax.Array, count: jax.Array, positions: jax.Array, sliding_window: int | None,
+                 state: SoftmaxState) -> SoftmaxState:
+    """`packed_state` by zipjax.kernels.paged_packed_attention: its (out, lse) folded into the state by log-sum-exp
+    (a row that saw nothing has lse MASK_VALUE and weighs nothing)."""
+    subsets = tuple(PagedSubset(s.k_codes, s.v_codes, s.slots, s.k_step, s.k_min, s.v_step, s.v_min) for s in stores)
+    call = functools.partial(paged_packed_attention, bits=spec.bits, page_size=spec.page_size,
+                             key_mode=spec.codec.key_mode, key_block=spec.codec.key_block, group=spec.codec.group,
+                             sliding_window=sliding_window)
+    args = (ungroup(qg), subsets, v_scale, table, count, positions)
+    if _kernel_shards(qg.shape[1]):  # a Mosaic call is never partitioned automatically: one call per KV-head shard
+        pool, heads = PartitionSpec(None, "model"), PartitionSpec(None, None, "model")
+        replicated = PartitionSpec()
+        specs = (heads, jax.tree.map(lambda _: pool, subsets), None if v_scale is None else pool, replicated,
+                 replicated, replicated)
+        call = jax.shard_map(call, in_specs=specs, out_specs=(heads, heads), check_vma=False)
+    out, lse = call(*args)  # [n, qn, heads, d], [n, qn, heads]
+    n, kv_heads, group, qn, _ = qg.shape
+    grouped = lambda x: x.reshape(n, qn, kv_heads, group, -1).transpose(0, 2, 3, 1, 4)  # -> [n, kv, G, qn, -1]
+    top, seen = grouped(lse[..., None]), grouped((lse > MASK_VALUE / 2)[..., None].astype(jnp.float32))
+    new_max = jnp.maximum(state.max, top)
+    mine, theirs = jnp.exp(top - new_max) * seen, jnp.exp(state.max - new_max)
+    return SoftmaxState(new_max, theirs * state.denom + mine, theirs * state.acc + mine * grouped(out))
+
+
+def _kernel_shards(kv_heads: int) -> bool | None:
+    """How the kernel runs on the context mesh (`jax.set_mesh`): None without one or with a "model" axis of 1 (as
+    is), True when "model" divides the KV heads (per shard of the pool, split by KV head as `logical_axes` places
+    it), False otherwise (the pool is not split by head: `packed_state` takes the jnp path)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    model = 1 if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True)).get("model", 1)
+    if model == 1:
+        return None
+    return kv_heads % model == 0
 
 
 def _dequantize(spec: PageCodec, stores: tuple[Store, ...], v_scale: jax.Array | None, pages: jax.Array,

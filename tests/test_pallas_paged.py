@@ -1,0 +1,199 @@
+"""The paged packed-KV kernel (zipjax.kernels.paged_packed_attention) against its jnp reference, the serving path's
+`packed_state` (zipjax.serve.packed), and compiled ahead of time for a TPU v5e and an H100 at LLaMA-3-8B decode
+shapes.
+
+Pools are packed by the library's own `compress_layer` from random dense pages (ZipCache's ranked 4/2-bit subsets
+with CST values, KIVI's 8-token key runs, uniform's token-wise keys, also in groups of 8 channels), read through a
+shuffled page table with ragged counts (one row with no packed page, one padding query), one or several queries per
+row, with and without a sliding window, with the table split over two programs. Both forms of the kernel run
+interpreted (TPU: the scalar-prefetched table, one grid step per slot; GPU: the page loop, masked power-of-two
+loads); the engine's step through the kernel (kernel=True) must give the tokens of the jnp step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from zipjax.kernels.common import MASK_VALUE, empty_state, group_queries, normalise, ungroup
+from zipjax.kernels.paged_packed_attention import Blocks, PagedSubset, paged_packed_attention
+
+from zipjax import aot, kv
+from zipjax.config import ModelConfig
+from zipjax.platform import compiling_for
+from zipjax.serve.packed import PackedPool, compress_layer, packed_state, page_codec
+
+CONFIG = ModelConfig(architecture="llama", vocab_size=32, hidden_size=256, intermediate_size=64, num_layers=1,
+                     num_heads=8, num_kv_heads=2, head_dim=32, max_position_embeddings=512)
+PAGE = 16
+TABLE = [[7, 3, 10, 1, 0, 0], [0] * 6, [11, 2, 8, 5, 7, 0], [3, 0, 0, 0, 0, 0]]  # packed pages, logical order
+COUNT = [4, 0, 5, 1]
+METHODS = {"zipcache": kv.ZipCache(), "uniform": kv.Uniform(), "uniform-2-grouped": kv.Uniform(bits=2, group=8),
+           "kivi": kv.KIVI(group=8, residual=16)}  # KIVI: two 8-token key runs per subset of a page
+
+
+def packed_pool(method, seed: int = 0):
+    """A one-layer packed pool of 12 pages, 8 of them filled (in shuffled order) from random dense pages."""
+    spec = page_codec(method, CONFIG, PAGE)
+    rng = np.random.default_rng(seed)
+    shape = (9, PAGE, CONFIG.num_kv_heads, CONFIG.head_dim)
+    k = jnp.asarray(rng.normal(size=shape) * np.linspace(0.5, 3.0, CONFIG.head_dim), jnp.float32)
+    v = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    mass = jnp.asarray(rng.random(shape[:3]), jnp.float32)
+    pool = PackedPool.init(CONFIG, spec, 12)
+    scale = None if pool.v_scale is None else pool.v_scale[0]
+    stores, scale = compress_layer(spec, k, v, mass, pool.stores[0], scale, jnp.arange(1, 9),
+                                   jnp.array([3, 7, 1, 10, 5, 11, 2, 8]))
+    return spec, stores, scale
+
+
+def rows(queries: int, seed: int = 1):
+    """Queries [4, queries, 8, 32] of 4 rows, their table, counts and positions (row 1 is padding)."""
+    count = jnp.array(COUNT, jnp.int32)
+    positions = count[:, None] * PAGE + 3 * jnp.arange(queries)[None] - 20 * (queries - 1)
+    positions = positions.at[1, 0].set(-1)
+    q = jnp.asarray(np.random.default_rng(seed).normal(size=(4, queries, 8, 32)), jnp.float32)
+    return q, jnp.array(TABLE, jnp.int32), count, positions
+
+
+def subsets_of(stores) -> tuple[PagedSubset, ...]:
+    return tuple(PagedSubset(s.k_codes, s.v_codes, s.slots, s.k_step, s.k_min, s.v_step, s.v_min) for s in stores)
+
+
+def reference(spec, stores, scale, q, table, count, positions, window):
+    """The serving path's jnp attention over packed pages: (out, lse), lse MASK_VALUE where nothing is seen."""
+    qg = group_queries(q, CONFIG.num_kv_heads)
+    jnp_spec = dataclasses.replace(spec, kernel=False)
+    state = packed_state(qg, stores, scale, jnp_spec, table, count, positions, window, 2, empty_state(qg.shape[:4], 32))
+    lse = jnp.where(state.denom > 0, state.max + jnp.log(jnp.maximum(state.denom, 1e-30)), MASK_VALUE)
+    return ungroup(normalise(state)), ungroup(lse)[..., 0]
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize(("queries", "window", "splits"), [(1, None, None), (3, 40, None), (1, 30, 2)])
+def test_kernel_matches_the_jnp_path(method, queries, window, splits, backend):
+    spec, stores, scale = packed_pool(METHODS[method])
+    q, table, count, positions = rows(queries)
+    want_out, want_lse = reference(spec, stores, scale, q, table, count, positions, window)
+    out, lse = paged_packed_attention(q, subsets_of(stores), scale, table, count, positions, bits=spec.bits,
+                                      page_size=PAGE, key_mode=spec.codec.key_mode, key_block=spec.codec.key_block,
+                                      group=spec.codec.group, sliding_window=window, blocks=Blocks(splits=splits),
+                                      backend=backend, interpret=True)
+    seen = want_lse > MASK_VALUE / 2
+    assert bool(jnp.any(seen)) and not bool(jnp.all(seen))  # row 1 and early queries see nothing
+    out_error = float(jnp.abs(out - want_out).max())
+    lse_error = float(jnp.abs(jnp.where(seen, lse - want_lse, 0.0)).max())
+    print(f"{backend} {method} queries={queries} window={window}: max |out| error {out_error:.2e}, lse {lse_error:.2e}")
+    assert out_error < 1e-5 and lse_error < 1e-5
+    assert bool(jnp.all(jnp.where(seen, True, (lse == MASK_VALUE) & jnp.all(out == 0, axis=-1))))
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_a_prefill_block_of_queries_matches_the_jnp_path(backend):
+    """10 queries x G = 4 per row: 40 rows, two row blocks of 32 in Triton's form."""
+    spec, stores, scale = packed_pool(METHODS["zipcache"])
+    q, table, count, positions = rows(10)
+    want_out, want_lse = reference(spec, stores, scale, q, table, count, positions, None)
+    out, lse = paged_packed_attention(q, subsets_of(stores), scale, table, count, positions, bits=spec.bits,
+                                      page_size=PAGE, key_mode="channel", backend=backend, interpret=True)
+    seen = want_lse > MASK_VALUE / 2
+    np.testing.assert_allclose(out, want_out, atol=1e-5)
+    np.testing.assert_allclose(jnp.where(seen, lse, 0.0), jnp.where(seen, want_lse, 0.0), atol=1e-5)
+
+
+def test_packed_state_follows_the_kernel_policy():
+    """kernel=None: the kernel traced for a GPU, jnp on the CPU and (until the pool is lane-dense) on a TPU; True:
+    the kernel everywhere (interpreted here), folded into a running state exactly as the jnp path folds its pages;
+    False: jnp everywhere."""
+    spec, stores, scale = packed_pool(kv.ZipCache())
+    assert spec.kernel is None and not spec.uses_kernel
+    assert page_codec(kv.ZipCache(kernel=True), CONFIG, PAGE).uses_kernel
+    for platform, expected in (("tpu", False), ("gpu", True), ("cpu", False)):
+        with compiling_for(platform):
+            assert spec.uses_kernel is expected
+            assert dataclasses.replace(spec, kernel=True).uses_kernel
+            assert not dataclasses.replace(spec, kernel=False).uses_kernel
+    q, table, count, positions = rows(2)
+    qg = group_queries(q, CONFIG.num_kv_heads)
+    start = empty_state(qg.shape[:4], 32)
+    start = start._replace(max=start.max.at[0].set(0.5), denom=start.denom.at[0].set(2.0), acc=start.acc.at[0].set(1.0))
+    states = [packed_state(qg, stores, scale, dataclasses.replace(spec, kernel=use), table, count, positions, None, 2,
+                           start) for use in (False, True)]
+    np.testing.assert_allclose(normalise(states[1]), normalise(states[0]), atol=1e-5)
+    lse = [state.max + jnp.log(state.denom) for state in states]
+    np.testing.assert_allclose(lse[1], lse[0], atol=1e-5)
+
+
+def test_wrong_inputs_are_named():
+    spec, stores, scale = packed_pool(kv.ZipCache())
+    q, table, count, positions = rows(1)
+    settings = dict(bits=spec.bits, page_size=PAGE, key_mode="channel")
+    with pytest.raises(ValueError, match="page_size"):
+        paged_packed_attention(q, subsets_of(stores), scale, table, count, positions, **{**settings, "page_size": 8})
+    with pytest.raises(ValueError, match="v_scale"):
+        paged_packed_attention(q, subsets_of(stores), scale[:3], table, count, positions, **settings)
+    with pytest.raises(ValueError, match="positions"):
+        paged_packed_attention(q, subsets_of(stores), scale, table, count, positions[:, :0], **settings)
+    with pytest.raises(ValueError, match="backend"):
+        paged_packed_attention(q, subsets_of(stores), scale, table, count, positions, backend="cuda", **settings)
+    with pytest.raises(ValueError, match="splits"):
+        Blocks(splits=0)
+
+
+@pytest.mark.slow
+def test_the_engine_step_through_the_kernel_gives_the_jnp_tokens(stdlib_llama):
+    from test_serve_packed import TEXTS, greedy, prompt, start, tokens_of
+
+    ids = prompt(stdlib_llama, "".join(TEXTS) * 2)
+    outputs = []
+    for kernel in (None, True):  # None: jnp on this CPU
+        engine = start(stdlib_llama, kv.ZipCache(kernel=kernel), max_num_seqs=1, max_num_batched_tokens=16)
+        try:
+            outputs.append(tokens_of(engine.submit(greedy(ids, 12, "k"))))
+            assert engine.metrics()["packed_pages_cached"] > 0
+        finally:
+            engine.stop()
+    assert outputs[0] == outputs[1]
+
+
+LLAMA3_8B = ModelConfig(architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                        num_layers=4, num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=8192,
+                        dtype="bfloat16")
+
+
+@pytest.mark.parametrize("target", ["v5e:1x1", "h100"])
+@pytest.mark.parametrize("method", ["zipcache", "kivi", "uniform"])
+def test_compiles_at_llama3_8b_decode_shapes(method, target):
+    """64 decode rows over 8k-token tables of 64-token packed pages, a pool of 4 layers x 4096 pages: one kernel
+    call per layer, Mosaic on the TPU, Triton on the H100. Prints what the compiler plans (on the TPU the
+    temporaries are relayouts of the pool, which XLA lays out page-minor: see the kernel's docstring)."""
+    name, method = method, {"zipcache": kv.ZipCache(), "kivi": kv.KIVI(), "uniform": kv.Uniform()}[method]
+    chip_target = aot.target(target)
+    chip = aot.on_chip(chip_target)
+    spec = page_codec(method, LLAMA3_8B, 64)
+    pool = aot.abstract(jax.eval_shape(lambda: PackedPool.init(LLAMA3_8B, spec, 4096)), chip)
+    batch, slots = 64, 8192 // 64
+
+    def attend(q, pool, table, count, positions):
+        outs = []
+        for layer, stores in enumerate(pool.stores):
+            scale = None if pool.v_scale is None else pool.v_scale[layer]
+            outs.append(paged_packed_attention(q, subsets_of(stores), scale, table, count, positions, bits=spec.bits,
+                                               page_size=64, key_mode=spec.codec.key_mode,
+                                               key_block=spec.codec.key_block, group=spec.codec.group)[0])
+        return sum(outs)
+
+    args = (aot.array((batch, 1, 32, 128), jnp.bfloat16, chip), pool, aot.array((batch, slots), jnp.int32, chip),
+            aot.array((batch,), jnp.int32, chip), aot.array((batch, 1), jnp.int32, chip))
+    compiled, report = aot.compile(attend, *args, target=chip_target)
+    text = compiled.as_text()
+    custom_call = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}[chip_target.kind]
+    assert text.count(custom_call) >= LLAMA3_8B.num_layers and report.fits
+    if chip_target.kind == "gpu":  # the pool is read in place: nothing pool-sized besides the arguments
+        assert report.temp_bytes < 16 << 20
+    print(f"{name} {target}: arguments {report.argument_bytes / 2**20:.0f} MiB, temporaries "
+          f"{report.temp_bytes / 2**20:.1f} MiB, compiled in {report.compile_seconds:.1f} s")
