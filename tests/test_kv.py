@@ -239,9 +239,9 @@ def test_salient_tokens_get_the_high_bits(trained):
     q, k = _prompt_qk(trained, length)
     spec = kv.ZipCache(saliency="exact", saliency_ratio=0.25)
     cache = QuantizedKVCache.init(trained.config, spec, 1, 256, length)
-    _, cache = cache.attend(1, q, k, k, None)
-    score = prompt_saliency(q, k, cache.starts, method="exact", probe_ratio=0.1, normalize="probe",
-                            key=jax.random.key(0))
+    _, cache = jax.jit(lambda c: c.attend(1, q, k, k, None))(cache)  # one program, not one per jnp op
+    saliency = jax.jit(prompt_saliency, static_argnames=("method", "probe_ratio", "normalize"))
+    score = saliency(q, k, cache.starts, method="exact", probe_ratio=0.1, normalize="probe", key=jax.random.key(0))
     salient = np.asarray(cache.layers[1].stores[0].slots[0, :, :16])  # the prompt block: 16 salient per head
     for h in range(salient.shape[0]):
         top = np.sort(np.asarray(jnp.argsort(-score[0, h])[:16]))
