@@ -76,3 +76,40 @@ def test_compiles_ahead_of_time(target_name, shape_name, record_property):
     if t.kind == "tpu":  # XLA sees the kernel's cost estimate: both matmuls over every slot, rows padded
         useful = 4 * s.batch * s.heads * s.q_len * s.max_len * s.head_dim
         assert useful <= report.flops < 1.5 * useful
+
+
+@pytest.mark.parametrize("target_name", ["v5e:2x2"])
+def test_the_decoders_cache_runs_the_kernel_per_shard_of_a_tpu_mesh(target_name):
+    """ScatterKVCache.attend (every ZipAR / SJD pass over a dense cache) with kernel=None, compiled for a 1x4 mesh of
+    v5e chips at Emu3-Gen's heads (32 on 8 KV heads, d 128), 90x90 with guidance: a Mosaic call is never partitioned
+    by XLA ("Mosaic kernels cannot be automatically partitioned"), so the cache runs it per KV-head shard; each chip
+    holds a quarter of the cache and the kernel's custom call is in the program."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    from zipjax.config import ModelConfig
+    from zipjax.sharding import tree_shardings
+    from zipjax.zipar.cache import ScatterKVCache
+
+    s = SHAPES["emu3_90x90_window7"]
+    t = _target(target_name)
+    mesh = aot.mesh(t, 1, 4)
+    config = ModelConfig("llama", vocab_size=256, hidden_size=s.heads * s.head_dim, intermediate_size=256, num_layers=1,
+                         num_heads=s.heads, num_kv_heads=s.kv_heads, head_dim=s.head_dim,
+                         max_position_embeddings=s.max_len, dtype="bfloat16")
+    shapes = jax.eval_shape(lambda: ScatterKVCache.init(config, s.batch, s.max_len, jnp.zeros(s.batch, jnp.int32)))
+    cache = aot.abstract(shapes, tree_shardings(shapes, shapes.logical_axes(), mesh))
+    heads = NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "model", None))
+    q = aot.array((s.batch, s.q_len, s.heads, s.head_dim), jnp.bfloat16, heads)
+    new = aot.array((s.batch, s.q_len, s.kv_heads, s.head_dim), jnp.bfloat16, heads)
+    slots = aot.array((s.batch, s.q_len), jnp.int32, NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+    def attend(cache, q, k_new, v_new, slots):
+        return cache.at(slots, slots >= 0).attend(0, q, k_new, v_new, None)
+
+    with jax.set_mesh(mesh):
+        compiled, report = aot.compile(attend, cache, q, new, new, slots, target=t)
+    assert CUSTOM_CALL["tpu"] in compiled.as_text()
+    assert report.fits
+    per_chip = s.batch * s.kv_heads * s.max_len * s.head_dim * 2 // 4
+    assert report.argument_bytes < 3 * per_chip, (report.argument_bytes, per_chip)

@@ -179,6 +179,21 @@ def per_shard(kernel: Callable | None, q: jax.Array, k: jax.Array, v: jax.Array,
                          out_specs=q_spec, check_vma=False)(q, k, v, cursor, starts)
 
 
+def scatter_per_shard(kernel: Callable, q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array,
+                      written: jax.Array, starts: jax.Array) -> jax.Array:
+    """Run a parallel-decoding attention kernel (q [batch, q_len, heads, d], k, v [batch, kv_heads, len, d], q_slots
+    [batch, q_len], written [batch, len], starts [batch] -> like q; zipjax.kernels.zipar_attention) on each shard of
+    the context mesh, as `per_shard` does for the prompt: batch over "data" and heads over "model" where the cache is
+    placed so; a cache split by sequence is gathered per shard. Without a context mesh the kernel runs as is."""
+    if _context_sizes() is None:
+        return kernel(q, k, v, q_slots, written, starts)
+    data, model = cache_spec(k.shape)[:2]
+    q_spec, kv_spec = PartitionSpec(data, None, model, None), PartitionSpec(data, model, None, None)
+    rows = PartitionSpec(data, None)
+    return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, rows, rows, PartitionSpec(data)),
+                         out_specs=q_spec, check_vma=False)(q, k, v, q_slots, written, starts)
+
+
 def states_per_shard(kernel: Callable[..., State], q: jax.Array, arrays: tuple[jax.Array | None, ...],
                      q_slot: jax.Array, starts: jax.Array) -> State:
     """Run a kernel that returns partial softmax states over a compressed cache's segment on each shard of the

@@ -30,7 +30,7 @@ from zipjax.errors import ZipjaxError
 from zipjax.kernels.zipar_attention import reference, zipar_attention
 from zipjax.kv.method import Method
 from zipjax.platform import use_kernel
-from zipjax.sharding import jit_initializer, place
+from zipjax.sharding import jit_initializer, place, scatter_per_shard
 from zipjax.zipar.compressed import BandKVCache, BandRecipe
 
 
@@ -97,8 +97,9 @@ class ScatterKVCache:
         k = _scatter(self.k[layer], self.slots, k_new)
         v = _scatter(self.v[layer], self.slots, v_new)
         written = self._written_after()
-        attention = zipar_attention if use_kernel(self.kernel) else reference
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), self.slots, written, self.starts)
+        args = (q, k.astype(q.dtype), v.astype(q.dtype), self.slots, written, self.starts)
+        # a Mosaic call is never partitioned by XLA, so the kernel runs per shard of the context mesh
+        out = scatter_per_shard(zipar_attention, *args) if use_kernel(self.kernel) else reference(*args)
         return out, dataclasses.replace(self, k=replace_at(self.k, layer, k), v=replace_at(self.v, layer, v))
 
     def advance(self, num_tokens: int) -> ScatterKVCache:
