@@ -1,7 +1,8 @@
 """Parallel decoders over compressed KV caches: every decoder x every cache on the shipped digits model, side by side.
 
     python benchmarks/zipar_kv.py                      # 20 images per cell (2 per digit), one batch
-    python benchmarks/zipar_kv.py --images 50 --out benchmarks/results
+    python benchmarks/zipar_kv.py --out benchmarks/results   # update the tracked results
+    python benchmarks/zipar_kv.py --emu3-layout --out benchmarks/results   # ZipAR s=7 at 90x90, dense vs ZipCache
 
 Decoders: sequential, ZipAR with a fixed lag (s=4), adaptive ZipAR (m=2), Speculative Jacobi Decoding (w=8).
 Caches: dense, ZipCache 4/2 (60% salient), KIVI-2, KIVI-4 (group 16, residual 32), Uniform 4-bit; the quantized
@@ -9,10 +10,20 @@ caches compress blocks of 16 tokens (a row of the 16x16 digits). KIVI runs under
 parallel decoders refuse it by name (zipjax.zipar.compressed). Per cell: forward passes, KV bytes the decode held
 (every array of the cache, guidance's sequences included; `ImageResult.kv_nbytes`), the shipped classifier's accuracy
 against the prompted digit, the Fréchet distance of its features to held-out real digits, and ms/image of a second,
-compiled run. Sequential + dense is the reference of the same run; the same cell again with another seed shows the
-metrics' own noise. Prompts "a handwritten digit <name>", CFG 3 against "a handwritten digit", temperature 1, no top-k.
+compiled run; each cell prints its line as it finishes (all 21 cells in about 3 min on 2 shared CPU cores at 20
+images; 50 images took over 12 min for the first 9 cells on cores busy with compile jobs). Sequential + dense is
+the reference of the same run; the same cell again with another seed shows the metrics' own noise. Prompts
+"a handwritten digit <name>", CFG 3 against "a handwritten digit", temperature 1, no top-k.
 
-Results: a table on stdout; zipar_kv_<backend>.json under `--out` (default benchmarks/results/local/, untracked).
+`--emu3-layout`: instead, a random-weight model with Emu3-Gen's token layout at reduced width and depth
+(benchmarks/zipar.py's speed model: 90x90 image tokens + a row-end token per row = 8,190 visual tokens, guidance:
+2 sequences per image, top-k 2048) decodes one 720x720-layout image with ZipAR s=7 over the dense cache and over
+ZipCache 4/2 (blocks of 90 slots, 60% salient), in the same run: KV bytes held and wall time of the whole image
+(713 passes; a first, compiling run of the same shapes is not timed). The ratios between the two are the claim;
+absolute seconds are this machine's.
+
+Results: a table on stdout; zipar_kv_<backend>.json (or zipar_kv_emu3_<backend>.json) under `--out` (default
+benchmarks/results/local/, untracked).
 """
 
 from __future__ import annotations
@@ -42,6 +53,11 @@ CACHES = {
     "KIVI-2": zipjax.kv.KIVI(bits=2, group=16, residual=32),
     "KIVI-4": zipjax.kv.KIVI(bits=4, group=16, residual=32),
     "uniform 4": zipjax.kv.Uniform(bits=4, buffer_len=BLOCK),
+}
+EMU3_LAG = 7
+EMU3_CACHES = {  # blocks of a row of codes (90 slots), as docs/zipar.md's example
+    "dense": None,
+    "ZipCache 4/2": zipjax.kv.ZipCache(high_bits=4, low_bits=2, saliency_ratio=0.6, buffer_len=90),
 }
 DECODERS = {
     "sequential": lambda kv: Sequential(kv=kv),
@@ -73,19 +89,52 @@ def run(images: int) -> list[dict]:
     classifier = DigitClassifier.load(DIGITS)
     rows = []
     cells = [(d, c, 0) for d in DECODERS for c in CACHES] + [("sequential", "dense", 1000)]  # last: seed noise
-    for decoder_name, cache_name, seed in cells:
+    start = time.perf_counter()
+    for index, (decoder_name, cache_name, seed) in enumerate(cells, 1):
         row = {"decoder": decoder_name, "cache": cache_name, "seed": seed}
+        where = f"[{index}/{len(cells)}, {time.perf_counter() - start:.0f}s] {decoder_name} x {cache_name}"
         try:
             decoder = DECODERS[decoder_name](CACHES[cache_name])
         except zipjax.ZipjaxError as error:  # a combination the library refuses by name
             rows.append({**row, "refused": str(error)})
-            print(f"{decoder_name} x {cache_name}: refused ({error})", flush=True)
+            print(f"{where}: refused ({error})", flush=True)
             continue
         t = time.perf_counter()
         rows.append({**row, **one_cell(model, classifier, decoder, images, seed)})
-        print(f"{decoder_name} x {cache_name} (seed {seed}): {rows[-1]} [{time.perf_counter() - t:.0f}s with "
-              f"compilation]", flush=True)
+        print(f"{where} (seed {seed}): {rows[-1]} [{time.perf_counter() - t:.0f}s with compilation]", flush=True)
     return rows
+
+
+def emu3_layout(width: int, layers: int) -> dict:
+    """ZipAR s=7 over the dense cache and over ZipCache 4/2 on a random Emu3-layout model at 90x90 codes, in one run:
+    KV bytes held and the wall time of a whole image (after a compiling run of the same shapes, another seed)."""
+    from zipar import speed_model  # benchmarks/zipar.py: the random Emu3-layout model its speed section times
+
+    model = speed_model(width, layers)
+    prompt = [1, *range(10, 40), 4, 8, 9, 3]  # BOS, 30 "text" tokens, image start, "h*w", image token
+    negative = [1, 11, 12, 4, 8, 9, 3]
+    rows = []
+    for name, kv in EMU3_CACHES.items():
+        args = dict(size=(90, 90), cfg_scale=3.0, negative_prompt=negative, top_k=2048, progress=True,
+                    decoder=zipar.FixedWindow(EMU3_LAG, kv=kv))
+        t = time.perf_counter()
+        zipjax.generate_image(model, prompt, seed=1, **args)  # compile outside the timing
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        result = zipjax.generate_image(model, prompt, seed=0, **args)
+        seconds = time.perf_counter() - t
+        rows.append({"cache": name, "passes": result.num_forward_passes, "kv_bytes": result.kv_nbytes,
+                     "seconds": round(seconds, 2), "ms_per_pass": round(1e3 * seconds / result.num_forward_passes, 2),
+                     "compile_s": round(max(first - seconds, 0.0), 2)})
+        print(f"[emu3 layout] ZipAR s={EMU3_LAG} x {name}: {rows[-1]}", flush=True)
+    for r in rows:
+        r["kv_vs_dense"] = round(r["kv_bytes"] / rows[0]["kv_bytes"], 4)
+        r["wall_vs_dense"] = round(r["seconds"] / rows[0]["seconds"], 3)
+    config = model.config
+    return {"model": {"hidden": width, "layers": layers, "heads": config.num_heads, "kv_heads": config.num_kv_heads,
+                      "head_dim": config.head_dim, "dtype": config.dtype, "codes": [90, 90],
+                      "visual_tokens": 90 * 91, "cfg_scale": 3.0, "sequences_per_image": 2},
+            "decoder": f"ZipAR s={EMU3_LAG}", "rows": rows}
 
 
 def table(rows: list[dict]) -> list[tuple]:
@@ -105,15 +154,28 @@ def table(rows: list[dict]) -> list[tuple]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=20, help="images per cell (one batch)")
+    parser.add_argument("--emu3-layout", action="store_true",
+                        help="instead: ZipAR s=7, dense vs ZipCache 4/2, on a random Emu3-layout model at 90x90")
+    parser.add_argument("--emu3-width", type=int, default=512, help="hidden size of the Emu3-layout model")
+    parser.add_argument("--emu3-layers", type=int, default=4, help="layers of the Emu3-layout model")
     report.add_out_argument(parser)
     args = parser.parse_args()
     backend = jax.default_backend()
     device = jax.devices()[0]
-    rows = run(args.images)
     results = {"benchmark": "benchmarks/zipar_kv.py", "backend": backend,
                "device": getattr(device, "device_kind", str(device)), "cpu_count": os.cpu_count(),
-               "python": platform.python_version(), "jax": jax.__version__, "images_per_cell": args.images,
-               "reference": "sequential decoding over the dense cache, same run", "rows": rows}
+               "python": platform.python_version(), "jax": jax.__version__}
+    if args.emu3_layout:
+        results.update(emu3_layout(args.emu3_width, args.emu3_layers))
+        report.print_table(("cache", "passes", "KV MiB", "KV vs dense", "seconds", "ms/pass", "wall vs dense"),
+                           [(r["cache"], r["passes"], f"{r['kv_bytes'] / 2**20:.1f}", f"{r['kv_vs_dense']:.2f}",
+                             f"{r['seconds']:.1f}", f"{r['ms_per_pass']:.1f}", f"{r['wall_vs_dense']:.2f}")
+                            for r in results["rows"]])
+        print(f"\nwrote {report.write_json(args.out / f'zipar_kv_emu3_{backend}.json', results)}")
+        return
+    rows = run(args.images)
+    results.update({"images_per_cell": args.images, "reference": "sequential decoding over the dense cache, same run",
+                    "rows": rows})
     report.print_table(("decoder", "cache", "passes", "KV KiB", "KV vs dense seq", "accuracy", "Fréchet distance",
                         "ms/image"), table(rows))
     out = report.write_json(args.out / f"zipar_kv_{backend}.json", results)

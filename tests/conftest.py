@@ -155,6 +155,7 @@ MARKS: dict[str, tuple[str, ...]] = {
         "test_pod.py::test_quick_mode_runs_end_to_end",
         "test_pod.py::test_sequence_split_cache_attends_in_place_on_a_1x16_mesh",
         "test_pod.py::test_zipcache_decode_runs_the_packed_code_kernel_per_shard_on_v5e_2x2",
+        "test_pod_emu3.py::test_a_zipar_pass_over_the_band_cache_compiles_for_v6e",
     ),
     "multihost": ("test_multihost.py",),
     "subprocess": (

@@ -78,7 +78,8 @@ pod_compiles.json there (seeded from the tracked one), so an interrupted run res
 Modules: plan (the grid and the programs a run compiles), points (compiling one point), store (the compile cache),
 fit (affine fits), capacity (exact bytes, memory plan, largest batch, roofline), run (the compile jobs and fits),
 checks (the approximations checked), grid (the derived grid, TTFT, ZipAR curves), measure (the measured part),
-output (tables, plot), cli (the command line).
+output (tables, plot), cli (the command line); emu3 (its own table, `python -m benchmarks.pod.emu3`: Emu3-Gen 90x90
+images in flight per chip and the ZipAR pass time with dense and compressed band caches).
 """
 
 from __future__ import annotations
