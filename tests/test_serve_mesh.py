@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 
 import jax
-import numpy as np
 import pytest
 
 import zipjax
@@ -89,22 +89,23 @@ def test_the_mesh_option_parses_data_by_model():
 
 
 def test_llama_3_70b_serving_step_splits_its_pools_sixteen_ways_on_v5e_4x4():
-    """Four of LLaMA-3-70B's 80 layers at its per-layer shapes (serve_aot extrapolates the rest), a short geometry
-    (16 decode rows, 2 prefill blocks, 2k-token tables): dense pages, then ZipCache packed pages beside the dense
-    tail pool. The compiler's memory plan holds 1/16 of each pool per chip (the pool is donated: aliased), and no
-    collective moves a whole pool."""
-    from benchmarks.serve_aot import Shape, compile_step, pool_bytes
+    """Two of LLaMA-3-70B's 80 layers at its per-layer shapes (benchmarks/serve_aot.py extrapolates the rest), a
+    short geometry (16 decode rows, 2 prefill blocks, 2k-token tables): dense pages, then ZipCache packed pages beside
+    the dense tail pool. The compiler's memory plan holds 1/16 of the pool per chip (donated: aliased, in the step
+    and the pack step; TPU layouts pad a chip's small arrays, so a little more, far from the 1/8 that an array
+    replicated over any factor of the mesh would give), and no collective moves a pool array: the largest ones move
+    the logits and a block of pages being read."""
+    from benchmarks.serve_aot import Shape, collective_sizes, compile_programs, pool_bytes
     from zipjax import aot
     from zipjax.config import PUBLISHED
 
-    config = dataclasses.replace(PUBLISHED["llama-3-70b"], dtype="bfloat16", num_layers=4)
+    config = dataclasses.replace(PUBLISHED["llama-3-70b"], dtype="bfloat16", num_layers=2)
     target = aot.target("v5e:4x4")
-    for shape, num_pages in ((Shape(max_num_seqs=16, prefill_blocks=2, max_model_len=2048), 1024),
-                             (Shape(max_num_seqs=16, prefill_blocks=2, page_size=64, max_model_len=2048,
-                                    kv="zipcache"), 512)):
-        report, pool = compile_step(config, target, 16, shape, num_pages, hlo=True)
-        assert report.fits
-        total = pool_bytes(pool)
-        assert report.alias_bytes == pytest.approx(total / 16, rel=0.01)  # split 16 ways, donated
-        largest = max(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(pool))
-        assert all(size < largest / 2 for size in report.collective_sizes), "a pool array moved whole"
+    for shape in (Shape(max_num_seqs=16, prefill_blocks=2, max_model_len=2048),
+                  Shape(max_num_seqs=16, prefill_blocks=2, page_size=64, max_model_len=2048, kv="zipcache")):
+        programs, pool = compile_programs(config, target, 16, shape, 1024)
+        assert programs[0][1].fits
+        largest = max(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(pool))
+        for compiled, report in programs:
+            assert pool_bytes(pool) / 16 <= report.alias_bytes < 1.5 * pool_bytes(pool) / 16
+            assert max(collective_sizes(compiled)) < largest / 2
