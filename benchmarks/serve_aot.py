@@ -171,7 +171,9 @@ def capacity(config: ModelConfig, target_name: str, shape: Shape, hbm_share: flo
         num_pages = int((hbm_share * target.chip.hbm_bytes - other) // page_bytes) // shards * shards
         total = other + num_pages * page_bytes
         row = {"report": {**probes[-1].as_dict(), "total_bytes": int(total), "fits": total <= target.chip.hbm_bytes},
-               "extrapolated_from_layers": list(layers), "probe_reports": [r.as_dict() for r in probes]}
+               "extrapolated_from_layers": list(layers), "probe_reports": [r.as_dict() for r in probes],
+               "plan_bytes_per_page_per_chip": page_bytes}
+        page_bytes = page_bytes_per_chip(config, shape, model_axis)  # the pool's own bytes, for pool_gib_per_chip
     return {"target": target_name, "kv": shape.kv, "chips": len(target.devices), "model_axis": model_axis,
             "shape": dataclasses.asdict(shape), "num_pages": num_pages, "tokens": (num_pages - 1) * shape.page_size,
             "sequences_at_max_len": (num_pages - 1) // (shape.table_width or 1),
