@@ -3,7 +3,7 @@ chip's page pool holds by the compiler's own memory plan.
 
     python -m benchmarks.serve_aot [--targets v5e:2x2 v6e:1x1 h100] [--model llama-3-8b] [--kv dense zipcache kivi]
                                    [--layers 2 4] [--out DIR]
-    python -m benchmarks.serve_aot --model llama-3-70b --targets v5e:4x4 --kv dense zipcache --layers 2 4
+    python -m benchmarks.serve_aot --model llama-3-70b --targets v5e:4x4 --kv dense zipcache --layers 4 8
 
 For each target: the step (zipjax.serve.step.serve_step: paged attention over a page pool, chunked prefill and
 decode rows in one flat batch, each row's sampling) is compiled for its busiest shape (max_num_seqs decode rows and
@@ -15,8 +15,10 @@ the program needs besides the pool (parameters, temporaries); the pool is then s
 (`--hbm-share` of it) and compiled again: its `fits` and the page count give the capacity row. With `--layers A B`
 (LLaMA-3-70B: 80 layers do not compile in minutes on 2 cores) the model is compiled with A and B layers at its
 per-layer shapes instead, what the program needs besides the pool is extrapolated affinely in the layer count to the
-full depth (the parameters are exactly affine; temporaries, which XLA reuses across layers, are overestimated), and
-the row's `fits` is that prediction (`extrapolated_from_layers` in the JSON).
+full depth (the parameters are exactly affine; temporaries, which XLA reuses across layers, are overestimated), a
+page costs what the memory plan grows by per page at B layers, scaled to the full depth, and the row's `fits` is that
+prediction (`extrapolated_from_layers` in the JSON). Use B = 8 for LLaMA-3-70B: at 4 layers XLA keeps a relayout
+copy of the whole pool among the temporaries (a page then costs 2x its bytes), at 8 layers it does not (1.07x).
 With a compressed cache (`--kv zipcache | kivi | uniform`, zipjax.serve.packed) the pool is packed pages of 64
 tokens plus the engine's default dense pool (each sequence's unpacked tail and one prompt being computed); the
 packed pool is what is sized, and the pack step (zipjax.serve.step.pack_pages) is compiled too.
