@@ -3,6 +3,7 @@
     zipjax serve checkpoints/stdlib-llama                          # http://127.0.0.1:8000/v1
     zipjax serve ~/zipjax/llama-3.1-8b --port 9000 --max-num-seqs 32 --kv-memory 4GiB
     zipjax serve BASE --experts BANK                               # each expert is a model id of /v1/models
+    zipjax serve ~/zipjax/llama-3-70b --mesh 1x8                   # parameters and KV pool split over 8 chips
 
 The port is bound before the model loads, so a port in use is one error line at once. `/health` answers 503 while
 the engine compiles its buckets, then 200. Ctrl-C or SIGTERM stop it cleanly: the engine ends its loop (unfinished
@@ -47,6 +48,14 @@ def _bytes(text: str) -> int:
     return value
 
 
+def _mesh(text: str) -> tuple[int, int]:
+    """DATAxMODEL, e.g. 2x4: the ("data", "model") mesh to serve on (zipjax.make_mesh)."""
+    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", text)
+    if not match or not all(int(n) > 0 for n in match.groups()):
+        raise argparse.ArgumentTypeError(f"expected a mesh as DATAxMODEL such as 1x8 or 2x4, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
 def add_parser(commands) -> None:
     """Registers `serve` on the `zipjax` command's subparsers."""
     serve = commands.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
@@ -61,6 +70,10 @@ def add_parser(commands) -> None:
                        help="an ME-Switch expert bank built on this checkpoint: each expert is a model id")
     serve.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                        help="compute dtype (default: as stored)")
+    serve.add_argument("--mesh", type=_mesh, default=None, metavar="DATAxMODEL",
+                       help="serve on a mesh of the devices, e.g. 1x8: parameters split as `zipjax.load("
+                            "mesh=)` splits them, the KV pool by KV head over MODEL and by page over DATA "
+                            "(default: one device)")
     serve.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=_port, default=DEFAULT_PORT, help="TCP port (0: any free port, shown at start)")
     serve.add_argument("--max-num-seqs", type=positive_int, default=16, help="sequences in one engine step at most")
@@ -112,7 +125,12 @@ def run(args: argparse.Namespace) -> None:
         signal.signal(signal.SIGTERM, _terminate)  # uvicorn takes it over while serving, and calls this after
     engine = None
     try:
-        model = load(args.checkpoint, dtype=args.dtype)
+        mesh = None
+        if args.mesh is not None:
+            from zipjax.sharding import make_mesh
+
+            mesh = make_mesh(*args.mesh)
+        model = load(args.checkpoint, dtype=args.dtype, mesh=mesh)
         if args.experts is not None:
             from zipjax import experts
 

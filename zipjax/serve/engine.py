@@ -11,11 +11,17 @@ the model with the paged cache (zipjax.serve.paged), and samples each row by its
 (zipjax.serve.step). Step shapes are padded to buckets compiled at start-up, so nothing compiles while serving;
 `ready` turns True once they are. The pool is donated to each step (updated in place). Page tables, the free list
 and the prefix cache live on the host (zipjax.serve.pages).
+
+On a mesh (`Engine(model, mesh=...)`, or a model loaded with one) the parameters are placed as `zipjax.load` places
+them, the pool is split by KV head (zipjax.serve.paged.pool_shardings), and the step and the pack step are jitted
+with the pool's shardings in and out, donated: XLA's SPMD partitioner runs them over the chips. The host side is
+unchanged: the same page tables drive the same step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import secrets
 import sys
 import threading
@@ -23,6 +29,7 @@ import time
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from zipjax.errors import ZipjaxError
 from zipjax.kv.method import as_method
@@ -30,12 +37,13 @@ from zipjax.model import Model
 from zipjax.platform import free_memory_bytes
 from zipjax.serve.batch import build_batch
 from zipjax.serve.packed import PackedPool, page_codec
-from zipjax.serve.paged import Pool
+from zipjax.serve.paged import Pool, page_shards, pool_shardings
 from zipjax.serve.pages import PageTable
 from zipjax.serve.requests import Request, RequestStream, TokenLogprob, Update
 from zipjax.serve.scheduler import Plan, Scheduler, Sequence, buckets
 from zipjax.serve.scoring import prompt_logprobs
 from zipjax.serve.step import StepOutput, pack_pages, serve_step
+from zipjax.sharding import as_auto_mesh, check_mesh, mesh_context, replicated, tree_shardings
 from zipjax.validate import integer, optional
 
 PACK_PAGES = 16  # dense pages packed per call of the compiled pack step
@@ -82,18 +90,20 @@ class EngineConfig:
 class Engine:
     """`kv`: None for dense pages, or a zipjax.kv method served on packed pages (ZipCache, KIVI, Uniform): then
     `num_pages` / `kv_memory` size the packed pool, and a small dense pool (`dense_pages`) holds prompts being
-    computed and each sequence's newest tokens."""
+    computed and each sequence's newest tokens. `mesh`: a ("data", "model") mesh (zipjax.make_mesh) to serve on,
+    for a model loaded without one (a model loaded with `mesh=` is served on its own)."""
 
-    def __init__(self, model: Model, config: EngineConfig = EngineConfig(), *, kv=None, log=None):
+    def __init__(self, model: Model, config: EngineConfig = EngineConfig(), *, kv=None, log=None,
+                 mesh: Mesh | None = None):
         self.spec = None if as_method(kv) is None else page_codec(kv, model.config, config.page_size)
         if model.deltas is not None:
             from zipjax.experts.serve import MergedExperts
 
             if isinstance(model.deltas, MergedExperts):
                 raise ZipjaxError("merged experts serve a batch of one expert only; attach the bank without merged=")
-        if model.mesh is not None:
-            raise ZipjaxError("the serving engine runs on one device; a model placed on a mesh is not served yet")
-        self.model, self.config = model, config
+        self.model, self.config = on_mesh(model, mesh), config
+        if self.model.mesh is not None and jax.process_count() > 1:
+            raise ZipjaxError("the serving engine runs in one process; a multi-host mesh is not served")
         self.log = log if log is not None else (lambda text: print(text, file=sys.stderr))
         cfg = model.config
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
@@ -105,7 +115,7 @@ class Engine:
         if self.spec is None:
             self.pages = PageTable(num_pages, config.page_size, prefix_cache=config.prefix_cache)
         else:
-            self.pages = PageTable(self._dense_pages(), config.page_size, prefix_cache=False)
+            self.pages = PageTable(self._whole(self._dense_pages()), config.page_size, prefix_cache=False)
             self.packed_pages = PageTable(num_pages, config.page_size, prefix_cache=config.prefix_cache)
         max_blocks = max(1, config.max_num_batched_tokens // config.block_size)
         self.scheduler = Scheduler(self.pages, max_num_seqs=config.max_num_seqs,
@@ -140,7 +150,12 @@ class Engine:
             raise ZipjaxError(f"a KV pool of {num_pages - 1} pages of {config.page_size} tokens cannot hold one "
                               f"sequence of max_model_len {self.max_model_len}; give more pages or a shorter "
                               "max_model_len")
-        return num_pages
+        return self._whole(num_pages)
+
+    def _whole(self, num_pages: int) -> int:
+        """`num_pages` rounded up to whole shards of the pool's page axis on the mesh (1 without one)."""
+        shards = page_shards(self.model.mesh, self.model.config.num_kv_heads)
+        return -(-num_pages // shards) * shards
 
     def _table_width(self) -> int:
         """Pages per page-table row: max_model_len's, rounded up to whole attention-loop blocks."""
@@ -161,8 +176,14 @@ class Engine:
         wanted = config.max_num_seqs * self.table_width + 1
         free = free_memory_bytes()
         if free is not None:
+            free *= self._chips()
             wanted = min(wanted, (int(free * DEFAULT_POOL_SHARE) - reserved) // page_bytes)
         return max(2, wanted)
+
+    def _chips(self) -> int:
+        """Devices the pool is split over, each with its own memory (simulated CPU devices share the host's)."""
+        mesh = self.model.mesh
+        return 1 if mesh is None or mesh.devices.flat[0].platform == "cpu" else mesh.devices.size
 
     def _dense_pages(self) -> int:
         """A compressed cache's dense pool: each running sequence's unpacked tail (KIVI's residual, the page being
@@ -184,8 +205,15 @@ class Engine:
         if self._thread is not None:
             raise ZipjaxError("the engine is already started")
         packed = 0 if self.packed_pages is None else self.packed_pages.num_pages
-        self.pool = Pool.init(self.model.config, self.pages.num_pages, self.config.page_size, spec=self.spec,
-                              num_packed=packed)
+        init = functools.partial(Pool.init, self.model.config, self.pages.num_pages, self.config.page_size,
+                                 spec=self.spec, num_packed=packed)
+        self._serve_step, self._pack_pages = serve_step, pack_pages
+        if self.model.mesh is None:
+            self.pool = init()
+        else:  # built on the devices, split from the start; never whole on one
+            shardings = pool_shardings(jax.eval_shape(init), self.model.mesh)
+            self.pool = jax.jit(init, out_shardings=shardings)()
+            self._serve_step, self._pack_pages = sharded_steps(shardings, self.model.mesh)
         self._thread = threading.Thread(target=self._run, name="zipjax-engine", daemon=True)
         self._thread.start()
 
@@ -339,8 +367,9 @@ class Engine:
         batch, experts = build_batch(plan, self.scheduler, self.table_width)
         params, deltas = self.model.batch_inputs(experts if self.model.deltas is not None else None,
                                                  batch.tokens.shape[0])
-        self.pool, out = serve_step(params, self.pool, batch, deltas, config=self.model.config,
-                                    block_pages=self.config.block_pages, spec=self.spec)
+        with mesh_context(self.model.mesh):
+            self.pool, out = self._serve_step(params, self.pool, batch, deltas, config=self.model.config,
+                                              block_pages=self.config.block_pages, spec=self.spec)
         self.pages.release(plan.freed)
         self.steps += 1
         return jax.device_get(out)
@@ -351,7 +380,8 @@ class Engine:
             part = pairs[i:i + PACK_PAGES]
             ids = np.zeros((2, PACK_PAGES), np.int32)
             ids[:, :len(part)] = np.asarray(part, np.int32).reshape(-1, 2).T
-            self.pool = pack_pages(self.pool, ids[0], ids[1], spec=self.spec)
+            with mesh_context(self.model.mesh):
+                self.pool = self._pack_pages(self.pool, ids[0], ids[1], spec=self.spec)
 
     def _report(self, plan: Plan, out: StepOutput) -> None:
         """Record what the step computed, append each sampled token, push updates, finish what is done."""
@@ -391,3 +421,29 @@ class Engine:
             self.scheduler.finish(sequence)
             self.finished += 1
         sequence.stream.push(update)
+
+
+def on_mesh(model: Model, mesh: Mesh | None) -> Model:
+    """`model` with its parameters on `mesh` as zipjax.load places them (the model's own mesh without one)."""
+    if mesh is None:
+        return model
+    mesh = as_auto_mesh(mesh)
+    if model.mesh is not None:
+        if model.mesh != mesh:
+            raise ZipjaxError("the model is already placed on another mesh; serve it on its own (mesh=None)")
+        return model
+    check_mesh(mesh)
+    from zipjax.transformer import param_logical_axes
+
+    shardings = tree_shardings(model.params, param_logical_axes(model.config), mesh)
+    return dataclasses.replace(model, params=jax.device_put(model.params, shardings), mesh=mesh)
+
+
+def sharded_steps(pool_sharding: Pool, mesh: Mesh):
+    """serve_step and pack_pages jitted for a pool placed by `pool_sharding` (zipjax.serve.paged.pool_shardings): the
+    pool in and out with those shardings and donated, the step's sampled tokens replicated (read by the host)."""
+    step = jax.jit(serve_step.__wrapped__, static_argnames=("config", "block_pages", "spec"),
+                   donate_argnames=("pool",), out_shardings=(pool_sharding, replicated(mesh)))
+    pack = jax.jit(pack_pages.__wrapped__, static_argnames=("spec",), donate_argnames=("pool",),
+                   out_shardings=pool_sharding)
+    return step, pack

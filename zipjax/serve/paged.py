@@ -16,16 +16,23 @@ earlier chunks and the tokens of the same step alike. Positions are RoPE positio
 
 Pool layout per layer: [num_pages, page_size, kv_heads, head_dim] (token-major pages, as the TPU ragged paged
 attention kernel reads them).
+
+On a ("data", "model") mesh (`pool_shardings`) the pool is split, never replicated: KV heads over "model" as the
+cache of `zipjax.generate` is; where the "model" axis does not divide the KV heads (LLaMA-3-70B's 8 on 16 chips) it
+is read as gcd(kv_heads, model) x the rest, the KV heads split over the first factor and head_dim over the rest
+(packed pages, whose bytes are not per channel: their pages); pages split over "data". Every chip then holds
+1 / (data x model) of the pool, and XLA's SPMD partitioner distributes the step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from zipjax.cache import replace_at
 from zipjax.config import ModelConfig
@@ -42,6 +49,7 @@ from zipjax.kernels.common import (
 from zipjax.serve.packed import PackedPool, PageCodec, packed_state
 
 NULL_PAGE = 0  # written by padding tokens, never allocated, never visible
+POOL_AXES = ("data", "model", "model_minor")  # the mesh a pool is placed on (pool_mesh)
 
 
 @jax.tree_util.register_dataclass
@@ -248,3 +256,48 @@ def add_page_mass(mass: jax.Array, qg: jax.Array, k_pages: jax.Array, page_table
     flat = mass.reshape(-1, kv_heads)
     slots = (pages[:, :, None] * page_size + jnp.arange(page_size)).reshape(-1)  # [n * qn * page_size]
     return flat.at[slots].add(probs.transpose(0, 2, 3, 1).reshape(-1, kv_heads)).reshape(mass.shape)
+
+
+def pool_mesh(mesh: Mesh, kv_heads: int) -> Mesh:
+    """`mesh`'s devices, in the same order, as ("data", "model", "model_minor"): "model" of size gcd(kv_heads,
+    model) takes the KV heads, "model_minor" the rest of the model axis (size 1 where it divides the KV heads). Chip
+    i of the model axis then holds KV head i // model_minor, the one its query heads (split over "model" by the
+    parameters' rules) read."""
+    data, model = mesh.shape["data"], mesh.shape["model"]
+    heads = math.gcd(kv_heads, model)
+    return Mesh(mesh.devices.reshape(data, heads, model // heads), POOL_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def page_shards(mesh: Mesh | None, kv_heads: int) -> int:
+    """Shards of a pool's page axis on `mesh` (pool_shardings): a page count must be a multiple of it."""
+    if mesh is None:
+        return 1
+    refined = pool_mesh(mesh, kv_heads)
+    return refined.shape["data"] * refined.shape["model_minor"]
+
+
+def pool_shardings(pool: Pool, mesh: Mesh) -> Pool:
+    """NamedShardings of every array of `pool` on a ("data", "model") mesh (see the module docstring): dense K/V
+    [pages over data, -, KV heads over model, head_dim over model_minor]; the attention mass and packed pages
+    [pages over (data, model_minor), (-,) KV heads over model, ...]. An axis a dimension does not divide is left
+    out (that dimension is then not split by it)."""
+    kv_heads, head_dim = pool.k[0].shape[2:]
+    refined = pool_mesh(mesh, kv_heads)
+    sizes = dict(refined.shape)
+
+    def fitted(size: int, *axes: str) -> str | tuple[str, ...] | None:
+        kept = tuple(a for a in axes if sizes[a] > 1)
+        kept = kept if kept and size % math.prod(sizes[a] for a in kept) == 0 else ()
+        return kept[0] if len(kept) == 1 else (kept or None)
+
+    def named(*spec) -> NamedSharding:
+        return NamedSharding(refined, PartitionSpec(*spec))
+
+    minor_on_dim = head_dim % sizes["model_minor"] == 0
+    dense = lambda x: named(fitted(x.shape[0], "data", *(() if minor_on_dim else ("model_minor",))), None,
+                            fitted(kv_heads, "model"), fitted(head_dim, "model_minor") if minor_on_dim else None)
+    by_page = lambda x, head_axis: named(fitted(x.shape[0], "data", "model_minor"), *(None,) * (head_axis - 1),
+                                         fitted(kv_heads, "model"), *(None,) * (x.ndim - head_axis - 1))
+    packed = None if pool.packed is None else jax.tree.map(lambda x: by_page(x, 1), pool.packed)
+    mass = None if pool.mass is None else tuple(by_page(x, 2) for x in pool.mass)
+    return Pool(k=tuple(map(dense, pool.k)), v=tuple(map(dense, pool.v)), packed=packed, mass=mass)

@@ -1,0 +1,111 @@
+"""The serving engine on a device mesh (zipjax.serve.engine with `mesh=`, `zipjax serve --mesh DxM`): greedy tokens of
+concurrent requests on a 2x4 mesh of the suite's eight CPU devices equal one device's, dense and ZipCache pages, with
+the pool split (never replicated) and no page leaked; and LLaMA-3-70B's serving step compiled ahead of time for a
+v5e:4x4 slice, whose 16-way model axis does not divide its 8 KV heads, with the pool split 16 ways."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+
+import jax
+import pytest
+
+import zipjax
+from zipjax import kv
+from zipjax.errors import ZipjaxError
+from zipjax.serve.cli import _mesh
+from zipjax.serve.engine import Engine, EngineConfig
+from zipjax.serve.paged import page_shards
+from zipjax.serve.requests import Request, SamplingParams
+
+SHAPES = dict(max_num_seqs=4, max_num_batched_tokens=32, page_size=8, block_size=16, num_pages=64)
+TEXTS = ["def main(", "import os\nimport sys\n", "class Foo:\n    def __init__(self", "for i in range(10):\n",
+         "    return self._cache[key]\n"]
+NEW_TOKENS = 20
+
+
+def run(model, method, mesh) -> tuple[list[list[int]], Engine]:
+    """Every prompt of TEXTS submitted at once (five requests, four slots), greedy; the stopped engine."""
+    engine = Engine(model, EngineConfig(**SHAPES), kv=method, log=lambda _: None, mesh=mesh)
+    engine.start()
+    try:
+        engine.wait_ready(600)
+        streams = [engine.submit(Request(f"r{i}", tuple(model.tokenizer.encode(text)),
+                                         SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)))
+                   for i, text in enumerate(TEXTS)]
+        outputs = [[t for update in stream for t in update.token_ids] for stream in streams]
+    finally:
+        engine.stop()
+    return outputs, engine
+
+
+def assert_split_and_nothing_leaked(engine: Engine) -> None:
+    counts = engine.metrics()
+    for prefix in ("", "packed_") if engine.spec is not None else ("",):
+        assert counts[f"{prefix}pages_used"] == 0
+        assert counts[f"{prefix}pages_free"] + counts[f"{prefix}pages_cached"] == counts[f"{prefix}pages_total"]
+    devices = engine.model.mesh.devices.size
+    for x in jax.tree.leaves(engine.pool):  # every array of the pool is split over all eight devices
+        assert len(x.sharding.device_set) == devices
+        assert x.addressable_shards[0].data.size * devices == x.size, (x.shape, x.sharding)
+
+
+@pytest.mark.parametrize("method", [None, kv.ZipCache()], ids=["dense", "zipcache"])
+def test_greedy_tokens_on_a_2x4_mesh_equal_one_devices(stdlib_llama, method):
+    single, _ = run(stdlib_llama, method, None)
+    if method is None:  # the single-device engine itself equals zipjax.generate (tests/test_serve_engine.py)
+        ids = tuple(stdlib_llama.tokenizer.encode(TEXTS[0]))
+        assert single[0] == zipjax.generate(stdlib_llama, [list(ids)], NEW_TOKENS)[0, len(ids):].tolist()
+    on_mesh, engine = run(stdlib_llama, method, zipjax.make_mesh(data=2, model=4))
+    assert on_mesh == single
+    assert all(len(tokens) == NEW_TOKENS for tokens in on_mesh)
+    assert_split_and_nothing_leaked(engine)
+    # stdlib-llama's 2 KV heads on a 4-way model axis: heads over 2, head_dim over the other 2; pages over "data"
+    spec = engine.pool.k[0].sharding.spec
+    assert tuple(spec) == ("data", None, "model", "model_minor")
+    assert engine.pool.k[0].shape[0] % page_shards(engine.model.mesh, 2) == 0
+
+
+def test_a_model_loaded_on_a_mesh_is_served_on_it(stdlib_llama):
+    mesh = zipjax.make_mesh(data=1, model=2, devices=jax.devices()[:2])
+    model = zipjax.load(stdlib_llama.path, mesh=mesh)
+    on_mesh, engine = run(model, None, None)
+    assert engine.model is model
+    single, _ = run(stdlib_llama, None, None)
+    assert on_mesh == single
+    assert tuple(engine.pool.k[0].sharding.spec) == (None, None, "model", None)  # 2 KV heads over 2 chips
+    assert_split_and_nothing_leaked(engine)
+    with pytest.raises(ZipjaxError, match="another mesh"):
+        Engine(model, EngineConfig(**SHAPES), mesh=zipjax.make_mesh(data=2, model=4))
+
+
+def test_the_mesh_option_parses_data_by_model():
+    assert _mesh("2x4") == (2, 4)
+    for bad in ("8", "2x", "0x8", "axb", "2x4x1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="DATAxMODEL"):
+            _mesh(bad)
+
+
+def test_llama_3_70b_serving_step_splits_its_pools_sixteen_ways_on_v5e_4x4():
+    """Two of LLaMA-3-70B's 80 layers at its per-layer shapes (benchmarks/serve_aot.py extrapolates the rest), a
+    short geometry (16 decode rows, 2 prefill blocks, 2k-token tables): dense pages, then ZipCache packed pages beside
+    the dense tail pool. The compiler's memory plan holds 1/16 of the pool per chip (donated: aliased, in the step
+    and the pack step; TPU layouts pad a chip's small arrays, so a little more, far from the 1/8 that an array
+    replicated over any factor of the mesh would give), and no collective moves a pool array: the largest ones move
+    the logits and a block of pages being read."""
+    from benchmarks.serve_aot import Shape, collective_sizes, compile_programs, pool_bytes
+    from zipjax import aot
+    from zipjax.config import PUBLISHED
+
+    config = dataclasses.replace(PUBLISHED["llama-3-70b"], dtype="bfloat16", num_layers=2)
+    target = aot.target("v5e:4x4")
+    for shape in (Shape(max_num_seqs=16, prefill_blocks=2, max_model_len=2048),
+                  Shape(max_num_seqs=16, prefill_blocks=2, page_size=64, max_model_len=2048, kv="zipcache")):
+        programs, pool = compile_programs(config, target, 16, shape, 1024)
+        assert programs[0][1].fits
+        largest = max(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(pool))
+        for compiled, report in programs:
+            assert pool_bytes(pool) / 16 <= report.alias_bytes < 1.5 * pool_bytes(pool) / 16
+            assert max(collective_sizes(compiled)) < largest / 2
