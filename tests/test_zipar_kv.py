@@ -35,10 +35,42 @@ def _sequential_step(cache, q, k, v):
     return out, cache.advance(q.shape[1])
 
 
-@jax.jit
-def _band_step(cache, slots, q, k, v):
+def _band_pass(cache, slots, q, k, v):
     out, cache = cache.at(slots, jnp.ones(slots.shape, bool)).attend(0, q, k, v, None)
     return out, cache.advance(q.shape[1])
+
+
+_band_step = jax.jit(_band_pass)
+
+
+def _random_pass_inputs(config, prompt: int, tokens: int):
+    """Queries, keys and values [2, prompt + tokens, heads, head_dim] for one layer, and left padding [3, 0]."""
+    b, h, heads, d = 2, config.num_kv_heads, config.num_heads, config.head_dim
+    keys = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(keys[0], (b, prompt + tokens, heads, d))
+    k, v = (jax.random.normal(key, (b, prompt + tokens, h, d)) for key in keys[1:])
+    return q, k, v, jnp.array([3, 0], jnp.int32)
+
+
+def _band_in_row_order(config, kv, prompt: int, cols: int, tokens: int, kernel: bool | None = None,
+                       passes: list[list[int]] | None = None):
+    """The band cache fed the prompt, then image slots in whole-row passes (or `passes`): (per-slot outputs {slot:
+    [batch, heads, head_dim]}, the cache after the last pass)."""
+    q, k, v, starts = _random_pass_inputs(config, prompt, tokens)
+    band = BandKVCache.init(config, kv, 2, 256, prompt + tokens + 2, prompt, 40, starts, kernel=kernel)
+    _, band = _band_step(band, jnp.arange(prompt), q[:, :prompt], k[:, :prompt], v[:, :prompt])
+    outputs = {}
+    for fed in passes or _row_order(tokens, cols):
+        at = slice(prompt + fed[0], prompt + fed[-1] + 1)
+        out, band = _band_step(band, jnp.arange(at.start, at.stop), q[:, at], k[:, at], v[:, at])
+        outputs.update({at.start + i: out[:, i] for i in range(len(fed))})
+    return outputs, band
+
+
+def _same_stores(ours, theirs) -> None:
+    for mine, other in zip(ours, theirs, strict=True):
+        for name, array in other.arrays().items():
+            assert bool((getattr(mine, name) == array).all()), name
 
 
 @pytest.mark.parametrize("kv", [zipjax.kv.ZipCache(buffer_len=16),
@@ -52,29 +84,67 @@ def test_band_cache_in_row_order_holds_what_the_sequential_cache_holds(digits_em
     rounding. buffer_len 16 ends the first block at the first row's last token, 10 ends blocks anywhere."""
     config = digits_emu3.config
     prompt, cols, tokens = 16, 16, 4 * 17 - 1
-    b, h, heads, d = 2, config.num_kv_heads, config.num_heads, config.head_dim
-    starts = jnp.array([3, 0], jnp.int32)
-    keys = jax.random.split(jax.random.key(1), 3)
-    q = jax.random.normal(keys[0], (b, prompt + tokens, heads, d))
-    k, v = (jax.random.normal(key, (b, prompt + tokens, h, d)) for key in keys[1:])
-    sequential = QuantizedKVCache.init(config, kv, b, prompt + tokens + 2, prompt, starts)
-    band = BandKVCache.init(config, kv, b, 256, prompt + tokens + 2, prompt, 40, starts)
+    q, k, v, starts = _random_pass_inputs(config, prompt, tokens)
+    sequential = QuantizedKVCache.init(config, kv, 2, prompt + tokens + 2, prompt, starts)
     _, sequential = _sequential_step(sequential, q[:, :prompt], k[:, :prompt], v[:, :prompt])
-    _, band = _band_step(band, jnp.arange(prompt), q[:, :prompt], k[:, :prompt], v[:, :prompt])
     expected = {}
     for s in range(prompt, prompt + tokens):
         out, sequential = _sequential_step(sequential, q[:, s:s + 1], k[:, s:s + 1], v[:, s:s + 1])
         expected[s] = out[:, 0]
-    for fed in _row_order(tokens, cols):
-        at = slice(prompt + fed[0], prompt + fed[-1] + 1)
-        out, band = _band_step(band, jnp.arange(at.start, at.stop), q[:, at], k[:, at], v[:, at])
-        for i in range(len(fed)):
-            np.testing.assert_allclose(out[:, i], expected[at.start + i], atol=2e-6)
+    outputs, band = _band_in_row_order(config, kv, prompt, cols, tokens)
+    for s, out in outputs.items():
+        np.testing.assert_allclose(out, expected[s], atol=2e-6)
     assert not bool(band.overflow)
-    assert [int(x) + 1 for x in band.blocks] == [int(sequential.blocks)] * b
-    for ours, theirs in zip(band.layers[0].stores, sequential.layers[0].stores, strict=True):
-        for name, array in theirs.arrays().items():
-            assert bool((getattr(ours, name) == array).all()), name
+    assert [int(x) + 1 for x in band.blocks] == [int(sequential.blocks)] * 2
+    _same_stores(band.layers[0].stores, sequential.layers[0].stores)
+
+
+def test_band_attention_by_the_kernel_equals_the_jnp_path(digits_emu3):
+    """ZipCache 8/2 (mixed split, blocks of 10 ending anywhere): the stores read by the packed-code multi-query
+    kernel (interpreted on this CPU) and merged with the ring by log-sum-exp give the jnp path's outputs within
+    float rounding, and rank, compress and store the same codes (the ring's probabilities feed the ranking). Two
+    slots a pass (one compiled pass), 40 slots: blocks complete inside passes and at their ends."""
+    config, kv = digits_emu3.config, zipjax.kv.ZipCache(buffer_len=10, high_bits=8, low_bits=2, saliency_ratio=0.3)
+    pairs = [[t, t + 1] for t in range(0, 40, 2)]
+    jnp_out, jnp_band = _band_in_row_order(config, kv, 16, 16, 40, kernel=False, passes=pairs)
+    kernel_out, kernel_band = _band_in_row_order(config, kv, 16, 16, 40, kernel=True, passes=pairs)
+    error = max(float(jnp.abs(kernel_out[s] - jnp_out[s]).max()) for s in jnp_out)
+    print(f"band attention, kernel vs jnp: max abs error {error:.2e}")
+    assert error < 2e-5
+    assert [int(x) for x in kernel_band.blocks] == [int(x) for x in jnp_band.blocks] == [4, 4]
+    _same_stores(kernel_band.layers[0].stores, jnp_band.layers[0].stores)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_band_cache_chooses_the_kernel_by_the_policy(digits_emu3, platform):
+    """kernel=None traced for a TPU or GPU: ZipCache's stores go through the kernel (a pallas_call in the pass),
+    Uniform's through jnp, chosen because Uniform has no kernel (its keys are token-wise), not by a failure; on
+    this CPU kernel=None is jnp for both. (On a GPU a store shorter than Triton's 16-token tile, here the prompt's,
+    takes the kernel's jnp reference, chosen by `kernel_takes`.) Traced only."""
+    from zipjax.kernels.common import compiling_for
+
+    config = digits_emu3.config
+    q, k, v, starts = _random_pass_inputs(config, 16, 2)
+    for kv, expected in ((zipjax.kv.ZipCache(buffer_len=16), True), (zipjax.kv.Uniform(buffer_len=16), False)):
+        band = BandKVCache.init(config, kv, 2, 256, 100, 16, 40, starts).replace(prompt=False)
+        args = (band, jnp.array([16, 17]), q[:, 16:], k[:, 16:], v[:, 16:])
+        trace = lambda args=args: jax.make_jaxpr(lambda *a: _band_pass(*a))(*args).jaxpr  # new function: no cache
+        with compiling_for(platform):
+            assert _has_pallas_call(trace()) is expected
+        assert not _has_pallas_call(trace())
+
+
+def _has_pallas_call(jaxpr) -> bool:
+    """Whether a jaxpr runs a Pallas kernel, looking into nested jaxprs (jit, cond branches, loop bodies)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            return True
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and _has_pallas_call(inner):
+                    return True
+    return False
 
 
 @pytest.mark.slow

@@ -48,7 +48,7 @@ from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.kernels.common import TINY
 from zipjax.kernels.quantized_attention import PackedSegment
-from zipjax.kernels.quantized_multi_query import merge_lse, multi_query
+from zipjax.kernels.quantized_multi_query import kernel_takes, merge_lse, multi_query
 from zipjax.kv.method import Method
 from zipjax.kv.quantized import LayerKV, compress_block, dequantize_layer, empty_layer
 from zipjax.kv.quantizing import Geometry, QuantMethod, Ranking, geometry
@@ -257,7 +257,8 @@ class BandKVCache:
 
     def _kernel_attention(self, st: LayerKV, q: jax.Array, dense: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The packed-code kernel for several queries per sequence over each store segment (zipjax.kernels.
-        quantized_multi_query; per shard of the context mesh), the ring in jnp, merged exactly by log-sum-exp. A
+        quantized_multi_query; per shard of the context mesh; a segment too short for Triton's tiles by its jnp
+        reference), the ring in jnp, merged exactly by log-sum-exp. A
         query sees a stored token iff it is past the token's block: the kernel's rule `slot <= the query's` with
         the query's slot lowered to the end of the block before its own."""
         h = st.k_buf.shape[1]
@@ -270,7 +271,7 @@ class BandKVCache:
             segment = PackedSegment(store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step,
                                     store.v_min, v_scale, store.slots)
             attend = functools.partial(multi_query, bits=seg.bits, block=seg.size, group=self.method.codec.group,
-                                       kernel=True)
+                                       kernel=kernel_takes(seg.capacity))  # else its jnp reference
             parts.append(_multi_query_per_shard(attend, q, segment, seen_through, self.starts))
         mask = dense[:, None, None]  # [batch, 1, 1, q, band]
         scores = jnp.where(mask, grouped_scores(group_queries(q.astype(jnp.float32), h),
