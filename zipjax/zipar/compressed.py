@@ -27,8 +27,11 @@ paper's probe rule (recent + random prompt rows). SJD rewrites drafted slots: a 
 saliency over.
 
 Static shapes throughout: per sequence, the written bitmap, the ring's slots, the count of compressed blocks (each
-sequence compresses at its own pace: adaptive schedules and SJD differ between samples). Attention is jax.numpy:
-the dequantized stores and the band under one softmax. Imports: the quantized cache's pieces, the shared attention.
+sequence compresses at its own pace: adaptive schedules and SJD differ between samples). Attention by the kernel
+policy (zipjax.platform.use_kernel; the decoder's `kernel`, else the method's): the packed-code kernel for several
+queries per sequence (zipjax.kernels.quantized_multi_query) over each store, merged with the ring's softmax by
+log-sum-exp, or the dequantized stores and the ring under one jnp softmax; Uniform (token-wise keys, no kernel) is
+always jnp. Imports: the quantized cache's pieces, the shared attention, the multi-query kernel.
 """
 
 from __future__ import annotations
@@ -59,8 +62,10 @@ from zipjax.sharding import cache_spec
 # attention a block received); the others are refused by name (zipjax.zipar.compressed.check_method)
 SCATTER_METHODS = ("zipcache", "uniform")
 WHY_NOT = {
-    "kivi": "its values leave a sliding full-precision window one token per step and its keys are quantized at "
-            "cursor-aligned residuals, which scattered writes do not follow",
+    "kivi": "a query at slot c reads keys below floor(c / residual) * residual and values below c - residual "
+            "quantized, so a token's key and value change precision at different queries and the value boundary "
+            "slides one slot per query, where the band cache switches a token's key and value together once a query "
+            "is past its block",
     "zipvl": "its block split depends on an adaptive ratio per block computed from a prompt-style probe pass",
     "minicache": "it merges layers of tokens written at one cursor",
 }
