@@ -55,16 +55,16 @@ def _random_pass_inputs(config, prompt: int, tokens: int):
 
 
 def _band_in_row_order(config, kv, prompt: int, cols: int, tokens: int, kernel: bool | None = None,
-                       passes: list[list[int]] | None = None):
+                       passes: list[list[int]] | None = None, step=_band_step):
     """The band cache fed the prompt, then image slots in whole-row passes (or `passes`): (per-slot outputs {slot:
     [batch, heads, head_dim]}, the cache after the last pass)."""
     q, k, v, starts = _random_pass_inputs(config, prompt, tokens)
     band = BandKVCache.init(config, kv, 2, 256, prompt + tokens + 2, prompt, 40, starts, kernel=kernel)
-    _, band = _band_step(band, jnp.arange(prompt), q[:, :prompt], k[:, :prompt], v[:, :prompt])
+    _, band = step(band, jnp.arange(prompt), q[:, :prompt], k[:, :prompt], v[:, :prompt])
     outputs = {}
     for fed in passes or _row_order(tokens, cols):
         at = slice(prompt + fed[0], prompt + fed[-1] + 1)
-        out, band = _band_step(band, jnp.arange(at.start, at.stop), q[:, at], k[:, at], v[:, at])
+        out, band = step(band, jnp.arange(at.start, at.stop), q[:, at], k[:, at], v[:, at])
         outputs.update({at.start + i: out[:, i] for i in range(len(fed))})
     return outputs, band
 
@@ -101,15 +101,24 @@ def test_band_cache_in_row_order_holds_what_the_sequential_cache_holds(digits_em
     _same_stores(band.layers[0].stores, sequential.layers[0].stores)
 
 
-def test_band_attention_by_the_kernel_equals_the_jnp_path(digits_emu3):
+ZIPCACHE_8_2 = zipjax.kv.ZipCache(buffer_len=10, high_bits=8, low_bits=2, saliency_ratio=0.3)
+PAIRS = [[t, t + 1] for t in range(0, 40, 2)]  # 40 image slots, two a pass (one compiled pass)
+
+
+@pytest.fixture(scope="module")
+def jnp_pairs(digits_emu3):
+    """The jnp path's outputs and cache, ZipCache 8/2 fed PAIRS (the kernel tests' reference)."""
+    return _band_in_row_order(digits_emu3.config, ZIPCACHE_8_2, 16, 16, 40, kernel=False, passes=PAIRS)
+
+
+def test_band_attention_by_the_kernel_equals_the_jnp_path(digits_emu3, jnp_pairs):
     """ZipCache 8/2 (mixed split, blocks of 10 ending anywhere): the stores read by the packed-code multi-query
     kernel (interpreted on this CPU) and merged with the ring by log-sum-exp give the jnp path's outputs within
     float rounding, and rank, compress and store the same codes (the ring's probabilities feed the ranking). Two
     slots a pass (one compiled pass), 40 slots: blocks complete inside passes and at their ends."""
-    config, kv = digits_emu3.config, zipjax.kv.ZipCache(buffer_len=10, high_bits=8, low_bits=2, saliency_ratio=0.3)
-    pairs = [[t, t + 1] for t in range(0, 40, 2)]
-    jnp_out, jnp_band = _band_in_row_order(config, kv, 16, 16, 40, kernel=False, passes=pairs)
-    kernel_out, kernel_band = _band_in_row_order(config, kv, 16, 16, 40, kernel=True, passes=pairs)
+    jnp_out, jnp_band = jnp_pairs
+    kernel_out, kernel_band = _band_in_row_order(digits_emu3.config, ZIPCACHE_8_2, 16, 16, 40, kernel=True,
+                                                 passes=PAIRS)
     error = max(float(jnp.abs(kernel_out[s] - jnp_out[s]).max()) for s in jnp_out)
     print(f"band attention, kernel vs jnp: max abs error {error:.2e}")
     assert error < 2e-5
@@ -136,17 +145,39 @@ def test_band_cache_chooses_the_kernel_by_the_policy(digits_emu3, platform):
         assert not _has_pallas_call(trace())
 
 
-def _has_pallas_call(jaxpr) -> bool:
-    """Whether a jaxpr runs a Pallas kernel, looking into nested jaxprs (jit, cond branches, loop bodies)."""
+def _has_pallas_call(jaxpr, primitive: str = "pallas_call") -> bool:
+    """Whether a jaxpr runs a Pallas kernel (or `primitive`), looking into nested jaxprs (jit, cond branches, loop
+    bodies, shard_map)."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
+        if eqn.primitive.name == primitive:
             return True
         for param in eqn.params.values():
             for sub in param if isinstance(param, tuple) else (param,):
                 inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns") and _has_pallas_call(inner):
+                if hasattr(inner, "eqns") and _has_pallas_call(inner, primitive):
                     return True
     return False
+
+
+def test_band_attention_by_the_kernel_per_shard_of_a_mesh(digits_emu3, jnp_pairs):
+    """On a 2 x 2 CPU mesh (conftest's devices) the kernel runs per shard, batch over "data" and the 2 KV heads over
+    "model" (a shard_map in the pass), and gives the jnp path's outputs and codes without a mesh."""
+    from zipjax.sharding import make_mesh
+
+    config = digits_emu3.config
+    expected, expected_band = jnp_pairs
+    step = jax.jit(lambda *a: _band_pass(*a))  # traced under the mesh: its own cache
+    with jax.set_mesh(make_mesh(data=2, model=2, devices=jax.devices()[:4])):
+        outputs, band = _band_in_row_order(config, ZIPCACHE_8_2, 16, 16, 40, kernel=True, passes=PAIRS, step=step)
+        q, k, v, _ = _random_pass_inputs(config, 16, 40)
+        last = slice(54, 56)  # a pass's shape (what it writes does not matter: traced only)
+        jaxpr = jax.make_jaxpr(lambda *a: _band_pass(*a))(band, jnp.array([54, 55]), q[:, last], k[:, last],
+                                                          v[:, last]).jaxpr
+    assert _has_pallas_call(jaxpr, "shard_map") and _has_pallas_call(jaxpr)
+    error = max(float(jnp.abs(outputs[s] - expected[s]).max()) for s in expected)
+    print(f"band attention, kernel per shard of a 2x2 mesh vs jnp: max abs error {error:.2e}")
+    assert error < 2e-5
+    _same_stores(band.layers[0].stores, expected_band.layers[0].stores)
 
 
 @pytest.fixture(scope="module")
