@@ -263,9 +263,9 @@ class BandKVCache:
     def _kernel_attention(self, st: LayerKV, q: jax.Array, dense: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The packed-code kernel for several queries per sequence over each store segment (zipjax.kernels.
         quantized_multi_query; per shard of the context mesh; a segment too short for Triton's tiles by its jnp
-        reference), the ring in jnp, merged exactly by log-sum-exp. A
-        query sees a stored token iff it is past the token's block: the kernel's rule `slot <= the query's` with
-        the query's slot lowered to the end of the block before its own."""
+        reference), the ring in jnp, merged exactly by log-sum-exp. A query sees a stored token iff it is past the
+        token's block: the kernel's rule `slot <= the query's` with the query's slot lowered to the end of the block
+        before its own."""
         h = st.k_buf.shape[1]
         seen_through = self._store_horizon()  # [batch, q]
         parts = []
