@@ -15,6 +15,7 @@ Entry points:
   multi_query            the library's call: `kernel: bool | None` resolved by zipjax.platform.use_kernel (the
                          kernel on TPU / GPU, jnp on a CPU), returning (out, lse) per query and head
   merge_lse              merges (out, lse) pairs exactly, e.g. this segment's with a dense band's
+  kernel_takes           whether the kernel takes a segment that short on the platform traced for (Triton: >= 16)
 
 A query that sees no key gets out 0 and lse = MASK_VALUE (finite: it weighs nothing in `merge_lse`). Tested against
 `reference` in interpret mode (tests/test_pallas_quantized.py) and compiled ahead of time for TPU v5e / v6e and an
@@ -43,6 +44,7 @@ from zipjax.kernels.common import (
 from zipjax.kernels.quantized_attention import (  # noqa: F401  (Blocks, Tiling: this entry point's plan, re-exported)
     BACKENDS,
     BITS,
+    GPU_MIN_TILE,
     Blocks,
     PackedSegment,
     Tiling,
@@ -55,7 +57,7 @@ from zipjax.kernels.quantized_attention import (  # noqa: F401  (Blocks, Tiling:
 )
 from zipjax.kernels.quantized_attention import check_inputs as check_segment
 
-from zipjax.platform import use_kernel
+from zipjax.platform import platform, use_kernel
 
 
 def check_inputs(q, segment: PackedSegment, q_slots, starts, *, bits: int, block: int, group: int | None,
@@ -188,6 +190,12 @@ def multi_query(q: jax.Array, segment: PackedSegment, q_slots: jax.Array, starts
         return state_output(multi_query_attention(q, segment, q_slots, starts, **settings), q.shape[1])
     check_inputs(q, segment, q_slots, starts, bits=bits, block=block, group=group, backend="tpu")
     return reference(q, segment, q_slots, starts, **settings)
+
+
+def kernel_takes(tokens: int) -> bool:
+    """Whether the kernel takes a segment of `tokens` tokens on the platform being traced for: Triton's dots need
+    at least GPU_MIN_TILE; Mosaic's form (compiled or interpreted) takes any. Callers pick `reference` otherwise."""
+    return platform() != "gpu" or tokens >= GPU_MIN_TILE
 
 
 def merge_lse(parts: Sequence[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array]:

@@ -3,6 +3,8 @@ whole-row order holds exactly what the sequential cache holds, a whole-row windo
 the same compressed cache token for token, passes do not depend on the cache, bad combinations are refused by name
 before any compute. On the shipped digits model (16x16 codes)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,10 +37,42 @@ def _sequential_step(cache, q, k, v):
     return out, cache.advance(q.shape[1])
 
 
-@jax.jit
-def _band_step(cache, slots, q, k, v):
+def _band_pass(cache, slots, q, k, v):
     out, cache = cache.at(slots, jnp.ones(slots.shape, bool)).attend(0, q, k, v, None)
     return out, cache.advance(q.shape[1])
+
+
+_band_step = jax.jit(_band_pass)
+
+
+def _random_pass_inputs(config, prompt: int, tokens: int):
+    """Queries, keys and values [2, prompt + tokens, heads, head_dim] for one layer, and left padding [3, 0]."""
+    b, h, heads, d = 2, config.num_kv_heads, config.num_heads, config.head_dim
+    keys = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(keys[0], (b, prompt + tokens, heads, d))
+    k, v = (jax.random.normal(key, (b, prompt + tokens, h, d)) for key in keys[1:])
+    return q, k, v, jnp.array([3, 0], jnp.int32)
+
+
+def _band_in_row_order(config, kv, prompt: int, cols: int, tokens: int, kernel: bool | None = None,
+                       passes: list[list[int]] | None = None, step=_band_step):
+    """The band cache fed the prompt, then image slots in whole-row passes (or `passes`): (per-slot outputs {slot:
+    [batch, heads, head_dim]}, the cache after the last pass)."""
+    q, k, v, starts = _random_pass_inputs(config, prompt, tokens)
+    band = BandKVCache.init(config, kv, 2, 256, prompt + tokens + 2, prompt, 40, starts, kernel=kernel)
+    _, band = step(band, jnp.arange(prompt), q[:, :prompt], k[:, :prompt], v[:, :prompt])
+    outputs = {}
+    for fed in passes or _row_order(tokens, cols):
+        at = slice(prompt + fed[0], prompt + fed[-1] + 1)
+        out, band = step(band, jnp.arange(at.start, at.stop), q[:, at], k[:, at], v[:, at])
+        outputs.update({at.start + i: out[:, i] for i in range(len(fed))})
+    return outputs, band
+
+
+def _same_stores(ours, theirs) -> None:
+    for mine, other in zip(ours, theirs, strict=True):
+        for name, array in other.arrays().items():
+            assert bool((getattr(mine, name) == array).all()), name
 
 
 @pytest.mark.parametrize("kv", [zipjax.kv.ZipCache(buffer_len=16),
@@ -52,49 +86,136 @@ def test_band_cache_in_row_order_holds_what_the_sequential_cache_holds(digits_em
     rounding. buffer_len 16 ends the first block at the first row's last token, 10 ends blocks anywhere."""
     config = digits_emu3.config
     prompt, cols, tokens = 16, 16, 4 * 17 - 1
-    b, h, heads, d = 2, config.num_kv_heads, config.num_heads, config.head_dim
-    starts = jnp.array([3, 0], jnp.int32)
-    keys = jax.random.split(jax.random.key(1), 3)
-    q = jax.random.normal(keys[0], (b, prompt + tokens, heads, d))
-    k, v = (jax.random.normal(key, (b, prompt + tokens, h, d)) for key in keys[1:])
-    sequential = QuantizedKVCache.init(config, kv, b, prompt + tokens + 2, prompt, starts)
-    band = BandKVCache.init(config, kv, b, 256, prompt + tokens + 2, prompt, 40, starts)
+    q, k, v, starts = _random_pass_inputs(config, prompt, tokens)
+    sequential = QuantizedKVCache.init(config, kv, 2, prompt + tokens + 2, prompt, starts)
     _, sequential = _sequential_step(sequential, q[:, :prompt], k[:, :prompt], v[:, :prompt])
-    _, band = _band_step(band, jnp.arange(prompt), q[:, :prompt], k[:, :prompt], v[:, :prompt])
     expected = {}
     for s in range(prompt, prompt + tokens):
         out, sequential = _sequential_step(sequential, q[:, s:s + 1], k[:, s:s + 1], v[:, s:s + 1])
         expected[s] = out[:, 0]
-    for fed in _row_order(tokens, cols):
-        at = slice(prompt + fed[0], prompt + fed[-1] + 1)
-        out, band = _band_step(band, jnp.arange(at.start, at.stop), q[:, at], k[:, at], v[:, at])
-        for i in range(len(fed)):
-            np.testing.assert_allclose(out[:, i], expected[at.start + i], atol=2e-6)
+    outputs, band = _band_in_row_order(config, kv, prompt, cols, tokens)
+    for s, out in outputs.items():
+        np.testing.assert_allclose(out, expected[s], atol=2e-6)
     assert not bool(band.overflow)
-    assert [int(x) + 1 for x in band.blocks] == [int(sequential.blocks)] * b
-    for ours, theirs in zip(band.layers[0].stores, sequential.layers[0].stores, strict=True):
-        for name, array in theirs.arrays().items():
-            assert bool((getattr(ours, name) == array).all()), name
+    assert [int(x) + 1 for x in band.blocks] == [int(sequential.blocks)] * 2
+    _same_stores(band.layers[0].stores, sequential.layers[0].stores)
+
+
+ZIPCACHE_8_2 = zipjax.kv.ZipCache(buffer_len=10, high_bits=8, low_bits=2, saliency_ratio=0.3)
+PAIRS = [[t, t + 1] for t in range(0, 40, 2)]  # 40 image slots, two a pass (one compiled pass)
+
+
+@pytest.fixture(scope="module")
+def jnp_pairs(digits_emu3):
+    """The jnp path's outputs and cache, ZipCache 8/2 fed PAIRS (the kernel tests' reference)."""
+    return _band_in_row_order(digits_emu3.config, ZIPCACHE_8_2, 16, 16, 40, kernel=False, passes=PAIRS)
+
+
+def test_band_attention_by_the_kernel_equals_the_jnp_path(digits_emu3, jnp_pairs):
+    """ZipCache 8/2 (mixed split, blocks of 10 ending anywhere): the stores read by the packed-code multi-query
+    kernel (interpreted on this CPU) and merged with the ring by log-sum-exp give the jnp path's outputs within
+    float rounding, and rank, compress and store the same codes (the ring's probabilities feed the ranking). Two
+    slots a pass (one compiled pass), 40 slots: blocks complete inside passes and at their ends."""
+    jnp_out, jnp_band = jnp_pairs
+    kernel_out, kernel_band = _band_in_row_order(digits_emu3.config, ZIPCACHE_8_2, 16, 16, 40, kernel=True,
+                                                 passes=PAIRS)
+    error = max(float(jnp.abs(kernel_out[s] - jnp_out[s]).max()) for s in jnp_out)
+    print(f"band attention, kernel vs jnp: max abs error {error:.2e}")
+    assert error < 2e-5
+    assert [int(x) for x in kernel_band.blocks] == [int(x) for x in jnp_band.blocks] == [4, 4]
+    _same_stores(kernel_band.layers[0].stores, jnp_band.layers[0].stores)
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_band_cache_chooses_the_kernel_by_the_policy(digits_emu3, platform):
+    """kernel=None traced for a TPU or GPU: ZipCache's stores go through the kernel (a pallas_call in the pass),
+    Uniform's through jnp, chosen because Uniform has no kernel (its keys are token-wise), not by a failure; on
+    this CPU kernel=None is jnp for both. (On a GPU a store shorter than Triton's 16-token tile, here the prompt's,
+    takes the kernel's jnp reference, chosen by `kernel_takes`.) Traced only."""
+    from zipjax.kernels.common import compiling_for
+
+    config = digits_emu3.config
+    q, k, v, starts = _random_pass_inputs(config, 16, 2)
+    for kv, expected in ((zipjax.kv.ZipCache(buffer_len=16), True), (zipjax.kv.Uniform(buffer_len=16), False)):
+        band = BandKVCache.init(config, kv, 2, 256, 100, 16, 40, starts).replace(prompt=False)
+        args = (band, jnp.array([16, 17]), q[:, 16:], k[:, 16:], v[:, 16:])
+        trace = lambda args=args: jax.make_jaxpr(lambda *a: _band_pass(*a))(*args).jaxpr  # new function: no cache
+        with compiling_for(platform):
+            assert _has_pallas_call(trace()) is expected
+        assert not _has_pallas_call(trace())
+
+
+def _has_pallas_call(jaxpr, primitive: str = "pallas_call") -> bool:
+    """Whether a jaxpr runs a Pallas kernel (or `primitive`), looking into nested jaxprs (jit, cond branches, loop
+    bodies, shard_map)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive:
+            return True
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and _has_pallas_call(inner, primitive):
+                    return True
+    return False
+
+
+def test_band_attention_by_the_kernel_per_shard_of_a_mesh(digits_emu3, jnp_pairs):
+    """On a 2 x 2 CPU mesh (conftest's devices) the kernel runs per shard, batch over "data" and the 2 KV heads over
+    "model" (a shard_map in the pass), and gives the jnp path's outputs and codes without a mesh."""
+    from zipjax.sharding import make_mesh
+
+    config = digits_emu3.config
+    expected, expected_band = jnp_pairs
+    step = jax.jit(lambda *a: _band_pass(*a))  # traced under the mesh: its own cache
+    with jax.set_mesh(make_mesh(data=2, model=2, devices=jax.devices()[:4])):
+        outputs, band = _band_in_row_order(config, ZIPCACHE_8_2, 16, 16, 40, kernel=True, passes=PAIRS, step=step)
+        q, k, v, _ = _random_pass_inputs(config, 16, 40)
+        last = slice(54, 56)  # a pass's shape (what it writes does not matter: traced only)
+        jaxpr = jax.make_jaxpr(lambda *a: _band_pass(*a))(band, jnp.array([54, 55]), q[:, last], k[:, last],
+                                                          v[:, last]).jaxpr
+    assert _has_pallas_call(jaxpr, "shard_map") and _has_pallas_call(jaxpr)
+    error = max(float(jnp.abs(outputs[s] - expected[s]).max()) for s in expected)
+    print(f"band attention, kernel per shard of a 2x2 mesh vs jnp: max abs error {error:.2e}")
+    assert error < 2e-5
+    _same_stores(band.layers[0].stores, expected_band.layers[0].stores)
+
+
+@pytest.fixture(scope="module")
+def tiny(digits_emu3) -> zipjax.Model:
+    """The digits model's first two layers (and its embedding, head and vision tokenizer): what the decoders compile
+    is per layer, and what these tests check (tokens equal between decoders over the same cache, passes, layout,
+    bytes) holds for any model; two layers keep the cache's per-layer state in play."""
+    params = {name: p for name, p in digits_emu3.params.items() if name not in ("layer_2", "layer_3")}
+    return dataclasses.replace(digits_emu3, config=dataclasses.replace(digits_emu3.config, num_layers=2),
+                               params=params)
+
+
+@pytest.fixture(scope="module")
+def dense_lag4(tiny):
+    return zipjax.generate_image(tiny, PROMPTS, decoder=zipar.FixedWindow(4), **COMMON)
+
+
+ZIPCACHE = zipjax.kv.ZipCache(buffer_len=16)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kv,temperature", [(zipjax.kv.Uniform(bits=4, buffer_len=16), 1.0),
                                             (zipjax.kv.ZipCache(buffer_len=16, saliency_ratio=1.0), 0.0)],
                          ids=["uniform-sampled", "zipcache-greedy"])
-def test_window_of_a_row_reproduces_sequential_decoding_over_the_same_cache(digits_emu3, kv, temperature):
+def test_window_of_a_row_reproduces_sequential_decoding_over_the_same_cache(tiny, dense_lag4, kv, temperature):
     """ZipAR with a lag of the image's width and adaptive ZipAR with a row-wide minimum equal sequential decoding
-    over the same compressed cache, token for token; ZipAR's pass count is its formula whatever the cache.
+    over the same compressed cache, token for token; ZipAR's pass count is its formula whatever the cache; the band
+    cache holds fewer bytes than the dense scatter cache (same slots: the cache length does not depend on the lag).
     (ZipCache is run with every token salient: with a mixed split, which tokens of near-equal attention go to high
-    bits follows float rounding, which differs between any two implementations; the test above checks the
+    bits follows float rounding, which differs between any two implementations; the tests above check the
     mixed-precision stores code for code.)"""
     args = dict(COMMON, temperature=temperature)
-    sequential = zipjax.generate_image(digits_emu3, PROMPTS, decoder=Sequential(kv=kv), **args)
-    row = zipjax.generate_image(digits_emu3, PROMPTS, decoder=zipar.FixedWindow(16, kv=kv), **args)
+    sequential = zipjax.generate_image(tiny, PROMPTS, decoder=Sequential(kv=kv), **args)
+    row = zipjax.generate_image(tiny, PROMPTS, decoder=zipar.FixedWindow(16, kv=kv), **args)
     np.testing.assert_array_equal(row.tokens, sequential.tokens)
     assert row.num_forward_passes == zipar.passes(16, 16, 16)
-    assert 0 < row.kv_nbytes < zipjax.generate_image(digits_emu3, PROMPTS[:1], decoder=zipar.FixedWindow(16),
-                                                     **args).kv_nbytes * 2
-    adaptive = zipjax.generate_image(digits_emu3, PROMPTS, decoder=zipar.AdaptiveWindow(16, kv=kv), **args)
+    assert 0 < row.kv_nbytes < dense_lag4.kv_nbytes
+    adaptive = zipjax.generate_image(tiny, PROMPTS, decoder=zipar.AdaptiveWindow(16, kv=kv), **args)
     np.testing.assert_array_equal(adaptive.tokens, sequential.tokens)
 
 
@@ -105,19 +226,33 @@ def _valid_layout(result, rows: int = 16, cols: int = 16) -> None:
 
 
 @pytest.mark.slow
-def test_parallel_decoders_over_zipcache_keep_their_passes_and_layout(digits_emu3):
+def test_parallel_decoders_over_zipcache_keep_their_passes_and_layout(tiny, dense_lag4):
     """ZipAR s=4, adaptive ZipAR and SJD over ZipCache 4/2: valid images, the fixed schedule's pass count, the band
     never overrun (checked after every decode), fewer KV bytes than the dense scatter cache."""
-    kv = zipjax.kv.ZipCache(buffer_len=16)
-    fixed = zipjax.generate_image(digits_emu3, PROMPTS, decoder=zipar.FixedWindow(4, kv=kv), **COMMON)
-    dense = zipjax.generate_image(digits_emu3, PROMPTS, decoder=zipar.FixedWindow(4), **COMMON)
-    assert fixed.num_forward_passes == dense.num_forward_passes == zipar.passes(16, 16, 4)
-    assert fixed.kv_nbytes < dense.kv_nbytes
-    _valid_layout(fixed)
-    for decoder in (zipar.AdaptiveWindow(2, kv=kv), zipar.SJD(8, kv=kv)):
-        result = zipjax.generate_image(digits_emu3, PROMPTS, decoder=decoder, **COMMON)
+    zipcache_lag4 = zipjax.generate_image(tiny, PROMPTS, decoder=zipar.FixedWindow(4, kv=ZIPCACHE), **COMMON)
+    assert zipcache_lag4.num_forward_passes == dense_lag4.num_forward_passes == zipar.passes(16, 16, 4)
+    assert zipcache_lag4.kv_nbytes < dense_lag4.kv_nbytes
+    _valid_layout(zipcache_lag4)
+    for decoder in (zipar.AdaptiveWindow(2, kv=ZIPCACHE), zipar.SJD(8, kv=ZIPCACHE)):
+        result = zipjax.generate_image(tiny, PROMPTS, decoder=decoder, **COMMON)
         _valid_layout(result)
         assert result.num_forward_passes < 16 * 17
+
+
+@pytest.mark.slow
+def test_zipar_over_zipcache_with_the_kernel_decodes_the_same_image(digits_emu3):
+    """ZipAR s=4 (several queries a pass, each at its own slot; padding queries) over ZipCache with the packed-code
+    kernel, interpreted on this CPU, samples the same tokens as the jnp path. On the digits model's first layer with
+    every token salient (two stores a layer): an interpreted kernel compiles slowly, and the test above covers the
+    mixed split's four stores."""
+    one_layer = dataclasses.replace(digits_emu3, config=dataclasses.replace(digits_emu3.config, num_layers=1),
+                                    params={name: p for name, p in digits_emu3.params.items()
+                                            if name not in ("layer_1", "layer_2", "layer_3")})
+    kv = zipjax.kv.ZipCache(buffer_len=16, saliency_ratio=1.0)
+    jnp_path, kernel = (zipjax.generate_image(one_layer, PROMPTS, decoder=zipar.FixedWindow(4, kv=kv, kernel=k),
+                                              **COMMON) for k in (False, True))
+    np.testing.assert_array_equal(kernel.tokens, jnp_path.tokens)
+    assert kernel.num_forward_passes == jnp_path.num_forward_passes == zipar.passes(16, 16, 4)
 
 
 def test_bad_combinations_are_refused_by_name_before_any_compute(digits_emu3):
@@ -126,10 +261,13 @@ def test_bad_combinations_are_refused_by_name_before_any_compute(digits_emu3):
                      lambda kv: zipar.SJD(8, kv=kv)):
             with pytest.raises(zipjax.ZipjaxError, match=f"cannot decode over a {name} KV cache"):
                 make(kv)
-    with pytest.raises(zipjax.ZipjaxError, match=r"attends in jax\.numpy"):
-        zipar.FixedWindow(4, kernel=True, kv=zipjax.kv.ZipCache())
-    with pytest.raises(zipjax.ZipjaxError, match=r"attends in jax\.numpy"):
-        zipar.SJD(4, kv=zipjax.kv.ZipCache(kernel=True))
+    with pytest.raises(zipjax.ZipjaxError, match="FixedWindow kernel=True over a uniform KV cache: uniform has no "
+                                                 "packed-code kernel"):
+        zipar.FixedWindow(4, kernel=True, kv=zipjax.kv.Uniform())
+    with pytest.raises(zipjax.ZipjaxError, match="SJD kernel=False but its zipcache cache kernel=True"):
+        zipar.SJD(4, kernel=False, kv=zipjax.kv.ZipCache(kernel=True))
+    zipar.FixedWindow(4, kernel=True, kv=zipjax.kv.ZipCache())  # the kernel over the packed codes: accepted
+    zipar.SJD(4, kv=zipjax.kv.ZipCache(kernel=True))
     with pytest.raises(zipjax.ZipjaxError, match=r"kv must be None or a zipjax\.kv method"):
         zipar.FixedWindow(4, kv="zipcache")
     # a block longer than the image's slots: refused where the geometry is checked, before the prefill

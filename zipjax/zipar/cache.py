@@ -31,7 +31,7 @@ from zipjax.kernels.zipar_attention import reference, zipar_attention
 from zipjax.kv.method import Method
 from zipjax.platform import use_kernel
 from zipjax.sharding import jit_initializer, place, scatter_per_shard
-from zipjax.zipar.compressed import BandKVCache, BandRecipe
+from zipjax.zipar.compressed import BandKVCache, BandRecipe, band_kernel
 
 
 @jax.tree_util.register_dataclass
@@ -138,7 +138,7 @@ def prefilled(model, setup: ImageDecodeSetup, inputs: ImageInputs, cache_len: in
     zipjax.zipar.compressed takes) the cache is the band cache: the prompt compressed, a ring of `band`
     full-precision entries (`rewrites`: a pass may rewrite a slot with another token, SJD)."""
     recipe = (ScatterRecipe(setup.config, setup.cache_batch, cache_len, kernel) if kv is None else
-              band_recipe(setup, kv, cache_len, band, rewrites))
+              band_recipe(setup, kv, cache_len, band, rewrites, kernel))
     cache = jit_initializer(recipe, model.mesh)(inputs.starts)
     cache = cache.at(jnp.arange(setup.bucket, dtype=jnp.int32), jnp.ones((setup.bucket,), bool))
     code, cache = prefill(model.params, inputs, cache, setup=setup)
@@ -146,10 +146,10 @@ def prefilled(model, setup: ImageDecodeSetup, inputs: ImageInputs, cache_len: in
     return tokens.at[:, 0].set(code + setup.layout.visual_offset), cache
 
 
-def band_recipe(setup: ImageDecodeSetup, kv: Method, cache_len: int, band: int, rewrites: bool = False
-                ) -> BandRecipe:
+def band_recipe(setup: ImageDecodeSetup, kv: Method, cache_len: int, band: int, rewrites: bool = False,
+                kernel: bool | None = None) -> BandRecipe:
     """The band cache of a parallel decode: blocks cover the image's slots, the ring at most the slots after the
-    prompt."""
+    prompt; the stores' attention by the decoder's `kernel`, else the method's (zipjax.zipar.compressed)."""
     span = setup.bucket + setup.layout.num_tokens + 1
     return BandRecipe(setup.config, kv, setup.cache_batch, cache_len, span, setup.bucket,
-                      max(1, min(band, cache_len - setup.bucket)), rewrites)
+                      max(1, min(band, cache_len - setup.bucket)), rewrites, band_kernel(kv, kernel))

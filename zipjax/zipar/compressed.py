@@ -27,8 +27,11 @@ paper's probe rule (recent + random prompt rows). SJD rewrites drafted slots: a 
 saliency over.
 
 Static shapes throughout: per sequence, the written bitmap, the ring's slots, the count of compressed blocks (each
-sequence compresses at its own pace: adaptive schedules and SJD differ between samples). Attention is jax.numpy:
-the dequantized stores and the band under one softmax. Imports: the quantized cache's pieces, the shared attention.
+sequence compresses at its own pace: adaptive schedules and SJD differ between samples). Attention by the kernel
+policy (zipjax.platform.use_kernel; the decoder's `kernel`, else the method's): the packed-code kernel for several
+queries per sequence (zipjax.kernels.quantized_multi_query) over each store, merged with the ring's softmax by
+log-sum-exp, or the dequantized stores and the ring under one jnp softmax; Uniform (token-wise keys, no kernel) is
+always jnp. Imports: the quantized cache's pieces, the shared attention, the multi-query kernel.
 """
 
 from __future__ import annotations
@@ -42,20 +45,27 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import PartitionSpec
 
-from zipjax.attention import masked_attention
+from zipjax.attention import MASK_VALUE, group_queries, grouped_scores, grouped_values, masked_attention, ungroup
 from zipjax.cache import check_batch, replace_at
 from zipjax.config import ModelConfig
 from zipjax.errors import ZipjaxError
+from zipjax.kernels.common import TINY
+from zipjax.kernels.quantized_attention import PackedSegment
+from zipjax.kernels.quantized_multi_query import kernel_takes, merge_lse, multi_query
 from zipjax.kv.method import Method
 from zipjax.kv.quantized import LayerKV, compress_block, dequantize_layer, empty_layer
 from zipjax.kv.quantizing import Geometry, QuantMethod, Ranking, geometry
+from zipjax.platform import use_kernel
+from zipjax.sharding import cache_spec
 
 # methods whose blocks can be compressed wherever a parallel decoder completes them (fixed split, ranking by the
 # attention a block received); the others are refused by name (zipjax.zipar.compressed.check_method)
 SCATTER_METHODS = ("zipcache", "uniform")
 WHY_NOT = {
-    "kivi": "its values leave a sliding full-precision window one token per step and its keys are quantized at "
-            "cursor-aligned residuals, which scattered writes do not follow",
+    "kivi": "a query at slot c reads keys below floor(c / residual) * residual and values below c - residual "
+            "quantized, so a token's key and value change precision at different queries and the value boundary "
+            "slides one slot per query, where the band cache switches a token's key and value together once a query "
+            "is past its block",
     "zipvl": "its block split depends on an adaptive ratio per block computed from a prompt-style probe pass",
     "minicache": "it merges layers of tokens written at one cursor",
 }
@@ -70,9 +80,17 @@ def check_method(kv: Method | None, decoder: str, kernel: bool | None) -> None:
         why = WHY_NOT.get(name, "it is not one of the block-quantized methods")
         raise ZipjaxError(f"{decoder} cannot decode over a {name} KV cache: {why}; parallel decoders take "
                           f"{', '.join(SCATTER_METHODS)} or the dense cache (kv=None)")
-    if kernel or kv.kernel:
-        raise ZipjaxError(f"{decoder} over a compressed cache attends in jax.numpy (the packed-code kernel for "
-                          f"several queries per sequence is not wired yet); use kernel=None or False")
+    if kernel is not None and kv.kernel is not None and kernel != kv.kernel:
+        raise ZipjaxError(f"{decoder} kernel={kernel} but its {name} cache kernel={kv.kernel}: over a compressed "
+                          f"cache both choose the same attention; set one of them")
+    if band_kernel(kv, kernel) and not kv.has_kernel:
+        raise ZipjaxError(f"{decoder} kernel=True over a {name} KV cache: {name} has no packed-code kernel (its keys "
+                          f"are token-wise; the kernel reads channel-wise keys); use kernel=None or False")
+
+
+def band_kernel(kv: QuantMethod, kernel: bool | None) -> bool | None:
+    """The band cache's kernel setting (zipjax.platform.use_kernel): the decoder's, else the method's."""
+    return kv.kernel if kernel is None else kernel
 
 
 class Plan(NamedTuple):
@@ -107,13 +125,14 @@ class BandKVCache:
     geometry: Geometry = struct.field(pytree_node=False)
     prompt: bool = struct.field(pytree_node=False, default=True)  # the next pass is the prompt
     rewrites: bool = struct.field(pytree_node=False, default=False)  # a slot may be rewritten with another token
+    kernel: bool | None = struct.field(pytree_node=False, default=None)  # the stores' attention: zipjax.platform
     accepts_chunks: ClassVar[bool] = False
 
     @classmethod
     def init(cls, config: ModelConfig, method: QuantMethod, batch: int, max_len: int, span: int, prefill_len: int,
-             band: int, starts: jax.Array, rewrites: bool = False) -> BandKVCache:
+             band: int, starts: jax.Array, rewrites: bool = False, kernel: bool | None = None) -> BandKVCache:
         """An empty cache of `max_len` slots (the scatter cache's), blocks for slots below `span` after a
-        `prefill_len`-slot prompt, and a ring of `band` full-precision entries."""
+        `prefill_len`-slot prompt, and a ring of `band` full-precision entries; `kernel` as zipjax.platform's."""
         geo = geometry(config, method, batch, span, prefill_len)
         b = batch
         layer = functools.partial(empty_layer, config, method, geo, batch, band, config.jnp_dtype)
@@ -123,7 +142,7 @@ class BandKVCache:
                    valid=jnp.zeros((b, 1), bool), settled=jnp.full((b,), max_len, jnp.int32),
                    band_slot=jnp.full((b, band), -1, jnp.int32), seen=jnp.zeros((b, band), jnp.float32),
                    blocks=jnp.zeros((b,), jnp.int32), overflow=jnp.zeros((), bool), method=method, geometry=geo,
-                   rewrites=rewrites)
+                   rewrites=rewrites, kernel=kernel)
 
     @property
     def batch(self) -> int:
@@ -214,10 +233,22 @@ class BandKVCache:
                                       lambda st: (out_a, probs_a, st), st)
         return out.astype(q.dtype), st.replace(mass=mass0 + reads(probs, plan.dense))
 
+    @property
+    def uses_kernel(self) -> bool:
+        """Whether the stores are read by the packed-code kernel, for the platform being traced: the method must
+        have one (Uniform's token-wise keys do not fit it: jnp, chosen here), then zipjax.platform.use_kernel."""
+        return self.method.has_kernel and use_kernel(self.kernel)
+
     def _attention(self, st: LayerKV, q: jax.Array, dense: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """One softmax over the dequantized stores (entries past whose block the query is) and the ring (`dense`
-        [batch, q, band]). Returns out float32 [batch, q, heads, head_dim] and the ring's probabilities
-        [batch, kv_heads, group, q, band]."""
+        """One softmax over the stores (entries past whose block the query is) and the ring (`dense` [batch, q,
+        band]). Returns out float32 [batch, q, heads, head_dim] and the ring's probabilities [batch, kv_heads,
+        group, q, band]. Two explicit paths with the same results: the stores dequantized in jnp, or read packed by
+        the kernel and merged with the ring's softmax by log-sum-exp."""
+        attention = self._kernel_attention if self.uses_kernel else self._jnp_attention
+        return attention(st, q, dense)
+
+    def _jnp_attention(self, st: LayerKV, q: jax.Array, dense: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The dequantized stores and the ring under one softmax (jax.numpy)."""
         keys, values, slots = dequantize_layer(st, self.method, self.geometry)
         b, h, band = st.k_buf.shape[:3]
         stored = jnp.concatenate(slots, axis=2)  # [batch, kv_heads, entries]
@@ -228,6 +259,42 @@ class BandKVCache:
         mask = jnp.concatenate([store_visible, jnp.broadcast_to(dense[:, None], (b, h, *dense.shape[1:]))], axis=3)
         out, probs = masked_attention(q, keys, values, mask)
         return out, probs[..., -band:]
+
+    def _kernel_attention(self, st: LayerKV, q: jax.Array, dense: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The packed-code kernel for several queries per sequence over each store segment (zipjax.kernels.
+        quantized_multi_query; per shard of the context mesh; a segment too short for Triton's tiles by its jnp
+        reference), the ring in jnp, merged exactly by log-sum-exp. A query sees a stored token iff it is past the
+        token's block: the kernel's rule `slot <= the query's` with the query's slot lowered to the end of the block
+        before its own."""
+        h = st.k_buf.shape[1]
+        seen_through = self._store_horizon()  # [batch, q]
+        parts = []
+        for store, seg in zip(st.stores, self.geometry.segments(), strict=True):
+            v_scale = st.v_scale
+            if v_scale is not None:
+                v_scale = jax.lax.slice_in_dim(v_scale, seg.first_block, seg.first_block + seg.blocks, axis=2)
+            segment = PackedSegment(store.k_codes, store.k_step, store.k_min, store.v_codes, store.v_step,
+                                    store.v_min, v_scale, store.slots)
+            attend = functools.partial(multi_query, bits=seg.bits, block=seg.size, group=self.method.codec.group,
+                                       kernel=kernel_takes(seg.capacity))  # else its jnp reference
+            parts.append(_multi_query_per_shard(attend, q, segment, seen_through, self.starts))
+        mask = dense[:, None, None]  # [batch, 1, 1, q, band]
+        scores = jnp.where(mask, grouped_scores(group_queries(q.astype(jnp.float32), h),
+                                                st.k_buf.astype(jnp.float32)), MASK_VALUE)
+        top = scores.max(axis=-1, keepdims=True)
+        p = jnp.where(mask, jnp.exp(scores - top), 0.0)
+        total = p.sum(axis=-1, keepdims=True)
+        ring_out = ungroup(grouped_values(p, st.v_buf.astype(jnp.float32)) / jnp.maximum(total, TINY))
+        ring_lse = ungroup(jnp.where(total > 0, top + jnp.log(jnp.maximum(total, TINY)), MASK_VALUE))[..., 0]
+        out, lse = merge_lse([*parts, (ring_out, ring_lse)])  # [batch, q, heads, head_dim], [batch, q, heads]
+        probs = jnp.where(mask, jnp.exp(scores - group_queries(lse[..., None], h)), 0.0)
+        return out, probs
+
+    def _store_horizon(self) -> jax.Array:
+        """int32 [batch, q]: the last slot each query reads from the stores, the end of the block before its own
+        (-1 inside the prompt: nothing)."""
+        first, size = self.geometry.prefill_len, self.geometry.buffer_len
+        return jnp.where(self.slots < first, -1, first + (self.slots - first) // size * size - 1)
 
     def _block_end(self, slots: jax.Array) -> jax.Array:
         """The last slot of the block holding each slot (the prompt is block 0)."""
@@ -289,6 +356,28 @@ class BandKVCache:
                     seen0 + count(dense), overflow)
 
 
+def _multi_query_per_shard(attend, q: jax.Array, segment: PackedSegment, q_slots: jax.Array, starts: jax.Array
+                           ) -> tuple[jax.Array, jax.Array]:
+    """`attend(q, segment, q_slots, starts) -> (out, lse)` on each shard of the context mesh (Pallas kernels are
+    opaque to XLA's partitioner): batch over "data" and KV heads over "model" as the stores are placed
+    (zipjax.sharding.cache_spec); a store split by token is gathered on each shard. Without a mesh, as is."""
+    spec = cache_spec(segment.k_codes.shape)
+    if not any(spec):
+        return attend(q, segment, q_slots, starts)
+    data, heads = spec[0], spec[1]
+    arrays = [x for x in segment if x is not None]
+    present = [x is not None for x in segment]
+
+    def shard(q, q_slots, starts, *arrays):
+        it = iter(arrays)
+        return attend(q, PackedSegment(*(next(it) if p else None for p in present)), q_slots, starts)
+
+    per_query = PartitionSpec(data, None, heads)
+    in_specs = (per_query, PartitionSpec(data), PartitionSpec(data), *(PartitionSpec(data, heads) for _ in arrays))
+    return jax.shard_map(shard, in_specs=in_specs, out_specs=(per_query, per_query), check_vma=False)(
+        q, q_slots, starts, *arrays)
+
+
 def _written_after(written: jax.Array, slots: jax.Array, valid: jax.Array) -> jax.Array:
     return jax.vmap(lambda w, s, v: w.at[s].max(v))(written, slots, valid)
 
@@ -305,10 +394,11 @@ class BandRecipe:
     prefill_len: int
     band: int
     rewrites: bool = False
+    kernel: bool | None = None
 
     def __call__(self, starts: jax.Array) -> BandKVCache:
         return BandKVCache.init(self.config, self.method, self.batch, self.max_len, self.span, self.prefill_len,
-                                self.band, starts, self.rewrites)
+                                self.band, starts, self.rewrites, self.kernel)
 
 
 def check_band(cache) -> None:
