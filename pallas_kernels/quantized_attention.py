@@ -66,6 +66,7 @@ from zipjax.kernels.common import (  # noqa: F401  (combine, merge: this kernel'
     grouped_values,
     masked_softmax,
     merge,
+    platform,
     resolve_backend,
     unpack,
     visible_slots,
@@ -545,6 +546,25 @@ def dequantize_segment(segment: PackedSegment, *, bits: int, block: int, group: 
     if v_scale is not None:
         v = v * per_token(v_scale)
     return k, v
+
+
+def kernel_takes(tokens: int) -> bool:
+    """Whether the kernel takes a segment of `tokens` tokens on the platform being traced for: Triton's dots need
+    at least GPU_MIN_TILE; Mosaic's form (compiled or interpreted) takes any. Callers pick the reference otherwise."""
+    return platform() != "gpu" or tokens >= GPU_MIN_TILE
+
+
+def reference_state(q: jax.Array, segment: PackedSegment, q_slot: jax.Array, starts: jax.Array, *, bits: int,
+                    block: int, group: int | None = None, sliding_window: int | None = None) -> SoftmaxState:
+    """`segment_attention`'s result (one state per KV head) by dequantizing: for a segment the kernel does not take
+    (`kernel_takes`). max, denom float32 [batch, kv_heads, 1, G]; acc [batch, kv_heads, 1, G, d]."""
+    k, v = dequantize_segment(segment, bits=bits, block=block, group=group)  # [batch, kv_heads, n, d]
+    visible = visible_slots(segment.slots, q_slot, starts[:, None, None], sliding_window)[:, :, None, :]
+    scores = jnp.where(visible, grouped_scores(q[:, :, :, None].astype(jnp.float32), k)[:, :, :, 0], MASK_VALUE)
+    top = scores.max(axis=-1)  # [batch, kv_heads, G]
+    p = jnp.where(visible, jnp.exp(scores - top[..., None]), 0.0)
+    acc = grouped_values(p[:, :, :, None], v)[:, :, :, 0]  # [batch, kv_heads, G, d]
+    return SoftmaxState(top[:, :, None], p.sum(axis=-1)[:, :, None], acc[:, :, None])
 
 
 def reference(q: jax.Array, segment: PackedSegment, q_slot: jax.Array, starts: jax.Array, *, bits: int, block: int,

@@ -41,10 +41,9 @@ from zipjax.kernels.common import (
     ungroup,
     visible_slots,
 )
-from zipjax.kernels.quantized_attention import (  # noqa: F401  (Blocks, Tiling: this entry point's plan, re-exported)
+from zipjax.kernels.quantized_attention import (  # noqa: F401  (Blocks, Tiling, kernel_takes: re-exported)
     BACKENDS,
     BITS,
-    GPU_MIN_TILE,
     Blocks,
     PackedSegment,
     Tiling,
@@ -54,10 +53,11 @@ from zipjax.kernels.quantized_attention import (  # noqa: F401  (Blocks, Tiling:
     _token_side,
     choose_tiling,
     dequantize_segment,
+    kernel_takes,
 )
 from zipjax.kernels.quantized_attention import check_inputs as check_segment
 
-from zipjax.platform import platform, use_kernel
+from zipjax.platform import use_kernel
 
 
 def check_inputs(q, segment: PackedSegment, q_slots, starts, *, bits: int, block: int, group: int | None,
@@ -190,12 +190,6 @@ def multi_query(q: jax.Array, segment: PackedSegment, q_slots: jax.Array, starts
         return state_output(multi_query_attention(q, segment, q_slots, starts, **settings), q.shape[1])
     check_inputs(q, segment, q_slots, starts, bits=bits, block=block, group=group, backend="tpu")
     return reference(q, segment, q_slots, starts, **settings)
-
-
-def kernel_takes(tokens: int) -> bool:
-    """Whether the kernel takes a segment of `tokens` tokens on the platform being traced for: Triton's dots need
-    at least GPU_MIN_TILE; Mosaic's form (compiled or interpreted) takes any. Callers pick `reference` otherwise."""
-    return platform() != "gpu" or tokens >= GPU_MIN_TILE
 
 
 def merge_lse(parts: Sequence[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array]:

@@ -308,3 +308,47 @@ def test_cli_reads_the_method_registry(capsys):
         assert main(["generate", "--kv", name, "--kv-kernel", "x"]) == 2
         err = capsys.readouterr().err
         assert "--kv-kernel needs --kv zipcache or --kv kivi or --kv zipvl" in err and f"the {name} cache" in err
+
+
+def test_a_segment_shorter_than_tritons_tile_takes_the_reference_state(trained):
+    """After a 16-token prompt ZipCache keeps 10 salient and 6 other prompt tokens per head: fewer than the 16 tokens
+    a Triton tile needs. Traced for a GPU, those segments take `reference_state` (the kernel's state, by
+    dequantizing) and the longer decode segments the kernel (before: "the GPU kernel needs >= 16 tokens" for any
+    short prompt); `reference_state` equals the kernel's state (TPU form, interpreted) on the same segment."""
+    from zipjax.kernels.common import combine, compiling_for
+    from zipjax.kernels.quantized_attention import PackedSegment, reference_state, segment_attention
+
+    length = 16
+    q, k = _prompt_qk(trained, length)  # [1, 16, heads, d], [1, 16, kv_heads, d]
+    cache = QuantizedKVCache.init(trained.config, kv.ZipCache(), 1, 128, length)
+    _, cache = jax.jit(lambda c: c.attend(1, q, k, k, None))(cache)
+    cache = cache.advance(length)
+    capacities = [seg.capacity for seg in cache.geometry.segments()]
+    assert min(capacities) < 16 <= max(capacities), capacities
+    decode = lambda c: c.attend(1, q[:, -1:], k[:, -1:], k[:, -1:], None)[0]
+    with compiling_for("gpu"):
+        jaxpr = jax.make_jaxpr(decode)(cache).jaxpr
+    assert any("pallas_call" in str(eqn.primitive) for eqn in _all_eqns(jaxpr))
+
+    layer, seg = cache.layers[1], cache.geometry.segments()[0]
+    st = layer.stores[0]
+    v_scale = jax.lax.slice_in_dim(layer.v_scale, seg.first_block, seg.first_block + seg.blocks, axis=2)
+    segment = PackedSegment(st.k_codes, st.k_step, st.k_min, st.v_codes, st.v_step, st.v_min, v_scale, st.slots)
+    b, h, d = 1, trained.config.num_kv_heads, trained.config.head_dim
+    qg = q[:, -1].reshape(b, h, -1, d).astype(jnp.float32)  # [batch, kv_heads, group, head_dim]
+    args = (qg, segment, jnp.int32(length), cache.starts)
+    settings = dict(bits=seg.bits, block=seg.size, group=None)
+    ours = combine([reference_state(*args, **settings)])  # (out, max, sum)
+    kernels = combine([segment_attention(*args, **settings, interpret=True)])
+    for a, e in zip(ours, kernels, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-5)
+
+
+def _all_eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _all_eqns(inner)

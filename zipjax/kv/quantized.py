@@ -53,7 +53,7 @@ from jax.sharding import PartitionSpec
 from zipjax.attention import MASK_VALUE, grouped_scores, masked_attention, visible_slots
 from zipjax.cache import check_prompt_then_tokens, replace_at
 from zipjax.config import ModelConfig
-from zipjax.kernels.quantized_attention import PackedSegment, combine, segment_attention
+from zipjax.kernels.quantized_attention import PackedSegment, combine, kernel_takes, reference_state, segment_attention
 from zipjax.kv.codec import Store, channel_scale
 from zipjax.kv.quantizing import Geometry, QuantMethod, Ranking, geometry
 from zipjax.sharding import states_per_shard
@@ -223,8 +223,9 @@ class QuantizedKVCache:
             v_scale = state.v_scale
             if v_scale is not None:
                 v_scale = jax.lax.slice_in_dim(v_scale, seg.first_block, seg.first_block + seg.blocks, axis=2)
-            kernel = functools.partial(segment_attention, bits=seg.bits, block=seg.size,
-                                       group=self.method.codec.group, sliding_window=sliding_window)
+            attend = segment_attention if kernel_takes(seg.capacity) else reference_state  # Triton: >= 16 tokens
+            kernel = functools.partial(attend, bits=seg.bits, block=seg.size, group=self.method.codec.group,
+                                       sliding_window=sliding_window)
             arrays = PackedSegment(st.k_codes, st.k_step, st.k_min, st.v_codes, st.v_step, st.v_min, v_scale, st.slots)
             states.append(states_per_shard(kernel, qg, arrays, self.cursor, self.starts))
         # [batch, 1, 1, buffer_len]
