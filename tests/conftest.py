@@ -81,6 +81,20 @@ def random_ids(batch: int, length: int, seed: int = 0, vocab: int = 256) -> np.n
     return np.random.RandomState(seed).randint(3, vocab, (batch, length))
 
 
+def has_primitive(jaxpr, primitive: str = "pallas_call") -> bool:
+    """Whether a jaxpr runs a Pallas kernel (or `primitive`), looking into nested jaxprs (jit, cond branches, loop
+    bodies, shard_map)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive:
+            return True
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and has_primitive(inner, primitive):
+                    return True
+    return False
+
+
 def teacher_forced(model, cache, ids, prompt_len: int):
     """Logits of the prompt's last token, then of each later token fed one at a time: ([batch, steps, vocab], the
     cache after them). Positions count from each sequence's start slot (left padding)."""

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import teacher_forced
+from conftest import has_primitive, teacher_forced
 
 import zipjax
 from zipjax import kv
@@ -328,7 +328,7 @@ def test_a_segment_shorter_than_tritons_tile_takes_the_reference_state(trained):
     decode = lambda c: c.attend(1, q[:, -1:], k[:, -1:], k[:, -1:], None)[0]
     with compiling_for("gpu"):
         jaxpr = jax.make_jaxpr(decode)(cache).jaxpr
-    assert any("pallas_call" in str(eqn.primitive) for eqn in _all_eqns(jaxpr))
+    assert has_primitive(jaxpr)
 
     layer, seg = cache.layers[1], cache.geometry.segments()[0]
     st = layer.stores[0]
@@ -342,13 +342,3 @@ def test_a_segment_shorter_than_tritons_tile_takes_the_reference_state(trained):
     kernels = combine([segment_attention(*args, **settings, interpret=True)])
     for a, e in zip(ours, kernels, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-5)
-
-
-def _all_eqns(jaxpr):
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, tuple) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _all_eqns(inner)

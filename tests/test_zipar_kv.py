@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import has_primitive
 
 import zipjax
 from zipjax import zipar
@@ -141,22 +142,8 @@ def test_band_cache_chooses_the_kernel_by_the_policy(digits_emu3, platform):
         args = (band, jnp.array([16, 17]), q[:, 16:], k[:, 16:], v[:, 16:])
         trace = lambda args=args: jax.make_jaxpr(lambda *a: _band_pass(*a))(*args).jaxpr  # new function: no cache
         with compiling_for(platform):
-            assert _has_pallas_call(trace()) is expected
-        assert not _has_pallas_call(trace())
-
-
-def _has_pallas_call(jaxpr, primitive: str = "pallas_call") -> bool:
-    """Whether a jaxpr runs a Pallas kernel (or `primitive`), looking into nested jaxprs (jit, cond branches, loop
-    bodies, shard_map)."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == primitive:
-            return True
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, tuple) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns") and _has_pallas_call(inner, primitive):
-                    return True
-    return False
+            assert has_primitive(trace()) is expected
+        assert not has_primitive(trace())
 
 
 def test_band_attention_by_the_kernel_per_shard_of_a_mesh(digits_emu3, jnp_pairs):
@@ -173,7 +160,7 @@ def test_band_attention_by_the_kernel_per_shard_of_a_mesh(digits_emu3, jnp_pairs
         last = slice(54, 56)  # a pass's shape (what it writes does not matter: traced only)
         jaxpr = jax.make_jaxpr(lambda *a: _band_pass(*a))(band, jnp.array([54, 55]), q[:, last], k[:, last],
                                                           v[:, last]).jaxpr
-    assert _has_pallas_call(jaxpr, "shard_map") and _has_pallas_call(jaxpr)
+    assert has_primitive(jaxpr, "shard_map") and has_primitive(jaxpr)
     error = max(float(jnp.abs(outputs[s] - expected[s]).max()) for s in expected)
     print(f"band attention, kernel per shard of a 2x2 mesh vs jnp: max abs error {error:.2e}")
     assert error < 2e-5
