@@ -1,7 +1,8 @@
 """A compressed KV cache for parallel image decoding: finished blocks quantized, the active band in full precision.
 
 ZipAR, adaptive ZipAR and SJD write several tokens per pass at scattered raster slots (zipjax.zipar.cache). Over a
-compressed method (ZipCache's mixed precision, Uniform) this cache keeps:
+compressed method (ZipCache's mixed precision, Uniform) this cache keeps (KIVI, whose key and value of one token change
+precision at different queries, has its own: zipjax.zipar.kivi_band):
 
   the prompt     compressed as block 0 when it is written, exactly as the sequential cache does
                  (zipjax.kv.quantized: exact prompt attention, ranked by the method's probes);
