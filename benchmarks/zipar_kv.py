@@ -4,10 +4,14 @@
     python benchmarks/zipar_kv.py --out benchmarks/results   # update the tracked results
     python benchmarks/zipar_kv.py --emu3-layout --out benchmarks/results   # ZipAR s=7 at 90x90, dense vs ZipCache
 
+    python benchmarks/zipar_kv.py --decoders "ZipAR s=4" --caches KIVI-2 --out benchmarks/results
+                                                       # rerun some cells; the file's other rows are kept
+
 Decoders: sequential, ZipAR with a fixed lag (s=4), adaptive ZipAR (m=2), Speculative Jacobi Decoding (w=8).
-Caches: dense, ZipCache 4/2 (60% salient), KIVI-2, KIVI-4 (group 16, residual 32), Uniform 4-bit; the quantized
-caches compress blocks of 16 tokens (a row of the 16x16 digits). KIVI runs under sequential decoding only: the
-parallel decoders refuse it by name (zipjax.zipar.compressed). Per cell: forward passes, KV bytes the decode held
+Caches: dense, ZipCache 4/2 (60% salient), KIVI-2, KIVI-4 (group 16, residual 32), Uniform 4-bit; ZipCache and
+Uniform compress blocks of 16 tokens (a row of the 16x16 digits); under the parallel decoders KIVI runs on its band
+cache (zipjax.zipar.kivi_band: its precision rule read at each query's slot). Per cell: forward passes, KV bytes the
+decode held
 (every array of the cache, guidance's sequences included; `ImageResult.kv_nbytes`), the shipped classifier's accuracy
 against the prompted digit, the Fréchet distance of its features to held-out real digits, and ms/image of a second,
 compiled run; each cell prints its line as it finishes (all 21 cells in about 3 min on 2 shared CPU cores at 20
@@ -84,11 +88,23 @@ def one_cell(model, classifier, decoder, images: int, seed: int) -> dict:
             "frechet_distance": round(classifier.frechet_distance(digits), 3)}
 
 
-def run(images: int) -> list[dict]:
+def grid(decoders=tuple(DECODERS), caches=tuple(CACHES)) -> list[tuple[str, str, int]]:
+    """The cells (decoder, cache, seed) in table order, those of `decoders` x `caches`; last: the seed-noise cell."""
+    cells = [(d, c, 0) for d in DECODERS for c in CACHES] + [("sequential", "dense", 1000)]
+    return [cell for cell in cells if cell[0] in decoders and cell[1] in caches]
+
+
+def merged(previous: list[dict], rows: list[dict]) -> list[dict]:
+    """`previous` rows with those of the same (decoder, cache, seed) replaced by `rows`, in table order."""
+    key = lambda r: (r["decoder"], r["cache"], r["seed"])
+    by_cell = {key(r): r for r in previous} | {key(r): r for r in rows}
+    return [by_cell[cell] for cell in grid() if cell in by_cell]
+
+
+def run(images: int, cells: list[tuple[str, str, int]]) -> list[dict]:
     model = zipjax.load(DIGITS)
     classifier = DigitClassifier.load(DIGITS)
     rows = []
-    cells = [(d, c, 0) for d in DECODERS for c in CACHES] + [("sequential", "dense", 1000)]  # last: seed noise
     start = time.perf_counter()
     for index, (decoder_name, cache_name, seed) in enumerate(cells, 1):
         row = {"decoder": decoder_name, "cache": cache_name, "seed": seed}
@@ -158,6 +174,10 @@ def main() -> None:
                         help="instead: ZipAR s=7, dense vs ZipCache 4/2, on a random Emu3-layout model at 90x90")
     parser.add_argument("--emu3-width", type=int, default=512, help="hidden size of the Emu3-layout model")
     parser.add_argument("--emu3-layers", type=int, default=4, help="layers of the Emu3-layout model")
+    parser.add_argument("--decoders", nargs="+", choices=list(DECODERS), default=list(DECODERS),
+                        help="run only these decoders' cells (others are kept from the --out file)")
+    parser.add_argument("--caches", nargs="+", choices=list(CACHES), default=list(CACHES),
+                        help="run only these caches' cells (others are kept from the --out file)")
     report.add_out_argument(parser)
     args = parser.parse_args()
     backend = jax.default_backend()
@@ -173,12 +193,27 @@ def main() -> None:
                             for r in results["rows"]])
         print(f"\nwrote {report.write_json(args.out / f'zipar_kv_emu3_{backend}.json', results)}")
         return
-    rows = run(args.images)
-    results.update({"images_per_cell": args.images, "reference": "sequential decoding over the dense cache, same run",
+    cells = grid(args.decoders, args.caches)
+    write_grid(results, cells, run(args.images, cells), args.images, args.out / f"zipar_kv_{backend}.json")
+
+
+def write_grid(results: dict, cells: list[tuple[str, str, int]], rows: list[dict], images: int, path: Path) -> None:
+    """Write the grid's JSON to `path` and print its table: `rows` of `cells`; where they are not the whole grid, the
+    file's other rows are kept (its reference among them) and the cells rerun are listed under "partial_runs"."""
+    results.update({"images_per_cell": images, "reference": "sequential decoding over the dense cache, same run",
                     "rows": rows})
+    if len(cells) < len(grid()):
+        previous = report.previous_results(path)[0]
+        results["rows"] = merged(previous.get("rows", []), rows)
+        results["images_per_cell"] = previous.get("images_per_cell", images)
+        results["reference"] = ("sequential decoding over the dense cache, in the first run; each of partial_runs "
+                                "reran its cells later (their ms/image compare with each other)")
+        results["partial_runs"] = [*previous.get("partial_runs", []), {
+            "date": time.strftime("%Y-%m-%d"), "images_per_cell": images,
+            "cells": [f"{d} x {c} (seed {seed})" for d, c, seed in cells]}]
+    out = report.write_json(path, results)
     report.print_table(("decoder", "cache", "passes", "KV KiB", "KV vs dense seq", "accuracy", "Fréchet distance",
-                        "ms/image"), table(rows))
-    out = report.write_json(args.out / f"zipar_kv_{backend}.json", results)
+                        "ms/image"), table(results["rows"]))
     print(f"\nwrote {out}")
 
 

@@ -1,9 +1,11 @@
 """ZipAR, adaptive ZipAR and SJD over a compressed KV cache (zipjax.zipar.compressed): the band cache fed in ZipAR's
 whole-row order holds exactly what the sequential cache holds, a whole-row window reproduces sequential decoding over
 the same compressed cache token for token, passes do not depend on the cache, bad combinations are refused by name
-before any compute. On the shipped digits model (16x16 codes)."""
+before any compute. KIVI's band cache (zipjax.zipar.kivi_band) likewise, and in ZipAR's and SJD's orders it gives every
+query KIVI's precision rule read at its own slot. On the shipped digits model (16x16 codes)."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +16,11 @@ from conftest import has_primitive
 import zipjax
 from zipjax import zipar
 from zipjax.image import Sequential
+from zipjax.kv.codec import dequantize, grouped, quantize_key_blocks, unpack
+from zipjax.kv.kivi import KIVICache, encode_values
 from zipjax.kv.quantized import QuantizedKVCache
 from zipjax.zipar.compressed import BandKVCache
+from zipjax.zipar.kivi_band import KIVIBandCache
 
 COMMON = dict(size=(16, 16), cfg_scale=3.0, negative_prompt="a handwritten digit", top_k=None, seed=0)
 PROMPTS = ["a handwritten digit seven", "a handwritten digit two"]
@@ -57,10 +62,13 @@ def _random_pass_inputs(config, prompt: int, tokens: int):
 
 def _band_in_row_order(config, kv, prompt: int, cols: int, tokens: int, kernel: bool | None = None,
                        passes: list[list[int]] | None = None, step=_band_step):
-    """The band cache fed the prompt, then image slots in whole-row passes (or `passes`): (per-slot outputs {slot:
-    [batch, heads, head_dim]}, the cache after the last pass)."""
+    """The band cache (KIVI's for a KIVI method) fed the prompt, then image slots in whole-row passes (or `passes`):
+    (per-slot outputs {slot: [batch, heads, head_dim]}, the cache after the last pass)."""
     q, k, v, starts = _random_pass_inputs(config, prompt, tokens)
-    band = BandKVCache.init(config, kv, 2, 256, prompt + tokens + 2, prompt, 40, starts, kernel=kernel)
+    if isinstance(kv, zipjax.kv.KIVI):
+        band = KIVIBandCache.init(config, kv, 2, 256, prompt, 40, starts, kernel=kernel)
+    else:
+        band = BandKVCache.init(config, kv, 2, 256, prompt + tokens + 2, prompt, 40, starts, kernel=kernel)
     _, band = step(band, jnp.arange(prompt), q[:, :prompt], k[:, :prompt], v[:, :prompt])
     outputs = {}
     for fed in passes or _row_order(tokens, cols):
@@ -187,8 +195,10 @@ ZIPCACHE = zipjax.kv.ZipCache(buffer_len=16)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kv,temperature", [(zipjax.kv.Uniform(bits=4, buffer_len=16), 1.0),
-                                            (zipjax.kv.ZipCache(buffer_len=16, saliency_ratio=1.0), 0.0)],
-                         ids=["uniform-sampled", "zipcache-greedy"])
+                                            (zipjax.kv.ZipCache(buffer_len=16, saliency_ratio=1.0), 0.0),
+                                            (zipjax.kv.KIVI(bits=2, group=16, residual=32), 1.0),
+                                            (zipjax.kv.KIVI(bits=4, group=16, residual=32), 0.0)],
+                         ids=["uniform-sampled", "zipcache-greedy", "kivi2-sampled", "kivi4-greedy"])
 def test_window_of_a_row_reproduces_sequential_decoding_over_the_same_cache(tiny, dense_lag4, kv, temperature):
     """ZipAR with a lag of the image's width and adaptive ZipAR with a row-wide minimum equal sequential decoding
     over the same compressed cache, token for token; ZipAR's pass count is its formula whatever the cache; the band
@@ -226,6 +236,26 @@ def test_parallel_decoders_over_zipcache_keep_their_passes_and_layout(tiny, dens
         assert result.num_forward_passes < 16 * 17
 
 
+KIVI_2 = zipjax.kv.KIVI(bits=2, group=16, residual=32)
+
+
+@pytest.mark.slow
+def test_parallel_decoders_over_kivi_keep_their_passes_and_layout(tiny, dense_lag4):
+    """ZipAR s=4, adaptive ZipAR and SJD over KIVI-2 (runs of 16 keys, residual 32, as benchmarks/zipar_kv.py):
+    valid images, the fixed schedule's pass count (the dense run's), the band never overrun (checked after every
+    decode), fewer KV bytes than the dense scatter cache. Adaptive ZipAR's and SJD's pass counts follow the tokens
+    they sample, which any cache changes: bounded here, compared with dense in benchmarks/zipar_kv.py."""
+    kivi_lag4 = zipjax.generate_image(tiny, PROMPTS, decoder=zipar.FixedWindow(4, kv=KIVI_2), **COMMON)
+    assert kivi_lag4.num_forward_passes == dense_lag4.num_forward_passes == zipar.passes(16, 16, 4)
+    assert 0 < kivi_lag4.kv_nbytes < dense_lag4.kv_nbytes
+    _valid_layout(kivi_lag4)
+    for decoder in (zipar.AdaptiveWindow(2, kv=KIVI_2), zipar.SJD(8, kv=KIVI_2)):
+        result = zipjax.generate_image(tiny, PROMPTS, decoder=decoder, **COMMON)
+        _valid_layout(result)
+        assert result.num_forward_passes < 16 * 17
+        assert 0 < result.kv_nbytes < dense_lag4.kv_nbytes
+
+
 @pytest.mark.slow
 def test_zipar_over_zipcache_with_the_kernel_decodes_the_same_image(digits_emu3):
     """ZipAR s=4 (several queries a pass, each at its own slot; padding queries) over ZipCache with the packed-code
@@ -243,7 +273,7 @@ def test_zipar_over_zipcache_with_the_kernel_decodes_the_same_image(digits_emu3)
 
 
 def test_bad_combinations_are_refused_by_name_before_any_compute(digits_emu3):
-    for kv, name in ((zipjax.kv.KIVI(), "kivi"), (zipjax.kv.ZipVL(), "zipvl"), (zipjax.kv.MiniCache(), "minicache")):
+    for kv, name in ((zipjax.kv.ZipVL(), "zipvl"), (zipjax.kv.MiniCache(), "minicache")):
         for make in (lambda kv: zipar.FixedWindow(4, kv=kv), lambda kv: zipar.AdaptiveWindow(2, kv=kv),
                      lambda kv: zipar.SJD(8, kv=kv)):
             with pytest.raises(zipjax.ZipjaxError, match=f"cannot decode over a {name} KV cache"):
@@ -255,6 +285,10 @@ def test_bad_combinations_are_refused_by_name_before_any_compute(digits_emu3):
         zipar.SJD(4, kernel=False, kv=zipjax.kv.ZipCache(kernel=True))
     zipar.FixedWindow(4, kernel=True, kv=zipjax.kv.ZipCache())  # the kernel over the packed codes: accepted
     zipar.SJD(4, kv=zipjax.kv.ZipCache(kernel=True))
+    zipar.FixedWindow(4, kernel=True, kv=zipjax.kv.KIVI())  # KIVI's store is the kernel's segment: accepted
+    zipar.AdaptiveWindow(2, kv=zipjax.kv.KIVI(bits=4))
+    with pytest.raises(zipjax.ZipjaxError, match="SJD kernel=True but its kivi cache kernel=False"):
+        zipar.SJD(4, kernel=True, kv=zipjax.kv.KIVI(kernel=False))
     with pytest.raises(zipjax.ZipjaxError, match=r"kv must be None or a zipjax\.kv method"):
         zipar.FixedWindow(4, kv="zipcache")
     # a block longer than the image's slots: refused where the geometry is checked, before the prefill
@@ -268,3 +302,144 @@ def test_band_of_the_fixed_schedule():
     whole = zipar.schedule.band_length(zipar.fixed_window(16, 16, 16), 16)
     assert 16 <= whole <= 16 + 2 * 17
     assert zipar.schedule.band_length(zipar.fixed_window(16, 16, 1), 16) > 8 * 17
+
+
+KIVIS = [zipjax.kv.KIVI(bits=2, group=8, residual=16), zipjax.kv.KIVI(bits=4, group=None, residual=32)]
+KIVI_IDS = ["kivi2-8-16", "kivi4-none-32"]
+
+
+@pytest.mark.parametrize("kv", KIVIS, ids=KIVI_IDS)
+def test_kivi_band_in_row_order_holds_what_the_sequential_kivi_cache_holds(digits_emu3, kv):
+    """Random queries, keys and values through one layer: sequential KIVI token by token, KIVI's band cache in
+    whole-row passes (a row's last token and its EOL together: the EOL's query must already read a key residual the
+    last token completed as quantized). Same outputs up to float rounding; the same codes and statistics wherever
+    the sequential cache has quantized (keys below floor(T / R) R, values below T - R), the same store marks."""
+    config = digits_emu3.config
+    prompt, cols, tokens = 16, 16, 4 * 17 - 1
+    q, k, v, starts = _random_pass_inputs(config, prompt, tokens)
+    sequential = KIVICache.init(config, kv, 2, prompt + tokens + 2, prompt, starts)
+    _, sequential = _sequential_step(sequential, q[:, :prompt], k[:, :prompt], v[:, :prompt])
+    expected = {}
+    for s in range(prompt, prompt + tokens):
+        out, sequential = _sequential_step(sequential, q[:, s:s + 1], k[:, s:s + 1], v[:, s:s + 1])
+        expected[s] = out[:, 0]
+    outputs, band = _band_in_row_order(config, kv, prompt, cols, tokens)
+    error = max(float(jnp.abs(out - expected[s]).max()) for s, out in outputs.items())
+    assert error < 2e-6, error
+    assert not bool(band.overflow)
+    end, r, kb = prompt + tokens, kv.residual, kv.key_block
+    keys, values = end // r * r, end - r
+    mine, theirs = band.layers[0].store, sequential.layers[0].store
+    for name, stop in (("k_codes", keys), ("k_step", keys // kb), ("k_min", keys // kb), ("v_codes", values),
+                       ("v_step", values), ("v_min", values), ("slots", values)):
+        assert bool((getattr(mine, name)[:, :, :stop] == getattr(theirs, name)[:, :, :stop]).all()), name
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _kivi_rule(kv, keys, values, written, starts, slots, q):
+    """KIVI's rule at each query's slot, computed directly: keys, values float32 [batch, kv_heads, n, head_dim] (the
+    tokens each slot holds now), written bool [batch, n], slots int [batch, q]. A query at slot c attends over
+    written slots s in [start, c], the key quantized iff s < floor(c / R) R and its run is complete, the value iff
+    s < c - R. Returns float32 [batch, q, heads, head_dim]."""
+    from zipjax.attention import group_queries, ungroup
+
+    bits, kb, r = kv.bits, kv.key_block, kv.residual
+    b, h, n, d = keys.shape
+    s = jnp.arange(n)
+    real = jnp.broadcast_to((s >= starts[:, None])[:, None], (b, h, n))
+    codes, step, minimum = quantize_key_blocks(keys, bits, kb, real)
+    keys_q = dequantize(codes, *(jnp.repeat(x, kb, axis=2)[:, :, :n] for x in (step, minimum)))
+    codes, step, minimum = encode_values(values, bits, kv.group)
+    values_q = dequantize(grouped(unpack(codes, bits), kv.group or d), step[..., None], minimum[..., None])
+    runs = jnp.pad(written, ((0, 0), (0, -n % kb))).reshape(b, -1, kb).all(axis=2)
+    complete = jnp.repeat(runs, kb, axis=1)[:, :n]
+    c = slots[:, :, None]
+    visible = written[:, None] & (s >= starts[:, None, None]) & (s <= c)  # [batch, q, n]
+    key_q = (complete[:, None] & (s < c // r * r))[:, None, :, :, None]
+    value_q = (s < c - r)[:, None, :, :, None]
+    k = jnp.where(key_q, keys_q[:, :, None], keys[:, :, None])  # [batch, kv_heads, q, n, head_dim]
+    v = jnp.where(value_q, values_q.reshape(keys.shape)[:, :, None], values[:, :, None])
+    scores = jnp.einsum("bhgqd,bhqnd->bhgqn", group_queries(q, h), k) * d**-0.5
+    p = jax.nn.softmax(jnp.where(visible[:, None, None], scores, -jnp.inf), axis=-1)
+    return ungroup(jnp.einsum("bhgqn,bhqnd->bhgqd", p, v))
+
+
+def _zipar_lag4(prompt: int, tokens: int):
+    schedule = zipar.fixed_window(tokens // 17, 16, 4, eol=True)
+    return [(prompt + slots, sources >= 0, None) for slots, sources in zip(schedule.slot, schedule.source,
+                                                                         strict=True)]
+
+
+def _sjd_like(prompt: int, tokens: int, window: int = 4):
+    """SJD's pattern: each pass rewrites the window from the first unsettled slot, a random number accepted."""
+    rng, cursor, passes = np.random.default_rng(0), 0, []
+    while cursor < tokens:
+        slots = cursor + np.arange(window)
+        passes.append((prompt + np.minimum(slots, tokens - 1), slots < tokens, prompt + cursor))
+        cursor += int(rng.integers(1, window))
+    return passes
+
+
+@jax.jit
+def _kivi_pass(cache, slots, valid, settled, q, k, v):
+    out, cache = cache.at(slots, valid, settled).attend(0, q, k, v, None)
+    return out, cache.advance(q.shape[1])
+
+
+@pytest.mark.parametrize("order", [_zipar_lag4, _sjd_like], ids=["zipar-lag4", "sjd-rewrites"])
+def test_kivi_band_gives_each_query_kivis_rule_at_its_slot(digits_emu3, order):
+    """ZipAR s=4's schedule (several rows in flight: key runs with unwritten slots above the query's residual
+    boundary) and SJD's (drafted slots rewritten with new keys and values, rewriting complete runs): every query's
+    output is the attention KIVI's rule gives at its slot over the tokens the slots hold then, computed directly;
+    the band is never overrun."""
+    config, kv = digits_emu3.config, KIVIS[0]
+    prompt, tokens = 16, 4 * 17
+    rng = np.random.default_rng(1)
+    normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    b, h, heads, d = 2, config.num_kv_heads, config.num_heads, config.head_dim
+    starts = np.array([3, 0], np.int32)
+    keys, values = normal(b, h, 128, d), normal(b, h, 128, d)
+    written = np.zeros((b, 128), bool)
+    written[:, :prompt] = True
+    passes = order(prompt, tokens)
+    span = max(int(slots[valid].max()) - int(slots[valid].min()) for slots, valid, _ in passes)
+    band = KIVIBandCache.init(config, kv, b, 128, prompt, kv.residual + 3 * span + 8, starts)
+    to_cache = lambda x: jnp.asarray(x.transpose(0, 2, 1, 3))  # [b, h, n, d] -> [b, n, h, d]
+    _, band = _kivi_pass(band, jnp.arange(prompt), jnp.ones(prompt, bool), None, normal(b, prompt, heads, d),
+                         to_cache(keys[:, :, :prompt]), to_cache(values[:, :, :prompt]))
+    error = 0.0
+    for slots, valid, settled in passes:
+        q, k, v = normal(b, len(slots), heads, d), normal(b, h, len(slots), d), normal(b, h, len(slots), d)
+        fed = slots[valid]
+        keys[:, :, fed], values[:, :, fed], written[:, fed] = k[:, :, valid], v[:, :, valid], True
+        settled = None if settled is None else jnp.full((b,), settled, jnp.int32)
+        out, band = _kivi_pass(band, jnp.asarray(slots), jnp.asarray(valid), settled, q, to_cache(k), to_cache(v))
+        rule = _kivi_rule(kv, keys, values, written, starts, np.broadcast_to(slots, (b, len(slots))), q)
+        error = max(error, float(jnp.abs(out - rule)[:, valid].max()))
+    print(f"KIVI band vs the rule computed directly ({order.__name__}): max abs error {error:.2e}")
+    assert error < 2e-5
+    assert not bool(band.overflow)
+
+
+def test_kivi_band_attention_by_the_kernel_equals_the_jnp_path(digits_emu3):
+    """KIVI-2 (runs of 8 keys, residual 16): the store read by the packed-code multi-query kernel (interpreted on
+    this CPU; KIVI's store is its segment, blocks of one key run) and merged with the ring by log-sum-exp gives the
+    jnp path's outputs within float rounding and the same codes; kernel=None traced for a TPU or a GPU chooses the
+    kernel (a pallas_call in the pass), on this CPU jnp."""
+    from zipjax.kernels.common import compiling_for
+
+    config, kv = digits_emu3.config, KIVIS[0]
+    jnp_out, jnp_band = _band_in_row_order(config, kv, 16, 16, 40, kernel=False, passes=PAIRS)
+    kernel_out, kernel_band = _band_in_row_order(config, kv, 16, 16, 40, kernel=True, passes=PAIRS)
+    error = max(float(jnp.abs(kernel_out[s] - jnp_out[s]).max()) for s in jnp_out)
+    print(f"KIVI band attention, kernel vs jnp: max abs error {error:.2e}")
+    assert error < 2e-5
+    _same_stores([kernel_band.layers[0].store], [jnp_band.layers[0].store])
+    q, k, v, starts = _random_pass_inputs(config, 16, 2)
+    band = KIVIBandCache.init(config, kv, 2, 256, 16, 40, starts).replace(prompt=False)
+    args = (band, jnp.array([16, 17]), q[:, 16:], k[:, 16:], v[:, 16:])
+    trace = lambda: jax.make_jaxpr(lambda *a: _band_pass(*a))(*args).jaxpr  # new function: no cache
+    for platform in ("tpu", "gpu"):
+        with compiling_for(platform):
+            assert has_primitive(trace())
+    assert not has_primitive(trace())

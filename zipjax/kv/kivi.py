@@ -138,7 +138,7 @@ class KIVILayer:
     v_ring: jax.Array
 
 
-def _encode_values(v: jax.Array, bits: int, group: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def encode_values(v: jax.Array, bits: int, group: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-token values [b, h, n, d] -> packed codes [b, h, n, d * bits / 8], (step, min) float16 [b, h, n, groups]."""
     g = group or v.shape[-1]
     codes, step, minimum = quantize(grouped(v.astype(jnp.float32), g), bits, axis=-1)
@@ -239,7 +239,7 @@ class KIVICache:
             store = store.replace(k_codes=_write(store.k_codes, pack(codes, bits), 0),
                                   k_step=_write(store.k_step, step, 0), k_min=_write(store.k_min, minimum, 0))
         if values_quantized:
-            codes, step, minimum = _encode_values(v[:, :, :values_quantized], bits, self.method.group)
+            codes, step, minimum = encode_values(v[:, :, :values_quantized], bits, self.method.group)
             slots = jnp.broadcast_to(jnp.arange(values_quantized, dtype=store.slots.dtype),
                                      (*store.slots.shape[:2], values_quantized))
             store = store.replace(v_codes=_write(store.v_codes, codes, 0), v_step=_write(store.v_step, step, 0),
@@ -325,7 +325,7 @@ class KIVICache:
         """The value of slot c - R leaves the window: quantized per token; the token joins the store."""
         slot = self.cursor - self.method.residual
         value = jax.lax.dynamic_slice_in_dim(state.v_ring, slot % self.ring_len, 1, axis=2)
-        codes, step, minimum = _encode_values(value, self.method.bits, self.method.group)
+        codes, step, minimum = encode_values(value, self.method.bits, self.method.group)
         store = state.store
         held = jnp.full((*store.slots.shape[:2], 1), slot, store.slots.dtype)
         store = store.replace(v_codes=_write(store.v_codes, codes, slot), v_step=_write(store.v_step, step, slot),

@@ -52,7 +52,7 @@ from zipjax.transformer import Params, Transformer, output_head
 from zipjax.validate import boolean, integer, optional
 from zipjax.zipar.acceptance import accept_or_redraw
 from zipjax.zipar.cache import ScatterKVCache, prefilled
-from zipjax.zipar.compressed import BandKVCache, check_band, check_method
+from zipjax.zipar.compressed import BandKVCache, band_margin, check_band, check_method
 
 ACTIVE, DRAFT, VERIFY, REFRESH = 1, 2, 3, 4
 
@@ -240,10 +240,10 @@ class AdaptiveWindow:
 
     def band(self, setup: ImageDecodeSetup) -> int:
         """Full-precision entries of the compressed cache (0 without `kv`): the rows that can be in flight, plus a
-        block."""
+        block (KIVI: its residual window; zipjax.zipar.compressed.band_margin)."""
         cols, rows = setup.layout.width, setup.layout.height
         queries = query_slots(cols, min(self.min_lag, cols), rows)
-        return 0 if self.kv is None else (queries + 1) * (cols + 1) + self.kv.buffer_len
+        return 0 if self.kv is None else (queries + 1) * (cols + 1) + sum(band_margin(self.kv))
 
     def run(self, model, setup: ImageDecodeSetup, inputs: ImageInputs, progress: bool) -> DecodeResult:
         """Prefill, then adaptive passes until every image is complete. Every pass commits a token (the first

@@ -11,7 +11,8 @@ attention is `zipjax.kernels.zipar_attention`: its Pallas kernel or its jnp refe
 
 It implements the `zipjax.cache.Cache` contract, so the unchanged `Transformer` runs on it. `prefilled` starts every
 parallel decoder the same way: an empty cache, the prompt written at slots 0 .. bucket - 1, the first image token;
-with a compressed method (`kv=`) the cache is zipjax.zipar.compressed's band cache instead, with the same interface.
+with a compressed method (`kv=`) the cache is zipjax.zipar.compressed's band cache instead (KIVI:
+zipjax.zipar.kivi_band's), with the same interface.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from zipjax.config import ModelConfig
 from zipjax.emu3.decoding import ImageDecodeSetup, ImageInputs, initial_tokens, prefill
 from zipjax.errors import ZipjaxError
 from zipjax.kernels.zipar_attention import reference, zipar_attention
+from zipjax.kv.kivi import KIVI
 from zipjax.kv.method import Method
 from zipjax.platform import use_kernel
 from zipjax.sharding import jit_initializer, place, scatter_per_shard
 from zipjax.zipar.compressed import BandKVCache, BandRecipe, band_kernel
+from zipjax.zipar.kivi_band import KIVIBandCache, KIVIBandRecipe
 
 
 @jax.tree_util.register_dataclass
@@ -132,7 +135,7 @@ class ScatterRecipe:
 
 def prefilled(model, setup: ImageDecodeSetup, inputs: ImageInputs, cache_len: int, kernel: bool | None = None,
               kv: Method | None = None, band: int = 0, rewrites: bool = False
-              ) -> tuple[jax.Array, ScatterKVCache | BandKVCache]:
+              ) -> tuple[jax.Array, ScatterKVCache | BandKVCache | KIVIBandCache]:
     """A scatter cache of `cache_len` slots holding the prompt, and the image-token buffer int32 [batch,
     num_tokens] with the first token (from the prompt's last logits) and every EOL in place. With `kv` (a method
     zipjax.zipar.compressed takes) the cache is the band cache: the prompt compressed, a ring of `band`
@@ -147,9 +150,13 @@ def prefilled(model, setup: ImageDecodeSetup, inputs: ImageInputs, cache_len: in
 
 
 def band_recipe(setup: ImageDecodeSetup, kv: Method, cache_len: int, band: int, rewrites: bool = False,
-                kernel: bool | None = None) -> BandRecipe:
+                kernel: bool | None = None) -> BandRecipe | KIVIBandRecipe:
     """The band cache of a parallel decode: blocks cover the image's slots, the ring at most the slots after the
-    prompt; the stores' attention by the decoder's `kernel`, else the method's (zipjax.zipar.compressed)."""
+    prompt (KIVI: its band cache, whose ring also holds the prompt's last residual slots, at most every slot); the
+    stores' attention by the decoder's `kernel`, else the method's (zipjax.zipar.compressed)."""
+    if isinstance(kv, KIVI):
+        return KIVIBandRecipe(setup.config, kv, setup.cache_batch, cache_len, setup.bucket, min(band, cache_len),
+                              band_kernel(kv, kernel))
     span = setup.bucket + setup.layout.num_tokens + 1
     return BandRecipe(setup.config, kv, setup.cache_batch, cache_len, span, setup.bucket,
                       max(1, min(band, cache_len - setup.bucket)), rewrites, band_kernel(kv, kernel))

@@ -1,7 +1,8 @@
 """A compressed KV cache for parallel image decoding: finished blocks quantized, the active band in full precision.
 
 ZipAR, adaptive ZipAR and SJD write several tokens per pass at scattered raster slots (zipjax.zipar.cache). Over a
-compressed method (ZipCache's mixed precision, Uniform) this cache keeps:
+compressed method (ZipCache's mixed precision, Uniform) this cache keeps (KIVI, whose key and value of one token change
+precision at different queries, has its own: zipjax.zipar.kivi_band):
 
   the prompt     compressed as block 0 when it is written, exactly as the sequential cache does
                  (zipjax.kv.quantized: exact prompt attention, ranked by the method's probes);
@@ -52,6 +53,7 @@ from zipjax.errors import ZipjaxError
 from zipjax.kernels.common import TINY
 from zipjax.kernels.quantized_attention import PackedSegment
 from zipjax.kernels.quantized_multi_query import kernel_takes, merge_lse, multi_query
+from zipjax.kv.kivi import KIVI
 from zipjax.kv.method import Method
 from zipjax.kv.quantized import LayerKV, compress_block, dequantize_layer, empty_layer
 from zipjax.kv.quantizing import Geometry, QuantMethod, Ranking, geometry
@@ -59,27 +61,26 @@ from zipjax.platform import use_kernel
 from zipjax.sharding import cache_spec
 
 # methods whose blocks can be compressed wherever a parallel decoder completes them (fixed split, ranking by the
-# attention a block received); the others are refused by name (zipjax.zipar.compressed.check_method)
+# attention a block received); KIVI runs on its own band cache (zipjax.zipar.kivi_band: its precision rule read at
+# each query's slot); the others are refused by name (zipjax.zipar.compressed.check_method)
 SCATTER_METHODS = ("zipcache", "uniform")
+PARALLEL_METHODS = (*SCATTER_METHODS, "kivi")
 WHY_NOT = {
-    "kivi": "a query at slot c reads keys below floor(c / residual) * residual and values below c - residual "
-            "quantized, so a token's key and value change precision at different queries and the value boundary "
-            "slides one slot per query, where the band cache switches a token's key and value together once a query "
-            "is past its block",
     "zipvl": "its block split depends on an adaptive ratio per block computed from a prompt-style probe pass",
     "minicache": "it merges layers of tokens written at one cursor",
 }
 
 
 def check_method(kv: Method | None, decoder: str, kernel: bool | None) -> None:
-    """Refuse, where the decoder is made, a method the band cache cannot run and a kernel request it cannot honour."""
+    """Refuse, where the decoder is made, a method the band caches cannot run and a kernel request it cannot
+    honour."""
     if kv is None:
         return
     name = getattr(kv, "name", type(kv).__name__)
-    if name not in SCATTER_METHODS or not isinstance(kv, QuantMethod):
+    if not (isinstance(kv, KIVI) or (name in SCATTER_METHODS and isinstance(kv, QuantMethod))):
         why = WHY_NOT.get(name, "it is not one of the block-quantized methods")
         raise ZipjaxError(f"{decoder} cannot decode over a {name} KV cache: {why}; parallel decoders take "
-                          f"{', '.join(SCATTER_METHODS)} or the dense cache (kv=None)")
+                          f"{', '.join(PARALLEL_METHODS)} or the dense cache (kv=None)")
     if kernel is not None and kv.kernel is not None and kernel != kv.kernel:
         raise ZipjaxError(f"{decoder} kernel={kernel} but its {name} cache kernel={kv.kernel}: over a compressed "
                           f"cache both choose the same attention; set one of them")
@@ -88,7 +89,14 @@ def check_method(kv: Method | None, decoder: str, kernel: bool | None) -> None:
                           f"are token-wise; the kernel reads channel-wise keys); use kernel=None or False")
 
 
-def band_kernel(kv: QuantMethod, kernel: bool | None) -> bool | None:
+def band_margin(kv: Method) -> tuple[int, int]:
+    """(align, behind): the full-precision band of a parallel decode over `kv` keeps every slot from the first one
+    a pass can query rounded down to a multiple of `align`, less `behind` slots: the block holding it for the
+    block-quantized methods (buffer_len, 0), KIVI's residual window before it (1, residual)."""
+    return (1, kv.residual) if isinstance(kv, KIVI) else (kv.buffer_len, 0)
+
+
+def band_kernel(kv: QuantMethod | KIVI, kernel: bool | None) -> bool | None:
     """The band cache's kernel setting (zipjax.platform.use_kernel): the decoder's, else the method's."""
     return kv.kernel if kernel is None else kernel
 
@@ -277,7 +285,7 @@ class BandKVCache:
                                     store.v_min, v_scale, store.slots)
             attend = functools.partial(multi_query, bits=seg.bits, block=seg.size, group=self.method.codec.group,
                                        kernel=kernel_takes(seg.capacity))  # else its jnp reference
-            parts.append(_multi_query_per_shard(attend, q, segment, seen_through, self.starts))
+            parts.append(multi_query_per_shard(attend, q, segment, seen_through, self.starts))
         mask = dense[:, None, None]  # [batch, 1, 1, q, band]
         scores = jnp.where(mask, grouped_scores(group_queries(q.astype(jnp.float32), h),
                                                 st.k_buf.astype(jnp.float32)), MASK_VALUE)
@@ -356,7 +364,7 @@ class BandKVCache:
                     seen0 + count(dense), overflow)
 
 
-def _multi_query_per_shard(attend, q: jax.Array, segment: PackedSegment, q_slots: jax.Array, starts: jax.Array
+def multi_query_per_shard(attend, q: jax.Array, segment: PackedSegment, q_slots: jax.Array, starts: jax.Array
                            ) -> tuple[jax.Array, jax.Array]:
     """`attend(q, segment, q_slots, starts) -> (out, lse)` on each shard of the context mesh (Pallas kernels are
     opaque to XLA's partitioner): batch over "data" and KV heads over "model" as the stores are placed
@@ -402,7 +410,9 @@ class BandRecipe:
 
 
 def check_band(cache) -> None:
-    """After decoding: a band cache whose ring was overwritten while still needed is a bug, said so."""
-    if isinstance(cache, BandKVCache) and bool(jax.device_get(cache.overflow)):
+    """After decoding: a band cache (this module's or KIVI's) whose ring was overwritten while still needed is a
+    bug, said so."""
+    overflow = getattr(cache, "overflow", None)
+    if overflow is not None and bool(jax.device_get(overflow)):
         raise ZipjaxError("internal error: the compressed cache's full-precision band was too short for the "
                           "decoder's rows in flight")

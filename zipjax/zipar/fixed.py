@@ -33,7 +33,7 @@ from zipjax.sharding import to_host
 from zipjax.transformer import Params, Transformer, output_head
 from zipjax.validate import boolean, integer, optional
 from zipjax.zipar.cache import ScatterKVCache, prefilled
-from zipjax.zipar.compressed import BandKVCache, check_band, check_method
+from zipjax.zipar.compressed import BandKVCache, band_margin, check_band, check_method
 from zipjax.zipar.schedule import Schedule, band_length, fixed_window
 
 
@@ -89,8 +89,8 @@ class FixedWindow:
     """ZipAR: a row starts once the row above is `lag` tokens ahead (the paper's window size s; a lag of the image's
     width or more decodes row after row). `kernel`: the attention as the Pallas kernel (True; interpreted on a CPU),
     in jax.numpy (False), or the kernel where the platform is a TPU or GPU (None; see zipjax.platform). `kv`: a
-    compressed cache method (zipjax.kv.ZipCache(...), Uniform(...); zipjax.zipar.compressed) or None for the dense
-    cache. `window=` is the deprecated name of `lag` (one release)."""
+    compressed cache method (zipjax.kv.ZipCache(...), Uniform(...), KIVI(...); zipjax.zipar.compressed) or None for
+    the dense cache. `window=` is the deprecated name of `lag` (one release)."""
 
     lag: int
     kernel: bool | None = None
@@ -105,7 +105,10 @@ class FixedWindow:
         """Full-precision entries of the compressed cache (0 without `kv`): what the schedule keeps in flight."""
         layout = setup.layout
         schedule = fixed_window(layout.height, layout.width, self.lag, eol=True)
-        return 0 if self.kv is None else band_length(schedule, self.kv.buffer_len)
+        if self.kv is None:
+            return 0
+        align, behind = band_margin(self.kv)
+        return band_length(schedule, align) + behind
 
     def run(self, model, setup: ImageDecodeSetup, inputs: ImageInputs, progress: bool) -> DecodeResult:
         """Prefill, then every decode pass of the fixed-window schedule (in chunks, for the progress bar)."""

@@ -43,7 +43,7 @@ from zipjax.transformer import Params, Transformer, output_head
 from zipjax.validate import boolean, integer, optional
 from zipjax.zipar.acceptance import accept_or_resample
 from zipjax.zipar.cache import ScatterKVCache, prefilled
-from zipjax.zipar.compressed import BandKVCache, check_band, check_method
+from zipjax.zipar.compressed import BandKVCache, band_margin, check_band, check_method
 
 
 @struct.dataclass
@@ -191,8 +191,9 @@ class SJD:
         check_method(as_method(self.kv), "SJD", self.kernel)
 
     def band(self, setup: ImageDecodeSetup) -> int:
-        """Full-precision entries of the compressed cache (0 without `kv`): two windows and a block."""
-        return 0 if self.kv is None else 2 * self.jacobi_window + self.kv.buffer_len + 2
+        """Full-precision entries of the compressed cache (0 without `kv`): two windows and a block (KIVI: its
+        residual window)."""
+        return 0 if self.kv is None else 2 * self.jacobi_window + sum(band_margin(self.kv)) + 2
 
     def run(self, model, setup: ImageDecodeSetup, inputs: ImageInputs, progress: bool) -> DecodeResult:
         """Prefill, then SJD passes until every image is complete."""
