@@ -164,3 +164,43 @@ def test_band_cache_pass_compiles_with_the_multi_query_kernel(target_name, recor
     assert CUSTOM_CALL[t.kind] in hlo
     assert report.fits
     assert report.temp_bytes < dequantized / 4
+
+
+def test_kivi_band_pass_compiles_with_the_multi_query_kernel(record_property):
+    """The same Emu3-Gen-shaped pass (one layer, 32x32 codes, guidance, ZipAR lag 7) over KIVI-2's band cache
+    (zipjax.zipar.kivi_band) for v5e: the slot-addressed store read by the packed-code kernel's custom call, picked
+    by kernel=None for the chip, and temporaries below a quarter of a float32 copy of the store."""
+    from zipjax.config import PUBLISHED
+    from zipjax.kv import KIVI
+    from zipjax.zipar.compressed import band_margin
+    from zipjax.zipar.kivi_band import KIVIBandRecipe
+    from zipjax.zipar.schedule import band_length
+
+    t = _target("v5e:1x1")
+    chip = aot.on_chip(t)
+    rows = cols = 32
+    schedule = fixed_window(rows, cols, 7, eol=True)
+    config = dataclasses.replace(PUBLISHED["emu3-gen"], num_layers=1)
+    kv = KIVI(bits=2)
+    align, behind = band_margin(kv)
+    max_len = cache_length(PROMPT_BUCKET + schedule.num_tokens + 1)
+    recipe = KIVIBandRecipe(config, kv, 2, max_len, PROMPT_BUCKET, band_length(schedule, align) + behind)
+    cache = jax.eval_shape(recipe, jax.ShapeDtypeStruct((2,), jnp.int32)).replace(prompt=False)
+    q_len, heads, kv_heads, d = schedule.queries_per_pass, config.num_heads, config.num_kv_heads, config.head_dim
+
+    def one_pass(cache, slots, valid, q, k, v):
+        out, cache = cache.at(slots, valid).attend(0, q, k, v, None)
+        return out, cache.advance(q_len)
+
+    args = (aot.abstract(cache, chip), aot.array((q_len,), jnp.int32, chip), aot.array((q_len,), jnp.bool_, chip),
+            aot.array((2, q_len, heads, d), jnp.bfloat16, chip), aot.array((2, q_len, kv_heads, d), jnp.bfloat16, chip),
+            aot.array((2, q_len, kv_heads, d), jnp.bfloat16, chip))
+    compiled, report = aot.compile(one_pass, *args, target=t)
+    record_property("compile_seconds", round(report.compile_seconds, 2))
+    record_property("temp_bytes", report.temp_bytes)
+    dequantized = 2 * kv_heads * max_len * d * 2 * 4  # float32 K and V of every slot
+    print(f"v5e KIVI-2 band pass ({q_len} queries, band {cache.band}, {max_len} slots): compiled in "
+          f"{report.compile_seconds:.1f}s, temp {report.temp_bytes} bytes, a float32 copy of the store {dequantized}")
+    assert CUSTOM_CALL[t.kind] in compiled.as_text()
+    assert report.fits
+    assert report.temp_bytes < dequantized / 4
