@@ -49,11 +49,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from zipjax import aot, kv, zipar
 from zipjax.errors import ZipjaxError
+from zipjax.platform import compiling_for, use_kernel
 from zipjax.shapes import cache_length
 from zipjax.sharding import logical_sharding, tree_shardings
 from zipjax.transformer import Transformer, output_head
 from zipjax.zipar.cache import ScatterRecipe
-from zipjax.zipar.compressed import BandRecipe
+from zipjax.zipar.compressed import BandRecipe, band_margin
+from zipjax.zipar.kivi_band import KIVIBandRecipe
 from zipjax.zipar.schedule import band_length, fixed_window
 
 from .. import report
@@ -73,11 +75,8 @@ CACHES: dict[str, kv.Method | None] = {
     "zipcache-4/2": kv.ZipCache(high_bits=4, low_bits=2, saliency_ratio=0.6, buffer_len=CODES),
     "uniform-4": kv.Uniform(bits=4, buffer_len=CODES),
     "kivi-2": kv.KIVI(bits=2),
+    "kivi-4": kv.KIVI(bits=4),
 }
-# the ZipAR Pallas kernel is not wrapped in a shard_map, and Mosaic kernels cannot be partitioned automatically
-# ("NotImplementedError: Mosaic kernels cannot be automatically partitioned"): on a mesh of several chips the dense
-# scatter cache attends in jax.numpy (kernel=False), as a decoder on a mesh must be told today
-KERNEL_ON_MESH = False
 FIT_POINTS = ((1, 1), (1, 4), (2, 1), (2, 4))  # (layers, images): a band-cache pass takes minutes to compile here
 CHECK_POINT = (4, 8)  # held out in depth and in images
 MAX_IMAGES = 1024
@@ -103,10 +102,21 @@ class ImageProgram:
 
     @property
     def key(self) -> str:
-        return f"emu3pass|{MODEL}|{self.gen}|m{self.m}|{self.cache}|s{LAG}"
+        """The compile cache's key: the attention path in it, so a compile of another path is never reused."""
+        return f"emu3pass|{MODEL}|{self.gen}|m{self.m}|{self.cache}|{attention_kind(self.cache)}|s{LAG}"
 
     def config(self, layers: int):
         return config_of(MODEL, layers)
+
+
+def attention_kind(cache: str) -> str:
+    """"kernel" or "jnp": how a pass over `cache` attends on a TPU by the library's kernel policy (kernel=None: the
+    Pallas kernel where the platform traced for is a TPU; the band cache's stores only for a method with a
+    packed-code kernel, Uniform's token-wise keys have none)."""
+    method = CACHES[cache]
+    with compiling_for("tpu"):
+        kernel = use_kernel(None if method is None else method.kernel)
+    return "kernel" if kernel and (method is None or method.has_kernel) else "jnp"
 
 
 def refusal(cache: str) -> str | None:
@@ -123,11 +133,15 @@ def abstract_pass_cache(config, cache: str, images: int, mesh):
     guidance (2 sequences each)."""
     method, batch, slots = CACHES[cache], 2 * images, cache_len()
     if method is None:
-        recipe = ScatterRecipe(config, batch, slots, kernel=KERNEL_ON_MESH if mesh.size > 1 else None)
+        recipe = ScatterRecipe(config, batch, slots)  # kernel=None: the ZipAR kernel per KV-head shard on a TPU
     else:  # as zipjax.zipar.cache.band_recipe sizes it for FixedWindow(LAG, kv=method)
-        band = band_length(schedule(), method.buffer_len)
-        recipe = BandRecipe(config, method, batch, slots, PROMPT_BUCKET + schedule().num_tokens + 1, PROMPT_BUCKET,
-                            max(1, min(band, slots - PROMPT_BUCKET)))
+        align, behind = band_margin(method)
+        band = band_length(schedule(), align) + behind
+        if isinstance(method, kv.KIVI):
+            recipe = KIVIBandRecipe(config, method, batch, slots, PROMPT_BUCKET, min(band, slots), method.kernel)
+        else:
+            recipe = BandRecipe(config, method, batch, slots, PROMPT_BUCKET + schedule().num_tokens + 1,
+                                PROMPT_BUCKET, max(1, min(band, slots - PROMPT_BUCKET)), kernel=method.kernel)
     shapes = jax.eval_shape(recipe, jnp.zeros((batch,), jnp.int32))
     if method is not None:
         shapes = dataclasses.replace(shapes, prompt=False)  # between passes: the prompt is compressed already
@@ -254,11 +268,17 @@ class Capacity:
 
 
 def attention_path(prog: ImageProgram) -> str:
-    if CACHES[prog.cache] is not None:
-        return "jax.numpy over every block dequantized, and the band (zipjax.zipar.compressed)"
-    if prog.m > 1:
-        return "jax.numpy (kernel=False: the ZipAR Pallas kernel cannot be partitioned over the model axis)"
-    return "the ZipAR Pallas kernel (zipjax.kernels.zipar_attention)"
+    """The attention the compiled pass runs, in words."""
+    method, shards = CACHES[prog.cache], " per KV-head shard" if prog.m > 1 else ""
+    if method is None:
+        return f"the ZipAR Pallas kernel (zipjax.kernels.zipar_attention){shards}"
+    if isinstance(method, kv.KIVI):
+        return (f"the store by the packed-code multi-query Pallas kernel (zipjax.kernels.quantized_multi_query)"
+                f"{shards}, the ring in jax.numpy, merged by log-sum-exp (zipjax.zipar.kivi_band)")
+    if attention_kind(prog.cache) == "kernel":
+        return (f"each store by the packed-code multi-query Pallas kernel (zipjax.kernels.quantized_multi_query)"
+                f"{shards}, the band in jax.numpy, merged by log-sum-exp (zipjax.zipar.compressed)")
+    return "jax.numpy over every block dequantized, and the band (zipjax.zipar.compressed; no kernel for Uniform)"
 
 
 def summary(cap: Capacity) -> dict[str, Any]:
