@@ -1,8 +1,10 @@
 """Emu3-Gen images in flight per chip (benchmarks/pod/emu3.py): one ZipAR pass (lag 7, 90x90 codes, guidance) over
-the compressed band cache compiled ahead of time for a TPU v6e at 2 layers, its argument bytes equal to the exact
-shard arithmetic and the cache donated in place; the bytes per image by hand; the images-in-flight bisection
-against its closed form; the fit recovering its coefficients."""
+the compressed band cache compiled ahead of time for a TPU v6e at 2 layers, its stores read by the packed-code
+Pallas kernel, its argument bytes equal to the exact shard arithmetic and the cache donated in place; the bytes per
+image by hand; the images-in-flight bisection against its closed form; the fit recovering its coefficients; the
+attention path of every cache and the tracked results compiled with it."""
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -22,13 +24,14 @@ PARAMS = 2 * EMBED + 32 * (LAYER + 2 * 4096) + 4096  # with two norm vectors per
 
 
 def test_a_zipar_pass_over_the_band_cache_compiles_for_v6e():
-    """Emu3-Gen's shape with 2 layers, one image (2 sequences), ZipCache 4/2 band cache on one v6e chip: the
-    compiler's argument bytes are the exact shard arithmetic (up to its padding of small arrays: 0.86 MB of 3.9 GB
-    when written, the bitmaps and the packed stores' short rows), the cache is
-    donated and updated in place, and it fits."""
+    """Emu3-Gen's shape with 2 layers, one image (2 sequences), ZipCache 4/2 band cache on one v6e chip: its stores
+    read by the packed-code Pallas kernel (a Mosaic call per store segment and layer), the compiler's argument bytes
+    the exact shard arithmetic (up to its padding of small arrays: 0.86 MB of 3.9 GB when written, the bitmaps and
+    the packed stores' short rows), the cache donated and updated in place, and it fits."""
     prog = emu3.ImageProgram("v6e", 1, "zipcache-4/2")
-    point = emu3.pass_point(prog, 2, 1)
+    point = emu3.pass_point(prog, 2, 1, hlo=True)
     print(f"ZipAR s=7 pass, ZipCache 4/2, 2 layers, 1 image on v6e: {point}")
+    assert point.hlo.count("tpu_custom_call") >= 2
     assert 0 <= point.argument_bytes - point.exact_argument_bytes < 1e-3 * point.argument_bytes
     cache, shardings = emu3.abstract_pass_cache(prog.config(2), "zipcache-4/2", 1, aot.mesh(emu3.host("v6e", 1), 1, 1))
     assert point.alias_bytes >= 0.99 * emu3._shard_bytes(cache, shardings)  # the donated cache, updated in place
@@ -90,7 +93,44 @@ def test_fit_recovers_its_coefficients():
     assert emu3.predict(fitted, 32, 8).temp_bytes == pytest.approx(5 + 24 + 32 * (7 + 16))
 
 
-def test_kivi_is_recorded_with_the_librarys_refusal_until_the_band_cache_takes_it():
-    why = emu3.refusal("kivi-2")
-    assert why is None or "kivi" in why
-    assert emu3.refusal("dense") is None and emu3.refusal("zipcache-4/2") is None
+def test_every_cache_is_taken_and_its_attention_path_is_in_the_compile_key():
+    """The parallel decoders take every cache; on a TPU the dense cache, ZipCache and KIVI attend by Pallas kernels
+    (kernel=None), Uniform in jax.numpy; the path is part of the key, so a compile of another path is not reused."""
+    assert all(emu3.refusal(c) is None for c in emu3.CACHES)
+    paths = {c: emu3.attention_kind(c) for c in emu3.CACHES}
+    assert paths == {"dense": "kernel", "zipcache-4/2": "kernel", "uniform-4": "jnp", "kivi-2": "kernel",
+                     "kivi-4": "kernel"}
+    assert emu3.ImageProgram("v5e", 4, "dense").key == "emu3pass|emu3-gen|v5e|m4|dense|kernel|s7"
+    assert "per KV-head shard" in emu3.attention_path(emu3.ImageProgram("v5e", 4, "dense"))
+
+
+def test_kivi_bytes_per_image():
+    """KIVI's band cache per image on one v6e chip, by hand: per sequence, layer and KV head (8 of 128), a
+    slot-addressed store of 8,320 slots (keys per channel, a float16 (step, min) per run of 32 tokens and channel;
+    values per token, a pair per group of 32 channels; bits-wide codes; an int16 mark per slot) and a 1,137-entry
+    bf16 ring of K and V; per sequence the written bitmap, start, pass slot, valid, settled and the ring's slots.
+    Below half the dense bytes, KIVI-4 above KIVI-2."""
+    per = {}
+    for cache in ("kivi-2", "kivi-4", "dense"):
+        prog = emu3.ImageProgram("v6e", 1, cache)
+        per[cache] = emu3.exact_bytes(prog, 2)[1] - emu3.exact_bytes(prog, 1)[1]
+    heads, slots, ring = 2 * 32 * 8, 8320, 1137
+    for cache, bits in (("kivi-2", 2), ("kivi-4", 4)):
+        store = 2 * slots * 128 * bits // 8 + 2 * (slots // 32) * 128 * 2 + 2 * slots * (128 // 32) * 2 + 2 * slots
+        assert per[cache] == heads * (store + 2 * ring * 128 * 2) + 2 * (slots + 4 + 4 + 1 + 4 + 4 * ring)
+    assert per["kivi-2"] < per["kivi-4"] < 0.5 * per["dense"]
+
+
+def test_tracked_results_are_compiled_with_the_current_attention_paths():
+    """benchmarks/results/pod_emu3_tpu_aot.json: a row per generation and cache, each compiled under its current
+    key (attention path included) at every fit point; the compile cache holds no key without a path."""
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    payload = json.loads((results / "pod_emu3_tpu_aot.json").read_text())
+    rows = {(r["gen"], r["cache"]): r for r in payload["rows"]}
+    assert set(rows) == {(g, c) for g in emu3.GENS for c in emu3.CACHES}
+    for (gen, cache), row in rows.items():
+        prog = emu3.ImageProgram(gen, emu3.GENS[gen], cache)
+        assert row["attention"] == emu3.attention_path(prog) and row["images_per_chip"] >= 1
+        assert all(f"{prog.key}|L{layers}|n{n}" in payload["points"] for layers, n in emu3.FIT_POINTS)
+    compiles = json.loads((results / "pod_emu3_compiles.json").read_text())
+    assert all("|kernel|s7|" in k or "|jnp|s7|" in k for k in compiles)

@@ -1,32 +1,34 @@
 """Emu3-Gen at 90x90 codes (720x720) on TPU v5e and v6e, compiled ahead of time: images in flight per chip and the
-time of a ZipAR pass, with the dense cache against the compressed band caches (ZipCache 4/2, Uniform 4; KIVI-2
-where the parallel decoders take it, else recorded as refused by the library's own message). Nothing runs.
+time of a ZipAR pass, with the dense cache against the compressed band caches (ZipCache 4/2, Uniform 4, KIVI-2,
+KIVI-4; a cache the parallel decoders refuse is recorded with the library's own message). Nothing runs.
 
-    python -m benchmarks.pod.emu3                            # 25 compiles, 1-4 min each on 2 busy CPU cores
+    python -m benchmarks.pod.emu3                            # 41 compiles, 1-4 min each on 2 busy CPU cores
     python -m benchmarks.pod.emu3 --out benchmarks/results   # update the tracked results
 
-What is compiled: one pass of `zipar.FixedWindow(7)` as the library runs it (zipjax.zipar.fixed.zipar_until's body
-up to the logits: `Transformer.apply` over the cache placed at the pass's slots, the output head sliced to the
+What is compiled: one pass of `zipar.FixedWindow(7, kv=...)` as the library runs it (zipjax.zipar.fixed.zipar_until's
+body up to the logits: `Transformer.apply` over the cache placed at the pass's slots, the output head sliced to the
 32,768 visual tokens from the parameters), with classifier-free guidance (2 sequences per image), a 64-token prompt
-bucket and the decoder's own cache: the scatter cache of 8,320 slots for the dense cache (its attention the ZipAR
-Pallas kernel on a TPU), the band cache (zipjax.zipar.compressed: blocks of 90 slots compressed, a ring of 1,098
-full-precision entries as FixedWindow sizes it) for a compressed one. The library's shardings on a (1, m) mesh of
-one host: v5e with m = 4 (Emu3-Gen's 17.0 GB of bf16 weights do not fit one 16 GiB chip), v6e with m = 1. On
-several chips the ZipAR kernel does not lower (it has no shard_map, and Mosaic kernels cannot be partitioned
-automatically), so there the dense cache attends in jax.numpy (kernel=False), as a decoder on a mesh must be told.
+bucket and the decoder's own cache, its attention by the library's kernel policy (kernel=None: the Pallas kernel on
+a TPU): the scatter cache of 8,320 slots for the dense cache (the ZipAR Pallas kernel, per KV-head shard of the
+model axis: zipjax.sharding.scatter_per_shard); the band cache (zipjax.zipar.compressed: blocks of 90 slots
+compressed, a ring of 1,098 full-precision entries as FixedWindow sizes it) for ZipCache and Uniform, its stores read
+packed by the multi-query Pallas kernel (zipjax.kernels.quantized_multi_query, per KV-head shard) and merged with the
+ring's softmax by log-sum-exp for ZipCache, dequantized in jax.numpy for Uniform (token-wise keys: no kernel); KIVI's
+band cache (zipjax.zipar.kivi_band: a slot-addressed store, a ring of 1,137 entries) with its store read by the same
+kernel and its ring in jax.numpy. The attention path ("kernel" / "jnp") is part of each compile's key, so a compile
+of another path is never reused. The library's shardings on a (1, m) mesh of one host: v5e with m = 4 (Emu3-Gen's
+17.0 GB of bf16 weights do not fit one 16 GiB chip), v6e with m = 1.
 
 Per chip, at full depth (32 layers): weights and KV bytes are exact, from the abstract shapes and the shardings (a
 cache is affine in the images, both in the layers). The compiler's temporaries, outputs not aliased to the donated
 cache, FLOPs, bytes accessed and collective bytes are fitted as f = p0 + p1 n + L (q0 + q1 n) (n images, L layers)
 from compiles at L in {1, 2} x n in {1, 4}, and checked against a held-out compile at L = 4, n = 8 (`checks` in
-the JSON; ZipCache on v6e: FLOPs and bytes within 2.5 %, temporaries overestimated by 36 %, as the band cache's
-dequantized copies stop growing with every layer past 2, so its as-compiled image counts are lower bounds).
-Images in flight per replica: the largest n whose weights + KV + temporaries + outputs fit 90 % of the chip's HBM;
-per chip: that over m; beside it the KV-bound count (weights + KV alone), which a pass holding no dequantized copy
-of the stores would approach. Pass time: the roofline max(FLOPs / peak, bytes / bandwidth, collective bytes / ICI) on
-XLA's bytes accessed (the program as compiled: the band cache dequantizes every block in jax.numpy each pass) and,
-beside it, on the exact weights + KV read once (`ideal`: what a kernel over packed codes would read). An image takes
-713 passes at s = 7 (the prefill counted), so a chip finishes n / m images every 713 passes.
+the JSON: ZipCache 4/2 on v6e). Images in flight per replica: the largest n whose weights + KV + temporaries +
+outputs fit 90 % of the chip's HBM; per chip: that over m; beside it the KV-bound count (weights + KV alone). Pass
+time: the roofline max(FLOPs / peak, bytes / bandwidth, collective bytes / ICI) on XLA's bytes accessed (the program
+as compiled; a Pallas call counts what its cost estimate says) and, beside it, on the exact weights + KV read once
+(`ideal`). An image takes 713 passes at s = 7 (the prefill counted), so a chip finishes n / m images every 713
+passes.
 
 Output under `--out` (default benchmarks/results/local/, untracked): pod_emu3_tpu_aot.json (per program: the fit,
 the capacity, the pass times, the compiled points), a printed table; compiles cached in pod_emu3_compiles.json
@@ -49,11 +51,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from zipjax import aot, kv, zipar
 from zipjax.errors import ZipjaxError
+from zipjax.platform import compiling_for, use_kernel
 from zipjax.shapes import cache_length
 from zipjax.sharding import logical_sharding, tree_shardings
 from zipjax.transformer import Transformer, output_head
 from zipjax.zipar.cache import ScatterRecipe
-from zipjax.zipar.compressed import BandRecipe
+from zipjax.zipar.compressed import BandRecipe, band_margin
+from zipjax.zipar.kivi_band import KIVIBandRecipe
 from zipjax.zipar.schedule import band_length, fixed_window
 
 from .. import report
@@ -73,11 +77,8 @@ CACHES: dict[str, kv.Method | None] = {
     "zipcache-4/2": kv.ZipCache(high_bits=4, low_bits=2, saliency_ratio=0.6, buffer_len=CODES),
     "uniform-4": kv.Uniform(bits=4, buffer_len=CODES),
     "kivi-2": kv.KIVI(bits=2),
+    "kivi-4": kv.KIVI(bits=4),
 }
-# the ZipAR Pallas kernel is not wrapped in a shard_map, and Mosaic kernels cannot be partitioned automatically
-# ("NotImplementedError: Mosaic kernels cannot be automatically partitioned"): on a mesh of several chips the dense
-# scatter cache attends in jax.numpy (kernel=False), as a decoder on a mesh must be told today
-KERNEL_ON_MESH = False
 FIT_POINTS = ((1, 1), (1, 4), (2, 1), (2, 4))  # (layers, images): a band-cache pass takes minutes to compile here
 CHECK_POINT = (4, 8)  # held out in depth and in images
 MAX_IMAGES = 1024
@@ -103,10 +104,21 @@ class ImageProgram:
 
     @property
     def key(self) -> str:
-        return f"emu3pass|{MODEL}|{self.gen}|m{self.m}|{self.cache}|s{LAG}"
+        """The compile cache's key: the attention path in it, so a compile of another path is never reused."""
+        return f"emu3pass|{MODEL}|{self.gen}|m{self.m}|{self.cache}|{attention_kind(self.cache)}|s{LAG}"
 
     def config(self, layers: int):
         return config_of(MODEL, layers)
+
+
+def attention_kind(cache: str) -> str:
+    """"kernel" or "jnp": how a pass over `cache` attends on a TPU by the library's kernel policy (kernel=None: the
+    Pallas kernel where the platform traced for is a TPU; the band cache's stores only for a method with a
+    packed-code kernel, Uniform's token-wise keys have none)."""
+    method = CACHES[cache]
+    with compiling_for("tpu"):
+        kernel = use_kernel(None if method is None else method.kernel)
+    return "kernel" if kernel and (method is None or method.has_kernel) else "jnp"
 
 
 def refusal(cache: str) -> str | None:
@@ -123,11 +135,15 @@ def abstract_pass_cache(config, cache: str, images: int, mesh):
     guidance (2 sequences each)."""
     method, batch, slots = CACHES[cache], 2 * images, cache_len()
     if method is None:
-        recipe = ScatterRecipe(config, batch, slots, kernel=KERNEL_ON_MESH if mesh.size > 1 else None)
+        recipe = ScatterRecipe(config, batch, slots)  # kernel=None: the ZipAR kernel per KV-head shard on a TPU
     else:  # as zipjax.zipar.cache.band_recipe sizes it for FixedWindow(LAG, kv=method)
-        band = band_length(schedule(), method.buffer_len)
-        recipe = BandRecipe(config, method, batch, slots, PROMPT_BUCKET + schedule().num_tokens + 1, PROMPT_BUCKET,
-                            max(1, min(band, slots - PROMPT_BUCKET)))
+        align, behind = band_margin(method)
+        band = band_length(schedule(), align) + behind
+        if isinstance(method, kv.KIVI):
+            recipe = KIVIBandRecipe(config, method, batch, slots, PROMPT_BUCKET, min(band, slots), method.kernel)
+        else:
+            recipe = BandRecipe(config, method, batch, slots, PROMPT_BUCKET + schedule().num_tokens + 1,
+                                PROMPT_BUCKET, max(1, min(band, slots - PROMPT_BUCKET)), kernel=method.kernel)
     shapes = jax.eval_shape(recipe, jnp.zeros((batch,), jnp.int32))
     if method is not None:
         shapes = dataclasses.replace(shapes, prompt=False)  # between passes: the prompt is compressed already
@@ -135,9 +151,9 @@ def abstract_pass_cache(config, cache: str, images: int, mesh):
     return aot.abstract(shapes, shardings), shardings
 
 
-def pass_point(prog: ImageProgram, layers: int, images: int) -> Point:
+def pass_point(prog: ImageProgram, layers: int, images: int, hlo: bool = False) -> Point:
     """Compile one ZipAR pass of `prog` with `layers` layers and `images` images; its per-chip figures, with the
-    exact argument bytes from shapes and shardings beside the compiler's."""
+    exact argument bytes from shapes and shardings beside the compiler's (`hlo`: keep the compiled HLO text)."""
     config = prog.config(layers)
     target = host(prog.gen, prog.m)
     mesh = aot.mesh(target, 1, prog.m)
@@ -155,8 +171,8 @@ def pass_point(prog: ImageProgram, layers: int, images: int) -> Point:
         return Transformer(config).apply({"params": params}, tokens, positions, cache.at(slots, valid), head=head)
 
     logits_sh = logical_sharding(PartitionSpec("batch", None, "vocab"), (2 * images, queries, VISUAL), mesh)
-    out = compile_point(one_pass, (params, tokens, slots, valid, cache), target, mesh, donate_argnames=("cache",),
-                        out_shardings=(logits_sh, cache_sh))
+    out = compile_point(one_pass, (params, tokens, slots, valid, cache), target, mesh, hlo=hlo,
+                        donate_argnames=("cache",), out_shardings=(logits_sh, cache_sh))
     exact = (_shard_bytes(params, param_sh) + _shard_bytes(cache, cache_sh) + _shard_bytes(tokens, tokens.sharding)
              + 5 * queries)
     return dataclasses.replace(out, exact_argument_bytes=exact)
@@ -254,11 +270,17 @@ class Capacity:
 
 
 def attention_path(prog: ImageProgram) -> str:
-    if CACHES[prog.cache] is not None:
-        return "jax.numpy over every block dequantized, and the band (zipjax.zipar.compressed)"
-    if prog.m > 1:
-        return "jax.numpy (kernel=False: the ZipAR Pallas kernel cannot be partitioned over the model axis)"
-    return "the ZipAR Pallas kernel (zipjax.kernels.zipar_attention)"
+    """The attention the compiled pass runs, in words."""
+    method, shards = CACHES[prog.cache], " per KV-head shard" if prog.m > 1 else ""
+    if method is None:
+        return f"the ZipAR Pallas kernel (zipjax.kernels.zipar_attention){shards}"
+    if isinstance(method, kv.KIVI):
+        return (f"the store by the packed-code multi-query Pallas kernel (zipjax.kernels.quantized_multi_query)"
+                f"{shards}, the ring in jax.numpy, merged by log-sum-exp (zipjax.zipar.kivi_band)")
+    if attention_kind(prog.cache) == "kernel":
+        return (f"each store by the packed-code multi-query Pallas kernel (zipjax.kernels.quantized_multi_query)"
+                f"{shards}, the band in jax.numpy, merged by log-sum-exp (zipjax.zipar.compressed)")
+    return "jax.numpy over every block dequantized, and the band (zipjax.zipar.compressed; no kernel for Uniform)"
 
 
 def summary(cap: Capacity) -> dict[str, Any]:
