@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import has_primitive
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as rpa
 from jax.experimental.pallas.ops.tpu.ragged_paged_attention import tuned_block_sizes as tuned
 
 import zipjax
 from zipjax.errors import ZipjaxError
 from zipjax.platform import compiling_for
-from zipjax.serve.paged import combine_kv, page_half, paged_attention, split_kv
+from zipjax.serve.paged import PagedCache, Pool, StepLayout, combine_kv, page_half, paged_attention, split_kv
 from zipjax.serve.ragged import block_sizes, kernel_inputs, misfit, ragged_attention, use_ragged
 
 PAGE, WIDTH, BLOCK = 4, 6, 8  # tokens per page, pages per table row (24 positions), prefill block
@@ -117,6 +118,44 @@ def test_the_kernel_policy():
         with jax.set_mesh(zipjax.make_mesh(data=1, model=8, devices=devices)):
             assert "do not split" in misfit(64, abstract_pool(4, 128))  # the pool splits head_dim there
             assert "do not tile" in misfit(24, abstract_pool(24, 128))  # 6 combined bf16 heads per chip
+
+
+def jnp_loop(jaxpr) -> bool:
+    """Whether a jaxpr runs a while loop outside Pallas kernels (the jnp paged path's loop over blocks of pages)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while":
+            return True
+        if eqn.primitive.name != "pallas_call":
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, tuple) else (param,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns") and jnp_loop(inner):
+                        return True
+    return False
+
+
+def test_a_dense_step_traced_for_a_tpu_takes_the_kernel():
+    """PagedCache.attend traced for a TPU (zipjax.platform.compiling_for, as zipjax.aot does): jax's kernel runs on
+    the dense pool (its static checks pass on the mapped shapes) and the jnp loop does not; with kernel=False, the
+    jnp loop only."""
+    config = zipjax.config.ModelConfig(architecture="llama", vocab_size=32, hidden_size=64, intermediate_size=64,
+                                       num_layers=1, num_heads=8, num_kv_heads=2, head_dim=128,
+                                       max_position_embeddings=64)
+    _, _, decode_pages, decode_positions, prefill_pages, prefill_positions = ragged_batch(0, 8, 2, 128)
+    tokens = len(decode_positions) + prefill_positions.size
+    layout = StepLayout(jnp.zeros((tokens,), jnp.int32), jnp.asarray(decode_pages), jnp.asarray(decode_positions),
+                        jnp.asarray(prefill_pages), jnp.asarray(prefill_positions))
+    pool = Pool.init(config, 40, PAGE, jnp.bfloat16)
+    q, new = jnp.zeros((tokens, 1, 8, 128), jnp.bfloat16), jnp.zeros((tokens, 1, 2, 128), jnp.bfloat16)
+
+    def traced(kernel):
+        attend = lambda pool, q, k, v: PagedCache(pool, layout, 2, None, kernel).attend(0, q, k, v, None)
+        with compiling_for("tpu"):
+            return jax.jit(attend).trace(pool, q, new, new).jaxpr
+    chosen = traced(None)
+    assert has_primitive(chosen) and not jnp_loop(chosen)
+    forced_off = traced(False)
+    assert jnp_loop(forced_off) and not has_primitive(forced_off)
 
 
 def test_block_sizes_follow_jax_defaults_off_its_table():
