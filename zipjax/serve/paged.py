@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import ClassVar
 
 import jax
@@ -83,15 +84,15 @@ class Pool:
         return cls(kv=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)), packed=packed, mass=mass)
 
     @property
-    def k(self) -> tuple[jax.Array, ...]:
-        """Each layer's keys [num_pages, page_size, kv_heads, head_dim], a view of `kv` (for readers of whole pages,
-        such as the pack step's zipjax.serve.packed.compress_layer)."""
-        return tuple(split_kv(kv)[0] for kv in self.kv)
+    def k(self) -> Sequence[jax.Array]:
+        """Each layer's keys [num_pages, page_size, kv_heads, head_dim], a view of `kv` made when a layer is read
+        (for readers of whole pages, such as the pack step's zipjax.serve.packed.compress_layer)."""
+        return _Halves(self.kv, 0)
 
     @property
-    def v(self) -> tuple[jax.Array, ...]:
+    def v(self) -> Sequence[jax.Array]:
         """Each layer's values, like `k`."""
-        return tuple(split_kv(kv)[1] for kv in self.kv)
+        return _Halves(self.kv, 1)
 
     @staticmethod
     def page_bytes(config: ModelConfig, page_size: int, dtype: jnp.dtype | None = None, ranked: bool = False) -> int:
@@ -107,6 +108,21 @@ class Pool:
         mass = None if self.mass is None else (PartitionSpec(None, None, "kv_heads"),) * len(self.mass)
         packed = None if self.packed is None else self.packed.logical_axes()
         return Pool(kv=(spec,) * len(self.kv), packed=packed, mass=mass)
+
+
+class _Halves(Sequence):
+    """The K (half 0) or V (half 1) of every layer of a pool, each split from its layer's `kv` when indexed."""
+
+    def __init__(self, kv: tuple[jax.Array, ...], half: int):
+        self._kv, self._half = kv, half
+
+    def __len__(self) -> int:
+        return len(self._kv)
+
+    def __getitem__(self, layer):
+        if isinstance(layer, slice):
+            return tuple(split_kv(kv)[self._half] for kv in self._kv[layer])
+        return split_kv(self._kv[layer])[self._half]
 
 
 def combine_kv(k: jax.Array, v: jax.Array) -> jax.Array:
