@@ -56,19 +56,19 @@ def test_the_packed_step_and_the_pack_step_compile_for_a_tpu_slice(method="zipca
 
 
 def test_the_ragged_kernel_runs_per_kv_head_shard_with_fewer_temporaries_than_jnp():
-    """Two of LLaMA-3-8B's layers at the full geometry: on v5e:2x2 (8 KV heads over 4 chips: the kernel in a
+    """One of LLaMA-3-8B's layers at the full geometry: on v5e:2x2 (8 KV heads over 4 chips: the kernel in a
     shard_map over "model") the kernel's step moves nothing the jnp path's step does not (the same collectives), holds
     the same donated pool, and needs fewer temporaries (at 4 layers: 33 MiB against 111); on v6e:1x1 it compiles as
     is. benchmarks/serve_aot.py --dense-attention kernel jnp gives the full-depth figures."""
-    config = dataclasses.replace(CONFIG, num_layers=2)
+    config = dataclasses.replace(CONFIG, num_layers=1)
     shape = Shape()
     num_pages = 8 * shape.table_width + 1
     (kernel, with_kernel), = compile_programs(config, aot.target("v5e:2x2"), 4, shape, num_pages)[0]
     (jnp_step, without), = compile_programs(config, aot.target("v5e:2x2"), 4, dataclasses.replace(shape, kernel=False),
                                             num_pages)[0]
-    assert mosaic_calls(kernel) == 2 and mosaic_calls(jnp_step) == 0
+    assert mosaic_calls(kernel) == 1 and mosaic_calls(jnp_step) == 0
     assert with_kernel.collectives == without.collectives
     assert with_kernel.alias_bytes == without.alias_bytes
     assert with_kernel.temp_bytes < without.temp_bytes
     (single, report), = compile_programs(config, aot.target("v6e:1x1"), 1, shape, num_pages)[0]
-    assert mosaic_calls(single) == 2 and report.fits
+    assert mosaic_calls(single) == 1 and report.fits
