@@ -2,26 +2,28 @@
 chip's page pool holds by the compiler's own memory plan.
 
     python -m benchmarks.serve_aot [--targets v5e:2x2 v6e:1x1 h100] [--model llama-3-8b] [--kv dense zipcache kivi]
-                                   [--layers 2 4] [--out DIR]
+                                   [--dense-attention policy kernel jnp] [--layers 2 4] [--out DIR]
     python -m benchmarks.serve_aot --model llama-3-70b --targets v5e:4x4 --kv dense zipcache --layers 4 8
 
 For each target: the step (zipjax.serve.step.serve_step: paged attention over a page pool, chunked prefill and
-decode rows in one flat batch, each row's sampling) is compiled for its busiest shape (max_num_seqs decode rows and
-a full prefill token budget) with parameters placed by the library's sharding rules and the pool as the engine
-places it on a mesh (zipjax.serve.paged.pool_shardings: pages split by KV head over the "model" axis; where the axis
-does not divide the KV heads, as LLaMA-3-70B's 8 on v5e:4x4's 16 chips, KV heads over 8 and head_dim (packed pages:
-pages) over the remaining 2, so each chip holds 1/16 of every pool). A first compile with a small pool measures what
-the program needs besides the pool (parameters, temporaries); the pool is then sized to fill the rest of HBM
-(`--hbm-share` of it) and compiled again: its `fits` and the page count give the capacity row. With `--layers A B`
-(LLaMA-3-70B: 80 layers do not compile in minutes on 2 cores) the model is compiled with A and B layers at its
-per-layer shapes instead, what the program needs besides the pool is extrapolated affinely in the layer count to the
-full depth (the parameters are exactly affine; temporaries, which XLA reuses across layers, are overestimated), a
-page costs what the memory plan grows by per page at B layers, scaled to the full depth, and the row's `fits` is that
-prediction (`extrapolated_from_layers` in the JSON). Use B = 8 for LLaMA-3-70B: at 4 layers XLA keeps a relayout
-copy of the whole pool among the temporaries (a page then costs 2x its bytes), at 8 layers it does not (1.07x).
-With a compressed cache (`--kv zipcache | kivi | uniform`, zipjax.serve.packed) the pool is packed pages of 64
-tokens plus the engine's default dense pool (each sequence's unpacked tail and one prompt being computed); the
-packed pool is what is sized, and the pack step (zipjax.serve.step.pack_pages) is compiled too.
+decode rows in one flat batch, each row's sampling; dense pages on a TPU through jax's ragged paged attention
+kernel, once per KV-head shard, by the library's policy: `--dense-attention kernel jnp` forces either) is compiled
+for its busiest shape (max_num_seqs decode rows and a full prefill token budget) with parameters placed by the
+library's sharding rules and the pool as the engine places it on a mesh (zipjax.serve.paged.pool_shardings: pages
+split by KV head over the "model" axis; where the axis does not divide the KV heads, as LLaMA-3-70B's 8 on v5e:4x4's
+16 chips, KV heads over 8 and head_dim (packed pages: pages) over the remaining 2, so each chip holds 1/16 of every
+pool). A first compile with a small pool measures what the program needs besides the pool (parameters, temporaries);
+the pool is then sized to fill the rest of HBM (`--hbm-share` of it) and compiled again: its `fits` and the page
+count give the capacity row. With `--layers A B` (LLaMA-3-70B: 80 layers do not compile in minutes on 2 cores) the
+model is compiled with A and B layers at its per-layer shapes instead, what the program needs besides the pool is
+extrapolated affinely in the layer count to the full depth (the parameters are exactly affine; temporaries, which
+XLA reuses across layers, are overestimated), a page costs what the memory plan grows by per page at B layers,
+scaled to the full depth, and the row's `fits` is that prediction (`extrapolated_from_layers` in the JSON). Use B =
+8 for LLaMA-3-70B: at 4 layers XLA keeps a relayout copy of the whole pool among the temporaries (a page then costs
+2x its bytes), at 8 layers it does not (1.07x). With a compressed cache (`--kv zipcache | kivi | uniform`,
+zipjax.serve.packed) the pool is packed pages of 64 tokens plus the engine's default dense pool (each sequence's
+unpacked tail and one prompt being computed); the packed pool is what is sized, and the pack step
+(zipjax.serve.step.pack_pages) is compiled too.
 Nothing runs; no accelerator is needed (zipjax.aot). serve_aot.json goes to `--out DIR` (benchmarks/report.py:
 default the untracked benchmarks/results/local/; `--out benchmarks/results` refreshes the tracked table).
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -45,8 +48,9 @@ from zipjax.config import PUBLISHED, ModelConfig
 from zipjax.serve.cli import SERVED_KV
 from zipjax.serve.engine import PACK_PAGES
 from zipjax.serve.packed import PackedPool, PageCodec, page_codec
-from zipjax.serve.paged import Pool, StepLayout, page_shards, pool_shardings
-from zipjax.serve.step import StepBatch, pack_pages, serve_step
+from zipjax.serve.paged import PagedCache, Pool, StepLayout, page_shards, pool_shardings
+from zipjax.serve.step import StepBatch, StepOutput, choose, pack_pages, serve_step
+from zipjax.transformer import Transformer
 
 MESHES = {"v5e:2x2": 4, "v6e:1x1": 1, "v5e:4x4": 16, "h100": 1, "h200": 1}
 PROBE_PAGES = 1024
@@ -63,6 +67,7 @@ class Shape:
     block_pages: int = 8
     max_model_len: int = 8192
     kv: str = "dense"
+    kernel: bool | None = None  # dense pages: jax's TPU ragged paged attention (None: the library's policy) or jnp
 
     @property
     def table_width(self) -> int:
@@ -113,8 +118,8 @@ def compile_programs(config: ModelConfig, target: aot.Target, model_axis: int, s
     params, _ = abstract_model(config, mesh)
     spec = shape.spec(config)
     pool = abstract_pool(config, mesh, shape, num_pages)
-    step = lambda p, pool, batch: serve_step(p, pool, batch, None, config=config, block_pages=shape.block_pages,
-                                             spec=spec)
+    step = functools.partial(served_step, config=config, block_pages=shape.block_pages, spec=spec,
+                             kernel=shape.kernel)
     shardings = jax.tree.map(lambda x: x.sharding, pool)
     with jax.set_mesh(mesh):
         programs = [aot.compile(step, params, pool, abstract_batch(shape, mesh, spec is not None), target=target,
@@ -124,6 +129,18 @@ def compile_programs(config: ModelConfig, target: aot.Target, model_axis: int, s
             programs.append(aot.compile(lambda pool, a, b: pack_pages(pool, a, b, spec=spec), pool, ids, ids,
                                         target=target, donate_argnums=(0,), out_shardings=shardings))
     return programs, pool
+
+
+def served_step(params, pool: Pool, batch: StepBatch, *, config: ModelConfig, block_pages: int,
+                spec: PageCodec | None, kernel: bool | None) -> tuple[Pool, StepOutput]:
+    """zipjax.serve.step.serve_step, with the dense pool's attention chosen by `kernel` (PagedCache.kernel) where it
+    is not None (the engine's step leaves it to the library's policy)."""
+    if kernel is None:
+        return serve_step(params, pool, batch, None, config=config, block_pages=block_pages, spec=spec)
+    cache = PagedCache(pool, batch.layout, block_pages, spec, kernel)
+    logits, cache = Transformer(config).apply({"params": params}, batch.tokens[:, None], batch.positions[:, None],
+                                              cache, rows=batch.rows)
+    return cache.pool, choose(logits[:, 0], batch)
 
 
 def compile_step(config: ModelConfig, target: aot.Target, model_axis: int, shape: Shape, num_pages: int
@@ -199,6 +216,9 @@ def by_layers(config: ModelConfig, target: aot.Target, model_axis: int, shape: S
     return other, per_layer_page * config.num_layers, probes
 
 
+ATTENTION = {"policy": None, "kernel": True, "jnp": False}  # --dense-attention -> Shape.kernel
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", nargs="+", default=["v5e:2x2", "v6e:1x1", "h100"], choices=sorted(MESHES))
@@ -206,24 +226,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hbm-share", type=float, default=0.9)
     parser.add_argument("--kv", nargs="+", default=["dense"], choices=["dense", *SERVED_KV],
                         help="page formats: dense pages of 16 tokens, or packed pages of 64")
+    parser.add_argument("--dense-attention", nargs="+", default=["policy"], choices=sorted(ATTENTION),
+                        help="dense pages: the library's policy (jax's ragged paged attention kernel on a TPU where "
+                             "it fits, else jnp), or either forced")
     parser.add_argument("--layers", nargs=2, type=int, default=None, metavar=("A", "B"),
                         help="compile A and B layers and extrapolate to the model's depth (default: all layers)")
     report.add_out_argument(parser)
     args = parser.parse_args(argv)
     config = dataclasses.replace(PUBLISHED[args.model], dtype="bfloat16")
     rows = []
-    runs = [(name, method) for method in args.kv for name in args.targets]
-    for i, (name, method) in enumerate(runs):
-        print(f"[{i + 1}/{len(runs)}] compiling the serving step for {name}, {method} pages ...", file=sys.stderr)
-        shape = Shape() if method == "dense" else Shape(page_size=64, kv=method)
+    runs = [(name, method, attention) for method in args.kv
+            for attention in (args.dense_attention if method == "dense" else [None]) for name in args.targets]
+    for i, (name, method, attention) in enumerate(runs):
+        print(f"[{i + 1}/{len(runs)}] compiling the serving step for {name}, {method} pages"
+              f"{f' ({attention} attention)' if attention else ''} ...", file=sys.stderr)
+        shape = Shape(kernel=ATTENTION[attention]) if method == "dense" else Shape(page_size=64, kv=method)
         layers = None if args.layers is None else tuple(args.layers)
-        rows.append({"model": args.model, **capacity(config, name, shape, args.hbm_share, layers)})
+        extra = {} if attention is None else {"attention": attention}
+        rows.append({"model": args.model, **extra, **capacity(config, name, shape, args.hbm_share, layers)})
     path = args.out / "serve_aot.json"
     rows = merged(report.previous_results(path)[0], rows)
     report.print_table(
-        ["model", "target", "kv", "chips", "pages", "KV tokens", "8k seqs", "pool GiB/chip", "total GiB/chip", "fits"],
-        [[r["model"], r["target"], r["kv"], r["chips"], r["num_pages"], r["tokens"], r["sequences_at_max_len"],
-          f"{r['pool_gib_per_chip']:.2f}", f"{r['report']['total_bytes'] / aot.GIB:.2f}",
+        ["model", "target", "kv", "attention", "chips", "pages", "KV tokens", "8k seqs", "pool GiB/chip",
+         "total GiB/chip", "fits"],
+        [[r["model"], r["target"], r["kv"], r.get("attention", "-"), r["chips"], r["num_pages"], r["tokens"],
+          r["sequences_at_max_len"], f"{r['pool_gib_per_chip']:.2f}", f"{r['report']['total_bytes'] / aot.GIB:.2f}",
           f"{r['report']['fits']}{' (extrapolated)' if 'extrapolated_from_layers' in r else ''}"]
          for r in rows], title="serving step, bf16")
     path = report.write_json(path, {"dtype": "bfloat16", "jax": jax.__version__, "rows": rows})
@@ -232,11 +259,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def merged(previous: dict, rows: list[dict]) -> list[dict]:
-    """This run's rows, then the earlier rows of other (model, target, kv) points (a row without a model is from the
-    file's top-level model: the first version wrote one model per file)."""
-    key = lambda r: (r.get("model", previous.get("model")), r["target"], r["kv"])
+    """This run's rows, then the earlier rows of other (model, target, kv, attention) points (a row without a model
+    is from the file's top-level model: the first version wrote one model per file; a dense row without an attention
+    predates the TPU kernel: its step ran the jnp path)."""
+    attention = lambda r: r.get("attention", "jnp" if r["kv"] == "dense" else None)
+    key = lambda r: (r.get("model", previous.get("model")), r["target"], r["kv"], attention(r))
     fresh = {key(r) for r in rows}
-    kept = [{"model": key(r)[0], **r} for r in previous.get("rows", []) if key(r) not in fresh]
+    kept = [{"model": key(r)[0], **r, **({"attention": attention(r)} if attention(r) else {})}
+            for r in previous.get("rows", []) if key(r) not in fresh]
     return kept + rows
 
 

@@ -27,6 +27,7 @@ Perplexity per text set (pooled, and mean +- standard error over windows) and co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import time
 
@@ -135,7 +136,7 @@ class Served:
             for w, sequence in enumerate(sequences):
                 value = score[w, :, :full * size].reshape(-1, full, size).transpose(1, 2, 0) * offsets[:, None]
                 masses[layer] = masses[layer].at[np.asarray(sequence.pages[:full], np.int32)].set(value)
-        self.pool = Pool(self.pool.k, self.pool.v, self.pool.packed, tuple(masses))
+        self.pool = dataclasses.replace(self.pool, mass=tuple(masses))
 
 
 def whole_prompt_scores(model, ids: np.ndarray, method: kv.ZipCache) -> list[np.ndarray]:

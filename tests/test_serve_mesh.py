@@ -63,9 +63,9 @@ def test_greedy_tokens_on_a_2x4_mesh_equal_one_devices(stdlib_llama, method):
     assert all(len(tokens) == NEW_TOKENS for tokens in on_mesh)
     assert_split_and_nothing_leaked(engine)
     # stdlib-llama's 2 KV heads on a 4-way model axis: heads over 2, head_dim over the other 2; pages over "data"
-    spec = engine.pool.k[0].sharding.spec
+    spec = engine.pool.kv[0].sharding.spec
     assert tuple(spec) == ("data", None, "model", "model_minor")
-    assert engine.pool.k[0].shape[0] % page_shards(engine.model.mesh, 2) == 0
+    assert engine.pool.kv[0].shape[0] % page_shards(engine.model.mesh, 2) == 0
 
 
 def test_a_model_loaded_on_a_mesh_is_served_on_it(stdlib_llama):
@@ -75,7 +75,7 @@ def test_a_model_loaded_on_a_mesh_is_served_on_it(stdlib_llama):
     assert engine.model is model
     single, _ = run(stdlib_llama, None, None)
     assert on_mesh == single
-    assert tuple(engine.pool.k[0].sharding.spec) == (None, None, "model", None)  # 2 KV heads over 2 chips
+    assert tuple(engine.pool.kv[0].sharding.spec) == (None, None, "model", None)  # 2 KV heads over 2 chips
     assert_split_and_nothing_leaked(engine)
     with pytest.raises(ZipjaxError, match="another mesh"):
         Engine(model, EngineConfig(**SHAPES), mesh=zipjax.make_mesh(data=2, model=4))

@@ -17,7 +17,7 @@ from zipjax.errors import ZipjaxError
 from zipjax.kv.codec import dequantize, unpack
 from zipjax.serve.engine import Engine, EngineConfig
 from zipjax.serve.packed import PackedPool, compress_layer, page_codec
-from zipjax.serve.paged import Pool, add_page_mass, paged_state
+from zipjax.serve.paged import Pool, add_page_mass, combine_kv, paged_state
 from zipjax.serve.requests import Request, SamplingParams
 
 SHAPES = dict(max_num_seqs=4, max_num_batched_tokens=64, page_size=8, block_size=16, num_pages=64)
@@ -71,9 +71,9 @@ def test_page_local_saliency_and_packing_equal_numpy():
     k_pages[1:].reshape(-1, 2, 16)[:n], v_pages[1:].reshape(-1, 2, 16)[:n] = k, v
     table, positions, first = jnp.array([[1, 2, 3, 0]]), jnp.arange(n)[None], jnp.zeros((1,), jnp.int32)
     qg = group_queries(jnp.asarray(q), 2)
-    state = paged_state(qg, jnp.asarray(k_pages), jnp.asarray(v_pages), table, positions, first, None, 2,
-                        empty_state(qg.shape[:4], 16))
-    mass = add_page_mass(jnp.zeros((4, page, 2)), qg, jnp.asarray(k_pages), table, positions, first, None, state)
+    kv_pages = combine_kv(jnp.asarray(k_pages), jnp.asarray(v_pages))
+    state = paged_state(qg, kv_pages, table, positions, first, None, 2, empty_state(qg.shape[:4], 16))
+    mass = add_page_mass(jnp.zeros((4, page, 2)), qg, kv_pages, table, positions, first, None, state)
 
     scores = np.einsum("qhd,khd->hqk", q[0], np.repeat(k, 2, axis=1)) / 4.0  # heads 0,1 -> kv head 0
     scores = np.where(np.tril(np.ones((n, n), bool)), scores, -np.inf)
