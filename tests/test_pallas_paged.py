@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from zipjax.kernels.common import MASK_VALUE, empty_state, group_queries, normalise, ungroup
-from zipjax.kernels.paged_packed_attention import Blocks, PagedSubset, paged_packed_attention
+from zipjax.kernels.paged_packed_attention import Blocks, PageLayout, paged_packed_attention
 
 from zipjax import aot, kv
 from zipjax.config import ModelConfig
@@ -44,10 +44,10 @@ def packed_pool(method, seed: int = 0):
     v = jnp.asarray(rng.normal(size=shape), jnp.float32)
     mass = jnp.asarray(rng.random(shape[:3]), jnp.float32)
     pool = PackedPool.init(CONFIG, spec, 12)
-    scale = None if pool.v_scale is None else pool.v_scale[0]
-    stores, scale = compress_layer(spec, k, v, mass, pool.stores[0], scale, jnp.arange(1, 9),
+    stores, scale = compress_layer(spec, k, v, mass, pool.stores[0], pool.v_scale, jnp.arange(1, 9),
                                    jnp.array([3, 7, 1, 10, 5, 11, 2, 8]))
-    return spec, stores, scale
+    assert scale is None  # the CST scales are part of the records
+    return spec, stores
 
 
 def rows(queries: int, seed: int = 1):
@@ -59,15 +59,11 @@ def rows(queries: int, seed: int = 1):
     return q, jnp.array(TABLE, jnp.int32), count, positions
 
 
-def subsets_of(stores) -> tuple[PagedSubset, ...]:
-    return tuple(PagedSubset(s.k_codes, s.v_codes, s.slots, s.k_step, s.k_min, s.v_step, s.v_min) for s in stores)
-
-
-def reference(spec, stores, scale, q, table, count, positions, window):
+def reference(spec, stores, q, table, count, positions, window):
     """The serving path's jnp attention over packed pages: (out, lse), lse MASK_VALUE where nothing is seen."""
     qg = group_queries(q, CONFIG.num_kv_heads)
     jnp_spec = dataclasses.replace(spec, kernel=False)
-    state = packed_state(qg, stores, scale, jnp_spec, table, count, positions, window, 2, empty_state(qg.shape[:4], 32))
+    state = packed_state(qg, stores, None, jnp_spec, table, count, positions, window, 2, empty_state(qg.shape[:4], 32))
     lse = jnp.where(state.denom > 0, state.max + jnp.log(jnp.maximum(state.denom, 1e-30)), MASK_VALUE)
     return ungroup(normalise(state)), ungroup(lse)[..., 0]
 
@@ -76,13 +72,12 @@ def reference(spec, stores, scale, q, table, count, positions, window):
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize(("queries", "window", "splits"), [(1, None, None), (3, 40, None), (1, 30, 2)])
 def test_kernel_matches_the_jnp_path(method, queries, window, splits, backend):
-    spec, stores, scale = packed_pool(METHODS[method])
+    spec, stores = packed_pool(METHODS[method])
     q, table, count, positions = rows(queries)
-    want_out, want_lse = reference(spec, stores, scale, q, table, count, positions, window)
-    out, lse = paged_packed_attention(q, subsets_of(stores), scale, table, count, positions, bits=spec.bits,
-                                      page_size=PAGE, key_mode=spec.codec.key_mode, key_block=spec.codec.key_block,
-                                      group=spec.codec.group, sliding_window=window, blocks=Blocks(splits=splits),
-                                      backend=backend, interpret=True)
+    want_out, want_lse = reference(spec, stores, q, table, count, positions, window)
+    out, lse = paged_packed_attention(q, stores, table, count, positions, layout=spec.layout(32),
+                                      sliding_window=window, blocks=Blocks(splits=splits), backend=backend,
+                                      interpret=True)
     seen = want_lse > MASK_VALUE / 2
     assert bool(jnp.any(seen)) and not bool(jnp.all(seen))  # row 1 and early queries see nothing
     out_error = float(jnp.abs(out - want_out).max())
@@ -95,11 +90,11 @@ def test_kernel_matches_the_jnp_path(method, queries, window, splits, backend):
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_a_prefill_block_of_queries_matches_the_jnp_path(backend):
     """10 queries x G = 4 per row: 40 rows, two row blocks of 32 in Triton's form."""
-    spec, stores, scale = packed_pool(METHODS["zipcache"])
+    spec, stores = packed_pool(METHODS["zipcache"])
     q, table, count, positions = rows(10)
-    want_out, want_lse = reference(spec, stores, scale, q, table, count, positions, None)
-    out, lse = paged_packed_attention(q, subsets_of(stores), scale, table, count, positions, bits=spec.bits,
-                                      page_size=PAGE, key_mode="channel", backend=backend, interpret=True)
+    want_out, want_lse = reference(spec, stores, q, table, count, positions, None)
+    out, lse = paged_packed_attention(q, stores, table, count, positions, layout=spec.layout(32), backend=backend,
+                                      interpret=True)
     seen = want_lse > MASK_VALUE / 2
     np.testing.assert_allclose(out, want_out, atol=1e-5)
     np.testing.assert_allclose(jnp.where(seen, lse, 0.0), jnp.where(seen, want_lse, 0.0), atol=1e-5)
