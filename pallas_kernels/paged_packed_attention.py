@@ -11,17 +11,20 @@ block, so the kernel reads the pool in place; with narrow minor dimensions (the 
 rows, in order (subsets: one per precision; ZipCache: its salient tokens at 4 bits and the rest at 2 bits; KIVI and
 uniform: one):
 
-  codes        per subset s (b bits, n_s tokens), K then V, each R_s = ceil(n_s / (32 / b)) rows: bits [e*b, (e+1)*b)
-               of word (r, c) hold the code of channel c of the subset's token e * R_s + r (its storage index)
+  codes        lane c of every word holds channel c. Each code stream (subset s, K then V; widest codes first)
+               fills bit columns [o, o + b) of the first rows down, token after token of the subset (its storage
+               index), then the next column: no padding between subsets, so the codes take ceil(total bits / 32)
+               rows (ZipCache's 39 + 25 tokens at 4 / 2 bits: 13 rows). Ranked pages add one bit column: bit j of
+               lane j is set iff slot j of the page is salient (subset 0); a subset's tokens are its slots in
+               increasing order, so no slot is stored.
   key stats    channel-wise keys: per subset and run of `key_block` tokens (or the whole subset) one row, word c =
                float16 step of channel c | float16 min << 16
-  token table  per kind (token-wise keys "k", then values "v"), group of channels, subset and field e: the tokens
-               e * R_s .. e * R_s + R_s - 1 on consecutive lanes of one row (a field never straddles rows), word =
-               float16 step | float16 min << 16
-  slot rows    ranked methods and CST values: the low halves of the first row hold the CST channel scale (float16,
-               lane = channel); the high halves hold each token's slot (its offset in the page) at the lanes of a
-               second table shaped like the token table's fields (ranked methods only; otherwise slot = the subset's
-               first slot + storage index)
+  tables       float16 entries on half-rows (the low, then the high 16 bits of a row's words): the CST channel
+               scale (lane = channel), then per kind (token-wise keys "k", values "v"), step then min, group and
+               subset, the subset's tokens on consecutive lanes (a segment that fits stays on one half-row)
+
+ZipCache 4/2 at LLaMA-3-8B's shapes (64-token pages, head_dim 128) takes 13 + 2 + 1 rows = 8 KiB per page and KV
+head, as many bytes as its information; KIVI-2 12 rows (6 KiB), uniform-4 17 rows (8.5 KiB).
 
 A sequence's packed pages are the logical pages 0 .. count - 1 of its table; a key's position is logical page *
 page_size + slot (the ranking orders tokens differently per KV head), and a query at position p sees it iff position
@@ -29,11 +32,13 @@ page_size + slot (the ranking orders tokens differently per KV head), and a quer
 
 One program per (sequence, KV head, split) walks the sequence's pages; the rows of a program are the queries of the
 sequence times the G query heads of the KV head (row q * G + g), so every page's codes are read once for all of them.
-A field e of a block of code rows unpacks with one shift and mask into the keys (or values) [rows, head_dim] of R_s
-tokens, channels on lanes: scores are q . k^T per field, values p . v per field. The scales never touch the pool:
-channel-wise keys fold the page's step into the query and its min into a bias, token-wise keys scale the field's
-scores by each token's step and add its min times the query's sum over the group, values apply the token's step to
-its probability and the page's CST scale to the output columns; float16 statistics are decoded from their bits.
+A piece of a subset's tokens (`PageLayout.pieces`: consecutive tokens in one bit column and one table chunk) unpacks
+with one shift and mask into keys (or values) [tokens, head_dim], channels on lanes: scores are q . k^T per piece,
+values p . v per piece. The scales never touch the pool: channel-wise keys fold the page's step into the query and
+its min into a bias, token-wise keys scale the piece's scores by each token's step and add its min times the query's
+sum over the group, values apply the token's step to its probability and the page's CST scale to the output
+columns; float16 entries are decoded from their bits. Ranked pages: a row sees the subset's tokens between the
+counts of its salient (or other) slots up to the row's window start and up to its position.
 
 TPU (Mosaic): the page table and the packed-page counts are scalar-prefetched; the grid is (sequence, KV head,
 split, table slot) with the slot axis sequential, and each block's index map reads the page id from the table (a
@@ -73,30 +78,92 @@ GPU_MIN_DOT = 16  # Triton's smallest dot dimension: blocks of code rows and tab
 WORD_BITS = 32
 
 
-class _Plan(NamedTuple):
-    """Where each part of a page record lives: the first row of each (subset, 0 = K / 1 = V) code block, the row of
-    each (subset, run) of channel-wise key statistics, the (row, lane) of each token-table field (kind, group,
-    subset, field) and slot field (subset, field), the row of the CST scale, the record's rows and their split."""
+class _Codes(NamedTuple):
+    """A run of one code stream (subset, K or V) in one bit column: tokens first .. first + count - 1 of the subset
+    in record rows row .. row + count - 1, bits [offset, offset + bits) of each word."""
 
-    code: dict
+    row: int
+    offset: int
+    first: int
+    count: int
+
+
+class _Chunk(NamedTuple):
+    """A run of a statistics table's float16 entries on one half-row: tokens first .. first + count - 1 of the
+    subset (or channels, for the CST scale) on lanes lane .. of record row `row`, low or `high` halves."""
+
+    row: int
+    high: bool
+    lane: int
+    first: int
+    count: int
+
+
+class _Piece(NamedTuple):
+    """Tokens first .. first + count - 1 of subset s, contiguous in every part of the record: their key and value
+    codes at (row, bit offset) and their table entries in one chunk each."""
+
+    s: int
+    first: int
+    count: int
+    k: tuple[int, int]
+    v: tuple[int, int]
+
+
+class _Plan(NamedTuple):
+    """Where each part of a page record lives (see the module docstring): the code runs of each (subset, 0 = K /
+    1 = V), the (row, bit offset) of the salient-slot bits (ranked pages), the row of each (subset, run) of
+    channel-wise key statistics, the chunks of each table (kind, 0 = step / 1 = min, group, subset) and of the CST
+    scale, the record's rows and their split into pool arrays."""
+
+    codes: dict
+    member: tuple[int, int] | None
     key_stats: dict
     table: dict
-    slot: dict
-    scale_row: int | None
+    scale: _Chunk | None
     rows: int
     leaves: tuple[int, ...]
 
 
-def _allocate(width: int, fields: list, row: int) -> tuple[dict, int]:
-    """Place fields (key, lanes) on consecutive lanes of rows `width` wide from `row` on, none straddling a row;
-    returns their (row, lane) and the first row after them."""
-    placed, lane = {}, 0
-    for key, lanes in fields:
-        if lane + lanes > width:
-            row, lane = row + 1, 0
-        placed[key] = (row, lane)
-        lane += lanes
-    return placed, row + (1 if lane else 0)
+def _fill_codes(streams: list, rows: int, ranked: bool) -> tuple[dict, tuple[int, int] | None] | None:
+    """Stack the code streams (key, bits, tokens) down bit columns of `rows` words (widest first), then the 1-bit
+    salient-slot column of ranked pages: their runs and that column's (row, offset), or None if 32 bits are not
+    enough."""
+    codes, top, column = {}, 0, None  # column: [offset, bits, next free row]
+    for key, bits, n in streams:
+        runs, t = [], 0
+        while t < n:
+            if column is None or column[1] != bits or column[2] == rows:
+                if top + bits > WORD_BITS:
+                    return None
+                column, top = [top, bits, 0], top + bits
+            take = min(n - t, rows - column[2])
+            runs.append(_Codes(column[2], column[0], t, take))
+            column[2], t = column[2] + take, t + take
+        codes[key] = tuple(runs)
+    if not ranked:
+        return codes, None
+    if top < WORD_BITS:
+        return codes, (0, top)
+    return (codes, (column[2], column[0])) if column[2] < rows else None
+
+
+def _fill_tables(segments: list, width: int, row: int) -> tuple[dict, int]:
+    """Place table segments (key, entries) on half-rows of `width` lanes from `row` on (each on one half-row when it
+    fits): their chunks and the first row after them."""
+    placed, half, lane = {}, 0, 0
+    for key, n in segments:
+        if lane + min(n, width) > width:
+            half, lane = half + 1, 0
+        chunks, t = [], 0
+        while t < n:
+            if lane == width:
+                half, lane = half + 1, 0
+            take = min(n - t, width - lane)
+            chunks.append(_Chunk(row + half // 2, half % 2 == 1, lane, t, take))
+            lane, t = lane + take, t + take
+        placed[key] = tuple(chunks)
+    return placed, row + (half + (1 if lane else 0) + 1) // 2
 
 
 def _split_rows(rows: int) -> tuple[int, ...]:
@@ -109,7 +176,8 @@ class PageLayout:
     """The packed page format of one KV method (see the module docstring): `bits` and `sizes` (tokens) per subset
     (sizes summing to the page size), keys channel-wise ("channel": statistics per subset, or per run of `key_block`
     tokens) or token-wise ("token", per group of `group` channels, as values always are; None: the whole head),
-    CST value scales (`cst`), and slots stored per token (`ranked`: ZipCache orders a page's tokens by saliency)."""
+    CST value scales (`cst`), and `ranked` pages (ZipCache: two subsets chosen by saliency, the salient slots kept
+    as one bit per slot; otherwise a subset's tokens are consecutive slots)."""
 
     head_dim: int
     bits: tuple[int, ...]
@@ -128,8 +196,9 @@ class PageLayout:
         if any(n < 1 for n in self.sizes) or self.head_dim % self.channels:
             raise ValueError(f"sizes {self.sizes} must be positive and group {self.group} divide head_dim "
                              f"{self.head_dim}")
-        if any(self.code_rows(s) > self.head_dim for s in range(len(self.sizes))) or self.page_size >= 1 << 16:
-            raise ValueError(f"page of {self.page_size} tokens too large for head_dim {self.head_dim}")
+        if self.ranked and (len(self.sizes) > 2 or self.page_size > self.head_dim):
+            raise ValueError(f"ranked pages need at most 2 subsets and page_size <= head_dim, got sizes "
+                             f"{self.sizes}, head_dim {self.head_dim}")
 
     @property
     def page_size(self) -> int:
@@ -144,11 +213,10 @@ class PageLayout:
     def groups(self) -> int:
         return self.head_dim // self.channels
 
-    def per_word(self, s: int) -> int:
-        return WORD_BITS // self.bits[s]
-
-    def code_rows(self, s: int) -> int:
-        return -(-self.sizes[s] // self.per_word(s))
+    @property
+    def member_bits(self) -> bool:
+        """Whether slots are stored (as the salient subset's bit per slot): ranked pages of two subsets."""
+        return self.ranked and len(self.sizes) == 2
 
     def runs(self, s: int) -> int:
         """Rows of channel-wise key statistics of subset s (0 for token-wise keys)."""
@@ -164,27 +232,29 @@ class PageLayout:
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        """The token table's kinds: token-wise key statistics (if any), then value statistics."""
+        """The tables' kinds: token-wise key statistics (if any), then value statistics."""
         return ("k", "v") if self.key_mode == "token" else ("v",)
 
     @functools.cached_property
     def plan(self) -> _Plan:
-        subsets, row, code, key_stats = range(len(self.sizes)), 0, {}, {}
-        for s in subsets:
-            for kv in (0, 1):
-                code[s, kv], row = row, row + self.code_rows(s)
+        subsets = range(len(self.sizes))
+        streams = [((s, kv), self.bits[s], self.sizes[s]) for s in sorted(subsets, key=lambda s: -self.bits[s])
+                   for kv in (0, 1)]
+        rows = -(-(sum(2 * n * b for n, b in zip(self.sizes, self.bits, strict=True)) + self.member_bits)
+                 // WORD_BITS)
+        while (filled := _fill_codes(streams, rows, self.member_bits)) is None:
+            rows += 1
+        codes, member = filled
+        key_stats = {}
         for s in subsets:
             for run in range(self.runs(s)):
-                key_stats[s, run], row = row, row + 1
-        fields = lambda *prefix: [((*prefix, s, e), self.code_rows(s)) for s in subsets
-                                  for e in range(self.per_word(s))]
-        table, row = _allocate(self.head_dim, [f for kind in self.kinds for g in range(self.groups)
-                                               for f in fields(kind, g)], row)
-        slot, scale_row = {}, None
-        if self.cst or self.ranked:
-            slot, end = _allocate(self.head_dim, fields() if self.ranked else [], row)
-            scale_row, row = row, max(end, row + 1)
-        return _Plan(code, key_stats, table, slot, scale_row, row, _split_rows(row))
+                key_stats[s, run], rows = rows, rows + 1
+        segments = [(("scale",), self.head_dim)] if self.cst else []
+        segments += [((kind, part, g, s), self.sizes[s]) for kind in self.kinds for part in (0, 1)
+                     for g in range(self.groups) for s in subsets]
+        table, rows = _fill_tables(segments, self.head_dim, rows)
+        scale = table.pop(("scale",))[0] if self.cst else None
+        return _Plan(codes, member, key_stats, table, scale, rows, _split_rows(rows))
 
     @property
     def rows(self) -> int:
@@ -203,19 +273,26 @@ class PageLayout:
             row -= size
         raise ValueError(f"row {row} past the record")
 
-    def pieces(self, s: int) -> tuple[tuple[int, int], ...]:
-        """Subset s's code rows [r0, r1) that lie in one pool array for K and for V alike."""
+    @functools.cached_property
+    def pieces(self) -> tuple[_Piece, ...]:
+        """Every subset's tokens cut where a code run, a pool array or a table chunk ends."""
         starts = [sum(self.leaves[:i]) for i in range(1, len(self.leaves))]
-        size, cuts = self.code_rows(s), {0, self.code_rows(s)}
-        for kv in (0, 1):
-            first = self.plan.code[s, kv]
-            cuts |= {x - first for x in starts if first < x < first + size}
-        return tuple(itertools.pairwise(sorted(cuts)))
+        plan, out = self.plan, []
+        for s in range(len(self.sizes)):
+            cuts = {0, self.sizes[s]}
+            for run in plan.codes[s, 0] + plan.codes[s, 1]:
+                cuts |= {run.first} | {run.first + x - run.row for x in starts if run.row < x < run.row + run.count}
+            cuts |= {chunk.first for key, chunks in plan.table.items() if key[3] == s for chunk in chunks}
+            for first, last in itertools.pairwise(sorted(cuts)):
+                at = [next((r.row + first - r.first, r.offset) for r in plan.codes[s, kv]
+                           if r.first <= first < r.first + r.count) for kv in (0, 1)]
+                out.append(_Piece(s, first, last - first, *at))
+        return tuple(out)
 
-    def token_place(self, table: dict, key: tuple, s: int, token: int) -> tuple[int, int]:
-        """(row, lane) of a token of subset s in a table (plan.table with key (kind, group), or plan.slot)."""
-        row, lane = table[(*key, s, token // self.code_rows(s))]
-        return row, lane + token % self.code_rows(s)
+    def chunk(self, key: tuple, first: int) -> tuple[int, bool, int]:
+        """(row, high, lane) of token `first` of table `key` (kind, part, group, subset)."""
+        chunk = next(c for c in self.plan.table[key] if c.first <= first < c.first + c.count)
+        return chunk.row, chunk.high, chunk.lane + first - chunk.first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,9 +369,9 @@ def _half(words: jax.Array, high: bool) -> jax.Array:
     return decode_float16_bits((words >> 16) & 0xFFFF if high else words & 0xFFFF)
 
 
-def _field(words: jax.Array, e: int, bits: int) -> jax.Array:
-    """Field e of code words [w, d]: the codes of tokens e * R + row, float32."""
-    return ((words >> (e * bits)) & ((1 << bits) - 1)).astype(jnp.float32)
+def _field(words: jax.Array, offset: int, bits: int) -> jax.Array:
+    """The codes in bits [offset, offset + bits) of words [w, d], float32."""
+    return ((words >> offset) & ((1 << bits) - 1)).astype(jnp.float32)
 
 
 class _TpuPage:
@@ -340,74 +417,59 @@ class _GpuPage(_TpuPage):
                         other=0).reshape(1, width)
 
 
-class _Block(NamedTuple):
-    """Field e of code rows [r0, r1) of subset s: its value codes and where its statistics are."""
-
-    s: int
-    e: int
-    r0: int
-    r1: int
-    v_words: jax.Array
+def _table(page: _TpuPage, t: Tiling, piece: _Piece, kind: str, part: int, g: int) -> jax.Array:
+    """float32 [1, width]: a table's entries (kind, 0 step / 1 min, group) of a piece's tokens."""
+    row, high, lane = t.layout.chunk((kind, part, g, piece.s), piece.first)
+    return _half(page.lanes(row, lane, piece.count), high)
 
 
-def _page_blocks(page: _TpuPage, t: Tiling):
-    """Every (block, key codes) of a page: per subset and piece of code rows, each field holding a valid token."""
+def _ranked_bounds(page: _TpuPage, start: jax.Array, t: Tiling) -> list[tuple[jax.Array, jax.Array]]:
+    """Ranked pages: per subset the storage indices [lo, hi) int32 [rows, 1] each query row sees. A subset's tokens
+    are its slots in increasing order, so a row that sees slots (start - window, start] sees the subset's tokens
+    from the number of its slots <= start - window up to the number <= start."""
     layout = t.layout
-    for s in range(len(layout.sizes)):
-        for r0, r1 in layout.pieces(s):
-            k_words = page.words(layout.plan.code[s, 0] + r0, r1 - r0)
-            v_words = page.words(layout.plan.code[s, 1] + r0, r1 - r0)
-            for e in range(layout.per_word(s)):
-                if e * layout.code_rows(s) + r0 < layout.sizes[s]:
-                    yield _Block(s, e, r0, r1, v_words), _field(k_words, e, layout.bits[s])
+    row, offset = layout.plan.member
+    lanes = t.width(layout.page_size)
+    slot = lax.broadcasted_iota(jnp.int32, (1, lanes), 1)
+    salient = (page.lanes(row, 0, layout.page_size) >> offset) & 1  # [1, lanes]: slot j is in subset 0
+    bounds = []
+    for member in (salient, 1 - salient):
+        member = jnp.where(slot < layout.page_size, member, 0)
+        count = lambda last, member=member: jnp.sum(jnp.where(slot <= last, member, 0), axis=1, keepdims=True)
+        low = 0 if t.sliding_window is None else count(start - t.sliding_window)
+        bounds.append((low, count(start)))
+    return bounds
 
 
-def _table_stats(page: _TpuPage, t: Tiling, block: _Block, kind: str, g: int) -> tuple[jax.Array, jax.Array]:
-    """(step, min) float32 [1, width] of a block's tokens from the token table."""
-    row, lane = t.layout.plan.table[kind, g, block.s, block.e]
-    words = page.lanes(row, lane + block.r0, block.r1 - block.r0)
-    return _half(words, False), _half(words, True)
-
-
-def _block_tokens(page: _TpuPage, t: Tiling, block: _Block) -> tuple[jax.Array, jax.Array]:
-    """(storage index, slot) int32 [1, width] of a block's tokens."""
-    layout, n = t.layout, block.r1 - block.r0
-    index = block.e * layout.code_rows(block.s) + block.r0 + lax.broadcasted_iota(jnp.int32, (1, t.width(n)), 1)
-    if not layout.ranked:
-        return index, layout.first_slot(block.s) + index
-    row, lane = layout.plan.slot[block.s, block.e]
-    return index, (page.lanes(row, lane + block.r0, n) >> 16) & 0xFFFF
-
-
-def _key_scores(q: jax.Array, keys: jax.Array, page: _TpuPage, block: _Block, index: jax.Array, t: Tiling):
-    """float32 [rows, width]: q . k of a block's tokens (queries already scaled by d^-0.5)."""
+def _key_scores(q: jax.Array, keys: jax.Array, page: _TpuPage, piece: _Piece, index: jax.Array, t: Tiling):
+    """float32 [rows, width]: q . k of a piece's tokens (queries already scaled by d^-0.5)."""
     layout = t.layout
     if layout.key_mode == "token":
         column = lax.broadcasted_iota(jnp.int32, (1, t.head_dim), 1) // layout.channels
         scores = 0.0
         for g in range(layout.groups):
             q_g = jnp.where(column == g, q, 0.0) if layout.groups > 1 else q
-            step, minimum = _table_stats(page, t, block, "k", g)
+            step, minimum = _table(page, t, piece, "k", 0, g), _table(page, t, piece, "k", 1, g)
             scores = scores + _dot(q_g, keys, 1) * step + jnp.sum(q_g, axis=1, keepdims=True) * minimum
         return scores
-    first, last = block.e * layout.code_rows(block.s) + block.r0, block.e * layout.code_rows(block.s) + block.r1 - 1
     scores = None
-    for run in range(layout.run_of(first), layout.run_of(min(last, layout.sizes[block.s] - 1)) + 1):
-        words = page.lanes(layout.plan.key_stats[block.s, run], 0, t.head_dim)
+    for run in range(layout.run_of(piece.first), layout.run_of(piece.first + piece.count - 1) + 1):
+        words = page.lanes(layout.plan.key_stats[piece.s, run], 0, t.head_dim)
         step, minimum = _half(words, False), _half(words, True)
         run_scores = _dot(q * step, keys, 1) + jnp.sum(q * minimum, axis=1, keepdims=True)
         scores = run_scores if scores is None else jnp.where(index // layout.key_block == run, run_scores, scores)
     return scores
 
 
-def _block_values(p: jax.Array, page: _TpuPage, block: _Block, t: Tiling) -> jax.Array:
-    """float32 [rows, d]: sum over a block's tokens of p * v (before the CST scale)."""
+def _piece_values(p: jax.Array, page: _TpuPage, piece: _Piece, t: Tiling) -> jax.Array:
+    """float32 [rows, d]: sum over a piece's tokens of p * v (before the CST scale)."""
     layout = t.layout
-    values = _field(block.v_words, block.e, layout.bits[block.s])
+    row, offset = piece.v
+    values = _field(page.words(row, piece.count), offset, layout.bits[piece.s])
     column = lax.broadcasted_iota(jnp.int32, (1, t.head_dim), 1) // layout.channels
     out = 0.0
     for g in range(layout.groups):
-        step, minimum = _table_stats(page, t, block, "v", g)
+        step, minimum = _table(page, t, piece, "v", 0, g), _table(page, t, piece, "v", 1, g)
         part = _dot(p * step, values, 0) + jnp.sum(p * minimum, axis=1, keepdims=True)
         out = out + (jnp.where(column == g, part, 0.0) if layout.groups > 1 else part)
     return out
@@ -415,26 +477,31 @@ def _block_values(p: jax.Array, page: _TpuPage, block: _Block, t: Tiling) -> jax
 
 def _fold_page(q: jax.Array, row_pos: jax.Array, logical, page: _TpuPage, m_ref, l_ref, acc_ref, t: Tiling) -> None:
     """Fold one page into the state refs m, l [rows, 1] and acc [rows, d]: the online-softmax step of
-    zipjax.kernels.common written out over the page's blocks of tokens."""
+    zipjax.kernels.common written out over the page's pieces of tokens."""
     layout, scored = t.layout, []
-    for block, keys in _page_blocks(page, t):
-        index, slot = _block_tokens(page, t, block)
-        delta = row_pos - (logical * layout.page_size + slot)  # [rows, width]
-        last = min(layout.sizes[block.s], block.e * layout.code_rows(block.s) + block.r1)  # past it: padding
-        seen = (index < last) & (delta >= 0)
-        if t.sliding_window is not None:
-            seen &= delta < t.sliding_window
-        scored.append((block, seen, jnp.where(seen, _key_scores(q, keys, page, block, index, t), MASK_VALUE)))
+    start = row_pos - logical * layout.page_size  # [rows, 1]: the last slot of the page a row sees
+    bounds = _ranked_bounds(page, start, t) if layout.member_bits else None
+    for piece in layout.pieces:
+        index = piece.first + lax.broadcasted_iota(jnp.int32, (1, t.width(piece.count)), 1)
+        if bounds is None:
+            delta = start - (layout.first_slot(piece.s) + index)  # [rows, width]
+            seen = delta >= 0 if t.sliding_window is None else (delta >= 0) & (delta < t.sliding_window)
+        else:
+            seen = (index >= bounds[piece.s][0]) & (index < bounds[piece.s][1])
+        seen &= index < piece.first + piece.count  # past it: Triton's padding
+        keys = _field(page.words(piece.k[0], piece.count), piece.k[1], layout.bits[piece.s])
+        scored.append((piece, seen, jnp.where(seen, _key_scores(q, keys, page, piece, index, t), MASK_VALUE)))
     m_old = m_ref[...]
     m = functools.reduce(jnp.maximum, [x.max(axis=1, keepdims=True) for _, _, x in scored], m_old)
     rescale = jnp.exp(m_old - m)
     total, values = rescale * l_ref[...], 0.0
-    for block, seen, x in scored:
+    for piece, seen, x in scored:
         p = jnp.where(seen, jnp.exp(x - m), 0.0)
         total = total + p.sum(axis=1, keepdims=True)
-        values = values + _block_values(p, page, block, t)
+        values = values + _piece_values(p, page, piece, t)
     if layout.cst:
-        values = values * _half(page.lanes(layout.plan.scale_row, 0, t.head_dim), False)
+        scale = layout.plan.scale
+        values = values * _half(page.lanes(scale.row, 0, t.head_dim), scale.high)
     acc_ref[...] = rescale * acc_ref[...] + values
     l_ref[...] = total
     m_ref[...] = m
@@ -488,9 +555,8 @@ def _cost(t: Tiling, n: int, slots: int) -> pl.CostEstimate:
     """The contractions and reads of every page the table can name (an upper bound: slots past a count do nothing)."""
     programs = n * t.row_blocks * t.kv_heads * t.splits * slots
     layout = t.layout
-    tokens = sum(layout.per_word(s) * layout.code_rows(s) for s in range(len(layout.sizes)))
     passes = layout.groups * (2 if layout.key_mode == "token" else 1)
-    flops = 2 * t.rows * tokens * t.head_dim * (1 + passes) * programs
+    flops = 2 * t.rows * layout.page_size * t.head_dim * (1 + passes) * programs
     return pl.CostEstimate(flops=flops, transcendentals=programs * t.rows * layout.page_size,
                            bytes_accessed=programs * layout.rows * t.head_dim * 4
                            + n * t.kv_heads * t.rows * (t.head_dim + 2) * 8)

@@ -170,10 +170,9 @@ def compress_layer(spec: PageCodec, k_pages: jax.Array, v_pages: jax.Array, mass
     return tuple(out), v_scale
 
 
-def _pairs(step: jax.Array, minimum: jax.Array) -> jax.Array:
-    """float16 (step, min) -> uint32 words step | min << 16."""
-    bits = lambda x: jax.lax.bitcast_convert_type(x.astype(jnp.float16), jnp.uint16).astype(jnp.uint32)
-    return bits(step) | (bits(minimum) << 16)
+def _bits16(x: jax.Array) -> jax.Array:
+    """float16 values -> their bits as uint32."""
+    return jax.lax.bitcast_convert_type(x.astype(jnp.float16), jnp.uint16).astype(jnp.uint32)
 
 
 def _halves(words: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -182,44 +181,42 @@ def _halves(words: jax.Array) -> tuple[jax.Array, jax.Array]:
     return half(words), half(words >> 16)
 
 
-def _places(layout: PageLayout, table: dict, key: tuple, s: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows and lanes int [n_s] of subset s's tokens in a table of the record."""
-    rows, lanes = zip(*(layout.token_place(table, key, s, t) for t in range(layout.sizes[s])), strict=True)
-    return np.array(rows), np.array(lanes)
-
-
-def _words(layout: PageLayout, codes: jax.Array, s: int) -> jax.Array:
-    """Codes uint8 [C, kv_heads, n_s, d] (unpacked) -> code words uint32 [C, kv_heads, R_s, d]."""
-    p, rows, bits = layout.per_word(s), layout.code_rows(s), layout.bits[s]
-    c, h, n, d = codes.shape
-    fields = jnp.pad(codes, ((0, 0), (0, 0), (0, p * rows - n), (0, 0))).astype(jnp.uint32).reshape(c, h, p, rows, d)
-    return functools.reduce(jnp.bitwise_or, [fields[:, :, e] << (e * bits) for e in range(p)])
+def _tables(store: Store, layout: PageLayout) -> dict:
+    """A subset's token-wise statistics float16 [C, kv_heads, n, groups] by (kind, 0 step / 1 min)."""
+    tables = {("v", 0): store.v_step, ("v", 1): store.v_min}
+    if layout.key_mode == "token":
+        tables |= {("k", 0): store.k_step, ("k", 1): store.k_min}
+    return tables
 
 
 def _encode(layout: PageLayout, subsets: list[tuple[Store, jax.Array]], scale: jax.Array | None) -> jax.Array:
     """The records int32 [C, kv_heads, rows, d] of C pages: per subset its encoded `Store` (zipjax.kv.codec) and
-    slots int32 [C, kv_heads, n_s]; scale float16 [C, kv_heads, 1, d] (CST) or None."""
+    slots int32 [C, kv_heads, n_s] (increasing); scale float16 [C, kv_heads, 1, d] (CST) or None. Every part of the
+    record has bits of its own: parts are added."""
     plan = layout.plan
     c, h = subsets[0][1].shape[:2]
     record = jnp.zeros((c, h, layout.rows, layout.head_dim), jnp.uint32)
+    at = lambda chunk: (slice(None), slice(None), chunk.row, slice(chunk.lane, chunk.lane + chunk.count))
     if scale is not None:
-        record = record.at[:, :, plan.scale_row].set(_pairs(scale[:, :, 0], jnp.zeros_like(scale[:, :, 0])))
+        record = record.at[at(plan.scale)].add(_bits16(scale[:, :, 0]) << (16 * plan.scale.high))
     for s, (store, slots) in enumerate(subsets):
-        bits, rows = layout.bits[s], layout.code_rows(s)
-        for kv, codes in enumerate((store.k_codes, store.v_codes)):
-            start = plan.code[s, kv]
-            record = record.at[:, :, start:start + rows].set(_words(layout, unpack(codes, bits), s))
+        for kv, packed in enumerate((store.k_codes, store.v_codes)):
+            codes = unpack(packed, layout.bits[s]).astype(jnp.uint32)  # [C, kv_heads, n_s, d]
+            for run in plan.codes[s, kv]:
+                record = record.at[:, :, run.row:run.row + run.count].add(
+                    codes[:, :, run.first:run.first + run.count] << run.offset)
         for run in range(layout.runs(s)):
-            record = record.at[:, :, plan.key_stats[s, run]].set(_pairs(store.k_step[:, :, run],
-                                                                          store.k_min[:, :, run]))
-        stats = {"k": (store.k_step, store.k_min), "v": (store.v_step, store.v_min)}
-        for kind in layout.kinds:
+            stats = _bits16(store.k_step[:, :, run]) | (_bits16(store.k_min[:, :, run]) << 16)
+            record = record.at[:, :, plan.key_stats[s, run]].add(stats)
+        for (kind, part), values in _tables(store, layout).items():
             for g in range(layout.groups):
-                rows_at, lanes_at = _places(layout, plan.table, (kind, g), s)
-                record = record.at[:, :, rows_at, lanes_at].set(_pairs(stats[kind][0][..., g], stats[kind][1][..., g]))
-        if layout.ranked:
-            rows_at, lanes_at = _places(layout, plan.slot, (), s)
-            record = record.at[:, :, rows_at, lanes_at].add(slots.astype(jnp.uint32) << 16)
+                for chunk in plan.table[kind, part, g, s]:
+                    entries = values[:, :, chunk.first:chunk.first + chunk.count, g]
+                    record = record.at[at(chunk)].add(_bits16(entries) << (16 * chunk.high))
+        if layout.member_bits and s == 0:  # one bit per slot of the page: salient
+            salient = jnp.any(slots[..., None] == jnp.arange(layout.page_size), axis=2).astype(jnp.uint32)
+            row, offset = plan.member
+            record = record.at[:, :, row, :layout.page_size].add(salient << offset)
     return jax.lax.bitcast_convert_type(record, jnp.int32)
 
 
@@ -227,28 +224,29 @@ def _decode(layout: PageLayout, record: jax.Array) -> tuple[list[tuple[Store, ja
     """`_encode` inverted: records int32 [N, kv_heads, rows, d] -> per subset (Store with codes unpacked uint8
     [N, kv_heads, n_s, d], slots int32 [N, kv_heads, n_s]), and the CST scale float16 [N, kv_heads, 1, d] or None."""
     plan, out = layout.plan, []
+    half = lambda chunk: _halves(record[:, :, chunk.row, chunk.lane:chunk.lane + chunk.count])[int(chunk.high)]
+    slots = None
+    if layout.member_bits:
+        row, offset = plan.member
+        salient = (record[:, :, row, :layout.page_size] >> offset) & 1  # [N, kv_heads, page_size]
+        slots = jnp.argsort(1 - salient, axis=-1, stable=True).astype(jnp.int32)  # salient slots, then the rest
     for s in range(len(layout.sizes)):
-        n, p, rows, bits = layout.sizes[s], layout.per_word(s), layout.code_rows(s), layout.bits[s]
-        codes = []
-        for kv in (0, 1):
-            words = record[:, :, plan.code[s, kv]:plan.code[s, kv] + rows]  # [N, kv_heads, R_s, d]
-            fields = [(words >> (e * bits)) & ((1 << bits) - 1) for e in range(p)]
-            codes.append(jnp.concatenate(fields, axis=2)[:, :, :n].astype(jnp.uint8))
-        stats = {}
-        for kind in layout.kinds:
-            pairs = [_halves(record[:, :, r, c]) for r, c in (_places(layout, plan.table, (kind, g), s)
-                                                              for g in range(layout.groups))]
-            stats[kind] = tuple(jnp.stack([pair[i] for pair in pairs], axis=-1) for i in (0, 1))  # [N, h, n, groups]
+        n, bits = layout.sizes[s], layout.bits[s]
+        codes = [jnp.concatenate([(record[:, :, r.row:r.row + r.count] >> r.offset) & ((1 << bits) - 1)
+                                  for r in plan.codes[s, kv]], axis=2).astype(jnp.uint8) for kv in (0, 1)]
+        stats = {(kind, part): jnp.stack([jnp.concatenate([half(c) for c in plan.table[kind, part, g, s]], axis=2)
+                                          for g in range(layout.groups)], axis=-1)
+                 for kind in layout.kinds for part in (0, 1)}  # [N, kv_heads, n_s, groups]
         if layout.key_mode == "channel":
-            key_rows = [plan.key_stats[s, run] for run in range(layout.runs(s))]
-            stats["k"] = _halves(record[:, :, key_rows])  # [N, kv_heads, runs, d]
-        if layout.ranked:
-            r, c = _places(layout, plan.slot, (), s)
-            slots = (record[:, :, r, c] >> 16) & 0xFFFF
+            key = _halves(record[:, :, [plan.key_stats[s, run] for run in range(layout.runs(s))]])
+            stats["k", 0], stats["k", 1] = key  # [N, kv_heads, runs, d]
+        if slots is None:
+            mine = jnp.broadcast_to(layout.first_slot(s) + jnp.arange(n, dtype=jnp.int32), (*record.shape[:2], n))
         else:
-            slots = jnp.broadcast_to(layout.first_slot(s) + jnp.arange(n, dtype=jnp.int32), (*record.shape[:2], n))
-        out.append((Store(codes[0], codes[1], slots, *stats["k"], *stats["v"]), slots))
-    scale = _halves(record[:, :, plan.scale_row:plan.scale_row + 1])[0] if layout.cst else None
+            mine = slots[..., layout.first_slot(s):layout.first_slot(s) + n]
+        store = Store(codes[0], codes[1], mine, stats["k", 0], stats["k", 1], stats["v", 0], stats["v", 1])
+        out.append((store, mine))
+    scale = half(plan.scale)[:, :, None] if layout.cst else None
     return out, scale
 
 
