@@ -112,12 +112,12 @@ class _Piece(NamedTuple):
 
 class _Plan(NamedTuple):
     """Where each part of a page record lives (see the module docstring): the code runs of each (subset, 0 = K /
-    1 = V), the (row, bit offset) of the salient-slot bits (ranked pages), the row of each (subset, run) of
+    1 = V), the (row, bit offset) of each head_dim slots' salient bits (ranked pages), the row of each (subset, run) of
     channel-wise key statistics, the chunks of each table (kind, 0 = step / 1 = min, group, subset) and of the CST
     scale, the record's rows and their split into pool arrays."""
 
     codes: dict
-    member: tuple[int, int] | None
+    member: tuple[tuple[int, int], ...]
     key_stats: dict
     table: dict
     scale: _Chunk | None
@@ -125,15 +125,14 @@ class _Plan(NamedTuple):
     leaves: tuple[int, ...]
 
 
-def _fill_codes(streams: list, rows: int, ranked: bool) -> tuple[dict, tuple[int, int] | None] | None:
-    """Stack the code streams (key, bits, tokens) down bit columns of `rows` words (widest first), then the 1-bit
-    salient-slot column of ranked pages: their runs and that column's (row, offset), or None if 32 bits are not
-    enough."""
+def _fill_codes(streams: list, rows: int) -> dict | None:
+    """Stack streams (key, bits, entries) down bit columns of `rows` words, widest first (a narrower stream may
+    finish a wider column): their runs, or None if 32 bits are not enough."""
     codes, top, column = {}, 0, None  # column: [offset, bits, next free row]
     for key, bits, n in streams:
         runs, t = [], 0
         while t < n:
-            if column is None or column[1] != bits or column[2] == rows:
+            if column is None or column[1] < bits or column[2] == rows:
                 if top + bits > WORD_BITS:
                     return None
                 column, top = [top, bits, 0], top + bits
@@ -141,11 +140,7 @@ def _fill_codes(streams: list, rows: int, ranked: bool) -> tuple[dict, tuple[int
             runs.append(_Codes(column[2], column[0], t, take))
             column[2], t = column[2] + take, t + take
         codes[key] = tuple(runs)
-    if not ranked:
-        return codes, None
-    if top < WORD_BITS:
-        return codes, (0, top)
-    return (codes, (column[2], column[0])) if column[2] < rows else None
+    return codes
 
 
 def _fill_tables(segments: list, width: int, row: int) -> tuple[dict, int]:
@@ -196,9 +191,8 @@ class PageLayout:
         if any(n < 1 for n in self.sizes) or self.head_dim % self.channels:
             raise ValueError(f"sizes {self.sizes} must be positive and group {self.group} divide head_dim "
                              f"{self.head_dim}")
-        if self.ranked and (len(self.sizes) > 2 or self.page_size > self.head_dim):
-            raise ValueError(f"ranked pages need at most 2 subsets and page_size <= head_dim, got sizes "
-                             f"{self.sizes}, head_dim {self.head_dim}")
+        if self.ranked and len(self.sizes) > 2:
+            raise ValueError(f"ranked pages have at most 2 subsets, got sizes {self.sizes}")
 
     @property
     def page_size(self) -> int:
@@ -240,11 +234,13 @@ class PageLayout:
         subsets = range(len(self.sizes))
         streams = [((s, kv), self.bits[s], self.sizes[s]) for s in sorted(subsets, key=lambda s: -self.bits[s])
                    for kv in (0, 1)]
-        rows = -(-(sum(2 * n * b for n, b in zip(self.sizes, self.bits, strict=True)) + self.member_bits)
-                 // WORD_BITS)
-        while (filled := _fill_codes(streams, rows, self.member_bits)) is None:
+        chunks = -(-self.page_size // self.head_dim) if self.member_bits else 0  # 1-bit columns of salient slots
+        streams.append((("member",), 1, chunks))
+        rows = -(-(sum(2 * n * b for n, b in zip(self.sizes, self.bits, strict=True)) + chunks) // WORD_BITS)
+        while (codes := _fill_codes(streams, rows)) is None:
             rows += 1
-        codes, member = filled
+        member = tuple((r.row + k - r.first, r.offset) for r in codes.pop(("member",))
+                       for k in range(r.first, r.first + r.count))
         key_stats = {}
         for s in subsets:
             for run in range(self.runs(s)):
@@ -427,18 +423,18 @@ def _ranked_bounds(page: _TpuPage, start: jax.Array, t: Tiling) -> list[tuple[ja
     """Ranked pages: per subset the storage indices [lo, hi) int32 [rows, 1] each query row sees. A subset's tokens
     are its slots in increasing order, so a row that sees slots (start - window, start] sees the subset's tokens
     from the number of its slots <= start - window up to the number <= start."""
-    layout = t.layout
-    row, offset = layout.plan.member
-    lanes = t.width(layout.page_size)
-    slot = lax.broadcasted_iota(jnp.int32, (1, lanes), 1)
-    salient = (page.lanes(row, 0, layout.page_size) >> offset) & 1  # [1, lanes]: slot j is in subset 0
-    bounds = []
-    for member in (salient, 1 - salient):
-        member = jnp.where(slot < layout.page_size, member, 0)
-        count = lambda last, member=member: jnp.sum(jnp.where(slot <= last, member, 0), axis=1, keepdims=True)
-        low = 0 if t.sliding_window is None else count(start - t.sliding_window)
-        bounds.append((low, count(start)))
-    return bounds
+    layout, d = t.layout, t.head_dim
+    counts = [[0, 0], [0, 0]]  # per subset: slots <= start - window, slots <= start
+    for k, (row, offset) in enumerate(layout.plan.member):  # slots k * d .. k * d + d - 1
+        lanes = min(d, layout.page_size - k * d)
+        lane = lax.broadcasted_iota(jnp.int32, (1, t.width(lanes)), 1)
+        salient = (page.lanes(row, 0, lanes) >> offset) & 1  # [1, width]: slot k * d + lane is in subset 0
+        for s, member in enumerate((salient, 1 - salient)):
+            member = jnp.where(lane < lanes, member, 0)
+            for i, last in enumerate((None if t.sliding_window is None else start - t.sliding_window, start)):
+                if last is not None:
+                    counts[s][i] += jnp.sum(jnp.where(k * d + lane <= last, member, 0), axis=1, keepdims=True)
+    return [tuple(pair) for pair in counts]
 
 
 def _key_scores(q: jax.Array, keys: jax.Array, page: _TpuPage, piece: _Piece, index: jax.Array, t: Tiling):

@@ -35,11 +35,11 @@ METHODS = {"zipcache": kv.ZipCache(), "uniform": kv.Uniform(), "uniform-2-groupe
            "kivi": kv.KIVI(group=8, residual=16)}  # KIVI: two 8-token key runs per subset of a page
 
 
-def packed_pool(method, seed: int = 0):
+def packed_pool(method, seed: int = 0, page: int = PAGE):
     """A one-layer packed pool of 12 pages, 8 of them filled (in shuffled order) from random dense pages."""
-    spec = page_codec(method, CONFIG, PAGE)
+    spec = page_codec(method, CONFIG, page)
     rng = np.random.default_rng(seed)
-    shape = (9, PAGE, CONFIG.num_kv_heads, CONFIG.head_dim)
+    shape = (9, page, CONFIG.num_kv_heads, CONFIG.head_dim)
     k = jnp.asarray(rng.normal(size=shape) * np.linspace(0.5, 3.0, CONFIG.head_dim), jnp.float32)
     v = jnp.asarray(rng.normal(size=shape), jnp.float32)
     mass = jnp.asarray(rng.random(shape[:3]), jnp.float32)
@@ -50,10 +50,10 @@ def packed_pool(method, seed: int = 0):
     return spec, stores
 
 
-def rows(queries: int, seed: int = 1):
+def rows(queries: int, seed: int = 1, page: int = PAGE):
     """Queries [4, queries, 8, 32] of 4 rows, their table, counts and positions (row 1 is padding)."""
     count = jnp.array(COUNT, jnp.int32)
-    positions = count[:, None] * PAGE + 3 * jnp.arange(queries)[None] - 20 * (queries - 1)
+    positions = count[:, None] * page + 3 * jnp.arange(queries)[None] - 20 * (queries - 1)
     positions = positions.at[1, 0].set(-1)
     q = jnp.asarray(np.random.default_rng(seed).normal(size=(4, queries, 8, 32)), jnp.float32)
     return q, jnp.array(TABLE, jnp.int32), count, positions
@@ -96,6 +96,22 @@ def test_a_prefill_block_of_queries_matches_the_jnp_path(backend):
     out, lse = paged_packed_attention(q, stores, table, count, positions, layout=spec.layout(32), backend=backend,
                                       interpret=True)
     seen = want_lse > MASK_VALUE / 2
+    np.testing.assert_allclose(out, want_out, atol=1e-5)
+    np.testing.assert_allclose(jnp.where(seen, lse, 0.0), jnp.where(seen, want_lse, 0.0), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_ranked_pages_longer_than_a_head_match_the_jnp_path(backend):
+    """ZipCache's 64-token pages on heads of 32 channels: the salient bits of a page span two bit columns."""
+    spec, stores = packed_pool(kv.ZipCache(), page=64)
+    assert len(spec.layout(32).plan.member) == 2
+    q, table, count, positions = rows(2, page=64)
+    positions = positions - jnp.array([[40], [0], [100], [30]])  # rows that see part of their last pages
+    want_out, want_lse = reference(spec, stores, q, table, count, positions, 50)
+    out, lse = paged_packed_attention(q, stores, table, count, positions, layout=spec.layout(32), sliding_window=50,
+                                      backend=backend, interpret=True)
+    seen = want_lse > MASK_VALUE / 2
+    assert bool(jnp.any(seen))
     np.testing.assert_allclose(out, want_out, atol=1e-5)
     np.testing.assert_allclose(jnp.where(seen, lse, 0.0), jnp.where(seen, want_lse, 0.0), atol=1e-5)
 
@@ -164,8 +180,8 @@ def test_the_page_format_is_lane_dense_and_exact():
         for (s, _), runs in plan.codes.items():
             for run in runs:
                 claim(slice(run.row, run.row + run.count), slice(None), ((1 << layout.bits[s]) - 1) << run.offset)
-        if plan.member is not None:
-            claim(plan.member[0], slice(0, PAGE), 1 << plan.member[1])
+        for k, (row, offset) in enumerate(plan.member):  # here one column: 16 slots on 32 lanes
+            claim(row, slice(32 * k, min(PAGE, 32 * k + 32)), 1 << offset)
         for row in plan.key_stats.values():
             claim(row, slice(None), 0xFFFFFFFF)
         for chunk in [c for chunks in plan.table.values() for c in chunks] + [plan.scale] * spec.cst:

@@ -215,8 +215,9 @@ def _encode(layout: PageLayout, subsets: list[tuple[Store, jax.Array]], scale: j
                     record = record.at[at(chunk)].add(_bits16(entries) << (16 * chunk.high))
         if layout.member_bits and s == 0:  # one bit per slot of the page: salient
             salient = jnp.any(slots[..., None] == jnp.arange(layout.page_size), axis=2).astype(jnp.uint32)
-            row, offset = plan.member
-            record = record.at[:, :, row, :layout.page_size].add(salient << offset)
+            for k, (row, offset) in enumerate(plan.member):  # slots k * d ..
+                part = salient[..., k * layout.head_dim:(k + 1) * layout.head_dim]
+                record = record.at[:, :, row, :part.shape[-1]].add(part << offset)
     return jax.lax.bitcast_convert_type(record, jnp.int32)
 
 
@@ -227,8 +228,8 @@ def _decode(layout: PageLayout, record: jax.Array) -> tuple[list[tuple[Store, ja
     half = lambda chunk: _halves(record[:, :, chunk.row, chunk.lane:chunk.lane + chunk.count])[int(chunk.high)]
     slots = None
     if layout.member_bits:
-        row, offset = plan.member
-        salient = (record[:, :, row, :layout.page_size] >> offset) & 1  # [N, kv_heads, page_size]
+        salient = jnp.concatenate([(record[:, :, row] >> offset) & 1 for row, offset in plan.member],
+                                  axis=-1)[..., :layout.page_size]  # [N, kv_heads, page_size]
         slots = jnp.argsort(1 - salient, axis=-1, stable=True).astype(jnp.int32)  # salient slots, then the rest
     for s in range(len(layout.sizes)):
         n, bits = layout.sizes[s], layout.bits[s]
