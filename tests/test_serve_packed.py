@@ -16,7 +16,7 @@ from zipjax.config import PUBLISHED, ModelConfig
 from zipjax.errors import ZipjaxError
 from zipjax.kv.codec import dequantize, unpack
 from zipjax.serve.engine import Engine, EngineConfig
-from zipjax.serve.packed import PackedPool, compress_layer, page_codec
+from zipjax.serve.packed import PackedPool, compress_layer, layer_stores, page_codec
 from zipjax.serve.paged import Pool, add_page_mass, combine_kv, paged_state
 from zipjax.serve.requests import Request, SamplingParams
 
@@ -87,8 +87,9 @@ def test_page_local_saliency_and_packing_equal_numpy():
     method = kv.ZipCache()
     spec = page_codec(method, TINY, page)
     packed = PackedPool.init(TINY, spec, 3)
-    stores, _ = compress_layer(spec, jnp.asarray(k_pages), jnp.asarray(v_pages), mass, packed.stores[0],
-                               packed.v_scale[0], jnp.array([1, 2]), jnp.array([1, 2]))
+    pages, _ = compress_layer(spec, jnp.asarray(k_pages), jnp.asarray(v_pages), mass, packed.stores[0],
+                              packed.v_scale, jnp.array([1, 2]), jnp.array([1, 2]))
+    stores, _ = layer_stores(spec, pages)  # the records decoded into the codec's stores
     salient = method.split(page)[0]
     for p in (0, 1):  # packed page p + 1 holds dense page p + 1: tokens 8p .. 8p + 7
         score = expect[:, 8 * p:8 * p + 8] / (page - np.arange(page))
