@@ -244,21 +244,37 @@ class QuantizedKVCache:
 def compress_block(state: LayerKV, method: QuantMethod, geo: Geometry, k: jax.Array, v: jax.Array,
                    slots: jax.Array, valid: jax.Array, ranking: Ranking, block: jax.Array | None) -> LayerKV:
     """Split a ranked block's tokens per (sequence, KV head) into the two subsets, quantize each, write it at its
-    static place.
+    static place (encode_block's pieces, written by write_block).
 
     k, v: [batch, kv_heads, n, head_dim]; slots int32 [n]; valid bool [batch, n]; block: None for the prompt block
     (0), else the traced index of a later block. With an adaptive count (ZipVL) subset 0 takes ranks [0, p) and
     subset 1 ranks [p, n), p clipped into the static room; otherwise the sizes are `method.split(n)`.
     """
+    pieces, scale = encode_block(method, geo, k, v, slots, valid, ranking, block)
+    v_scale = state.v_scale
+    if scale is not None:
+        v_scale = jax.lax.dynamic_update_slice_in_dim(v_scale, scale, 0 if block is None else block, axis=2)
+    stores = list(state.stores)
+    for i, piece in pieces.items():
+        stores[i] = write_block(stores[i], piece, method.codec.key_mode == "channel",
+                                0 if block is None else block - 1, geo.segments()[i].size)
+    return state.replace(stores=tuple(stores), v_scale=v_scale)
+
+
+def encode_block(method: QuantMethod, geo: Geometry, k: jax.Array, v: jax.Array, slots: jax.Array,
+                 valid: jax.Array, ranking: Ranking, block: jax.Array | None
+                 ) -> tuple[dict[int, Store], jax.Array | None]:
+    """compress_block's codes without the write: per segment the block fills (its index in geo.segments()) the
+    piece [batch, kv_heads, seg.size, ...], and the CST value scale [batch, kv_heads, 1, head_dim] (None: no CST)."""
     sizes = geo.first if block is None else geo.rest
     k, v = k.astype(jnp.float32), v.astype(jnp.float32)
     token_valid = jnp.broadcast_to(valid[:, None, :], k.shape[:3])
-    v_scale = state.v_scale
+    scale = None
     if method.codec.value_mode == "cst":
         c = channel_scale(v, axis=2, valid=token_valid[..., None])  # [batch, kv_heads, 1, head_dim]
         v = v / c.astype(jnp.float32)
-        v_scale = jax.lax.dynamic_update_slice_in_dim(v_scale, c, 0 if block is None else block, axis=2)
-    stores = list(state.stores)
+        scale = c
+    pieces = {}
     part = 0 if block is None else 1
     for i, seg in enumerate(geo.segments()):
         if seg.first_block != part or sizes[seg.subset] == 0:
@@ -266,10 +282,8 @@ def compress_block(state: LayerKV, method: QuantMethod, geo: Geometry, k: jax.Ar
         idx, ok = _subset_tokens(ranking, seg.subset, sizes, token_valid)
         piece = method.codec.encode(seg.bits, jnp.take_along_axis(k, idx[..., None], axis=2),
                                     jnp.take_along_axis(v, idx[..., None], axis=2), ok)
-        piece = piece.replace(slots=jnp.where(ok, slots[idx], -1).astype(geo.slot_dtype))
-        stores[i] = _write_block(stores[i], piece, method.codec.key_mode == "channel",
-                                 0 if block is None else block - 1, seg.size)
-    return state.replace(stores=tuple(stores), v_scale=v_scale)
+        pieces[i] = piece.replace(slots=jnp.where(ok, slots[idx], -1).astype(geo.slot_dtype))
+    return pieces, scale
 
 
 def _subset_tokens(ranking: Ranking, subset: int, sizes: tuple[int, int], token_valid: jax.Array
@@ -287,7 +301,7 @@ def _subset_tokens(ranking: Ranking, subset: int, sizes: tuple[int, int], token_
     return idx, jnp.take_along_axis(token_valid, idx, axis=2) & inside
 
 
-def _write_block(store: Store, piece: Store, per_block_keys: bool, local: jax.Array | int, size: int) -> Store:
+def write_block(store: Store, piece: Store, per_block_keys: bool, local: jax.Array | int, size: int) -> Store:
     """`store` with block `local` (its index within the segment) replaced by `piece`."""
     updates = {}
     for name, value in piece.arrays().items():

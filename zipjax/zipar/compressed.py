@@ -53,9 +53,10 @@ from zipjax.errors import ZipjaxError
 from zipjax.kernels.common import TINY
 from zipjax.kernels.quantized_attention import PackedSegment
 from zipjax.kernels.quantized_multi_query import kernel_takes, merge_lse, multi_query
+from zipjax.kv.codec import Store
 from zipjax.kv.kivi import KIVI
 from zipjax.kv.method import Method
-from zipjax.kv.quantized import LayerKV, compress_block, dequantize_layer, empty_layer
+from zipjax.kv.quantized import LayerKV, compress_block, dequantize_layer, empty_layer, encode_block
 from zipjax.kv.quantizing import Geometry, QuantMethod, Ranking, geometry
 from zipjax.platform import use_kernel
 from zipjax.sharding import cache_spec
@@ -310,31 +311,55 @@ class BandKVCache:
         return jnp.where(slots < first, first - 1, first + ((slots - first) // size + 1) * size - 1)
 
     def _compress_new(self, st: LayerKV, plan: Plan) -> LayerKV:
-        """Compress, per sequence, the blocks from `self.blocks` up to `plan.blocks` (one per loop step)."""
-        one = jax.vmap(self._compress_block)
+        """Compress, per sequence, the blocks from `self.blocks` up to `plan.blocks` (one per loop step): each step
+        encodes every sequence's next block (small) and scatters it into the stores, the rows of sequences with
+        nothing left to compress dropped, instead of a select over whole stores."""
+        one = jax.vmap(self._encode_block)
 
         def step(carry):
             st, done = carry
             todo = done < plan.blocks
-            new = one(st, done, plan.seen_a)
-            pick = lambda n, o: jnp.where(todo.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
-            return jax.tree.map(pick, new, st), done + todo.astype(jnp.int32)
+            pieces, scale = one(st.mass, st.k_buf, st.v_buf, done, plan.seen_a)
+            return self._write_blocks(st, pieces, scale, done, todo), done + todo.astype(jnp.int32)
 
         st, _ = jax.lax.while_loop(lambda c: jnp.any(c[1] < plan.blocks), step, (st, self.blocks))
         return st
 
-    def _compress_block(self, st: LayerKV, done: jax.Array, seen: jax.Array) -> LayerKV:
-        """One sequence's image block `done` (its LayerKV without the batch axis; seen [band]): ranked by its
-        normalized saliency, quantized into the stores by the method (as the sequential cache's flush)."""
+    def _encode_block(self, mass: jax.Array, k_buf: jax.Array, v_buf: jax.Array, done: jax.Array, seen: jax.Array
+                      ) -> tuple[dict[int, Store], jax.Array | None]:
+        """One sequence's image block `done` (mass [kv_heads, band], k_buf/v_buf [kv_heads, band, head_dim], seen
+        [band]): ranked by its normalized saliency, quantized by the method (as the sequential cache's flush) into
+        per-segment pieces [kv_heads, size, ...] and its CST value scale [kv_heads, 1, head_dim] (None: none)."""
         first, size = self.geometry.prefill_len, self.geometry.buffer_len
         slots = first + done * size + jnp.arange(size, dtype=jnp.int32)
         ring = slots % self.band
-        score = st.mass[:, ring] / jnp.maximum(seen[ring], 1.0)[None, :]  # [kv_heads, size]
+        score = mass[:, ring] / jnp.maximum(seen[ring], 1.0)[None, :]  # [kv_heads, size]
         ranking = Ranking(jnp.argsort(-score, axis=-1, stable=True)[None])
-        batched = jax.tree.map(lambda x: x[None], st)
-        out = compress_block(batched, self.method, self.geometry, st.k_buf[None][:, :, ring],
-                             st.v_buf[None][:, :, ring], slots, jnp.ones((1, size), bool), ranking, block=done + 1)
-        return jax.tree.map(lambda x: x[0], out)
+        pieces, scale = encode_block(self.method, self.geometry, k_buf[None][:, :, ring], v_buf[None][:, :, ring],
+                                     slots, jnp.ones((1, size), bool), ranking, block=done + 1)
+        return jax.tree.map(lambda x: x[0], (pieces, scale))
+
+    def _write_blocks(self, st: LayerKV, pieces: dict[int, Store], scale: jax.Array | None, done: jax.Array,
+                      todo: jax.Array) -> LayerKV:
+        """Scatter each sequence's encoded block `done` [batch] into the stores where `todo` [batch]; the other
+        rows go out of range and are dropped (batch stays a batch axis of the scatter, as the sharding wants)."""
+        per_block_keys = self.method.codec.key_mode == "channel"
+        segments = self.geometry.segments()
+        put = jax.vmap(lambda x, new, at: x.at[:, at + jnp.arange(new.shape[1])].set(new.astype(x.dtype),
+                                                                                     mode="drop"))
+
+        def write(x: jax.Array, new: jax.Array, at: jax.Array) -> jax.Array:
+            return put(x, new, jnp.where(todo, at, x.shape[2]))
+
+        stores = list(st.stores)
+        for i, piece in pieces.items():
+            size = segments[i].size
+            stores[i] = stores[i].replace(**{
+                name: write(getattr(stores[i], name), value,
+                            done if per_block_keys and name in ("k_step", "k_min") else done * size)
+                for name, value in piece.arrays().items()})
+        v_scale = st.v_scale if scale is None else write(st.v_scale, scale, done + 1)
+        return st.replace(stores=tuple(stores), v_scale=v_scale)
 
     def _plan(self) -> Plan:
         """The pass's bookkeeping from the slots it writes: ring entries, the blocks it completes, who reads what."""
