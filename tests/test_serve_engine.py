@@ -157,6 +157,55 @@ def test_prompt_and_token_logprobs_equal_the_model(engine, stdlib_llama):
     assert abs(token.logprob - expected[-1].max()) < 1e-4
 
 
+def mixed_load(engine: Engine, model) -> list[tuple[list[int], list, str]]:
+    """Greedy, seeded-sampling, logprob and stop-token requests at once (more than the engine's 4 slots, a small
+    token budget so prompts are chunked), one of them cancelled after its first update: each one's tokens, logprob
+    entries and finish reason."""
+    ids = [prompt(model, t) for t in TEXTS]
+    stop = reference(model, ids[1], 12)[4]  # ends request 1 while its next token is already being computed
+    requests = [greedy(ids[0], 30, "g"),
+                Request("stop", ids[1], SamplingParams(max_tokens=30, stop_token_ids=(stop,))),
+                greedy(ids[2], 25, "sample", temperature=0.9, top_k=40, top_p=0.95, seed=7),
+                greedy(ids[3], 20, "lp", logprobs=3),
+                greedy(ids[4] * 6, 18, "long"),
+                greedy(ids[5], 40, "cancel")]
+    streams = [engine.submit(r) for r in requests]
+    next(iter(streams[-1]))
+    streams[-1].cancel()
+    out = []
+    for stream in streams:
+        updates = stream.collect()
+        out.append(([t for u in updates for t in u.token_ids], [e for u in updates for e in u.logprobs or ()],
+                    updates[-1].finish_reason))
+    return out
+
+
+def test_async_scheduling_overlaps_steps_and_changes_no_output(engine, stdlib_llama):
+    before = engine.metrics()
+    overlapped = mixed_load(engine, stdlib_llama)
+    after = engine.metrics()
+    assert after["overlapped_steps"] - before["overlapped_steps"] > (after["steps"] - before["steps"]) // 2
+    assert after["dropped_tokens"] > before["dropped_tokens"]  # the stopped request's token in flight
+    assert_no_page_held(engine)
+    sync = start(stdlib_llama, async_scheduling=False)
+    try:
+        for (tokens, entries, reason), (want_tokens, want_entries, want_reason) in zip(
+                mixed_load(sync, stdlib_llama)[:-1], overlapped[:-1], strict=True):  # the cancelled one: racy
+            assert (tokens, reason) == (want_tokens, want_reason)
+            assert [(e.token_id, [t for t, _ in e.top]) for e in entries] == [
+                (e.token_id, [t for t, _ in e.top]) for e in want_entries]
+            # batch mates differ step by step between the two: float32 sums in another order
+            np.testing.assert_allclose([e.logprob for e in entries], [e.logprob for e in want_entries], atol=1e-4)
+        assert sync.metrics()["overlapped_steps"] == sync.metrics()["dropped_tokens"] == 0
+        assert_no_page_held(sync)
+    finally:
+        sync.stop()
+    reasons = [reason for _, _, reason in overlapped]
+    assert reasons == ["length", "stop", "length", "length", "length", "abort"]
+    assert overlapped[0][0] == reference(stdlib_llama, prompt(stdlib_llama, TEXTS[0]), 30)
+    assert len(overlapped[3][1]) == 20
+
+
 def jax_log_softmax(logits):
     import jax
 

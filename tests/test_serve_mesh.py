@@ -1,7 +1,8 @@
 """The serving engine on a device mesh (zipjax.serve.engine with `mesh=`, `zipjax serve --mesh DxM`): greedy tokens of
 concurrent requests on a 2x4 mesh of the suite's eight CPU devices equal one device's, dense and ZipCache pages, with
 the pool split (never replicated) and no page leaked; and LLaMA-3-70B's serving step compiled ahead of time for a
-v5e:4x4 slice, whose 16-way model axis does not divide its 8 KV heads, with the pool split 16 ways."""
+v5e:4x4 slice, whose 16-way model axis does not divide its 8 KV heads, with the pool split 16 ways; prompt
+log-probabilities (lm-eval's loglikelihood) served on the mesh equal one device's."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import dataclasses
 import math
 
 import jax
+import numpy as np
 import pytest
 
 import zipjax
@@ -19,6 +21,7 @@ from zipjax.serve.cli import _mesh
 from zipjax.serve.engine import Engine, EngineConfig
 from zipjax.serve.paged import page_shards
 from zipjax.serve.requests import Request, SamplingParams
+from zipjax.serve.scoring import prompt_logprobs
 
 SHAPES = dict(max_num_seqs=4, max_num_batched_tokens=32, page_size=8, block_size=16, num_pages=64)
 TEXTS = ["def main(", "import os\nimport sys\n", "class Foo:\n    def __init__(self", "for i in range(10):\n",
@@ -66,6 +69,38 @@ def test_greedy_tokens_on_a_2x4_mesh_equal_one_devices(stdlib_llama, method):
     spec = engine.pool.kv[0].sharding.spec
     assert tuple(spec) == ("data", None, "model", "model_minor")
     assert engine.pool.kv[0].shape[0] % page_shards(engine.model.mesh, 2) == 0
+
+
+def test_prompt_logprobs_on_a_2x4_mesh_equal_one_devices(stdlib_llama):
+    """lm-eval's loglikelihood path (token-id prompt, echo with logprobs, max_tokens 0 or 1) on an engine served on
+    the mesh: every prompt token's log-probability and alternatives equal one device's (zipjax.serve.scoring on the
+    unplaced model, what the one-device engine sends) and the model's own logits."""
+    ids = tuple(stdlib_llama.tokenizer.encode(TEXTS[2] + TEXTS[3]))
+    single = prompt_logprobs(stdlib_llama, ids, 5, None)
+    expected = np.asarray(jax.nn.log_softmax(stdlib_llama.logits(np.asarray([ids]))[0], axis=-1))  # [len, vocab]
+    engine = Engine(stdlib_llama, EngineConfig(**SHAPES), log=lambda _: None, mesh=zipjax.make_mesh(data=2, model=4))
+    engine.start()
+    try:
+        engine.wait_ready(600)
+        updates = [engine.submit(Request(f"lp{n}", ids, SamplingParams(max_tokens=n, logprobs=5,
+                                                                      prompt_logprobs=True))).collect()
+                   for n in (0, 1)]
+    finally:
+        engine.stop()
+    for got in (u[0].prompt_logprobs for u in updates):
+        assert got[0] is None and single[0] is None and len(got) == len(single) == len(ids)
+        assert [(e.token_id, [t for t, _ in e.top]) for e in got[1:]] == [
+            (e.token_id, [t for t, _ in e.top]) for e in single[1:]]
+        np.testing.assert_allclose([e.logprob for e in got[1:]], [e.logprob for e in single[1:]], atol=1e-5)
+        np.testing.assert_allclose([[p for _, p in e.top] for e in got[1:]],
+                                   [[p for _, p in e.top] for e in single[1:]], atol=1e-5)
+        np.testing.assert_allclose([e.logprob for e in got[1:]], expected[np.arange(len(ids) - 1), ids[1:]],
+                                   atol=1e-4)
+    assert [u.finish_reason for u in updates[0]] == ["length"] and updates[0][0].token_ids == ()
+    token = updates[1][0].logprobs[0]
+    assert updates[1][0].token_ids == (token.token_id,) == (int(expected[-1].argmax()),)
+    assert abs(token.logprob - expected[-1].max()) < 1e-4
+    assert_split_and_nothing_leaked(engine)
 
 
 def test_a_model_loaded_on_a_mesh_is_served_on_it(stdlib_llama):

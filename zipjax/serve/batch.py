@@ -2,7 +2,8 @@
 
 Flat token order: the decode rows (padded to the plan's decode bucket), then the prefill blocks of `block_size`
 tokens (padded to its prefill bucket). A padding token writes the null page and sees nothing; a padding row is
-greedy and its token is ignored.
+greedy and its token is ignored. A token still in flight (a placeholder, zipjax.serve.scheduler.in_flight) is 0
+in `tokens` and its row of the step in flight in `source`: the step reads it on the device.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def build_batch(plan: Plan, scheduler: Scheduler, table_width: int) -> tuple[Ste
     total = d + n * block
     tokens, positions = np.zeros((total,), np.int32), np.zeros((total,), np.int32)
     slots = np.zeros((total,), np.int32)  # the null page's first slot
+    source = np.full((total,), -1, np.int32)
     experts: list[str | None] = [None] * total
     decode_positions = np.full((d,), -1, np.int32)
     prefill_positions = np.full((n, block), -1, np.int32)
@@ -31,7 +33,10 @@ def build_batch(plan: Plan, scheduler: Scheduler, table_width: int) -> tuple[Ste
     owners: list = [None] * (d + n)  # the sequence whose settings each sampled row uses
 
     def place(index: int, sequence, position: int) -> None:
-        tokens[index], positions[index] = sequence.tokens[position], position
+        token = sequence.tokens[position]
+        if token < 0:  # in flight: row -1 - token of the previous step
+            source[index], token = -1 - token, 0
+        tokens[index], positions[index] = token, position
         page = sequence.pages[position // page_size - len(sequence.packed)]
         slots[index] = page * page_size + position % page_size
         experts[index] = sequence.request.expert
@@ -56,7 +61,8 @@ def build_batch(plan: Plan, scheduler: Scheduler, table_width: int) -> tuple[Ste
     if scheduler.packed is not None:
         layout = dataclasses.replace(layout, **_packed_tables("decode", plan.decode, table_width, d),
                                      **_packed_tables("prefill", prefill_sequences, table_width, n))
-    return _with_sampling(tokens, positions, layout, rows, owners), experts
+    batch = _with_sampling(tokens, positions, layout, rows, owners)
+    return dataclasses.replace(batch, source=source), experts
 
 
 def _packed_tables(segment: str, sequences: list, width: int, rows: int) -> dict[str, np.ndarray]:

@@ -12,6 +12,16 @@ the model with the paged cache (zipjax.serve.paged), and samples each row by its
 `ready` turns True once they are. The pool is donated to each step (updated in place). Page tables, the free list
 and the prefix cache live on the host (zipjax.serve.pages).
 
+Async scheduling (as vLLM v1 does it): the step thread dispatches step n + 1 before it reads step n's tokens back,
+so scheduling, building the batch and reporting step n run while the device computes step n + 1. A sequence that
+decodes in both takes step n's token on the device (zipjax.serve.step: a placeholder in its tokens until read).
+Outputs do not change: a request's sampling depends on its seed and token count only. A sequence whose token in
+flight ends it by length is not scheduled again; one that a stop token (or an abort) ends while its next token is
+already being computed has that token dropped, and its pages are free before the next step is planned (the device
+runs steps in order, so a reused page is written by its new owner after the dropped write). When nothing can be
+planned without the tokens in flight (every running sequence is ending, or waits for pages), the thread reads them
+first; `EngineConfig(async_scheduling=False)` reads every step's tokens before planning the next.
+
 On a mesh (`Engine(model, mesh=...)`, or a model loaded with one) the parameters are placed as `zipjax.load` places
 them, the pool is split by KV head (zipjax.serve.paged.pool_shardings), and the step and the pack step are jitted
 with the pool's shardings in and out, donated: XLA's SPMD partitioner runs them over the chips. The host side is
@@ -40,14 +50,23 @@ from zipjax.serve.packed import PackedPool, page_codec
 from zipjax.serve.paged import Pool, page_shards, pool_shardings
 from zipjax.serve.pages import PageTable
 from zipjax.serve.requests import Request, RequestStream, TokenLogprob, Update
-from zipjax.serve.scheduler import Plan, Scheduler, Sequence, buckets
+from zipjax.serve.scheduler import Plan, Scheduler, Sequence, buckets, in_flight
 from zipjax.serve.scoring import prompt_logprobs
 from zipjax.serve.step import StepOutput, pack_pages, serve_step
 from zipjax.sharding import as_auto_mesh, check_mesh, mesh_context, replicated, tree_shardings
-from zipjax.validate import integer, optional
+from zipjax.validate import boolean, integer, optional
 
 PACK_PAGES = 16  # dense pages packed per call of the compiled pack step
 DEFAULT_POOL_SHARE = 0.4  # of the device's free memory, when neither num_pages nor kv_memory is given
+
+
+@dataclasses.dataclass
+class Flight:
+    """A dispatched step whose tokens are not read yet: per sampled row, the sequence and its placeholder's index."""
+
+    out: StepOutput  # on the device
+    rows: list[tuple[Sequence, int, int]]  # (sequence, row of out, index in sequence.tokens)
+    logprobs: bool  # some row asks for log-probabilities
 
 
 class EngineFull(ZipjaxError):
@@ -71,11 +90,13 @@ class EngineConfig:
     block_size: int = 32
     block_pages: int = 8  # pages read per iteration of the attention loop
     dense_pages: int | None = None  # a compressed cache's dense pool (default: see Engine._dense_pages)
+    async_scheduling: bool = True  # plan and dispatch the next step before reading this one's tokens
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "max_waiting", "block_size",
                      "block_pages"):
             integer(getattr(self, name), name, lo=1)
+        boolean(self.async_scheduling, "async_scheduling")
         optional(integer, self.num_pages, "num_pages", lo=2)
         optional(integer, self.dense_pages, "dense_pages", lo=2)
         optional(integer, self.kv_memory, "kv_memory", lo=1)
@@ -133,7 +154,10 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._sequences: dict[str, Sequence] = {}
+        self._flight: Flight | None = None  # the step in flight (async scheduling)
+        self._carry: jax.Array | None = None  # its sampled tokens on the device, padded (zipjax.serve.step)
         self.steps = self.generated_tokens = self.finished = 0
+        self.overlapped_steps = self.dropped_tokens = 0  # dispatched with a step in flight; read but not used
 
     def _size_pool(self) -> int:
         """The pool's page count; without a max_model_len given, the length is capped at what the pool holds."""
@@ -214,6 +238,9 @@ class Engine:
             shardings = pool_shardings(jax.eval_shape(init), self.model.mesh)
             self.pool = jax.jit(init, out_shardings=shardings)()
             self._serve_step, self._pack_pages = sharded_steps(shardings, self.model.mesh)
+        rows = self.scheduler.decode_buckets[-1] + self.scheduler.prefill_buckets[-1]  # the most a step samples
+        carry = np.zeros((rows,), np.int32)
+        self._carry = jax.device_put(carry, None if self.model.mesh is None else replicated(self.model.mesh))
         self._thread = threading.Thread(target=self._run, name="zipjax-engine", daemon=True)
         self._thread.start()
 
@@ -278,7 +305,8 @@ class Engine:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + len(self._inbox),
                 **counts, "prefix_hit_tokens": prefix.hit_tokens, "prefix_query_tokens": prefix.query_tokens,
                 "preemptions": self.scheduler.preemptions, "steps": self.steps,
-                "generated_tokens": self.generated_tokens, "finished_requests": self.finished}
+                "generated_tokens": self.generated_tokens, "finished_requests": self.finished,
+                "overlapped_steps": self.overlapped_steps, "dropped_tokens": self.dropped_tokens}
 
     # -- the step thread ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -301,14 +329,16 @@ class Engine:
             self._pack([])
         for i, (d, n) in enumerate(shapes):
             start = time.perf_counter()
-            self._step(Plan([], [], d, n))
+            jax.block_until_ready(self._step(Plan([], [], d, n))[0])
             self.log(f"[serve] compiled step {i + 1}/{len(shapes)} ({d} decode rows, {n} prefill blocks of "
                      f"{self.config.block_size}) in {time.perf_counter() - start:.1f}s")
 
     def _next(self) -> bool:
-        """Take new requests and cancellations, run one step if there is work; False once stopping."""
+        """Take new requests and cancellations; dispatch the next step if there is one, then read the tokens of the
+        step before it (async scheduling) or its own; False once stopping."""
         with self._wake:
-            while not self._inbox and not self.scheduler.has_work() and not self._stopping:
+            while (not self._inbox and not self.scheduler.has_work() and self._flight is None
+                   and not self._stopping):
                 self._wake.wait()
             if self._stopping:
                 return False
@@ -316,11 +346,19 @@ class Engine:
         for kind, item in inbox:
             self._add(item) if kind == "add" else self._abort(item)
         plan = self.scheduler.schedule()
+        if plan is None and self._flight is not None:  # what is left needs the tokens in flight (or their pages)
+            self._land()
+            return True
         while plan is None and self.scheduler.running:  # every running sequence waits for pages: free some
             self.scheduler.preempt(self.scheduler.running[-1])
             plan = self.scheduler.schedule()
         if plan is not None:
-            self._report(plan, self._step(plan))
+            out, logprobs = self._step(plan)
+            self.overlapped_steps += self._flight is not None
+            self._land()
+            self._flight = self._book(plan, out, logprobs)
+            if not self.config.async_scheduling:
+                self._land()
         return True
 
     def _add(self, stream: RequestStream) -> None:
@@ -330,7 +368,8 @@ class Engine:
         eos = () if params.ignore_eos else tuple(self.model.config.eos_token_ids)
         salt = f"{'dense' if self.spec is None else self.spec.name}|{request.expert}".encode()
         sequence = Sequence(request, stream, seed, frozenset((*eos, *params.stop_token_ids)), salt,
-                            list(request.prompt_ids), len(request.prompt_ids))
+                            list(request.prompt_ids), len(request.prompt_ids),
+                            limit=min(len(request.prompt_ids) + params.max_tokens, self.max_model_len))
         if request.request_id in self._sequences:
             stream.push(ZipjaxError(f"request id {request.request_id!r} is already in flight"))
             return
@@ -346,13 +385,20 @@ class Engine:
         self.scheduler.waiting.append(sequence)
 
     def _abort(self, request_id: str) -> None:
-        sequence = self._sequences.pop(request_id, None)
+        sequence = self._sequences.get(request_id)
         if sequence is not None:
-            self.scheduler.finish(sequence)
+            self._finish(sequence)
             sequence.stream.push(Update((), finish_reason="abort"))
-            self.finished += 1
+
+    def _finish(self, sequence: Sequence) -> None:
+        """The sequence is done: its pages go back now (a token of it still in flight is dropped when read)."""
+        self._sequences.pop(sequence.request.request_id, None)
+        self.scheduler.finish(sequence)
+        sequence.finished = True
+        self.finished += 1
 
     def _abort_all(self) -> None:
+        self._flight = None
         for request_id in list(self._sequences):
             self._abort(request_id)
         with self._wake:
@@ -361,18 +407,21 @@ class Engine:
             if kind == "add":
                 item.push(Update((), finish_reason="abort"))
 
-    def _step(self, plan: Plan) -> StepOutput:
+    def _step(self, plan: Plan) -> tuple[StepOutput, bool]:
+        """Dispatch the plan's step (its output stays on the device) and whether some row wants logprobs."""
         if plan.convert:
             self._pack(plan.convert)
         batch, experts = build_batch(plan, self.scheduler, self.table_width)
         params, deltas = self.model.batch_inputs(experts if self.model.deltas is not None else None,
                                                  batch.tokens.shape[0])
         with mesh_context(self.model.mesh):
-            self.pool, out = self._serve_step(params, self.pool, batch, deltas, config=self.model.config,
-                                              block_pages=self.config.block_pages, spec=self.spec)
+            self.pool, out = self._serve_step(params, self.pool, batch, deltas, self._carry,
+                                              config=self.model.config, block_pages=self.config.block_pages,
+                                              spec=self.spec)
+        self._carry = out.carry
         self.pages.release(plan.freed)
         self.steps += 1
-        return jax.device_get(out)
+        return out, bool(batch.want_logprobs)
 
     def _pack(self, pairs: list[tuple[int, int]]) -> None:
         """Pack (dense, packed) page pairs, PACK_PAGES per call of the compiled pack step ((0, 0) pads)."""
@@ -383,43 +432,66 @@ class Engine:
             with mesh_context(self.model.mesh):
                 self.pool = self._pack_pages(self.pool, ids[0], ids[1], spec=self.spec)
 
-    def _report(self, plan: Plan, out: StepOutput) -> None:
-        """Record what the step computed, append each sampled token, push updates, finish what is done."""
+    def _book(self, plan: Plan, out: StepOutput, logprobs: bool) -> Flight:
+        """Record what the dispatched step computes, and give each sequence it samples a placeholder token."""
+        rows = []
+
+        def sampled(sequence: Sequence, row: int) -> None:
+            rows.append((sequence, row, len(sequence.tokens)))
+            sequence.tokens.append(in_flight(row))
+
         for row, sequence in enumerate(plan.decode):
-            self.scheduler.computed(sequence, 1)
-            self._emit(sequence, out, row)
+            if not sequence.finished:
+                self.scheduler.computed(sequence, 1)
+                sampled(sequence, row)
         row = plan.decode_rows
         for chunk in plan.prefill:
-            self.scheduler.computed(chunk.sequence, chunk.count)
             blocks = -(-chunk.count // self.config.block_size)
-            if chunk.samples:
-                self._emit(chunk.sequence, out, row + blocks - 1)
+            if not chunk.sequence.finished:
+                samples = chunk.samples
+                self.scheduler.computed(chunk.sequence, chunk.count)
+                if samples:
+                    sampled(chunk.sequence, row + blocks - 1)
             row += blocks
+        return Flight(out, rows, logprobs)
 
-    def _emit(self, sequence: Sequence, out: StepOutput, row: int) -> None:
-        token = int(out.tokens[row])
-        sequence.tokens.append(token)
-        self.generated_tokens += 1
-        params = sequence.request.params
-        logprobs = None
-        if params.logprobs is not None:
-            top = tuple((int(i), float(p)) for i, p in zip(out.top_ids[row][:params.logprobs],
-                                                             out.top_logprobs[row][:params.logprobs], strict=True))
-            logprobs = (TokenLogprob(token, float(out.logprobs[row]), top),)
-        reason = None
-        if token in sequence.stop_ids:
-            reason = "stop"
-        elif sequence.generated >= params.max_tokens or len(sequence.tokens) >= self.max_model_len:
-            reason = "length"
+    def _land(self) -> None:
+        """Read the step in flight's tokens back: put each in place of its placeholder, push updates, finish what
+        is done (a sequence finished meanwhile has its token dropped)."""
+        flight, self._flight = self._flight, None
+        if flight is None:
+            return
+        out = flight.out
+        if flight.logprobs:
+            tokens, logprobs, top_ids, top_logprobs = jax.device_get((out.tokens, out.logprobs, out.top_ids,
+                                                                      out.top_logprobs))
+        else:
+            tokens, logprobs, top_ids, top_logprobs = jax.device_get(out.tokens), None, None, None
+        tokens = tokens.tolist()
+        for sequence, row, index in flight.rows:
+            if sequence.finished:
+                self.dropped_tokens += 1
+                continue
+            token = tokens[row]
+            sequence.tokens[index] = token
+            self.generated_tokens += 1
+            params = sequence.request.params
+            entry = None
+            if params.logprobs is not None:
+                top = tuple(zip(top_ids[row][:params.logprobs].tolist(), top_logprobs[row][:params.logprobs].tolist(),
+                                strict=True))
+                entry = (TokenLogprob(token, float(logprobs[row]), top),)
+            self._emit(sequence, token, entry, index)
+
+    def _emit(self, sequence: Sequence, token: int, logprobs: tuple[TokenLogprob, ...] | None, index: int) -> None:
+        reason = "stop" if token in sequence.stop_ids else "length" if index + 1 >= sequence.limit else None
         update = Update((token,), logprobs, reason)
         if not sequence.started:
             sequence.started = True
             update = dataclasses.replace(update, prompt_logprobs=sequence.prompt_logprobs,
                                          num_cached_tokens=sequence.cached_tokens)
         if reason is not None:
-            self._sequences.pop(sequence.request.request_id, None)
-            self.scheduler.finish(sequence)
-            self.finished += 1
+            self._finish(sequence)
         sequence.stream.push(update)
 
 

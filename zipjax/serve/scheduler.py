@@ -12,12 +12,18 @@ Each step takes, in order (vLLM v1's policy):
 
 The shapes a step runs with are padded up to compiled buckets: decode rows to `decode_buckets`, prefill blocks to
 `prefill_buckets`. Everything here is numpy and Python; zipjax.serve.engine runs the step and reports outputs.
+
+With async scheduling (zipjax.serve.engine) the next step is planned while one is still in flight: a sequence's
+newest token may then be a placeholder, `in_flight(row)` (negative: row `row` of the step in flight), which the next
+step reads on the device. Only a sequence's last token is ever a placeholder and its computed tokens are always
+real, so prefix keys never hash one; a sequence whose in-flight token is its last (`at_limit`) is not planned again.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import sys
 
 import numpy as np
 
@@ -44,6 +50,13 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens the prefix cache served at first admission
     started: bool = False  # sent its first update
     prompt_logprobs: tuple | None = None  # sent with the first update, when asked for
+    limit: int = sys.maxsize  # tokens (prompt and generated) at which it ends by length
+    finished: bool = False  # ended (stopped, length, aborted): a token of it still in flight is dropped
+
+    @property
+    def at_limit(self) -> bool:
+        """Its last token (in flight) is its final one: nothing more to compute."""
+        return len(self.tokens) >= self.limit
 
     @property
     def pending(self) -> int:
@@ -74,6 +87,11 @@ class Plan:
     prefill_blocks: int  # bucket
     convert: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (dense, packed) pages to pack first
     freed: list[int] = dataclasses.field(default_factory=list)  # dense pages to release after the step
+
+
+def in_flight(row: int) -> int:
+    """The placeholder token for row `row` of the step in flight (its sampled token, not yet read back)."""
+    return -1 - row
 
 
 def buckets(limit: int, factor: int = 2, first: int = 1) -> tuple[int, ...]:
@@ -122,11 +140,11 @@ class Scheduler:
         budget = self.budget - len(decode)
         max_blocks = self.prefill_buckets[-1]
         prefill: list[Chunk] = []
-        for sequence in [s for s in self.running if s.pending > 1 and s not in decode]:
+        for sequence in [s for s in self.running if s.pending > 1 and s not in decode and not s.at_limit]:
             budget, max_blocks = self._chunk(sequence, budget, max_blocks, prefill)
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0 and max_blocks > 0:
             sequence = self.waiting[0]
-            if not self._admit(sequence):
+            if sequence.at_limit or not self._admit(sequence):
                 break
             self.waiting.popleft()
             self.running.append(sequence)
@@ -141,8 +159,8 @@ class Scheduler:
     def _decodes(self) -> list[Sequence]:
         decode = []
         for sequence in list(self.running):
-            if sequence not in self.running or sequence.pending != 1:
-                continue  # preempted while making room for an earlier one, or still in its prompt
+            if sequence not in self.running or sequence.pending != 1 or sequence.at_limit:
+                continue  # preempted while making room for an earlier one, still in its prompt, or ending
             while not (self._pack(sequence) and self._reserve(sequence, sequence.num_computed + 1)):
                 victim = self.running[-1]
                 self.preempt(victim)

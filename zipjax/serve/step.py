@@ -1,7 +1,7 @@
 """One engine step on the device: the model over a flat batch of tokens through the paged cache, then each sampled
 row's next token chosen by that row's own settings and random stream.
 
-    pool, out = serve_step(params, pool, batch, deltas, config=..., block_pages=...)
+    pool, out = serve_step(params, pool, batch, deltas, prev, config=..., block_pages=...)
 
 Rows are the tokens whose logits are needed: every decode row, and the last token of each prefill block (the host
 keeps those that end a prompt). A row's random key is `fold_in(key(seed), index)`, index counting the request's
@@ -9,6 +9,10 @@ generated tokens, so a seeded request draws the same tokens alone, under load an
 Which rows sample, filter (top-k, top-p) or want log-probabilities is data, not a compile-time switch: the step
 compiles once per (decode rows, prefill blocks) bucket, and the sort that top-k / top-p need runs only when some row
 asks for it (`lax.cond`).
+
+Async scheduling: the engine dispatches a step before it has read the previous step's tokens. A token whose value
+is the previous step's output has `batch.source` >= 0, its row in `prev` (the previous step's `carry`: its sampled
+tokens padded to a fixed length), and is taken from there on the device; the step's own `carry` feeds the next one.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class StepBatch:
     seeds: jax.Array  # uint32 [R]
     counters: jax.Array  # int32 [R]: tokens the row's request has generated so far
     want_logprobs: jax.Array  # bool []: some row asks for log-probabilities
+    source: jax.Array | None = None  # int32 [T]: the row of `prev` holding the token (-1: `tokens` holds it)
 
 
 @struct.dataclass
@@ -51,17 +56,25 @@ class StepOutput:
     logprobs: jax.Array  # float32 [R]: log-probability of the chosen token (0 unless want_logprobs)
     top_ids: jax.Array  # int32 [R, MAX_TOP_LOGPROBS]: the most likely tokens (0 unless want_logprobs)
     top_logprobs: jax.Array  # float32 [R, MAX_TOP_LOGPROBS]
+    carry: jax.Array | None = None  # int32 [C]: `tokens` padded to prev's length C, the next step's prev
 
 
 @functools.partial(jax.jit, static_argnames=("config", "block_pages", "spec"), donate_argnames=("pool",))
-def serve_step(params: Params, pool: Pool, batch: StepBatch, deltas: WeightDeltas | None, *, config: ModelConfig,
-               block_pages: int, spec: PageCodec | None = None) -> tuple[Pool, StepOutput]:
-    """The model over the step's tokens ([T, 1]: each token its own row), the chosen tokens of the sampled rows."""
+def serve_step(params: Params, pool: Pool, batch: StepBatch, deltas: WeightDeltas | None,
+               prev: jax.Array | None = None, *, config: ModelConfig, block_pages: int,
+               spec: PageCodec | None = None) -> tuple[Pool, StepOutput]:
+    """The model over the step's tokens ([T, 1]: each token its own row), the chosen tokens of the sampled rows.
+    `prev` int32 [C] (C >= R): the previous step's carry, read where `batch.source` points into it."""
+    tokens = batch.tokens
+    if prev is not None and batch.source is not None:
+        tokens = jnp.where(batch.source >= 0, prev[jnp.maximum(batch.source, 0)], tokens)
     cache = PagedCache(pool, batch.layout, block_pages, spec)
-    logits, cache = Transformer(config).apply({"params": params}, batch.tokens[:, None], batch.positions[:, None],
+    logits, cache = Transformer(config).apply({"params": params}, tokens[:, None], batch.positions[:, None],
                                               cache, deltas=deltas, rows=batch.rows)
-    logits = logits[:, 0]  # [R, vocab]
-    return cache.pool, choose(logits, batch)
+    out = choose(logits[:, 0], batch)  # logits [R, vocab]
+    if prev is not None:
+        out = out.replace(carry=jnp.zeros_like(prev).at[:out.tokens.shape[0]].set(out.tokens))
+    return cache.pool, out
 
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("pool",))
