@@ -144,16 +144,8 @@ def test_band_cache_pass_compiles_with_the_multi_query_kernel(target_name, recor
     recipe = BandRecipe(config, kv, 2, max_len, PROMPT_BUCKET + schedule.num_tokens + 1, PROMPT_BUCKET,
                         band_length(schedule, kv.buffer_len))
     cache = jax.eval_shape(recipe, jax.ShapeDtypeStruct((2,), jnp.int32)).replace(prompt=False)
-    q_len, heads, kv_heads, d = schedule.queries_per_pass, config.num_heads, config.num_kv_heads, config.head_dim
-
-    def one_pass(cache, slots, valid, q, k, v):
-        out, cache = cache.at(slots, valid).attend(0, q, k, v, None)
-        return out, cache.advance(q_len)
-
-    args = (aot.abstract(cache, chip), aot.array((q_len,), jnp.int32, chip), aot.array((q_len,), jnp.bool_, chip),
-            aot.array((2, q_len, heads, d), jnp.bfloat16, chip), aot.array((2, q_len, kv_heads, d), jnp.bfloat16, chip),
-            aot.array((2, q_len, kv_heads, d), jnp.bfloat16, chip))
-    compiled, report = aot.compile(one_pass, *args, target=t)
+    q_len, d = schedule.queries_per_pass, config.head_dim
+    compiled, report = _compile_band_pass(cache, config, q_len, t, chip)
     hlo = compiled.as_text()
     record_property("compile_seconds", round(report.compile_seconds, 2))
     record_property("temp_bytes", report.temp_bytes)
@@ -186,7 +178,22 @@ def test_kivi_band_pass_compiles_with_the_multi_query_kernel(record_property):
     max_len = cache_length(PROMPT_BUCKET + schedule.num_tokens + 1)
     recipe = KIVIBandRecipe(config, kv, 2, max_len, PROMPT_BUCKET, band_length(schedule, align) + behind)
     cache = jax.eval_shape(recipe, jax.ShapeDtypeStruct((2,), jnp.int32)).replace(prompt=False)
-    q_len, heads, kv_heads, d = schedule.queries_per_pass, config.num_heads, config.num_kv_heads, config.head_dim
+    q_len, d = schedule.queries_per_pass, config.head_dim
+    compiled, report = _compile_band_pass(cache, config, q_len, t, chip)
+    record_property("compile_seconds", round(report.compile_seconds, 2))
+    record_property("temp_bytes", report.temp_bytes)
+    dequantized = 2 * config.num_kv_heads * max_len * d * 2 * 4  # float32 K and V of every slot
+    print(f"v5e KIVI-2 band pass ({q_len} queries, band {cache.band}, {max_len} slots): compiled in "
+          f"{report.compile_seconds:.1f}s, temp {report.temp_bytes} bytes, a float32 copy of the store {dequantized}")
+    assert CUSTOM_CALL[t.kind] in compiled.as_text()
+    assert report.fits
+    assert report.temp_bytes < dequantized / 4
+
+
+def _compile_band_pass(cache, config, q_len: int, t: aot.Target, chip):
+    """One pass of `q_len` queries (2 sequences: guidance) over a band cache, compiled for `t`: its attention, block
+    compression and advance."""
+    heads, kv_heads, d = config.num_heads, config.num_kv_heads, config.head_dim
 
     def one_pass(cache, slots, valid, q, k, v):
         out, cache = cache.at(slots, valid).attend(0, q, k, v, None)
@@ -195,12 +202,4 @@ def test_kivi_band_pass_compiles_with_the_multi_query_kernel(record_property):
     args = (aot.abstract(cache, chip), aot.array((q_len,), jnp.int32, chip), aot.array((q_len,), jnp.bool_, chip),
             aot.array((2, q_len, heads, d), jnp.bfloat16, chip), aot.array((2, q_len, kv_heads, d), jnp.bfloat16, chip),
             aot.array((2, q_len, kv_heads, d), jnp.bfloat16, chip))
-    compiled, report = aot.compile(one_pass, *args, target=t)
-    record_property("compile_seconds", round(report.compile_seconds, 2))
-    record_property("temp_bytes", report.temp_bytes)
-    dequantized = 2 * kv_heads * max_len * d * 2 * 4  # float32 K and V of every slot
-    print(f"v5e KIVI-2 band pass ({q_len} queries, band {cache.band}, {max_len} slots): compiled in "
-          f"{report.compile_seconds:.1f}s, temp {report.temp_bytes} bytes, a float32 copy of the store {dequantized}")
-    assert CUSTOM_CALL[t.kind] in compiled.as_text()
-    assert report.fits
-    assert report.temp_bytes < dequantized / 4
+    return aot.compile(one_pass, *args, target=t)
