@@ -26,7 +26,7 @@ from zipjax import aot
 from zipjax.config import PUBLISHED
 from zipjax.errors import ZipjaxError
 from zipjax.platform import compiling_for
-from zipjax.serve.gpu_paged import dense_route, misfit
+from zipjax.serve.gpu_paged import dense_route, gpu_dense_attention, misfit
 from zipjax.serve.paged import PagedCache, Pool, StepLayout, paged_state
 from zipjax.transformer import Transformer
 
@@ -122,6 +122,23 @@ def test_the_dense_route_follows_the_kernel_policy():
                 assert (found is None) if why is None else (why in found), (data, model, found)
     with compiling_for("tpu"):
         assert dense_route(None, 32, kv) == "tpu"
+
+
+def test_the_step_runs_the_kernel_per_kv_head_shard():
+    """On a 2-way "model" mesh the step's decode rows and prefill blocks are read once per KV-head shard (a
+    shard_map: a Triton call is never partitioned by XLA), as on one device."""
+    kv = jnp.nan_to_num(pool(16, 4, 16))
+    table = jnp.where(jnp.array(TABLE) >= 20, 0, jnp.array(TABLE, jnp.int32))  # the engine's null-page padding
+    qd, _, decode_positions, _ = rows(1, 16, 8, 16)
+    qp, _, prefill_positions, _ = rows(6, 16, 8, 16, seed=2)
+    q = jnp.concatenate([qd[:, 0], qp.reshape(-1, 8, 16)])
+    attend = jax.jit(lambda *a: gpu_dense_attention(*a, None))
+    args = (q, kv, table, decode_positions[:, 0], table, prefill_positions)
+    want = jnp.concatenate([reference(qd, kv, table, decode_positions, None, None)[0][:, 0],
+                            reference(qp, kv, table, prefill_positions, None, None)[0].reshape(-1, 8, 16)])
+    with jax.set_mesh(zipjax.make_mesh(data=1, model=2, devices=jax.devices()[:2])):
+        assert "manual_computation" in attend.lower(*args).as_text()
+        np.testing.assert_allclose(attend(*args), want, atol=1e-5)
 
 
 def greedy_steps(model, kernel: bool, prompts: list[list[int]], new_tokens: int, page: int = 16) -> list[list[int]]:
