@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import has_primitive
 from zipjax.kernels.common import MASK_VALUE, empty_state, group_queries, normalise, ungroup
 from zipjax.kernels.paged_dense_attention import Blocks, paged_dense_attention
 
@@ -141,16 +142,18 @@ def test_the_step_runs_the_kernel_per_kv_head_shard():
         np.testing.assert_allclose(attend(*args), want, atol=1e-5)
 
 
-def greedy_steps(model, kernel: bool, prompts: list[list[int]], new_tokens: int, page: int = 16) -> list[list[int]]:
+def greedy_steps(model, kernel: bool, prompts: list[list[int]], new_tokens: int,
+                 page: int = 16) -> tuple[list[list[int]], bool]:
     """The engine's paged model step (PagedCache over a pool), run by hand: each prompt prefilled in 8-token
-    blocks beside two decode rows (padding), then `new_tokens` greedy decode steps beside a padding block."""
+    blocks beside two decode rows (padding), then `new_tokens` greedy decode steps beside a padding block. Returns
+    the tokens and whether the step ran a Pallas kernel."""
     config, block, width = model.config, 8, 4
     kv_pool = Pool.init(config, 1 + len(prompts) * width, page)
     tables = jnp.asarray([[1 + s * width + j for j in range(width)] for s in range(len(prompts))], jnp.int32)
     step = jax.jit(lambda params, pool, tokens, positions, layout, rows: Transformer(config).apply(
         {"params": params}, tokens[:, None], positions[:, None], PagedCache(pool, layout, 2, None, kernel),
         rows=rows))
-    outputs = [[] for _ in prompts]
+    outputs, kernels = [[] for _ in prompts], []
 
     def run(decode_pos, prefill_pos, tokens, pool, rows):
         slot = lambda s, p: tables[s, p // page] * page + p % page
@@ -160,8 +163,10 @@ def greedy_steps(model, kernel: bool, prompts: list[list[int]], new_tokens: int,
         slots = jnp.asarray([slot(s, p) if p >= 0 else 0 for s, p in zip(owners, flat, strict=True)], jnp.int32)
         layout = StepLayout(slots, tables, jnp.asarray(decode_pos, jnp.int32), tables,
                             jnp.asarray(prefill_pos, jnp.int32))
-        logits, cache = step(model.params, pool, jnp.asarray(tokens, jnp.int32), jnp.maximum(jnp.asarray(flat), 0),
-                             layout, jnp.asarray(rows, jnp.int32))
+        args = (model.params, pool, jnp.asarray(tokens, jnp.int32), jnp.maximum(jnp.asarray(flat), 0), layout,
+                jnp.asarray(rows, jnp.int32))
+        kernels.append(has_primitive(step.trace(*args).jaxpr))
+        logits, cache = step(*args)
         return np.asarray(jnp.argmax(logits[:, 0], axis=-1)), cache.pool
 
     chosen = [0] * len(prompts)
@@ -182,12 +187,14 @@ def greedy_steps(model, kernel: bool, prompts: list[list[int]], new_tokens: int,
         tokens = [out[-1] for out in outputs] + [0] * pos.size
         chosen, kv_pool = run(np.array(lengths), pos, tokens, kv_pool, list(range(len(prompts))))
         lengths = [n + 1 for n in lengths]
-    return outputs
+    return outputs, all(kernels)
 
 
 def test_the_model_step_through_the_kernel_gives_the_jnp_tokens(stdlib_llama):
     prompts = [list(stdlib_llama.tokenizer.encode("def main():\n    return")), [5, 9, 14]]
-    assert greedy_steps(stdlib_llama, True, prompts, 3) == greedy_steps(stdlib_llama, False, prompts, 3)
+    (kernel_tokens, ran), (jnp_tokens, jnp_ran) = (greedy_steps(stdlib_llama, k, prompts, 3) for k in (True, False))
+    assert ran and not jnp_ran
+    assert kernel_tokens == jnp_tokens
 
 
 def test_the_serving_step_compiles_for_an_h100_through_the_kernel():
