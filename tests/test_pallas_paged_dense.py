@@ -165,7 +165,8 @@ def greedy_steps(model, kernel: bool, prompts: list[list[int]], new_tokens: int,
                             jnp.asarray(prefill_pos, jnp.int32))
         args = (model.params, pool, jnp.asarray(tokens, jnp.int32), jnp.maximum(jnp.asarray(flat), 0), layout,
                 jnp.asarray(rows, jnp.int32))
-        kernels.append(has_primitive(step.trace(*args).jaxpr))
+        if not kernels:  # one shape of step: traced once
+            kernels.append(has_primitive(step.trace(*args).jaxpr))
         logits, cache = step(*args)
         return np.asarray(jnp.argmax(logits[:, 0], axis=-1)), cache.pool
 
@@ -192,7 +193,7 @@ def greedy_steps(model, kernel: bool, prompts: list[list[int]], new_tokens: int,
 
 def test_the_model_step_through_the_kernel_gives_the_jnp_tokens(stdlib_llama):
     prompts = [list(stdlib_llama.tokenizer.encode("def main():\n    return")), [5, 9, 14]]
-    (kernel_tokens, ran), (jnp_tokens, jnp_ran) = (greedy_steps(stdlib_llama, k, prompts, 3) for k in (True, False))
+    (kernel_tokens, ran), (jnp_tokens, jnp_ran) = (greedy_steps(stdlib_llama, k, prompts, 2) for k in (True, False))
     assert ran and not jnp_ran
     assert kernel_tokens == jnp_tokens
 
