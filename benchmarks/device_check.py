@@ -13,7 +13,11 @@ Kernels (each against its jax.numpy reference on the same inputs, bf16; max abs 
                    the jnp path of the same cache (tokens compared, decode ms/token)
   quantized multi  zipjax.kernels.quantized_multi_query, an Emu3 90x90 ZipAR pass with guidance (13 queries) over
                    88 compressed rows of 91 tokens at 4 bits (ZipCache layout), kernel=True against kernel=False
-Serving: zipjax.serve's engine (continuous batching over the paged pool) on the same model, 16 requests of 512
+  paged dense      zipjax.kernels.paged_dense_attention (the serving engine's dense pool on a GPU) against the jnp
+                   path's paged_state: 32 decode rows, then 4 prefill blocks of 64 queries, over 4,096-token tables
+                   of 16-token pages, LLaMA-3-8B heads (GPU only: a TPU serves dense pages by jax's ragged kernel)
+Serving: zipjax.serve's engine (on a GPU its dense pool read by the paged dense kernel, by the library's policy)
+(continuous batching over the paged pool) on the same model, 16 requests of 512
 prompt tokens x 64 new tokens at once, against static `zipjax.generate` at batch 16 over the same prompts (equal
 work): output tok/s of each and whether the greedy tokens are equal.
 Model: random LLaMA-2-7B-shaped weights in bf16 (32 layers, hidden 4096, 32 heads), batch 1 and 8, a 512-token
@@ -41,6 +45,7 @@ import report
 from zipjax.kernels.common import platform as traced_platform
 from zipjax.kernels.flash_attention import flash_attention
 from zipjax.kernels.flash_attention import reference as flash_reference
+from zipjax.kernels.paged_dense_attention import paged_dense_attention
 from zipjax.kernels.quantized_attention import PackedSegment
 from zipjax.kernels.quantized_multi_query import multi_query
 from zipjax.kernels.zipar_attention import reference as zipar_reference
@@ -51,6 +56,7 @@ from zipjax import aot, kv
 from zipjax.config import ModelConfig
 from zipjax.kv.codec import channel_scale, grouped, pack, quantize
 from zipjax.model import Model
+from zipjax.serve.paged import paged_attention
 from zipjax.transformer import init_params
 
 LLAMA2_7B = ModelConfig(architecture="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -137,6 +143,24 @@ def quantized_multi_case(quick: bool) -> dict:
     args = (q, segment, q_slots, jnp.zeros((batch,), jnp.int32))
     attend = lambda kernel: lambda *a: multi_query(*a, bits=4, block=block, kernel=kernel)[0]
     return compare("quantized multi", attend(True), attend(False), args)
+
+
+def paged_dense_cases(quick: bool) -> list[dict]:
+    heads, kv_heads, head_dim, dtype = (8, 2, 32, jnp.float32) if quick else (32, 8, 128, jnp.bfloat16)
+    rows, width, page = (4, 8, 16) if quick else (32, 256, 16)
+    keys = jax.random.split(jax.random.key(4), 3)
+    kv = jax.random.normal(keys[0], (rows * width + 1, page, 2 * kv_heads, head_dim), dtype)
+    table = 1 + jax.random.permutation(keys[1], rows * width).reshape(rows, width).astype(jnp.int32)
+    out = []
+    for name, queries in (("paged dense dec", 1), ("paged dense pre", 64)):
+        n = rows if queries == 1 else 4
+        last = jnp.linspace(width * page // 2, width * page - 1, n).astype(jnp.int32)
+        positions = last[:, None] - jnp.arange(queries)[::-1][None]
+        q = jax.random.normal(keys[2], (n, queries, heads, head_dim), dtype)
+        kernel = lambda q, kv, t, p: paged_dense_attention(q, kv, t, p)[0].astype(q.dtype)
+        reference = lambda q, kv, t, p: paged_attention(q, kv, t, p, None, 8)
+        out.append(compare(name, kernel, reference, (q, kv, table[:n], positions)))
+    return out
 
 
 def decode_rate(model: Model, batch: int, prompt_len: int, new_tokens: int, method=None) -> tuple[float, np.ndarray]:
@@ -228,6 +252,8 @@ def main() -> None:
     print(f"device: {device.device_kind} ({traced_platform()}), jax {jax.__version__}, quick={quick}", flush=True)
     started = time.perf_counter()
     kernels = [*flash_cases(quick), zipar_case(quick), quantized_row(quick), quantized_multi_case(quick)]
+    if traced_platform() in ("gpu", "cpu"):
+        kernels += paged_dense_cases(quick)
     models = model_rows(quick)
     serving = serving_row(quick)
     name = device.device_kind.lower().replace(" ", "-")

@@ -7,7 +7,8 @@ chip's page pool holds by the compiler's own memory plan.
 
 For each target: the step (zipjax.serve.step.serve_step: paged attention over a page pool, chunked prefill and
 decode rows in one flat batch, each row's sampling; dense pages on a TPU through jax's ragged paged attention
-kernel, once per KV-head shard, by the library's policy: `--dense-attention kernel jnp` forces either) is compiled
+kernel, once per KV-head shard, on an H100 / H200 through zipjax's Triton paged dense attention kernel
+(zipjax.serve.gpu_paged), by the library's policy: `--dense-attention kernel jnp` forces either) is compiled
 for its busiest shape (max_num_seqs decode rows and a full prefill token budget) with parameters placed by the
 library's sharding rules and the pool as the engine places it on a mesh (zipjax.serve.paged.pool_shardings: pages
 split by KV head over the "model" axis; where the axis does not divide the KV heads, as LLaMA-3-70B's 8 on v5e:4x4's
@@ -67,7 +68,8 @@ class Shape:
     block_pages: int = 8
     max_model_len: int = 8192
     kv: str = "dense"
-    kernel: bool | None = None  # dense pages: jax's TPU ragged paged attention (None: the library's policy) or jnp
+    kernel: bool | None = None  # dense pages: the platform's paged kernel (TPU: jax's ragged paged attention; GPU:
+    # zipjax's Triton kernel; None: the library's policy) or jnp
 
     @property
     def table_width(self) -> int:
@@ -227,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv", nargs="+", default=["dense"], choices=["dense", *SERVED_KV],
                         help="page formats: dense pages of 16 tokens, or packed pages of 64")
     parser.add_argument("--dense-attention", nargs="+", default=["policy"], choices=sorted(ATTENTION),
-                        help="dense pages: the library's policy (jax's ragged paged attention kernel on a TPU where "
-                             "it fits, else jnp), or either forced")
+                        help="dense pages: the library's policy (jax's ragged paged attention kernel on a TPU, "
+                             "zipjax's Triton paged kernel on a GPU, where it fits, else jnp), or either forced")
     parser.add_argument("--layers", nargs=2, type=int, default=None, metavar=("A", "B"),
                         help="compile A and B layers and extrapolate to the model's depth (default: all layers)")
     report.add_out_argument(parser)

@@ -9,6 +9,8 @@ quantized_multi_query  the same kernel with several queries per sequence (ZipAR'
                      own visible slots; (out, lse) per query for merging with a dense band (`merge_lse`)
 paged_packed_attention  decode attention over a serving pool's packed quantized pages (ZipCache, KIVI, uniform)
                      read through a page table; (out, lse) for merging with the dense tail
+paged_dense_attention  attention over a serving pool's dense pages (K/V interleaved) read in place through a page
+                     table, on a GPU (Triton; zipjax.serve.gpu_paged): decode rows and prefill blocks, GQA, window
 zipar_attention      ZipAR's parallel-decoding attention (several queries per sequence, written-slot raster mask)
 delta_matmul         ME-Switch's grouped dequantize-matmul: each row times its own expert's packed low-bit delta
 

@@ -232,6 +232,7 @@ KERNEL_ENTRY_POINTS = {
     "zipjax.kernels.quantized_attention": ("segment_attention",),
     "zipjax.kernels.quantized_multi_query": ("multi_query_attention",),
     "zipjax.kernels.paged_packed_attention": ("paged_packed_attention",),
+    "zipjax.kernels.paged_dense_attention": ("paged_dense_attention",),
     "zipjax.kernels.delta_matmul": ("delta_matmul",),
 }
 

@@ -12,8 +12,9 @@ Every token's K/V is first written to its slot in the pool (`slots`: page * page
 write the null page 0, which no sequence owns), then the step attends over each sequence's pages, read through its
 page table. A query sees the keys of its own sequence at positions up to its own (and within the sliding window):
 prefix-cached pages, earlier chunks and the tokens of the same step alike. Positions are RoPE positions (0 = first
-prompt token). On a TPU a dense pool is read by jax's ragged paged attention kernel (zipjax.serve.ragged, by the
-library's kernel policy); elsewhere, and beside packed pages, each segment's pages are read block by block with the
+prompt token). On a TPU a dense pool is read by jax's ragged paged attention kernel (zipjax.serve.ragged), on a
+GPU by zipjax's Triton paged dense attention kernel (zipjax.serve.gpu_paged), by the library's kernel policy
+(`dense_route`); on a CPU, and beside packed pages, each segment's pages are read block by block with the
 online softmax every zipjax attention shares (zipjax.kernels.common).
 
 Pool layout per layer: one array [num_pages, page_size, 2 * kv_heads, head_dim], K and V interleaved on the
@@ -51,8 +52,9 @@ from zipjax.kernels.common import (
     online_softmax_step,
     ungroup,
 )
+from zipjax.serve.gpu_paged import dense_route, gpu_dense_attention
 from zipjax.serve.packed import PackedPool, PageCodec, packed_state
-from zipjax.serve.ragged import ragged_attention, use_ragged
+from zipjax.serve.ragged import ragged_attention
 
 NULL_PAGE = 0  # written by padding tokens, never allocated, never visible
 POOL_AXES = ("data", "model", "model_minor")  # the mesh a pool is placed on (pool_mesh)
@@ -172,8 +174,9 @@ class StepLayout:
 class PagedCache:
     """The `zipjax.cache.Cache` of one engine step: the pool and the step's layout. `block_pages` pages are read per
     iteration of the jnp attention loop; `spec` is the packed page format of a compressed cache (None: dense);
-    `kernel` whether a dense pool is read by jax's TPU ragged paged attention kernel (zipjax.serve.ragged.use_ragged:
-    None, the default, on a TPU where it fits)."""
+    `kernel` whether a dense pool is read by the platform's paged attention kernel (zipjax.serve.gpu_paged.dense_route:
+    jax's ragged paged attention on a TPU, zipjax's Triton kernel on a GPU; None, the default, where it fits; True
+    forces it, on a CPU the GPU kernel interpreted; False never)."""
 
     pool: Pool
     layout: StepLayout
@@ -212,9 +215,11 @@ class PagedCache:
         pool, layout = self.pool, self.layout
         kv_pool = _write(pool.kv[layer], combine_kv(k_new[:, 0], v_new[:, 0]), layout.slots)
         mass = None
-        if self.spec is None and use_ragged(self.kernel, q.shape[2], kv_pool):
-            out = ragged_attention(q[:, 0], kv_pool, layout.decode_pages, layout.decode_positions,
-                                   layout.prefill_pages, layout.prefill_positions, sliding_window)[:, None]
+        route = dense_route(self.kernel, q.shape[2], kv_pool) if self.spec is None else None
+        if route is not None:
+            attend = ragged_attention if route == "tpu" else gpu_dense_attention
+            out = attend(q[:, 0], kv_pool, layout.decode_pages, layout.decode_positions, layout.prefill_pages,
+                         layout.prefill_positions, sliding_window)[:, None]
         else:
             if pool.mass is not None:
                 mass = _write(pool.mass[layer], jnp.zeros(k_new.shape[:1] + k_new.shape[2:3]), layout.slots)

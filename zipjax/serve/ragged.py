@@ -53,8 +53,9 @@ LANES = 128  # the kernel keeps its softmax statistics in 128-lane rows: head_di
 def use_ragged(kernel: bool | None, heads: int, kv_pages: jax.Array) -> bool:
     """Whether attention over a dense pool kv_pages [pages, page_size, 2 * kv_heads, head_dim] with `heads` query
     heads runs the kernel, by the library's kernel policy for it: None, on a TPU where it fits (`misfit`), and the
-    jnp path elsewhere (a GPU too: jax's Triton paged_attention is decode-only and reads head-major K and V pools,
-    without a sliding window); True, it must (a ZipjaxError names why it cannot); False, never."""
+    jnp path elsewhere (a GPU runs zipjax's own kernel instead, zipjax.serve.gpu_paged: jax's Triton paged_attention
+    is decode-only and reads head-major K and V pools, without a sliding window); True, it must (a ZipjaxError
+    names why it cannot); False, never."""
     if kernel is False or (kernel is None and platform() != "tpu"):
         return False
     why = misfit(heads, kv_pages)
@@ -107,15 +108,16 @@ def ragged_attention(q: jax.Array, kv_pages: jax.Array, decode_pages: jax.Array,
     if reference:
         out = rpa.ref_ragged_paged_attention(q, kv_pages, *inputs, sm_scale=scale, sliding_window=sliding_window)
     else:
-        out = _per_kv_shard(functools.partial(_kernel, sm_scale=scale, sliding_window=sliding_window), q, kv_pages,
+        out = per_kv_shard(functools.partial(_kernel, sm_scale=scale, sliding_window=sliding_window), q, kv_pages,
                             inputs)
     valid = jnp.concatenate([decode_positions, prefill_positions.reshape(-1)]) >= 0  # [T]
     return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)
 
 
-def _per_kv_shard(call, q: jax.Array, kv_pages: jax.Array, inputs: tuple[jax.Array, ...]) -> jax.Array:
+def per_kv_shard(call, q: jax.Array, kv_pages: jax.Array, inputs: tuple[jax.Array, ...]) -> jax.Array:
     """`call(q, kv_pages, *inputs)` once per shard of the context mesh's "model" axis (query heads and combined K/V
-    heads split alike, so a shard holds whole KV heads with their query heads); as is without one."""
+    heads split alike, so a shard holds whole KV heads with their query heads); as is without one. A Pallas call
+    (Mosaic, or Triton: zipjax.serve.gpu_paged) is never partitioned by XLA."""
     mesh = jax.sharding.get_abstract_mesh()
     model = 1 if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True)).get("model", 1)
     if model == 1:
