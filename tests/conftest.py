@@ -164,6 +164,7 @@ MARKS: dict[str, tuple[str, ...]] = {
         "test_aot_zipar.py",
         "test_serve_aot.py",
         "test_pallas_paged.py::test_compiles_at_llama3_8b_decode_shapes",
+        "test_pallas_paged_dense.py::test_the_serving_step_compiles_for_an_h100_through_the_kernel",
         "test_serve_mesh.py::test_llama_3_70b_serving_step_splits_its_pools_sixteen_ways_on_v5e_4x4",
         "test_flash_kernel.py::test_compiles_ahead_of_time",
         "test_pod.py::test_8b_decode_step_compiles_for_multi_host_topologies",
@@ -204,6 +205,7 @@ MARKS: dict[str, tuple[str, ...]] = {
     # every KV method, image decoding, experts; besides the tests marked slow where they are written
     "slow": (
         "test_serve_engine.py::test_a_small_pool_preempts_and_outputs_do_not_change",
+        "test_pallas_paged_dense.py::test_the_model_step_through_the_kernel_gives_the_jnp_tokens",
         "test_serve_engine.py::test_prefix_cache_hits_and_outputs_equal_a_run_without_it",
         "test_serve_engine.py::test_cancelling_frees_the_pages",
         "test_serve_engine.py::test_seeded_sampling_is_the_same_alone_and_under_load",
@@ -241,16 +243,17 @@ MARKS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# Test files, slowest first (seconds per file in the full run of 2026-12-05 on 2 cores, --junitxml; test_readme
-# (about 150 s, nine CLI processes) and test_minicache added from the 804-test run's --durations). With
-# `--dist loadfile --no-loadscope-reorder` xdist hands files out in collection order, so the long ones start at once
-# and short files fill the gaps; by default it hands them out by number of tests, which left the few-test,
-# long-running files (multihost, AOT) to the end.
+# Test files, slowest first (seconds per file in the full run of 2026-12-06 on 2 cores, --junitxml, before that
+# session's trims of the slowest files). With `--dist loadfile --no-loadscope-reorder` xdist hands files out in
+# collection order, so the long ones start at once and short files fill the gaps; by default it hands them out by
+# number of tests, which left the few-test, long-running files (multihost, AOT) to the end.
 LONGEST_FIRST: tuple[str, ...] = (
-    "test_kv.py", "test_zipar.py", "test_zipvl.py", "test_hostile.py", "test_sharding.py", "test_multihost.py",
-    "test_readme.py", "test_zipar_kv.py", "test_fidelity_numpy.py", "test_ask_kv.py", "test_serve_packed.py",
-    "test_emu3.py", "test_pallas_quantized.py", "test_minicache.py", "test_aot.py", "test_pod.py", "test_experts.py",
-    "test_generate.py", "test_smollm2.py", "test_structure.py",
+    "test_zipar_kv.py", "test_ask_kv.py", "test_pallas_paged.py", "test_serve_mesh.py", "test_serve_aot.py",
+    "test_kv.py", "test_readme.py", "test_pallas_quantized.py", "test_zipar.py", "test_aot.py", "test_serve_api.py",
+    "test_zipvl.py", "test_serve_packed.py", "test_hostile.py", "test_aot_quantized.py", "test_emu3.py",
+    "test_experts.py", "test_structure.py", "test_smollm2.py", "test_pod.py", "test_multihost.py",
+    "test_aot_zipar.py", "test_generate.py", "test_serve_engine.py", "test_pallas_paged_dense.py",
+    "test_digits_harness.py", "test_sharding.py", "test_minicache.py",
 )
 
 
