@@ -2,7 +2,7 @@
 `zipjax.generate` token for token whatever the batch, chunking, preemption or prefix cache, seeded sampling does not
 depend on batch mates, cancellations free their pages, and bad requests are refused by name.
 
-Every engine here has the same step shapes (4 decode rows; up to 4 prefill blocks of 16; a 128-page pool), so
+Every engine here has the same step shapes (4 decode rows; up to 2 prefill blocks of 16; a 128-page pool), so
 after the first one compiles them the others start from jax's in-process cache."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from zipjax.errors import ZipjaxError
 from zipjax.serve.engine import Engine, EngineConfig, EngineFull
 from zipjax.serve.requests import Request, SamplingParams
 
-SHAPES = dict(max_num_seqs=4, max_num_batched_tokens=64, page_size=8, block_size=16, num_pages=128)
+SHAPES = dict(max_num_seqs=4, max_num_batched_tokens=32, page_size=8, block_size=16, num_pages=128)
 TEXTS = ["def main(", "import os\nimport sys\n", "class Foo:\n    def __init__(self", "for i in range(10):\n",
          "    return self._cache[key]\n", "# Copyright (c) Python Software Foundation\n"]
 

@@ -23,25 +23,42 @@ from zipjax.serve.paged import page_shards
 from zipjax.serve.requests import Request, SamplingParams
 from zipjax.serve.scoring import prompt_logprobs
 
-SHAPES = dict(max_num_seqs=4, max_num_batched_tokens=32, page_size=8, block_size=16, num_pages=64)
+SHAPES = dict(max_num_seqs=4, max_num_batched_tokens=16, page_size=8, block_size=16, num_pages=64)
 TEXTS = ["def main(", "import os\nimport sys\n", "class Foo:\n    def __init__(self", "for i in range(10):\n",
          "    return self._cache[key]\n"]
 NEW_TOKENS = 20
 
 
-def run(model, method, mesh) -> tuple[list[list[int]], Engine]:
-    """Every prompt of TEXTS submitted at once (five requests, four slots), greedy; the stopped engine."""
-    engine = Engine(model, EngineConfig(**SHAPES), kv=method, log=lambda _: None, mesh=mesh)
-    engine.start()
-    try:
-        engine.wait_ready(600)
-        streams = [engine.submit(Request(f"r{i}", tuple(model.tokenizer.encode(text)),
-                                         SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)))
-                   for i, text in enumerate(TEXTS)]
-        outputs = [[t for update in stream for t in update.token_ids] for stream in streams]
-    finally:
+@pytest.fixture(scope="module")
+def engines(stdlib_llama):
+    """One engine per (kv method, mesh) for the module's tests, started once (an engine compiles its step shapes at
+    start, one on a mesh its own sharded step), with its greedy outputs of TEXTS run first thing:
+    `engines(method, mesh) -> (engine, outputs)`; all stopped at the end."""
+    started: dict[tuple, tuple[Engine, list[list[int]]]] = {}
+
+    def get(method, mesh: tuple[int, int] | None) -> tuple[Engine, list[list[int]]]:
+        key = (None if method is None else method.name, mesh)
+        if key not in started:
+            on = None if mesh is None else zipjax.make_mesh(data=mesh[0], model=mesh[1])
+            engine = Engine(stdlib_llama, EngineConfig(**SHAPES), kv=method, log=lambda _: None, mesh=on)
+            engine.start()
+            started[key] = (engine, None)
+            engine.wait_ready(600)
+            started[key] = (engine, run(engine))
+        return started[key]
+
+    yield get
+    for engine, _ in started.values():
         engine.stop()
-    return outputs, engine
+
+
+def run(engine: Engine) -> list[list[int]]:
+    """Every prompt of TEXTS submitted at once (five requests, four slots), greedy."""
+    tokenizer = engine.model.tokenizer
+    streams = [engine.submit(Request(f"r{i}", tuple(tokenizer.encode(text)),
+                                     SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)))
+               for i, text in enumerate(TEXTS)]
+    return [[t for update in stream for t in update.token_ids] for stream in streams]
 
 
 def assert_split_and_nothing_leaked(engine: Engine) -> None:
@@ -56,12 +73,12 @@ def assert_split_and_nothing_leaked(engine: Engine) -> None:
 
 
 @pytest.mark.parametrize("method", [None, kv.ZipCache()], ids=["dense", "zipcache"])
-def test_greedy_tokens_on_a_2x4_mesh_equal_one_devices(stdlib_llama, method):
-    single, _ = run(stdlib_llama, method, None)
+def test_greedy_tokens_on_a_2x4_mesh_equal_one_devices(stdlib_llama, engines, method):
+    _, single = engines(method, None)
     if method is None:  # the single-device engine itself equals zipjax.generate (tests/test_serve_engine.py)
         ids = tuple(stdlib_llama.tokenizer.encode(TEXTS[0]))
         assert single[0] == zipjax.generate(stdlib_llama, [list(ids)], NEW_TOKENS)[0, len(ids):].tolist()
-    on_mesh, engine = run(stdlib_llama, method, zipjax.make_mesh(data=2, model=4))
+    engine, on_mesh = engines(method, (2, 4))
     assert on_mesh == single
     assert all(len(tokens) == NEW_TOKENS for tokens in on_mesh)
     assert_split_and_nothing_leaked(engine)
@@ -71,22 +88,16 @@ def test_greedy_tokens_on_a_2x4_mesh_equal_one_devices(stdlib_llama, method):
     assert engine.pool.kv[0].shape[0] % page_shards(engine.model.mesh, 2) == 0
 
 
-def test_prompt_logprobs_on_a_2x4_mesh_equal_one_devices(stdlib_llama):
+def test_prompt_logprobs_on_a_2x4_mesh_equal_one_devices(stdlib_llama, engines):
     """lm-eval's loglikelihood path (token-id prompt, echo with logprobs, max_tokens 0 or 1) on an engine served on
     the mesh: every prompt token's log-probability and alternatives equal one device's (zipjax.serve.scoring on the
     unplaced model, what the one-device engine sends) and the model's own logits."""
     ids = tuple(stdlib_llama.tokenizer.encode(TEXTS[2] + TEXTS[3]))
     single = prompt_logprobs(stdlib_llama, ids, 5, None)
     expected = np.asarray(jax.nn.log_softmax(stdlib_llama.logits(np.asarray([ids]))[0], axis=-1))  # [len, vocab]
-    engine = Engine(stdlib_llama, EngineConfig(**SHAPES), log=lambda _: None, mesh=zipjax.make_mesh(data=2, model=4))
-    engine.start()
-    try:
-        engine.wait_ready(600)
-        updates = [engine.submit(Request(f"lp{n}", ids, SamplingParams(max_tokens=n, logprobs=5,
-                                                                      prompt_logprobs=True))).collect()
-                   for n in (0, 1)]
-    finally:
-        engine.stop()
+    engine, _ = engines(None, (2, 4))  # after its greedy run: a used pool, TEXTS[2]'s pages in the prefix cache
+    updates = [engine.submit(Request(f"lp{n}", ids, SamplingParams(max_tokens=n, logprobs=5, prompt_logprobs=True)))
+               .collect() for n in (0, 1)]
     for got in (u[0].prompt_logprobs for u in updates):
         assert got[0] is None and single[0] is None and len(got) == len(single) == len(ids)
         assert [(e.token_id, [t for t, _ in e.top]) for e in got[1:]] == [
@@ -103,13 +114,18 @@ def test_prompt_logprobs_on_a_2x4_mesh_equal_one_devices(stdlib_llama):
     assert_split_and_nothing_leaked(engine)
 
 
-def test_a_model_loaded_on_a_mesh_is_served_on_it(stdlib_llama):
+def test_a_model_loaded_on_a_mesh_is_served_on_it(stdlib_llama, engines):
     mesh = zipjax.make_mesh(data=1, model=2, devices=jax.devices()[:2])
     model = zipjax.load(stdlib_llama.path, mesh=mesh)
-    on_mesh, engine = run(model, None, None)
+    engine = Engine(model, EngineConfig(**SHAPES), log=lambda _: None)
+    engine.start()
+    try:
+        engine.wait_ready(600)
+        on_mesh = run(engine)
+    finally:
+        engine.stop()
     assert engine.model is model
-    single, _ = run(stdlib_llama, None, None)
-    assert on_mesh == single
+    assert on_mesh == engines(None, None)[1]
     assert tuple(engine.pool.kv[0].sharding.spec) == (None, None, "model", None)  # 2 KV heads over 2 chips
     assert_split_and_nothing_leaked(engine)
     with pytest.raises(ZipjaxError, match="another mesh"):

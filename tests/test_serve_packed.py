@@ -20,7 +20,7 @@ from zipjax.serve.packed import PackedPool, compress_layer, layer_stores, page_c
 from zipjax.serve.paged import Pool, add_page_mass, combine_kv, paged_state
 from zipjax.serve.requests import Request, SamplingParams
 
-SHAPES = dict(max_num_seqs=4, max_num_batched_tokens=64, page_size=8, block_size=16, num_pages=64)
+SHAPES = dict(max_num_seqs=4, max_num_batched_tokens=32, page_size=8, block_size=16, num_pages=64)
 TEXTS = ["def main(", "import os\nimport sys\n", "class Foo:\n    def __init__(self", "for i in range(10):\n"]
 
 

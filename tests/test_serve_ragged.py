@@ -6,6 +6,7 @@ for TPUs in tests/test_serve_aot.py (jax's TPU interpret mode cannot run it)."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import jax
@@ -48,8 +49,9 @@ def ragged_batch(seed: int, heads: int, kv_heads: int, head_dim: int):
     return q, kv, decode_pages, decode_positions, prefill_pages, prefill_positions
 
 
+@functools.partial(jax.jit, static_argnames=("window",))
 def jnp_path(q, kv, decode_pages, decode_positions, prefill_pages, prefill_positions, window):
-    """The engine's jnp path (zipjax.serve.paged), segment by segment."""
+    """The engine's jnp path (zipjax.serve.paged), segment by segment, jitted as the engine's step runs it."""
     d, heads, head_dim = len(decode_positions), q.shape[1], q.shape[2]
     decode = paged_attention(q[:d, None], kv, decode_pages, decode_positions[:, None], window, 2)
     prefill = paged_attention(q[d:].reshape(-1, BLOCK, heads, head_dim), kv, prefill_pages, prefill_positions,
