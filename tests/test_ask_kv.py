@@ -38,10 +38,24 @@ def test_the_model_answers_heldout_digits_well_above_chance(digits_emu3, heldout
     assert set(result["answers"]) <= {f" {name}" for name in NAMES}  # the answer is a digit's name, nothing more
 
 
+@pytest.fixture(scope="module")
+def one_device_answers(digits_emu3, heldout):
+    """Answers on one device to the first 16 held-out digits, per cache, each asked once for the module (the tests
+    alone and on a mesh read the same run)."""
+    codes, _ = heldout
+    answers = {}
+
+    def answers_with(name: str) -> list[str]:
+        if name not in answers:
+            answers[name] = ask(digits_emu3, grey_rgb(codes[:16]), QUESTION, kv=CACHES[name], max_new_tokens=4)
+        return answers[name]
+    return answers_with
+
+
 @pytest.mark.parametrize("name", CACHES)
-def test_ask_with_each_cache(digits_emu3, heldout, name):
+def test_ask_with_each_cache(digits_emu3, heldout, one_device_answers, name):
     codes, labels = heldout
-    answers = ask(digits_emu3, grey_rgb(codes[:16]), QUESTION, kv=CACHES[name], max_new_tokens=4)
+    answers = one_device_answers(name)
     single = ask(digits_emu3, grey_rgb(codes[0]), QUESTION, kv=CACHES[name], max_new_tokens=4)
     right = np.mean([a.strip() == NAMES[c] for a, c in zip(answers, labels[:16], strict=True)])
     print(f"{name}: {right:.2f} of 16 held-out digits")
@@ -56,12 +70,12 @@ def on_mesh():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CACHES)
-def test_ask_with_each_cache_on_a_mesh(digits_emu3, on_mesh, heldout, name):
-    """On a 2x4 ("data", "model") mesh of CPU devices the answers are those of one device."""
+def test_ask_with_each_cache_on_a_mesh(on_mesh, heldout, one_device_answers, name):
+    """On a 2x4 ("data", "model") mesh of CPU devices the answers to 16 held-out digits are those of one device (the
+    run test_ask_with_each_cache checks)."""
     codes, _ = heldout
-    images = grey_rgb(codes[:8])
-    answers = ask(on_mesh, images, QUESTION, kv=CACHES[name], max_new_tokens=4)
-    assert answers == ask(digits_emu3, images, QUESTION, kv=CACHES[name], max_new_tokens=4)
+    answers = ask(on_mesh, grey_rgb(codes[:16]), QUESTION, kv=CACHES[name], max_new_tokens=4)
+    assert answers == one_device_answers(name)
 
 
 def test_zipvl_reports_its_important_tokens_per_layer_for_image_and_text(digits_emu3, heldout):

@@ -111,18 +111,39 @@ def emu3(tmp_path_factory):
     return zipjax.load(convert(save_random_emu3(root / "hf"), root / "zj", progress=False))
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=8, seed=5)])
-def test_window_of_a_row_reproduces_sequential_decoding(emu3, sampling):
-    prompts = ["a photo of a cat", "a red sofa"]
-    args = dict(size=(8, 12), cfg_scale=3.0, negative_prompt="blurry", **sampling)
-    sequential = generate_image(emu3, prompts, **args)
+PROMPTS = ["a photo of a cat", "a red sofa"]
+GREEDY, SAMPLED = dict(temperature=0.0), dict(temperature=1.0, top_k=8, seed=5)
+
+
+def _args(sampling: dict) -> dict:
+    """The 4x6-code images the decoders are compared on, guided, with `sampling`."""
+    return dict(size=(8, 12), cfg_scale=3.0, negative_prompt="blurry", **sampling)
+
+
+@pytest.fixture(scope="module")
+def sequential(emu3):
+    """Sequential decoding of PROMPTS with `_args(sampling)`, run once per sampling for the module (the reference
+    every decoder below is compared with)."""
+    done = {}
+
+    def decoded(sampling: dict):
+        key = tuple(sorted(sampling.items()))
+        if key not in done:
+            done[key] = generate_image(emu3, PROMPTS, **_args(sampling))
+        return done[key]
+    return decoded
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED])
+def test_window_of_a_row_reproduces_sequential_decoding(emu3, sequential, sampling):
+    reference = sequential(sampling)
     for window in (6, 50):
-        parallel = generate_image(emu3, prompts, decoder=FixedWindow(window), **args)
-        np.testing.assert_array_equal(parallel.tokens, sequential.tokens)
-        assert parallel.num_forward_passes == 4 * 6 < sequential.num_forward_passes == 4 * 7
+        parallel = generate_image(emu3, PROMPTS, decoder=FixedWindow(window), **_args(sampling))
+        np.testing.assert_array_equal(parallel.tokens, reference.tokens)
+        assert parallel.num_forward_passes == 4 * 6 < reference.num_forward_passes == 4 * 7
 
 
-@pytest.mark.parametrize("window", [1, 2, 4])
+@pytest.mark.parametrize("window", [1, 4])  # a lag of 1 (every row in flight) and a longer one; 2 runs below
 def test_parallel_decoding_layout(emu3, window):
     result = generate_image(emu3, ["mountains at sunset"] * 3, size=(10, 12), decoder=FixedWindow(window), top_k=16,
                             seed=1)
@@ -200,35 +221,28 @@ def test_adaptive_chain_output_matches_its_target():
     assert np.abs(freq(np.asarray(old_rule)[reached]) - np.asarray(p3)).max() > 0.09  # the test sees the old bug
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, top_k=8, seed=5)])
-def test_adaptive_with_a_row_wide_minimum_is_sequential(emu3, sampling):
-    prompts = ["a photo of a cat", "a red sofa"]
-    args = dict(size=(8, 12), cfg_scale=3.0, negative_prompt="blurry", **sampling)
-    sequential = generate_image(emu3, prompts, **args)
-    adaptive = generate_image(emu3, prompts, decoder=AdaptiveWindow(6), **args)
-    np.testing.assert_array_equal(adaptive.tokens, sequential.tokens)
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED])
+def test_adaptive_with_a_row_wide_minimum_is_sequential(emu3, sequential, sampling):
+    adaptive = generate_image(emu3, PROMPTS, decoder=AdaptiveWindow(6), **_args(sampling))
+    np.testing.assert_array_equal(adaptive.tokens, sequential(sampling).tokens)
     assert adaptive.num_forward_passes == 4 * 6
 
 
-def test_adaptive_with_a_minimum_wider_than_the_image_is_sequential(emu3):
+def test_adaptive_with_a_minimum_wider_than_the_image_is_sequential(emu3, sequential):
     """A minimum past the row width used to leave every row after the first waiting forever (the rule held only at
     equality); it now decodes row after row, and a loop that stops progressing ends in an error, not a hang. The
     alarm bounds the test even if both regressed."""
-    prompts = ["a photo of a cat", "a red sofa"]
-    args = dict(size=(8, 12), cfg_scale=3.0, negative_prompt="blurry", temperature=0.0)
-    sequential = generate_image(emu3, prompts, **args)
-
     def too_slow(signum, frame):
         raise TimeoutError("adaptive ZipAR with a minimum window past the width did not finish in 600 s")
 
     previous = signal.signal(signal.SIGALRM, too_slow)
     signal.alarm(600)
     try:
-        wide = generate_image(emu3, prompts, decoder=AdaptiveWindow(50), **args)
+        wide = generate_image(emu3, PROMPTS, decoder=AdaptiveWindow(50), **_args(GREEDY))
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    np.testing.assert_array_equal(wide.tokens, sequential.tokens)
+    np.testing.assert_array_equal(wide.tokens, sequential(GREEDY).tokens)
     assert wide.num_forward_passes == 4 * 6
 
 
@@ -251,17 +265,15 @@ def test_adaptive_layout_and_pass_bounds(emu3, min_window):
         np.testing.assert_array_equal(kernel.tokens, greedy.tokens)
 
 
-def test_speculative_jacobi_decoding_peer(emu3):
+def test_speculative_jacobi_decoding_peer(emu3, sequential):
     """SJD commits exact draws: greedy it reproduces sequential decoding, in fewer passes; sampled it keeps the
     layout."""
-    prompts = ["a photo of a cat", "a red sofa"]
-    args = dict(size=(8, 12), cfg_scale=3.0, negative_prompt="blurry")
-    sequential = generate_image(emu3, prompts, temperature=0.0, **args)
+    reference = sequential(GREEDY)
     for window in (2, 8):
-        sjd = generate_image(emu3, prompts, temperature=0.0, decoder=SJD(window), **args)
-        np.testing.assert_array_equal(sjd.tokens, sequential.tokens)
-        assert sjd.num_forward_passes < sequential.num_forward_passes
-    sampled = generate_image(emu3, prompts, top_k=8, seed=1, decoder=SJD(4), **args)
+        sjd = generate_image(emu3, PROMPTS, decoder=SJD(window), **_args(GREEDY))
+        np.testing.assert_array_equal(sjd.tokens, reference.tokens)
+        assert sjd.num_forward_passes < reference.num_forward_passes
+    sampled = generate_image(emu3, PROMPTS, decoder=SJD(4), **_args(dict(top_k=8, seed=1)))
     body = sampled.tokens[:, : 4 * 7].reshape(2, 4, 7)
     assert np.all(body[..., -1] == emu3.vocab.eol)
     assert np.all((body[..., :-1] >= emu3.vocab.visual_offset) & (body[..., :-1] < emu3.vocab.visual_offset + 64))
