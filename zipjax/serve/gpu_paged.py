@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from zipjax.errors import ZipjaxError
 from zipjax.kernels.paged_dense_attention import paged_dense_attention
 from zipjax.platform import platform
-from zipjax.serve.ragged import per_kv_shard, use_ragged
+from zipjax.serve.ragged import per_kv_shard, shard_misfit, use_ragged
 
 MAX_HEAD_DIM = 256  # a program's float32 accumulator [rows, head_dim] stays in registers up to here
 
@@ -51,17 +51,10 @@ def misfit(heads: int, kv_pages: jax.Array) -> str | None:
     """Why the GPU kernel cannot run on this pool on the context mesh (`jax.set_mesh`), or None."""
     if platform() not in ("gpu", "cpu"):
         return f"it is a GPU (Triton) kernel and the platform is {platform()}"
-    head_dim, kv_heads = kv_pages.shape[3], kv_pages.shape[2] // 2
+    head_dim = kv_pages.shape[3]
     if head_dim > MAX_HEAD_DIM:
         return f"head_dim {head_dim} is over {MAX_HEAD_DIM}"
-    mesh = jax.sharding.get_abstract_mesh()
-    sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
-    model, data = sizes.get("model", 1), sizes.get("data", 1)
-    if data > 1:
-        return f"the pages are split over a {data}-way data axis (the page table holds global page ids)"
-    if kv_heads % model or heads % model:
-        return f"the {kv_heads} KV heads do not split over the {model}-way model axis"
-    return None
+    return shard_misfit(heads, kv_pages.shape[2] // 2)
 
 
 def gpu_dense_attention(q: jax.Array, kv_pages: jax.Array, decode_pages: jax.Array, decode_positions: jax.Array,

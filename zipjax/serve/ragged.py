@@ -71,17 +71,32 @@ def misfit(heads: int, kv_pages: jax.Array) -> str | None:
     head_dim, combined = kv_pages.shape[3], kv_pages.shape[2]
     if head_dim % LANES:
         return f"head_dim {head_dim} is not a multiple of {LANES}"
-    mesh = jax.sharding.get_abstract_mesh()
-    sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
-    model, data = sizes.get("model", 1), sizes.get("data", 1)
-    if data > 1:
-        return f"the pages are split over a {data}-way data axis (the page table holds global page ids)"
-    if (combined // 2) % model or heads % model:
-        return f"the {combined // 2} KV heads do not split over the {model}-way model axis"
+    why = shard_misfit(heads, combined // 2)
+    if why is not None:
+        return why
+    model = _axis("model")
     per_shard, packing = combined // model, 4 // jnp.dtype(kv_pages.dtype).itemsize
     if per_shard % packing or not (per_shard // packing in (1, 2, 4, 8) or per_shard // packing % 8 == 0):
         return f"{per_shard} combined K/V heads per chip do not tile {kv_pages.dtype} vregs"
     return None
+
+
+def shard_misfit(heads: int, kv_heads: int) -> str | None:
+    """Why a Pallas call over a dense pool cannot run once per KV-head shard (`per_kv_shard`) on the context mesh, or
+    None: a page id is global, so no "data" axis may split the pages, and "model" must divide the KV heads and the
+    query heads."""
+    data, model = _axis("data"), _axis("model")
+    if data > 1:
+        return f"the pages are split over a {data}-way data axis (the page table holds global page ids)"
+    if kv_heads % model or heads % model:
+        return f"the {kv_heads} KV heads do not split over the {model}-way model axis"
+    return None
+
+
+def _axis(name: str) -> int:
+    """The size of the context mesh's axis `name` (1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True)).get(name, 1)
 
 
 def kernel_inputs(decode_pages: jax.Array, decode_positions: jax.Array, prefill_pages: jax.Array,
@@ -118,8 +133,7 @@ def per_kv_shard(call, q: jax.Array, kv_pages: jax.Array, inputs: tuple[jax.Arra
     """`call(q, kv_pages, *inputs)` once per shard of the context mesh's "model" axis (query heads and combined K/V
     heads split alike, so a shard holds whole KV heads with their query heads); as is without one. A Pallas call
     (Mosaic, or Triton: zipjax.serve.gpu_paged) is never partitioned by XLA."""
-    mesh = jax.sharding.get_abstract_mesh()
-    model = 1 if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True)).get("model", 1)
+    model = _axis("model")
     if model == 1:
         return call(q, kv_pages, *inputs)
     heads, pool = PartitionSpec(None, "model", None), PartitionSpec(None, None, "model", None)
